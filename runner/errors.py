@@ -1,0 +1,59 @@
+"""The package's one exception root and its data-carrying subclasses.
+
+The fate of a request (SPEC section 7) is decided from these types in one place,
+:mod:`runner.fates`.  Every subclass names the category of trouble, not the module
+that raised it, so a storage problem is a ``StorageError`` whether it came from a
+download or an upload.
+"""
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """Root of every exception the runner raises on purpose."""
+
+
+class ConfigError(RunnerError):
+    """One or more options are invalid; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class BadRequest(RunnerError):
+    """The request can never run: not JSON, missing fields, unknown mode, bad artifacts."""
+
+
+class StorageError(RunnerError):
+    """Storage could not be read or written (transient or not); the attempt is not counted."""
+
+
+class ArchiveError(RunnerError):
+    """An archive is hostile or broken (absolute paths, ``..``, outside links, devices)."""
+
+
+class DiskBudgetExceeded(ArchiveError):
+    """Unpacking would write more than the experiment's ``hdd`` budget."""
+
+
+class EnvironmentBuildError(RunnerError):
+    """The interpreter or virtualenv for an experiment could not be prepared.
+
+    Counted as an attempt of the experiment (its requirements are the experiment's own).
+    """
+
+
+class InterpreterNotFound(EnvironmentBuildError):
+    """No local interpreter of the requested ``pythonver`` exists."""
+
+
+class ResourcesUnavailable(RunnerError):
+    """The ledger cannot fit the request now; it goes back to its queue untouched."""
+
+
+class QueueError(RunnerError):
+    """A queue back end failed (broker down, directory unreadable)."""
+
+
+class ProtocolError(RunnerError):
+    """A frame on the internal bus could not be decoded (wrong version, unknown type)."""
