@@ -1,0 +1,31 @@
+"""Queue back ends, one module per kind, chosen by the prefix of a queue name.
+
+Adding a back end: write ``runner/queues/<kind>.py`` with a :class:`Queue` subclass whose
+``kind`` is the prefix, and add one line to :data:`QUEUE_KINDS`.
+"""
+from __future__ import annotations
+
+import logging
+
+from .base import DEFAULT_QUEUE_MATCH, Delivery, Queue, is_reserved, matches
+from .local import LocalQueue
+
+logger = logging.getLogger(__name__)
+
+QUEUE_KINDS: dict[str, type[Queue]] = {
+    "local": LocalQueue,
+}
+"""Queue-name prefix → back-end class."""
+
+
+def kind_of(queue_name: str) -> str:
+    """The kind prefix of ``queue_name``: the text before its first ``_`` ("" if it has none).
+
+    The result need not be a key of :data:`QUEUE_KINDS` (Pub/Sub names carry no prefix).
+    """
+    head, sep, _ = queue_name.partition("_")
+    return head if sep else ""
+
+
+__all__ = ["DEFAULT_QUEUE_MATCH", "Delivery", "LocalQueue", "QUEUE_KINDS", "Queue",
+           "is_reserved", "kind_of", "matches"]

@@ -1,0 +1,468 @@
+"""The embedded queue back end: a directory per queue, one file per message.
+
+Layout under ``root``::
+
+    .owners/<owner>.lock              flock'ed (exclusive) by the live instance <owner>
+    .incoming/                        publish writes here, then renames into a queue
+    <queue>/<ns:020d>-<hex16>.a<N>    a waiting message; N = attempts already made
+    <queue>/.claimed/<owner>/<name>   a message held by <owner>
+    <queue>/.dead/<name>              a dead-lettered message ...
+    <queue>/.dead/<name>.reason.txt   ... and why (written before the message is moved)
+
+Every state change is one ``rename`` inside one filesystem, so a message is always in
+exactly one place.  Order is FIFO by file name (the zero-padded ``time_ns`` comes first);
+requeue and recovery keep the name's time part, so a message keeps its place.  Two
+instances racing for one file: the loser's rename fails with ``FileNotFoundError`` and
+it tries the next file.  An owner is alive while its lock is held; ``recover`` returns
+the claims of owners whose lock it can take.
+
+A token is the claim file's path relative to ``root`` (``<queue>/.claimed/<owner>/<name>``),
+so any instance on the same root, in any process, can settle it.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import QueueError
+from .base import Delivery, Queue, is_reserved
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "local_"
+CLAIMED = ".claimed"
+DEAD = ".dead"
+OWNERS = ".owners"
+INCOMING = ".incoming"
+REASON_SUFFIX = ".reason.txt"
+
+_MSG_RE = re.compile(r"^(\d{20}-[0-9a-f]{16})\.a(\d+)$")
+_QUEUE_RE = re.compile(r"^local_[A-Za-z0-9_.\-]*$")
+_OWNER_RE = re.compile(r"^[A-Za-z0-9_@:+\-][A-Za-z0-9_.@:+\-]*$")
+
+_INCOMING_MAX_AGE_S = 3600.0
+"""Temp files in ``.incoming`` older than this are a crashed publisher's and are removed."""
+
+
+def _msg_name(base: str, attempts: int) -> str:
+    return f"{base}.a{attempts}"
+
+
+class LocalQueue(Queue):
+    """Queues as directories under ``root``; ``owner`` names this runner instance.
+
+    The constructor creates ``root`` if missing and takes an exclusive lock on
+    ``root/.owners/<owner>.lock`` (waiting up to ``lock_timeout_s`` seconds for a recovering
+    peer to let go); an owner already held by a live instance raises ``QueueError``.
+    The lock is released by :meth:`close`.  ``durable`` fsyncs published files and the
+    directories they are renamed into.  One instance may be used from several threads.
+    """
+
+    kind: ClassVar[str] = "local"
+
+    def __init__(self, root: Path | str, owner: str, *, durable: bool = True,
+                 lock_timeout_s: float = 5.0) -> None:
+        if not _OWNER_RE.match(owner):
+            raise QueueError(f"invalid local queue owner name {owner!r}")
+        self.root = Path(root)
+        self.owner = owner
+        self.durable = durable
+        self._mutex = threading.Lock()
+        self._last_ns = 0
+        self._claim_dirs: set[str] = set()
+        self._closed = False
+        try:
+            for sub in (OWNERS, INCOMING):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise QueueError(f"cannot create local queue root {self.root}: {e}") from e
+        deadline = time.monotonic() + lock_timeout_s
+        while True:
+            fd = self._try_lock_owner(owner)
+            if fd is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise QueueError(f"local queue owner {owner!r} is held by a live instance "
+                                 f"under {self.root}")
+            time.sleep(0.05)
+        self._lock_fd: int | None = fd
+        logger.debug("local queue root %s opened by owner %s", self.root, owner)
+
+    # ----------------------------------------------------------------- owner locks
+
+    def _lock_path(self, owner: str) -> Path:
+        return self.root / OWNERS / f"{owner}.lock"
+
+    def _try_lock_owner(self, owner: str) -> int | None:
+        """Take ``owner``'s lock without waiting; its fd, or ``None`` when it is held.
+
+        The lock file may be unlinked by whoever holds the lock, so after locking we check
+        that the path still names the inode we locked (else retry on the new file).
+        """
+        path = self._lock_path(owner)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise QueueError(f"cannot open owner lock {path}: {e}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return None
+                raise QueueError(f"cannot lock {path}: {e}") from e
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)  # locked a file that was unlinked meanwhile; try the new one
+
+    def _release_owner(self, owner: str, fd: int) -> None:
+        """Unlink ``owner``'s lock file (while still holding it), then release it."""
+        try:
+            os.unlink(self._lock_path(owner))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            logger.warning("cannot remove owner lock of %s: %s", owner, e)
+        os.close(fd)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueError("local queue is closed")
+
+    def _qdir(self, queue: str) -> Path:
+        if not _QUEUE_RE.match(queue):
+            raise QueueError(f"not a local queue name: {queue!r}")
+        return self.root / queue
+
+    def _names(self, queue: str) -> list[str]:
+        """Names of the waiting messages of ``queue`` (unsorted); [] if it does not exist."""
+        qdir = self._qdir(queue)
+        try:
+            with os.scandir(qdir) as it:
+                return [e.name for e in it if _MSG_RE.match(e.name)]
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise QueueError(f"cannot list local queue {qdir}: {e}") from e
+
+    def _fsync_dir(self, path: Path) -> None:
+        if not self.durable:
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _next_base(self) -> str:
+        now = time.time_ns()
+        with self._mutex:
+            if now <= self._last_ns:  # keep one publisher's messages in order
+                now = self._last_ns + 1
+            self._last_ns = now
+        return f"{now:020d}-{secrets.token_hex(8)}"
+
+    def _parse_token(self, d: Delivery) -> tuple[str, str, str, str, int]:
+        """Split ``d.token`` into (queue, owner, base, name, attempts) or raise QueueError."""
+        parts = d.token.split("/")
+        if len(parts) != 4 or parts[1] != CLAIMED:
+            raise QueueError(f"unknown local queue token {d.token!r}")
+        queue, _, owner, name = parts
+        m = _MSG_RE.match(name)
+        if not _QUEUE_RE.match(queue) or not _OWNER_RE.match(owner) or m is None:
+            raise QueueError(f"unknown local queue token {d.token!r}")
+        if queue != d.queue:
+            raise QueueError(f"token {d.token!r} does not belong to queue {d.queue!r}")
+        return queue, owner, m.group(1), name, int(m.group(2))
+
+    # ----------------------------------------------------------------- Queue API
+
+    def discover(self) -> list[str]:
+        """Directories under root named ``local_…``, minus ``_response``/``_dead`` ones; sorted."""
+        self._check_open()
+        try:
+            with os.scandir(self.root) as it:
+                names = [e.name for e in it
+                         if e.is_dir() and _QUEUE_RE.match(e.name) and not is_reserved(e.name)]
+        except OSError as e:
+            raise QueueError(f"cannot list local queue root {self.root}: {e}") from e
+        return sorted(names)
+
+    def take(self, queue: str) -> Delivery | None:
+        """Claim the oldest waiting message by renaming it into this owner's claim folder."""
+        self._check_open()
+        names = self._names(queue)
+        if not names:
+            return None
+        qdir = self.root / queue
+        cdir = qdir / CLAIMED / self.owner
+        heapq.heapify(names)
+        while names:
+            name = names[0]
+            if queue not in self._claim_dirs:
+                self._make_claim_dir(cdir, queue)
+            try:
+                os.rename(qdir / name, cdir / name)
+            except FileNotFoundError:
+                if not cdir.is_dir():  # claim folder removed under us: remake, retry
+                    self._claim_dirs.discard(queue)
+                    continue
+                heapq.heappop(names)  # lost the race for this one; try the next
+                continue
+            except OSError as e:
+                raise QueueError(f"cannot claim {qdir / name}: {e}") from e
+            token = f"{queue}/{CLAIMED}/{self.owner}/{name}"
+            try:
+                body = (cdir / name).read_bytes()
+            except OSError as e:
+                # Put it back untouched rather than holding a message we cannot read.
+                try:
+                    os.rename(cdir / name, qdir / name)
+                except OSError:
+                    pass
+                raise QueueError(f"cannot read claimed message {token}: {e}") from e
+            m = _MSG_RE.match(name)
+            assert m is not None
+            return Delivery(queue=queue, token=token, body=body, attempts=int(m.group(2)))
+        return None
+
+    def _make_claim_dir(self, cdir: Path, queue: str) -> None:
+        try:
+            cdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise QueueError(f"cannot create claim folder {cdir}: {e}") from e
+        self._claim_dirs.add(queue)
+
+    def ack(self, d: Delivery) -> None:
+        """Delete the claim file; ``QueueError`` if the token is unknown or already settled."""
+        self._check_open()
+        self._parse_token(d)
+        try:
+            os.unlink(self.root / d.token)
+        except FileNotFoundError as e:
+            raise QueueError(f"unknown or already settled token {d.token!r}") from e
+        except OSError as e:
+            raise QueueError(f"cannot ack {d.token!r}: {e}") from e
+
+    def requeue(self, d: Delivery, *, attempts: int) -> None:
+        """Rename the claim back into its queue under its original time, suffix ``.a<attempts>``."""
+        self._check_open()
+        if attempts < 0:
+            raise QueueError(f"attempts must be >= 0, got {attempts}")
+        queue, _, base, _, _ = self._parse_token(d)
+        qdir = self.root / queue
+        try:
+            os.rename(self.root / d.token, qdir / _msg_name(base, attempts))
+        except FileNotFoundError as e:
+            raise QueueError(f"unknown or already settled token {d.token!r}") from e
+        except OSError as e:
+            raise QueueError(f"cannot requeue {d.token!r}: {e}") from e
+        self._fsync_dir(qdir)
+
+    def dead_letter(self, d: Delivery, reason: str) -> None:
+        """Write ``.dead/<name>.reason.txt`` first, then move the message to ``.dead/<name>``."""
+        self._check_open()
+        queue, _, _, name, _ = self._parse_token(d)
+        src = self.root / d.token
+        if not src.exists():
+            raise QueueError(f"unknown or already settled token {d.token!r}")
+        ddir = self.root / queue / DEAD
+        try:
+            ddir.mkdir(parents=True, exist_ok=True)
+            self._write_atomic(ddir / (name + REASON_SUFFIX), reason.encode("utf-8", "replace"))
+            os.rename(src, ddir / name)
+        except FileNotFoundError as e:
+            raise QueueError(f"unknown or already settled token {d.token!r}") from e
+        except OSError as e:
+            raise QueueError(f"cannot dead-letter {d.token!r}: {e}") from e
+        self._fsync_dir(ddir)
+        logger.warning("dead-lettered %s from %s: %s", name, queue, reason)
+
+    def keep_alive(self, d: Delivery) -> None:
+        """Nothing to extend locally; raises ``QueueError`` if the claim no longer exists."""
+        self._check_open()
+        self._parse_token(d)
+        if not (self.root / d.token).exists():
+            raise QueueError(f"claim {d.token!r} no longer exists")
+
+    def depth(self, queue: str) -> int:
+        """Number of waiting (unclaimed) messages; 0 for a queue that does not exist."""
+        self._check_open()
+        return len(self._names(queue))
+
+    def peek(self, queue: str, limit: int) -> list[bytes]:
+        """Bodies of up to ``limit`` oldest waiting messages; ones taken meanwhile are skipped."""
+        self._check_open()
+        if limit <= 0:
+            return []
+        qdir = self.root / queue
+        out: list[bytes] = []
+        names = self._names(queue)
+        for name in heapq.nsmallest(limit, names):
+            try:
+                out.append((qdir / name).read_bytes())
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise QueueError(f"cannot read {qdir / name}: {e}") from e
+        return out
+
+    def _write_atomic(self, dest: Path, body: bytes) -> None:
+        """Write ``body`` to a temp file in ``.incoming``, fsync, rename to ``dest``."""
+        tmp = self.root / INCOMING / f"{self.owner}.{secrets.token_hex(8)}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(body)
+                if self.durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.rename(tmp, dest)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def publish(self, queue: str, body: bytes, *, attempts: int = 0) -> str:
+        """Atomically add ``body`` to ``queue`` (created if missing); returns the file name."""
+        self._check_open()
+        if attempts < 0:
+            raise QueueError(f"attempts must be >= 0, got {attempts}")
+        qdir = self._qdir(queue)
+        name = _msg_name(self._next_base(), attempts)
+        try:
+            qdir.mkdir(parents=True, exist_ok=True)
+            self._write_atomic(qdir / name, bytes(body))
+        except OSError as e:
+            raise QueueError(f"cannot publish to {qdir}: {e}") from e
+        self._fsync_dir(qdir)
+        return name
+
+    def recover(self, *, include_own: bool = False) -> int:
+        """Return to their queues the claims of dead owners (and our own if ``include_own``).
+
+        An owner is dead when its lock can be taken; claims of live owners are left alone.
+        Recovered messages keep their names (so their place and attempt count).  Also
+        removes stale temp files from ``.incoming``.  Returns how many messages went back.
+        """
+        self._check_open()
+        by_owner: dict[str, list[str]] = {}
+        try:
+            with os.scandir(self.root) as it:
+                queues = [e.name for e in it if e.is_dir() and _QUEUE_RE.match(e.name)]
+            for queue in queues:
+                try:
+                    with os.scandir(self.root / queue / CLAIMED) as it:
+                        for e in it:
+                            if e.is_dir() and _OWNER_RE.match(e.name):
+                                by_owner.setdefault(e.name, []).append(queue)
+                except FileNotFoundError:
+                    continue
+        except OSError as e:
+            raise QueueError(f"cannot scan local queue root {self.root}: {e}") from e
+
+        moved = 0
+        for owner, owner_queues in sorted(by_owner.items()):
+            if owner == self.owner:
+                if include_own:
+                    moved += self._return_claims(owner, owner_queues)
+                continue
+            fd = self._try_lock_owner(owner)
+            if fd is None:
+                logger.debug("owner %s is alive; its claims stay", owner)
+                continue
+            try:
+                moved += self._return_claims(owner, owner_queues)
+            finally:
+                self._release_owner(owner, fd)
+        self._clean_incoming()
+        if moved:
+            logger.info("recovered %d claimed message(s) under %s", moved, self.root)
+        return moved
+
+    def _return_claims(self, owner: str, queues: list[str]) -> int:
+        moved = 0
+        for queue in queues:
+            qdir = self.root / queue
+            cdir = qdir / CLAIMED / owner
+            try:
+                with os.scandir(cdir) as it:
+                    names = [e.name for e in it if _MSG_RE.match(e.name)]
+            except FileNotFoundError:
+                continue
+            for name in names:
+                try:
+                    os.rename(cdir / name, qdir / name)
+                    moved += 1
+                except FileNotFoundError:
+                    continue  # settled or recovered by someone else meanwhile
+                except OSError as e:
+                    raise QueueError(f"cannot recover {cdir / name}: {e}") from e
+            if owner != self.owner:
+                try:
+                    cdir.rmdir()
+                except OSError:
+                    pass
+            if names:
+                self._fsync_dir(qdir)
+        return moved
+
+    def _clean_incoming(self) -> None:
+        cutoff = time.time() - _INCOMING_MAX_AGE_S
+        try:
+            with os.scandir(self.root / INCOMING) as it:
+                for e in it:
+                    try:
+                        if e.is_file() and e.stat().st_mtime < cutoff:
+                            os.unlink(e.path)
+                    except OSError:
+                        continue
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Remove this owner's empty claim folders and release its lock; idempotent.
+
+        Claims still held become recoverable by any other instance from now on.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for queue in self._claim_dirs:
+            try:
+                (self.root / queue / CLAIMED / self.owner).rmdir()
+            except OSError:
+                pass  # not empty (claims still held) or already gone
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            self._release_owner(self.owner, fd)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
