@@ -1,0 +1,155 @@
+"""The storage back-end interface (DESIGN convention 7) and helpers shared by back ends.
+
+A :class:`Store` reads and writes whole objects named by URL.  Every back end keeps the
+same contracts:
+
+* ``get`` streams into a hidden temporary file beside ``dest``
+  (``dest.name + ".partial-<random>"``) and renames it over ``dest`` only when the object
+  is complete, so a reader never sees a partial file at ``dest``;
+* a missing object is :class:`ObjectMissing` (a :class:`StorageError`), any other
+  failure is a plain :class:`StorageError`;
+* ``put`` streams the source and is atomic at the destination where the back end allows.
+
+Sizes are ``int`` bytes, times are ``float`` unix seconds.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+from ..errors import StorageError
+
+log = logging.getLogger(__name__)
+
+#: Bytes moved per read/write when a back end streams.
+CHUNK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one object.
+
+    ``etag`` is an opaque identity that changes when the content changes (an S3 ETag,
+    a GCS generation, ``size-mtime_ns`` for files); the cache keys on it.
+    """
+
+    url: str
+    size: int
+    etag: str
+    mtime: float
+
+
+class ObjectMissing(StorageError):
+    """The object named by ``url`` does not exist (normal for a fresh mutable artifact)."""
+
+    def __init__(self, url: str, message: str | None = None):
+        self.url = url
+        super().__init__(message or f"no object at {url}")
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``("s3", "host/bucket/key")`` from ``"s3://host/bucket/key"``; scheme lower-cased.
+
+    Raises :class:`StorageError` when ``url`` has no ``scheme://``.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise StorageError(f"not a storage URL: {url!r}")
+    scheme, rest = url.split("://", 1)
+    if not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        raise StorageError(f"not a storage URL: {url!r}")
+    return scheme.lower(), rest
+
+
+def partial_path(dest: Path) -> Path:
+    """A fresh hidden-by-name temporary path beside ``dest`` for an atomic write."""
+    return dest.with_name(f"{dest.name}.partial-{secrets.token_hex(6)}")
+
+
+@contextlib.contextmanager
+def atomic_destination(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on clean exit rename it over ``dest``.
+
+    Parent directories of ``dest`` are created.  On any exception the temporary file is
+    removed and the exception propagates; ``dest`` is left as it was.
+    """
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create {dest.parent}: {exc}") from exc
+    tmp = partial_path(dest)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+class Store(abc.ABC):
+    """One storage back end, chosen by URL scheme (see :func:`runner.storage.open_store`).
+
+    Implementations must be safe to use from several threads at once.
+    """
+
+    scheme: ClassVar[str]
+
+    @classmethod
+    def from_url(cls, url: str, *, credentials: dict | None = None,
+                 storage_config: dict | None = None) -> "Store":
+        """Build a store able to serve ``url`` (the registry calls this).
+
+        ``credentials`` is an artifact's ``credentials`` map (``{"aws": {...}}`` /
+        ``{"gcp": {...}}``), ``storage_config`` the request's ``config.storage``.  The
+        default ignores both and calls ``cls()``; back ends that need them override this.
+        """
+        return cls()
+
+    @abc.abstractmethod
+    def stat(self, url: str) -> ObjectInfo | None:
+        """Information about the object at ``url``, or ``None`` when it does not exist.
+
+        Raises :class:`StorageError` when the store cannot be asked.
+        """
+
+    @abc.abstractmethod
+    def get(self, url: str, dest: Path) -> ObjectInfo:
+        """Download ``url`` to ``dest`` atomically (temp file beside it, then rename).
+
+        Returns the info of the object actually read.  Raises :class:`ObjectMissing` when
+        the object does not exist, :class:`StorageError` on any other failure; in both
+        cases no file is left at ``dest`` or beside it.
+        """
+
+    @abc.abstractmethod
+    def put(self, url: str, src: Path) -> ObjectInfo:
+        """Upload the file ``src`` to ``url`` (streamed; atomic where the back end allows).
+
+        Raises :class:`StorageError` on failure (including ``src`` being unreadable).
+        """
+
+    def put_bytes(self, url: str, data: bytes) -> ObjectInfo:
+        """Upload ``data`` to ``url``; default implementation goes through a temp file."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="runner-put-") as tmpdir:
+            src = Path(tmpdir) / "object"
+            src.write_bytes(data)
+            return self.put(url, src)
+
+    @abc.abstractmethod
+    def list(self, prefix_url: str) -> list[str]:
+        """Sorted URLs of every object whose URL starts with ``prefix_url``.
+
+        An empty or absent prefix gives ``[]``.  Raises :class:`StorageError` on failure.
+        """
+
+    def close(self) -> None:
+        """Release connections; the default has nothing to release."""

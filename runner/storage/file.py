@@ -1,0 +1,203 @@
+"""``file://`` storage: objects are plain files on a local (or locally mounted) file system.
+
+URLs are ``file:///abs/path`` or ``file://localhost/abs/path``.  The path part is taken
+literally (no percent-decoding), must be absolute and must not contain ``..``
+components.  An object's ``etag`` is ``"<size>-<mtime_ns>"``.  Temporary files
+(``*.partial-<hex>``) written by an in-progress ``get``/``put`` are never listed.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import stat as stat_mod
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import StorageError
+from .base import CHUNK_SIZE, ObjectInfo, ObjectMissing, Store, atomic_destination, split_url
+
+log = logging.getLogger(__name__)
+
+_PARTIAL_RE = re.compile(r"\.partial-[0-9a-f]{12}$")
+
+
+def file_url_to_path(url: str) -> Path:
+    """The absolute local path named by a ``file://`` URL.
+
+    Raises :class:`StorageError` for another scheme, a host other than ``localhost``, a
+    relative path, ``..`` components, NUL bytes, or a query/fragment.
+    """
+    scheme, rest = split_url(url)
+    if scheme != "file":
+        raise StorageError(f"not a file:// URL: {url!r}")
+    if rest.startswith("/"):
+        path = rest
+    elif rest.lower().startswith("localhost/"):
+        path = rest[len("localhost"):]
+    else:
+        raise StorageError(
+            f"file URL must be file:///absolute/path (no host, no relative path): {url!r}")
+    if "\x00" in path or "?" in path or "#" in path:
+        raise StorageError(f"file URL has characters not allowed in a path: {url!r}")
+    if ".." in path.split("/"):
+        raise StorageError(f"file URL must not contain '..' components: {url!r}")
+    return Path(path)
+
+
+def path_to_file_url(path: Path | str) -> str:
+    """``file:///abs/path`` for an absolute ``path`` (taken literally, like the parser)."""
+    text = os.fspath(path)
+    if not text.startswith("/"):
+        raise StorageError(f"not an absolute path: {text!r}")
+    return "file://" + text
+
+
+def _info(url: str, st: os.stat_result) -> ObjectInfo:
+    return ObjectInfo(url=url, size=st.st_size, etag=f"{st.st_size}-{st.st_mtime_ns}",
+                      mtime=st.st_mtime)
+
+
+def _copy_stream(src: BinaryIO, dst: BinaryIO) -> int:
+    """Copy ``src`` to ``dst`` in chunks; bytes copied."""
+    total = 0
+    while True:
+        chunk = src.read(CHUNK_SIZE)
+        if not chunk:
+            return total
+        dst.write(chunk)
+        total += len(chunk)
+
+
+class FileStore(Store):
+    """Objects as files; ``put`` is atomic (temp file in the same directory + ``os.replace``)."""
+
+    scheme = "file"
+
+    def stat(self, url: str) -> ObjectInfo | None:
+        path = file_url_to_path(url)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot stat {url}: {exc}") from exc
+        if not stat_mod.S_ISREG(st.st_mode):
+            return None
+        return _info(url, st)
+
+    def get(self, url: str, dest: Path) -> ObjectInfo:
+        path = file_url_to_path(url)
+        dest = Path(dest)
+        try:
+            if not stat_mod.S_ISREG(os.stat(path).st_mode):  # never open a FIFO or device
+                raise ObjectMissing(url, f"not a regular file: {url}")
+            src = open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise ObjectMissing(url) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {url}: {exc}") from exc
+        with src:
+            try:
+                st = os.fstat(src.fileno())
+                if not stat_mod.S_ISREG(st.st_mode):
+                    raise ObjectMissing(url, f"not a regular file: {url}")
+                with atomic_destination(dest) as tmp:
+                    with open(tmp, "wb") as out:
+                        copied = _copy_stream(src, out)
+                        out.flush()
+                        os.fsync(out.fileno())
+            except StorageError:
+                raise
+            except OSError as exc:
+                raise StorageError(f"cannot copy {url} to {dest}: {exc}") from exc
+        info = _info(url, st)
+        if copied != info.size:
+            log.warning("%s changed while being read (%d bytes read, %d at open)",
+                        url, copied, info.size)
+            info = ObjectInfo(url=url, size=copied, etag=info.etag, mtime=info.mtime)
+        return info
+
+    def put(self, url: str, src: Path) -> ObjectInfo:
+        path = file_url_to_path(url)
+        if path.name == "":
+            raise StorageError(f"file URL names a directory, not an object: {url!r}")
+        try:
+            fsrc = open(src, "rb")
+        except OSError as exc:
+            raise StorageError(f"cannot read upload source {src}: {exc}") from exc
+        with fsrc:
+            return self._write(url, path, lambda out: _copy_stream(fsrc, out))
+
+    def put_bytes(self, url: str, data: bytes) -> ObjectInfo:
+        path = file_url_to_path(url)
+        if path.name == "":
+            raise StorageError(f"file URL names a directory, not an object: {url!r}")
+        return self._write(url, path, lambda out: out.write(data))
+
+    def _write(self, url: str, path: Path, fill) -> ObjectInfo:
+        try:
+            with atomic_destination(path) as tmp:
+                with open(tmp, "wb") as out:
+                    fill(out)
+                    out.flush()
+                    os.fsync(out.fileno())
+            st = path.stat()
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"cannot write {url}: {exc}") from exc
+        return _info(url, st)
+
+    def list(self, prefix_url: str) -> list[str]:
+        prefix = os.fspath(file_url_to_path(prefix_url))
+        if prefix_url.endswith("/") and not prefix.endswith("/"):
+            prefix += "/"  # Path() drops the trailing slash; "dir/" must not match "dir2"
+        if prefix.endswith("/"):
+            roots = [prefix]
+        else:
+            parent, base = os.path.split(prefix)
+            try:
+                names = os.listdir(parent or "/")
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            except OSError as exc:
+                raise StorageError(f"cannot list {prefix_url}: {exc}") from exc
+            roots = [os.path.join(parent, n) for n in names if n.startswith(base)]
+        found: list[str] = []
+        for root in roots:
+            found.extend(self._walk(root, prefix_url))
+        return sorted(set(path_to_file_url(p) for p in found
+                          if p.startswith(prefix)))
+
+    @staticmethod
+    def _walk(root: str, prefix_url: str) -> list[str]:
+        out: list[str] = []
+        try:
+            st = os.stat(root)
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        except OSError as exc:
+            raise StorageError(f"cannot list {prefix_url}: {exc}") from exc
+        if stat_mod.S_ISREG(st.st_mode):
+            if not _PARTIAL_RE.search(root):
+                out.append(root)
+            return out
+        if not stat_mod.S_ISDIR(st.st_mode):
+            return out
+
+        def onerror(exc: OSError) -> None:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise StorageError(f"cannot list {prefix_url}: {exc}") from exc
+
+        for dirpath, _dirs, files in os.walk(root, onerror=onerror):
+            for name in files:
+                if _PARTIAL_RE.search(name):
+                    continue
+                full = os.path.join(dirpath, name)
+                if os.path.isfile(full):
+                    out.append(full)
+        return out
