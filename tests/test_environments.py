@@ -1,0 +1,435 @@
+"""Tests for runner.environments: interpreters, requirements, the environment store, args.
+
+Builds are real (uv and pip) but offline: the tiny package under test ships its own in-tree
+PEP 517 backend (``requires = []``), and the installers run with ``UV_OFFLINE=1`` /
+``PIP_NO_INDEX=1`` so no test touches the network.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import environments as envs
+from runner.environments import (Environment, EnvironmentStore, find_interpreter,
+                                 normalize_requirements, script_command, split_args)
+from runner.errors import BadRequest, EnvironmentBuildError, InterpreterNotFound
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------------------------
+# A tiny local package with an in-tree build backend (no build dependencies to download)
+# ---------------------------------------------------------------------------------------------
+
+_BACKEND = r'''
+"""Minimal PEP 517 backend: builds a pure-Python wheel with zipfile."""
+import base64, hashlib, os, zipfile
+
+NAME, VERSION = {name!r}, {version!r}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+def _dist_info():
+    return "%s-%s.dist-info" % (NAME, VERSION)
+
+def _meta():
+    return "Metadata-Version: 2.1\nName: %s\nVersion: %s\n" % (NAME, VERSION)
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    d = os.path.join(metadata_directory, _dist_info())
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "METADATA"), "w") as f:
+        f.write(_meta())
+    return _dist_info()
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    counter = os.environ.get("TINY_BUILD_COUNTER")
+    if counter:
+        with open(counter, "a") as f:
+            f.write("built\n")
+    files = {{
+        "%s/__init__.py" % NAME: open(os.path.join(HERE, NAME, "__init__.py"), "rb").read(),
+        _dist_info() + "/METADATA": _meta().encode(),
+        _dist_info() + "/WHEEL": b"Wheel-Version: 1.0\nGenerator: tiny\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }}
+    record = []
+    for arc, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append("%s,sha256=%s,%d" % (arc, digest, len(data)))
+    record.append(_dist_info() + "/RECORD,,")
+    wheel = "%s-%s-py3-none-any.whl" % (NAME, VERSION)
+    with zipfile.ZipFile(os.path.join(wheel_directory, wheel), "w") as zf:
+        for arc, data in files.items():
+            zf.writestr(arc, data)
+        zf.writestr(_dist_info() + "/RECORD", "\n".join(record) + "\n")
+    return wheel
+'''
+
+
+def make_tiny_package(where: Path, name: str = "tinypkg", version: str = "1.0") -> Path:
+    """Create a buildable local project ``name`` in ``where/name`` and return its directory."""
+    proj = where / name
+    (proj / name).mkdir(parents=True)
+    (proj / name / "__init__.py").write_text(f"VALUE = {version!r}\n")
+    (proj / "tiny_backend.py").write_text(_BACKEND.format(name=name, version=version))
+    (proj / "pyproject.toml").write_text(textwrap.dedent("""\
+        [build-system]
+        requires = []
+        build-backend = "tiny_backend"
+        backend-path = ["."]
+        """))
+    return proj
+
+
+@pytest.fixture()
+def offline(tmp_path, monkeypatch):
+    """No network for installers; a private uv cache; a build counter file."""
+    counter = tmp_path / "build-counter.txt"
+    monkeypatch.setenv("UV_OFFLINE", "1")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))
+    monkeypatch.setenv("TINY_BUILD_COUNTER", str(counter))
+    return counter
+
+
+@pytest.fixture()
+def tiny(tmp_path) -> Path:
+    return make_tiny_package(tmp_path / "src")
+
+
+def tiny_req(proj: Path) -> str:
+    return f"{proj.name} @ {proj.as_uri()}"
+
+
+def have_uv() -> bool:
+    return envs._find_uv() is not None
+
+
+def counter_lines(counter: Path) -> int:
+    return len(counter.read_text().splitlines()) if counter.exists() else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpreters
+# ---------------------------------------------------------------------------------------------
+
+def _version_of(python: Path) -> str:
+    out = subprocess.run([str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_running_version_is_found():
+    mine = "%d.%d" % sys.version_info[:2]
+    assert _version_of(find_interpreter(mine)) == mine
+    assert _version_of(find_interpreter(mine + ".0")) == mine
+    assert find_interpreter(None) == Path(sys.executable)
+    assert find_interpreter("") == Path(sys.executable)
+
+
+def test_missing_version_names_version_and_places():
+    with pytest.raises(InterpreterNotFound) as exc:
+        find_interpreter("2.5", extra_dirs=["/nonexistent/extra"])
+    msg = str(exc.value)
+    assert "2.5" in msg and "python2.5" in msg
+    assert "/nonexistent/extra" in msg and "/usr/bin" in msg and "uv python find" in msg
+
+
+@pytest.mark.parametrize("bad", ["3", "three.eleven", "3.x", "3.11; rm -rf /"])
+def test_bad_version_text(bad):
+    with pytest.raises(InterpreterNotFound, match="not a version"):
+        find_interpreter(bad)
+
+
+def _other_installed_minor() -> tuple[str, Path] | None:
+    mine = "%d.%d" % sys.version_info[:2]
+    for minor in ("3.10", "3.12", "3.13", "3.9"):
+        if minor == mine:
+            continue
+        hits = glob.glob(os.path.expanduser(f"~/.pyenv/versions/{minor}.*/bin/python{minor}"))
+        if hits:
+            return minor, Path(hits[0])
+    return None
+
+
+def test_other_minor_found_by_verification():
+    other = _other_installed_minor()
+    if other is None:
+        pytest.skip("no other Python minor version under ~/.pyenv/versions")
+    minor, _ = other
+    found = find_interpreter(minor)
+    assert _version_of(found) == minor
+    assert "/shims/" not in str(found)  # a pyenv shim for a non-global version does not run
+
+
+def test_candidate_in_extra_dirs_is_verified(tmp_path):
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    liar = fake / "python2.5"
+    liar.write_text("#!/bin/sh\nexit 3\n")
+    liar.chmod(0o755)
+    with pytest.raises(InterpreterNotFound) as exc:
+        find_interpreter("2.5", extra_dirs=[str(fake)])
+    assert str(liar) in str(exc.value) and "exit 3" in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requirements
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lines, expected", [
+    (["Numpy==1.2.3", "  ", "# comment", "numpy==1.2.3"], ["numpy==1.2.3"]),
+    (["Foo_Bar.baz >= 1.0 , < 2"], ["foo-bar-baz>=1.0,<2"]),
+    (["Requests[Security,SOCKS]==2.0"], ["requests[security,socks]==2.0"]),
+    (["zeta==1", "alpha==2"], ["alpha==2", "zeta==1"]),
+    (["six==1.0   # pinned"], ["six==1.0"]),
+    (["pkg==1.0;python_version<'3.8'"], ["pkg==1.0; python_version<'3.8'"]),
+    (["Bare_Name"], ["bare-name"]),
+    (["-e git+https://github.com/Org/Repo.git#egg=Repo"],
+     ["-e git+https://github.com/Org/Repo.git#egg=Repo"]),
+    (["git+https://github.com/Org/Repo.git@v1#egg=Repo"],
+     ["git+https://github.com/Org/Repo.git@v1#egg=Repo"]),
+    (["file:///tmp/Some_Pkg"], ["file:///tmp/Some_Pkg"]),
+    (["My_Pkg @ file:///tmp/My_Pkg"], ["My_Pkg @ file:///tmp/My_Pkg"]),
+    (["b==1", "--index-url https://x/simple", "a==1", "--extra-index-url   https://y/simple",
+      "--index-url https://x/simple"],
+     ["--index-url https://x/simple", "--extra-index-url https://y/simple", "a==1", "b==1"]),
+    ([], []),
+])
+def test_normalize_requirements(lines, expected):
+    assert normalize_requirements(lines) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------------
+
+def test_key_stability_and_sensitivity(tmp_path):
+    store = EnvironmentStore(tmp_path / "store", installer="pip")
+    py = Path(sys.executable)
+    base = store.key_for(py, ["numpy==1.0", "Six==1.2"])
+    assert len(base) == 32 and int(base, 16) >= 0
+    assert store.key_for(py, ["six==1.2", "numpy==1.0"]) == base
+    assert store.key_for(py, ["SIX==1.2", "numpy==1.0", "numpy==1.0", "", "# x"]) == base
+    assert store.key_for(py, ["numpy==1.1", "six==1.2"]) != base
+    assert store.key_for(py, ["numpy==1.0"]) != base
+    other = _other_installed_minor()
+    if other is not None:
+        assert store.key_for(other[1], ["numpy==1.0", "six==1.2"]) != base
+    # A second store (another process, a restart) computes the same key.
+    assert EnvironmentStore(tmp_path / "other", installer="pip").key_for(
+        py, ["numpy==1.0", "six==1.2"]) == base
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+INSTALLERS = [pytest.param("uv", marks=pytest.mark.skipif(not have_uv(), reason="uv missing")),
+              "pip"]
+
+
+def _import_value(env: Environment, module: str = "tinypkg") -> str:
+    out = subprocess.run([str(env.python), "-c", f"import {module}; print({module}.VALUE)"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("installer", INSTALLERS)
+def test_build_then_hit(tmp_path, offline, tiny, installer):
+    store = EnvironmentStore(tmp_path / "store", installer=installer)
+    assert store.installer == installer
+    lines: list[str] = []
+    t0 = time.monotonic()
+    env = store.ensure(Path(sys.executable), [tiny_req(tiny)], log=lines.append)
+    elapsed = time.monotonic() - t0
+    print(f"\n{installer} build of tiny package: {elapsed:.2f}s")
+    assert env.built is True and env.path == store.root / env.key
+    assert _import_value(env) == "1.0"
+    assert any(line.startswith("$ ") for line in lines)
+    marker = json.loads((env.path / envs.MARKER).read_text())
+    assert marker["installer"] == installer and marker["requirements"] == [tiny_req(tiny)]
+
+    before = (env.path / envs.LAST_USED).stat().st_mtime_ns
+    time.sleep(0.02)
+    again = store.ensure(Path(sys.executable), [tiny_req(tiny), ""], log=lines.append)
+    assert again.built is False and again.key == env.key and again.python == env.python
+    assert (env.path / envs.LAST_USED).stat().st_mtime_ns > before
+    assert counter_lines(offline) == 1
+    listed = store.list()
+    assert [d["key"] for d in listed] == [env.key] and listed[0]["last_used"] > 0
+
+
+def test_no_requirements_builds_bare_venv(tmp_path, offline):
+    store = EnvironmentStore(tmp_path / "store")
+    env = store.ensure(Path(sys.executable), [])
+    assert env.built and env.python.exists()
+    assert store.ensure(Path(sys.executable), ["# nothing"]).built is False
+
+
+def test_threads_build_once(tmp_path, offline, tiny):
+    store = EnvironmentStore(tmp_path / "store")
+    results: list[Environment] = []
+    errors: list[BaseException] = []
+    starts: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            results.append(store.ensure(
+                Path(sys.executable), [tiny_req(tiny)],
+                log=lambda line: starts.append(line) if line.startswith("$ ") else None))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert sorted(r.built for r in results) == [False, False, False, True]
+    assert len({r.key for r in results}) == 1
+    assert sum("venv" in s for s in starts) == 1
+    assert counter_lines(offline) == 1
+    assert _import_value(results[0]) == "1.0"
+
+
+_CHILD = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from runner.environments import EnvironmentStore
+store = EnvironmentStore(Path({root!r}))
+while time.time() < {go}:
+    time.sleep(0.005)
+env = store.ensure(Path(sys.executable), [{req!r}])
+print(json.dumps({{"built": env.built, "key": env.key}}))
+"""
+
+
+def test_processes_build_once(tmp_path, offline, tiny):
+    root = tmp_path / "store"
+    go = time.time() + 1.5  # both children call ensure() at the same moment
+    code = _CHILD.format(repo=str(REPO), root=str(root), go=go, req=tiny_req(tiny))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (_out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    answers = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert sorted(a["built"] for a in answers) == [False, True]
+    assert answers[0]["key"] == answers[1]["key"]
+    assert counter_lines(offline) == 1
+
+
+def test_half_built_env_is_rebuilt(tmp_path, offline, tiny):
+    store = EnvironmentStore(tmp_path / "store")
+    key = store.key_for(Path(sys.executable), [tiny_req(tiny)])
+    half = store.root / key
+    (half / "bin").mkdir(parents=True)
+    (half / "bin" / "junk").write_text("crashed mid-build")
+    leftover = store.root / f"{key}.building-123-abc"
+    leftover.mkdir()
+    env = store.ensure(Path(sys.executable), [tiny_req(tiny)])
+    assert env.built is True
+    assert not (half / "bin" / "junk").exists() and not leftover.exists()
+    assert _import_value(env) == "1.0"
+
+
+@pytest.mark.parametrize("installer", INSTALLERS)
+def test_failing_requirement(tmp_path, offline, installer):
+    store = EnvironmentStore(tmp_path / "store", installer=installer)
+    missing = tmp_path / "no-such-project"
+    req = f"nosuchpkg @ {missing.as_uri()}"
+    lines: list[str] = []
+    with pytest.raises(EnvironmentBuildError) as exc:
+        store.ensure(Path(sys.executable), [req], log=lines.append)
+    msg = str(exc.value)
+    assert "last output" in msg and "no-such-project" in msg
+    key = store.key_for(Path(sys.executable), [req])
+    assert not (store.root / key).exists()  # nothing half-built left behind
+    assert store.list() == []
+
+
+def test_remove(tmp_path, offline):
+    store = EnvironmentStore(tmp_path / "store")
+    env = store.ensure(Path(sys.executable), [])
+    assert store.remove(env.key) is True
+    assert not env.path.exists() and store.list() == []
+    assert store.remove(env.key) is False
+    with pytest.raises(ValueError):
+        store.remove("../etc")
+    assert store.ensure(Path(sys.executable), []).built is True
+
+
+def test_other_minor_build(tmp_path, offline, tiny):
+    other = _other_installed_minor()
+    if other is None:
+        pytest.skip("no other Python minor version under ~/.pyenv/versions")
+    python = find_interpreter(other[0])
+    env = EnvironmentStore(tmp_path / "store").ensure(python, [tiny_req(tiny)])
+    assert _version_of(env.python) == other[0] and _import_value(env) == "1.0"
+
+
+def test_bad_installer_name(tmp_path):
+    from runner.errors import ConfigError
+    with pytest.raises(ConfigError):
+        EnvironmentStore(tmp_path, installer="conda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["'two words'"], ["two words"]),
+    (['"a b"', "c"], ["a b", "c"]),
+    ([r'"say \"hi\""'], ['say "hi"']),
+    ([r"it\'s"], ["it's"]),
+    (["'it'\"'\"'s'"], ["it's"]),  # shlex.quote("it's")
+    (["$HOME"], ["$HOME"]),
+    (['"$HOME"'], ["$HOME"]),
+    (["*.py"], ["*.py"]),
+    (["$(id)", "`id`", "a;b", "|", "~"], ["$(id)", "`id`", "a;b", "|", "~"]),
+    (["$(rm -rf /)"], ["$(rm", "-rf", "/)"]),
+    (["--lr=0.1", "--name", "'x y'"], ["--lr=0.1", "--name", "x y"]),
+    (["''"], [""]),
+    (["a  b"], ["a", "b"]),
+    ([r'"back\slash"'], [r"back\slash"]),
+    ([], []),
+])
+def test_split_args(args, words):
+    assert split_args(args) == words
+
+
+@pytest.mark.parametrize("args", [["'open"], ['"open'], ["trailing\\"]])
+def test_split_args_unbalanced(args):
+    with pytest.raises(BadRequest):
+        split_args(args)
+
+
+def test_split_args_matches_shell_for_quoted_input():
+    import shlex
+    original = ["two words", "it's", '"dq"', "$HOME", "*.py", "", "a\\b", "tab\there"]
+    assert split_args([shlex.quote(a) for a in original]) == original
+
+
+def test_script_command():
+    py = Path("/env/bin/python")
+    assert script_command(py, "-m", ["pkg.mod", "'x y'"]) == [str(py), "-m", "pkg.mod", "x y"]
+    assert script_command(py, "train.py", ["--n", "3"]) == [str(py), "train.py", "--n", "3"]
+    with pytest.raises(BadRequest):
+        script_command(py, "-m", [])
