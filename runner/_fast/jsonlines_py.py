@@ -1,0 +1,102 @@
+"""Pure-Python twin of :mod:`runner._fast._jsonlines`: merging JSON lines into the scrape document.
+
+Contract (spec section 6), identical in both implementations:
+
+* ``merge_object(doc, obj)`` merges one object in place. Dicts merge recursively, a scalar or list
+  replaces the earlier value, ``None`` is stored (it does not delete). Top-level ``runner`` and
+  ``asset`` keys of ``obj`` are ignored; under top-level ``studioml`` the merge is add-only at every
+  depth. Sub-objects of ``obj`` may be inserted by reference (the caller hands ``obj`` over).
+* ``merge_lines(doc, chunk)`` splits ``chunk`` on ``b"\\n"`` (a trailing partial line counts as a
+  line), strips ASCII white space, merges every ``{...}`` line that parses as a JSON object and
+  returns the stripped ``[...]`` lines (patch candidates) in order. Anything else is plain output.
+* Parse rule: ``orjson.loads``; when it raises, ``json.loads`` of the UTF-8 decoded line with
+  NaN/Infinity rejected (so integers wider than 64 bits are accepted). Invalid UTF-8 is not JSON.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+_MISSING = object()
+_NOT_JSON = object()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def parse_json(line: bytes) -> Any:
+    """Parse with the shared strict rule; returns the module's ``_NOT_JSON`` sentinel on failure."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return _NOT_JSON
+
+
+def _merge_into(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict):
+            cur = dst.get(k, _MISSING)
+            if isinstance(cur, dict):
+                _merge_into(cur, v)
+                continue
+        dst[k] = v
+
+
+def _add_only(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        cur = dst.get(k, _MISSING)
+        if cur is _MISSING:
+            dst[k] = v
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            _add_only(cur, v)
+
+
+def merge_object(doc: dict, obj: dict) -> None:
+    """Merge one JSON-line object into ``doc`` in place (see module docstring for the rules)."""
+    if not isinstance(doc, dict) or not isinstance(obj, dict):
+        raise TypeError("merge_object needs two dicts")
+    for k, v in obj.items():
+        if k == "runner" or k == "asset":
+            continue
+        if k == "studioml":
+            cur = doc.get(k, _MISSING)
+            if cur is _MISSING:
+                doc[k] = v
+            elif isinstance(cur, dict) and isinstance(v, dict):
+                _add_only(cur, v)
+            continue
+        if isinstance(v, dict):
+            cur = doc.get(k, _MISSING)
+            if isinstance(cur, dict):
+                _merge_into(cur, v)
+                continue
+        doc[k] = v
+
+
+def merge_lines(doc: dict, chunk: bytes) -> "list[bytes]":
+    """Merge every JSON-object line of ``chunk`` into ``doc``; return the ``[...]`` lines."""
+    if not isinstance(doc, dict):
+        raise TypeError("merge_lines needs a dict")
+    if not isinstance(chunk, bytes):
+        chunk = bytes(chunk)
+    patches: list[bytes] = []
+    for line in chunk.split(b"\n"):
+        s = line.strip()
+        if len(s) < 2:
+            continue
+        first = s[0]
+        last = s[-1]
+        if first == 0x7B and last == 0x7D:  # { }
+            obj = parse_json(s)
+            if isinstance(obj, dict):
+                merge_object(doc, obj)
+        elif first == 0x5B and last == 0x5D:  # [ ]
+            patches.append(s)
+    return patches

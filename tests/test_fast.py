@@ -1,0 +1,309 @@
+"""runner._fast: both implementations (compiled and pure twin) against the same tables."""
+from __future__ import annotations
+
+import copy
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import xxhash
+
+import runner._fast as fast
+
+IMPLS = fast.implementations()
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _impl_param(name):
+    if name == "compiled" and IMPLS["compiled"] is None and not IN_CI:
+        return pytest.param(
+            name,
+            marks=pytest.mark.skip(
+                reason="compiled runner._fast not built "
+                f"({fast.compiled_import_error()}); run: python3 setup.py build_ext --inplace"
+            ),
+        )
+    return pytest.param(name)
+
+
+@pytest.fixture(params=[_impl_param("pure"), _impl_param("compiled")])
+def impl(request):
+    ns = IMPLS[request.param]
+    if ns is None:  # only reachable under CI=true
+        pytest.fail(f"compiled runner._fast is not built under CI: {fast.compiled_import_error()}")
+    return ns
+
+
+def _compiled_or_fail():
+    if IMPLS["compiled"] is None:
+        if IN_CI:
+            pytest.fail(f"compiled runner._fast is not built under CI: {fast.compiled_import_error()}")
+        pytest.skip("compiled runner._fast not built; run: python3 setup.py build_ext --inplace")
+    return IMPLS["compiled"]
+
+
+# ---------------------------------------------------------------- base62
+
+VECTORS = [
+    (0, "0"),
+    (1, "1"),
+    (61, "z"),
+    (62, "10"),
+    (1546495043, "1gew0R"),
+    (1541618418, "1gKTNC"),
+    (1700000000, "1r31eq"),
+    (2**64 - 1, "LygHa16AHYF"),
+    (2**64, "LygHa16AHYG"),
+]
+
+
+@pytest.mark.parametrize("n,s", VECTORS)
+def test_b62_vectors(impl, n, s):
+    assert impl.b62encode(n) == s
+    assert impl.b62decode(s) == n
+
+
+def test_b62_random_round_trips(impl):
+    rng = random.Random(62)
+    for bits in (8, 32, 63, 64, 65, 128, 300):
+        for _ in range(200):
+            n = rng.getrandbits(bits)
+            s = impl.b62encode(n)
+            assert impl.b62decode(s) == n
+            assert s == IMPLS["pure"].b62encode(n)
+
+
+def test_b62_sorts_in_time_order(impl):
+    ts = [1541618418, 1546495043, 1700000000, 1800000000]
+    names = [impl.b62encode(t) for t in ts]
+    assert names == sorted(names)
+
+
+@pytest.mark.parametrize("bad", [-1, -(2**70)])
+def test_b62_negative(impl, bad):
+    with pytest.raises(ValueError):
+        impl.b62encode(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "abc-", " 1", "1 ", "é", "1gew0R!", "z" * 12 + "_"])
+def test_b62_decode_invalid(impl, bad):
+    with pytest.raises(ValueError):
+        impl.b62decode(bad)
+
+
+def test_b62_type_errors(impl):
+    with pytest.raises(TypeError):
+        impl.b62encode(1.0)
+    with pytest.raises(TypeError):
+        impl.b62decode(b"1gew0R")
+
+
+# ---------------------------------------------------------------- hashing
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 5 * (1 << 20) + 123])
+def test_content_hash_matches_xxhash(impl, tmp_path, size):
+    data = random.Random(size).randbytes(size)
+    p = tmp_path / "f.bin"
+    p.write_bytes(data)
+    want = xxhash.xxh3_128(data).hexdigest()
+    assert impl.content_hash(str(p)) == want
+    assert impl.content_hash(p) == want  # PathLike
+    assert impl.hash_bytes(data) == want
+    assert len(want) == 32
+
+
+def test_content_hash_missing_file(impl, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        impl.content_hash(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- merge
+
+BIG = 123456789012345678901234567890
+
+# (name, initial doc, chunk, expected doc, expected patch candidates)
+MERGE_CASES = [
+    ("nested merge", {}, b'{"experiment":{"a":1,"n":{"x":1}}}\n{"experiment":{"b":2,"n":{"y":2}}}\n',
+     {"experiment": {"a": 1, "b": 2, "n": {"x": 1, "y": 2}}}, []),
+    ("later scalar replaces", {}, b'{"e":{"loss":1.5}}\n{"e":{"loss":0.5}}\n', {"e": {"loss": 0.5}}, []),
+    ("scalar replaces dict", {}, b'{"e":{"a":{"b":1}}}\n{"e":{"a":3}}\n', {"e": {"a": 3}}, []),
+    ("dict replaces scalar", {}, b'{"e":{"a":3}}\n{"e":{"a":{"b":1}}}\n', {"e": {"a": {"b": 1}}}, []),
+    ("list replaces", {}, b'{"e":{"l":[1,2,3]}}\n{"e":{"l":[4]}}\n', {"e": {"l": [4]}}, []),
+    ("list replaces dict", {}, b'{"e":{"l":{"a":1}}}\n{"e":{"l":[4]}}\n', {"e": {"l": [4]}}, []),
+    ("keys never seen again kept", {}, b'{"e":{"a":1}}\n{"f":2}\n', {"e": {"a": 1}, "f": 2}, []),
+    ("null kept", {}, b'{"e":{"a":1}}\n{"e":{"a":null}}\n', {"e": {"a": None}}, []),
+    ("top-level null", {"x": 1}, b'{"x":null}', {"x": None}, []),
+    ("runner and asset ignored", {"runner": {"host": "h"}, "asset": "u"},
+     b'{"runner":{"host":"evil","new":1},"asset":"x","e":1}\n{"runner":5}\n',
+     {"runner": {"host": "h"}, "asset": "u", "e": 1}, []),
+    ("runner ignored even when absent", {}, b'{"runner":{"a":1},"asset":"x"}', {}, []),
+    ("studioml add-only", {"studioml": {"status": "running", "experiment": {"key": "k"}}},
+     b'{"studioml":{"status":"completed","extra":1,"experiment":{"key":"evil","note":"n"}}}\n'
+     b'{"studioml":{"extra":2}}\n',
+     {"studioml": {"status": "running", "extra": 1, "experiment": {"key": "k", "note": "n"}}}, []),
+    ("studioml scalar never replaced by dict", {"studioml": {"s": 1}}, b'{"studioml":{"s":{"a":1}}}',
+     {"studioml": {"s": 1}}, []),
+    ("studioml whole value not replaced", {"studioml": {"s": 1}}, b'{"studioml":5}', {"studioml": {"s": 1}}, []),
+    ("studioml added when absent", {}, b'{"studioml":{"a":1}}', {"studioml": {"a": 1}}, []),
+    ("studioml null key kept add-only", {"studioml": {"a": None}}, b'{"studioml":{"a":1}}',
+     {"studioml": {"a": None}}, []),
+    ("whitespace and indented lines", {}, b'   {"a":1}   \n\t{"b":2}\t\n\x0b{"c":3}\x0c\n', {"a": 1, "b": 2, "c": 3}, []),
+    ("CRLF", {}, b'{"a":1}\r\n{"b":{"c":2}}\r\n', {"a": 1, "b": {"c": 2}}, []),
+    ("not json", {}, b'{not json}\n{"a":1\n{a:1}\n{"a":1}}\n', {}, []),
+    ("plain output", {}, b"epoch 1 loss 0.5\n\n{\n}\nloss {x}\n", {}, []),
+    ("empty object", {"a": 1}, b"{}", {"a": 1}, []),
+    ("non-object JSON", {}, b'"str"\n123\nnull\ntrue\n', {}, []),
+    ("invalid utf-8", {}, b'{"a":"\xff\xfe"}\n{"b":"ok"}\n', {"b": "ok"}, []),
+    ("valid utf-8 kept", {}, '{"a":"héllo ✓"}\n'.encode(), {"a": "héllo ✓"}, []),
+    ("NaN rejected", {}, b'{"a":NaN}\n{"b":Infinity}\n{"c":-Infinity}\n{"ok":1}\n', {"ok": 1}, []),
+    ("trailing partial line", {}, b'log\n{"a":1}\n{"b":2}', {"a": 1, "b": 2}, []),
+    ("trailing comma rejected", {}, b'{"a":1,}', {}, []),
+    ("duplicate keys last wins", {}, b'{"a":1,"a":2}', {"a": 2}, []),
+    ("patch candidates", {}, b'[{"op":"add","path":"/e","value":1}]\n  [1,2]  \n[not json]\n{"a":1}\n[]',
+     {"a": 1}, [b'[{"op":"add","path":"/e","value":1}]', b"[1,2]", b"[not json]", b"[]"]),
+    ("mixed brackets ignored", {}, b'{"a":1]\n[{"a":1}}\n', {}, []),
+    ("empty chunk", {}, b"", {}, []),
+    ("only newlines", {}, b"\n\n\r\n", {}, []),
+    ("deep nesting", {}, b'{"a":{"b":{"c":{"d":{"e":1}}}}}\n{"a":{"b":{"c":{"d":{"f":2}}}}}',
+     {"a": {"b": {"c": {"d": {"e": 1, "f": 2}}}}}, []),
+]
+
+
+@pytest.mark.parametrize("name,initial,chunk,expected,patches", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_merge_lines_table(impl, name, initial, chunk, expected, patches):
+    doc = copy.deepcopy(initial)
+    got = impl.merge_lines(doc, chunk)
+    assert doc == expected
+    assert got == patches
+    assert all(type(p) is bytes for p in got)
+
+
+def test_big_int_accepted(impl):
+    doc = {}
+    impl.merge_lines(doc, b'{"big":%d,"x":1}' % BIG)
+    assert doc["x"] == 1
+    # orjson versions differ (exact int via the stdlib fallback, or a float): accepted either way
+    assert float(doc["big"]) == float(BIG)
+
+
+def test_merge_lines_accepts_bytearray_and_memoryview(impl):
+    for chunk in (bytearray(b'{"a":1}'), memoryview(b'{"a":1}')):
+        doc = {}
+        impl.merge_lines(doc, chunk)
+        assert doc == {"a": 1}
+
+
+def test_merge_object_direct(impl):
+    doc = {"studioml": {"status": "running"}, "runner": {"h": 1}}
+    impl.merge_object(doc, {"studioml": {"status": "x", "y": 1}, "runner": {}, "asset": 1, "e": {"a": [1]}})
+    assert doc == {"studioml": {"status": "running", "y": 1}, "runner": {"h": 1}, "e": {"a": [1]}}
+
+
+def test_merge_type_errors(impl):
+    with pytest.raises(TypeError):
+        impl.merge_lines([], b"{}")
+    with pytest.raises(TypeError):
+        impl.merge_object({}, [])
+
+
+def _stream(seed: int, n: int) -> bytes:
+    rng = random.Random(seed)
+    keys = ["a", "b", "c", "loss", "acc", "studioml", "runner", "asset", "experiment", "x y", "ü"]
+
+    def value(depth):
+        r = rng.random()
+        if depth < 3 and r < 0.35:
+            return {rng.choice(keys): value(depth + 1) for _ in range(rng.randint(0, 4))}
+        if r < 0.45:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))] if depth < 3 else []
+        if r < 0.55:
+            return None
+        if r < 0.7:
+            return rng.randint(-(2**40), 2**40)
+        if r < 0.85:
+            return rng.random()
+        return rng.choice(["s", "", "é", True, False])
+
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.5:
+            out.append(b"step %d loss %f" % (rng.randint(0, 999), rng.random()))
+        elif r < 0.85:
+            obj = {rng.choice(keys): value(0) for _ in range(rng.randint(1, 5))}
+            line = orjson.dumps(obj)
+            if rng.random() < 0.2:
+                line = b"  " + line + b" \r"
+            out.append(line)
+        elif r < 0.9:
+            out.append(b'[{"op":"add","path":"/a","value":%d}]' % rng.randint(0, 9))
+        elif r < 0.95:
+            out.append(b'{"broken": ' + str(rng.random()).encode())
+        else:
+            out.append(b'{"n":NaN}' if rng.random() < 0.5 else b'{"u":"\xc3"}')
+    return b"\n".join(out)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_compiled_and_pure_agree_on_random_stream(seed):
+    compiled = _compiled_or_fail()
+    pure = IMPLS["pure"]
+    stream = _stream(seed, 3000)
+    rng = random.Random(seed)
+    # feed in line-aligned chunks of random sizes, as the reader does
+    lines = stream.split(b"\n")
+    chunks, i = [], 0
+    while i < len(lines):
+        k = rng.randint(1, 50)
+        chunks.append(b"\n".join(lines[i:i + k]))
+        i += k
+    docs = {"pure": {"studioml": {"status": "running"}}, "compiled": {"studioml": {"status": "running"}}}
+    got = {"pure": [], "compiled": []}
+    for ch in chunks:
+        got["pure"] += pure.merge_lines(docs["pure"], ch)
+        got["compiled"] += compiled.merge_lines(docs["compiled"], ch)
+    assert orjson.dumps(docs["pure"], option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+        docs["compiled"], option=orjson.OPT_SORT_KEYS
+    )
+    assert docs["pure"] == docs["compiled"]
+    assert got["pure"] == got["compiled"]
+    assert docs["pure"]["studioml"]["status"] == "running"
+    assert "runner" not in docs["pure"] and "asset" not in docs["pure"]
+
+
+# ---------------------------------------------------------------- the switch
+
+
+def _implementation_in_subprocess(env_value):
+    env = dict(os.environ)
+    env.pop("RUNNER_PUREPYTHON", None)
+    if env_value is not None:
+        env["RUNNER_PUREPYTHON"] = env_value
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, "-c", "import runner._fast as f; print(f.IMPLEMENTATION, f.b62encode(1546495043))"],
+        env=env, capture_output=True, text=True, check=True, cwd=root,
+    )
+    return out.stdout.split()
+
+
+def test_env_forces_pure():
+    assert _implementation_in_subprocess("1") == ["pure", "1gew0R"]
+
+
+def test_default_is_compiled_when_built():
+    _compiled_or_fail()
+    assert _implementation_in_subprocess(None) == ["compiled", "1gew0R"]
+
+
+def test_module_exports():
+    assert fast.IMPLEMENTATION in ("compiled", "pure")
+    for name in ("b62encode", "b62decode", "content_hash", "hash_bytes", "merge_object", "merge_lines"):
+        assert callable(getattr(fast, name))
+    assert IMPLS["pure"].IMPLEMENTATION == "pure"
