@@ -1,0 +1,241 @@
+"""The runner's options: one table, read from flags and environment, validated at once.
+
+Every option is a long flag and an environment variable of the same name in upper case
+with ``-`` turned into ``_`` (``--queue-root`` ↔ ``QUEUE_ROOT``); the flag wins over the
+variable, the variable over the default.  :func:`load` collects every problem and raises
+one :class:`~runner.errors.ConfigError` listing them all.
+
+Inside the program sizes are bytes and durations are seconds (see :mod:`runner.units`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .errors import ConfigError
+from .units import UnitError, parse_duration
+
+DEFAULT_QUEUE_MATCH = r"^(rmq|sqs|local)_.*$"
+
+
+def default_data_root() -> Path:
+    """Where the embedded default keeps queues, work, cache and environments."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "studioml-runner"
+
+
+def default_runtime_dir() -> Path:
+    """Where the supervisor's sockets live; short, because ipc paths are limited to ~100 bytes."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and len(base) < 60:
+        return Path(base) / "studioml-runner"
+    return Path(f"/tmp/studioml-runner-{os.getuid()}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its flag name, parser, default (text, parsed like user input) and help."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    flag_only_bool: bool = False
+
+    @property
+    def env(self) -> str:
+        return self.name.upper().replace("-", "_")
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _regex(text: str) -> str:
+    if text:
+        re.compile(text)
+    return text
+
+
+def _path(text: str) -> str:
+    if not text:
+        raise ValueError("a path is required")
+    return str(Path(text).expanduser().absolute())
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _duration(text: str) -> float:
+    return parse_duration(text)
+
+
+def _bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def _path_list(text: str) -> tuple:
+    return tuple(str(Path(p).expanduser().absolute()) for p in text.split(os.pathsep) if p)
+
+
+def _optional_url(text: str) -> str:
+    if text and "://" not in text:
+        raise ValueError("expected a URL such as file:///srv/studioml")
+    return text
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("queue-match", _regex, DEFAULT_QUEUE_MATCH, "regex: queues served"),
+    Option("queue-mismatch", _regex, "", "regex: queues never served (empty: none)"),
+    Option("queue-root", _path, None, "directory of local_* queues (default: DATA_ROOT/queues)"),
+    Option("working-dir", _path, None, "per-attempt working directories (default: DATA_ROOT/work)"),
+    Option("cache-dir", _path, None, "environment store and caches (default: DATA_ROOT/cache)"),
+    Option("runtime-dir", _path, None, "supervisor sockets and lock (default: /tmp/studioml-runner-UID)"),
+    Option("executors", _positive_int, None, "experiments run at once (default: CPU cores)"),
+    Option("max-attempts", _positive_int, "3", "attempts of a failing experiment before it ends failed"),
+    Option("hostname", str, None, "host name in attempt ids and metadata (default: this host's)"),
+    Option("min-save-interval", _duration, "10s",
+           "lower clamp of an experiment's saveWorkspaceFrequency"),
+    Option("kill-grace", _duration, "10s", "time between SIGTERM and SIGKILL when stopping a run"),
+    Option("shutdown-timeout", _duration, "60s",
+           "on SIGTERM, how long to wait for running work to be handed back"),
+    Option("python-dirs", _path_list, "", "extra directories searched for pythonX.Y (os.pathsep list)"),
+    Option("installer", _choice("auto", "uv", "pip"), "auto", "virtualenv builder: uv when installed, else pip"),
+    Option("metadata-store", _optional_url, "",
+           "URL of the metadata store (default: metadata/ in each request's storage)"),
+    Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
+    Option("debug", _bool, "false", "debug logging and keep working directories", flag_only_bool=True),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated options; paths are absolute strings, durations seconds, sizes bytes."""
+
+    queue_match: str
+    queue_mismatch: str
+    queue_root: str
+    working_dir: str
+    cache_dir: str
+    runtime_dir: str
+    executors: int
+    max_attempts: int
+    hostname: str
+    min_save_interval: float
+    kill_grace: float
+    shutdown_timeout: float
+    python_dirs: tuple
+    installer: str
+    metadata_store: str
+    log_level: str
+    debug: bool
+    instance: str = ""
+
+    @property
+    def env_dir(self) -> str:
+        """The environment (virtualenv) store, kept across restarts."""
+        return os.path.join(self.cache_dir, "envs")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        data = json.loads(text)
+        data["python_dirs"] = tuple(data.get("python_dirs", ()))
+        return cls(**data)
+
+    def with_instance(self, instance: str) -> "Config":
+        return dataclasses.replace(self, instance=instance)
+
+
+def build_parser(prog: str = "runner-supervisor", description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with every option; values stay ``None`` unless given as flags."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog="Every flag can also be set by its environment variable.")
+    for option in OPTIONS:
+        help_text = f"{option.help} [env {option.env}"
+        help_text += f", default {option.default!r}]" if option.default not in (None, "") else "]"
+        if option.flag_only_bool:
+            parser.add_argument(f"--{option.name}", dest=option.attr, action="store_const",
+                                const="true", default=None, help=help_text)
+        else:
+            parser.add_argument(f"--{option.name}", dest=option.attr, default=None, help=help_text)
+    return parser
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+         parser: argparse.ArgumentParser | None = None) -> Config:
+    """Options from ``argv`` and ``environ`` (defaults: this process's), validated at once."""
+    environ = os.environ if environ is None else environ
+    parser = parser or build_parser()
+    namespace = parser.parse_args(argv)
+    return from_values(vars(namespace), environ)
+
+
+def from_values(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+    """Build a Config from flag values (None = not given) and an environment."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = flags.get(option.attr)
+        source = f"--{option.name}"
+        if raw is None and option.env in environ:
+            raw, source = environ[option.env], f"${option.env}"
+        if raw is None:
+            raw, source = option.default, "default"
+        if raw is None:
+            values[option.attr] = None
+            continue
+        try:
+            values[option.attr] = option.parse(raw)
+        except (ValueError, UnitError, re.error) as exc:
+            problems.append(f"{source}={raw!r}: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    root = default_data_root()
+    values["queue_root"] = values["queue_root"] or str(root / "queues")
+    values["working_dir"] = values["working_dir"] or str(root / "work")
+    values["cache_dir"] = values["cache_dir"] or str(root / "cache")
+    values["runtime_dir"] = values["runtime_dir"] or str(default_runtime_dir())
+    values["executors"] = values["executors"] or max(1, os.cpu_count() or 1)
+    values["hostname"] = values["hostname"] or socket.gethostname()
+    if values["debug"]:
+        values["log_level"] = "debug"
+    if len(values["runtime_dir"]) > 80:
+        problems.append(f"--runtime-dir={values['runtime_dir']!r}: longer than 80 characters "
+                        "(socket paths are limited to about 100 bytes)")
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+", values["hostname"]):
+        problems.append(f"--hostname={values['hostname']!r}: use letters, digits, '.' and '-' only")
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values)
+
+
+def options_table() -> list[tuple[str, str, str, str]]:
+    """(flag, env, default, help) rows, for the README and ``--help``."""
+    return [(f"--{o.name}", o.env, o.default or "", o.help) for o in OPTIONS]

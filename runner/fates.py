@@ -1,0 +1,100 @@
+"""The fate of a request (SPEC section 7), decided in one place.
+
+:func:`outcome_for_exception` turns whatever ended an attempt early into an
+:class:`~runner.protocol.Outcome`; :func:`decide` turns an outcome into what the fetcher
+does with the held delivery.  No other module decides between ack, requeue and
+dead-letter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import errors
+from .protocol import Outcome
+
+COMPLETED, FAILED, EXPIRED, CANCELLED = "completed", "failed", "expired", "cancelled"
+ACK, REQUEUE, DEAD = "ack", "requeue", "dead"
+
+
+class ShutdownRequested(errors.RunnerError):
+    """The runner is stopping; the attempt is handed back, not counted."""
+
+
+class RoleCrashed(errors.RunnerError):
+    """A role process died while it held the attempt; handed back, not counted."""
+
+
+class LimitReached(errors.RunnerError):
+    """max_duration or experimentLifetime stopped the attempt."""
+
+
+class ExperimentFailed(errors.RunnerError):
+    """The experiment's process exited non-zero."""
+
+
+# Exception class name -> final studioml.status of the attempt.
+_STATUS_BY_ERROR = {
+    errors.BadRequest: FAILED,
+    errors.EnvironmentBuildError: FAILED,
+    ExperimentFailed: FAILED,
+    LimitReached: EXPIRED,
+    errors.StorageError: CANCELLED,
+    errors.ArchiveError: FAILED,
+    errors.ResourcesUnavailable: CANCELLED,
+    ShutdownRequested: CANCELLED,
+    RoleCrashed: CANCELLED,
+}
+_DEAD_ERRORS = {"BadRequest"}
+_UNCOUNTED_ERRORS = {"StorageError", "ObjectMissing", "ResourcesUnavailable",
+                     "ShutdownRequested", "RoleCrashed"}
+
+
+def outcome_for_exception(exc: BaseException, exit_code: int | None = None) -> Outcome:
+    """The outcome of an attempt ended by ``exc``; unknown exceptions count as failures."""
+    status = FAILED
+    for cls in type(exc).__mro__:
+        if cls in _STATUS_BY_ERROR:
+            status = _STATUS_BY_ERROR[cls]
+            break
+    error = type(exc).__name__
+    for cls in type(exc).__mro__:  # report the family name the rules are written in
+        if cls.__name__ in _UNCOUNTED_ERRORS | _DEAD_ERRORS:
+            error = cls.__name__
+            break
+    return Outcome(status=status, error=error, message=str(exc), exit_code=exit_code)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with the delivery, and the request's attempt count afterwards."""
+
+    action: str        # ack, requeue or dead
+    attempts: int      # attempts of the experiment's code made so far, this one included
+    final_status: str  # completed/failed/expired when acked; the attempt's status otherwise
+    reason: str
+
+
+def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
+           upload_error: str = "") -> Decision:
+    """The fate of a request whose attempt ended with ``outcome``.
+
+    * a bad request is dead-lettered;
+    * an attempt stopped by the runner itself (shutdown, crash, storage trouble) is
+      requeued without counting it;
+    * completed and expired attempts are acked, but only once their uploads succeeded;
+    * failures count; they are requeued until ``max_attempts``, then acked as failed.
+    """
+    if outcome.error in _DEAD_ERRORS:
+        return Decision(DEAD, attempts_before, FAILED, f"bad request: {outcome.message}")
+    counted = outcome.status == FAILED and outcome.error not in _UNCOUNTED_ERRORS
+    attempts = attempts_before + (1 if counted else 0)
+    if upload_error:
+        return Decision(REQUEUE, attempts, outcome.status, f"uploads failed: {upload_error}")
+    if outcome.status in (COMPLETED, EXPIRED):
+        return Decision(ACK, attempts, outcome.status, outcome.status)
+    if not counted:
+        return Decision(REQUEUE, attempts, outcome.status,
+                        f"handed back ({outcome.error or outcome.status}): {outcome.message}")
+    if attempts >= max_attempts:
+        return Decision(ACK, attempts, FAILED, f"failed {attempts} of {max_attempts} attempts")
+    return Decision(REQUEUE, attempts, FAILED, f"attempt {attempts} of {max_attempts} failed")

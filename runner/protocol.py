@@ -1,0 +1,293 @@
+"""Every message that crosses a process boundary inside the runner.
+
+Frame layout (one ZeroMQ frame per message)::
+
+    msgpack array [PROTOCOL_VERSION: int, type_name: str, fields: map]
+
+``fields`` maps each dataclass field name to its value; a field typed as another
+protocol dataclass (``Job``, ``Outcome``) is itself a map of its fields.  Packing uses
+``use_bin_type=True``; unpacking uses ``raw=False`` and refuses frames larger than
+``MAX_FRAME_BYTES``.  A frame with another version or an unknown type raises
+:class:`runner.errors.ProtocolError`; unknown fields inside a known type are ignored so
+that a newer sender can add optional fields.
+
+Who sends what (role inboxes are PULL sockets, see :mod:`runner.bus`)::
+
+    fetcher        --JobAssigned-->   cache manager
+    cache manager  --AttemptOpened--> scraper, --JobPrepared--> executor,
+                   --AttemptEnded-->  scraper (preparation failed)
+    executor       --OutputChunk-->   scraper, --AttemptEnded--> scraper
+    scraper        --UploadRequest--> uploader
+    uploader       --JobDone-->       fetcher
+    any role       --RunnerLog-->     scraper, --JobPhase--> supervisor,
+                   --Heartbeat-->     supervisor
+    supervisor     --Shutdown/StopTaking/StopRuns/Adopt--> roles
+    runner-ctl     --CtlRequest-->    supervisor (REQ/ROUTER) --CtlReply-->
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Job:
+    """One attempt of one request, as it travels through the pipeline.
+
+    ``job_id`` is the attempt id ``<hostname>-<base62 seconds>`` and is unique on a host.
+    ``attempts`` counts attempts of the experiment's own code made *before* this one.
+    Times are unix seconds (float); ``deadline`` is the earliest absolute stop time
+    from ``experimentLifetime`` (None when unbounded); ``max_duration`` is seconds.
+    """
+
+    job_id: str
+    queue: str
+    token: str
+    attempts: int
+    key: str
+    project: str
+    request: dict
+    workdir: str
+    resources: dict
+    taken_at: float
+    deadline: float | None = None
+    max_duration: float | None = None
+    save_frequency: float = 60.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended, before its fate is decided.
+
+    ``status`` is the scrape document's final ``studioml.status`` (completed, failed,
+    expired, cancelled); ``error`` names the exception class that ended it, if any.
+    """
+
+    status: str
+    error: str = ""
+    message: str = ""
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every frame type; ``TYPE`` is the wire name."""
+
+    TYPE: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+    role: str
+    pid: int
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shutdown(Message):
+    """Supervisor → role: leave ``loop()`` now and run ``shutdown()``."""
+
+    TYPE: ClassVar[str] = "shutdown"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StopTaking(Message):
+    """Supervisor → fetcher: take no new requests (drain)."""
+
+    TYPE: ClassVar[str] = "stop_taking"
+
+
+@dataclass(frozen=True)
+class StopRuns(Message):
+    """Supervisor → cache manager and executor: end every attempt (or ``job_ids``)."""
+
+    TYPE: ClassVar[str] = "stop_runs"
+    reason: str = "shutdown"
+    job_ids: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Adopt(Message):
+    """Supervisor → restarted fetcher: these jobs are in flight; hold them again."""
+
+    TYPE: ClassVar[str] = "adopt"
+    jobs: list = field(default_factory=list)  # list of Job maps
+
+
+@dataclass(frozen=True)
+class JobAssigned(Message):
+    TYPE: ClassVar[str] = "job_assigned"
+    job: Job
+
+
+@dataclass(frozen=True)
+class AttemptOpened(Message):
+    TYPE: ClassVar[str] = "attempt_opened"
+    job: Job
+
+
+@dataclass(frozen=True)
+class JobPrepared(Message):
+    TYPE: ClassVar[str] = "job_prepared"
+    job: Job
+    python: str
+    env_path: str
+
+
+@dataclass(frozen=True)
+class OutputChunk(Message):
+    """Executor → scraper: complete lines (bytes, ``\\n``-terminated) in output order."""
+
+    TYPE: ClassVar[str] = "output_chunk"
+    job_id: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RunnerLog(Message):
+    TYPE: ClassVar[str] = "runner_log"
+    job_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class AttemptEnded(Message):
+    TYPE: ClassVar[str] = "attempt_ended"
+    job: Job
+    outcome: Outcome
+    facts: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UploadRequest(Message):
+    """Scraper → uploader: upload the attempt's mutable artifacts and metadata files.
+
+    ``final`` uploads everything and is followed by a ``JobDone``; a periodic request
+    skips unchanged artifacts and reports nothing.
+    """
+
+    TYPE: ClassVar[str] = "upload_request"
+    job: Job
+    final: bool
+    outcome: Outcome | None = None
+
+
+@dataclass(frozen=True)
+class JobDone(Message):
+    """Uploader → fetcher: the attempt is over and its uploads are done (or failed)."""
+
+    TYPE: ClassVar[str] = "job_done"
+    job: Job
+    outcome: Outcome
+    upload_error: str = ""
+
+
+@dataclass(frozen=True)
+class JobPhase(Message):
+    """Any role → supervisor: where a job is now (for status, restarts and metrics).
+
+    ``phase`` is one of taken, preparing, running, scraping, uploading, finished.
+    ``detail`` carries phase facts (``pid`` when running, ``fate`` when finished).
+    """
+
+    TYPE: ClassVar[str] = "job_phase"
+    job: Job
+    phase: str
+    role: str
+    at: float
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QueueStats(Message):
+    """Fetcher → supervisor: what the fetcher sees of its queues."""
+
+    TYPE: ClassVar[str] = "queue_stats"
+    queues: dict  # name -> {"depth": int, "waiting": [{"key", "project"}...]}
+    taking: bool
+
+
+@dataclass(frozen=True)
+class CtlRequest(Message):
+    TYPE: ClassVar[str] = "ctl_request"
+    command: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CtlReply(Message):
+    TYPE: ClassVar[str] = "ctl_reply"
+    ok: bool
+    data: dict = field(default_factory=dict)
+    error: str = ""
+
+
+_NESTED = {"Job": Job, "Outcome": Outcome, "Job | None": Job, "Outcome | None": Outcome}
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Heartbeat, Shutdown, StopTaking, StopRuns, Adopt, JobAssigned, AttemptOpened,
+                JobPrepared, OutputChunk, RunnerLog, AttemptEnded, UploadRequest, JobDone,
+                JobPhase, QueueStats, CtlRequest, CtlReply)
+}
+
+
+def to_map(value: Any) -> dict:
+    """Fields of a protocol dataclass as a plain map (nested dataclasses too)."""
+    return {f.name: (to_map(v) if dataclasses.is_dataclass(v) else v)
+            for f in dataclasses.fields(value) for v in [getattr(value, f.name)]}
+
+
+def from_map(cls: type, data: dict) -> Any:
+    """Build ``cls`` from a map made by :func:`to_map`; unknown keys are ignored."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        nested = _NESTED.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if nested is not None and isinstance(value, dict):
+            value = from_map(nested, value)
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ProtocolError(f"cannot build {cls.__name__}: {exc}") from exc
+
+
+def encode(message: Message) -> bytes:
+    """One frame for ``message``."""
+    return msgpack.packb([PROTOCOL_VERSION, message.TYPE, to_map(message)], use_bin_type=True)
+
+
+def decode(frame: bytes) -> Message:
+    """The message in ``frame``; raises :class:`ProtocolError` when it is not one."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        version, type_name, fields = msgpack.unpackb(
+            frame, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as exc:
+        raise ProtocolError(f"undecodable frame: {exc}") from exc
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    cls = MESSAGE_TYPES.get(type_name)
+    if cls is None or not isinstance(fields, dict):
+        raise ProtocolError(f"unknown message type {type_name!r}")
+    return from_map(cls, fields)
+
+
+def jobs_from_maps(maps: typing.Iterable[dict]) -> list[Job]:
+    """``Adopt.jobs`` back into ``Job`` objects."""
+    return [from_map(Job, m) for m in maps]

@@ -1,0 +1,133 @@
+"""The cache manager: makes an attempt's working directory and its Python environment.
+
+For each ``JobAssigned`` it opens the attempt with the scraper, then, on a worker
+thread, creates one folder per artifact label, downloads and unpacks the artifacts that
+have a source, finds the interpreter for ``pythonver`` and gets the virtualenv for the
+requirement set from the :class:`~runner.environments.EnvironmentStore` (built once per
+set, however many attempts want it).  Success goes to the executor as ``JobPrepared``;
+any failure ends the attempt with the outcome :mod:`runner.fates` gives its exception.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .. import fates, protocol
+from ..archive import unpack
+from ..environments import EnvironmentStore, find_interpreter
+from ..errors import RunnerError
+from ..storage import ObjectMissing, artifact_url, open_store
+from .base import Role
+
+
+class CacheManager(Role):
+    name = "cache_manager"
+
+    def initialize(self) -> None:
+        Path(self.config.working_dir).mkdir(parents=True, exist_ok=True)
+        self.environments = EnvironmentStore(Path(self.config.env_dir),
+                                             installer=self.config.installer)
+        self.pool = ThreadPoolExecutor(max_workers=max(2, self.config.executors * 2),
+                                       thread_name_prefix="prepare")
+        self.preparing: dict[str, protocol.Job] = {}
+        self.stopped: set[str] = set()
+        self.stop_all = False
+        self.lock = threading.Lock()
+
+    def handle(self, message: protocol.Message) -> None:
+        if isinstance(message, protocol.JobAssigned):
+            job = message.job
+            self.bus.send("scraper", protocol.AttemptOpened(job=job))
+            with self.lock:
+                self.preparing[job.job_id] = job
+            self.phase(job, "preparing")
+            self.pool.submit(self.prepare, job)
+        elif isinstance(message, protocol.StopRuns):
+            with self.lock:
+                if message.job_ids:
+                    self.stopped.update(message.job_ids)
+                else:
+                    self.stop_all = True
+
+    def _cancelled(self, job_id: str) -> bool:
+        with self.lock:
+            return self.stop_all or job_id in self.stopped
+
+    def prepare(self, job: protocol.Job) -> None:
+        """Worker thread: working directory, artifacts, environment → executor."""
+        log = lambda text: self.runner_log(job.job_id, text)  # noqa: E731
+        try:
+            self.check_cancelled(job)
+            self.download_artifacts(job, log)
+            self.check_cancelled(job)
+            experiment = job.request.get("experiment", {})
+            interpreter = find_interpreter(experiment.get("pythonver"),
+                                           list(self.config.python_dirs))
+            log(f"interpreter {interpreter} for pythonver {experiment.get('pythonver')!r}")
+            requirements = list(experiment.get("pythonenv") or [])
+            requirements += list(job.request.get("config", {}).get("pip") or [])
+            env = self.environments.ensure(interpreter, requirements, log=log)
+            log(f"environment {env.key} {'built' if env.built else 'reused from the store'}")
+            self.check_cancelled(job)
+            self.post("executor", protocol.JobPrepared(job=job, python=str(env.python),
+                                                       env_path=str(env.path)))
+        except Exception as exc:  # every failure ends the attempt with its fate
+            if not isinstance(exc, RunnerError):
+                self.log.exception("key=%s attempt=%s preparation crashed", job.key, job.job_id)
+            outcome = fates.outcome_for_exception(exc)
+            log(f"preparation ended: {outcome.error}: {outcome.message}")
+            self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome))
+            self.phase(job, "ending")
+        finally:
+            with self.lock:
+                self.preparing.pop(job.job_id, None)
+                self.stopped.discard(job.job_id)
+
+    def check_cancelled(self, job: protocol.Job) -> None:
+        if self._cancelled(job.job_id):
+            raise fates.ShutdownRequested("the runner is stopping")
+
+    def download_artifacts(self, job: protocol.Job, log) -> None:
+        """One folder per label; fetch and unpack what has a source (SPEC section 5.3)."""
+        workdir = Path(job.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        budget = int(job.resources.get("hdd") or 0) or None
+        artifacts = job.request.get("experiment", {}).get("artifacts") or {}
+        storage_config = job.request.get("config", {}).get("storage")
+        for label, artifact in artifacts.items():
+            folder = workdir / label
+            folder.mkdir(parents=True, exist_ok=True)
+            url = artifact_url(artifact)
+            if url is None or label == "_metadata":
+                continue
+            store = open_store(url, credentials=artifact.get("credentials"),
+                               storage_config=storage_config)
+            with tempfile.TemporaryDirectory(dir=workdir, prefix=".download-") as tmp:
+                target = Path(tmp) / "object"
+                try:
+                    info = store.get(url, target)
+                except ObjectMissing:
+                    if artifact.get("mutable"):
+                        log(f"{label}: no object yet at {url} (normal for a mutable artifact)")
+                        continue
+                    raise
+                if artifact.get("unpack"):
+                    written = unpack(target, folder, budget=budget)
+                    budget = None if budget is None else budget - written
+                    log(f"{label}: unpacked {info.size} bytes from {url} ({written} written)")
+                else:
+                    name = Path(artifact.get("key") or url).name or label
+                    shutil.move(str(target), folder / name)
+                    log(f"{label}: downloaded {info.size} bytes from {url}")
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"preparing": len(self.preparing)}
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self.stop_all = True
+        self.pool.shutdown(wait=True, cancel_futures=False)

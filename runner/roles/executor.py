@@ -1,0 +1,214 @@
+"""The executor pool: starts experiment processes and watches them to the end.
+
+Each ``JobPrepared`` becomes one child process in its own session (so the experiment and
+every process it starts form one process group, killed together), with the working
+directory, environment and command SPEC section 5 describes.  A reader thread per run
+streams stdout+stderr (merged, so their order is kept) to the scraper in whole lines.
+The loop enforces ``max_duration``, ``time_added + experimentLifetime`` and stop requests
+with SIGTERM to the group, ``--kill-grace``, then SIGKILL.  When the main process has
+exited, whatever it left behind in its group is killed, and the attempt ends with an
+``AttemptEnded`` for the scraper.
+"""
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import fates, protocol
+from ..environments import script_command, split_args
+from ..errors import BadRequest
+from .base import Role
+
+READ_SIZE = 64 * 1024
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
+_PERCENT_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
+_RUNNER_PRIVATE_VARIABLES = ("RUNNER_ROLE_CONFIG",)
+
+
+def experiment_environment(job: protocol.Job, env_path: str, base: dict | None = None) -> dict:
+    """The environment of an experiment's process (SPEC section 5.5)."""
+    base = dict(os.environ if base is None else base)
+    env = {k: v for k, v in base.items() if k not in _RUNNER_PRIVATE_VARIABLES}
+    for name, value in (job.request.get("config", {}).get("env") or {}).items():
+        env[str(name)] = _PERCENT_VAR.sub(lambda m: base.get(m.group(1), ""), str(value))
+    env.pop("PYTHONHOME", None)
+    env["VIRTUAL_ENV"] = env_path
+    env["PATH"] = os.pathsep.join([str(Path(env_path) / "bin"), env.get("PATH", os.defpath)])
+    env["STUDIOML_EXPERIMENT"] = job.key
+    env["STUDIOML_HOME"] = job.workdir
+    env["PYTHONUNBUFFERED"] = "1"
+    devices = job.resources.get("devices") or "-1"
+    env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = devices
+    threads = str(max(1, int(job.resources.get("cpus") or 1)))
+    for name in THREAD_VARIABLES:
+        env[name] = threads
+    return env
+
+
+@dataclass
+class Run:
+    """One running attempt."""
+
+    job: protocol.Job
+    process: subprocess.Popen
+    started: float
+    stop_at: float | None
+    limit: str
+    reader: threading.Thread | None = None
+    output_done: threading.Event = field(default_factory=threading.Event)
+    stop_reason: BaseException | None = None
+    term_sent: float | None = None
+    killed: bool = False
+    leftovers_killed: bool = False
+
+
+class Executor(Role):
+    name = "executor"
+
+    def initialize(self) -> None:
+        self.runs: dict[str, Run] = {}
+        self.stop_all: fates.ShutdownRequested | None = None
+
+    def handle(self, message: protocol.Message) -> None:
+        if isinstance(message, protocol.JobPrepared):
+            self.start(message)
+        elif isinstance(message, protocol.StopRuns):
+            reason = fates.ShutdownRequested(f"stopped: {message.reason}")
+            if not message.job_ids:
+                self.stop_all = reason
+            for job_id, run in self.runs.items():
+                if not message.job_ids or job_id in message.job_ids:
+                    self.stop(run, reason)
+
+    def start(self, prepared: protocol.JobPrepared) -> None:
+        job = prepared.job
+        if self.stop_all is not None:
+            self.end(job, fates.outcome_for_exception(self.stop_all), {})
+            return
+        experiment = job.request.get("experiment", {})
+        try:
+            command = script_command(Path(prepared.python), experiment["filename"],
+                                     split_args(experiment.get("args") or []))
+        except BadRequest as exc:
+            self.end(job, fates.outcome_for_exception(exc), {})
+            return
+        cwd = Path(job.workdir) / "workspace"
+        self.runner_log(job.job_id, f"starting {command} in {cwd}")
+        try:
+            process = subprocess.Popen(
+                command, cwd=cwd, env=experiment_environment(job, prepared.env_path),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True)
+        except OSError as exc:
+            self.end(job, fates.outcome_for_exception(fates.ExperimentFailed(
+                f"cannot start {command[0]}: {exc}")), {})
+            return
+        now = time.time()
+        limits = [(t, name) for t, name in ((job.deadline, "experimentLifetime"),
+                                             (job.max_duration and now + job.max_duration,
+                                              "max_duration")) if t]
+        stop_at, limit = min(limits) if limits else (None, "")
+        run = Run(job=job, process=process, started=now, stop_at=stop_at, limit=limit)
+        run.reader = threading.Thread(target=self.read_output, args=(run,), daemon=True,
+                                      name=f"output-{job.job_id}")
+        run.reader.start()
+        self.runs[job.job_id] = run
+        self.log.info("key=%s attempt=%s started pid %d", job.key, job.job_id, process.pid)
+        self.phase(job, "running", pid=process.pid)
+
+    def read_output(self, run: Run) -> None:
+        """Reader thread: whole lines of output to the scraper, in order."""
+        fd = run.process.stdout.fileno()
+        pending = b""
+        try:
+            while True:
+                data = os.read(fd, READ_SIZE)
+                if not data:
+                    break
+                while len(data) < READ_SIZE and select.select([fd], [], [], 0)[0]:
+                    more = os.read(fd, READ_SIZE)
+                    if not more:
+                        break
+                    data += more
+                data = pending + data
+                cut = data.rfind(b"\n") + 1
+                pending = data[cut:]
+                if cut:
+                    self.post("scraper", protocol.OutputChunk(job_id=run.job.job_id,
+                                                              data=data[:cut]))
+        finally:
+            if pending:
+                self.post("scraper", protocol.OutputChunk(job_id=run.job.job_id,
+                                                          data=pending + b"\n"))
+            run.process.stdout.close()
+            run.output_done.set()
+
+    def stop(self, run: Run, reason: BaseException) -> None:
+        """Begin stopping ``run``: SIGTERM to its group now, SIGKILL after the grace."""
+        if run.stop_reason is None:
+            run.stop_reason = reason
+            self.runner_log(run.job.job_id, f"stopping: {reason}")
+        if run.term_sent is None:
+            run.term_sent = time.monotonic()
+            self._signal_group(run, signal.SIGTERM)
+
+    def _signal_group(self, run: Run, signum: int) -> None:
+        try:
+            os.killpg(run.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def tick(self) -> None:
+        now = time.time()
+        for job_id, run in list(self.runs.items()):
+            if run.stop_at is not None and now >= run.stop_at and run.stop_reason is None:
+                self.stop(run, fates.LimitReached(f"{run.limit} reached after "
+                                                  f"{now - run.started:.1f}s"))
+            if (run.term_sent is not None and not run.killed
+                    and time.monotonic() - run.term_sent >= self.config.kill_grace):
+                run.killed = True
+                self.runner_log(job_id, "grace period over: SIGKILL")
+                self._signal_group(run, signal.SIGKILL)
+            exit_code = run.process.poll()
+            if exit_code is None:
+                continue
+            if not run.leftovers_killed:
+                run.leftovers_killed = True  # the unit ends with its main process
+                self._signal_group(run, signal.SIGKILL)
+            if run.output_done.is_set():
+                del self.runs[job_id]
+                self.finish(run, exit_code)
+
+    def finish(self, run: Run, exit_code: int) -> None:
+        duration = time.time() - run.started
+        if run.stop_reason is not None:
+            outcome = fates.outcome_for_exception(run.stop_reason, exit_code)
+        elif exit_code == 0:
+            outcome = protocol.Outcome(status=fates.COMPLETED, exit_code=0)
+        else:
+            how = (f"killed by signal {-exit_code}" if exit_code < 0
+                   else f"exited with status {exit_code}")
+            outcome = fates.outcome_for_exception(fates.ExperimentFailed(how), exit_code)
+        self.log.info("key=%s attempt=%s ended %s (exit %s) after %.1fs", run.job.key,
+                      run.job.job_id, outcome.status, exit_code, duration)
+        self.end(run.job, outcome, {"exit_code": exit_code, "pid": run.process.pid,
+                                    "duration": round(duration, 3)})
+
+    def end(self, job: protocol.Job, outcome: protocol.Outcome, facts: dict) -> None:
+        self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome, facts=facts))
+        self.phase(job, "ending")
+
+    def stats(self) -> dict:
+        return {"running": len(self.runs)}
+
+    def shutdown(self) -> None:
+        for run in self.runs.values():
+            self._signal_group(run, signal.SIGKILL)

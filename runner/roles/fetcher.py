@@ -1,0 +1,236 @@
+"""The fetcher: finds queues, takes requests that fit, and settles their fate.
+
+It owns the queue back ends, the resource ledger and every held delivery.  A request
+is taken only while the ledger has a free slot; once read it is validated (bad requests
+are dead-lettered), checked for staleness (acked and recorded ``expired``), reserved
+(or put straight back when it does not fit), and handed to the cache manager.  When
+the uploader reports ``JobDone`` the fetcher asks :func:`runner.fates.decide` what to do
+and acks, requeues or dead-letters the delivery, then releases the reservation.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from .. import fates, metadata, protocol
+from ..errors import BadRequest, QueueError, RunnerError
+from ..queues import QUEUE_KINDS, Delivery, LocalQueue, Queue, kind_of, matches
+from ..requests import parse_request, safe_path_part
+from ..resources import Ledger
+from .base import Role
+
+DISCOVER_EVERY = 2.0
+STATS_EVERY = 1.0
+KEEP_ALIVE_EVERY = 30.0
+NO_FIT_BACKOFF = 2.0
+
+
+class Fetcher(Role):
+    name = "fetcher"
+
+    def initialize(self) -> None:
+        self.backends: dict[str, Queue] = {
+            "local": LocalQueue(self.config.queue_root, owner=self.config.instance),
+        }
+        assert set(self.backends) <= set(QUEUE_KINDS)
+        recovered = self.backends["local"].recover()
+        if recovered:
+            self.log.info("returned %d unfinished claims of stopped runners to their queues",
+                          recovered)
+        self.ledger = Ledger(slots=self.config.executors)
+        self.held: dict[str, tuple[Queue, Delivery, protocol.Job]] = {}
+        self.queues: list[str] = []
+        self.backoff: dict[str, float] = {}
+        self.taking = True
+        self.attempt_ids = metadata.AttemptIds(self.config.hostname)
+        self._next_discover = self._next_stats = self._next_keep_alive = 0.0
+        self._rotation = 0
+
+    # -- messages -------------------------------------------------------------------
+    def handle(self, message: protocol.Message) -> None:
+        if isinstance(message, protocol.JobDone):
+            self.settle(message)
+        elif isinstance(message, protocol.StopTaking):
+            self.log.info("taking no new requests")
+            self.taking = False
+            self.send_stats()
+        elif isinstance(message, protocol.Adopt):
+            self.adopt(protocol.jobs_from_maps(message.jobs))
+
+    def adopt(self, jobs: list[protocol.Job]) -> None:
+        """Hold again the jobs a previous fetcher process had handed out."""
+        for job in jobs:
+            backend = self.backends.get(kind_of(job.queue))
+            if backend is None or job.job_id in self.held:
+                continue
+            delivery = Delivery(queue=job.queue, token=job.token, body=b"", attempts=job.attempts)
+            self.held[job.job_id] = (backend, delivery, job)
+            self.ledger.try_reserve(job.job_id, job.resources)
+        self.log.info("adopted %d jobs in flight", len(jobs))
+
+    # -- periodic -------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_discover:
+            self._next_discover = now + DISCOVER_EVERY
+            self.discover()
+        if self.taking:
+            self.take_while_room()
+        if now >= self._next_keep_alive:
+            self._next_keep_alive = now + KEEP_ALIVE_EVERY
+            self.keep_alive()
+        if now >= self._next_stats:
+            self._next_stats = now + STATS_EVERY
+            self.send_stats()
+
+    def discover(self) -> None:
+        found = []
+        for backend in self.backends.values():
+            try:
+                names = backend.discover()
+            except (QueueError, OSError) as exc:
+                self.log.warning("cannot list %s queues: %s", backend.kind, exc)
+                continue
+            found += [n for n in names
+                      if matches(n, self.config.queue_match, self.config.queue_mismatch or None)]
+        if sorted(found) != sorted(self.queues):
+            self.log.info("serving queues: %s", ", ".join(sorted(found)) or "(none)")
+        self.queues = sorted(found)
+
+    def take_while_room(self) -> None:
+        """Take requests round-robin across queues while the ledger has a free slot."""
+        idle_rounds = 0
+        while self.ledger.has_slot() and self.queues and idle_rounds < len(self.queues):
+            self._rotation = (self._rotation + 1) % len(self.queues)
+            queue = self.queues[self._rotation]
+            if self.backoff.get(queue, 0.0) > time.monotonic():
+                idle_rounds += 1
+                continue
+            backend = self.backends[kind_of(queue)]
+            try:
+                delivery = backend.take(queue)
+            except (QueueError, OSError) as exc:
+                self.log.warning("cannot take from %s: %s", queue, exc)
+                delivery = None
+            if delivery is None:
+                idle_rounds += 1
+                continue
+            idle_rounds = 0
+            self.accept(backend, delivery)
+
+    def accept(self, backend: Queue, delivery: Delivery) -> None:
+        """Validate, reserve and hand on one delivery, or settle it at once."""
+        try:
+            request, facts = parse_request(delivery.body,
+                                           min_save_interval=self.config.min_save_interval)
+        except BadRequest as exc:
+            self.log.error("bad request in %s: %s; dead-lettered", delivery.queue, exc)
+            backend.dead_letter(delivery, str(exc))
+            return
+        now = time.time()
+        stale_at = facts.stale_at
+        if stale_at is not None and stale_at <= now:
+            self.log.warning("key=%s stale on arrival (lifetime ended %.0fs ago); acked as expired",
+                             facts.key, now - stale_at)
+            self.record(request, "expired", "", delivery.attempts, final=True)
+            backend.ack(delivery)
+            return
+        if not self.ledger.could_ever_fit(facts.resources):
+            self.log.warning("key=%s needs %s, more than this host has; put back for another "
+                             "runner", facts.key, facts.resources)
+            backend.requeue(delivery, attempts=delivery.attempts)
+            self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
+            return
+        job_id = self.attempt_ids.next()
+        if not self.ledger.try_reserve(job_id, facts.resources):
+            backend.requeue(delivery, attempts=delivery.attempts)
+            self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
+            return
+        workdir = os.path.join(self.config.working_dir, safe_path_part(facts.project or "_default"),
+                               safe_path_part(facts.key), job_id)
+        job = protocol.Job(
+            job_id=job_id, queue=delivery.queue, token=delivery.token,
+            attempts=delivery.attempts, key=facts.key, project=facts.project, request=request,
+            workdir=workdir, resources=facts.resources, taken_at=now, deadline=stale_at,
+            max_duration=facts.max_duration, save_frequency=facts.save_frequency)
+        self.held[job_id] = (backend, delivery, job)
+        self.log.info("key=%s attempt=%s taken from %s (attempt %d)", job.key, job_id,
+                      delivery.queue, delivery.attempts + 1)
+        self.phase(job, "taken")
+        self.post("cache_manager", protocol.JobAssigned(job=job))
+
+    def keep_alive(self) -> None:
+        for backend, delivery, job in list(self.held.values()):
+            try:
+                backend.keep_alive(delivery)
+            except (QueueError, OSError) as exc:
+                self.log.error("key=%s attempt=%s lost its delivery: %s", job.key, job.job_id, exc)
+
+    # -- the end of an attempt ------------------------------------------------------
+    def settle(self, done: protocol.JobDone) -> None:
+        entry = self.held.pop(done.job.job_id, None)
+        if entry is None:
+            self.log.warning("attempt %s finished but is not held here", done.job.job_id)
+            return
+        backend, delivery, job = entry
+        decision = fates.decide(done.outcome, delivery.attempts, self.config.max_attempts,
+                                done.upload_error)
+        final = decision.action in (fates.ACK, fates.DEAD)
+        try:
+            self.record(job.request, decision.final_status, job.job_id, decision.attempts, final)
+        except RunnerError as exc:
+            self.log.error("key=%s metadata record not written: %s", job.key, exc)
+        try:
+            if decision.action == fates.ACK:
+                backend.ack(delivery)
+            elif decision.action == fates.DEAD:
+                backend.dead_letter(delivery, decision.reason)
+            else:
+                backend.requeue(delivery, attempts=decision.attempts)
+        except (QueueError, OSError) as exc:
+            self.log.error("key=%s attempt=%s could not %s: %s", job.key, job.job_id,
+                           decision.action, exc)
+        self.ledger.release(job.job_id)
+        self.log.info("key=%s attempt=%s %s: %s", job.key, job.job_id, decision.action,
+                      decision.reason)
+        self.phase(job, "finished", fate=decision.action, status=decision.final_status,
+                   reason=decision.reason)
+
+    def record(self, request: dict, status: str, attempt_id: str, attempts: int,
+               final: bool) -> None:
+        metadata.write_record(request, status=status, attempt_id=attempt_id, attempts=attempts,
+                              final=final, hostname=self.config.hostname,
+                              override=self.config.metadata_store)
+
+    # -- reporting ------------------------------------------------------------------
+    def send_stats(self) -> None:
+        stats = {}
+        for queue in self.queues:
+            backend = self.backends[kind_of(queue)]
+            try:
+                waiting = []
+                for body in backend.peek(queue, 20):
+                    try:
+                        experiment = protocol_safe_experiment(body)
+                    except ValueError:
+                        experiment = {"key": "?", "project": ""}
+                    waiting.append(experiment)
+                stats[queue] = {"depth": backend.depth(queue), "waiting": waiting}
+            except (QueueError, OSError) as exc:
+                stats[queue] = {"depth": -1, "waiting": [], "error": str(exc)}
+        self.post("supervisor", protocol.QueueStats(queues=stats, taking=self.taking))
+
+    def stats(self) -> dict:
+        return {"held": len(self.held), "free": self.ledger.free(), "taking": self.taking}
+
+    def shutdown(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+
+
+def protocol_safe_experiment(body: bytes) -> dict:
+    """Key and project of a waiting request body, for status displays only."""
+    import json
+
+    experiment = json.loads(body).get("experiment") or {}
+    return {"key": str(experiment.get("key", "?")), "project": str(experiment.get("project") or "")}

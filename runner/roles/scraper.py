@@ -1,0 +1,162 @@
+"""The stdout scraper: output log, runner log and the merged scrape document.
+
+Per attempt it writes, under ``<workdir>/_metadata/``, the three files of SPEC section 6
+(``output-host-<id>.log``, ``runner-host-<id>.log`` starting with the redacted request,
+``scrape-host-<id>.json``) and the ``output`` artifact (``<workdir>/output/output``).
+Every byte is masked for secrets before it is written.  JSON object lines are merged into
+the scrape document by the compiled hot path; JSON-patch lines are applied with the
+add-only rule under ``/studioml``.  Every ``save_frequency`` seconds, and once at the end
+with the final ``studioml.status``, it asks the uploader to upload.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .. import _fast, metadata, protocol
+from ..jsonpatch import PatchRejected, apply_patch, parse_patch
+from ..redact import Masker, redact_request, secrets_of
+from .base import Role
+
+
+@dataclass
+class Attempt:
+    """What the scraper keeps for one attempt in progress."""
+
+    job: protocol.Job
+    document: dict
+    masker: Masker
+    output_log: BinaryIO
+    output_artifact: BinaryIO
+    runner_log: BinaryIO
+    scrape_path: Path
+    next_save: float
+    json_lines: int = 0
+    output_bytes: int = 0
+
+
+def disk_use(path: str) -> int:
+    """Bytes of regular files under ``path``."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class Scraper(Role):
+    name = "scraper"
+
+    def initialize(self) -> None:
+        self.attempts: dict[str, Attempt] = {}
+
+    def handle(self, message: protocol.Message) -> None:
+        if isinstance(message, protocol.OutputChunk):
+            attempt = self.attempts.get(message.job_id)
+            if attempt is not None:
+                self.scrape(attempt, message.data)
+        elif isinstance(message, protocol.RunnerLog):
+            attempt = self.attempts.get(message.job_id)
+            if attempt is not None:
+                self.write_runner_log(attempt, message.text)
+        elif isinstance(message, protocol.AttemptOpened):
+            self.open(message.job)
+        elif isinstance(message, protocol.AttemptEnded):
+            self.close(message)
+
+    def open(self, job: protocol.Job) -> Attempt:
+        if job.job_id in self.attempts:
+            return self.attempts[job.job_id]
+        folder = Path(job.workdir) / "_metadata"
+        folder.mkdir(parents=True, exist_ok=True)
+        (Path(job.workdir) / "output").mkdir(parents=True, exist_ok=True)
+        attempt = Attempt(
+            job=job,
+            document=metadata.new_scrape_document(job, self.config.hostname),
+            masker=Masker(secrets_of(job.request)),
+            output_log=open(folder / metadata.output_name(job.job_id), "ab"),
+            output_artifact=open(Path(job.workdir) / "output" / "output", "ab"),
+            runner_log=open(folder / metadata.runner_log_name(job.job_id), "ab"),
+            scrape_path=folder / metadata.scrape_name(job.job_id),
+            next_save=time.monotonic() + job.save_frequency,
+        )
+        self.attempts[job.job_id] = attempt
+        request_text = json.dumps(redact_request(job.request), indent=1, sort_keys=True)
+        attempt.runner_log.write(b"request (credentials redacted):\n")
+        attempt.runner_log.write(attempt.masker.mask(request_text.encode()) + b"\n")
+        self.write_runner_log(attempt, f"attempt {job.job_id} ({job.attempts + 1}) on "
+                                       f"{self.config.hostname} from queue {job.queue}")
+        self.save(attempt)
+        self.bus.send("uploader", protocol.UploadRequest(job=job, final=False))
+        return attempt
+
+    def write_runner_log(self, attempt: Attempt, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        line = f"{stamp}Z {text}\n".encode("utf-8", "replace")
+        attempt.runner_log.write(attempt.masker.mask(line))
+
+    def scrape(self, attempt: Attempt, data: bytes) -> None:
+        """Mask, log and merge one chunk of whole output lines."""
+        data = attempt.masker.mask(data)
+        attempt.output_log.write(data)
+        attempt.output_artifact.write(data)
+        attempt.output_bytes += len(data)
+        for line in _fast.merge_lines(attempt.document, data):
+            operations = parse_patch(line)
+            if operations is None:
+                continue
+            try:
+                apply_patch(attempt.document, operations)
+            except PatchRejected as exc:
+                self.write_runner_log(attempt, f"JSON patch refused: {exc}")
+
+    def save(self, attempt: Attempt) -> None:
+        """Flush the logs and rewrite the scrape document (atomically)."""
+        for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
+            handle.flush()
+        temporary = attempt.scrape_path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(attempt.document, indent=1, sort_keys=True))
+        os.replace(temporary, attempt.scrape_path)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for attempt in self.attempts.values():
+            if now >= attempt.next_save:
+                attempt.next_save = now + attempt.job.save_frequency
+                self.save(attempt)
+                self.bus.send("uploader", protocol.UploadRequest(job=attempt.job, final=False))
+
+    def close(self, ended: protocol.AttemptEnded) -> None:
+        attempt = self.attempts.get(ended.job.job_id) or self.open(ended.job)
+        outcome = ended.outcome
+        runner = attempt.document["runner"]
+        runner.update(ended.facts)
+        runner.update({"stop": time.time(), "exit_code": outcome.exit_code,
+                       "error": outcome.error, "message": outcome.message,
+                       "output_bytes": attempt.output_bytes,
+                       "disk_use": disk_use(attempt.job.workdir)})
+        attempt.document["studioml"]["status"] = outcome.status
+        self.write_runner_log(attempt, f"attempt ended {outcome.status}"
+                                       + (f" ({outcome.error}: {outcome.message})"
+                                          if outcome.error else ""))
+        self.save(attempt)
+        for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
+            handle.close()
+        del self.attempts[ended.job.job_id]
+        self.bus.send("uploader", protocol.UploadRequest(job=ended.job, final=True,
+                                                         outcome=outcome))
+        self.phase(ended.job, "uploading")
+
+    def stats(self) -> dict:
+        return {"attempts": len(self.attempts)}
+
+    def shutdown(self) -> None:
+        for attempt in self.attempts.values():
+            self.save(attempt)

@@ -1,0 +1,229 @@
+"""``runner-submit``: send a local directory to the runner as a StudioML experiment.
+
+It does what the StudioML client does: packs the directory as the workspace, uploads it
+to ``blobstore/<sha256>.tar`` in the storage, builds a request in the StudioML format
+with the usual mutable artifacts at ``experiments/<key>/<label>.tar``, and publishes it to
+a queue.  With ``--wait`` it follows the experiment through the metadata store until its
+fate is final and prints its status and scrape document.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from . import metadata
+from .archive import pack
+from .config import default_data_root
+from .errors import RunnerError
+from .queues import LocalQueue, kind_of
+from .requests import MUTABLE_LABELS
+from .storage import open_store
+from .units import UnitError, parse_duration, parse_size
+
+FINAL_STATUSES = ("completed", "failed", "expired")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runner-submit",
+        description="Submit DIRECTORY as a StudioML experiment running SCRIPT with ARGS.")
+    parser.add_argument("directory", help="the workspace: the experiment's code")
+    parser.add_argument("script", help="script to run, relative to DIRECTORY; '-m' runs "
+                                       "module ARGS[0]")
+    parser.add_argument("args", nargs="*",
+                        help="arguments for the script; put them after '--' when any "
+                             "starts with '-'")
+    env = os.environ.get
+    parser.add_argument("--queue", default=env("SUBMIT_QUEUE", "local_default"),
+                        help="queue name (default local_default) [env SUBMIT_QUEUE]")
+    parser.add_argument("--queue-root", default=env("QUEUE_ROOT",
+                                                    str(default_data_root() / "queues")),
+                        help="root of local_* queues [env QUEUE_ROOT]")
+    parser.add_argument("--storage", default=env("SUBMIT_STORAGE",
+                                                 (default_data_root() / "storage").as_uri()),
+                        help="storage URL for artifacts (default: file:// under the data root) "
+                             "[env SUBMIT_STORAGE]")
+    parser.add_argument("--project", default=None, help="project id (default: directory name)")
+    parser.add_argument("--key", default=None, help="experiment key (default: generated)")
+    parser.add_argument("--pythonenv", default=None,
+                        help="requirements file (default: DIRECTORY/requirements.txt if present)")
+    parser.add_argument("--pip", action="append", default=[], help="extra requirement line")
+    parser.add_argument("--python-version", default=f"{sys.version_info[0]}.{sys.version_info[1]}",
+                        help="pythonver of the experiment (default: this interpreter's)")
+    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--gpus", type=int, default=0)
+    parser.add_argument("--ram", default="1gb", help="memory, e.g. 2gb or 2gib")
+    parser.add_argument("--hdd", default="10gb", help="disk budget for downloads and unpacking")
+    parser.add_argument("--gpu-mem", default="0", help="GPU memory needed on each device")
+    parser.add_argument("--max-duration", default=None, help="wall-clock limit, e.g. 20m")
+    parser.add_argument("--lifetime", default=None, help="experimentLifetime, e.g. 2h")
+    parser.add_argument("--save-frequency", default="1m", help="saveWorkspaceFrequency")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable for the experiment (repeatable)")
+    parser.add_argument("--wait", action="store_true", help="follow the experiment to its end")
+    parser.add_argument("--wait-timeout", default="1h", help="give up waiting after this long")
+    return parser
+
+
+def build_request(args: argparse.Namespace, key: str, project: str, storage_root: str,
+                  workspace_key: str) -> dict:
+    """A request body in the StudioML format (SPEC section 2)."""
+    root = storage_root.rstrip("/")
+    bucket = root.rsplit("/", 1)[-1]
+
+    def artifact(object_key: str, mutable: bool) -> dict:
+        return {"key": object_key, "bucket": bucket, "qualified": f"{root}/{object_key}",
+                "unpack": True, "mutable": mutable}
+
+    artifacts = {"workspace": dict(artifact(workspace_key, False),
+                                   local=str(Path(args.directory).absolute()))}
+    for label in MUTABLE_LABELS:
+        artifacts[label] = artifact(f"experiments/{key}/{label}.tar", True)
+    requirements = []
+    pythonenv = args.pythonenv or (Path(args.directory) / "requirements.txt")
+    if Path(pythonenv).is_file():
+        requirements = [line.strip() for line in Path(pythonenv).read_text().splitlines()
+                        if line.strip() and not line.strip().startswith("#")]
+    elif args.pythonenv:
+        raise RunnerError(f"--pythonenv {args.pythonenv}: no such file")
+    environment = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise RunnerError(f"--env {item!r}: expected NAME=VALUE")
+        environment[name] = value
+    resources = {"cpus": args.cpus, "gpus": args.gpus, "ram": args.ram, "hdd": args.hdd,
+                 "gpuMem": args.gpu_mem}
+    now = time.time()
+    return {
+        "experiment": {
+            "key": key, "project": project, "filename": args.script,
+            "args": [shlex.quote(a) for a in args.args],
+            "pythonver": args.python_version, "pythonenv": requirements,
+            "resources_needed": resources, "max_duration": args.max_duration or "",
+            "time_added": now, "status": "waiting", "owner": os.environ.get("USER", ""),
+            "artifacts": artifacts,
+        },
+        "config": {
+            "env": environment, "pip": list(args.pip),
+            "saveWorkspaceFrequency": args.save_frequency,
+            "experimentLifetime": args.lifetime or "",
+            "resources_needed": resources,
+            "cloud": {"queue": {"local": {"root": args.queue_root}}},
+            "storage": {"type": storage_root.split("://", 1)[0], "bucket": bucket},
+            "database": {"type": "studioml-runner", "bucket": bucket},
+        },
+    }
+
+
+def upload_workspace(directory: Path, storage_root: str) -> str:
+    """Pack and upload the workspace; returns its key ``blobstore/<sha256>.tar``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "workspace.tar"
+        pack(directory, archive, "none")
+        digest = hashlib.sha256()
+        with open(archive, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        key = f"blobstore/{digest.hexdigest()}.tar"
+        url = f"{storage_root.rstrip('/')}/{key}"
+        store = open_store(url)
+        if store.stat(url) is None:
+            store.put(url, archive)
+    return key
+
+
+def publish(queue: str, queue_root: str, body: bytes) -> str:
+    if kind_of(queue) != "local":
+        raise RunnerError(f"queue {queue!r}: this runner-submit publishes to local_* queues only")
+    with LocalQueue(queue_root, owner=f"submit-{os.getpid()}-{uuid.uuid4().hex[:6]}") as q:
+        return q.publish(queue, body)
+
+
+def wait_for(request: dict, timeout: float) -> int:
+    """Follow the experiment's metadata record until its fate is final; print the result."""
+    url = metadata.record_url(request)
+    store = open_store(url)
+    deadline = time.monotonic() + timeout
+    shown = None
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "record.json"
+        while time.monotonic() < deadline:
+            record = None
+            if store.stat(url) is not None:
+                store.get(url, target)
+                record = json.loads(target.read_text())
+            state = (record["status"], record["attempt"]) if record else ("queued", "")
+            if state != shown:
+                shown = state
+                print(f"status: {state[0]}" + (f" (attempt {state[1]})" if state[1] else ""),
+                      file=sys.stderr, flush=True)
+            if record and record.get("final"):
+                return show_result(request, record, Path(tmp))
+            time.sleep(0.2)
+    print(f"runner-submit: gave up waiting after {timeout:.0f}s", file=sys.stderr)
+    return 3
+
+
+def show_result(request: dict, record: dict, tmp: Path) -> int:
+    prefix = metadata.metadata_prefix_url(request)
+    print(f"status: {record['status']} after {record['attempts']} counted attempt(s)")
+    if record.get("attempt") and prefix:
+        url = f"{prefix}/{metadata.scrape_name(record['attempt'])}"
+        store = open_store(url)
+        if store.stat(url) is not None:
+            store.get(url, tmp / "scrape.json")
+            print(f"scrape document ({url}):")
+            print(json.dumps(json.loads((tmp / "scrape.json").read_text()), indent=2))
+    if prefix:
+        print(f"metadata files under {prefix}/")
+    print(f"outputs under {prefix.rsplit('/', 1)[0] if prefix else '?'}/")
+    return 0 if record["status"] == "completed" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    args.args = list(args.args) + script_args
+    try:
+        for size in (args.ram, args.hdd, args.gpu_mem):
+            parse_size(size)
+        for duration in (args.max_duration, args.lifetime, args.save_frequency):
+            if duration:
+                parse_duration(duration)
+        wait_timeout = parse_duration(args.wait_timeout)
+        directory = Path(args.directory)
+        if not directory.is_dir():
+            raise RunnerError(f"{directory}: not a directory")
+        if args.script != "-m" and not (directory / args.script).is_file():
+            raise RunnerError(f"{directory / args.script}: no such script")
+        project = args.project or directory.absolute().name
+        key = args.key or f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
+        workspace_key = upload_workspace(directory, args.storage)
+        request = build_request(args, key, project, args.storage, workspace_key)
+        name = publish(args.queue, args.queue_root, json.dumps(request).encode())
+    except (RunnerError, UnitError, OSError) as exc:
+        print(f"runner-submit: {exc}", file=sys.stderr)
+        return 2
+    print(f"submitted experiment {key} (project {project}) to {args.queue} as {name}",
+          file=sys.stderr)
+    print(key)
+    if args.wait:
+        return wait_for(request, wait_timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
