@@ -215,16 +215,15 @@ def from_values(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
             values[option.attr] = option.parse(raw)
         except (ValueError, UnitError, re.error) as exc:
             problems.append(f"{source}={raw!r}: {exc}")
-    if problems:
-        raise ConfigError(problems)
+    # Keep going after parse problems so that the checks below are reported with them.
     root = default_data_root()
-    values["queue_root"] = values["queue_root"] or str(root / "queues")
-    values["working_dir"] = values["working_dir"] or str(root / "work")
-    values["cache_dir"] = values["cache_dir"] or str(root / "cache")
-    values["runtime_dir"] = values["runtime_dir"] or str(default_runtime_dir())
-    values["executors"] = values["executors"] or max(1, os.cpu_count() or 1)
-    values["hostname"] = values["hostname"] or socket.gethostname()
-    if values["debug"]:
+    values["queue_root"] = values.get("queue_root") or str(root / "queues")
+    values["working_dir"] = values.get("working_dir") or str(root / "work")
+    values["cache_dir"] = values.get("cache_dir") or str(root / "cache")
+    values["runtime_dir"] = values.get("runtime_dir") or str(default_runtime_dir())
+    values["executors"] = values.get("executors") or max(1, os.cpu_count() or 1)
+    values["hostname"] = values.get("hostname") or socket.gethostname()
+    if values.get("debug"):
         values["log_level"] = "debug"
     if len(values["runtime_dir"]) > 80:
         problems.append(f"--runtime-dir={values['runtime_dir']!r}: longer than 80 characters "

@@ -282,7 +282,7 @@ def decode(frame: bytes) -> Message:
         raise ProtocolError(f"undecodable frame: {exc}") from exc
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(type_name)
+    cls = MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None or not isinstance(fields, dict):
         raise ProtocolError(f"unknown message type {type_name!r}")
     return from_map(cls, fields)

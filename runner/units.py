@@ -6,6 +6,7 @@ either.
 """
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import RunnerError
@@ -38,8 +39,8 @@ def parse_size(value: str | int | float | None) -> int:
     if isinstance(value, bool):
         raise UnitError(f"not a size: {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise UnitError(f"a size cannot be negative: {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise UnitError(f"not a size: {value!r}")
         return int(value)
     match = _SIZE_RE.match(str(value))
     if not match:
@@ -61,8 +62,8 @@ def parse_duration(value: str | int | float | None) -> float:
     if isinstance(value, bool):
         raise UnitError(f"not a duration: {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise UnitError(f"a duration cannot be negative: {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise UnitError(f"not a duration (negative or not finite): {value!r}")
         return float(value)
     text = str(value).strip().lower()
     if not text:
@@ -72,8 +73,8 @@ def parse_duration(value: str | int | float | None) -> float:
     except ValueError:
         pass
     else:
-        if seconds < 0:
-            raise UnitError(f"a duration cannot be negative: {value!r}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise UnitError(f"not a duration (negative or not finite): {value!r}")
         return seconds
     position = 0
     total = 0.0

@@ -23,73 +23,9 @@ from runner.environments import (Environment, EnvironmentStore, find_interpreter
                                  normalize_requirements, script_command, split_args)
 from runner.errors import BadRequest, EnvironmentBuildError, InterpreterNotFound
 
+from .support import make_tiny_package
+
 REPO = Path(__file__).resolve().parent.parent
-
-# ---------------------------------------------------------------------------------------------
-# A tiny local package with an in-tree build backend (no build dependencies to download)
-# ---------------------------------------------------------------------------------------------
-
-_BACKEND = r'''
-"""Minimal PEP 517 backend: builds a pure-Python wheel with zipfile."""
-import base64, hashlib, os, zipfile
-
-NAME, VERSION = {name!r}, {version!r}
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-def get_requires_for_build_wheel(config_settings=None):
-    return []
-
-def _dist_info():
-    return "%s-%s.dist-info" % (NAME, VERSION)
-
-def _meta():
-    return "Metadata-Version: 2.1\nName: %s\nVersion: %s\n" % (NAME, VERSION)
-
-def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
-    d = os.path.join(metadata_directory, _dist_info())
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "METADATA"), "w") as f:
-        f.write(_meta())
-    return _dist_info()
-
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    counter = os.environ.get("TINY_BUILD_COUNTER")
-    if counter:
-        with open(counter, "a") as f:
-            f.write("built\n")
-    files = {{
-        "%s/__init__.py" % NAME: open(os.path.join(HERE, NAME, "__init__.py"), "rb").read(),
-        _dist_info() + "/METADATA": _meta().encode(),
-        _dist_info() + "/WHEEL": b"Wheel-Version: 1.0\nGenerator: tiny\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }}
-    record = []
-    for arc, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append("%s,sha256=%s,%d" % (arc, digest, len(data)))
-    record.append(_dist_info() + "/RECORD,,")
-    wheel = "%s-%s-py3-none-any.whl" % (NAME, VERSION)
-    with zipfile.ZipFile(os.path.join(wheel_directory, wheel), "w") as zf:
-        for arc, data in files.items():
-            zf.writestr(arc, data)
-        zf.writestr(_dist_info() + "/RECORD", "\n".join(record) + "\n")
-    return wheel
-'''
-
-
-def make_tiny_package(where: Path, name: str = "tinypkg", version: str = "1.0") -> Path:
-    """Create a buildable local project ``name`` in ``where/name`` and return its directory."""
-    proj = where / name
-    (proj / name).mkdir(parents=True)
-    (proj / name / "__init__.py").write_text(f"VALUE = {version!r}\n")
-    (proj / "tiny_backend.py").write_text(_BACKEND.format(name=name, version=version))
-    (proj / "pyproject.toml").write_text(textwrap.dedent("""\
-        [build-system]
-        requires = []
-        build-backend = "tiny_backend"
-        backend-path = ["."]
-        """))
-    return proj
-
 
 @pytest.fixture()
 def offline(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import fates, protocol
-from ..environments import script_command, split_args
+from ..environments import script_command
 from ..errors import BadRequest
 from .base import Role
 
@@ -96,7 +96,7 @@ class Executor(Role):
         experiment = job.request.get("experiment", {})
         try:
             command = script_command(Path(prepared.python), experiment["filename"],
-                                     split_args(experiment.get("args") or []))
+                                     experiment.get("args") or [])
         except BadRequest as exc:
             self.end(job, fates.outcome_for_exception(exc), {})
             return

@@ -1,0 +1,256 @@
+"""Shared helpers for the tests: a real runner-supervisor process, requests, a tiny package.
+
+Nothing here fakes a component: the harness starts ``python -m runner.supervisor`` as a
+real process on a private data root, requests are built from SPEC section 2's field table
+and published to a real local queue, and artifacts live in a real ``file://`` store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+from runner import ctl, metadata
+from runner.archive import pack
+from runner.queues import LocalQueue
+
+REPO = Path(__file__).resolve().parent.parent
+MUTABLE = ("modeldir", "output", "retval", "tb", "_metrics", "_metadata")
+
+# ---------------------------------------------------------------------------------------------
+# A tiny local package with an in-tree build backend (no build dependencies to download)
+# ---------------------------------------------------------------------------------------------
+
+_BACKEND = r'''
+"""Minimal PEP 517 backend: builds a pure-Python wheel with zipfile."""
+import base64, hashlib, os, zipfile
+
+NAME, VERSION = {name!r}, {version!r}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+def _dist_info():
+    return "%s-%s.dist-info" % (NAME, VERSION)
+
+def _meta():
+    return "Metadata-Version: 2.1\nName: %s\nVersion: %s\n" % (NAME, VERSION)
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    d = os.path.join(metadata_directory, _dist_info())
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "METADATA"), "w") as f:
+        f.write(_meta())
+    return _dist_info()
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    counter = os.environ.get("TINY_BUILD_COUNTER")
+    if counter:
+        with open(counter, "a") as f:
+            f.write("built\n")
+    files = {{
+        "%s/__init__.py" % NAME: open(os.path.join(HERE, NAME, "__init__.py"), "rb").read(),
+        _dist_info() + "/METADATA": _meta().encode(),
+        _dist_info() + "/WHEEL": b"Wheel-Version: 1.0\nGenerator: tiny\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }}
+    record = []
+    for arc, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append("%s,sha256=%s,%d" % (arc, digest, len(data)))
+    record.append(_dist_info() + "/RECORD,,")
+    wheel = "%s-%s-py3-none-any.whl" % (NAME, VERSION)
+    with zipfile.ZipFile(os.path.join(wheel_directory, wheel), "w") as zf:
+        for arc, data in files.items():
+            zf.writestr(arc, data)
+        zf.writestr(_dist_info() + "/RECORD", "\n".join(record) + "\n")
+    return wheel
+'''
+
+
+def make_tiny_package(where: Path, name: str = "tinypkg", version: str = "1.0") -> Path:
+    """Create a buildable local project ``name`` in ``where/name`` and return its directory."""
+    proj = where / name
+    (proj / name).mkdir(parents=True)
+    (proj / name / "__init__.py").write_text(f"VALUE = {version!r}\n")
+    (proj / "tiny_backend.py").write_text(_BACKEND.format(name=name, version=version))
+    (proj / "pyproject.toml").write_text(textwrap.dedent("""\
+        [build-system]
+        requires = []
+        build-backend = "tiny_backend"
+        backend-path = ["."]
+        """))
+    return proj
+
+
+
+def tiny_requirement(project: Path) -> str:
+    """A requirement line installing the tiny package from its directory."""
+    return f"{project.name} @ {project.as_uri()}"
+
+
+def short_tempdir(prefix: str = "rt") -> Path:
+    """A temporary directory with a short path (ipc socket paths are limited to ~100 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+class Runner:
+    """A real ``runner-supervisor`` process on a private root, plus its queue and store."""
+
+    def __init__(self, root: Path, queue: str = "local_test", **options):
+        self.root = root
+        self.queue = queue
+        self.store_root = (root / "store").as_uri()
+        self.options = {"queue-root": root / "q", "working-dir": root / "w",
+                        "cache-dir": root / "c", "runtime-dir": root / "run",
+                        "executors": 2, "kill-grace": "1s", "min-save-interval": "1s"}
+        self.options.update({k.replace("_", "-"): v for k, v in options.items()})
+        self.process: subprocess.Popen | None = None
+        self.log_path = root / "supervisor.log"
+        environ = {k: v for k, v in os.environ.items() if k != "RUNNER_PUREPYTHON"}
+        self.env = dict(environ, UV_OFFLINE="1", PIP_NO_INDEX="1",
+                        UV_CACHE_DIR=str(root / "uv-cache"))
+
+    # -- the process ------------------------------------------------------------------
+    def start(self, wait: bool = True) -> "Runner":
+        argv = [sys.executable, "-m", "runner.supervisor"]
+        for name, value in self.options.items():
+            argv += [f"--{name}", str(value)]
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=self.env, cwd=REPO)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"supervisor exited {self.process.returncode}:\n{self.log()}")
+            try:
+                status = self.status()
+            except (TimeoutError, Exception):
+                time.sleep(0.2)
+                continue
+            if all(r["ready"] for r in status["roles"].values()):
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"supervisor not ready within {timeout}s:\n{self.log()}")
+
+    def status(self) -> dict:
+        reply = ctl.request(str(self.options["runtime-dir"]), "status", timeout=2.0)
+        assert reply.ok, reply.error
+        return reply.data
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- requests -----------------------------------------------------------------------
+    def workspace(self, files: dict[str, str]) -> Path:
+        """A workspace directory with ``files`` (name -> text)."""
+        folder = self.root / "src" / uuid.uuid4().hex[:8]
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(textwrap.dedent(text))
+        return folder
+
+    def request(self, workspace: Path, filename: str, *, args: list[str] | None = None,
+                key: str | None = None, pythonenv: list[str] | None = None,
+                max_duration: str | None = None, lifetime: str | None = None,
+                env: dict | None = None, time_added: float | None = None) -> dict:
+        """Upload ``workspace`` and build a request from SPEC section 2's field table."""
+        key = key or f"e2e-{uuid.uuid4().hex[:10]}"
+        store = Path(self.store_root[len("file://"):])
+        blob = f"blobstore/{uuid.uuid4().hex}.tar"
+        (store / "blobstore").mkdir(parents=True, exist_ok=True)
+        pack(workspace, store / blob, "none")
+
+        def artifact(object_key: str, mutable: bool) -> dict:
+            return {"key": object_key, "bucket": "store", "unpack": True, "mutable": mutable,
+                    "qualified": f"{self.store_root}/{object_key}", "local": "/nonexistent"}
+
+        artifacts = {"workspace": artifact(blob, False)}
+        artifacts.update({label: artifact(f"experiments/{key}/{label}.tar", True)
+                          for label in MUTABLE})
+        return {
+            "experiment": {
+                "key": key, "project": "e2e", "filename": filename, "args": args or [],
+                "pythonver": f"{sys.version_info[0]}.{sys.version_info[1]}",
+                "pythonenv": pythonenv or [], "max_duration": max_duration,
+                "time_added": time.time() if time_added is None else time_added,
+                "resources_needed": {"cpus": 1, "gpus": 0, "ram": "100mb", "hdd": "1gb"},
+                "artifacts": artifacts, "an_unknown_field": {"kept": True},
+            },
+            "config": {"env": env or {}, "saveWorkspaceFrequency": "1s",
+                       "experimentLifetime": lifetime},
+        }
+
+    def publish(self, request: dict | bytes) -> str:
+        body = request if isinstance(request, bytes) else json.dumps(request).encode()
+        with LocalQueue(self.options["queue-root"], owner=f"test-{uuid.uuid4().hex[:8]}",
+                        durable=False) as queue:
+            return queue.publish(self.queue, body)
+
+    def record(self, request: dict) -> dict | None:
+        path = self.store_path(metadata.record_url(request))
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def wait_final(self, request: dict, timeout: float = 90.0) -> dict:
+        """The metadata record once its fate is final."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = self.record(request)
+            if record and record.get("final"):
+                return record
+            if self.process is not None and self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no final record for {request['experiment']['key']}:\n{self.log()}")
+
+    def wait_for(self, predicate, timeout: float = 60.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
+
+    @staticmethod
+    def store_path(url: str) -> Path:
+        assert url.startswith("file://"), url
+        return Path(url[len("file://"):])
+
+    def experiment_dir(self, request: dict) -> Path:
+        return self.store_path(self.store_root) / "experiments" / request["experiment"]["key"]
+
+    def scrape_documents(self, request: dict) -> list[dict]:
+        folder = self.experiment_dir(request) / "_metadata"
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("scrape-host-*.json"))]
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,192 @@
+"""Options: flags, environment, defaults, validation all at once (SPEC section 9)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner import config as config_module
+from runner.config import Config, load
+from runner.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def fixed_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "testhost")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    config = load([], environ={})
+    root = tmp_path / "data" / "studioml-runner"
+    assert config.queue_match == config_module.DEFAULT_QUEUE_MATCH
+    assert config.queue_mismatch == ""
+    assert config.queue_root == str(root / "queues")
+    assert config.working_dir == str(root / "work")
+    assert config.cache_dir == str(root / "cache")
+    assert config.env_dir == str(root / "cache" / "envs")
+    assert config.runtime_dir == f"/tmp/studioml-runner-{os.getuid()}"
+    assert config.executors == 7
+    assert config.max_attempts == 3
+    assert config.hostname == "testhost"
+    assert config.min_save_interval == 10.0
+    assert config.kill_grace == 10.0
+    assert config.shutdown_timeout == 60.0
+    assert config.installer == "auto"
+    assert config.log_level == "info"
+    assert config.debug is False
+    assert config.python_dirs == ()
+
+
+def test_executors_default_when_cpu_count_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert load([], environ={}).executors == 1
+
+
+def test_flags(tmp_path: Path) -> None:
+    config = load(["--queue-match", "^local_x$", "--queue-root", str(tmp_path / "q"),
+                   "--executors", "3", "--max-attempts", "5", "--kill-grace", "1m30s",
+                   "--min-save-interval", "2s", "--installer", "pip", "--hostname", "node-7",
+                   "--log-level", "warning",
+                   "--python-dirs", os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")])],
+                  environ={})
+    assert config.queue_match == "^local_x$"
+    assert config.queue_root == str(tmp_path / "q")
+    assert config.executors == 3
+    assert config.max_attempts == 5
+    assert config.kill_grace == 90.0
+    assert config.min_save_interval == 2.0
+    assert config.installer == "pip"
+    assert config.hostname == "node-7"
+    assert config.log_level == "warning"
+    assert config.python_dirs == (str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+def test_environment_variables(tmp_path: Path) -> None:
+    environ = {"QUEUE_ROOT": str(tmp_path / "envq"), "QUEUE_MISMATCH": "_test$",
+               "EXECUTORS": "4", "KILL_GRACE": "5s", "WORKING_DIR": str(tmp_path / "w"),
+               "INSTALLER": "uv", "MAX_ATTEMPTS": "2"}
+    config = load([], environ=environ)
+    assert config.queue_root == str(tmp_path / "envq")
+    assert config.queue_mismatch == "_test$"
+    assert config.executors == 4
+    assert config.kill_grace == 5.0
+    assert config.working_dir == str(tmp_path / "w")
+    assert config.installer == "uv"
+    assert config.max_attempts == 2
+
+
+def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load(["--cache-dir", "rel/cache"], environ={"QUEUE_ROOT": "q"})
+    assert config.cache_dir == str(tmp_path / "rel" / "cache")
+    assert config.queue_root == str(tmp_path / "q")
+
+
+def test_flag_beats_env_beats_default(tmp_path: Path) -> None:
+    environ = {"EXECUTORS": "4", "QUEUE_ROOT": str(tmp_path / "env"), "KILL_GRACE": "7s"}
+    config = load(["--executors", "2", "--queue-root", str(tmp_path / "flag")], environ=environ)
+    assert config.executors == 2                      # flag over env
+    assert config.queue_root == str(tmp_path / "flag")
+    assert config.kill_grace == 7.0                   # env over default (10s)
+    assert config.max_attempts == 3                   # default
+
+
+def test_flag_wins_even_over_a_bad_env_value() -> None:
+    config = load(["--executors", "2"], environ={"EXECUTORS": "zero"})
+    assert config.executors == 2
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(["--queue-match", "(", "--kill-grace", "soon", "--executors", "0",
+              "--installer", "conda"], environ={"MIN_SAVE_INTERVAL": "1 parsec"})
+    problems = info.value.problems
+    assert len(problems) == 5, problems
+    text = "\n".join(problems)
+    for needle in ("--queue-match='('", "--kill-grace='soon'", "--executors='0'",
+                   "--installer='conda'", "$MIN_SAVE_INTERVAL='1 parsec'"):
+        assert needle in text, (needle, problems)
+    assert "must be 1 or more" in text
+    assert "expected one of auto, uv, pip" in text
+    assert str(info.value) == "; ".join(problems)
+
+
+def test_late_checks_are_reported_with_parse_problems(tmp_path: Path) -> None:
+    long_dir = "/tmp/" + "r" * 90
+    with pytest.raises(ConfigError) as info:
+        load(["--executors", "0", "--runtime-dir", long_dir, "--hostname", "bad_host!"],
+             environ={})
+    text = "\n".join(info.value.problems)
+    assert len(info.value.problems) == 3, info.value.problems
+    assert "--executors" in text and "--runtime-dir" in text and "--hostname" in text
+
+
+def test_debug_forces_log_level() -> None:
+    config = load(["--debug", "--log-level", "error"], environ={})
+    assert config.debug is True
+    assert config.log_level == "debug"
+    assert load([], environ={"DEBUG": "true"}).log_level == "debug"
+    assert load([], environ={"DEBUG": "0"}).debug is False
+    with pytest.raises(ConfigError):
+        load([], environ={"DEBUG": "perhaps"})
+
+
+def test_runtime_dir_too_long_rejected() -> None:
+    long_dir = "/tmp/" + "x" * 80
+    with pytest.raises(ConfigError) as info:
+        load(["--runtime-dir", long_dir], environ={})
+    assert any("--runtime-dir" in p and "80" in p for p in info.value.problems)
+    ok = "/tmp/" + "x" * 70
+    assert load(["--runtime-dir", ok], environ={}).runtime_dir == ok
+
+
+def test_metadata_store_must_be_a_url() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(["--metadata-store", "/srv/meta"], environ={})
+    assert any("--metadata-store" in p for p in info.value.problems)
+    assert load(["--metadata-store", "file:///srv/meta"], environ={}).metadata_store == \
+        "file:///srv/meta"
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    config = load(["--python-dirs", str(tmp_path / "py"), "--executors", "2",
+                   "--kill-grace", "250ms"], environ={}).with_instance("abc123")
+    back = Config.from_json(config.to_json())
+    assert back == config
+    assert isinstance(back.python_dirs, tuple)
+    assert back.instance == "abc123"
+    assert back.kill_grace == 0.25
+
+
+def test_every_option_is_a_flag_and_an_env_var() -> None:
+    rows = config_module.options_table()
+    assert len(rows) == len(config_module.OPTIONS)
+    for flag, env, _default, _help in rows:
+        assert env == flag[2:].upper().replace("-", "_")
+    parser = config_module.build_parser()
+    assert "QUEUE_ROOT" in parser.format_help()
+
+
+def test_supervisor_exits_2_listing_every_problem(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in {o.env for o in config_module.OPTIONS}}
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.supervisor", "--executors", "0", "--kill-grace", "nope",
+         "--queue-match", "("],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "--executors='0'" in proc.stderr
+    assert "--kill-grace='nope'" in proc.stderr
+    assert "--queue-match='('" in proc.stderr
+    assert not (tmp_path / "data").exists()  # nothing was started or created
