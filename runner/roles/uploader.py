@@ -24,6 +24,7 @@ from ..storage import artifact_url, open_store
 from .base import Role
 
 RETRY_DELAYS = (0.5, 2.0, 5.0)
+FORGET_FINALIZED_AFTER = 3600.0
 
 
 def tree_digest(folder: Path) -> str:
@@ -64,6 +65,7 @@ class Uploader(Role):
         self.job_locks: dict[str, threading.Lock] = {}
         self.uploaded: dict[tuple[str, str], str] = {}  # (attempt id, name) -> digest
         self.recorded: set[str] = set()
+        self.finalized: dict[str, float] = {}  # attempt id -> when its final upload ran
         self.in_flight = 0
         self.lock = threading.Lock()
 
@@ -80,6 +82,11 @@ class Uploader(Role):
         error = ""
         try:
             with job_lock:
+                with self.lock:
+                    if job.job_id in self.finalized:
+                        return  # a periodic request that lost the race to the final one
+                    if request.final:
+                        self.finalized[job.job_id] = time.monotonic()
                 if job.job_id not in self.recorded:
                     with_retries(lambda: self.write_record(job), "metadata record", log)
                     self.recorded.add(job.job_id)
@@ -151,6 +158,12 @@ class Uploader(Role):
                 del self.uploaded[key]
         if not self.config.debug:
             shutil.rmtree(job.workdir, ignore_errors=True)
+
+    def tick(self) -> None:
+        cutoff = time.monotonic() - FORGET_FINALIZED_AFTER
+        with self.lock:
+            for job_id in [j for j, t in self.finalized.items() if t < cutoff]:
+                del self.finalized[job_id]
 
     def stats(self) -> dict:
         with self.lock:

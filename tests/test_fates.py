@@ -1,0 +1,162 @@
+"""The fate of a request (SPEC section 7): runner.fates."""
+from __future__ import annotations
+
+import pytest
+
+from runner import errors, fates
+from runner.fates import (ACK, CANCELLED, COMPLETED, DEAD, EXPIRED, FAILED, REQUEUE,
+                          ExperimentFailed, LimitReached, RoleCrashed, ShutdownRequested, decide,
+                          outcome_for_exception)
+from runner.protocol import Outcome
+from runner.storage import ObjectMissing
+
+
+def out(status: str, error: str = "", message: str = "", exit_code=None) -> Outcome:
+    return Outcome(status=status, error=error, message=message, exit_code=exit_code)
+
+
+@pytest.mark.parametrize("outcome, before, action, attempts, final", [
+    # completed / expired are acked; they do not add failed attempts
+    (out(COMPLETED, exit_code=0), 0, ACK, 0, COMPLETED),
+    (out(COMPLETED, exit_code=0), 2, ACK, 2, COMPLETED),
+    (out(EXPIRED, "LimitReached"), 0, ACK, 0, EXPIRED),
+    (out(EXPIRED), 1, ACK, 1, EXPIRED),
+    # failures count and requeue until max_attempts (3), then ack failed
+    (out(FAILED, "ExperimentFailed", exit_code=1), 0, REQUEUE, 1, FAILED),
+    (out(FAILED, "ExperimentFailed", exit_code=1), 1, REQUEUE, 2, FAILED),
+    (out(FAILED, "ExperimentFailed", exit_code=1), 2, ACK, 3, FAILED),
+    (out(FAILED, "EnvironmentBuildError"), 2, ACK, 3, FAILED),
+    (out(FAILED, "InterpreterNotFound"), 0, REQUEUE, 1, FAILED),
+    (out(FAILED, "DiskBudgetExceeded"), 1, REQUEUE, 2, FAILED),
+    (out(FAILED, ""), 5, ACK, 6, FAILED),
+    # bad requests are dead-lettered, never counted
+    (out(FAILED, "BadRequest", "no workspace"), 0, DEAD, 0, FAILED),
+    (out(FAILED, "BadRequest"), 2, DEAD, 2, FAILED),
+    # the runner's own trouble: requeued, not counted, whatever the count
+    (out(CANCELLED, "ShutdownRequested"), 0, REQUEUE, 0, CANCELLED),
+    (out(CANCELLED, "ShutdownRequested"), 2, REQUEUE, 2, CANCELLED),
+    (out(CANCELLED, "RoleCrashed"), 2, REQUEUE, 2, CANCELLED),
+    (out(CANCELLED, "StorageError"), 2, REQUEUE, 2, CANCELLED),
+    (out(CANCELLED, "ObjectMissing"), 1, REQUEUE, 1, CANCELLED),
+    (out(CANCELLED, "ResourcesUnavailable"), 0, REQUEUE, 0, CANCELLED),
+    # even if a producer labels them failed, these errors are not counted
+    (out(FAILED, "StorageError"), 2, REQUEUE, 2, FAILED),
+    (out(FAILED, "RoleCrashed"), 2, REQUEUE, 2, FAILED),
+    (out(FAILED, "ShutdownRequested"), 2, REQUEUE, 2, FAILED),
+])
+def test_decide_table(outcome, before, action, attempts, final) -> None:
+    decision = decide(outcome, before, max_attempts=3)
+    assert (decision.action, decision.attempts, decision.final_status) == \
+        (action, attempts, final), decision
+    assert decision.reason
+
+
+def test_failing_run_is_requeued_until_max_then_acked() -> None:
+    failure = outcome_for_exception(ExperimentFailed("exit 1"), exit_code=1)
+    attempts, actions = 0, []
+    for _ in range(10):
+        decision = decide(failure, attempts, max_attempts=4)
+        actions.append(decision.action)
+        attempts = decision.attempts
+        if decision.action == ACK:
+            break
+    assert actions == [REQUEUE, REQUEUE, REQUEUE, ACK]
+    assert attempts == 4
+    assert decision.final_status == FAILED
+    assert "4" in decision.reason
+
+
+def test_max_attempts_one_acks_the_first_failure() -> None:
+    decision = decide(out(FAILED, "ExperimentFailed"), 0, max_attempts=1)
+    assert (decision.action, decision.attempts) == (ACK, 1)
+
+
+@pytest.mark.parametrize("outcome", [
+    out(COMPLETED, exit_code=0), out(EXPIRED), out(FAILED, "ExperimentFailed"),
+    out(CANCELLED, "ShutdownRequested"),
+])
+@pytest.mark.parametrize("before", [0, 2, 10])
+def test_upload_error_requeues_and_never_acks(outcome, before) -> None:
+    decision = decide(outcome, before, max_attempts=3, upload_error="connection refused")
+    assert decision.action == REQUEUE
+    assert "connection refused" in decision.reason
+
+
+def test_upload_error_still_counts_a_failed_attempt() -> None:
+    decision = decide(out(FAILED, "ExperimentFailed"), 1, 3, upload_error="boom")
+    assert (decision.action, decision.attempts) == (REQUEUE, 2)
+    completed = decide(out(COMPLETED), 1, 3, upload_error="boom")
+    assert (completed.action, completed.attempts, completed.final_status) == \
+        (REQUEUE, 1, COMPLETED)
+
+
+def test_bad_request_is_dead_even_with_upload_error() -> None:
+    decision = decide(out(FAILED, "BadRequest", "not JSON"), 0, 3, upload_error="boom")
+    assert decision.action == DEAD
+    assert "not JSON" in decision.reason
+
+
+class MyBadRequest(errors.BadRequest):
+    pass
+
+
+class FlakyStorage(errors.StorageError):
+    pass
+
+
+@pytest.mark.parametrize("exc, status, error", [
+    (errors.BadRequest("missing key"), FAILED, "BadRequest"),
+    (MyBadRequest("subclass"), FAILED, "BadRequest"),
+    (errors.EnvironmentBuildError("pip failed"), FAILED, "EnvironmentBuildError"),
+    (errors.InterpreterNotFound("python3.7"), FAILED, "InterpreterNotFound"),
+    (ExperimentFailed("exit 2"), FAILED, "ExperimentFailed"),
+    (LimitReached("max_duration"), EXPIRED, "LimitReached"),
+    (errors.StorageError("503"), CANCELLED, "StorageError"),
+    (FlakyStorage("flaky"), CANCELLED, "StorageError"),
+    (errors.ArchiveError("../evil"), FAILED, "ArchiveError"),
+    (errors.DiskBudgetExceeded("hdd"), FAILED, "DiskBudgetExceeded"),
+    (errors.ResourcesUnavailable("no gpu"), CANCELLED, "ResourcesUnavailable"),
+    (ShutdownRequested("SIGTERM"), CANCELLED, "ShutdownRequested"),
+    (RoleCrashed("executor died"), CANCELLED, "RoleCrashed"),
+    (RuntimeError("bug"), FAILED, "RuntimeError"),
+    (KeyError("x"), FAILED, "KeyError"),
+])
+def test_outcome_for_exception(exc, status, error) -> None:
+    outcome = outcome_for_exception(exc, exit_code=7)
+    assert (outcome.status, outcome.error) == (status, error)
+    assert outcome.message == str(exc)
+    assert outcome.exit_code == 7
+
+
+def test_object_missing_is_storage_trouble_not_counted() -> None:
+    outcome = outcome_for_exception(ObjectMissing("file:///nope/workspace.tar"))
+    assert outcome.status == CANCELLED
+    assert outcome.error in ("ObjectMissing", "StorageError")
+    assert "file:///nope/workspace.tar" in outcome.message
+    decision = decide(outcome, 2, max_attempts=3)
+    assert (decision.action, decision.attempts) == (REQUEUE, 2)
+
+
+@pytest.mark.parametrize("exc, action, counted", [
+    (errors.BadRequest("x"), DEAD, False),
+    (MyBadRequest("x"), DEAD, False),
+    (FlakyStorage("x"), REQUEUE, False),
+    (ShutdownRequested("x"), REQUEUE, False),
+    (RoleCrashed("x"), REQUEUE, False),
+    (errors.ResourcesUnavailable("x"), REQUEUE, False),
+    (errors.DiskBudgetExceeded("x"), REQUEUE, True),
+    (errors.EnvironmentBuildError("x"), REQUEUE, True),
+    (ExperimentFailed("x"), REQUEUE, True),
+    (ValueError("x"), REQUEUE, True),
+    (LimitReached("x"), ACK, False),
+])
+def test_exception_to_decision(exc, action, counted) -> None:
+    decision = decide(outcome_for_exception(exc), 0, max_attempts=3)
+    assert decision.action == action
+    assert decision.attempts == (1 if counted else 0)
+
+
+def test_constants_are_the_spec_words() -> None:
+    assert (fates.COMPLETED, fates.FAILED, fates.EXPIRED, fates.CANCELLED) == \
+        ("completed", "failed", "expired", "cancelled")
+    assert (fates.ACK, fates.REQUEUE, fates.DEAD) == ("ack", "requeue", "dead")

@@ -1,0 +1,224 @@
+"""Attempt ids, metadata file names and the metadata store (SPEC section 6)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import metadata
+from runner.metadata import (AttemptIds, metadata_prefix_url, output_name, record_url,
+                             runner_log_name, scrape_name, store_root_url, strip_archive_suffix,
+                             write_record)
+from runner.protocol import Job
+
+ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+ACCESS = "AKIAEXAMPLEID0001"
+ENV_SECRET = "env-secret-value-123"
+
+
+def b62(n: int) -> str:
+    digits = ""
+    while n:
+        n, r = divmod(n, 62)
+        digits = ALPHABET[r] + digits
+    return digits or "0"
+
+
+@pytest.mark.parametrize("seconds, text", [(1546495043, "1gew0R"), (1541618418, "1gKTNC"),
+                                           (1700000000, "1r31eq")])
+def test_attempt_id_is_base62_of_seconds(seconds: int, text: str) -> None:
+    assert AttemptIds("host").next(seconds) == f"host-{text}"
+    assert AttemptIds("gpu-node.example").next(seconds + 0.9) == f"gpu-node.example-{text}"
+
+
+def test_attempt_ids_unique_and_increasing_within_one_second() -> None:
+    ids = AttemptIds("host")
+    made = [ids.next(1700000000.0), ids.next(1700000000.2), ids.next(1700000000.7),
+            ids.next(1700000000.99), ids.next(1700000001.0)]
+    assert made[0] == "host-1r31eq"
+    assert len(set(made)) == len(made)
+    suffixes = [m.split("-", 1)[1] for m in made]
+    values = [sum(ALPHABET.index(c) * 62**i for i, c in enumerate(reversed(s)))
+              for s in suffixes]
+    assert values == [1700000000 + i for i in range(5)]
+    assert made == sorted(made)  # names sort in time order
+
+
+def test_attempt_ids_survive_a_clock_step_back() -> None:
+    ids = AttemptIds("host")
+    first = ids.next(1700000100)
+    second = ids.next(1700000000)  # clock went back
+    assert second > first
+    assert second == f"host-{b62(1700000101)}"
+
+
+def test_attempt_ids_default_to_now() -> None:
+    ids = AttemptIds("h")
+    before = int(time.time())
+    made = [ids.next() for _ in range(20)]
+    assert len(set(made)) == 20
+    first = made[0].split("-", 1)[1]
+    assert first in {b62(before + d) for d in range(0, 3)}
+
+
+def test_file_names_exactly() -> None:
+    attempt = "host-1r31eq"
+    assert output_name(attempt) == "output-host-host-1r31eq.log"
+    assert runner_log_name(attempt) == "runner-host-host-1r31eq.log"
+    assert scrape_name(attempt) == "scrape-host-host-1r31eq.json"
+    attempt = AttemptIds("gpu7").next(1700000000)
+    assert output_name(attempt) == "output-host-gpu7-1r31eq.log"
+    assert runner_log_name(attempt) == "runner-host-gpu7-1r31eq.log"
+    assert scrape_name(attempt) == "scrape-host-gpu7-1r31eq.json"
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("experiments/X/_metadata.tar", "experiments/X/_metadata"),
+    ("experiments/X/_metadata.tar.gz", "experiments/X/_metadata"),
+    ("experiments/X/_metadata.tgz", "experiments/X/_metadata"),
+    ("experiments/X/_metadata.tar.bz2", "experiments/X/_metadata"),
+    ("experiments/X/_metadata.tar.xz", "experiments/X/_metadata"),
+    ("experiments/X/_metadata.tar.zst", "experiments/X/_metadata"),
+    ("s3://minio:9000/bkt/experiments/X/_metadata.tar", "s3://minio:9000/bkt/experiments/X/_metadata"),
+    ("experiments/X/_metadata", "experiments/X/_metadata"),
+    ("experiments/X/_metadata.zip", "experiments/X/_metadata.zip"),
+    ("experiments/X/_metadata.tar.gz.bak", "experiments/X/_metadata.tar.gz.bak"),
+    ("experiments/X.tar/_metadata", "experiments/X.tar/_metadata"),
+    ("experiments/X/_metadatatar", "experiments/X/_metadatatar"),
+])
+def test_strip_archive_suffix(key: str, expected: str) -> None:
+    assert strip_archive_suffix(key) == expected
+
+
+def artifact(root: str, label: str, mutable: bool = True, **extra) -> dict:
+    key = f"experiments/exp-1/{label}.tar"
+    return {"key": key, "bucket": "bkt", "qualified": f"{root}/{key}", "mutable": mutable,
+            "unpack": True, **extra}
+
+
+def make_request(root: str, project: str | None = "proj") -> dict:
+    creds = {"aws": {"access_key": ACCESS, "secret_access_key": SECRET}}
+    return {
+        "experiment": {
+            "key": "exp-1", "project": project, "filename": "train.py", "args": [],
+            "artifacts": {
+                "workspace": artifact(root, "workspace", mutable=False, credentials=creds),
+                "_metadata": artifact(root, "_metadata", credentials=creds),
+            },
+        },
+        "config": {"env": {"AWS_SECRET_ACCESS_KEY": ENV_SECRET, "EPOCHS": "3"}},
+    }
+
+
+def test_metadata_prefix_url() -> None:
+    request = make_request("s3://minio:9000/bkt")
+    assert metadata_prefix_url(request) == "s3://minio:9000/bkt/experiments/exp-1/_metadata"
+    request["experiment"]["artifacts"]["_metadata"]["qualified"] = \
+        "gs://bkt/experiments/exp-1/_metadata.tar.gz"
+    assert metadata_prefix_url(request) == "gs://bkt/experiments/exp-1/_metadata"
+    del request["experiment"]["artifacts"]["_metadata"]
+    assert metadata_prefix_url(request) is None
+    assert metadata_prefix_url({"experiment": {}}) is None
+
+
+def test_record_url_from_qualified_url_minus_key() -> None:
+    request = make_request("s3://minio:9000/bkt")
+    assert store_root_url(request) == "s3://minio:9000/bkt"
+    assert record_url(request) == "s3://minio:9000/bkt/metadata/proj/exp-1.json"
+
+
+def test_record_url_skips_artifacts_whose_url_does_not_end_with_key() -> None:
+    request = make_request("gs://bkt")
+    arts = request["experiment"]["artifacts"]
+    arts["workspace"]["qualified"] = "gs://other/somewhere/else.tar"
+    assert record_url(request) == "gs://bkt/metadata/proj/exp-1.json"
+
+
+def test_record_url_without_project_or_storage() -> None:
+    assert record_url(make_request("file:///srv/s", project=None)) == \
+        "file:///srv/s/metadata/_default/exp-1.json"
+    no_storage = {"experiment": {"key": "exp-1", "artifacts": {
+        "workspace": {"local": "/home/client/ws", "key": "ws.tar"}}}}
+    assert record_url(no_storage) is None
+
+
+def test_record_url_override() -> None:
+    request = make_request("s3://minio:9000/bkt")
+    assert record_url(request, "file:///srv/meta/") == "file:///srv/meta/metadata/proj/exp-1.json"
+    no_storage = {"experiment": {"key": "k", "project": "p", "artifacts": {}}}
+    assert record_url(no_storage, "file:///srv/meta") == "file:///srv/meta/metadata/p/k.json"
+
+
+def test_write_record_writes_a_redacted_record(tmp_path: Path) -> None:
+    root = f"file://{tmp_path}/store"
+    request = make_request(root)
+    write_record(request, status="running", attempt_id="host-1r31eq", attempts=1, final=False,
+                 hostname="host")
+    path = tmp_path / "store" / "metadata" / "proj" / "exp-1.json"
+    assert path.is_file()
+    text = path.read_text()
+    for secret in (SECRET, ACCESS, ENV_SECRET):
+        assert secret not in text
+    record = json.loads(text)
+    assert record["status"] == "running"
+    assert record["final"] is False
+    assert record["attempt"] == "host-1r31eq"
+    assert record["attempts"] == 1
+    assert record["host"] == "host"
+    assert isinstance(record["updated"], float)
+    exp = record["request"]["experiment"]
+    assert exp["key"] == "exp-1"
+    assert exp["artifacts"]["workspace"]["key"] == "experiments/exp-1/workspace.tar"
+    assert exp["artifacts"]["workspace"]["credentials"]["aws"]["secret_access_key"] == "***"
+    assert record["request"]["config"]["env"] == {"AWS_SECRET_ACCESS_KEY": "***", "EPOCHS": "3"}
+    # the caller's request is untouched
+    assert request["experiment"]["artifacts"]["workspace"]["credentials"]["aws"][
+        "secret_access_key"] == SECRET
+
+    # a later write replaces the record
+    write_record(request, status="completed", attempt_id="host-1r31er", attempts=1, final=True,
+                 hostname="host")
+    record = json.loads(path.read_text())
+    assert (record["status"], record["final"], record["attempt"]) == \
+        ("completed", True, "host-1r31er")
+    assert not [p for p in path.parent.iterdir() if p.name != "exp-1.json"]
+
+
+def test_write_record_with_override(tmp_path: Path) -> None:
+    request = make_request("s3://minio:9000/bkt")
+    write_record(request, status="failed", attempt_id="h-1", attempts=3, final=True,
+                 hostname="h", override=f"file://{tmp_path}/meta")
+    record = json.loads((tmp_path / "meta" / "metadata" / "proj" / "exp-1.json").read_text())
+    assert record["status"] == "failed" and record["attempts"] == 3
+    assert SECRET not in json.dumps(record)
+
+
+def test_write_record_without_storage_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened = []
+    monkeypatch.setattr(metadata, "open_store", lambda *a, **k: opened.append(a))
+    request = {"experiment": {"key": "k", "artifacts": {}}}
+    assert write_record(request, status="running", attempt_id="h-1", attempts=0, final=False,
+                        hostname="h") is None
+    assert opened == []
+
+
+def test_new_scrape_document() -> None:
+    job = Job(job_id="host-1r31eq", queue="local_q", token="t", attempts=1, key="exp-1",
+              project="proj", request={"experiment": {"owner": "alice", "time_added": 1.5}},
+              workdir="/w", resources={}, taken_at=1.0)
+    before = time.time()
+    doc = metadata.new_scrape_document(job, "host")
+    assert set(doc) == {"runner", "experiment", "studioml", "asset"}
+    assert doc["studioml"]["status"] == "running"
+    assert doc["studioml"]["experiment"] == "exp-1"
+    assert doc["studioml"]["project"] == "proj"
+    assert doc["runner"]["host"] == "host"
+    assert doc["runner"]["attempt"] == "host-1r31eq"
+    assert doc["runner"]["attempt_number"] == 2
+    assert doc["runner"]["start"] >= before
+    assert doc["experiment"] == {}
+    assert len(doc["asset"]) == 36
+    assert metadata.new_scrape_document(job, "host")["asset"] != doc["asset"]

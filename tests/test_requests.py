@@ -1,0 +1,307 @@
+"""Reading a request body (SPEC section 2): runner.requests.parse_request."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from runner.errors import BadRequest
+from runner.requests import (DEFAULT_SAVE_FREQUENCY, MAX_SAVE_FREQUENCY, parse_request,
+                             parse_resources, safe_path_part)
+
+STORE = "file:///srv/studioml"
+
+
+def artifact(label: str, mutable: bool = False) -> dict:
+    key = f"experiments/exp-1/{label}.tar"
+    return {"key": key, "bucket": "studioml", "qualified": f"{STORE}/{key}",
+            "local": f"/home/client/.studioml/experiments/exp-1/{label}",
+            "mutable": mutable, "unpack": True}
+
+
+def minimal() -> dict:
+    return {"experiment": {"key": "exp-1", "filename": "train.py",
+                           "artifacts": {"workspace": artifact("workspace")}},
+            "config": {}}
+
+
+def body(request) -> bytes:
+    return json.dumps(request).encode()
+
+
+def bad(request_or_body, match: str) -> None:
+    data = request_or_body if isinstance(request_or_body, bytes) else body(request_or_body)
+    with pytest.raises(BadRequest, match=match):
+        parse_request(data)
+
+
+def test_valid_minimal_request() -> None:
+    request, facts = parse_request(body(minimal()))
+    assert request == minimal()
+    assert facts.key == "exp-1"
+    assert facts.filename == "train.py"
+    assert facts.project == ""
+    assert facts.resources == {"cpus": 1, "gpus": 0, "ram": 0, "hdd": 0, "gpuMem": 0}
+    assert facts.max_duration is None
+    assert facts.lifetime is None
+    assert facts.time_added is None
+    assert facts.stale_at is None
+    assert facts.save_frequency == DEFAULT_SAVE_FREQUENCY == 60.0
+
+
+def test_config_may_be_absent_and_str_body_is_fine() -> None:
+    request = minimal()
+    del request["config"]
+    _, facts = parse_request(json.dumps(request))
+    assert facts.key == "exp-1"
+
+
+def test_full_request_and_unknown_fields_are_kept() -> None:
+    request = minimal()
+    exp = request["experiment"]
+    exp.update({"project": "proj", "args": ["--name", "'two words'"], "pythonver": "3.11",
+                "pythonenv": ["numpy==1.26.4", "studioml==0.0.48"], "status": "waiting",
+                "time_added": 1700000000.5, "max_duration": "20m", "owner": "alice",
+                "from_compl_service": False, "brand_new_field": {"x": [1, 2]}})
+    exp["artifacts"]["modeldir"] = artifact("modeldir", mutable=True)
+    exp["artifacts"]["data"] = {"url": "file:///srv/data.tar", "unpack": True, "mutable": False}
+    request["config"] = {"env": {"A": "1"}, "experimentLifetime": "1h",
+                         "saveWorkspaceFrequency": "5m", "cloud": {"queue": {"rmq": "amqp://x"}},
+                         "something_else": True}
+    request["top_level_extra"] = 42
+    parsed, facts = parse_request(body(request))
+    assert parsed == request
+    assert parsed["top_level_extra"] == 42
+    assert parsed["experiment"]["brand_new_field"] == {"x": [1, 2]}
+    assert facts.project == "proj"
+    assert facts.max_duration == 1200.0
+    assert facts.lifetime == 3600.0
+    assert facts.time_added == 1700000000.5
+    assert facts.stale_at == 1700003600.5
+    assert facts.save_frequency == 300.0
+
+
+@pytest.mark.parametrize("data", [b"", b"not json", b"{\"experiment\": ", b"\xff\xfe\x00",
+                                  b"{'single': 'quotes'}"])
+def test_not_json(data: bytes) -> None:
+    bad(data, "not JSON")
+
+
+@pytest.mark.parametrize("value", [[], [minimal()], "a string", 5, None])
+def test_not_an_object(value) -> None:
+    bad(body(value), "not a JSON object")
+
+
+def test_missing_experiment() -> None:
+    bad({"config": {}}, "missing experiment")
+    bad({"experiment": "exp-1"}, "missing experiment")
+
+
+def test_config_not_an_object() -> None:
+    request = minimal()
+    request["config"] = ["x"]
+    bad(request, "config must be an object")
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", 5])
+def test_missing_key(value) -> None:
+    request = minimal()
+    if value is None:
+        del request["experiment"]["key"]
+    else:
+        request["experiment"]["key"] = value
+    bad(request, "missing experiment.key")
+
+
+@pytest.mark.parametrize("value", [None, "", 3])
+def test_missing_filename(value) -> None:
+    request = minimal()
+    if value is None:
+        del request["experiment"]["filename"]
+    else:
+        request["experiment"]["filename"] = value
+    bad(request, "missing experiment.filename")
+
+
+@pytest.mark.parametrize("args", ["--lr 0.1", ["--lr", 0.1], [None], {"lr": "0.1"}])
+def test_args_must_be_a_list_of_strings(args) -> None:
+    request = minimal()
+    request["experiment"]["args"] = args
+    bad(request, "args must be a list of strings")
+
+
+def test_module_mode_filename_is_accepted() -> None:
+    request = minimal()
+    request["experiment"].update({"filename": "-m", "args": ["pkg.train", "--epochs", "2"]})
+    _, facts = parse_request(body(request))
+    assert facts.filename == "-m"
+
+
+def test_pythonenv_must_be_a_list_of_strings() -> None:
+    request = minimal()
+    request["experiment"]["pythonenv"] = "numpy==1"
+    bad(request, "pythonenv must be a list of strings")
+
+
+@pytest.mark.parametrize("url", ["ftp://host/x.tar", "nfs://server/x", "no-scheme/path.tar"])
+def test_unsupported_artifact_scheme(url: str) -> None:
+    request = minimal()
+    request["experiment"]["artifacts"]["modeldir"] = {"key": "x", "qualified": url,
+                                                      "mutable": True}
+    bad(request, "modeldir.*unsupported storage URL")
+
+
+def test_artifact_not_an_object() -> None:
+    request = minimal()
+    request["experiment"]["artifacts"]["tb"] = "s3://x"
+    bad(request, "artifact 'tb' is not an object")
+
+
+def test_artifacts_not_an_object() -> None:
+    request = minimal()
+    request["experiment"]["artifacts"] = ["workspace"]
+    bad(request, "artifacts must be an object")
+
+
+def test_artifact_local_path_is_not_a_source() -> None:
+    request = minimal()
+    request["experiment"]["artifacts"]["output"] = {"local": "/home/client/out", "mutable": True}
+    parse_request(body(request))  # nothing to download, and not a bad request
+
+
+def test_singularity_is_a_bad_request() -> None:
+    request = minimal()
+    request["experiment"]["artifacts"]["_singularity"] = {
+        "qualified": f"{STORE}/images/img.sif", "key": "images/img.sif"}
+    bad(request, "_singularity")
+
+
+def test_no_workspace_is_a_bad_request() -> None:
+    request = minimal()
+    request["experiment"]["artifacts"] = {"modeldir": artifact("modeldir", mutable=True)}
+    bad(request, "no workspace")
+    del request["experiment"]["artifacts"]
+    bad(request, "no workspace")
+
+
+def test_encrypted_envelope_is_a_bad_request() -> None:
+    envelope = {"message": {"experiment": {"key": "exp-1", "project": "p"},
+                            "time_added": 1700000000.0, "experiment_lifetime": "30m",
+                            "resources_needed": {"cpus": 1},
+                            "payload": "QUJD,REVG", "signature": "R0hJ",
+                            "fingerprint": "SHA256:abc"}}
+    bad(envelope, "encrypted")
+
+
+def test_resources_from_experiment_with_sizes_parsed() -> None:
+    request = minimal()
+    request["experiment"]["resources_needed"] = {"cpus": 2, "gpus": 1, "ram": "2gb",
+                                                 "hdd": "10GiB", "gpuMem": "500mb"}
+    request["config"]["resources_needed"] = {"cpus": 16, "ram": "64gb"}
+    _, facts = parse_request(body(request))
+    assert facts.resources == {"cpus": 2, "gpus": 1, "ram": 2 * 10**9, "hdd": 10 * 2**30,
+                               "gpuMem": 500 * 10**6}
+
+
+def test_resources_from_config_when_experiment_has_none() -> None:
+    request = minimal()
+    request["config"]["resources_needed"] = {"cpus": "4", "ram": "2gib", "hdd": 1048576,
+                                             "gpuCount": 2}
+    _, facts = parse_request(body(request))
+    assert facts.resources == {"cpus": 4, "gpus": 2, "ram": 2 * 2**30, "hdd": 1048576,
+                               "gpuMem": 0}
+
+
+@pytest.mark.parametrize("resources, match", [
+    ({"ram": "lots"}, "resources_needed"),
+    ({"cpus": "many"}, "resources_needed"),
+    ({"cpus": -1}, "negative"),
+    ({"hdd": "-5gb"}, "resources_needed"),
+    ("2 cpus", "resources_needed must be an object"),
+])
+def test_bad_resources(resources, match) -> None:
+    request = minimal()
+    request["experiment"]["resources_needed"] = resources
+    bad(request, match)
+
+
+def test_parse_resources_direct() -> None:
+    assert parse_resources(None) == {"cpus": 1, "gpus": 0, "ram": 0, "hdd": 0, "gpuMem": 0}
+    assert parse_resources({"cpus": 2.0, "ram": "1kib"})["ram"] == 1024
+
+
+@pytest.mark.parametrize("field, where, value, expected", [
+    ("max_duration", "experiment", "90s", 90.0),
+    ("max_duration", "experiment", "1h30m", 5400.0),
+    ("max_duration", "experiment", 120, 120.0),
+    ("max_duration", "experiment", None, None),
+    ("max_duration", "experiment", "", None),
+    ("max_duration", "experiment", "0", None),
+    ("experimentLifetime", "config", "30m", 1800.0),
+    ("experimentLifetime", "config", "1.5h", 5400.0),
+    ("experimentLifetime", "config", 0, None),
+])
+def test_durations(field, where, value, expected) -> None:
+    request = minimal()
+    request[where][field] = value
+    _, facts = parse_request(body(request))
+    attr = "max_duration" if field == "max_duration" else "lifetime"
+    assert getattr(facts, attr) == expected
+
+
+@pytest.mark.parametrize("field, where", [("max_duration", "experiment"),
+                                          ("experimentLifetime", "config"),
+                                          ("saveWorkspaceFrequency", "config")])
+def test_bad_durations(field, where) -> None:
+    request = minimal()
+    request[where][field] = "forever"
+    bad(request, field)
+
+
+@pytest.mark.parametrize("value, min_interval, expected", [
+    (None, 10.0, 60.0),
+    ("3m", 10.0, 180.0),
+    ("1s", 10.0, 10.0),
+    ("1s", 30.0, 30.0),
+    ("45s", 30.0, 45.0),
+    ("2h", 10.0, MAX_SAVE_FREQUENCY),
+    ("1h", 10.0, 3600.0),
+    (7200, 10.0, 3600.0),
+    ("0", 10.0, 60.0),
+])
+def test_save_frequency_is_clamped(value, min_interval, expected) -> None:
+    request = minimal()
+    if value is not None:
+        request["config"]["saveWorkspaceFrequency"] = value
+    _, facts = parse_request(body(request), min_save_interval=min_interval)
+    assert facts.save_frequency == expected
+
+
+def test_stale_at() -> None:
+    request = minimal()
+    request["experiment"]["time_added"] = "1700000000"
+    request["config"]["experimentLifetime"] = "20m"
+    _, facts = parse_request(body(request))
+    assert facts.time_added == 1700000000.0
+    assert facts.stale_at == 1700001200.0
+    no_lifetime = copy.deepcopy(request)
+    del no_lifetime["config"]["experimentLifetime"]
+    assert parse_request(body(no_lifetime))[1].stale_at is None
+    no_time = copy.deepcopy(request)
+    del no_time["experiment"]["time_added"]
+    assert parse_request(body(no_time))[1].stale_at is None
+
+
+@pytest.mark.parametrize("raw, match", [(b"\"soon\"", "not a number"), (b"NaN", "not finite"),
+                                        (b"Infinity", "not finite")])
+def test_bad_time_added(raw: bytes, match: str) -> None:
+    text = body(minimal()).decode().replace('"key": "exp-1"',
+                                            '"key": "exp-1", "time_added": ' + raw.decode())
+    bad(text.encode(), match)
+
+
+@pytest.mark.parametrize("text, expected", [("exp-1", "exp-1"), ("a/b c", "a_b_c"),
+                                            ("../..", "_"), ("", "_"), ("x" * 300, "x" * 100)])
+def test_safe_path_part(text: str, expected: str) -> None:
+    assert safe_path_part(text) == expected
