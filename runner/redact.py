@@ -17,6 +17,9 @@ _SECRET_NAME = re.compile(r"(secret|token|passw|credential|private|api_?key|acce
 _ASSIGNMENT = re.compile(
     rb"(?i)\b([A-Z0-9_.-]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD))(\s*[=:]\s*)"
     rb"(\"[^\"]*\"|'[^']*'|[^\s,;&\"']+)")
+_JSON_SECRET = re.compile(
+    rb'(?i)("(?:[A-Z0-9_.-]+KEY|[A-Z0-9_.-]*(?:TOKEN|SECRET|PASSWORD|PASSWD))"\s*:\s*)'
+    rb'("(?:[^"\\]|\\.)*")')
 _URL_PASSWORD = re.compile(rb"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)([^@\s/]+)(@)")
 _CREDENTIAL_KEYS = ("credentials",)
 _MIN_SECRET_LENGTH = 4
@@ -68,6 +71,7 @@ class Masker:
         if self._literal is not None:
             data = self._literal.sub(MASK.encode(), data)
         data = _ASSIGNMENT.sub(lambda m: m.group(1) + m.group(2) + MASK.encode(), data)
+        data = _JSON_SECRET.sub(lambda m: m.group(1) + b'"' + MASK.encode() + b'"', data)
         return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK.encode() + m.group(3), data)
 
     def mask_text(self, text: str) -> str:

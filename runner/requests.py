@@ -90,6 +90,11 @@ def parse_request(body: bytes, *, min_save_interval: float = 10.0) -> tuple[dict
     filename = experiment.get("filename")
     if not isinstance(key, str) or not key.strip():
         raise BadRequest("missing experiment.key")
+    if key.startswith("/") or ".." in key.split("/") or any(c in key for c in "\0\n"):
+        raise BadRequest(f"experiment.key {key!r} is not usable in storage paths")
+    project = experiment.get("project")
+    if isinstance(project, str) and (project.startswith("/") or ".." in project.split("/")):
+        raise BadRequest(f"experiment.project {project!r} is not usable in storage paths")
     if not isinstance(filename, str) or not filename.strip():
         raise BadRequest("missing experiment.filename")
     args = experiment.get("args") or []

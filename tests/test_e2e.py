@@ -285,3 +285,62 @@ def test_options_are_validated_all_at_once(runner):
     assert runner.process.wait(30) == 2
     log = runner.log()
     assert "--executors" in log and "--queue-match" in log and "--kill-grace" in log
+
+
+def test_mutable_artifacts_are_uploaded_periodically_while_running(runner):
+    runner.start()
+    script = """
+        import os, time
+        with open(os.path.join("..", "modeldir", "checkpoint.txt"), "w") as handle:
+            handle.write("step 1")
+        print("checkpoint written", flush=True)
+        time.sleep(300)
+    """
+    request = runner.request(runner.workspace({"long.py": script}), "long.py")
+    runner.publish(request)
+    modeldir = runner.experiment_dir(request) / "modeldir.tar"
+    runner.wait_for(lambda: modeldir.exists() and "checkpoint.txt" in tar_members(modeldir),
+                    timeout=30, what="a periodic modeldir upload")
+    assert tar_members(modeldir)["checkpoint.txt"] == b"step 1"
+    scrape = runner.experiment_dir(request) / "_metadata"
+    [document] = [json.loads(p.read_text()) for p in scrape.glob("scrape-host-*.json")]
+    assert document["studioml"]["status"] == "running"
+    assert runner.record(request)["final"] is False
+    assert runner.stop() == 0
+
+
+def test_experiment_lifetime_stops_a_running_experiment(runner):
+    runner.start()
+    request = runner.request(runner.workspace({"sleep.py": "import time; time.sleep(300)"}),
+                             "sleep.py", lifetime="4s")
+    runner.publish(request)
+    record = runner.wait_final(request)
+    assert record["status"] == "expired"
+    [document] = runner.scrape_documents(request)
+    assert "experimentLifetime" in document["runner"]["message"]
+
+
+def test_runner_submit_publishes_a_studioml_request_and_waits(runner):
+    runner.start()
+    workspace = runner.workspace({"main.py": """
+        import json, os, sys
+        print(json.dumps({"experiment": {"argv": sys.argv[1:], "env": os.environ["GREETING"]}}))
+    """})
+    (workspace / "requirements.txt").write_text(
+        tiny_requirement(make_tiny_package(runner.root / "pkgs")) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "runner.submit", "--queue", runner.queue,
+         "--queue-root", str(runner.options["queue-root"]), "--storage", runner.store_root,
+         "--project", "cli", "--key", "cli-exp", "--env", "GREETING=hello", "--wait",
+         "--wait-timeout", "90s", str(workspace), "main.py", "--", "--lr", "0.1", "two words"],
+        capture_output=True, text=True, timeout=120, env=runner.env)
+    assert result.returncode == 0, result.stderr + runner.log()
+    assert "status: completed" in result.stdout
+    printed = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    assert printed["experiment"] == {"argv": ["--lr", "0.1", "two words"], "env": "hello"}
+    record = json.loads((runner.store_path(runner.store_root) / "metadata" / "cli"
+                         / "cli-exp.json").read_text())
+    experiment = record["request"]["experiment"]
+    assert experiment["pythonenv"][0].startswith("tinypkg @ file://")
+    assert experiment["artifacts"]["workspace"]["key"].startswith("blobstore/")
+    assert experiment["artifacts"]["modeldir"]["key"] == "experiments/cli-exp/modeldir.tar"

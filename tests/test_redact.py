@@ -106,6 +106,8 @@ def test_masker_ignores_tiny_secrets() -> None:
     ("MY_SECRET=abc; next=1", f"MY_SECRET={MASK}; next=1"),
     ("cloning https://user:pw@host/repo.git", f"cloning https://user:{MASK}@host/repo.git"),
     ("amqp://guest:guest@rabbit:5672/", f"amqp://guest:{MASK}@rabbit:5672/"),
+    ('{"AWS_SECRET_ACCESS_KEY": "abc", "loss": 1}', f'{{"AWS_SECRET_ACCESS_KEY": "{MASK}", "loss": 1}}'),
+    ('{"cfg": {"api_key": "a\\"b"}}', f'{{"cfg": {{"api_key": "{MASK}"}}}}'),
 ])
 def test_masker_masks_assignments_and_url_passwords(line: str, expected: str) -> None:
     masker = Masker()
@@ -119,6 +121,7 @@ def test_masker_masks_assignments_and_url_passwords(line: str, expected: str) ->
     "Downloading https://example.com/data.tar.gz (3.2 MB)",
     "http://localhost:8080/metrics",
     "user@example.com sent 3 files",
+    '{"key": "exp-1", "keys": 3}',
     "Successfully installed numpy-1.26.4",
     "",
 ])

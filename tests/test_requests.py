@@ -305,3 +305,13 @@ def test_bad_time_added(raw: bytes, match: str) -> None:
                                             ("../..", "_"), ("", "_"), ("x" * 300, "x" * 100)])
 def test_safe_path_part(text: str, expected: str) -> None:
     assert safe_path_part(text) == expected
+
+
+@pytest.mark.parametrize("field, value", [
+    ("key", "../../etc/passwd"), ("key", "/abs"), ("key", "a/../b"), ("key", "bad\nkey"),
+    ("project", "../up"), ("project", "/root"),
+])
+def test_keys_and_projects_unusable_in_storage_paths(field: str, value: str) -> None:
+    request = minimal()
+    request["experiment"][field] = value
+    bad(request, f"experiment.{field}")
