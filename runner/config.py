@@ -108,6 +108,39 @@ def _optional_url(text: str) -> str:
     return text
 
 
+def _optional_http_url(text: str) -> str:
+    if text and not re.match(r"^https?://[^/\s]+", text):
+        raise ValueError("expected an http(s):// URL")
+    return text
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 (no limit) or more")
+    return value
+
+
+def _address(text: str) -> str:
+    """``host:port`` (``:port`` = every interface); empty = off.  Port 0 picks a free one."""
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected HOST:PORT or :PORT")
+    return f"{host.strip('[]')}:{int(port)}"
+
+
+def _optional_path(text: str) -> str:
+    return str(Path(text).expanduser().absolute()) if text else ""
+
+
+# Options a running supervisor can change on SIGHUP / ``runner-ctl reload``; the rest need a
+# restart.  The reloadable ones reach the roles in a ``Reload`` message.
+RELOADABLE = ("queue_match", "queue_mismatch", "limit_tasks", "limit_idle_duration",
+              "drain_timeout", "log_level", "slack_hook", "slack_room", "slack_completed")
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("queue-match", _regex, DEFAULT_QUEUE_MATCH, "regex: queues served"),
     Option("queue-mismatch", _regex, "", "regex: queues never served (empty: none)"),
@@ -127,6 +160,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("installer", _choice("auto", "uv", "pip"), "auto", "virtualenv builder: uv when installed, else pip"),
     Option("metadata-store", _optional_url, "",
            "URL of the metadata store (default: metadata/ in each request's storage)"),
+    Option("drain-timeout", _duration, "10m",
+           "on SIGTERM or runner-ctl drain, how long running experiments may go on before "
+           "they are handed back"),
+    Option("limit-tasks", _count, "0",
+           "exit (draining) after this many experiment attempts; 0: no limit"),
+    Option("limit-idle-duration", _duration, "0s",
+           "exit (draining) after being idle this long; 0s: never"),
+    Option("prom-address", _address, "",
+           "HOST:PORT for Prometheus /metrics and /healthz (empty: off; port 0: any free port)"),
+    Option("slack-hook", _optional_http_url, "", "Slack incoming-webhook URL (empty: no notices)"),
+    Option("slack-room", str, "", "Slack channel for notices (default: the hook's own)"),
+    Option("slack-completed", _bool, "false", "also post a Slack notice when an experiment "
+           "completes", flag_only_bool=True),
+    Option("options-file", _optional_path, "",
+           "file of NAME=VALUE lines (systemd EnvironmentFile syntax) read at start and again "
+           "on SIGHUP; flags win over it, it wins over the environment"),
+    Option("log-format", _choice("text", "json"), "text", "log lines: text or JSON lines"),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("debug", _bool, "false", "debug logging and keep working directories", flag_only_bool=True),
 )
@@ -153,6 +203,15 @@ class Config:
     metadata_store: str
     log_level: str
     debug: bool
+    drain_timeout: float = 600.0
+    limit_tasks: int = 0
+    limit_idle_duration: float = 0.0
+    prom_address: str = ""
+    slack_hook: str = ""
+    slack_room: str = ""
+    slack_completed: bool = False
+    options_file: str = ""
+    log_format: str = "text"
     instance: str = ""
 
     @property
@@ -171,6 +230,14 @@ class Config:
 
     def with_instance(self, instance: str) -> "Config":
         return dataclasses.replace(self, instance=instance)
+
+    def reloadable(self) -> dict:
+        """The options a running supervisor may change (see :data:`RELOADABLE`)."""
+        return {name: getattr(self, name) for name in RELOADABLE}
+
+    def with_reloaded(self, values: Mapping[str, Any]) -> "Config":
+        """This config with the reloadable options in ``values`` replaced (others ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if k in RELOADABLE})
 
 
 def build_parser(prog: str = "runner-supervisor", description: str = "") -> argparse.ArgumentParser:
@@ -197,10 +264,41 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return from_values(vars(namespace), environ)
 
 
+def read_options_file(path: str) -> dict[str, str]:
+    """``NAME=VALUE`` lines of a systemd ``EnvironmentFile``: ``#``/``;`` comments, blank
+    lines, optional ``export``, values optionally in single or double quotes."""
+    values: dict[str, str] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("export "):
+                line = line[len("export "):].lstrip()
+            name, sep, value = line.partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{path}:{number}: expected NAME=VALUE")
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[name] = value
+    return values
+
+
 def from_values(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
-    """Build a Config from flag values (None = not given) and an environment."""
+    """Build a Config from flag values (None = not given) and an environment.
+
+    With ``--options-file`` (or ``$OPTIONS_FILE``), the file's values stand between the
+    flags and the environment.
+    """
     problems: list[str] = []
     values: dict[str, Any] = {}
+    options_file = flags.get("options_file") or environ.get("OPTIONS_FILE") or ""
+    if options_file:
+        try:
+            environ = {**environ, **read_options_file(_optional_path(options_file))}
+        except (OSError, ValueError) as exc:
+            problems.append(f"--options-file={options_file!r}: {exc}")
     for option in OPTIONS:
         raw = flags.get(option.attr)
         source = f"--{option.name}"

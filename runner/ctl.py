@@ -1,9 +1,25 @@
-"""``runner-ctl``: ask a running ``runner-supervisor`` what it is doing.
+"""``runner-ctl``: ask a running ``runner-supervisor`` what it is doing, or tell it what to do.
 
-``runner-ctl status`` prints the roles and their health, the experiments in flight (key,
-project, queue, attempt, phase, elapsed) and the experiments waiting in each queue;
-``--json`` prints the supervisor's reply as JSON for scripts.  Exit status 1 when no
-supervisor answers within ``--timeout`` seconds.
+Views (each one ``status`` request, shown in part; ``--json`` prints that part as JSON):
+
+* ``status`` — everything below, plus the supervisor's state, drain and limits;
+* ``roles`` — each role's pid, health, restarts and heartbeat stats;
+* ``health`` — one line; exit status 1 when a role is down or silent;
+* ``running`` — experiments in flight: key, project, queue, attempt, devices, phase,
+  elapsed, last metric (JSON) line;
+* ``queues`` — queues seen and the experiments waiting in each;
+* ``free`` — free resources as the fetcher's ledger sees them;
+* ``watch [VIEW]`` — redraw a view in place every ``--interval`` seconds (Ctrl-C ends it).
+
+Commands (the same code paths as the signals, see :mod:`runner.supervisor`):
+
+* ``drain [--stay]`` — like SIGTERM: take no new work, let running experiments finish
+  within ``--drain-timeout``, hand the rest back, then exit (``--stay``: stay up drained);
+* ``resume`` — undo a ``runner-ctl drain``;
+* ``stop`` — like a second SIGTERM: hand everything back now and exit;
+* ``reload`` — like SIGHUP: read the options again and apply the live ones.
+
+Exit status 1 when no supervisor answers within ``--timeout`` seconds or it refuses.
 """
 from __future__ import annotations
 
@@ -11,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import zmq
 
@@ -19,12 +36,16 @@ from .bus import Endpoints, control_client
 from .config import default_runtime_dir
 from .errors import ProtocolError
 
+VIEWS = ("status", "roles", "health", "running", "queues", "free")
+COMMANDS = ("drain", "resume", "stop", "reload")
 
-def request(runtime_dir: str, command: str, timeout: float = 5.0) -> protocol.CtlReply:
+
+def request(runtime_dir: str, command: str, timeout: float = 5.0,
+            args: dict | None = None) -> protocol.CtlReply:
     """Send one control command and return the reply; raises TimeoutError."""
     socket = control_client(Endpoints(runtime_dir))
     try:
-        socket.send(protocol.encode(protocol.CtlRequest(command=command)))
+        socket.send(protocol.encode(protocol.CtlRequest(command=command, args=args or {})))
         if not socket.poll(int(timeout * 1000)):
             raise TimeoutError(f"no runner-supervisor answered at {runtime_dir} "
                                f"within {timeout:.0f}s")
@@ -36,53 +57,176 @@ def request(runtime_dir: str, command: str, timeout: float = 5.0) -> protocol.Ct
     return reply
 
 
-def render_status(data: dict) -> str:
-    """The status reply as text for a person."""
+def _size(value) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+def render_supervisor(data: dict) -> list[str]:
     sup = data["supervisor"]
     lines = [f"supervisor pid {sup['pid']} {sup['state']}, up {sup['uptime']:.0f}s, "
              f"instance {sup['instance']}, hot path {sup['hot_path']}, "
-             f"{'taking work' if sup['taking'] else 'not taking work'}", "", "roles:"]
+             f"{'taking work' if sup['taking'] else 'not taking work'}"]
+    drain = sup.get("drain")
+    if drain:
+        lines.append(f"draining ({drain['why']}) for {drain['elapsed']:.0f}s of "
+                     f"{drain['timeout']:.0f}s"
+                     + ("; handing running work back" if drain["handing_back"] else "")
+                     + ("; exits when drained" if drain["exit"] else "; stays up when drained")
+                     + ("; runner-ctl resume undoes it" if drain.get("resumable") else ""))
+    limits = sup.get("limits") or {}
+    if limits.get("tasks"):
+        lines.append(f"task limit: {limits['tasks_taken']} of {limits['tasks']} taken")
+    if limits.get("idle_duration"):
+        lines.append(f"idle limit: {limits['idle_for']:.0f}s of {limits['idle_duration']:.0f}s")
+    if sup.get("prom_address"):
+        lines.append(f"metrics: http://{sup['prom_address']}/metrics")
+    return lines
+
+
+def render_health(data: dict) -> str:
+    sup = data["supervisor"]
+    return f"{'healthy' if sup.get('healthy') else 'UNHEALTHY'}: {sup.get('health', '?')}"
+
+
+def render_roles(data: dict) -> list[str]:
+    lines = ["roles:"]
     for name, role in data["roles"].items():
         health = "up" if role["alive"] and role["ready"] else ("booting" if role["alive"] else "DOWN")
-        stats = " ".join(f"{k}={v}" for k, v in role["stats"].items())
+        stats = " ".join(f"{k}={v}" for k, v in role["stats"].items()
+                         if not isinstance(v, (dict, list)))
         lines.append(f"  {name:<14} {health:<8} pid {role['pid']}  restarts {role['restarts']}  "
-                     f"{stats}")
-    lines += ["", f"running ({len(data['jobs'])}):"]
+                     f"heartbeat {role['heartbeat_age']:.0f}s ago  {stats}".rstrip())
+    return lines
+
+
+def render_running(data: dict) -> list[str]:
+    lines = [f"running ({len(data['jobs'])}):"]
     for job in data["jobs"]:
         lines.append(f"  {job['key']}  project={job['project'] or '-'}  queue={job['queue']}  "
                      f"attempt={job['attempt']} (#{job['attempt_number']})  {job['phase']}  "
-                     f"{job['elapsed']:.0f}s" + (f"  pid {job['pid']}" if job.get("pid") else ""))
+                     f"{job['elapsed']:.0f}s"
+                     + (f"  devices={job['devices']}" if job.get("devices") else "")
+                     + (f"  pid {job['pid']}" if job.get("pid") else ""))
+        if job.get("last_metric"):
+            lines.append(f"      last metric: {job['last_metric']}")
+    return lines
+
+
+def render_queues(data: dict) -> list[str]:
     queued = sum(max(0, q.get("depth", 0)) for q in data["queues"].values())
-    lines += ["", f"queued ({queued}):"]
+    lines = [f"queued ({queued}):"]
     for name, queue in sorted(data["queues"].items()):
         lines.append(f"  {name}: {queue.get('depth')} waiting"
                      + (f" ({queue['error']})" if queue.get("error") else ""))
         for waiting in queue.get("waiting", []):
             lines.append(f"    {waiting['key']}  project={waiting['project'] or '-'}")
+    return lines
+
+
+def render_free(data: dict) -> list[str]:
+    free = data.get("free") or {}
+    lines = ["free:"]
+    for name, value in sorted(free.items()):
+        shown = _size(value) if name in ("ram", "gpu_mem", "hdd", "disk") else value
+        lines.append(f"  {name}: {shown}")
+    return lines
+
+
+def render_status(data: dict) -> str:
+    """The status reply as text for a person."""
+    lines = render_supervisor(data) + [render_health(data), ""] + render_roles(data)
+    lines += [""] + render_running(data) + [""] + render_queues(data) + [""] + render_free(data)
     finished = data.get("finished", {})
     lines += ["", "finished: " + ", ".join(f"{k} {v}" for k, v in finished.items())]
     return "\n".join(lines)
 
 
+def view(data: dict, name: str) -> tuple[object, str]:
+    """(the part of the status reply a view shows, as JSON data; the same as text)."""
+    if name == "roles":
+        return data["roles"], "\n".join(render_roles(data))
+    if name == "health":
+        sup = data["supervisor"]
+        return ({"healthy": sup.get("healthy"), "health": sup.get("health"),
+                 "roles": {n: {"alive": r["alive"], "ready": r["ready"],
+                               "heartbeat_age": r["heartbeat_age"]}
+                           for n, r in data["roles"].items()}},
+                render_health(data))
+    if name == "running":
+        return data["jobs"], "\n".join(render_running(data))
+    if name == "queues":
+        return data["queues"], "\n".join(render_queues(data))
+    if name == "free":
+        return data.get("free") or {}, "\n".join(render_free(data))
+    return data, render_status(data)
+
+
+def watch(args, name: str) -> int:
+    """Redraw ``name`` in place until interrupted."""
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            try:
+                reply = request(args.runtime_dir, "status", args.timeout)
+                text = (json.dumps(view(reply.data, name)[0], indent=2) if args.json
+                        else view(reply.data, name)[1]) if reply.ok else reply.error
+            except (TimeoutError, ProtocolError, zmq.ZMQError) as exc:
+                text = f"runner-ctl: {exc}"
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"{clear}runner-ctl {name} at {stamp} (every {args.interval:g}s, "
+                             f"Ctrl-C to stop)\n\n{text}\n")
+            sys.stdout.flush()
+            if args.count:
+                args.count -= 1
+                if args.count == 0:
+                    return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="runner-ctl",
-                                     description="Talk to a running runner-supervisor.")
+    parser = argparse.ArgumentParser(
+        prog="runner-ctl", description="Talk to a running runner-supervisor.",
+        epilog=f"views: {', '.join(VIEWS)}; watch [VIEW]; commands: {', '.join(COMMANDS)}")
     parser.add_argument("--runtime-dir", default=os.environ.get("RUNTIME_DIR",
                                                                 str(default_runtime_dir())),
                         help="the supervisor's --runtime-dir [env RUNTIME_DIR]")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
-    parser.add_argument("command", choices=["status"], help="what to ask")
+    parser.add_argument("--interval", type=float, default=2.0, help="watch: seconds between redraws")
+    parser.add_argument("--count", type=int, default=0, help="watch: stop after N redraws")
+    parser.add_argument("--stay", action="store_true",
+                        help="drain: stay up once drained (runner-ctl resume to take work again)")
+    parser.add_argument("command", choices=VIEWS + COMMANDS + ("watch",), help="what to ask")
+    parser.add_argument("view", nargs="?", choices=VIEWS, default="status",
+                        help="watch: the view to redraw")
     args = parser.parse_args(argv)
+    if args.command == "watch":
+        return watch(args, args.view)
+    command = args.command if args.command in COMMANDS else "status"
     try:
-        reply = request(args.runtime_dir, args.command, args.timeout)
+        reply = request(args.runtime_dir, command, args.timeout,
+                        args={"stay": True} if args.command == "drain" and args.stay else None)
     except (TimeoutError, ProtocolError, zmq.ZMQError) as exc:
         print(f"runner-ctl: {exc}", file=sys.stderr)
         return 1
     if not reply.ok:
         print(f"runner-ctl: {reply.error}", file=sys.stderr)
         return 1
-    print(json.dumps(reply.data, indent=2) if args.json else render_status(reply.data))
+    if args.command in COMMANDS:
+        print(json.dumps(reply.data, indent=2) if args.json else reply.data.get("message", "ok"))
+        return 0
+    data, text = view(reply.data, args.command)
+    print(json.dumps(data, indent=2) if args.json else text)
+    if args.command == "health" and not reply.data["supervisor"].get("healthy"):
+        return 1
     return 0
 
 

@@ -21,7 +21,7 @@ Who sends what (role inboxes are PULL sockets, see :mod:`runner.bus`)::
     uploader       --JobDone-->       fetcher
     any role       --RunnerLog-->     scraper, --JobPhase--> supervisor,
                    --Heartbeat-->     supervisor
-    supervisor     --Shutdown/StopTaking/StopRuns/Adopt--> roles
+    supervisor     --Shutdown/StopTaking/StartTaking/StopRuns/Adopt/Reload--> roles
     runner-ctl     --CtlRequest-->    supervisor (REQ/ROUTER) --CtlReply-->
 """
 from __future__ import annotations
@@ -106,6 +106,25 @@ class StopTaking(Message):
     """Supervisor → fetcher: take no new requests (drain)."""
 
     TYPE: ClassVar[str] = "stop_taking"
+
+
+@dataclass(frozen=True)
+class StartTaking(Message):
+    """Supervisor → fetcher: take requests again (``runner-ctl resume`` undoing a drain)."""
+
+    TYPE: ClassVar[str] = "start_taking"
+
+
+@dataclass(frozen=True)
+class Reload(Message):
+    """Supervisor → every role: new values of the live-changeable options (SIGHUP).
+
+    ``options`` maps :class:`runner.config.Config` field names (only those in
+    ``config.RELOADABLE``) to their new, already validated values.
+    """
+
+    TYPE: ClassVar[str] = "reload"
+    options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -197,8 +216,10 @@ class JobDone(Message):
 class JobPhase(Message):
     """Any role → supervisor: where a job is now (for status, restarts and metrics).
 
-    ``phase`` is one of taken, preparing, running, scraping, uploading, finished.
-    ``detail`` carries phase facts (``pid`` when running, ``fate`` when finished).
+    ``phase`` is one of taken, preparing, running, ending, uploading, finished.
+    ``detail`` carries phase facts: ``step`` while preparing (``download`` then
+    ``environment``), ``pid`` when running, ``status`` and ``tail`` (the last KB of the
+    masked output) when uploading, ``fate``/``status``/``reason`` when finished.
     """
 
     TYPE: ClassVar[str] = "job_phase"
@@ -236,8 +257,8 @@ class CtlReply(Message):
 _NESTED = {"Job": Job, "Outcome": Outcome, "Job | None": Job, "Outcome | None": Outcome}
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Heartbeat, Shutdown, StopTaking, StopRuns, Adopt, JobAssigned, AttemptOpened,
-                JobPrepared, OutputChunk, RunnerLog, AttemptEnded, UploadRequest, JobDone,
+    for cls in (Heartbeat, Shutdown, StopTaking, StartTaking, Reload, StopRuns, Adopt,
+                JobAssigned, AttemptOpened, JobPrepared, OutputChunk, RunnerLog, AttemptEnded, UploadRequest, JobDone,
                 JobPhase, QueueStats, CtlRequest, CtlReply)
 }
 

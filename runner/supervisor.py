@@ -7,10 +7,27 @@
   is restarted (exit 4 if it keeps crashing), and the jobs it held are recovered: the
   fetcher gets them back with ``Adopt``; attempts held by another role end as cancelled
   (``RoleCrashed``) so that their request goes back to its queue, not counted.
-* Signals only record.  The first SIGTERM/SIGINT stops taking work and ends running
-  attempts (they are uploaded and their requests handed back); once nothing is in flight
-  (or ``--shutdown-timeout`` passed) the roles are stopped.  A second signal stops at once;
-  local claims left behind return to their queue when a runner next starts.
+* Signals only record; the loop acts, through the same methods as ``runner-ctl``:
+
+  - SIGTERM/SIGINT (and ``runner-ctl drain``): :meth:`Supervisor.request_drain` — take no
+    new requests, let running attempts finish for up to ``--drain-timeout``, then end the
+    rest as cancelled so that their requests go back to their queues uncounted, and exit
+    once nothing is in flight (or ``--shutdown-timeout`` after the hand-back began);
+  - a second SIGTERM/SIGINT (and ``runner-ctl stop``): :meth:`Supervisor.request_stop_now`
+    — hand everything back now; a third exits at once (local claims left behind return to
+    their queue when a runner next starts);
+  - ``runner-ctl resume``: :meth:`Supervisor.request_resume` undoes a drain started by
+    ``runner-ctl drain`` (not one started by a signal or a limit);
+  - SIGHUP (and ``runner-ctl reload``): :meth:`Supervisor.request_reload` — read the
+    options again (flags, ``--options-file``, environment) and apply the live ones (queue
+    match/mismatch, limits, drain timeout, log level, Slack) here and, with a ``Reload``
+    message, in every role.
+
+* ``--limit-tasks`` and ``--limit-idle-duration`` end the runner through the same drain.
+* systemd: READY once every role is up and the queues were listed, STATUS lines, WATCHDOG
+  only while healthy, STOPPING when an exiting drain begins (:mod:`runner.systemd`).
+* ``--prom-address``: ``/metrics`` and ``/healthz`` (:mod:`runner.metrics`); Slack notices
+  on a background thread (:mod:`runner.slack`).
 * ``runner-ctl`` talks to it over the control socket (:mod:`runner.ctl`).
 """
 from __future__ import annotations
@@ -27,10 +44,11 @@ from pathlib import Path
 
 import zmq
 
-from . import __version__, _fast, config as config_module, fates, protocol
+from . import __version__, _fast, config as config_module, fates, protocol, slack as slack_module
 from .bus import ROLES, Bus, Endpoints, control_server
 from .errors import ConfigError, ProtocolError
-from .logs import setup_logging
+from .logs import set_level, setup_logging
+from .systemd import NOTIFY_VARIABLES, Notifier
 
 log = logging.getLogger("runner.supervisor")
 
@@ -39,6 +57,11 @@ BOOT_TIMEOUT = 60.0
 HEARTBEAT_TIMEOUT = 30.0
 CRASH_WINDOW, CRASH_LIMIT = 60.0, 5
 STOP_WAIT = 10.0
+HEALTHY_HEARTBEAT_AGE = 10.0
+STOP_RUNS_EVERY = 1.0
+STATUS_EVERY = 2.0
+# Never passed to roles (and so never to experiments): systemd's and Slack's.
+PRIVATE_VARIABLES = NOTIFY_VARIABLES + ("SLACK_HOOK",)
 
 # Which role holds a job in each phase (for recovery when that role dies).
 PHASE_OWNER = {"taken": "cache_manager", "preparing": "cache_manager", "running": "executor",
@@ -65,22 +88,50 @@ class FatalError(Exception):
         self.code = code
 
 
+@dataclass
+class Drain:
+    """A drain in progress: no new work; running work finishes or is handed back."""
+
+    why: str
+    origin: str          # "signal", "ctl" or "limit"
+    since: float         # time.time()
+    exit: bool           # exit once nothing is in flight (else stay up, drained)
+    stop_now: bool = False
+    handing_back_since: float | None = None
+    last_stop_runs: float = 0.0
+    stopping_sent: bool = False
+
+
 class Supervisor:
     """The supervisor's state and loop; ``run()`` returns the process exit status."""
 
-    def __init__(self, config: config_module.Config):
+    def __init__(self, config: config_module.Config, flags: dict | None = None):
         self.started = time.time()
+        self.flags = dict(flags or {})  # the command line's values, for reloads
         self.config = config.with_instance(
             f"{config.hostname}-{os.getpid()}-{_fast.b62encode(int(self.started))}")
         self.endpoints = Endpoints(self.config.runtime_dir)
         self.roles = {name: RoleProcess(name) for name in ROLES}
         self.jobs: dict[str, dict] = {}
         self.queues: dict = {}
+        self.queues_listed = False
         self.fetcher_taking = True
         self.signals: list[int] = []
-        self.stopping_since: float | None = None
+        self.term_signals = 0
+        self.drain: Drain | None = None
         self.state = "starting"
         self.finished = {"completed": 0, "failed": 0, "expired": 0, "requeued": 0, "dead": 0}
+        self.tasks_taken = 0
+        self.limit_stopped = False
+        self.idle_since = time.time()
+        self.health: tuple[bool, str] = (False, "starting")
+        self.notifier = Notifier()
+        self.ready_sent = False
+        self._last_status = ("", 0.0)
+        self.metrics = None
+        self.metrics_server = None
+        self.slack: slack_module.Slack | None = None
+        self.reloads = 0
 
     # -- start-up -------------------------------------------------------------------
     def lock_runtime_dir(self) -> None:
@@ -98,7 +149,8 @@ class Supervisor:
         self._lock_file.flush()
 
     def spawn(self, role: RoleProcess) -> None:
-        env = dict(os.environ, RUNNER_ROLE_CONFIG=self.config.to_json())
+        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
+        env["RUNNER_ROLE_CONFIG"] = self.config.to_json()
         role.process = subprocess.Popen([sys.executable, "-m", "runner.rolehost", role.name],
                                         env=env, stdin=subprocess.DEVNULL)
         role.ready = False
@@ -133,17 +185,22 @@ class Supervisor:
             self.poller.register(self.bus.inbox, zmq.POLLIN)
             self.poller.register(self.control, zmq.POLLIN)
             self.install_signal_handlers()
+            self.start_observability()
             log.info("runner-supervisor %s starting: instance %s, queues under %s, %d executors, "
                      "hot path %s", __version__, self.config.instance, self.config.queue_root,
                      self.config.executors, _fast.IMPLEMENTATION)
+            self.notifier.status("starting roles")
             self.boot()
             self.state = "running"
+            self.idle_since = time.time()
             log.info("all roles up; serving queues matching %s", self.config.queue_match)
             while True:
                 self.serve_once(0.1)
                 self.watch_roles()
-                if self.handle_signals():
+                if self.handle_signals() or self.drain_progress():
                     break
+                self.check_limits()
+                self.report()
             return 0
         except FatalError as exc:
             if exc.code:
@@ -151,7 +208,44 @@ class Supervisor:
                 print(f"runner-supervisor: {exc}", file=sys.stderr, flush=True)
             return exc.code
         finally:
+            self.health = (False, "stopping")
+            if not (self.drain and self.drain.stopping_sent):
+                self.notifier.stopping("stopping")
             self.stop_roles()
+            self.stop_observability()
+
+    def start_observability(self) -> None:
+        """The metrics/health HTTP server and the Slack poster, when configured."""
+        if self.config.prom_address:
+            from .metrics import Metrics, MetricsServer  # prometheus-client only when asked
+            self.metrics = Metrics(self.config.hostname,
+                                   lambda: {n: r.stats for n, r in self.roles.items()})
+            try:
+                self.metrics_server = MetricsServer(self.config.prom_address, self.metrics,
+                                                    lambda: self.health).start()
+            except OSError as exc:
+                raise FatalError(EXIT_CONFIG, f"--prom-address "
+                                 f"{self.config.prom_address}: {exc}") from None
+            log.info("metrics on http://%s/metrics, health on /healthz",
+                     self.metrics_server.address)
+        self.configure_slack()
+
+    def configure_slack(self) -> None:
+        hook, room = self.config.slack_hook, self.config.slack_room
+        if self.slack is not None and (self.slack.hook, self.slack.room) == (hook, room):
+            return
+        if self.slack is not None:
+            self.slack.close(wait=0)
+            self.slack = None
+        if hook:
+            self.slack = slack_module.Slack(hook, room)
+
+    def stop_observability(self) -> None:
+        if self.slack is not None:
+            self.slack.close(wait=2.0)  # bounded: a dead Slack never holds the exit up
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.notifier.close()
 
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -161,34 +255,216 @@ class Supervisor:
         """Act on recorded signals; True when the loop should end now."""
         while self.signals:
             signum = self.signals.pop(0)
+            name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                log.info("SIGHUP: nothing to reload in this version")
+                self.request_reload(f"signal {name}")
                 continue
-            if self.stopping_since is None:
-                self.begin_stop(f"signal {signal.Signals(signum).name}")
+            self.term_signals += 1
+            if self.term_signals == 1:
+                self.request_drain(f"signal {name}", origin="signal")
+            elif self.term_signals == 2:
+                self.request_stop_now(f"second signal {name}")
             else:
-                log.warning("second stop signal: stopping now; unfinished claims return to "
-                            "their queues when a runner next starts")
+                log.warning("signal %s again: exiting now; unfinished claims return to their "
+                            "queues when a runner next starts", name)
                 return True
-        if self.stopping_since is None:
+        return False
+
+    # -- drain, stop, resume, reload: one code path each for signals, ctl and limits -----
+    def request_drain(self, why: str, origin: str, exit: bool = True) -> str:
+        """Take no new work; let running attempts finish for ``--drain-timeout``, then hand
+        the rest back; exit once nothing is in flight (``exit``) or stay up drained."""
+        drain = self.drain
+        if drain is None:
+            drain = self.drain = Drain(why=why, origin=origin, since=time.time(), exit=exit)
+            log.info("%s: draining: taking no new work; %d attempts in flight may finish "
+                     "within %.0fs (--drain-timeout), then are handed back", why,
+                     len(self.jobs), self.config.drain_timeout)
+            self.state = "draining"
+            self.bus.send("fetcher", protocol.StopTaking())
+        else:
+            if exit and not drain.exit:
+                log.info("%s: the runner will exit once drained", why)
+                drain.exit = True
+            if origin != "ctl" and drain.origin == "ctl":
+                drain.origin, drain.why = origin, why
+        if drain.exit and drain.origin != "ctl" and not drain.stopping_sent:
+            drain.stopping_sent = True
+            self.notifier.stopping(f"draining ({why}): {len(self.jobs)} in flight")
+        if self.metrics is not None:
+            self.metrics.draining.set(1)
+        return f"draining: {len(self.jobs)} attempts in flight"
+
+    def request_stop_now(self, why: str) -> str:
+        """End every attempt now (cancelled, handed back uncounted), then exit."""
+        if self.drain is None:
+            self.request_drain(why, origin="signal")
+        drain = self.drain
+        drain.exit = True
+        if not drain.stopping_sent:
+            drain.stopping_sent = True
+            self.notifier.stopping(f"stopping now ({why})")
+        if not drain.stop_now:
+            log.warning("%s: stopping now; handing %d attempts back to their queues", why,
+                        len(self.jobs))
+            drain.stop_now = True
+            drain.handing_back_since = time.time()
+            self.state = "stopping"
+            for name in ("cache_manager", "executor"):
+                self.bus.send(name, protocol.StopRuns(reason=why))
+        return f"stopping now: handing {len(self.jobs)} attempts back"
+
+    def request_resume(self, why: str) -> tuple[bool, str]:
+        """Undo a drain started by ``runner-ctl drain``; take work again."""
+        drain = self.drain
+        if drain is None:
+            return False, "not draining"
+        if drain.stop_now or drain.origin != "ctl":
+            return False, (f"the drain was started by {drain.why} and cannot be resumed; "
+                           "start the runner again instead")
+        log.info("%s: resuming; taking work again", why)
+        self.drain = None
+        self.state = "running"
+        self.idle_since = time.time()
+        self.bus.send("fetcher", protocol.StartTaking())
+        self.fetcher_taking = True
+        if self.metrics is not None:
+            self.metrics.draining.set(0)
+        self.notifier.status(self.summary())
+        return True, "resumed: taking work"
+
+    def request_reload(self, why: str) -> tuple[bool, str]:
+        """Read the options again and apply the live ones here and in every role."""
+        try:
+            fresh = config_module.from_values(self.flags, os.environ)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("%s: reload refused: %s", why, problem)
+            return False, "reload refused: " + "; ".join(exc.problems)
+        changed = {name: value for name, value in fresh.reloadable().items()
+                   if getattr(self.config, name) != value}
+        fixed = sorted(name for name in config_module.Config.__dataclass_fields__
+                       if name not in config_module.RELOADABLE and name != "instance"
+                       and getattr(fresh, name) != getattr(self.config, name))
+        if fixed:
+            log.warning("%s: %s changed but only takes effect after a restart", why,
+                        ", ".join(fixed))
+        self.reloads += 1
+        if not changed:
+            log.info("%s: options reloaded, nothing live changed", why)
+            return True, "reloaded: nothing changed" + (
+                f" (restart needed for {', '.join(fixed)})" if fixed else "")
+        self.config = self.config.with_reloaded(changed)
+        set_level(self.config.log_level)
+        shown = {k: ("***" if k == "slack_hook" and v else v) for k, v in changed.items()}
+        log.info("%s: reloaded %s", why, ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items())))
+        for name in ROLES:
+            self.bus.send(name, protocol.Reload(options=changed))
+        self.configure_slack()
+        limit = self.config.limit_tasks
+        if self.limit_stopped and (not limit or self.tasks_taken < limit) and self.drain is None:
+            self.limit_stopped = False
+            self.bus.send("fetcher", protocol.StartTaking())
+        return True, "reloaded: " + ", ".join(sorted(changed)) + (
+            f" (restart needed for {', '.join(fixed)})" if fixed else "")
+
+    def drain_progress(self) -> bool:
+        """Move a drain along; True when the loop should end (exit)."""
+        drain = self.drain
+        if drain is None:
             return False
+        now = time.time()
         if not self.jobs and not self.fetcher_taking:
-            log.info("nothing in flight; stopping")
-            return True
-        if time.time() - self.stopping_since > self.config.shutdown_timeout:
-            log.warning("--shutdown-timeout passed with %d jobs in flight; stopping anyway",
+            if drain.exit:
+                log.info("drained (%s): nothing in flight; stopping", drain.why)
+                if not drain.stopping_sent:
+                    drain.stopping_sent = True
+                    self.notifier.stopping(f"drained ({drain.why}); stopping")
+                return True
+            self.state = "drained"
+            return False
+        if drain.handing_back_since is None and now - drain.since >= self.config.drain_timeout:
+            log.warning("--drain-timeout (%.0fs) passed with %d attempts in flight; handing "
+                        "them back to their queues", self.config.drain_timeout, len(self.jobs))
+            drain.handing_back_since = now
+            self.state = "handing back"
+        if drain.handing_back_since is None:
+            return False
+        if not drain.stop_now and self.jobs and now - drain.last_stop_runs >= STOP_RUNS_EVERY:
+            # Named attempts only (so a resume leaves the roles able to run new ones); sent
+            # again while any is left, for attempts that were between two roles.
+            drain.last_stop_runs = now
+            ids = sorted(self.jobs)
+            for name in ("cache_manager", "executor"):
+                self.bus.send(name, protocol.StopRuns(reason=f"drain: {drain.why}", job_ids=ids))
+        if drain.exit and now - drain.handing_back_since > self.config.shutdown_timeout:
+            log.warning("--shutdown-timeout passed with %d attempts in flight; stopping anyway",
                         len(self.jobs))
             return True
         return False
 
-    def begin_stop(self, why: str) -> None:
-        """Drain: take no new work, end running attempts so they are handed back."""
-        log.info("%s: taking no new work and handing running work back", why)
-        self.stopping_since = time.time()
-        self.state = "stopping"
-        self.bus.send("fetcher", protocol.StopTaking())
-        for name in ("cache_manager", "executor"):
-            self.bus.send(name, protocol.StopRuns(reason=why))
+    def check_limits(self) -> None:
+        """--limit-tasks and --limit-idle-duration end the runner through a drain."""
+        if self.drain is not None:
+            return
+        now = time.time()
+        if self.jobs:
+            self.idle_since = now
+        limit = self.config.limit_tasks
+        if limit and self.tasks_taken >= limit and not self.jobs:
+            self.request_drain(f"--limit-tasks {limit} reached", origin="limit")
+        elif (self.config.limit_idle_duration and not self.jobs
+              and now - self.idle_since >= self.config.limit_idle_duration):
+            self.request_drain(f"idle for {now - self.idle_since:.0f}s "
+                               "(--limit-idle-duration)", origin="limit")
+
+    # -- health, systemd, metrics ---------------------------------------------------
+    def evaluate_health(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        problems = []
+        for role in self.roles.values():
+            alive = role.process is not None and role.process.poll() is None
+            if not alive:
+                problems.append(f"{role.name} down")
+            elif not role.ready:
+                problems.append(f"{role.name} not ready")
+            elif now - role.last_heartbeat > HEALTHY_HEARTBEAT_AGE:
+                problems.append(f"{role.name} silent for {now - role.last_heartbeat:.0f}s")
+            if self.metrics is not None:
+                self.metrics.role_up.labels(role.name).set(
+                    1 if alive and role.ready and now - role.last_heartbeat <= HEALTHY_HEARTBEAT_AGE
+                    else 0)
+        return (not problems, "; ".join(problems) or "ok")
+
+    def summary(self) -> str:
+        running = len(self.jobs)
+        finished = sum(self.finished.values())
+        served = len(self.queues)
+        head = {"running": "serving", "starting": "starting"}.get(self.state, self.state)
+        if self.limit_stopped and self.drain is None:
+            head = "task limit reached"
+        return (f"{head}: {running} in flight, {finished} finished, {served} queues"
+                + ("" if self.health[0] else f"; unhealthy: {self.health[1]}"))
+
+    def report(self) -> None:
+        """Health, systemd READY/STATUS/WATCHDOG, and the start notice."""
+        self.health = self.evaluate_health()
+        if self.metrics is not None:
+            self.metrics.healthy.set(1 if self.health[0] else 0)
+        if not self.ready_sent and self.queues_listed:
+            self.ready_sent = True
+            self.notifier.ready(self.summary())
+            log.info("ready: %d queues listed", len(self.queues))
+            if self.slack is not None:
+                self.slack.post(slack_module.started_notice(
+                    self.config.hostname, self.config.instance, __version__, sorted(self.queues)))
+        self.notifier.watchdog(self.health[0])
+        text, at = self._last_status
+        now = time.monotonic()
+        current = self.summary()
+        if self.ready_sent and current != text and now - at >= STATUS_EVERY:
+            self._last_status = (current, now)
+            self.notifier.status(current)
 
     def serve_once(self, timeout: float) -> None:
         events = dict(self.poller.poll(int(timeout * 1000)))
@@ -209,6 +485,8 @@ class Supervisor:
             role.stats = message.stats
             if not role.ready:
                 role.ready = True
+                if role.name == "fetcher" and (self.drain is not None or self.limit_stopped):
+                    self.bus.send("fetcher", protocol.StopTaking())  # a restarted fetcher
                 if role.needs_adopt:
                     role.needs_adopt = False
                     self.bus.send("fetcher", protocol.Adopt(
@@ -218,20 +496,77 @@ class Supervisor:
         elif isinstance(message, protocol.QueueStats):
             self.queues = message.queues
             self.fetcher_taking = message.taking
+            self.queues_listed = True
 
     def track(self, phase: protocol.JobPhase) -> None:
         job_id = phase.job.job_id
         if phase.phase == "finished":
-            self.jobs.pop(job_id, None)
+            entry = self.jobs.pop(job_id, None) or {"job": phase.job, "detail": {}, "times": {}}
             fate = phase.detail.get("fate")
             status = phase.detail.get("status")
             key = {"ack": status, "requeue": "requeued", "dead": "dead"}.get(fate)
             if key in self.finished:
                 self.finished[key] += 1
+            self.observe(entry, "finished", phase.at)
+            if self.metrics is not None:
+                self.metrics.job_finished(phase.job, key or "unknown")
+            self.notify_finished(entry, phase)
             return
-        entry = self.jobs.setdefault(job_id, {"job": phase.job, "detail": {}})
+        new = job_id not in self.jobs
+        entry = self.jobs.setdefault(job_id, {"job": phase.job, "detail": {}, "times": {}})
         entry.update(phase=phase.phase, since=phase.at)
         entry["detail"].update(phase.detail)
+        if new and phase.phase == "taken":
+            self.tasks_taken += 1
+            limit = self.config.limit_tasks
+            if limit and self.tasks_taken >= limit and not self.limit_stopped:
+                self.limit_stopped = True
+                log.info("--limit-tasks %d: taken %d; taking no more, exiting once they are "
+                         "done", limit, self.tasks_taken)
+                self.bus.send("fetcher", protocol.StopTaking())
+            if self.metrics is not None:
+                self.metrics.job_started(phase.job)
+        step = phase.detail.get("step")
+        self.observe(entry, f"{phase.phase}:{step}" if step else phase.phase, phase.at)
+
+    # Which phase boundary ends which histogram phase: boundary -> (histogram, started by).
+    PHASE_SPANS = {"taken": ("queue_wait", None),
+                   "preparing:environment": ("download", "preparing:download"),
+                   "running": ("environment", "preparing:environment"),
+                   "ending": ("run", "running"),
+                   "finished": ("upload", "uploading")}
+
+    def observe(self, entry: dict, boundary: str, at: float) -> None:
+        """Record when ``boundary`` was crossed and observe the phase it ends."""
+        times = entry.setdefault("times", {})
+        times.setdefault(boundary, at)
+        span = self.PHASE_SPANS.get(boundary)
+        if span is None or self.metrics is None:
+            return
+        name, start_boundary = span
+        if start_boundary is None:  # queue wait: from the request's time_added
+            added = entry["job"].request.get("experiment", {}).get("time_added")
+            start = float(added) if isinstance(added, (int, float)) and added > 0 else None
+        else:
+            start = times.get(start_boundary)
+        if start is not None:
+            self.metrics.observe(name, at - start)
+
+    def notify_finished(self, entry: dict, phase: protocol.JobPhase) -> None:
+        """Slack: final failures and expiries (with the output tail), completions if asked."""
+        if self.slack is None:
+            return
+        fate, status = phase.detail.get("fate"), phase.detail.get("status")
+        final = fate in (fates.ACK, fates.DEAD)
+        if fate == fates.DEAD:
+            status = "dead-lettered"
+        wanted = (final and status in (fates.FAILED, fates.EXPIRED, "dead-lettered")) or (
+            status == fates.COMPLETED and self.config.slack_completed)
+        if wanted:
+            self.slack.post(slack_module.experiment_notice(
+                self.config.hostname, phase.job, status, phase.detail.get("reason", ""),
+                entry["detail"].get("tail", "") if status != fates.COMPLETED else "",
+                final=final))
 
     # -- role health ----------------------------------------------------------------
     def watch_roles(self) -> None:
@@ -319,11 +654,29 @@ class Supervisor:
                 reply = protocol.CtlReply(ok=False, error=str(exc))
             self.control.send_multipart([identity, empty, protocol.encode(reply)])
 
+    CONTROL_COMMANDS = ("status", "drain", "resume", "stop", "reload")
+
     def control_command(self, request: protocol.CtlRequest) -> protocol.CtlReply:
-        if request.command == "status":
+        command = request.command
+        if command == "status":
             return protocol.CtlReply(ok=True, data=self.status())
-        return protocol.CtlReply(ok=False, error=f"unknown command {request.command!r} "
-                                                 "(known: status)")
+        if command == "drain":
+            stay = bool(request.args.get("stay"))
+            message = self.request_drain("runner-ctl drain", origin="ctl", exit=not stay)
+            return protocol.CtlReply(ok=True, data={"message": message})
+        if command == "stop":
+            return protocol.CtlReply(ok=True, data={
+                "message": self.request_stop_now("runner-ctl stop")})
+        if command == "resume":
+            ok, message = self.request_resume("runner-ctl resume")
+            return protocol.CtlReply(ok=ok, data={"message": message},
+                                     error="" if ok else message)
+        if command == "reload":
+            ok, message = self.request_reload("runner-ctl reload")
+            return protocol.CtlReply(ok=ok, data={"message": message},
+                                     error="" if ok else message)
+        return protocol.CtlReply(ok=False, error=f"unknown command {command!r} "
+                                                 f"(known: {', '.join(self.CONTROL_COMMANDS)})")
 
     def status(self) -> dict:
         now_mono, now = time.monotonic(), time.time()
@@ -336,17 +689,45 @@ class Supervisor:
                                 "heartbeat_age": round(now_mono - role.last_heartbeat, 1),
                                 "stats": role.stats}
         jobs = []
+        last_metric = self.roles["scraper"].stats.get("last_metric") or {}
         for job_id, entry in sorted(self.jobs.items()):
             job = entry["job"]
             jobs.append({"attempt": job_id, "key": job.key, "project": job.project,
                          "queue": job.queue, "attempt_number": job.attempts + 1,
                          "phase": entry["phase"], "pid": entry["detail"].get("pid"),
-                         "elapsed": round(now - job.taken_at, 1)})
+                         "devices": job.resources.get("devices") or "",
+                         "elapsed": round(now - job.taken_at, 1),
+                         "last_metric": last_metric.get(job_id, "")})
+        drain = None
+        if self.drain is not None:
+            drain = {"why": self.drain.why, "origin": self.drain.origin,
+                     "elapsed": round(now - self.drain.since, 1),
+                     "timeout": self.config.drain_timeout, "exit": self.drain.exit,
+                     "stop_now": self.drain.stop_now,
+                     "handing_back": self.drain.handing_back_since is not None,
+                     "resumable": self.drain.origin == "ctl" and not self.drain.stop_now}
+        fetcher = self.roles["fetcher"].stats
+        healthy, reason = self.health
         return {"supervisor": {"pid": os.getpid(), "instance": self.config.instance,
+                               "host": self.config.hostname,
                                "state": self.state, "uptime": round(now - self.started, 1),
                                "version": __version__, "hot_path": _fast.IMPLEMENTATION,
-                               "taking": self.fetcher_taking},
-                "roles": roles, "jobs": jobs, "queues": self.queues, "finished": self.finished}
+                               "taking": self.fetcher_taking, "healthy": healthy,
+                               "health": reason, "drain": drain,
+                               "limits": {"tasks": self.config.limit_tasks,
+                                          "tasks_taken": self.tasks_taken,
+                                          "idle_duration": self.config.limit_idle_duration,
+                                          "idle_for": 0.0 if self.jobs
+                                          else round(now - self.idle_since, 1)},
+                               "queue_match": self.config.queue_match,
+                               "queue_mismatch": self.config.queue_mismatch,
+                               "log_level": self.config.log_level, "reloads": self.reloads,
+                               "prom_address": (self.metrics_server.address
+                                                if self.metrics_server else ""),
+                               "systemd": self.notifier.enabled,
+                               "slack": self.slack.stats() if self.slack else None},
+                "roles": roles, "jobs": jobs, "queues": self.queues,
+                "free": fetcher.get("free") or {}, "finished": self.finished}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,7 +741,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config, role="supervisor")
-    return Supervisor(config).run()
+    flags = {name: value for name, value in vars(parser.parse_args(argv)).items()
+             if value is not None}
+    return Supervisor(config, flags=flags).run()
 
 
 if __name__ == "__main__":

@@ -111,7 +111,10 @@ class Runner:
         self.store_root = (root / "store").as_uri()
         self.options = {"queue-root": root / "q", "working-dir": root / "w",
                         "cache-dir": root / "c", "runtime-dir": root / "run",
-                        "executors": 2, "kill-grace": "1s", "min-save-interval": "1s"}
+                        "executors": 2, "kill-grace": "1s", "min-save-interval": "1s",
+                        # Stopping a test runner hands long experiments back soon; drain
+                        # tests set their own.
+                        "drain-timeout": "1s"}
         self.options.update({k.replace("_", "-"): v for k, v in options.items()})
         self.process: subprocess.Popen | None = None
         self.log_path = root / "supervisor.log"

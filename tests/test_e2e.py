@@ -176,6 +176,7 @@ def test_malformed_request_goes_to_dead_folder_and_runner_keeps_serving(runner):
 
 
 def test_sigterm_hands_running_work_back_and_a_new_supervisor_completes_it(runner):
+    """SIGTERM drains; an experiment still running at --drain-timeout (1s) is handed back."""
     runner.start()
     marker = runner.root / "first-run-marker"
     script = f"""

@@ -16,8 +16,8 @@ from runner.bus import Bus, Endpoints
 from runner.errors import ProtocolError
 from runner.protocol import (Adopt, AttemptEnded, AttemptOpened, CtlReply, CtlRequest, Heartbeat,
                              Job, JobAssigned, JobDone, JobPhase, JobPrepared, Outcome,
-                             OutputChunk, QueueStats, RunnerLog, Shutdown, StopRuns, StopTaking,
-                             UploadRequest)
+                             OutputChunk, QueueStats, Reload, RunnerLog, Shutdown, StartTaking,
+                             StopRuns, StopTaking, UploadRequest)
 
 
 def make_job(job_id: str = "host-1r31eq") -> Job:
@@ -37,6 +37,9 @@ SAMPLES = {
     "heartbeat": Heartbeat(role="executor", pid=4242, stats={"running": 2}),
     "shutdown": Shutdown(reason="SIGTERM"),
     "stop_taking": StopTaking(),
+    "start_taking": StartTaking(),
+    "reload": Reload(options={"queue_match": "^local_a$", "limit_tasks": 3,
+                              "log_level": "debug"}),
     "stop_runs": StopRuns(reason="limit", job_ids=["host-a", "host-b"]),
     "adopt": Adopt(jobs=[protocol.to_map(make_job())]),
     "job_assigned": JobAssigned(job=make_job()),

@@ -21,6 +21,7 @@ from typing import ClassVar
 from .. import protocol
 from ..bus import SUPERVISOR, Bus
 from ..config import Config
+from ..logs import set_level
 
 
 class Role:
@@ -54,6 +55,12 @@ class Role:
 
     def shutdown(self) -> None:
         """Release what ``initialize()`` opened."""
+
+    def reload(self, options: dict) -> None:
+        """Take the supervisor's new live options (SIGHUP); subclasses extend, calling this."""
+        self.config = self.config.with_reloaded(options)
+        set_level(self.config.log_level)
+        self.log.debug("reloaded options: %s", ", ".join(sorted(options)))
 
     # -- shared machinery -----------------------------------------------------------
     def post(self, destination: str, message: protocol.Message) -> None:
@@ -102,7 +109,10 @@ class Role:
                     self._stop.set()
                     break
                 try:
-                    self.handle(message)
+                    if isinstance(message, protocol.Reload):
+                        self.reload(message.options)
+                    else:
+                        self.handle(message)
                 except Exception:  # a bad message must not kill the role
                     self.log.exception("failed to handle %s", message.TYPE)
                 self.flush_outbox()

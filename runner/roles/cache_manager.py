@@ -43,7 +43,7 @@ class CacheManager(Role):
             self.bus.send("scraper", protocol.AttemptOpened(job=job))
             with self.lock:
                 self.preparing[job.job_id] = job
-            self.phase(job, "preparing")
+            self.phase(job, "preparing", step="download")
             self.pool.submit(self.prepare, job)
         elif isinstance(message, protocol.StopRuns):
             with self.lock:
@@ -62,6 +62,7 @@ class CacheManager(Role):
         try:
             self.check_cancelled(job)
             self.download_artifacts(job, log)
+            self.phase(job, "preparing", step="environment")
             self.check_cancelled(job)
             experiment = job.request.get("experiment", {})
             interpreter = find_interpreter(experiment.get("pythonver"),

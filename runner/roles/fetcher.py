@@ -42,6 +42,9 @@ class Fetcher(Role):
         self.queues: list[str] = []
         self.backoff: dict[str, float] = {}
         self.taking = True
+        self.taken_total = 0  # attempts taken by this process (for --limit-tasks)
+        self.checked: dict[str, int] = {}  # queue -> times asked for work
+        self.ignored: dict[str, int] = {}  # queue -> times left out by match/mismatch
         self.attempt_ids = metadata.AttemptIds(self.config.hostname)
         self._next_discover = self._next_stats = self._next_keep_alive = 0.0
         self._rotation = 0
@@ -54,8 +57,16 @@ class Fetcher(Role):
             self.log.info("taking no new requests")
             self.taking = False
             self.send_stats()
+        elif isinstance(message, protocol.StartTaking):
+            self.log.info("taking requests again")
+            self.taking = True
+            self.send_stats()
         elif isinstance(message, protocol.Adopt):
             self.adopt(protocol.jobs_from_maps(message.jobs))
+
+    def reload(self, options: dict) -> None:
+        super().reload(options)
+        self._next_discover = 0.0  # apply a new queue match/mismatch at once
 
     def adopt(self, jobs: list[protocol.Job]) -> None:
         """Hold again the jobs a previous fetcher process had handed out."""
@@ -91,8 +102,11 @@ class Fetcher(Role):
             except (QueueError, OSError) as exc:
                 self.log.warning("cannot list %s queues: %s", backend.kind, exc)
                 continue
-            found += [n for n in names
-                      if matches(n, self.config.queue_match, self.config.queue_mismatch or None)]
+            for name in names:
+                if matches(name, self.config.queue_match, self.config.queue_mismatch or None):
+                    found.append(name)
+                else:
+                    self.ignored[name] = self.ignored.get(name, 0) + 1
         if sorted(found) != sorted(self.queues):
             self.log.info("serving queues: %s", ", ".join(sorted(found)) or "(none)")
         self.queues = sorted(found)
@@ -100,13 +114,17 @@ class Fetcher(Role):
     def take_while_room(self) -> None:
         """Take requests round-robin across queues while the ledger has a free slot."""
         idle_rounds = 0
+        limit = self.config.limit_tasks
         while self.ledger.has_slot() and self.queues and idle_rounds < len(self.queues):
+            if limit and self.taken_total >= limit:
+                return  # --limit-tasks: the supervisor drains once these are done
             self._rotation = (self._rotation + 1) % len(self.queues)
             queue = self.queues[self._rotation]
             if self.backoff.get(queue, 0.0) > time.monotonic():
                 idle_rounds += 1
                 continue
             backend = self.backends[kind_of(queue)]
+            self.checked[queue] = self.checked.get(queue, 0) + 1
             try:
                 delivery = backend.take(queue)
             except (QueueError, OSError) as exc:
@@ -154,6 +172,7 @@ class Fetcher(Role):
             workdir=workdir, resources=facts.resources, taken_at=now, deadline=stale_at,
             max_duration=facts.max_duration, save_frequency=facts.save_frequency)
         self.held[job_id] = (backend, delivery, job)
+        self.taken_total += 1
         self.log.info("key=%s attempt=%s taken from %s (attempt %d)", job.key, job_id,
                       delivery.queue, delivery.attempts + 1)
         self.phase(job, "taken")
@@ -221,7 +240,8 @@ class Fetcher(Role):
         self.post("supervisor", protocol.QueueStats(queues=stats, taking=self.taking))
 
     def stats(self) -> dict:
-        return {"held": len(self.held), "free": self.ledger.free(), "taking": self.taking}
+        return {"held": len(self.held), "free": self.ledger.free(), "taking": self.taking,
+                "queue_checked": dict(self.checked), "queue_ignored": dict(self.ignored)}
 
     def shutdown(self) -> None:
         for backend in self.backends.values():

@@ -37,6 +37,7 @@ class Attempt:
     next_save: float
     json_lines: int = 0
     output_bytes: int = 0
+    last_metric: str = ""
 
 
 def disk_use(path: str) -> int:
@@ -49,6 +50,39 @@ def disk_use(path: str) -> int:
             except OSError:
                 pass
     return total
+
+
+def last_json_line(data: bytes, look_back: int = 64, width: int = 200) -> str:
+    """The last line of ``data`` that looks like a JSON object (for ``runner-ctl``), cut to
+    ``width`` characters; "" when none of the last ``look_back`` lines is one."""
+    end = len(data)
+    for _ in range(look_back):
+        if end <= 0:
+            break
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        line = data[start:end].strip()
+        if line.startswith(b"{") and line.endswith(b"}"):
+            return line[:width * 4].decode("utf-8", "replace")[:width]
+        end = start
+    return ""
+
+
+TAIL_BYTES = 4096
+
+
+def output_tail(path: str, size: int = TAIL_BYTES) -> str:
+    """The last ``size`` bytes of an (already masked) output log, from a line start."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            length = handle.tell()
+            handle.seek(max(0, length - size))
+            data = handle.read(size)
+    except OSError:
+        return ""
+    if length > size and b"\n" in data:
+        data = data[data.index(b"\n") + 1:]
+    return data.decode("utf-8", "replace")
 
 
 class Scraper(Role):
@@ -108,6 +142,9 @@ class Scraper(Role):
         attempt.output_log.write(data)
         attempt.output_artifact.write(data)
         attempt.output_bytes += len(data)
+        metric = last_json_line(data)
+        if metric:
+            attempt.last_metric = metric
         for line in _fast.merge_lines(attempt.document, data):
             operations = parse_patch(line)
             if operations is None:
@@ -152,10 +189,13 @@ class Scraper(Role):
         del self.attempts[ended.job.job_id]
         self.bus.send("uploader", protocol.UploadRequest(job=ended.job, final=True,
                                                          outcome=outcome))
-        self.phase(ended.job, "uploading")
+        self.phase(ended.job, "uploading", status=outcome.status,
+                   tail=output_tail(attempt.output_log.name))
 
     def stats(self) -> dict:
-        return {"attempts": len(self.attempts)}
+        return {"attempts": len(self.attempts),
+                "last_metric": {job_id: a.last_metric for job_id, a in self.attempts.items()
+                                if a.last_metric}}
 
     def shutdown(self) -> None:
         for attempt in self.attempts.values():
