@@ -138,7 +138,8 @@ def _optional_path(text: str) -> str:
 # Options a running supervisor can change on SIGHUP / ``runner-ctl reload``; the rest need a
 # restart.  The reloadable ones reach the roles in a ``Reload`` message.
 RELOADABLE = ("queue_match", "queue_mismatch", "limit_tasks", "limit_idle_duration",
-              "drain_timeout", "log_level", "slack_hook", "slack_room", "slack_completed")
+              "drain_timeout", "log_level", "slack_hook", "slack_room", "slack_completed",
+              "slack_timeout")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -171,6 +172,8 @@ OPTIONS: tuple[Option, ...] = (
            "HOST:PORT for Prometheus /metrics and /healthz (empty: off; port 0: any free port)"),
     Option("slack-hook", _optional_http_url, "", "Slack incoming-webhook URL (empty: no notices)"),
     Option("slack-room", str, "", "Slack channel for notices (default: the hook's own)"),
+    Option("slack-timeout", _duration, "5s", "how long one Slack post may take (it never "
+           "holds up an experiment either way)"),
     Option("slack-completed", _bool, "false", "also post a Slack notice when an experiment "
            "completes", flag_only_bool=True),
     Option("options-file", _optional_path, "",
@@ -210,6 +213,7 @@ class Config:
     slack_hook: str = ""
     slack_room: str = ""
     slack_completed: bool = False
+    slack_timeout: float = 5.0
     options_file: str = ""
     log_format: str = "text"
     instance: str = ""

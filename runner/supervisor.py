@@ -231,14 +231,16 @@ class Supervisor:
         self.configure_slack()
 
     def configure_slack(self) -> None:
-        hook, room = self.config.slack_hook, self.config.slack_room
-        if self.slack is not None and (self.slack.hook, self.slack.room) == (hook, room):
+        config = self.config
+        hook, room, timeout = config.slack_hook, config.slack_room, config.slack_timeout
+        if self.slack is not None and (self.slack.hook, self.slack.room,
+                                       self.slack.timeout) == (hook, room, timeout):
             return
         if self.slack is not None:
             self.slack.close(wait=0)
             self.slack = None
         if hook:
-            self.slack = slack_module.Slack(hook, room)
+            self.slack = slack_module.Slack(hook, room, timeout=timeout)
 
     def stop_observability(self) -> None:
         if self.slack is not None:
@@ -458,7 +460,7 @@ class Supervisor:
             if self.slack is not None:
                 self.slack.post(slack_module.started_notice(
                     self.config.hostname, self.config.instance, __version__, sorted(self.queues)))
-        self.notifier.watchdog(self.health[0])
+        self.notifier.watchdog(self.health[0] and self.ready_sent)
         text, at = self._last_status
         now = time.monotonic()
         current = self.summary()

@@ -9,6 +9,9 @@ a leading ``@``, an abstract name.  Each notice is one datagram of ``NAME=VALUE`
   runner whose roles are stuck is restarted by systemd (``WatchdogSec=`` in the unit);
 * ``STOPPING=1`` when a drain that ends in an exit begins.
 
+The socket is non-blocking: when the receiver's queue is full a notice is dropped rather than
+stalling the supervisor.
+
 Without ``NOTIFY_SOCKET`` every call is a no-op.  A send never raises: a broken notify
 socket must not stop the runner.  The unit file and its companions live in ``packaging/``
 and are installed with the package (:func:`packaged_file`).
@@ -66,6 +69,9 @@ class Notifier:
         try:
             if self._socket is None:
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Never block the supervisor's loop on a reader that is not reading: a
+                # notice that does not fit is dropped (the next one carries the news).
+                self._socket.setblocking(False)
             self._socket.sendto(text.encode("utf-8", "replace"), self.address)
         except OSError as exc:
             log.debug("sd_notify %s failed: %s", text.splitlines()[0], exc)

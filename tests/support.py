@@ -10,12 +10,17 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from runner import ctl, metadata
@@ -126,7 +131,7 @@ class Runner:
     def start(self, wait: bool = True) -> "Runner":
         argv = [sys.executable, "-m", "runner.supervisor"]
         for name, value in self.options.items():
-            argv += [f"--{name}", str(value)]
+            argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=self.env, cwd=REPO)
@@ -162,6 +167,35 @@ class Runner:
             return self.process.wait(timeout)
         finally:
             self._log.close()
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the supervisor without waiting."""
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def ctl(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        """``runner-ctl --runtime-dir … ARGS`` as a real process."""
+        return subprocess.run([sys.executable, "-m", "runner.ctl", "--runtime-dir",
+                               str(self.options["runtime-dir"]), *args],
+                              capture_output=True, text=True, check=check, env=self.env,
+                              cwd=REPO, timeout=60)
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        """GET ``path`` from the supervisor's --prom-address (as reported by its status)."""
+        address = self.status()["supervisor"]["prom_address"]
+        assert address, "the runner was started without --prom-address"
+        host, _, port = address.rpartition(":")
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -257,3 +291,76 @@ class Runner:
     def cleanup(self) -> None:
         self.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local stand-ins for the outside world: a Slack webhook, and one that never answers
+# ---------------------------------------------------------------------------------------------
+
+class SlackServer:
+    """A real HTTP server on a free loopback port that records Slack webhook posts."""
+
+    def __init__(self):
+        self.posts: list[dict] = []
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                posts.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T000/B000"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def texts(self) -> list[str]:
+        return [p.get("text", "") for p in self.posts]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SilentServer:
+    """Accepts TCP connections on a free loopback port and never answers, until closed:
+    a Slack that hangs.  ``connections`` counts the posts that reached it."""
+
+    def __init__(self):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hooks/dead"
+        self.held: list[socket.socket] = []
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+
+    @property
+    def connections(self) -> int:
+        return len(self.held)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
