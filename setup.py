@@ -3,10 +3,13 @@
 The extensions are mandatory: a missing Cython or C compiler fails the build loudly instead of
 shipping the package without them (DESIGN convention 8). Metadata lives in pyproject.toml.
 """
+import os
+import shutil
 import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 try:
     from Cython.Build import cythonize
@@ -38,6 +41,25 @@ class StrictBuildExt(build_ext):
             raise
 
 
+PACKAGING = ("studioml-runner.service", "runner.env", "studioml-runner.sysusers.conf")
+
+
+class BuildPyWithPackaging(build_py):
+    """build_py that also installs packaging/ (systemd unit, options file, sysusers) as
+    package data under runner/_packaging/, where runner.systemd.packaged_file finds it."""
+
+    def run(self):
+        super().run()
+        here = os.path.dirname(os.path.abspath(__file__))
+        target = os.path.join(self.build_lib, "runner", "_packaging")
+        os.makedirs(target, exist_ok=True)
+        for name in PACKAGING:
+            source = os.path.join(here, "packaging", name)
+            if not os.path.isfile(source):
+                raise SystemExit(f"packaging/{name} is missing; it is installed with the package")
+            shutil.copyfile(source, os.path.join(target, name))
+
+
 DIRECTIVES = {
     "language_level": 3,
     "boundscheck": False,
@@ -53,5 +75,5 @@ extensions = [
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES, quiet=True),
-    cmdclass={"build_ext": StrictBuildExt},
+    cmdclass={"build_ext": StrictBuildExt, "build_py": BuildPyWithPackaging},
 )

@@ -114,3 +114,20 @@ def packaged_file(name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{name} is not installed with this copy of studioml-runner")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m runner.systemd unit|env|sysusers``: print an installed packaging file."""
+    import sys
+
+    names = {"unit": PACKAGING_FILES[0], "env": PACKAGING_FILES[1], "sysusers": PACKAGING_FILES[2]}
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in names:
+        print("usage: python -m runner.systemd {unit,env,sysusers}", file=sys.stderr)
+        return 2
+    sys.stdout.write(packaged_file(names[argv[0]]).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
