@@ -1,25 +1,46 @@
 # studioml-runner: runner-supervisor with the compiled hot path.
-# Options come from the environment (QUEUE_ROOT, WORKING_DIR, CACHE_DIR, EXECUTORS, ...).
+#
+#   docker build -t studioml-runner .
+#   docker run -e QUEUE_MATCH='^local_.*$' -e EXECUTORS=2 -p 9090:9090 studioml-runner
+#
+# Every option of README.md's table is read from the environment (QUEUE_MATCH, EXECUTORS,
+# DRAIN_TIMEOUT, PROM_ADDRESS, SLACK_HOOK, ...); flags given after the image name win.
+# `docker stop` sends SIGTERM: the runner drains (running experiments get DRAIN_TIMEOUT),
+# so give it time: `docker stop -t 900`, or terminationGracePeriodSeconds in Kubernetes.
 FROM python:3.11-slim AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md MANIFEST.in ./
+COPY packaging ./packaging
 COPY runner ./runner
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
  && python -c "import zipfile, glob, sys; names = zipfile.ZipFile(glob.glob('/wheels/studioml_runner-*.whl')[0]).namelist(); sys.exit(0 if any(n.endswith('.so') for n in names) else 'compiled extension missing from the wheel')"
 
 FROM python:3.11-slim
-RUN useradd --system --create-home --home-dir /var/lib/studioml-runner runner
+# tini reaps orphans of experiments (they reparent to PID 1) and forwards signals.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --create-home --home-dir /var/lib/studioml-runner runner
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
- && python -c "import runner._fast as f; assert f.IMPLEMENTATION == 'compiled'"
+ && python -c "import runner._fast as f; assert f.IMPLEMENTATION == 'compiled'" \
+ && python -m runner.systemd unit > /dev/null
 USER runner
 WORKDIR /var/lib/studioml-runner
 ENV QUEUE_ROOT=/var/lib/studioml-runner/queues \
     WORKING_DIR=/var/lib/studioml-runner/work \
     CACHE_DIR=/var/lib/studioml-runner/cache \
-    RUNTIME_DIR=/tmp/studioml-runner
+    RUNTIME_DIR=/tmp/studioml-runner \
+    PROM_ADDRESS=0.0.0.0:9090 \
+    DRAIN_TIMEOUT=10m \
+    LOG_FORMAT=json \
+    LOG_LEVEL=info
 VOLUME ["/var/lib/studioml-runner"]
-ENTRYPOINT ["runner-supervisor"]
+EXPOSE 9090
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD python -c "import os, urllib.request; port = os.environ.get('PROM_ADDRESS', ':9090').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"
+ENTRYPOINT ["/usr/bin/tini", "--", "runner-supervisor"]

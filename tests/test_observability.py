@@ -299,3 +299,29 @@ def test_last_json_line_and_output_tail(tmp):
     tail = output_tail(str(log), size=100)
     assert tail.endswith("line 1999\n") and tail.startswith("line ")
     assert output_tail(str(tmp / "missing")) == ""
+
+
+# -- Docker and Kubernetes examples ----------------------------------------------------------
+
+def test_dockerfile_runs_runner_supervisor_with_options_from_the_environment():
+    text = (REPO / "Dockerfile").read_text()
+    assert '"runner-supervisor"]' in text.split("ENTRYPOINT", 1)[1]
+    assert "COPY packaging ./packaging" in text and "PROM_ADDRESS=" in text
+    assert "/healthz" in text and "STOPSIGNAL SIGTERM" in text
+
+
+def test_kubernetes_examples_use_real_option_names():
+    yaml = pytest.importorskip("yaml")
+    folder = REPO / "examples" / "kubernetes"
+    documents = {p.name: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
+    assert {d["kind"] for d in documents.values()} == {"ConfigMap", "Secret", "Deployment"}
+    names = {o.env for o in config.OPTIONS}
+    data = documents["configmap.yaml"]["data"]
+    assert set(data) <= names, set(data) - names
+    config.from_values({}, data)  # the example options are valid
+    pod = documents["deployment.yaml"]["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > config.from_values({}, data).drain_timeout + 60
+    [container] = pod["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert any(m["mountPath"].startswith("/var/run/secrets") for m in container["volumeMounts"])
