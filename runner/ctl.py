@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the supervisor's --runtime-dir [env RUNTIME_DIR]")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
-    parser.add_argument("--interval", type=float, default=2.0, help="watch: seconds between redraws")
+    parser.add_argument("--interval", type=float, default=2.0,
+                        help="watch: seconds between redraws")
     parser.add_argument("--count", type=int, default=0, help="watch: stop after N redraws")
     parser.add_argument("--stay", action="store_true",
                         help="drain: stay up once drained (runner-ctl resume to take work again)")

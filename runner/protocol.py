@@ -258,7 +258,8 @@ _NESTED = {"Job": Job, "Outcome": Outcome, "Job | None": Job, "Outcome | None": 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (Heartbeat, Shutdown, StopTaking, StartTaking, Reload, StopRuns, Adopt,
-                JobAssigned, AttemptOpened, JobPrepared, OutputChunk, RunnerLog, AttemptEnded, UploadRequest, JobDone,
+                JobAssigned, AttemptOpened, JobPrepared, OutputChunk, RunnerLog, AttemptEnded,
+                UploadRequest, JobDone,
                 JobPhase, QueueStats, CtlRequest, CtlReply)
 }
 

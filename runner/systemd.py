@@ -68,7 +68,8 @@ class Notifier:
                          for name, value in fields.items())
         try:
             if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._socket = socket.socket(socket.AF_UNIX,
+                                             socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 # Never block the supervisor's loop on a reader that is not reading: a
                 # notice that does not fit is dropped (the next one carries the news).
                 self._socket.setblocking(False)
