@@ -18,6 +18,24 @@ from . import protocol
 from .bus import Endpoints, control_client
 from .config import default_runtime_dir
 from .errors import ProtocolError
+from .units import describe_size
+
+
+def render_free(free: dict) -> list[str]:
+    """The fetcher's ``ledger.free()`` as lines for a person."""
+    def size(value) -> str:
+        return "not accounted" if value is None else describe_size(value)
+
+    lines = [f"  {free.get('slots')} slots, {free.get('cpus')} CPUs, RAM {size(free.get('ram'))}, "
+             f"disk {size(free.get('disk'))}, {free.get('gpus', 0)} whole GPUs"
+             + (f", GPU memory {size(free.get('gpu_mem'))}" if free.get("devices") else "")]
+    for device in free.get("devices") or []:
+        state = f"ECC errors {device['ecc_errors']}: not given out" if device["ecc_errors"] else (
+            f"{device['holders']} runs" if device["holders"] else "free")
+        lines.append(f"  gpu {device['index']} {device['name']} {device['uuid']}: "
+                     f"{size(device['available'])} of {size(device['memory_total'])} "
+                     f"available, {state}")
+    return lines
 
 
 def request(runtime_dir: str, command: str, timeout: float = 5.0) -> protocol.CtlReply:
@@ -44,14 +62,18 @@ def render_status(data: dict) -> str:
              f"{'taking work' if sup['taking'] else 'not taking work'}", "", "roles:"]
     for name, role in data["roles"].items():
         health = "up" if role["alive"] and role["ready"] else ("booting" if role["alive"] else "DOWN")
-        stats = " ".join(f"{k}={v}" for k, v in role["stats"].items())
+        stats = " ".join(f"{k}={v}" for k, v in role["stats"].items() if k != "free")
         lines.append(f"  {name:<14} {health:<8} pid {role['pid']}  restarts {role['restarts']}  "
                      f"{stats}")
+    free = (data["roles"].get("fetcher", {}).get("stats") or {}).get("free")
+    if free:
+        lines += ["", "free resources:"] + render_free(free)
     lines += ["", f"running ({len(data['jobs'])}):"]
     for job in data["jobs"]:
         lines.append(f"  {job['key']}  project={job['project'] or '-'}  queue={job['queue']}  "
                      f"attempt={job['attempt']} (#{job['attempt_number']})  {job['phase']}  "
-                     f"{job['elapsed']:.0f}s" + (f"  pid {job['pid']}" if job.get("pid") else ""))
+                     f"{job['elapsed']:.0f}s" + (f"  pid {job['pid']}" if job.get("pid") else "")
+                     + (f"  gpus {job['devices']}" if job.get("devices", "-1") != "-1" else ""))
     queued = sum(max(0, q.get("depth", 0)) for q in data["queues"].values())
     lines += ["", f"queued ({queued}):"]
     for name, queue in sorted(data["queues"].items()):

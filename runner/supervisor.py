@@ -27,7 +27,7 @@ from pathlib import Path
 
 import zmq
 
-from . import __version__, _fast, config as config_module, fates, protocol
+from . import __version__, _fast, cgroups, config as config_module, fates, protocol
 from .bus import ROLES, Bus, Endpoints, control_server
 from .errors import ConfigError, ProtocolError
 from .logs import setup_logging
@@ -136,6 +136,10 @@ class Supervisor:
             log.info("runner-supervisor %s starting: instance %s, queues under %s, %d executors, "
                      "hot path %s", __version__, self.config.instance, self.config.queue_root,
                      self.config.executors, _fast.IMPLEMENTATION)
+            if self.config.cgroups != "off":
+                done = cgroups.delegate_v2()
+                if done:
+                    log.info("cgroups: %s", done)
             self.boot()
             self.state = "running"
             log.info("all roles up; serving queues matching %s", self.config.queue_match)
@@ -341,6 +345,7 @@ class Supervisor:
             jobs.append({"attempt": job_id, "key": job.key, "project": job.project,
                          "queue": job.queue, "attempt_number": job.attempts + 1,
                          "phase": entry["phase"], "pid": entry["detail"].get("pid"),
+                         "devices": (job.resources or {}).get("devices") or "-1",
                          "elapsed": round(now - job.taken_at, 1)})
         return {"supervisor": {"pid": os.getpid(), "instance": self.config.instance,
                                "state": self.state, "uptime": round(now - self.started, 1),
