@@ -1,8 +1,11 @@
 """The executor pool: starts experiment processes and watches them to the end.
 
 Each ``JobPrepared`` becomes one child process in its own session (so the experiment and
-every process it starts form one process group, killed together), with the working
-directory, environment and command SPEC section 5 describes.  A reader thread per run
+every process it starts form one process group, killed together) and, where the host
+allows it, its own cgroup (:mod:`runner.cgroups`: CPU quota from ``cpus``, memory limit
+from ``ram``, ``--run-pids`` processes), with the working directory, environment and
+command SPEC section 5 describes; the GPUs are the devices the fetcher's ledger reserved.
+A run the kernel killed at its memory limit ends failed with ``out of memory: limit …``.  A reader thread per run
 streams stdout+stderr (merged, so their order is kept) to the scraper in whole lines.
 The loop enforces ``max_duration``, ``time_added + experimentLifetime`` and stop requests
 with SIGTERM to the group, ``--kill-grace``, then SIGKILL.  When the main process has
