@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import ConfigError
-from .units import UnitError, parse_duration
+from .resources import machine_memory
+from .units import UnitError, parse_duration, parse_size
 
 DEFAULT_QUEUE_MATCH = r"^(rmq|sqs|local)_.*$"
 
@@ -79,6 +80,17 @@ def _positive_int(text: str) -> int:
 
 def _duration(text: str) -> float:
     return parse_duration(text)
+
+
+def _size(text: str) -> int:
+    return parse_size(text)
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError("must be more than 0 bytes")
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -180,6 +192,19 @@ OPTIONS: tuple[Option, ...] = (
            "file of NAME=VALUE lines (systemd EnvironmentFile syntax) read at start and again "
            "on SIGHUP; flags win over it, it wins over the environment"),
     Option("log-format", _choice("text", "json"), "text", "log lines: text or JSON lines"),
+    Option("max-cores", _positive_int, None, "CPUs given out to experiments (default: CPU cores)"),
+    Option("max-mem", _positive_size, None, "RAM given out to experiments (default: the machine's)"),
+    Option("max-disk", _size, "0",
+           "free space to keep on the working directory's file system (hdd is reserved above it)"),
+    Option("cpu-only", _bool, "false", "refuse GPU work (such requests go back for another runner)",
+           flag_only_bool=True),
+    Option("gpu-share", _bool, "false",
+           "let experiments share a GPU while their gpuMem fits it (default: whole devices)",
+           flag_only_bool=True),
+    Option("gpu-refresh", _duration, "30s", "how often NVML is asked again (free memory, ECC)"),
+    Option("cgroups", _choice("auto", "off"), "auto",
+           "enforce cpus/ram/process limits with a cgroup per run where writable; off: account only"),
+    Option("run-pids", _positive_int, "4096", "most processes and threads one run may have (cgroup)"),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("debug", _bool, "false", "debug logging and keep working directories", flag_only_bool=True),
 )
@@ -204,6 +229,14 @@ class Config:
     python_dirs: tuple
     installer: str
     metadata_store: str
+    max_cores: int
+    max_mem: int
+    max_disk: int
+    cpu_only: bool
+    gpu_share: bool
+    gpu_refresh: float
+    cgroups: str
+    run_pids: int
     log_level: str
     debug: bool
     drain_timeout: float = 600.0
@@ -325,6 +358,9 @@ def from_values(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     values["runtime_dir"] = values.get("runtime_dir") or str(default_runtime_dir())
     values["executors"] = values.get("executors") or max(1, os.cpu_count() or 1)
     values["hostname"] = values.get("hostname") or socket.gethostname()
+    values["max_cores"] = values.get("max_cores") or max(1, os.cpu_count() or 1)
+    if values.get("max_mem") is None:
+        values["max_mem"] = machine_memory()  # the machine's figure (0 when unknown)
     if values.get("debug"):
         values["log_level"] = "debug"
     if len(values["runtime_dir"]) > 80:

@@ -35,6 +35,25 @@ from . import protocol
 from .bus import Endpoints, control_client
 from .config import default_runtime_dir
 from .errors import ProtocolError
+from .units import describe_size
+
+
+def free_lines(free: dict) -> list[str]:
+    """The fetcher's ``ledger.free()`` as lines for a person."""
+    def size(value) -> str:
+        return "not accounted" if value is None else describe_size(value)
+
+    lines = [f"  {free.get('slots')} slots, {free.get('cpus')} CPUs, RAM {size(free.get('ram'))}, "
+             f"disk {size(free.get('disk'))}, {free.get('gpus', 0)} whole GPUs"
+             + (f", GPU memory {size(free.get('gpu_mem'))}" if free.get("devices") else "")]
+    for device in free.get("devices") or []:
+        state = f"ECC errors {device['ecc_errors']}: not given out" if device["ecc_errors"] else (
+            f"{device['holders']} runs" if device["holders"] else "free")
+        lines.append(f"  gpu {device['index']} {device['name']} {device['uuid']}: "
+                     f"{size(device['available'])} of {size(device['memory_total'])} "
+                     f"available, {state}")
+    return lines
+
 
 VIEWS = ("status", "roles", "health", "running", "queues", "free")
 COMMANDS = ("drain", "resume", "stop", "reload")
@@ -55,16 +74,6 @@ def request(runtime_dir: str, command: str, timeout: float = 5.0,
     if not isinstance(reply, protocol.CtlReply):
         raise ProtocolError(f"unexpected reply {reply.TYPE}")
     return reply
-
-
-def _size(value) -> str:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return str(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(value)
 
 
 def render_supervisor(data: dict) -> list[str]:
@@ -111,7 +120,8 @@ def render_running(data: dict) -> list[str]:
         lines.append(f"  {job['key']}  project={job['project'] or '-'}  queue={job['queue']}  "
                      f"attempt={job['attempt']} (#{job['attempt_number']})  {job['phase']}  "
                      f"{job['elapsed']:.0f}s"
-                     + (f"  devices={job['devices']}" if job.get("devices") else "")
+                     + (f"  gpus={job['devices']}" if job.get("devices", "-1") not in ("", "-1")
+                        else "")
                      + (f"  pid {job['pid']}" if job.get("pid") else ""))
         if job.get("last_metric"):
             lines.append(f"      last metric: {job['last_metric']}")
@@ -130,12 +140,7 @@ def render_queues(data: dict) -> list[str]:
 
 
 def render_free(data: dict) -> list[str]:
-    free = data.get("free") or {}
-    lines = ["free:"]
-    for name, value in sorted(free.items()):
-        shown = _size(value) if name in ("ram", "gpu_mem", "hdd", "disk") else value
-        lines.append(f"  {name}: {shown}")
-    return lines
+    return ["free resources:"] + free_lines(data.get("free") or {})
 
 
 def render_status(data: dict) -> str:

@@ -32,6 +32,14 @@ class ExperimentFailed(errors.RunnerError):
     """The experiment's process exited non-zero."""
 
 
+class OutOfMemory(ExperimentFailed):
+    """The kernel killed the run for exceeding its memory limit (its ``ram``).
+
+    Counted like any failure of the experiment's own code: the same request would
+    need the same memory on any runner.
+    """
+
+
 # Exception class name -> final studioml.status of the attempt.
 _STATUS_BY_ERROR = {
     errors.BadRequest: FAILED,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
+from pathlib import Path
 
 from . import _fast
 from .redact import redact_request
@@ -24,16 +26,35 @@ _ARCHIVE_SUFFIX = re.compile(r"\.(tar(\.(gz|bz2|xz|zst))?|tgz|tbz2|txz|tzst)$")
 
 
 class AttemptIds:
-    """Attempt ids that are unique on this host even for two attempts in one second."""
+    """Attempt ids that are unique on this host even for two attempts in one second.
 
-    def __init__(self, hostname: str):
+    An id never repeats one given before: within a process the seconds only go up, and
+    with ``state_path`` the last second given is kept on disk, so a restarted runner (a
+    new supervisor a second after the old one) does not give the same id twice.
+    """
+
+    def __init__(self, hostname: str, state_path: str | os.PathLike | None = None):
         self.hostname = hostname
+        self.state_path = Path(state_path) if state_path else None
         self._last = 0
+        if self.state_path is not None:
+            try:
+                self._last = int(self.state_path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                self._last = 0
 
     def next(self, now: float | None = None) -> str:
         seconds = int(time.time() if now is None else now)
         seconds = max(seconds, self._last + 1)
         self._last = seconds
+        if self.state_path is not None:
+            try:
+                self.state_path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = self.state_path.with_name(self.state_path.name + ".tmp")
+                temporary.write_text(str(seconds))
+                os.replace(temporary, self.state_path)
+            except OSError as exc:
+                log.warning("cannot keep the attempt clock in %s: %s", self.state_path, exc)
         return f"{self.hostname}-{_fast.b62encode(seconds)}"
 
 

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import zmq
 
-from . import __version__, _fast, config as config_module, fates, protocol, slack as slack_module
+from . import (__version__, _fast, cgroups, config as config_module, fates, protocol,
+               slack as slack_module)
 from .bus import ROLES, Bus, Endpoints, control_server
 from .errors import ConfigError, ProtocolError
 from .logs import set_level, setup_logging
@@ -190,6 +191,10 @@ class Supervisor:
                      "hot path %s", __version__, self.config.instance, self.config.queue_root,
                      self.config.executors, _fast.IMPLEMENTATION)
             self.notifier.status("starting roles")
+            if self.config.cgroups != "off":
+                done = cgroups.delegate_v2()
+                if done:
+                    log.info("cgroups: %s", done)
             self.boot()
             self.state = "running"
             self.idle_since = time.time()
@@ -697,7 +702,7 @@ class Supervisor:
             jobs.append({"attempt": job_id, "key": job.key, "project": job.project,
                          "queue": job.queue, "attempt_number": job.attempts + 1,
                          "phase": entry["phase"], "pid": entry["detail"].get("pid"),
-                         "devices": job.resources.get("devices") or "",
+                         "devices": (job.resources or {}).get("devices") or "-1",
                          "elapsed": round(now - job.taken_at, 1),
                          "last_metric": last_metric.get(job_id, "")})
         drain = None

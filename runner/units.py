@@ -96,3 +96,23 @@ def format_size(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def describe_size(n: int) -> str:
+    """A byte count the way a person wrote it: ``2 GB`` for 2*10^9, ``2 GiB`` for 2*2^30.
+
+    Whole decimal or binary multiples are written exactly; anything else is written in
+    the largest decimal unit with up to two decimals (``1.5 GB``).  For messages only.
+    """
+    n = int(n)
+    if n <= 0:
+        return f"{n} B"
+    for power, prefix in ((4, "T"), (3, "G"), (2, "M"), (1, "k")):
+        binary, decimal = 2 ** (10 * power), 10 ** (3 * power)
+        if n % binary == 0:
+            return f"{n // binary} {prefix.upper()}iB"
+        if n % decimal == 0:
+            return f"{n // decimal} {prefix}B"
+        if n >= decimal:
+            return f"{n / decimal:.2f}".rstrip("0").rstrip(".") + f" {prefix}B"
+    return f"{n} B"

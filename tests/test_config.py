@@ -190,3 +190,34 @@ def test_supervisor_exits_2_listing_every_problem(tmp_path: Path) -> None:
     assert "--kill-grace='nope'" in proc.stderr
     assert "--queue-match='('" in proc.stderr
     assert not (tmp_path / "data").exists()  # nothing was started or created
+
+
+def test_resource_options_default_to_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(config_module, "machine_memory", lambda: 32 * 10**9)
+    config = load([], environ={})
+    assert (config.max_cores, config.max_mem, config.max_disk) == (6, 32 * 10**9, 0)
+    assert config.cpu_only is False and config.gpu_share is False
+    assert config.cgroups == "auto" and config.run_pids == 4096 and config.gpu_refresh == 30.0
+
+
+def test_resource_options_parse_sizes_once() -> None:
+    config = load(["--max-cores", "3", "--max-mem", "2gib", "--max-disk", "50gb", "--cpu-only",
+                   "--gpu-share", "--cgroups", "off", "--run-pids", "64", "--gpu-refresh", "1m"],
+                  environ={})
+    assert (config.max_cores, config.max_mem, config.max_disk) == (3, 2 * 2**30, 50 * 10**9)
+    assert config.cpu_only and config.gpu_share and config.cgroups == "off"
+    assert config.run_pids == 64 and config.gpu_refresh == 60.0
+    assert load([], environ={"CPU_ONLY": "yes", "GPU_SHARE": "1"}).cpu_only is True
+    assert Config.from_json(config.to_json()) == config
+
+
+def test_resource_options_are_validated_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(["--max-cores", "0", "--max-mem", "lots", "--max-disk", "-1", "--cgroups", "v3",
+              "--run-pids", "x"], environ={"GPU_SHARE": "maybe"})
+    text = "\n".join(info.value.problems)
+    assert len(info.value.problems) == 6, info.value.problems
+    for needle in ("--max-cores", "--max-mem", "--max-disk", "--cgroups", "--run-pids",
+                   "$GPU_SHARE"):
+        assert needle in text, needle

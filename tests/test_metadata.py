@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import metadata
+from runner import _fast, metadata
 from runner.metadata import (AttemptIds, metadata_prefix_url, output_name, record_url,
                              runner_log_name, scrape_name, store_root_url, strip_archive_suffix,
                              write_record)
@@ -222,3 +222,11 @@ def test_new_scrape_document() -> None:
     assert doc["experiment"] == {}
     assert len(doc["asset"]) == 36
     assert metadata.new_scrape_document(job, "host")["asset"] != doc["asset"]
+
+
+def test_attempt_ids_do_not_repeat_across_restarts(tmp_path) -> None:
+    clock = tmp_path / "work" / ".attempt-clock"
+    first = AttemptIds("host", clock).next(1700000000)
+    again = AttemptIds("host", clock).next(1700000000)  # a new runner in the same second
+    assert first == "host-1r31eq" and again != first
+    assert _fast.b62decode(again.rsplit("-", 1)[1]) == 1700000001

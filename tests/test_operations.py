@@ -417,7 +417,7 @@ def test_runner_ctl_views_and_status_json_during_a_run(runner):
     assert job["key"] == "ctl-json" and job["phase"] == "running" and job["project"] == "e2e"
     assert job["queue"] == runner.queue and job["attempt_number"] == 1
     assert json.loads(job["last_metric"]) == {"experiment": {"loss": 0.25, "step": 7}}
-    assert job["devices"] == "" and job["elapsed"] >= 0
+    assert job["devices"] == "-1" and job["elapsed"] >= 0
     assert set(data["roles"]) == {"fetcher", "cache_manager", "executor", "scraper", "uploader"}
     assert data["supervisor"]["healthy"] is True and data["free"]["slots"] == 1
 

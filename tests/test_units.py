@@ -86,3 +86,13 @@ def test_parse_duration_rejects(bad) -> None:
                                      (3 * 2**30, "3.0 GiB")])
 def test_format_size(n, text) -> None:
     assert format_size(n) == text
+
+
+@pytest.mark.parametrize("n, text", [
+    (2 * 10**9, "2 GB"), (2 * 2**30, "2 GiB"), (1_500_000_000, "1.5 GB"), (100 * 10**6, "100 MB"),
+    (512 * 2**20, "512 MiB"), (123, "123 B"), (2**10, "1 KiB"), (0, "0 B"),
+])
+def test_describe_size_reads_like_the_request(n, text) -> None:
+    from runner.units import describe_size
+
+    assert describe_size(n) == text

@@ -18,7 +18,8 @@ from pathlib import Path
 from .. import fates, protocol
 from ..archive import unpack
 from ..environments import EnvironmentStore, find_interpreter
-from ..errors import RunnerError
+from ..errors import DiskBudgetExceeded, RunnerError
+from ..units import describe_size
 from ..storage import ObjectMissing, artifact_url, open_store
 from .base import Role
 
@@ -120,6 +121,11 @@ class CacheManager(Role):
                     budget = None if budget is None else budget - written
                     log(f"{label}: unpacked {info.size} bytes from {url} ({written} written)")
                 else:
+                    if budget is not None and info.size > budget:
+                        raise DiskBudgetExceeded(
+                            f"{label}: {info.size} bytes from {url} exceed what is left of the "
+                            f"hdd budget ({describe_size(max(0, budget))})")
+                    budget = None if budget is None else budget - info.size
                     name = Path(artifact.get("key") or url).name or label
                     shutil.move(str(target), folder / name)
                     log(f"{label}: downloaded {info.size} bytes from {url}")

@@ -1,8 +1,11 @@
 """The executor pool: starts experiment processes and watches them to the end.
 
 Each ``JobPrepared`` becomes one child process in its own session (so the experiment and
-every process it starts form one process group, killed together), with the working
-directory, environment and command SPEC section 5 describes.  A reader thread per run
+every process it starts form one process group, killed together) and, where the host
+allows it, its own cgroup (:mod:`runner.cgroups`: CPU quota from ``cpus``, memory limit
+from ``ram``, ``--run-pids`` processes), with the working directory, environment and
+command SPEC section 5 describes; the GPUs are the devices the fetcher's ledger reserved.
+A run the kernel killed at its memory limit ends failed with ``out of memory: limit …``.  A reader thread per run
 streams stdout+stderr (merged, so their order is kept) to the scraper in whole lines.
 The loop enforces ``max_duration``, ``time_added + experimentLifetime`` and stop requests
 with SIGTERM to the group, ``--kill-grace``, then SIGKILL.  When the main process has
@@ -21,9 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import fates, protocol
+from .. import cgroups, fates, protocol
 from ..environments import script_command
 from ..errors import BadRequest
+from ..units import describe_size
 from .base import Role
 
 READ_SIZE = 64 * 1024
@@ -68,6 +72,7 @@ class Run:
     term_sent: float | None = None
     killed: bool = False
     leftovers_killed: bool = False
+    cgroup: cgroups.RunCgroup | None = None
 
 
 class Executor(Role):
@@ -76,6 +81,41 @@ class Executor(Role):
     def initialize(self) -> None:
         self.runs: dict[str, Run] = {}
         self.stop_all: fates.ShutdownRequested | None = None
+        self.cgroups, why = cgroups.detect(self.config.cgroups,
+                                           self.config.instance or str(os.getpid()))
+        if self.cgroups is not None:
+            self.cgroups.pids_limit = self.config.run_pids
+            self.log.info("%s, at most %d processes each", self.cgroups.describe(),
+                          self.config.run_pids)
+            if why:
+                self.log.info("cgroups: %s", why)
+        else:
+            self.log.warning("%s", why)  # said once, at start-up
+        self.leftover_cgroups: list[cgroups.RunCgroup] = []
+
+    def limits_of(self, job: protocol.Job) -> cgroups.Limits:
+        return cgroups.Limits(cpus=float(job.resources.get("cpus") or 0),
+                              ram=int(job.resources.get("ram") or 0),
+                              pids=self.config.run_pids)
+
+    def enforce(self, job: protocol.Job, command: list[str]
+                ) -> tuple[list[str], cgroups.RunCgroup | None]:
+        """``command`` wrapped to start inside a new cgroup with the job's limits."""
+        if self.cgroups is None:
+            return command, None
+        limits = self.limits_of(job)
+        try:
+            cgroup = self.cgroups.create(job.job_id, limits)
+        except cgroups.CgroupError as exc:
+            self.log.warning("key=%s attempt=%s %s; limits not enforced for it", job.key,
+                             job.job_id, exc)
+            self.runner_log(job.job_id, f"{exc}; limits accounted, not enforced")
+            return command, None
+        self.runner_log(job.job_id, "cgroup v%d: %s CPUs, memory %s, at most %d processes"
+                        % (cgroup.version, f"{limits.cpus:g}" if limits.cpus else "unlimited",
+                           describe_size(limits.ram) if limits.ram else "unlimited",
+                           limits.pids))
+        return cgroup.wrap(command), cgroup
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.JobPrepared):
@@ -101,13 +141,17 @@ class Executor(Role):
             self.end(job, fates.outcome_for_exception(exc), {})
             return
         cwd = Path(job.workdir) / "workspace"
-        self.runner_log(job.job_id, f"starting {command} in {cwd}")
+        self.runner_log(job.job_id, f"starting {command} in {cwd} with devices "
+                                    f"{job.resources.get('devices') or '-1'}")
+        started_command, cgroup = self.enforce(job, command)
         try:
             process = subprocess.Popen(
-                command, cwd=cwd, env=experiment_environment(job, prepared.env_path),
+                started_command, cwd=cwd, env=experiment_environment(job, prepared.env_path),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True)
         except OSError as exc:
+            if cgroup is not None:
+                cgroups.wait_removed(cgroup)
             self.end(job, fates.outcome_for_exception(fates.ExperimentFailed(
                 f"cannot start {command[0]}: {exc}")), {})
             return
@@ -116,7 +160,8 @@ class Executor(Role):
                                              (job.max_duration and now + job.max_duration,
                                               "max_duration")) if t]
         stop_at, limit = min(limits) if limits else (None, "")
-        run = Run(job=job, process=process, started=now, stop_at=stop_at, limit=limit)
+        run = Run(job=job, process=process, started=now, stop_at=stop_at, limit=limit,
+                  cgroup=cgroup)
         run.reader = threading.Thread(target=self.read_output, args=(run,), daemon=True,
                                       name=f"output-{job.job_id}")
         run.reader.start()
@@ -167,6 +212,7 @@ class Executor(Role):
             pass
 
     def tick(self) -> None:
+        self.leftover_cgroups = [c for c in self.leftover_cgroups if not c.remove()]
         now = time.time()
         for job_id, run in list(self.runs.items()):
             if run.stop_at is not None and now >= run.stop_at and run.stop_reason is None:
@@ -183,13 +229,32 @@ class Executor(Role):
             if not run.leftovers_killed:
                 run.leftovers_killed = True  # the unit ends with its main process
                 self._signal_group(run, signal.SIGKILL)
+                if run.cgroup is not None:  # also what left the group (setsid, daemons)
+                    run.cgroup.kill_all()
             if run.output_done.is_set():
                 del self.runs[job_id]
                 self.finish(run, exit_code)
 
     def finish(self, run: Run, exit_code: int) -> None:
         duration = time.time() - run.started
-        if run.stop_reason is not None:
+        facts = {"exit_code": exit_code, "pid": run.process.pid, "duration": round(duration, 3),
+                 "devices": run.job.resources.get("devices") or "-1"}
+        oom_kills = 0
+        if run.cgroup is not None:
+            usage = run.cgroup.usage()
+            oom_kills = usage.get("oom_kills", 0)
+            limits = run.cgroup.limits
+            facts["cgroup"] = dict(usage, cpu_limit=limits.cpus, memory_limit=limits.ram,
+                                   pids_limit=limits.pids)
+            if not cgroups.wait_removed(run.cgroup, timeout=0.2):
+                self.leftover_cgroups.append(run.cgroup)
+        if oom_kills and exit_code != 0 and run.stop_reason is None:
+            reason = f"out of memory: limit {describe_size(run.cgroup.limits.ram)}"
+            self.post("scraper", protocol.OutputChunk(
+                job_id=run.job.job_id,
+                data=f"{reason} (the kernel killed the run at its memory limit)\n".encode()))
+            outcome = fates.outcome_for_exception(fates.OutOfMemory(reason), exit_code)
+        elif run.stop_reason is not None:
             outcome = fates.outcome_for_exception(run.stop_reason, exit_code)
         elif exit_code == 0:
             outcome = protocol.Outcome(status=fates.COMPLETED, exit_code=0)
@@ -199,16 +264,22 @@ class Executor(Role):
             outcome = fates.outcome_for_exception(fates.ExperimentFailed(how), exit_code)
         self.log.info("key=%s attempt=%s ended %s (exit %s) after %.1fs", run.job.key,
                       run.job.job_id, outcome.status, exit_code, duration)
-        self.end(run.job, outcome, {"exit_code": exit_code, "pid": run.process.pid,
-                                    "duration": round(duration, 3)})
+        self.end(run.job, outcome, facts)
 
     def end(self, job: protocol.Job, outcome: protocol.Outcome, facts: dict) -> None:
         self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome, facts=facts))
         self.phase(job, "ending")
 
     def stats(self) -> dict:
-        return {"running": len(self.runs)}
+        return {"running": len(self.runs),
+                "enforcement": f"cgroups v{self.cgroups.version}" if self.cgroups else "accounting"}
 
     def shutdown(self) -> None:
         for run in self.runs.values():
             self._signal_group(run, signal.SIGKILL)
+            if run.cgroup is not None:
+                self.leftover_cgroups.append(run.cgroup)
+        for cgroup in self.leftover_cgroups:
+            cgroups.wait_removed(cgroup, timeout=1.0)
+        if self.cgroups is not None:
+            self.cgroups.cleanup()

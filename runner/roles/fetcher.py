@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
-from .. import fates, metadata, protocol
+from .. import fates, gpus, metadata, protocol
 from ..errors import BadRequest, QueueError, RunnerError
 from ..queues import QUEUE_KINDS, Delivery, LocalQueue, Queue, kind_of, matches
 from ..requests import parse_request, safe_path_part
 from ..resources import Ledger
+from ..units import describe_size
 from .base import Role
 
 DISCOVER_EVERY = 2.0
@@ -37,7 +39,21 @@ class Fetcher(Role):
         if recovered:
             self.log.info("returned %d unfinished claims of stopped runners to their queues",
                           recovered)
-        self.ledger = Ledger(slots=self.config.executors)
+        self.discovery = gpus.discover(os.environ)
+        self.log.info("%s", gpus.describe(self.discovery))  # said once: CPU-only is no error
+        if self.config.cpu_only and self.discovery.devices:
+            self.log.info("--cpu-only: GPU requests are put back for other runners")
+        Path(self.config.working_dir).mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(slots=self.config.executors, cpus=self.config.max_cores,
+                             ram=self.config.max_mem, devices=list(self.discovery.devices),
+                             gpu_share=self.config.gpu_share, cpu_only=self.config.cpu_only,
+                             disk_path=self.config.working_dir, disk_keep=self.config.max_disk)
+        self.log.info("resources: %d slots, %d CPUs, %s RAM, disk keeping %s free, %d GPUs%s",
+                      self.config.executors, self.config.max_cores,
+                      describe_size(self.config.max_mem) if self.config.max_mem else "unknown",
+                      describe_size(self.config.max_disk), len(self.ledger.devices),
+                      " (shared by gpuMem)" if self.config.gpu_share else "")
+        self._next_gpu_refresh = time.monotonic() + self.config.gpu_refresh
         self.held: dict[str, tuple[Queue, Delivery, protocol.Job]] = {}
         self.queues: list[str] = []
         self.backoff: dict[str, float] = {}
@@ -45,7 +61,8 @@ class Fetcher(Role):
         self.taken_total = 0  # attempts taken by this process (for --limit-tasks)
         self.checked: dict[str, int] = {}  # queue -> times asked for work
         self.ignored: dict[str, int] = {}  # queue -> times left out by match/mismatch
-        self.attempt_ids = metadata.AttemptIds(self.config.hostname)
+        self.attempt_ids = metadata.AttemptIds(
+            self.config.hostname, os.path.join(self.config.working_dir, ".attempt-clock"))
         self._next_discover = self._next_stats = self._next_keep_alive = 0.0
         self._rotation = 0
 
@@ -76,7 +93,7 @@ class Fetcher(Role):
                 continue
             delivery = Delivery(queue=job.queue, token=job.token, body=b"", attempts=job.attempts)
             self.held[job.job_id] = (backend, delivery, job)
-            self.ledger.try_reserve(job.job_id, job.resources)
+            self.ledger.hold(job.job_id, job.resources)
         self.log.info("adopted %d jobs in flight", len(jobs))
 
     # -- periodic -------------------------------------------------------------------
@@ -90,9 +107,26 @@ class Fetcher(Role):
         if now >= self._next_keep_alive:
             self._next_keep_alive = now + KEEP_ALIVE_EVERY
             self.keep_alive()
+        if self.discovery.devices and now >= self._next_gpu_refresh:
+            self._next_gpu_refresh = now + self.config.gpu_refresh
+            self.refresh_gpus()
         if now >= self._next_stats:
             self._next_stats = now + STATS_EVERY
             self.send_stats()
+
+    def refresh_gpus(self) -> None:
+        """Ask NVML again: free memory and ECC state change; reservations stay."""
+        discovery = gpus.discover(os.environ)
+        if not discovery.devices:
+            self.log.warning("GPU refresh found none (%s); keeping the last view",
+                             discovery.reason)
+            return
+        before = {d.uuid: d.healthy for d in self.ledger.devices}
+        for device in discovery.devices:
+            if before.get(device.uuid, True) and not device.healthy:
+                self.log.error("GPU %d %s has %d uncorrected ECC errors; no longer given out",
+                               device.index, device.uuid, device.ecc_errors)
+        self.ledger.update_devices(discovery.devices)
 
     def discover(self) -> None:
         found = []
@@ -153,14 +187,16 @@ class Fetcher(Role):
             self.record(request, "expired", "", delivery.attempts, final=True)
             backend.ack(delivery)
             return
-        if not self.ledger.could_ever_fit(facts.resources):
-            self.log.warning("key=%s needs %s, more than this host has; put back for another "
-                             "runner", facts.key, facts.resources)
+        never = self.ledger.why_never(facts.resources)
+        if never:
+            self.log.warning("key=%s cannot run here (%s); put back for another runner",
+                             facts.key, never)
             backend.requeue(delivery, attempts=delivery.attempts)
             self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
             return
         job_id = self.attempt_ids.next()
-        if not self.ledger.try_reserve(job_id, facts.resources):
+        reservation = self.ledger.try_reserve(job_id, facts.resources)
+        if reservation is None:
             backend.requeue(delivery, attempts=delivery.attempts)
             self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
             return
@@ -169,12 +205,12 @@ class Fetcher(Role):
         job = protocol.Job(
             job_id=job_id, queue=delivery.queue, token=delivery.token,
             attempts=delivery.attempts, key=facts.key, project=facts.project, request=request,
-            workdir=workdir, resources=facts.resources, taken_at=now, deadline=stale_at,
+            workdir=workdir, resources=reservation, taken_at=now, deadline=stale_at,
             max_duration=facts.max_duration, save_frequency=facts.save_frequency)
         self.held[job_id] = (backend, delivery, job)
         self.taken_total += 1
-        self.log.info("key=%s attempt=%s taken from %s (attempt %d)", job.key, job_id,
-                      delivery.queue, delivery.attempts + 1)
+        self.log.info("key=%s attempt=%s taken from %s (attempt %d), devices %s", job.key,
+                      job_id, delivery.queue, delivery.attempts + 1, reservation["devices"])
         self.phase(job, "taken")
         self.post("cache_manager", protocol.JobAssigned(job=job))
 
@@ -209,7 +245,9 @@ class Fetcher(Role):
         except (QueueError, OSError) as exc:
             self.log.error("key=%s attempt=%s could not %s: %s", job.key, job.job_id,
                            decision.action, exc)
-        self.ledger.release(job.job_id)
+        if not self.ledger.release(job.job_id):
+            self.log.warning("key=%s attempt=%s held no reservation at settle", job.key,
+                             job.job_id)
         self.log.info("key=%s attempt=%s %s: %s", job.key, job.job_id, decision.action,
                       decision.reason)
         self.phase(job, "finished", fate=decision.action, status=decision.final_status,
@@ -241,7 +279,8 @@ class Fetcher(Role):
 
     def stats(self) -> dict:
         return {"held": len(self.held), "free": self.ledger.free(), "taking": self.taking,
-                "queue_checked": dict(self.checked), "queue_ignored": dict(self.ignored)}
+                "queue_checked": dict(self.checked), "queue_ignored": dict(self.ignored),
+                "reserved": len(self.ledger.held), "released": self.ledger.releases}
 
     def shutdown(self) -> None:
         for backend in self.backends.values():

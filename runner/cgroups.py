@@ -1,0 +1,417 @@
+"""One cgroup per run: CPU quota, memory limit and process-count limit, enforced by the kernel.
+
+:func:`detect` finds how this host can do it, once, when the executor starts:
+
+* **cgroup v2** (a unified hierarchy with controllers, ``/sys/fs/cgroup/cgroup.controllers``):
+  runs go under ``<the runner's own cgroup>/studioml-runs-<instance>/<attempt>``.  The v2
+  rule "no processes in a cgroup that delegates controllers" means the runner's own cgroup
+  must be free of processes: :func:`delegate_v2` (called by the supervisor before it starts
+  its roles) moves the supervisor into a ``<own>/runner`` leaf when it is the only process
+  there, as under systemd with ``Delegate=yes``.
+* **cgroup v1** (one hierarchy per controller, as on many older hosts): runs go under
+  ``<mount>/<own path>/studioml-runs-<instance>/<attempt>`` in each of the ``cpu``,
+  ``memory`` and ``pids`` hierarchies that are mounted and writable.
+
+Where neither is writable, :func:`detect` returns no driver and a reason, which the executor
+logs once; the ledger's accounting still holds (resources are counted, not enforced).
+
+A run enters its cgroup before it executes anything: the executor starts it through
+:data:`ENTER_CODE` (``python -I -S -c``), which writes its own pid into the cgroup and then
+``exec``\\ s the experiment's command, so every process the run starts is inside.
+
+Limits: ``cpus`` → a CFS quota of ``cpus`` × the period; ``ram`` → the memory limit (and the
+memory+swap limit on v1, so swap does not stretch it; ``memory.swap.max = 0`` on v2);
+``pids`` → ``pids.max``.  After the run, :meth:`RunCgroup.oom_kills` says whether the kernel
+killed something for exceeding the memory limit.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RunnerError
+
+log = logging.getLogger("runner.cgroups")
+
+CONTROLLERS = ("cpu", "memory", "pids")
+CPU_PERIOD_US = 100_000
+ENTER_CODE = (
+    "import os, sys\n"
+    "cut = sys.argv.index('--')\n"
+    "for path in sys.argv[1:cut]:\n"
+    "    try:\n"
+    "        with open(path, 'w') as f:\n"
+    "            f.write(str(os.getpid()))\n"
+    "    except OSError as e:\n"
+    "        sys.stderr.write('runner: cannot enter cgroup %s: %s\\n' % (path, e))\n"
+    "        sys.exit(125)\n"
+    "command = sys.argv[cut + 1:]\n"
+    "try:\n"
+    "    os.execvp(command[0], command)\n"
+    "except OSError as e:\n"
+    "    sys.stderr.write('runner: cannot execute %s: %s\\n' % (command[0], e))\n"
+    "    sys.exit(127)\n"
+)
+
+
+class CgroupError(RunnerError):
+    """A cgroup could not be made or configured."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one run may use; 0 means no limit of that kind."""
+
+    cpus: float = 0
+    ram: int = 0
+    pids: int = 0
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(value)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _keyed(text: str) -> dict:
+    """``name value`` lines as a dict of ints (cpu.stat, memory.events, oom_control)."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+@dataclass
+class RunCgroup:
+    """The cgroup (v2) or cgroups (v1, one per controller) of one run."""
+
+    version: int
+    dirs: dict                  # controller (v1) or "unified" (v2) -> Path
+    limits: Limits
+    removed: bool = False
+
+    def enter_files(self) -> list[str]:
+        """The ``cgroup.procs`` files a process writes its pid into to join the run."""
+        return sorted({str(d / "cgroup.procs") for d in self.dirs.values()})
+
+    def wrap(self, command: list[str], python: str | None = None) -> list[str]:
+        """``command`` started so that it runs inside this cgroup from its first instruction."""
+        return [python or sys.executable, "-I", "-S", "-c", ENTER_CODE,
+                *self.enter_files(), "--", *command]
+
+    def _dir(self, controller: str) -> Path | None:
+        return self.dirs.get("unified" if self.version == 2 else controller)
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for folder in self.dirs.values():
+            for line in _read(folder / "cgroup.procs").split():
+                if line.isdigit():
+                    found.add(int(line))
+        return sorted(found)
+
+    def oom_kills(self) -> int:
+        """Processes the kernel killed because the run reached its memory limit."""
+        folder = self._dir("memory")
+        if folder is None:
+            return 0
+        if self.version == 2:
+            return _keyed(_read(folder / "memory.events")).get("oom_kill", 0)
+        control = _keyed(_read(folder / "memory.oom_control"))
+        if "oom_kill" in control:
+            return control["oom_kill"]
+        # kernels before 4.13 have no counter: hitting the limit is the best evidence
+        return 1 if _keyed("failcnt " + _read(folder / "memory.failcnt").strip()).get("failcnt") else 0
+
+    def usage(self) -> dict:
+        """Facts for the scrape document: CPU time, throttling, memory peak, OOM kills."""
+        facts: dict = {"version": self.version, "oom_kills": self.oom_kills()}
+        cpu = self._dir("cpu")
+        if cpu is not None:
+            stat = _keyed(_read(cpu / "cpu.stat"))
+            if "usage_usec" in stat:
+                facts["cpu_seconds"] = stat["usage_usec"] / 1e6
+            facts["cpu_throttled_periods"] = stat.get("nr_throttled", 0)
+        if self.version == 1 and "cpuacct" in self.dirs:
+            usage = _read(self.dirs["cpuacct"] / "cpuacct.usage").strip()
+            if usage.isdigit():
+                facts["cpu_seconds"] = int(usage) / 1e9
+        memory = self._dir("memory")
+        if memory is not None:
+            name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+            peak = _read(memory / name).strip()
+            if peak.isdigit():
+                facts["memory_peak"] = int(peak)
+        pids = self._dir("pids")
+        if pids is not None:
+            peak = _read(pids / "pids.peak").strip()
+            if peak.isdigit():
+                facts["pids_peak"] = int(peak)
+            events = _keyed(_read(pids / "pids.events"))
+            if "max" in events:
+                facts["pids_limit_hits"] = events["max"]
+        return facts
+
+    def kill_all(self) -> None:
+        """SIGKILL every process still in the cgroup (also those that left the process group)."""
+        if self.version == 2:
+            kill = self.dirs["unified"] / "cgroup.kill"
+            if kill.exists():
+                try:
+                    _write(kill, "1")
+                    return
+                except OSError:
+                    pass
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def remove(self) -> bool:
+        """Remove the cgroup once it is empty; True when gone (safe to call again)."""
+        if self.removed:
+            return True
+        busy = False
+        for folder in self.dirs.values():
+            try:
+                os.rmdir(folder)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                    busy = True
+                else:
+                    log.warning("cannot remove cgroup %s: %s", folder, exc)
+        self.removed = not busy
+        return self.removed
+
+
+@dataclass
+class Cgroups:
+    """How this host makes run cgroups: the version and the base folder(s)."""
+
+    version: int
+    bases: dict                       # controller (v1) or "unified" (v2) -> Path
+    pids_limit: int = 0
+    created: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        where = ", ".join(f"{c}={p}" for c, p in sorted(self.bases.items()))
+        kinds = "cpu, memory, pids" if self.version == 2 else ", ".join(
+            c for c in CONTROLLERS if c in self.bases)
+        return f"cgroups v{self.version}: {kinds} limits enforced per run under {where}"
+
+    def create(self, name: str, limits: Limits) -> RunCgroup:
+        """A cgroup for one run with ``limits`` applied; raises CgroupError."""
+        dirs = {}
+        try:
+            for controller, base in self.bases.items():
+                folder = base / name
+                folder.mkdir(exist_ok=True)
+                dirs[controller] = folder
+            run = RunCgroup(self.version, dirs, limits)
+            self._apply(run, limits)
+        except OSError as exc:
+            for folder in dirs.values():
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+            raise CgroupError(f"cannot set up cgroup {name}: {exc}") from exc
+        return run
+
+    def _apply(self, run: RunCgroup, limits: Limits) -> None:
+        pids = limits.pids or self.pids_limit
+        if self.version == 2:
+            folder = run.dirs["unified"]
+            if limits.cpus:
+                _write(folder / "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+            if limits.ram:
+                _write(folder / "memory.max", str(limits.ram))
+                if (folder / "memory.swap.max").exists():
+                    _write(folder / "memory.swap.max", "0")
+                if (folder / "memory.oom.group").exists():
+                    _write(folder / "memory.oom.group", "1")
+            if pids:
+                _write(folder / "pids.max", str(pids))
+            return
+        if limits.cpus and "cpu" in run.dirs:
+            _write(run.dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(run.dirs["cpu"] / "cpu.cfs_quota_us", str(int(limits.cpus * CPU_PERIOD_US)))
+        if limits.ram and "memory" in run.dirs:
+            _write(run.dirs["memory"] / "memory.limit_in_bytes", str(limits.ram))
+            swap = run.dirs["memory"] / "memory.memsw.limit_in_bytes"
+            if swap.exists():
+                try:
+                    _write(swap, str(limits.ram))
+                except OSError:  # swap accounting switched off: nothing to limit
+                    pass
+        if pids and "pids" in run.dirs:
+            _write(run.dirs["pids"] / "pids.max", str(pids))
+
+    def cleanup(self) -> None:
+        """Remove the base folders (at executor shutdown, once the runs are gone)."""
+        for base in self.bases.values():
+            for child in sorted(base.glob("*"), reverse=True):
+                if child.is_dir():
+                    try:
+                        os.rmdir(child)
+                    except OSError:
+                        pass
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+
+
+# -- finding the hierarchy -----------------------------------------------------------------
+
+def _own_paths(proc_cgroup: str) -> dict:
+    """``/proc/self/cgroup`` as controller -> path; the v2 entry under ``""``."""
+    paths = {}
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _hid, controllers, path = parts
+        for name in (controllers.split(",") if controllers else [""]):
+            paths[name] = path
+    return paths
+
+
+def _mounts(mountinfo: str) -> dict:
+    """``/proc/self/mountinfo`` as controller (v1) or "" (v2) -> (mount point, mount root)."""
+    found = {}
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        root, point, fstype, options = fields[3], fields[4], tail[0], tail[2]
+        if fstype == "cgroup2":
+            found.setdefault("", (point, root))
+        elif fstype == "cgroup":
+            for option in options.split(","):
+                if option in CONTROLLERS or option == "cpuacct":
+                    found.setdefault(option, (point, root))
+    return found
+
+
+def _join(point: str, root: str, path: str) -> Path:
+    relative = path[len(root):] if root != "/" and path.startswith(root) else path
+    return Path(point) / relative.lstrip("/")
+
+
+def detect(mode: str, instance: str, proc: str = "/proc/self",
+           base_name: str = "studioml-runs") -> tuple[Cgroups | None, str]:
+    """The cgroup driver for this host, or None and why the runner only accounts.
+
+    ``mode`` is the ``--cgroups`` option (``auto`` or ``off``); ``instance`` names the
+    runner's base folder so that concurrent runners never share one.
+    """
+    if mode == "off":
+        return None, "cgroups off (--cgroups off): resources are accounted, not enforced"
+    try:
+        own = _own_paths(Path(proc, "cgroup").read_text())
+        mounts = _mounts(Path(proc, "mountinfo").read_text())
+    except OSError as exc:
+        return None, f"cgroups unavailable ({exc}): resources are accounted, not enforced"
+    name = f"{base_name}-{instance}"
+    reasons = []
+    if "" in mounts and "" in own:
+        point, root = mounts[""]
+        parent = _join(point, root, own[""])
+        available = _read(parent / "cgroup.controllers").split()
+        if all(c in available for c in CONTROLLERS):
+            try:
+                enabled = _read(parent / "cgroup.subtree_control").split()
+                missing = [c for c in CONTROLLERS if c not in enabled]
+                if missing:
+                    _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
+                base = parent / name
+                base.mkdir(exist_ok=True)
+                _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS))
+                return Cgroups(2, {"unified": base}), ""
+            except OSError as exc:
+                hint = (" (it holds processes: run the runner in a cgroup of its own, e.g. "
+                        "systemd Delegate=yes)" if exc.errno == errno.EBUSY else "")
+                reasons.append(f"v2 at {parent} not writable: {exc.strerror}{hint}")
+        elif available:  # an empty list is a hybrid host's controller-less v2: use v1
+            reasons.append(f"v2 at {parent} lacks controllers "
+                           f"{', '.join(c for c in CONTROLLERS if c not in available)}")
+    bases = {}
+    for controller in CONTROLLERS + ("cpuacct",):
+        if controller not in mounts or controller not in own:
+            continue
+        point, root = mounts[controller]
+        base = _join(point, root, own[controller]) / name
+        try:
+            base.mkdir(exist_ok=True)
+            probe = {"cpu": "cpu.cfs_quota_us", "memory": "memory.limit_in_bytes",
+                     "pids": "pids.max", "cpuacct": "cpuacct.usage"}[controller]
+            if not (base / probe).exists():
+                raise OSError(errno.ENOENT, f"no {probe}")
+            bases[controller] = base
+        except OSError as exc:
+            reasons.append(f"v1 {controller} at {base.parent} not writable: "
+                           f"{exc.strerror or exc}")
+    if any(c in bases for c in CONTROLLERS):
+        return Cgroups(1, bases), "; ".join(reasons)
+    why = "; ".join(reasons) or "no cgroup hierarchy with cpu, memory or pids controllers"
+    return None, f"cgroups not usable ({why}): resources are accounted, not enforced"
+
+
+def delegate_v2(proc: str = "/proc/self") -> str:
+    """Prepare a cgroup v2 host for :func:`detect`: move this process into ``<own>/runner``.
+
+    Only when the own cgroup holds this process alone (a service of its own, such as a
+    systemd unit with ``Delegate=yes``) and does not delegate controllers yet; anything
+    else is left alone.  Returns what was done (empty when nothing).  Children started
+    afterwards (the roles) inherit the leaf.
+    """
+    try:
+        own = _own_paths(Path(proc, "cgroup").read_text())
+        mounts = _mounts(Path(proc, "mountinfo").read_text())
+    except OSError:
+        return ""
+    if "" not in mounts or "" not in own or own[""] in ("/", ""):
+        return ""
+    point, root = mounts[""]
+    parent = _join(point, root, own[""])
+    if not _read(parent / "cgroup.controllers").split():
+        return ""
+    members = _read(parent / "cgroup.procs").split()
+    if members != [str(os.getpid())]:
+        return ""
+    leaf = parent / "runner"
+    try:
+        leaf.mkdir(exist_ok=True)
+        _write(leaf / "cgroup.procs", str(os.getpid()))
+    except OSError as exc:
+        return f"could not move into {leaf}: {exc}"
+    return f"moved the supervisor into {leaf} so that runs can get cgroups of their own"
+
+
+def wait_removed(run: RunCgroup, timeout: float = 2.0) -> bool:
+    """Kill what is left in ``run`` and remove it, waiting briefly for the kernel."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run.kill_all()
+        if run.remove() or time.monotonic() > deadline:
+            return run.removed
+        time.sleep(0.02)

@@ -1,0 +1,271 @@
+"""Per-run cgroups (runner.cgroups).
+
+Detection and limit files are tested on hierarchies described as data (a fake ``/proc/self``
+and a fake cgroup v2 tree in a temporary folder).  Enforcement is tested with real processes
+in real cgroups where this host lets the tests create them; elsewhere those tests skip and
+say why.  No test asserts a wall-clock time: the CPU-quota test compares the run's CPU time
+with its own wall time, with a generous margin.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from runner import cgroups
+from runner.cgroups import Limits, detect
+
+MB = 10**6
+
+
+def real_cgroups():
+    driver, why = detect("auto", f"test-{uuid.uuid4().hex[:8]}")
+    if driver is None:
+        pytest.skip(f"cgroups are not writable on this host: {why}")
+    return driver
+
+
+@pytest.fixture()
+def driver():
+    found = real_cgroups()
+    yield found
+    found.cleanup()
+
+
+def run_in(cgroup: cgroups.RunCgroup, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    command = cgroup.wrap([sys.executable, "-c", textwrap.dedent(code)])
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+# -- described as data -----------------------------------------------------------------------
+
+V1_MOUNTINFO = """\
+25 24 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:23 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+27 25 0:24 / {root}/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+28 25 0:25 /docker/abc {root}/memory rw,relatime - cgroup cgroup rw,memory
+29 25 0:26 / {root}/pids rw,relatime - cgroup cgroup rw,pids
+"""
+V1_CGROUP = """\
+12:pids:/user.slice
+4:memory:/docker/abc/inner
+3:cpu,cpuacct:/
+0::/
+"""
+
+
+def fake_proc(tmp_path: Path, mountinfo: str, cgroup: str) -> Path:
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mountinfo").write_text(mountinfo)
+    (proc / "cgroup").write_text(cgroup)
+    return proc
+
+
+def test_v1_paths_follow_own_cgroup_and_mount_root(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    for folder, probe in (("cpu,cpuacct", ["cpu.cfs_quota_us", "cpuacct.usage"]),
+                          ("memory/inner", ["memory.limit_in_bytes"]),
+                          ("pids/user.slice", ["pids.max"])):
+        (root / folder).mkdir(parents=True)
+    proc = fake_proc(tmp_path, V1_MOUNTINFO.format(root=root), V1_CGROUP)
+    # a plain folder does not create control files in new folders the way cgroupfs does
+    found, why = detect("auto", "i1", proc=str(proc))
+    assert found is None and "not writable" in why and "accounted, not enforced" in why
+    # once the control files exist (as cgroupfs makes them) the folders are used
+    for folder, probe in (("cpu,cpuacct", ["cpu.cfs_quota_us", "cpuacct.usage"]),
+                          ("memory/inner", ["memory.limit_in_bytes"]),
+                          ("pids/user.slice", ["pids.max"])):
+        for name in probe:
+            (root / folder / "studioml-runs-i1" / name).write_text("")
+    found, why = detect("auto", "i1", proc=str(proc))
+    assert found is not None and found.version == 1
+    assert found.bases["cpu"] == root / "cpu,cpuacct" / "studioml-runs-i1"
+    assert found.bases["cpuacct"] == found.bases["cpu"]
+    assert found.bases["memory"] == root / "memory" / "inner" / "studioml-runs-i1"
+    assert found.bases["pids"] == root / "pids" / "user.slice" / "studioml-runs-i1"
+    run = found.create("a1", Limits(cpus=2, ram=500 * MB, pids=64))
+    assert (run.dirs["cpu"] / "cpu.cfs_quota_us").read_text() == "200000"
+    assert (run.dirs["cpu"] / "cpu.cfs_period_us").read_text() == "100000"
+    assert (run.dirs["memory"] / "memory.limit_in_bytes").read_text() == str(500 * MB)
+    assert (run.dirs["pids"] / "pids.max").read_text() == "64"
+    assert len(run.enter_files()) == 3          # cpu and cpuacct share one folder
+    (run.dirs["memory"] / "memory.oom_control").write_text(
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert run.oom_kills() == 2
+
+
+def make_v2(tmp_path: Path, own: str = "/system.slice/runner.service"):
+    root = tmp_path / "cg2"
+    parent = root / own.lstrip("/")
+    parent.mkdir(parents=True)
+    (parent / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (parent / "cgroup.subtree_control").write_text("")
+    proc = fake_proc(tmp_path, f"30 25 0:27 / {root} rw - cgroup2 cgroup2 rw\n", f"0::{own}\n")
+    return root, parent, proc
+
+
+def test_v2_delegates_controllers_and_writes_limits(tmp_path: Path) -> None:
+    _root, parent, proc = make_v2(tmp_path)
+    found, why = detect("auto", "i2", proc=str(proc))
+    assert found is not None and found.version == 2, why
+    assert (parent / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    base = parent / "studioml-runs-i2"
+    assert found.bases == {"unified": base}
+    assert (base / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    (base / "a1").mkdir()
+    for name in ("memory.swap.max", "memory.oom.group"):
+        (base / "a1" / name).write_text("")
+    run = found.create("a1", Limits(cpus=1.5, ram=2 * 10**9, pids=100))
+    assert (base / "a1" / "cpu.max").read_text() == "150000 100000"
+    assert (base / "a1" / "memory.max").read_text() == "2000000000"
+    assert (base / "a1" / "memory.swap.max").read_text() == "0"
+    assert (base / "a1" / "memory.oom.group").read_text() == "1"
+    assert (base / "a1" / "pids.max").read_text() == "100"
+    assert run.enter_files() == [str(base / "a1" / "cgroup.procs")]
+    (base / "a1" / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    (base / "a1" / "cpu.stat").write_text("usage_usec 2500000\nnr_throttled 7\n")
+    usage = run.usage()
+    assert usage["oom_kills"] == 1 and usage["cpu_seconds"] == 2.5
+    assert usage["cpu_throttled_periods"] == 7
+
+
+def test_v2_without_controllers_falls_back_with_a_reason(tmp_path: Path) -> None:
+    _root, parent, proc = make_v2(tmp_path)
+    (parent / "cgroup.controllers").write_text("cpu io\n")
+    found, why = detect("auto", "i3", proc=str(proc))
+    assert found is None
+    assert "lacks controllers memory, pids" in why and "accounted, not enforced" in why
+
+
+def test_delegate_v2_moves_only_a_lone_process(tmp_path: Path) -> None:
+    _root, parent, proc = make_v2(tmp_path)
+    (parent / "cgroup.procs").write_text(f"{os.getpid()}\n12345\n")
+    assert cgroups.delegate_v2(proc=str(proc)) == ""          # shares its cgroup: left alone
+    assert not (parent / "runner").exists()
+    (parent / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    assert "moved the supervisor" in cgroups.delegate_v2(proc=str(proc))
+    assert (parent / "runner" / "cgroup.procs").read_text() == str(os.getpid())
+
+
+def test_off_means_accounting_only() -> None:
+    found, why = detect("off", "x")
+    assert found is None and why.startswith("cgroups off (--cgroups off)")
+
+
+def test_no_hierarchy_at_all(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, "", "")
+    found, why = detect("auto", "x", proc=str(proc))
+    assert found is None and "no cgroup hierarchy" in why
+
+
+# -- real cgroups ----------------------------------------------------------------------------
+
+def test_memory_limit_kills_the_run(driver) -> None:
+    run = driver.create("mem", Limits(cpus=1, ram=80 * MB))
+    try:
+        result = run_in(run, """
+            blocks = []
+            while True:
+                blocks.append(bytearray(10**6))
+        """)
+        assert result.returncode == -9
+        assert run.oom_kills() >= 1
+        assert run.usage()["memory_peak"] <= 80 * MB
+    finally:
+        assert cgroups.wait_removed(run)
+
+
+def test_cpu_quota_holds_cpu_time_to_the_cpus_given(driver) -> None:
+    # Three busy processes for two seconds of their own wall time: with a quota of one CPU
+    # their CPU time is about one wall time, whatever the machine's load (never more).
+    run = driver.create("cpu", Limits(cpus=1))
+    try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        result = run_in(run, """
+            import multiprocessing, time
+            def spin():
+                end = time.monotonic() + 2.0
+                while time.monotonic() < end:
+                    pass
+            workers = [multiprocessing.Process(target=spin) for _ in range(3)]
+            for w in workers: w.start()
+            for w in workers: w.join()
+        """)
+        wall = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert result.returncode == 0, result.stderr
+        assert cpu <= 1.35 * wall, f"{cpu:.2f}s of CPU in {wall:.2f}s of wall time"
+        assert (run.dirs.get("cpu", run.dirs.get("unified")) is not None)
+    finally:
+        assert cgroups.wait_removed(run)
+
+
+def test_process_count_limit_is_reached(driver) -> None:
+    run = driver.create("pids", Limits(pids=12))
+    try:
+        result = run_in(run, """
+            import os, time
+            children = 0
+            try:
+                while children < 100:
+                    if os.fork() == 0:
+                        time.sleep(5)
+                        os._exit(0)
+                    children += 1
+            except OSError as exc:
+                print("refused after", children, exc.errno)
+        """)
+        assert "refused after" in result.stdout, result.stdout + result.stderr
+        children = int(result.stdout.split()[2])
+        assert children < 12
+        assert run.usage()["pids_limit_hits"] >= 1
+    finally:
+        run.kill_all()
+        assert cgroups.wait_removed(run)
+
+
+def test_kill_all_reaches_processes_that_left_the_process_group(driver) -> None:
+    run = driver.create("escape", Limits())
+    try:
+        result = run_in(run, """
+            import os, subprocess, sys
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                     start_new_session=True, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+            print(child.pid)
+        """)
+        escaped = int(result.stdout.strip())
+        assert escaped in run.pids()
+        assert cgroups.wait_removed(run)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(escaped, 0)
+                with open(f"/proc/{escaped}/stat") as stat:
+                    if stat.read().split(")")[-1].split()[0] == "Z":
+                        break
+            except (ProcessLookupError, FileNotFoundError):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the escaped process survived")
+    finally:
+        cgroups.wait_removed(run)
+
+
+def test_a_run_that_cannot_enter_its_cgroup_does_not_start(tmp_path: Path) -> None:
+    run = cgroups.RunCgroup(1, {"cpu": tmp_path / "missing"}, Limits())
+    result = subprocess.run(run.wrap([sys.executable, "-c", "print('ran')"]),
+                            capture_output=True, text=True)
+    assert result.returncode == 125 and "ran" not in result.stdout
+    assert "cannot enter cgroup" in result.stderr

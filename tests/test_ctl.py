@@ -1,0 +1,41 @@
+"""runner-ctl's rendering of free resources (runner.ctl)."""
+from __future__ import annotations
+
+from runner.ctl import free_lines, render_status
+
+
+def test_free_resources_are_rendered_with_each_device() -> None:
+    free = {"slots": 1, "cpus": 3, "ram": 2 * 10**9, "disk": None, "gpus": 1,
+            "gpu_mem": 141 * 2**30,
+            "devices": [{"index": 0, "uuid": "GPU-a", "name": "NVIDIA H200",
+                         "memory_total": 141 * 2**30, "available": 141 * 2**30, "holders": 0,
+                         "ecc_errors": 0},
+                        {"index": 1, "uuid": "GPU-b", "name": "NVIDIA L40S",
+                         "memory_total": 48 * 10**9, "available": 8 * 10**9, "holders": 2,
+                         "ecc_errors": 0},
+                        {"index": 2, "uuid": "GPU-c", "name": "NVIDIA L4",
+                         "memory_total": 24 * 10**9, "available": 24 * 10**9, "holders": 0,
+                         "ecc_errors": 1}]}
+    lines = free_lines(free)
+    assert lines[0] == ("  1 slots, 3 CPUs, RAM 2 GB, disk not accounted, 1 whole GPUs, "
+                        "GPU memory 141 GiB")
+    assert lines[1] == "  gpu 0 NVIDIA H200 GPU-a: 141 GiB of 141 GiB available, free"
+    assert lines[2] == "  gpu 1 NVIDIA L40S GPU-b: 8 GB of 48 GB available, 2 runs"
+    assert lines[3].endswith("ECC errors 1: not given out")
+
+
+def test_status_shows_free_resources_and_run_devices() -> None:
+    data = {"supervisor": {"pid": 1, "state": "running", "uptime": 3, "instance": "i",
+                           "hot_path": "compiled", "taking": True},
+            "roles": {"fetcher": {"pid": 2, "alive": True, "ready": True, "restarts": 0,
+                                  "heartbeat_age": 0.5, "stats": {"held": 1}}},
+            "free": {"slots": 0, "cpus": 0, "ram": 0, "disk": 5, "gpus": 0, "gpu_mem": 0,
+                     "devices": []},
+            "jobs": [{"key": "k", "project": "", "queue": "local_q", "attempt": "h-1",
+                      "attempt_number": 1, "phase": "running", "elapsed": 2, "pid": 9,
+                      "devices": "GPU-a,GPU-b"}],
+            "queues": {}, "finished": {}}
+    text = render_status(data)
+    assert "free resources:\n  0 slots, 0 CPUs, RAM 0 B, disk 5 B, 0 whole GPUs" in text
+    assert "gpus=GPU-a,GPU-b" in text
+    assert "free={" not in text
