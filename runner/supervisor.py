@@ -80,7 +80,8 @@ class Supervisor:
         self.signals: list[int] = []
         self.stopping_since: float | None = None
         self.state = "starting"
-        self.finished = {"completed": 0, "failed": 0, "expired": 0, "requeued": 0, "dead": 0}
+        self.finished = {"completed": 0, "failed": 0, "expired": 0, "cancelled": 0,
+                         "requeued": 0, "dead": 0}
 
     # -- start-up -------------------------------------------------------------------
     def lock_runtime_dir(self) -> None:
@@ -225,7 +226,8 @@ class Supervisor:
             self.jobs.pop(job_id, None)
             fate = phase.detail.get("fate")
             status = phase.detail.get("status")
-            key = {"ack": status, "requeue": "requeued", "dead": "dead"}.get(fate)
+            key = {"ack": status, "requeue": "requeued", "dead": "dead",
+                   "drop": "cancelled"}.get(fate)
             if key in self.finished:
                 self.finished[key] += 1
             return
