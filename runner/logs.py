@@ -20,6 +20,10 @@ def setup_logging(config: Config, role: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
+    # pika logs every expected broker reply (a passive declare's 404, a reconnect) at
+    # WARNING/ERROR; the RabbitMQ back end reports what matters itself.
+    logging.getLogger("pika").setLevel(logging.WARNING if config.log_level == "debug"
+                                       else logging.CRITICAL)
 
 
 def job_tag(key: str, job_id: str) -> str:
