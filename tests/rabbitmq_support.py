@@ -171,7 +171,8 @@ class PrivateBroker(Broker):
     and starts it again on the same ports and data (durable queues survive).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, conf: str = "", advanced: str = "") -> None:
+        """``conf``: extra rabbitmq.conf lines; ``advanced``: an advanced.config body."""
         self.dir = Path(tempfile.mkdtemp(prefix="rmqnode", dir="/tmp"))
         self.port, self.mgt_port = free_port(), free_port()
         self.dist_port, self.epmd_port = free_port(), free_port()
@@ -183,7 +184,9 @@ class PrivateBroker(Broker):
             f"management.tcp.port = {self.mgt_port}\n"
             "management.tcp.ip = 127.0.0.1\n"
             "collect_statistics_interval = 500\n"
-            "log.console = false\n")
+            "log.console = false\n" + conf)
+        if advanced:
+            (self.dir / "advanced.config").write_text(advanced)
         (self.dir / "enabled_plugins").write_text("[rabbitmq_management].\n")
         (self.dir / "home").mkdir()
         cookie = self.dir / "home" / ".erlang.cookie"

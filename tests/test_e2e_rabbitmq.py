@@ -307,6 +307,38 @@ def test_broker_restart_while_the_runner_is_full_settles_the_redelivered_copy(ru
         node.stop()
 
 
+def test_delivery_ack_timeout_closing_the_channel_loses_no_result_and_runs_once(runners):
+    # consumer_timeout of 3 s, checked every second: the broker takes the delivery back
+    # (closing its channel) several times while the experiment runs for about 8 s.
+    node = PrivateBroker(conf="consumer_timeout = 3000\n",
+                         advanced="[{rabbit, [{channel_tick_interval, 1000}]}].\n").start()
+    try:
+        stem = "rmq_acktimeout_"
+        runner = make_runner(node, stem)
+        runners.append(runner)
+        runner.start()
+        flag = runner.root / "flag"
+        request = blocking_request(runner, flag)
+        node.publish(runner.queue, request, durable=True)
+        [job] = runner.wait_for(lambda: running_jobs(runner), what="the run to start")
+        runner.wait_for(lambda: log_lines(runner, "delivery acknowledgement .* timed out"),
+                        timeout=30, what="the broker to time the delivery out")
+        runner.wait_for(lambda: log_lines(runner, "redelivered by .* while it runs here"),
+                        timeout=30, what="the redelivery to be attached")
+        time.sleep(3)
+        assert [j["attempt"] for j in running_jobs(runner)] == [job["attempt"]]
+        flag.write_text("go")
+        record = runner.wait_final(request)
+        assert record["status"] == "completed"
+        [document] = runner.scrape_documents(request)
+        assert document["studioml"]["status"] == "completed"
+        # Whatever delivery was current at the end is acked now or when it comes back.
+        node.wait_counts(runner.queue, ready=0, unacked=0, timeout=30)
+        assert runner.stop() == 0
+    finally:
+        node.stop()
+
+
 def test_runner_submit_publishes_to_rmq_queues_like_the_client(broker, stem, runners):
     runner = make_runner(broker, stem)
     runners.append(runner)
