@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RunnerError(f"{directory}: not a directory")
         if args.script != "-m" and not (directory / args.script).is_file():
             raise RunnerError(f"{directory / args.script}: no such script")
+        if kind_of(args.queue) == "rmq" and not args.amqp_url:
+            raise RunnerError(f"queue {args.queue!r}: rmq_* queues need --amqp-url (or AMQP_URL)")
         project = args.project or directory.absolute().name
         key = args.key or f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
         workspace_key = upload_workspace(directory, args.storage)
