@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import ConfigError
+from .redact import safe_url
 from .resources import machine_memory
 from .units import UnitError, parse_duration, parse_size
 
@@ -152,11 +153,62 @@ def _optional_path(text: str) -> str:
 RELOADABLE = ("queue_match", "queue_mismatch", "limit_tasks", "limit_idle_duration",
               "drain_timeout", "log_level", "slack_hook", "slack_room", "slack_completed",
               "slack_timeout")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_vars(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """``text`` with every ``${NAME}`` replaced from ``environ``; also the names missing."""
+    missing: list[str] = []
+
+    def one(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in environ:
+            missing.append(name)
+            return ""
+        return environ[name]
+    return _VAR_RE.sub(one, text), missing
+
+
+def _amqp_url(text: str) -> str:
+    """An AMQP URL (``amqp://user:password@host:port/vhost``); empty: no RabbitMQ."""
+    if not text:
+        return ""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError("expected amqp://user:password@host:port/vhost (or amqps://)")
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    parts.port  # noqa: B018 - raises ValueError for a bad port
+    return text
+
+
+def _http_url(text: str) -> str:
+    if not text:
+        return ""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected http(s)://host:port")
+    parts.port  # noqa: B018
+    return text
+
+
+EXPANDED = ("amqp-url", "amqp-mgt-url")
+"""Options whose ``${NAME}`` references are expanded from the environment before parsing."""
 
 
 OPTIONS: tuple[Option, ...] = (
     Option("queue-match", _regex, DEFAULT_QUEUE_MATCH, "regex: queues served"),
     Option("queue-mismatch", _regex, "", "regex: queues never served (empty: none)"),
+    Option("amqp-url", _amqp_url, "",
+           "RabbitMQ broker for rmq_* queues, amqp://user:password@host:5672/vhost "
+           "(${VAR} expanded from the environment; empty: no RabbitMQ)"),
+    Option("amqp-mgt-url", _http_url, "",
+           "RabbitMQ management API used to discover queues (default: http, same host, "
+           "AMQP port + 10000, the AMQP URL's credentials)"),
     Option("queue-root", _path, None, "directory of local_* queues (default: DATA_ROOT/queues)"),
     Option("working-dir", _path, None, "per-attempt working directories (default: DATA_ROOT/work)"),
     Option("cache-dir", _path, None, "environment store and caches (default: DATA_ROOT/cache)"),
@@ -216,6 +268,8 @@ class Config:
 
     queue_match: str
     queue_mismatch: str
+    amqp_url: str
+    amqp_mgt_url: str
     queue_root: str
     working_dir: str
     cache_dir: str
@@ -346,10 +400,17 @@ def from_values(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         if raw is None:
             values[option.attr] = None
             continue
+        if option.name in EXPANDED:
+            raw, missing = expand_vars(str(raw), environ)
+            if missing:
+                problems.append(f"{source}: ${{{'}, ${'.join(missing)}}} not set in the "
+                                "environment")
+                continue
         try:
             values[option.attr] = option.parse(raw)
         except (ValueError, UnitError, re.error) as exc:
-            problems.append(f"{source}={raw!r}: {exc}")
+            shown = safe_url(str(raw)) if option.name in EXPANDED else raw
+            problems.append(f"{source}={shown!r}: {exc}")
     # Keep going after parse problems so that the checks below are reported with them.
     root = default_data_root()
     values["queue_root"] = values.get("queue_root") or str(root / "queues")

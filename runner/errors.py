@@ -55,5 +55,13 @@ class QueueError(RunnerError):
     """A queue back end failed (broker down, directory unreadable)."""
 
 
+class DeliveryLost(QueueError):
+    """The back end no longer holds this delivery: its connection or channel closed.
+
+    The broker has put the message back (or will); the fetcher keeps the attempt's
+    result and settles the redelivered copy when it comes back (see ``runner.fates``).
+    """
+
+
 class ProtocolError(RunnerError):
     """A frame on the internal bus could not be decoded (wrong version, unknown type)."""

@@ -13,7 +13,8 @@ from . import errors
 from .protocol import Outcome
 
 COMPLETED, FAILED, EXPIRED, CANCELLED = "completed", "failed", "expired", "cancelled"
-ACK, REQUEUE, DEAD = "ack", "requeue", "dead"
+ACK, REQUEUE, DEAD, DROP = "ack", "requeue", "dead", "drop"
+"""``DROP``: nothing to settle, the request's queue is gone (the user deleted it)."""
 
 
 class ShutdownRequested(errors.RunnerError):
@@ -40,6 +41,26 @@ class OutOfMemory(ExperimentFailed):
     """
 
 
+class QueueDeleted(errors.RunnerError):
+    """The request's queue was deleted while the attempt ran: the user's way to abort.
+
+    The run is stopped, its outputs are uploaded, and the request ends ``cancelled``
+    (final); there is no delivery left to ack or requeue.
+    """
+
+
+STOP_CAUSES: dict[str, type[errors.RunnerError]] = {
+    "shutdown": ShutdownRequested,
+    "queue_deleted": QueueDeleted,
+}
+"""``StopRuns.cause`` → the exception that ends the stopped attempts."""
+
+
+def stop_exception(cause: str, reason: str) -> errors.RunnerError:
+    """What ends an attempt stopped by ``StopRuns(cause=…)``; unknown causes are shutdowns."""
+    return STOP_CAUSES.get(cause, ShutdownRequested)(f"stopped: {reason}")
+
+
 # Exception class name -> final studioml.status of the attempt.
 _STATUS_BY_ERROR = {
     errors.BadRequest: FAILED,
@@ -51,6 +72,7 @@ _STATUS_BY_ERROR = {
     errors.ResourcesUnavailable: CANCELLED,
     ShutdownRequested: CANCELLED,
     RoleCrashed: CANCELLED,
+    QueueDeleted: CANCELLED,
 }
 _DEAD_ERRORS = {"BadRequest"}
 _UNCOUNTED_ERRORS = {"StorageError", "ObjectMissing", "ResourcesUnavailable",
@@ -66,7 +88,7 @@ def outcome_for_exception(exc: BaseException, exit_code: int | None = None) -> O
             break
     error = type(exc).__name__
     for cls in type(exc).__mro__:  # report the family name the rules are written in
-        if cls.__name__ in _UNCOUNTED_ERRORS | _DEAD_ERRORS:
+        if cls.__name__ in _UNCOUNTED_ERRORS | _DEAD_ERRORS | {"QueueDeleted"}:
             error = cls.__name__
             break
     return Outcome(status=status, error=error, message=str(exc), exit_code=exit_code)
@@ -83,15 +105,24 @@ class Decision:
 
 
 def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
-           upload_error: str = "") -> Decision:
+           upload_error: str = "", queue_deleted: bool = False) -> Decision:
     """The fate of a request whose attempt ended with ``outcome``.
 
+    * the request's queue was deleted while it ran (``queue_deleted``, or the attempt was
+      stopped with :class:`QueueDeleted`): a completed or expired attempt is still acked
+      (a no-op on a deleted queue, but the record says what happened); anything else is
+      dropped as ``cancelled``, final: there is no queue to requeue into;
     * a bad request is dead-lettered;
     * an attempt stopped by the runner itself (shutdown, crash, storage trouble) is
       requeued without counting it;
     * completed and expired attempts are acked, but only once their uploads succeeded;
     * failures count; they are requeued until ``max_attempts``, then acked as failed.
     """
+    if queue_deleted or outcome.error == "QueueDeleted":
+        if outcome.status in (COMPLETED, EXPIRED) and not upload_error:
+            return Decision(ACK, attempts_before, outcome.status, outcome.status)
+        return Decision(DROP, attempts_before, CANCELLED,
+                        "its queue was deleted: the run was aborted")
     if outcome.error in _DEAD_ERRORS:
         return Decision(DEAD, attempts_before, FAILED, f"bad request: {outcome.message}")
     counted = outcome.status == FAILED and outcome.error not in _UNCOUNTED_ERRORS

@@ -73,6 +73,9 @@ def setup_logging(config: Config, role: str) -> None:
 def set_level(level: str) -> None:
     """Change this process's log level (``debug``, ``info``, ``warning``, ``error``)."""
     logging.getLogger().setLevel(level.upper())
+    # pika logs every expected broker reply (a passive declare's 404, a reconnect) at
+    # WARNING/ERROR; the RabbitMQ back end reports what matters itself.
+    logging.getLogger("pika").setLevel(logging.WARNING if level == "debug" else logging.CRITICAL)
 
 
 def job_tag(key: str, job_id: str) -> str:

@@ -129,11 +129,16 @@ class Reload(Message):
 
 @dataclass(frozen=True)
 class StopRuns(Message):
-    """Supervisor → cache manager and executor: end every attempt (or ``job_ids``)."""
+    """Supervisor or fetcher → cache manager and executor: end every attempt (or ``job_ids``).
+
+    ``cause`` names why, as :func:`runner.fates.stop_exception` understands it
+    (``shutdown``: handed back uncounted; ``queue_deleted``: the user aborted the run).
+    """
 
     TYPE: ClassVar[str] = "stop_runs"
     reason: str = "shutdown"
     job_ids: list = field(default_factory=list)
+    cause: str = "shutdown"
 
 
 @dataclass(frozen=True)

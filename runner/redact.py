@@ -76,3 +76,10 @@ class Masker:
 
     def mask_text(self, text: str) -> str:
         return self.mask(text.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and error messages)."""
+    return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK.encode() + m.group(3),
+                             url.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
+

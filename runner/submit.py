@@ -21,9 +21,10 @@ from pathlib import Path
 
 from . import metadata
 from .archive import pack
-from .config import default_data_root
+from .config import default_data_root, expand_vars
 from .errors import RunnerError
-from .queues import LocalQueue, kind_of
+from .queues import LocalQueue, RabbitMQQueue, kind_of
+from .redact import safe_url
 from .requests import MUTABLE_LABELS
 from .storage import open_store
 from .units import UnitError, parse_duration, parse_size
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser.add_argument("--queue", default=env("SUBMIT_QUEUE", "local_default"),
                         help="queue name (default local_default) [env SUBMIT_QUEUE]")
+    parser.add_argument("--amqp-url", default=env("AMQP_URL", ""),
+                        help="RabbitMQ broker for rmq_* queues, amqp://user:password@host:5672/"
+                             "vhost; ${VAR} is expanded from the environment [env AMQP_URL]")
+    parser.add_argument("--durable", action="store_true",
+                        help="rmq_*: declare a missing queue durable and publish persistent "
+                             "messages (the StudioML client declares non-durable queues)")
     parser.add_argument("--queue-root", default=env("QUEUE_ROOT",
                                                     str(default_data_root() / "queues")),
                         help="root of local_* queues [env QUEUE_ROOT]")
@@ -117,11 +124,18 @@ def build_request(args: argparse.Namespace, key: str, project: str, storage_root
             "saveWorkspaceFrequency": args.save_frequency,
             "experimentLifetime": args.lifetime or "",
             "resources_needed": resources,
-            "cloud": {"queue": {"local": {"root": args.queue_root}}},
+            "cloud": {"queue": cloud_queue(args)},
             "storage": {"type": storage_root.split("://", 1)[0], "bucket": bucket},
             "database": {"type": "studioml-runner", "bucket": bucket},
         },
     }
+
+
+def cloud_queue(args: argparse.Namespace) -> dict:
+    """``config.cloud.queue``: how the client reached the queue (credentials masked)."""
+    if kind_of(args.queue) == "rmq":
+        return {"rmq": safe_url(args.amqp_url or "")}
+    return {"local": {"root": args.queue_root}}
 
 
 def upload_workspace(directory: Path, storage_root: str) -> str:
@@ -141,11 +155,29 @@ def upload_workspace(directory: Path, storage_root: str) -> str:
     return key
 
 
-def publish(queue: str, queue_root: str, body: bytes) -> str:
-    if kind_of(queue) != "local":
-        raise RunnerError(f"queue {queue!r}: this runner-submit publishes to local_* queues only")
-    with LocalQueue(queue_root, owner=f"submit-{os.getpid()}-{uuid.uuid4().hex[:6]}") as q:
-        return q.publish(queue, body)
+def publish(args: argparse.Namespace, body: bytes) -> str:
+    """Publish ``body`` to ``args.queue``: a local_* directory or an rmq_* queue.
+
+    rmq_* queues are published to the way the StudioML client does it: topic exchange
+    ``StudioML.topic``, routing key ``StudioML.<queue>``, the queue declared and bound,
+    publisher confirms, ``app_id studioml``, ``content_type application/json``.
+    """
+    kind = kind_of(args.queue)
+    if kind == "local":
+        owner = f"submit-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        with LocalQueue(args.queue_root, owner=owner) as q:
+            return q.publish(args.queue, body)
+    if kind == "rmq":
+        url, missing = expand_vars(args.amqp_url or "", os.environ)
+        if missing:
+            raise RunnerError(f"--amqp-url: ${{{'}, ${'.join(missing)}}} not set in the "
+                              "environment")
+        if not url:
+            raise RunnerError(f"queue {args.queue!r}: rmq_* queues need --amqp-url (or AMQP_URL)")
+        with RabbitMQQueue(url, name=f"runner-submit {os.getpid()}") as q:
+            return q.publish(args.queue, body, durable=args.durable)
+    raise RunnerError(f"queue {args.queue!r}: runner-submit publishes to local_* and rmq_* "
+                      "queues only")
 
 
 def wait_for(request: dict, timeout: float) -> int:
@@ -209,11 +241,13 @@ def main(argv: list[str] | None = None) -> int:
             raise RunnerError(f"{directory}: not a directory")
         if args.script != "-m" and not (directory / args.script).is_file():
             raise RunnerError(f"{directory / args.script}: no such script")
+        if kind_of(args.queue) == "rmq" and not args.amqp_url:
+            raise RunnerError(f"queue {args.queue!r}: rmq_* queues need --amqp-url (or AMQP_URL)")
         project = args.project or directory.absolute().name
         key = args.key or f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
         workspace_key = upload_workspace(directory, args.storage)
         request = build_request(args, key, project, args.storage, workspace_key)
-        name = publish(args.queue, args.queue_root, json.dumps(request).encode())
+        name = publish(args, json.dumps(request).encode())
     except (RunnerError, UnitError, OSError) as exc:
         print(f"runner-submit: {exc}", file=sys.stderr)
         return 2

@@ -121,7 +121,8 @@ class Supervisor:
         self.term_signals = 0
         self.drain: Drain | None = None
         self.state = "starting"
-        self.finished = {"completed": 0, "failed": 0, "expired": 0, "requeued": 0, "dead": 0}
+        self.finished = {"completed": 0, "failed": 0, "expired": 0, "cancelled": 0,
+                         "requeued": 0, "dead": 0}
         self.tasks_taken = 0
         self.limit_stopped = False
         self.idle_since = time.time()
@@ -511,7 +512,8 @@ class Supervisor:
             entry = self.jobs.pop(job_id, None) or {"job": phase.job, "detail": {}, "times": {}}
             fate = phase.detail.get("fate")
             status = phase.detail.get("status")
-            key = {"ack": status, "requeue": "requeued", "dead": "dead"}.get(fate)
+            key = {"ack": status, "requeue": "requeued", "dead": "dead",
+                   "drop": "cancelled"}.get(fate)
             if key in self.finished:
                 self.finished[key] += 1
             self.observe(entry, "finished", phase.at)

@@ -160,3 +160,24 @@ def test_constants_are_the_spec_words() -> None:
     assert (fates.COMPLETED, fates.FAILED, fates.EXPIRED, fates.CANCELLED) == \
         ("completed", "failed", "expired", "cancelled")
     assert (fates.ACK, fates.REQUEUE, fates.DEAD) == ("ack", "requeue", "dead")
+
+
+def test_a_deleted_queue_drops_the_request_as_cancelled_unless_it_already_finished():
+    stopped = outcome_for_exception(fates.stop_exception("queue_deleted", "queue rmq_x was deleted"))
+    assert stopped.status == CANCELLED and stopped.error == "QueueDeleted"
+    decision = decide(stopped, 1, 3)
+    assert (decision.action, decision.final_status, decision.attempts) == (fates.DROP, CANCELLED, 1)
+    # The run failed or was cancelled otherwise, but its queue is gone: nothing to requeue into.
+    failed = outcome_for_exception(ExperimentFailed("exit 1"), 1)
+    assert decide(failed, 0, 3, queue_deleted=True).action == fates.DROP
+    # A run that had already completed keeps its status (the ack is a no-op on a deleted queue).
+    done = decide(out(COMPLETED, exit_code=0), 0, 3, queue_deleted=True)
+    assert (done.action, done.final_status) == (ACK, COMPLETED)
+
+
+def test_stop_causes_map_to_their_exceptions():
+    assert isinstance(fates.stop_exception("shutdown", "drain"), ShutdownRequested)
+    assert isinstance(fates.stop_exception("queue_deleted", "x"), fates.QueueDeleted)
+    assert isinstance(fates.stop_exception("unknown-cause", "x"), ShutdownRequested)
+    assert decide(outcome_for_exception(fates.stop_exception("shutdown", "x")), 2, 3).action \
+        == REQUEUE

@@ -9,13 +9,31 @@ import logging
 
 from .base import DEFAULT_QUEUE_MATCH, Delivery, Queue, is_reserved, matches
 from .local import LocalQueue
+from .rabbitmq import RabbitMQQueue
 
 logger = logging.getLogger(__name__)
 
 QUEUE_KINDS: dict[str, type[Queue]] = {
     "local": LocalQueue,
+    "rmq": RabbitMQQueue,
 }
 """Queue-name prefix → back-end class."""
+
+
+def build_backends(config) -> dict[str, Queue]:
+    """Every back end ``config`` asks for, by kind (``Queue.from_config`` of each class in
+    :data:`QUEUE_KINDS`; a class answering ``None`` is not configured)."""
+    backends: dict[str, Queue] = {}
+    try:
+        for kind, cls in QUEUE_KINDS.items():
+            backend = cls.from_config(config)
+            if backend is not None:
+                backends[kind] = backend
+    except BaseException:
+        for backend in backends.values():
+            backend.close()
+        raise
+    return backends
 
 
 def kind_of(queue_name: str) -> str:
@@ -28,4 +46,4 @@ def kind_of(queue_name: str) -> str:
 
 
 __all__ = ["DEFAULT_QUEUE_MATCH", "Delivery", "LocalQueue", "QUEUE_KINDS", "Queue",
-           "is_reserved", "kind_of", "matches"]
+           "RabbitMQQueue", "build_backends", "is_reserved", "kind_of", "matches"]

@@ -11,7 +11,7 @@ import abc
 import logging
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,28 @@ class Queue(abc.ABC):
     def dead_letter(self, d: Delivery, reason: str) -> None:
         """Move ``d`` to the back end's dead-letter place, keeping ``reason`` beside it."""
 
+    @classmethod
+    def from_config(cls, config: Any) -> "Queue | None":
+        """The back end as ``config`` (a :class:`runner.config.Config`) asks for it, or
+        ``None`` when this kind is not configured (e.g. no ``--amqp-url``)."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from the runner's options")
+
+    def service(self) -> None:
+        """Called on every fetcher tick (about every 50 ms) from the thread that uses the
+        back end: heartbeats, reconnects, noticing deliveries the broker took back.
+        Must return quickly; a no-op where nothing needs doing."""
+
     def keep_alive(self, d: Delivery) -> None:
-        """Extend the hold on ``d`` (visibility, ack deadline); a no-op where not needed."""
+        """Extend the hold on ``d`` (visibility, ack deadline); a no-op where not needed.
+
+        Raises :class:`runner.errors.DeliveryLost` when the back end no longer holds ``d``.
+        """
+
+    def queue_deleted(self, d: Delivery) -> bool:
+        """True when the queue ``d`` came from was deleted while ``d`` was held (the user's
+        way to abort the run); only asked when discovery no longer lists that queue.
+        Back ends that cannot tell answer False."""
+        return False
 
     @abc.abstractmethod
     def depth(self, queue: str) -> int:

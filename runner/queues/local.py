@@ -69,6 +69,11 @@ class LocalQueue(Queue):
 
     kind: ClassVar[str] = "local"
 
+    @classmethod
+    def from_config(cls, config) -> "LocalQueue":
+        """The embedded default: always on, rooted at ``--queue-root``."""
+        return cls(config.queue_root, owner=config.instance)
+
     def __init__(self, root: Path | str, owner: str, *, durable: bool = True,
                  lock_timeout_s: float = 5.0) -> None:
         if not _OWNER_RE.match(owner):

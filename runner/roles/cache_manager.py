@@ -34,8 +34,8 @@ class CacheManager(Role):
         self.pool = ThreadPoolExecutor(max_workers=max(2, self.config.executors * 2),
                                        thread_name_prefix="prepare")
         self.preparing: dict[str, protocol.Job] = {}
-        self.stopped: set[str] = set()
-        self.stop_all = False
+        self.stopped: dict[str, Exception] = {}  # job id -> what stops it
+        self.stop_all: Exception | None = None
         self.lock = threading.Lock()
 
     def handle(self, message: protocol.Message) -> None:
@@ -47,15 +47,18 @@ class CacheManager(Role):
             self.phase(job, "preparing", step="download")
             self.pool.submit(self.prepare, job)
         elif isinstance(message, protocol.StopRuns):
+            reason = fates.stop_exception(message.cause, message.reason)
             with self.lock:
                 if message.job_ids:
-                    self.stopped.update(message.job_ids)
+                    for job_id in message.job_ids:
+                        if job_id in self.preparing:
+                            self.stopped[job_id] = reason
                 else:
-                    self.stop_all = True
+                    self.stop_all = reason
 
-    def _cancelled(self, job_id: str) -> bool:
+    def _cancelled(self, job_id: str) -> Exception | None:
         with self.lock:
-            return self.stop_all or job_id in self.stopped
+            return self.stop_all or self.stopped.get(job_id)
 
     def prepare(self, job: protocol.Job) -> None:
         """Worker thread: working directory, artifacts, environment → executor."""
@@ -86,11 +89,12 @@ class CacheManager(Role):
         finally:
             with self.lock:
                 self.preparing.pop(job.job_id, None)
-                self.stopped.discard(job.job_id)
+                self.stopped.pop(job.job_id, None)
 
     def check_cancelled(self, job: protocol.Job) -> None:
-        if self._cancelled(job.job_id):
-            raise fates.ShutdownRequested("the runner is stopping")
+        reason = self._cancelled(job.job_id)
+        if reason is not None:
+            raise reason
 
     def download_artifacts(self, job: protocol.Job, log) -> None:
         """One folder per label; fetch and unpack what has a source (SPEC section 5.3)."""
@@ -136,5 +140,5 @@ class CacheManager(Role):
 
     def shutdown(self) -> None:
         with self.lock:
-            self.stop_all = True
+            self.stop_all = fates.ShutdownRequested("the runner is stopping")
         self.pool.shutdown(wait=True, cancel_futures=False)

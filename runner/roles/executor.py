@@ -80,7 +80,8 @@ class Executor(Role):
 
     def initialize(self) -> None:
         self.runs: dict[str, Run] = {}
-        self.stop_all: fates.ShutdownRequested | None = None
+        self.stop_all: Exception | None = None
+        self.stop_pending: dict[str, Exception] = {}
         self.cgroups, why = cgroups.detect(self.config.cgroups,
                                            self.config.instance or str(os.getpid()))
         if self.cgroups is not None:
@@ -121,17 +122,23 @@ class Executor(Role):
         if isinstance(message, protocol.JobPrepared):
             self.start(message)
         elif isinstance(message, protocol.StopRuns):
-            reason = fates.ShutdownRequested(f"stopped: {message.reason}")
+            reason = fates.stop_exception(message.cause, message.reason)
             if not message.job_ids:
                 self.stop_all = reason
+            for job_id in message.job_ids:
+                if job_id not in self.runs:  # still being prepared: stop it when it arrives
+                    self.stop_pending[job_id] = reason
+                    while len(self.stop_pending) > 1000:
+                        self.stop_pending.pop(next(iter(self.stop_pending)))
             for job_id, run in self.runs.items():
                 if not message.job_ids or job_id in message.job_ids:
                     self.stop(run, reason)
 
     def start(self, prepared: protocol.JobPrepared) -> None:
         job = prepared.job
-        if self.stop_all is not None:
-            self.end(job, fates.outcome_for_exception(self.stop_all), {})
+        stopped = self.stop_all or self.stop_pending.pop(job.job_id, None)
+        if stopped is not None:
+            self.end(job, fates.outcome_for_exception(stopped), {})
             return
         experiment = job.request.get("experiment", {})
         try:

@@ -1,11 +1,23 @@
 """The fetcher: finds queues, takes requests that fit, and settles their fate.
 
-It owns the queue back ends, the resource ledger and every held delivery.  A request
-is taken only while the ledger has a free slot; once read it is validated (bad requests
-are dead-lettered), checked for staleness (acked and recorded ``expired``), reserved
-(or put straight back when it does not fit), and handed to the cache manager.  When
-the uploader reports ``JobDone`` the fetcher asks :func:`runner.fates.decide` what to do
-and acks, requeues or dead-letters the delivery, then releases the reservation.
+It owns the queue back ends (built from the options by
+:func:`runner.queues.build_backends`), the resource ledger and every held delivery.  A
+request is taken only while the ledger has a free slot; once read it is validated (bad
+requests are dead-lettered), checked for staleness (acked and recorded ``expired``),
+reserved (or put straight back when it does not fit), and handed to the cache manager.
+When the uploader reports ``JobDone`` the fetcher asks :func:`runner.fates.decide` what to
+do and acks, requeues or dead-letters the delivery, then releases the reservation.
+
+Redeliveries: a broker that lost a delivery (its connection dropped, its channel was
+closed) hands the message out again.  A request is identified by its queue, project, key
+and ``time_added``; a redelivery of a request this runner is running is attached to the
+running attempt instead of starting a second copy, and settled with it.  When an attempt
+ends while none of its deliveries is held any more, its decision is kept (a *tombstone*,
+for ``TOMBSTONE_TTL``) and applied to the redelivered copy as soon as it is taken again,
+so the finished run's result stands and the request is not run twice by this runner.
+
+Every back end's ``service()`` runs on every tick (heartbeats, reconnects): back ends
+that are not thread-safe (pika) are only ever touched from this loop's thread.
 """
 from __future__ import annotations
 
@@ -14,8 +26,8 @@ import time
 from pathlib import Path
 
 from .. import fates, gpus, metadata, protocol
-from ..errors import BadRequest, QueueError, RunnerError
-from ..queues import QUEUE_KINDS, Delivery, LocalQueue, Queue, kind_of, matches
+from ..errors import BadRequest, DeliveryLost, QueueError, RunnerError
+from ..queues import Delivery, Queue, build_backends, kind_of, matches
 from ..requests import parse_request, safe_path_part
 from ..resources import Ledger
 from ..units import describe_size
@@ -25,20 +37,27 @@ DISCOVER_EVERY = 2.0
 STATS_EVERY = 1.0
 KEEP_ALIVE_EVERY = 30.0
 NO_FIT_BACKOFF = 2.0
+TAKE_ERROR_BACKOFF = 1.0
+TOMBSTONE_TTL = 24 * 3600.0
+TOMBSTONES_MAX = 10_000
+
+
+def request_identity(queue: str, project: str | None, key: str, request: dict) -> tuple:
+    """What makes two deliveries the same request: queue, project, key and ``time_added``."""
+    experiment = request.get("experiment") or {}
+    return (queue, project or "", key, repr(experiment.get("time_added")))
 
 
 class Fetcher(Role):
     name = "fetcher"
 
     def initialize(self) -> None:
-        self.backends: dict[str, Queue] = {
-            "local": LocalQueue(self.config.queue_root, owner=self.config.instance),
-        }
-        assert set(self.backends) <= set(QUEUE_KINDS)
-        recovered = self.backends["local"].recover()
-        if recovered:
-            self.log.info("returned %d unfinished claims of stopped runners to their queues",
-                          recovered)
+        self.backends: dict[str, Queue] = build_backends(self.config)
+        for backend in self.backends.values():
+            recovered = backend.recover()
+            if recovered:
+                self.log.info("returned %d unfinished claims of stopped runners to their "
+                              "%s queues", recovered, backend.kind)
         self.discovery = gpus.discover(os.environ)
         self.log.info("%s", gpus.describe(self.discovery))  # said once: CPU-only is no error
         if self.config.cpu_only and self.discovery.devices:
@@ -55,6 +74,11 @@ class Fetcher(Role):
                       " (shared by gpuMem)" if self.config.gpu_share else "")
         self._next_gpu_refresh = time.monotonic() + self.config.gpu_refresh
         self.held: dict[str, tuple[Queue, Delivery, protocol.Job]] = {}
+        self.extra: dict[str, list[Delivery]] = {}      # job id -> redeliveries attached
+        self.running: dict[tuple, str] = {}             # request identity -> job id
+        self.tombstones: dict[tuple, tuple[fates.Decision, float]] = {}
+        self.queue_gone: set[str] = set()               # job ids whose queue was deleted
+        self.discovered: dict[str, list[str]] = {}      # kind -> last names it listed
         self.queues: list[str] = []
         self.backoff: dict[str, float] = {}
         self.taking = True
@@ -93,11 +117,18 @@ class Fetcher(Role):
                 continue
             delivery = Delivery(queue=job.queue, token=job.token, body=b"", attempts=job.attempts)
             self.held[job.job_id] = (backend, delivery, job)
+            self.running[request_identity(job.queue, job.project, job.key, job.request)] = \
+                job.job_id
             self.ledger.hold(job.job_id, job.resources)
         self.log.info("adopted %d jobs in flight", len(jobs))
 
     # -- periodic -------------------------------------------------------------------
     def tick(self) -> None:
+        for backend in self.backends.values():
+            try:
+                backend.service()
+            except (QueueError, OSError) as exc:
+                self.log.warning("%s queue back end: %s", backend.kind, exc)
         now = time.monotonic()
         if now >= self._next_discover:
             self._next_discover = now + DISCOVER_EVERY
@@ -129,21 +160,54 @@ class Fetcher(Role):
         self.ledger.update_devices(discovery.devices)
 
     def discover(self) -> None:
-        found = []
-        for backend in self.backends.values():
+        """Refresh the served queues; a back end that cannot list keeps its last list.
+
+        Held jobs whose queue disappeared from a successful listing are checked with the
+        back end: a queue deleted while its request runs stops the run (``QueueDeleted``).
+        """
+        listed_ok = set()
+        for kind, backend in self.backends.items():
             try:
                 names = backend.discover()
             except (QueueError, OSError) as exc:
                 self.log.warning("cannot list %s queues: %s", backend.kind, exc)
                 continue
+            listed_ok.add(kind)
+            served = []
             for name in names:
                 if matches(name, self.config.queue_match, self.config.queue_mismatch or None):
-                    found.append(name)
+                    served.append(name)
                 else:
                     self.ignored[name] = self.ignored.get(name, 0) + 1
-        if sorted(found) != sorted(self.queues):
-            self.log.info("serving queues: %s", ", ".join(sorted(found)) or "(none)")
-        self.queues = sorted(found)
+            self.discovered[kind] = served
+        found = sorted(n for names in self.discovered.values() for n in names)
+        if found != self.queues:
+            self.log.info("serving queues: %s", ", ".join(found) or "(none)")
+        self.queues = found
+        self.check_deleted_queues(listed_ok)
+
+    def check_deleted_queues(self, listed_ok: set) -> None:
+        served = set(self.queues)
+        for job_id, (backend, delivery, job) in list(self.held.items()):
+            if (job_id in self.queue_gone or delivery.queue in served
+                    or backend.kind not in listed_ok):
+                continue
+            deliveries = [delivery] + self.extra.get(job_id, [])
+            try:
+                deleted = any(backend.queue_deleted(d) for d in deliveries)
+            except (QueueError, OSError) as exc:
+                self.log.warning("cannot tell whether %s still exists: %s", delivery.queue, exc)
+                continue
+            if not deleted:
+                continue
+            self.queue_gone.add(job_id)
+            reason = f"queue {delivery.queue} was deleted"
+            self.log.warning("key=%s attempt=%s %s while its request was held: stopping the "
+                             "run", job.key, job_id, reason)
+            self.runner_log(job_id, f"{reason}: stopping the run (the user's abort)")
+            stop = protocol.StopRuns(reason=reason, job_ids=[job_id], cause="queue_deleted")
+            self.post("cache_manager", stop)
+            self.post("executor", stop)
 
     def take_while_room(self) -> None:
         """Take requests round-robin across queues while the ledger has a free slot."""
@@ -163,6 +227,7 @@ class Fetcher(Role):
                 delivery = backend.take(queue)
             except (QueueError, OSError) as exc:
                 self.log.warning("cannot take from %s: %s", queue, exc)
+                self.backoff[queue] = time.monotonic() + TAKE_ERROR_BACKOFF
                 delivery = None
             if delivery is None:
                 idle_rounds += 1
@@ -177,7 +242,10 @@ class Fetcher(Role):
                                            min_save_interval=self.config.min_save_interval)
         except BadRequest as exc:
             self.log.error("bad request in %s: %s; dead-lettered", delivery.queue, exc)
-            backend.dead_letter(delivery, str(exc))
+            self.settle_delivery(backend, delivery, fates.DEAD, str(exc), 0)
+            return
+        identity = request_identity(delivery.queue, facts.project, facts.key, request)
+        if self.redelivered(backend, delivery, identity, facts.key):
             return
         now = time.time()
         stale_at = facts.stale_at
@@ -185,19 +253,23 @@ class Fetcher(Role):
             self.log.warning("key=%s stale on arrival (lifetime ended %.0fs ago); acked as expired",
                              facts.key, now - stale_at)
             self.record(request, "expired", "", delivery.attempts, final=True)
-            backend.ack(delivery)
+            self.settle_delivery(backend, delivery, fates.ACK, "stale", delivery.attempts)
             return
         never = self.ledger.why_never(facts.resources)
         if never:
             self.log.warning("key=%s cannot run here (%s); put back for another runner",
                              facts.key, never)
-            backend.requeue(delivery, attempts=delivery.attempts)
+            self.settle_delivery(backend, delivery, fates.REQUEUE, "does not fit this host",
+                                 delivery.attempts)
             self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
             return
         job_id = self.attempt_ids.next()
         reservation = self.ledger.try_reserve(job_id, facts.resources)
         if reservation is None:
-            backend.requeue(delivery, attempts=delivery.attempts)
+            self.log.info("key=%s needs %s, not free now; put back at once", facts.key,
+                          facts.resources)
+            self.settle_delivery(backend, delivery, fates.REQUEUE, "does not fit now",
+                                 delivery.attempts)
             self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
             return
         workdir = os.path.join(self.config.working_dir, safe_path_part(facts.project or "_default"),
@@ -208,18 +280,67 @@ class Fetcher(Role):
             workdir=workdir, resources=reservation, taken_at=now, deadline=stale_at,
             max_duration=facts.max_duration, save_frequency=facts.save_frequency)
         self.held[job_id] = (backend, delivery, job)
+        self.running[identity] = job_id
         self.taken_total += 1
         self.log.info("key=%s attempt=%s taken from %s (attempt %d), devices %s", job.key,
                       job_id, delivery.queue, delivery.attempts + 1, reservation["devices"])
         self.phase(job, "taken")
         self.post("cache_manager", protocol.JobAssigned(job=job))
 
+    def redelivered(self, backend: Queue, delivery: Delivery, identity: tuple,
+                    key: str) -> bool:
+        """Handle a delivery of a request this runner runs or has just finished; True if so."""
+        job_id = self.running.get(identity)
+        if job_id is not None and job_id in self.held:
+            self.extra.setdefault(job_id, []).append(delivery)
+            self.log.warning("key=%s attempt=%s redelivered by %s while it runs here: holding "
+                             "the new delivery with the running attempt, not starting a "
+                             "second copy", key, job_id, delivery.queue)
+            self.runner_log(job_id, f"the broker redelivered this request ({delivery.queue}); "
+                                    "the new delivery is held with this attempt")
+            return True
+        entry = self.tombstones.pop(identity, None)
+        if entry is None:
+            return False
+        decision, expires = entry
+        if expires < time.monotonic():
+            return False
+        self.log.warning("key=%s redelivered after its attempt ended while the delivery was "
+                         "lost; settling it as decided then: %s (%s)", key, decision.action,
+                         decision.reason)
+        self.settle_delivery(backend, delivery, decision.action, decision.reason,
+                             decision.attempts)
+        return True
+
+    def settle_delivery(self, backend: Queue, delivery: Delivery, action: str, reason: str,
+                        attempts: int) -> bool:
+        """Apply ``action`` to one delivery; False when the back end had lost it."""
+        try:
+            if action == fates.ACK:
+                backend.ack(delivery)
+            elif action == fates.DEAD:
+                backend.dead_letter(delivery, reason)
+            elif action == fates.REQUEUE:
+                backend.requeue(delivery, attempts=attempts)
+            return True
+        except DeliveryLost as exc:
+            self.log.warning("could not %s a delivery of %s: %s", action, delivery.queue, exc)
+            return False
+        except (QueueError, OSError) as exc:
+            self.log.error("could not %s a delivery of %s: %s", action, delivery.queue, exc)
+            return True  # the back end still has it; nothing better to do here
+
     def keep_alive(self) -> None:
-        for backend, delivery, job in list(self.held.values()):
-            try:
-                backend.keep_alive(delivery)
-            except (QueueError, OSError) as exc:
-                self.log.error("key=%s attempt=%s lost its delivery: %s", job.key, job.job_id, exc)
+        for job_id, (backend, delivery, job) in list(self.held.items()):
+            for d in [delivery] + self.extra.get(job_id, []):
+                try:
+                    backend.keep_alive(d)
+                except DeliveryLost as exc:
+                    self.log.warning("key=%s attempt=%s: %s (the run goes on)", job.key,
+                                     job.job_id, exc)
+                except (QueueError, OSError) as exc:
+                    self.log.error("key=%s attempt=%s lost its delivery: %s", job.key,
+                                   job.job_id, exc)
 
     # -- the end of an attempt ------------------------------------------------------
     def settle(self, done: protocol.JobDone) -> None:
@@ -228,23 +349,25 @@ class Fetcher(Role):
             self.log.warning("attempt %s finished but is not held here", done.job.job_id)
             return
         backend, delivery, job = entry
+        extra = self.extra.pop(job.job_id, [])
+        identity = request_identity(job.queue, job.project, job.key, job.request)
+        if self.running.get(identity) == job.job_id:
+            del self.running[identity]
+        queue_deleted = job.job_id in self.queue_gone
+        self.queue_gone.discard(job.job_id)
         decision = fates.decide(done.outcome, delivery.attempts, self.config.max_attempts,
-                                done.upload_error)
-        final = decision.action in (fates.ACK, fates.DEAD)
+                                done.upload_error, queue_deleted=queue_deleted)
+        final = decision.action in (fates.ACK, fates.DEAD, fates.DROP)
         try:
             self.record(job.request, decision.final_status, job.job_id, decision.attempts, final)
         except RunnerError as exc:
             self.log.error("key=%s metadata record not written: %s", job.key, exc)
-        try:
-            if decision.action == fates.ACK:
-                backend.ack(delivery)
-            elif decision.action == fates.DEAD:
-                backend.dead_letter(delivery, decision.reason)
-            else:
-                backend.requeue(delivery, attempts=decision.attempts)
-        except (QueueError, OSError) as exc:
-            self.log.error("key=%s attempt=%s could not %s: %s", job.key, job.job_id,
-                           decision.action, exc)
+        if decision.action != fates.DROP:
+            settled = [self.settle_delivery(backend, d, decision.action, decision.reason,
+                                            decision.attempts)
+                       for d in [delivery] + extra]
+            if not any(settled):
+                self.remember(identity, decision, job)
         if not self.ledger.release(job.job_id):
             self.log.warning("key=%s attempt=%s held no reservation at settle", job.key,
                              job.job_id)
@@ -252,6 +375,18 @@ class Fetcher(Role):
                       decision.reason)
         self.phase(job, "finished", fate=decision.action, status=decision.final_status,
                    reason=decision.reason)
+
+    def remember(self, identity: tuple, decision: fates.Decision, job: protocol.Job) -> None:
+        """Keep ``decision`` for the redelivered copy of a request whose delivery was lost."""
+        self.log.warning("key=%s attempt=%s ended but its delivery was lost with the broker "
+                         "connection or channel; its result is kept and the redelivered copy "
+                         "will be settled as %s", job.key, job.job_id, decision.action)
+        now = time.monotonic()
+        for old in [k for k, (_, expires) in self.tombstones.items() if expires < now]:
+            del self.tombstones[old]
+        while len(self.tombstones) >= TOMBSTONES_MAX:
+            self.tombstones.pop(next(iter(self.tombstones)))
+        self.tombstones[identity] = (decision, now + TOMBSTONE_TTL)
 
     def record(self, request: dict, status: str, attempt_id: str, attempts: int,
                final: bool) -> None:

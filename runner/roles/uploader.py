@@ -92,6 +92,8 @@ class Uploader(Role):
                     self.recorded.add(job.job_id)
                 self.upload_artifacts(job, log)
                 self.upload_metadata_files(job, log)
+            if request.final:
+                self.log.info("key=%s attempt=%s final uploads done", job.key, job.job_id)
         except (RunnerError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             self.log.error("key=%s attempt=%s upload failed: %s", job.key, job.job_id, error)
