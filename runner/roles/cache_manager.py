@@ -9,9 +9,11 @@ gets the virtualenv for the requirement set from the
 want it).  Success goes to the executor as ``JobPrepared``; any failure ends the attempt
 with the outcome :mod:`runner.fates` gives its exception.
 
-The content digest of every mutable artifact it unpacks is written to
-``<workdir>/.runner/downloaded.json`` so that the uploader does not upload a folder that
-is still what was downloaded (:data:`DOWNLOADED_DIGESTS`).
+When every input is in place it writes ``<workdir>/.runner/downloaded.json``
+(:data:`DOWNLOADED_DIGESTS`) with the content digest of each mutable artifact it
+unpacked.  The uploader uploads no mutable folder before that file exists (a folder
+half-way through its download must never overwrite the object it came from) and does
+not upload a folder that is still what was downloaded.
 """
 from __future__ import annotations
 
@@ -142,12 +144,13 @@ class CacheManager(Role):
                 raise StorageError(f"{label}: cannot place {url} in {folder}: {exc}") from exc
             if artifact.get("mutable"):
                 digests[label] = tree_digest(folder)
-        if digests:
-            target = workdir / DOWNLOADED_DIGESTS
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_text(json.dumps(digests))
-            os.replace(tmp, target)
+        # Written last, also when empty: its presence tells the uploader that the inputs
+        # are in place, so mutable folders may be uploaded from now on.
+        target = workdir / DOWNLOADED_DIGESTS
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(digests))
+        os.replace(tmp, target)
 
     def stats(self) -> dict:
         with self.lock:

@@ -104,7 +104,7 @@ class Uploader(Role):
                 if job.job_id not in self.recorded:
                     with_retries(lambda: self.write_record(job), "metadata record", log, retry_for)
                     self.recorded.add(job.job_id)
-                self.upload_artifacts(job, log, retry_for)
+                self.upload_artifacts(job, log, retry_for, request.final)
                 self.upload_metadata_files(job, log, retry_for)
         except (RunnerError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -125,20 +125,29 @@ class Uploader(Role):
                               attempts=job.attempts, final=False, hostname=self.config.hostname,
                               override=self.config.metadata_store)
 
-    def seed_digests(self, job: protocol.Job) -> None:
-        """Take the digests of what the cache manager downloaded as already uploaded."""
+    def seed_digests(self, job: protocol.Job) -> bool:
+        """Take the digests of what the cache manager downloaded as already uploaded.
+
+        False while the cache manager has not finished placing the inputs (then no
+        mutable folder may be uploaded: it could overwrite its own source half-read).
+        """
         path = Path(job.workdir) / DOWNLOADED_DIGESTS
         try:
             seeds = json.loads(path.read_text())
         except (OSError, ValueError):
-            return
+            return False
         with self.lock:
             for label, digest in (seeds.items() if isinstance(seeds, dict) else ()):
                 self.uploaded.setdefault((job.job_id, str(label)), str(digest))
+        return True
 
-    def upload_artifacts(self, job: protocol.Job, log, retry_for: float = 0.0) -> None:
+    def upload_artifacts(self, job: protocol.Job, log, retry_for: float = 0.0,
+                         final: bool = False) -> None:
         artifacts = job.request.get("experiment", {}).get("artifacts") or {}
-        self.seed_digests(job)
+        if not self.seed_digests(job):
+            if final:
+                log("inputs were never all in place: mutable artifacts left as they are in storage")
+            return
         for label, artifact in sorted(artifacts.items()):
             url = artifact_url(artifact)
             folder = Path(job.workdir) / label
