@@ -238,7 +238,7 @@ class MotoServer(_Server):
         """Have moto check signatures and IAM policies (True) or accept anything (False)."""
         data = b"0" if enforced else b"inf"
         request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=data,
-                                         method="POST")
+                                         method="POST", headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(request, timeout=5).read()
 
 

@@ -403,6 +403,9 @@ class S3Store(Store):
                     result = call(self.client(target, signed=False), target)
                 except Exception as exc:
                     log.debug("anonymous %s of %s failed too: %s", what, url, exc)
+                    anonymous_error = _translate(exc, url, what, reading=True)
+                    if isinstance(anonymous_error, ObjectMissing):
+                        raise anonymous_error from exc
                     raise _translate(signed_error, url, what, reading=True) from signed_error
                 log.info("%s refused signed requests (%s); reading it anonymously",
                          url, _error_code(signed_error)[0] or type(signed_error).__name__)
