@@ -229,6 +229,7 @@ class GcsStore(Store):
             blob = client.bucket(bucket).get_blob(key)
             if blob is None:
                 raise ObjectMissing(url)
+            info = _info(url, blob)  # the download rewrites the blob's properties
             with atomic_destination(dest) as tmp:
                 with open(tmp, "wb") as out:
                     blob.download_to_file(out, if_generation_match=blob.generation,
@@ -236,9 +237,9 @@ class GcsStore(Store):
                     out.flush()
                     os.fsync(out.fileno())
                     copied = out.tell()
-                if blob.size is not None and copied != int(blob.size):
-                    raise StorageError(f"download of {url} truncated: {copied} of {blob.size} bytes")
-            return _info(url, blob)
+                if copied != info.size:
+                    raise StorageError(f"download of {url} truncated: {copied} of {info.size} bytes")
+            return info
         return self._call(url, "download", download, reading=True)
 
     def put(self, url: str, src: Path) -> ObjectInfo:
@@ -266,11 +267,9 @@ class GcsStore(Store):
             blob = client.bucket(bucket).blob(key)
             writer = blob.open("wb", chunk_size=chunk, ignore_flush=True)
             counting = _Counting(writer)
-            try:
-                fill(counting)  # type: ignore[arg-type]
-            except BaseException:
-                # Do not close: closing would finish the upload with what was written.
-                raise
+            # Not closed when fill() fails: closing would finish the upload with what
+            # was written so far; the unfinished resumable session expires on its own.
+            fill(counting)  # type: ignore[arg-type]
             writer.close()
             return ObjectInfo(url=url, size=counting.size, etag=str(blob.generation or ""),
                               mtime=time.time())
