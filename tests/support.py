@@ -403,11 +403,16 @@ class Runner:
     def request(self, workspace: Path, filename: str, *, args: list[str] | None = None,
                 key: str | None = None, pythonenv: list[str] | None = None,
                 max_duration: str | None = None, lifetime: str | None = None,
-                env: dict | None = None, time_added: float | None = None) -> dict:
-        """Upload ``workspace`` and build a request from SPEC section 2's field table."""
+                env: dict | None = None, time_added: float | None = None,
+                blob: str | None = None, save_frequency: str = "1s") -> dict:
+        """Upload ``workspace`` and build a request from SPEC section 2's field table.
+
+        With ``blob`` (a key already in the store) the workspace is not uploaded again.
+        """
         key = key or f"e2e-{uuid.uuid4().hex[:10]}"
-        blob = f"blobstore/{uuid.uuid4().hex}.tar"
-        self.upload_folder(workspace, f"{self.store_root}/{blob}")
+        if blob is None:
+            blob = f"blobstore/{uuid.uuid4().hex}.tar"
+            self.upload_folder(workspace, f"{self.store_root}/{blob}")
         bucket = self.store_root.rstrip("/").rsplit("/", 1)[-1]
 
         def artifact(object_key: str, mutable: bool) -> dict:
@@ -429,7 +434,7 @@ class Runner:
                 "resources_needed": {"cpus": 1, "gpus": 0, "ram": "100mb", "hdd": "1gb"},
                 "artifacts": artifacts, "an_unknown_field": {"kept": True},
             },
-            "config": {"env": env or {}, "saveWorkspaceFrequency": "1s",
+            "config": {"env": env or {}, "saveWorkspaceFrequency": save_frequency,
                        "experimentLifetime": lifetime,
                        **({"storage": self.storage} if self.storage else {})},
         }
