@@ -23,6 +23,7 @@ removes the working directory unless ``--debug``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 import time
@@ -36,6 +37,7 @@ from ..storage import PermanentStorageError, artifact_url, open_for_request
 from .base import Role
 from .cache_manager import DOWNLOADED_DIGESTS
 
+_log = logging.getLogger("runner.uploader")
 FIRST_DELAY = 0.5
 MAX_DELAY = 15.0
 DEFAULT_RETRY_FOR = 300.0
@@ -64,7 +66,9 @@ def with_retries(action, what: str, log, retry_for: float = DEFAULT_RETRY_FOR,
             if left <= 0 or stopping():
                 raise
             wait = min(delay, left)
-            log(f"{what} failed (try {attempt}): {exc}; retrying in {wait:.1f}s")
+            text = f"{what} failed (try {attempt}): {exc}; retrying in {wait:.1f}s"
+            log(text)
+            _log.warning("%s", text)
             time.sleep(wait)
             delay = min(delay * 2, MAX_DELAY)
 
