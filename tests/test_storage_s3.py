@@ -136,7 +136,7 @@ def test_streamed_upload_is_multipart_and_holds_one_part(moto, bucket, monkeypat
     def fill(out):
         for _ in range(12):  # 12 MiB in 1 MiB writes: three parts of 5, 5 and 2 MiB
             out.write(block)
-            writes.append(len(out.buffer))
+            writes.append(out.buffered)
     info = S3Store().put_stream(url, fill)
     assert info.size == 12 * 1024 * 1024
     assert max(writes) < 5 * 1024 * 1024  # never more than one part buffered

@@ -46,7 +46,9 @@ class StorageSettings:
 
     ``s3_ca``/``s3_cert``/``s3_key``: TLS files for S3 hosts that are not AWS (a CA bundle
     to verify the server, a client certificate and its key); giving any of them makes
-    such hosts use https.  ``part_size``: bytes per multipart/resumable upload part.
+    such hosts use https.  ``part_size``: bytes per multipart/resumable upload part;
+    ``parts_in_flight``: S3 parts uploaded at once by one upload (memory: about
+    ``part_size * (parts_in_flight + 1)`` per upload).
     ``tries``: attempts of one storage operation inside a back end before it gives up.
     """
 
@@ -54,6 +56,7 @@ class StorageSettings:
     s3_cert: str = ""
     s3_key: str = ""
     part_size: int = 8 * 1024 * 1024
+    parts_in_flight: int = 1
     tries: int = 4
     backoff: float = 0.5
 

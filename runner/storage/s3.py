@@ -32,6 +32,7 @@ for it.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -277,19 +278,70 @@ def _transient(exc: BaseException) -> bool:
 
 # ------------------------------------------------------------------------- uploads
 
+class _ChunksReader(io.RawIOBase):
+    """A seekable read-only file over a list of byte strings (a part, without joining
+    them into one more copy)."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.chunks = chunks
+        self.size = sum(len(c) for c in chunks)
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base_pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, min(self.size, base_pos + offset))
+        return self.pos
+
+    def readinto(self, target) -> int:
+        view = memoryview(target).cast("B")
+        done, offset = 0, 0
+        for chunk in self.chunks:
+            if done >= len(view):
+                break
+            end = offset + len(chunk)
+            if end > self.pos + done:
+                start = self.pos + done - offset
+                n = min(len(chunk) - start, len(view) - done)
+                view[done:done + n] = chunk[start:start + n]
+                done += n
+            offset = end
+        self.pos += done
+        return done
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class _MultipartWriter:
     """A write-only file object that uploads what it is given, one part at a time.
 
-    Holds at most one part in memory.  Objects smaller than one part go up as one
-    ``PutObject``.  :meth:`finish` completes the upload; :meth:`abort` drops it.
+    Holds the part being filled plus at most ``in_flight`` parts being sent (each sent on
+    a small thread pool while the producer keeps packing).  Objects smaller than one part
+    go up as one ``PutObject``.  :meth:`finish` completes the upload; :meth:`abort` drops
+    it.
     """
 
-    def __init__(self, client, bucket: str, key: str, url: str, part_size: int):
+    def __init__(self, client, bucket: str, key: str, url: str, part_size: int,
+                 in_flight: int = 1):
         self.client, self.bucket, self.key, self.url = client, bucket, key, url
         self.part_size = max(5 * 1024 * 1024, part_size)
-        self.buffer = bytearray()
+        self.in_flight = max(1, in_flight)
+        self.buffer: list[bytes] = []  # the part being filled
+        self.buffered = 0
         self.upload_id: str | None = None
         self.parts: list[dict] = []
+        self.pending: list = []  # futures of parts being sent, oldest first
+        self.pool = None
+        self.number = 0  # of the last part handed to the pool
         self.size = 0
         self.etag = ""
 
@@ -300,10 +352,12 @@ class _MultipartWriter:
         view = memoryview(data).cast("B")
         n = len(view)
         while view:
-            room = self.part_size - len(self.buffer)
-            self.buffer += view[:room]
+            room = self.part_size - self.buffered
+            piece = bytes(view[:room])  # the caller may reuse its buffer
+            self.buffer.append(piece)
+            self.buffered += len(piece)
             view = view[room:]
-            if len(self.buffer) >= self.part_size:
+            if self.buffered >= self.part_size:
                 self._send_part()
         self.size += n
         return n
@@ -320,32 +374,63 @@ class _MultipartWriter:
         return retrying(once, f"{what} of {self.url}", transient=_transient)
 
     def _send_part(self) -> None:
-        part, self.buffer = self.buffer, bytearray()
+        part = _ChunksReader(self.buffer)
+        self.buffer, self.buffered = [], 0
         if self.upload_id is None:
             reply = self._call("start a multipart upload to", self.client.create_multipart_upload,
                                Bucket=self.bucket, Key=self.key)
             self.upload_id = reply["UploadId"]
-        number = len(self.parts) + 1
-        reply = self._call(f"upload part {number} to", self.client.upload_part,
-                           Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                           PartNumber=number, Body=bytes(part))
-        self.parts.append({"PartNumber": number, "ETag": reply["ETag"]})
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=self.in_flight,
+                                           thread_name_prefix="s3-part")
+        self.number += 1
+        number = self.number
+        while len(self.pending) >= self.in_flight:
+            self._collect(self.pending.pop(0))
+        self.pending.append(self.pool.submit(
+            self._call, f"upload part {number} to", self.client.upload_part,
+            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
+            Body=part))
+        self.pending[-1].number = number
+
+    def _collect(self, future) -> None:
+        reply = future.result()
+        self.parts.append({"PartNumber": future.number, "ETag": reply["ETag"]})
+
+    def _drain(self) -> None:
+        try:
+            while self.pending:
+                self._collect(self.pending.pop(0))
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = None
 
     def finish(self) -> None:
         if self.upload_id is None:
             reply = self._call("upload", self.client.put_object, Bucket=self.bucket,
-                               Key=self.key, Body=bytes(self.buffer))
-            self.buffer = bytearray()
+                               Key=self.key, Body=_ChunksReader(self.buffer))
+            self.buffer, self.buffered = [], 0
         else:
             if self.buffer:
                 self._send_part()
+            self._drain()
+            parts = sorted(self.parts, key=lambda part: part["PartNumber"])
             reply = self._call("complete the upload to", self.client.complete_multipart_upload,
                                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                               MultipartUpload={"Parts": self.parts})
+                               MultipartUpload={"Parts": parts})
         self.etag = str(reply.get("ETag") or "").strip('"')
 
     def abort(self) -> None:
-        self.buffer = bytearray()
+        self.buffer, self.buffered = [], 0
+        for future in self.pending:
+            future.cancel()
+        self.pending = []
+        try:
+            self._drain()
+        except Exception:
+            pass
         if self.upload_id is not None:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key,
@@ -476,7 +561,8 @@ class S3Store(Store):
         if not target.key or target.key.endswith("/"):
             raise StorageError(f"s3 URL names no object: {url!r}")
         client = self.client(target)
-        writer = _MultipartWriter(client, target.bucket, target.key, url, base.SETTINGS.part_size)
+        writer = _MultipartWriter(client, target.bucket, target.key, url, base.SETTINGS.part_size,
+                                  base.SETTINGS.parts_in_flight)
         try:
             fill(writer)  # type: ignore[arg-type]
             writer.finish()
