@@ -248,9 +248,7 @@ class GcsEmulator(_Server):
     name = "gcp-storage-emulator"
 
     def argv(self) -> list[str]:
-        exe = shutil.which("gcp-storage-emulator")
-        base = [exe] if exe else [sys.executable, "-m", "gcp_storage_emulator"]
-        return base + ["-d", str(self.root / "data"), "start", "--host", "127.0.0.1",
+        return [sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.root / "data"), "start", "--host", "127.0.0.1",
                        "--port", str(self.port), "-q"]
 
     def ready_url(self) -> str:
