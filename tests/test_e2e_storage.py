@@ -49,6 +49,12 @@ def harnesses():
         harness.cleanup()
 
 
+def cache_stats(runner: Runner, ready) -> dict:
+    """The cache manager's heartbeat stats once ``ready(stats)`` (heartbeats lag ~1 s)."""
+    return runner.wait_for(lambda: (lambda s: s if ready(s) else None)(
+        runner.status()["roles"]["cache_manager"]["stats"]), timeout=10, what="cache stats")
+
+
 def add_input(runner: Runner, request: dict, text: str) -> None:
     """An extra immutable, unpacked input artifact ``data`` (any other label: SPEC 2)."""
     folder = runner.workspace({"input.txt": text})
@@ -97,7 +103,7 @@ def test_s3_experiment_reads_its_workspace_and_writes_outputs_back(moto, harness
     keys = [o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert f"metadata/e2e/{request['experiment']['key']}.json" in keys, "the metadata store"
     assert any(k.startswith("blobstore/") for k in keys)
-    stats = runner.status()["roles"]["cache_manager"]["stats"]
+    stats = cache_stats(runner, lambda s: s["cache_misses"] >= 2)
     assert stats["cache_misses"] == 2 and stats["cache_entries"] == 2  # workspace + data
     assert runner.stop() == 0
 
@@ -128,7 +134,7 @@ def test_two_experiments_sharing_one_input_download_it_once(moto, harnesses):
     runner.start()
     for request in requests:
         assert runner.wait_final(request)["status"] == "completed"
-    stats = runner.status()["roles"]["cache_manager"]["stats"]
+    stats = cache_stats(runner, lambda s: s["cache_misses"] + s["cache_hits"] >= 2)
     assert (stats["cache_misses"], stats["cache_hits"]) == (1, 1)
     logs = b"".join(runner.read(url) for request in requests
                     for url in runner.list(runner.experiment_url(request, "_metadata/runner-host-")))
