@@ -469,6 +469,28 @@ def _add(tar: tarfile.TarFile, src_dir: Path, rel: str) -> None:
         tar.addfile(info)
 
 
+def tree_digest(folder: Path) -> str:
+    """Content identity of a folder: paths, modes, sizes and content hashes of its files.
+
+    Modification times are left out, so a folder unpacked from an archive has the digest
+    of the folder that was packed into it.
+    """
+    from . import _fast
+
+    parts = []
+    for path in sorted(p for p in Path(folder).rglob("*")):
+        stat = path.lstat()
+        relative = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            parts.append(f"L {relative} {os.readlink(path)}")
+        elif path.is_file():
+            parts.append(f"F {relative} {stat.st_mode:o} {stat.st_size} "
+                         f"{_fast.content_hash(path)}")
+        else:
+            parts.append(f"D {relative}")
+    return _fast.hash_bytes("\n".join(parts).encode("utf-8", "surrogateescape"))
+
+
 def pack(src_dir: Path, dest: Path, compression: str) -> int:
     """Write a tar of ``src_dir``'s contents to ``dest`` atomically; the size of ``dest``.
 

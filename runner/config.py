@@ -115,6 +115,19 @@ def _path_list(text: str) -> tuple:
     return tuple(str(Path(p).expanduser().absolute()) for p in text.split(os.pathsep) if p)
 
 
+def _size(text: str) -> int:
+    return parse_size(text)
+
+
+def _optional_file(text: str) -> str:
+    if not text:
+        return ""
+    path = Path(text).expanduser().absolute()
+    if not path.is_file():
+        raise ValueError("no such file")
+    return str(path)
+
+
 def _optional_url(text: str) -> str:
     if text and "://" not in text:
         raise ValueError("expected a URL such as file:///srv/studioml")
@@ -212,6 +225,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue-root", _path, None, "directory of local_* queues (default: DATA_ROOT/queues)"),
     Option("working-dir", _path, None, "per-attempt working directories (default: DATA_ROOT/work)"),
     Option("cache-dir", _path, None, "environment store and caches (default: DATA_ROOT/cache)"),
+    Option("cache-size", _size, "10GiB",
+           "artifact cache size (10GiB, 500mb, bytes); entries in use are never evicted"),
+    Option("s3-ca", _optional_file, "", "CA bundle (PEM) to verify non-AWS S3 hosts; turns on https"),
+    Option("s3-cert", _optional_file, "", "client certificate (PEM) for non-AWS S3 hosts; turns on https"),
+    Option("s3-key", _optional_file, "", "private key (PEM) of --s3-cert"),
+    Option("storage-retry", _duration, "5m",
+           "how long an upload keeps retrying transient storage errors before the attempt "
+           "is handed back"),
     Option("runtime-dir", _path, None, "supervisor sockets and lock (default: /tmp/studioml-runner-UID)"),
     Option("executors", _positive_int, None, "experiments run at once (default: CPU cores)"),
     Option("max-attempts", _positive_int, "3", "attempts of a failing experiment before it ends failed"),
@@ -273,6 +294,11 @@ class Config:
     queue_root: str
     working_dir: str
     cache_dir: str
+    cache_size: int
+    s3_ca: str
+    s3_cert: str
+    s3_key: str
+    storage_retry: float
     runtime_dir: str
     executors: int
     max_attempts: int
@@ -309,6 +335,11 @@ class Config:
     def env_dir(self) -> str:
         """The environment (virtualenv) store, kept across restarts."""
         return os.path.join(self.cache_dir, "envs")
+
+    @property
+    def artifact_cache_dir(self) -> str:
+        """The artifact cache (objects/, tmp/), owned by the cache manager."""
+        return os.path.join(self.cache_dir, "artifacts")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -427,6 +458,8 @@ def from_values(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     if len(values["runtime_dir"]) > 80:
         problems.append(f"--runtime-dir={values['runtime_dir']!r}: longer than 80 characters "
                         "(socket paths are limited to about 100 bytes)")
+    if values.get("s3_key") and not values.get("s3_cert"):
+        problems.append("--s3-key: given without --s3-cert")
     if not re.fullmatch(r"[A-Za-z0-9.\-]+", values["hostname"]):
         problems.append(f"--hostname={values['hostname']!r}: use letters, digits, '.' and '-' only")
     if problems:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import _fast
 from .redact import redact_request
-from .storage import artifact_url, open_store
+from .storage import artifact_url, open_for_request
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,25 @@ def new_scrape_document(job, hostname: str) -> dict:
     }
 
 
-def store_root_url(request: dict) -> str | None:
-    """The storage root of the request: an artifact's URL with its ``key`` removed."""
-    for artifact in (request.get("experiment", {}).get("artifacts") or {}).values():
+def store_root(request: dict) -> tuple[str | None, dict | None]:
+    """The storage root of the request (an artifact's URL with its ``key`` removed) and
+    the artifact it was taken from (whose credentials reach it).  ``_metadata`` is
+    preferred, then the other mutable artifacts (the runner writes there anyway)."""
+    artifacts = request.get("experiment", {}).get("artifacts") or {}
+    ordered = sorted(artifacts.items(), key=lambda item: (
+        item[0] != "_metadata", not (isinstance(item[1], dict) and item[1].get("mutable"))))
+    for _label, artifact in ordered:
         if not isinstance(artifact, dict):
             continue
         url, key = artifact_url(artifact), artifact.get("key")
-        if url and key and url.endswith(key):
-            return url[: -len(key)].rstrip("/")
-    return None
+        if url and key and url.endswith(key) and not url.startswith(("http://", "https://")):
+            return url[: -len(key)].rstrip("/"), artifact
+    return None, None
+
+
+def store_root_url(request: dict) -> str | None:
+    """The storage root of the request: an artifact's URL with its ``key`` removed."""
+    return store_root(request)[0]
 
 
 def record_url(request: dict, override: str = "") -> str | None:
@@ -131,5 +141,6 @@ def write_record(request: dict, *, status: str, attempt_id: str, attempts: int, 
     record = {"request": redact_request(request), "status": status, "final": final,
               "attempt": attempt_id, "attempts": attempts, "host": hostname,
               "updated": time.time()}
-    store = open_store(url, storage_config=request.get("config", {}).get("storage"))
+    artifact = None if override else store_root(request)[1]
+    store = open_for_request(url, request, artifact)
     store.put_bytes(url, json.dumps(record, indent=1, sort_keys=True).encode())

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 
+from . import storage
 from .bus import Bus, Endpoints
 from .config import Config
 from .logs import setup_logging
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = Config.from_json(os.environ["RUNNER_ROLE_CONFIG"])
     setup_logging(config, role=name)
+    storage.configure(s3_ca=config.s3_ca, s3_cert=config.s3_cert, s3_key=config.s3_key)
     log = logging.getLogger(f"runner.{name}")
     try:
         bus = Bus(Endpoints(config.runtime_dir), name)

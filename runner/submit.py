@@ -3,7 +3,10 @@
 It does what the StudioML client does: packs the directory as the workspace, uploads it
 to ``blobstore/<sha256>.tar`` in the storage, builds a request in the StudioML format
 with the usual mutable artifacts at ``experiments/<key>/<label>.tar``, and publishes it to
-a queue.  With ``--wait`` it follows the experiment through the metadata store until its
+a queue.  The storage is a ``file://`` folder, an S3 bucket (``s3://host:port/bucket``,
+``--endpoint`` and AWS credentials options or the usual ``AWS_*`` variables) or a GCS
+bucket (``gs://bucket``, ``--gcp-credentials`` or Google's default chain).  Credentials
+given as options travel in the request's artifacts, as the StudioML client puts them.  With ``--wait`` it follows the experiment through the metadata store until its
 fate is final and prints its status and scrape document.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .errors import RunnerError
 from .queues import LocalQueue, RabbitMQQueue, kind_of
 from .redact import safe_url
 from .requests import MUTABLE_LABELS
+from . import storage as storage_module
 from .storage import open_store
 from .units import UnitError, parse_duration, parse_size
 
@@ -58,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                  (default_data_root() / "storage").as_uri()),
                         help="storage URL for artifacts (default: file:// under the data root) "
                              "[env SUBMIT_STORAGE]")
+    parser.add_argument("--endpoint", default=env("SUBMIT_ENDPOINT"),
+                        help="S3 endpoint written to config.storage.endpoint (wins over the "
+                             "URL's host on the runner) [env SUBMIT_ENDPOINT]")
+    parser.add_argument("--access-key", default=None,
+                        help="AWS access key id put in the artifacts' credentials")
+    parser.add_argument("--secret-key", default=None,
+                        help="AWS secret access key (with --access-key)")
+    parser.add_argument("--session-token", default=None, help="AWS session token")
+    parser.add_argument("--region", default=None, help="AWS region for the credentials")
+    parser.add_argument("--gcp-credentials", default=None, metavar="FILE",
+                        help="Google service-account JSON put in the artifacts' credentials")
+    parser.add_argument("--s3-ca", default=env("S3_CA", ""), help="CA bundle for the S3 host")
+    parser.add_argument("--s3-cert", default=env("S3_CERT", ""), help="client certificate for S3")
+    parser.add_argument("--s3-key", default=env("S3_KEY", ""), help="key of --s3-cert")
     parser.add_argument("--project", default=None, help="project id (default: directory name)")
     parser.add_argument("--key", default=None, help="experiment key (default: generated)")
     parser.add_argument("--pythonenv", default=None,
@@ -80,15 +98,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def storage_access(args: argparse.Namespace) -> tuple[dict | None, dict]:
+    """(artifact credentials or None, config.storage) from the command line."""
+    root = args.storage.rstrip("/")
+    scheme = root.split("://", 1)[0].lower()
+    credentials: dict = {}
+    if args.access_key or args.secret_key:
+        if not (args.access_key and args.secret_key):
+            raise RunnerError("--access-key and --secret-key go together")
+        aws = {"access_key": args.access_key, "secret_access_key": args.secret_key}
+        if args.session_token:
+            aws["session_token"] = args.session_token
+        if args.region:
+            aws["region"] = args.region
+        credentials["aws"] = aws
+    if args.gcp_credentials:
+        try:
+            credentials["gcp"] = json.loads(Path(args.gcp_credentials).read_text())
+        except (OSError, ValueError) as exc:
+            raise RunnerError(f"--gcp-credentials {args.gcp_credentials}: {exc}") from exc
+    storage = {"type": {"s3": "s3", "gs": "gcs"}.get(scheme, scheme),
+               "bucket": root.rsplit("/", 1)[-1]}
+    if args.endpoint:
+        storage["endpoint"] = args.endpoint
+    return credentials or None, storage
+
+
 def build_request(args: argparse.Namespace, key: str, project: str, storage_root: str,
                   workspace_key: str) -> dict:
     """A request body in the StudioML format (SPEC section 2)."""
     root = storage_root.rstrip("/")
     bucket = root.rsplit("/", 1)[-1]
+    credentials, storage = storage_access(args)
 
     def artifact(object_key: str, mutable: bool) -> dict:
-        return {"key": object_key, "bucket": bucket, "qualified": f"{root}/{object_key}",
-                "unpack": True, "mutable": mutable}
+        found = {"key": object_key, "bucket": bucket, "qualified": f"{root}/{object_key}",
+                 "unpack": True, "mutable": mutable}
+        if credentials:
+            found["credentials"] = credentials
+        return found
 
     artifacts = {"workspace": dict(artifact(workspace_key, False),
                                    local=str(Path(args.directory).absolute()))}
@@ -125,7 +173,7 @@ def build_request(args: argparse.Namespace, key: str, project: str, storage_root
             "experimentLifetime": args.lifetime or "",
             "resources_needed": resources,
             "cloud": {"queue": cloud_queue(args)},
-            "storage": {"type": storage_root.split("://", 1)[0], "bucket": bucket},
+            "storage": storage,
             "database": {"type": "studioml-runner", "bucket": bucket},
         },
     }
@@ -138,7 +186,8 @@ def cloud_queue(args: argparse.Namespace) -> dict:
     return {"local": {"root": args.queue_root}}
 
 
-def upload_workspace(directory: Path, storage_root: str) -> str:
+def upload_workspace(directory: Path, storage_root: str, credentials: dict | None = None,
+                     storage: dict | None = None) -> str:
     """Pack and upload the workspace; returns its key ``blobstore/<sha256>.tar``."""
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "workspace.tar"
@@ -149,7 +198,7 @@ def upload_workspace(directory: Path, storage_root: str) -> str:
                 digest.update(block)
         key = f"blobstore/{digest.hexdigest()}.tar"
         url = f"{storage_root.rstrip('/')}/{key}"
-        store = open_store(url)
+        store = open_store(url, credentials=credentials, storage_config=storage)
         if store.stat(url) is None:
             store.put(url, archive)
     return key
@@ -180,10 +229,16 @@ def publish(args: argparse.Namespace, body: bytes) -> str:
                       "queues only")
 
 
+def _store_for(request: dict, url: str):
+    """A store for ``url`` with the credentials the request's artifacts carry."""
+    artifact = metadata.store_root(request)[1]
+    return storage_module.open_for_request(url, request, artifact)
+
+
 def wait_for(request: dict, timeout: float) -> int:
     """Follow the experiment's metadata record until its fate is final; print the result."""
     url = metadata.record_url(request)
-    store = open_store(url)
+    store = _store_for(request, url)
     deadline = time.monotonic() + timeout
     shown = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +265,7 @@ def show_result(request: dict, record: dict, tmp: Path) -> int:
     print(f"status: {record['status']} after {record['attempts']} counted attempt(s)")
     if record.get("attempt") and prefix:
         url = f"{prefix}/{metadata.scrape_name(record['attempt'])}"
-        store = open_store(url)
+        store = _store_for(request, url)
         if store.stat(url) is not None:
             store.get(url, tmp / "scrape.json")
             print(f"scrape document ({url}):")
@@ -245,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             raise RunnerError(f"queue {args.queue!r}: rmq_* queues need --amqp-url (or AMQP_URL)")
         project = args.project or directory.absolute().name
         key = args.key or f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
-        workspace_key = upload_workspace(directory, args.storage)
+        if args.s3_key and not args.s3_cert:
+            raise RunnerError("--s3-key needs --s3-cert")
+        storage_module.configure(s3_ca=args.s3_ca, s3_cert=args.s3_cert, s3_key=args.s3_key)
+        credentials, storage = storage_access(args)
+        workspace_key = upload_workspace(directory, args.storage, credentials, storage)
         request = build_request(args, key, project, args.storage, workspace_key)
         name = publish(args, json.dumps(request).encode())
     except (RunnerError, UnitError, OSError) as exc:

@@ -1,8 +1,13 @@
-"""Shared helpers for the tests: a real runner-supervisor process, requests, a tiny package.
+"""Shared helpers for the tests: a real runner-supervisor process, requests, a tiny package,
+and real storage servers.
 
 Nothing here fakes a component: the harness starts ``python -m runner.supervisor`` as a
 real process on a private data root, requests are built from SPEC section 2's field table
-and published to a real local queue, and artifacts live in a real ``file://`` store.
+and published to a real local queue, and artifacts live in a real store: ``file://`` by
+default, or an S3 server (``moto_server``) or the GCS emulator (``gcp-storage-emulator``)
+started on a free loopback port and stopped by PID (:class:`MotoServer`,
+:class:`GcsEmulator`).  A server that cannot start skips the test locally and fails it
+under ``CI=true`` (:func:`server_unavailable`).
 """
 from __future__ import annotations
 
@@ -23,9 +28,16 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
 from runner import ctl, metadata
 from runner.archive import pack
 from runner.queues import LocalQueue
+from runner.storage import open_store
+
+# Never let a test reach for a cloud metadata server (instance roles, GCE credentials).
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("NO_GCE_CHECK", "true")
 
 REPO = Path(__file__).resolve().parent.parent
 MUTABLE = ("modeldir", "output", "retval", "tb", "_metrics", "_metadata")
@@ -107,13 +119,186 @@ def short_tempdir(prefix: str = "rt") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-class Runner:
-    """A real ``runner-supervisor`` process on a private root, plus its queue and store."""
+# ---------------------------------------------------------------------------------------------
+# Real storage servers on loopback
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, root: Path, queue: str = "local_test", **options):
+TEST_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def server_unavailable(reason: str):
+    """Skip (locally) or fail (under CI=true) a test whose server cannot start."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True  # it answered
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+class _Server:
+    """A server process on 127.0.0.1:<port>, stopped by its PID."""
+
+    name = "server"
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.root / f"{self.name}.log"
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self, timeout: float = 30.0) -> "_Server":
+        with open(self.log_path, "ab") as log:
+            try:
+                self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                                env=dict(os.environ, **TEST_AWS))
+            except OSError as exc:
+                server_unavailable(f"cannot start {self.name}: {exc}")
+        if not _wait_http(self.ready_url(), self.process, timeout):
+            self.stop()
+            server_unavailable(f"{self.name} did not start on port {self.port}: "
+                               f"{self.log_path.read_text(errors='replace')[-2000:]}")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def restart(self) -> "_Server":
+        self.stop()
+        return self.start()
+
+
+class MotoServer(_Server):
+    """``moto_server``: a real HTTP S3 endpoint (state lives in its memory)."""
+
+    name = "moto_server"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/moto-api/"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}"
+
+    def client(self, **credentials):
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        keys = {"aws_access_key_id": TEST_AWS["AWS_ACCESS_KEY_ID"],
+                "aws_secret_access_key": TEST_AWS["AWS_SECRET_ACCESS_KEY"]}
+        keys.update(credentials)
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            config=BotoConfig(s3={"addressing_style": "path"}), **keys)
+
+    def create_bucket(self, name: str | None = None) -> str:
+        name = name or f"b-{uuid.uuid4().hex[:10]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def root_url(self, bucket: str) -> str:
+        return f"s3://{self.host}/{bucket}"
+
+    def set_auth(self, enforced: bool) -> None:
+        """Have moto check signatures and IAM policies (True) or accept anything (False)."""
+        data = b"0" if enforced else b"inf"
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=data,
+                                         method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=5).read()
+
+
+class GcsEmulator(_Server):
+    """``gcp-storage-emulator``: a real HTTP GCS JSON API (state kept under ``root``)."""
+
+    name = "gcp-storage-emulator"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.root / "data"), "start", "--host", "127.0.0.1",
+                       "--port", str(self.port), "-q"]
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/storage/v1/b"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        previous = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = self.endpoint
+        try:
+            return storage.Client(project="test", credentials=AnonymousCredentials())
+        finally:
+            if previous is None:
+                os.environ.pop("STORAGE_EMULATOR_HOST", None)
+            else:
+                os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+    def create_bucket(self, name: str | None = None) -> str:
+        name = name or f"b-{uuid.uuid4().hex[:10]}"
+        self.client().create_bucket(name)
+        return name
+
+    def root_url(self, bucket: str) -> str:
+        return f"gs://{bucket}"
+
+
+class Runner:
+    """A real ``runner-supervisor`` process on a private root, plus its queue and store.
+
+    ``store_root`` (default a ``file://`` folder under ``root``) is where requests put
+    their artifacts; ``storage`` is the request's ``config.storage``; ``credentials`` the
+    artifacts' credentials map.
+    """
+
+    def __init__(self, root: Path, queue: str = "local_test", *, store_root: str | None = None,
+                 storage: dict | None = None, credentials: dict | None = None, **options):
         self.root = root
         self.queue = queue
-        self.store_root = (root / "store").as_uri()
+        self.store_root = store_root or (root / "store").as_uri()
+        self.storage = storage
+        self.credentials = credentials
         self.options = {"queue-root": root / "q", "working-dir": root / "w",
                         "cache-dir": root / "c", "runtime-dir": root / "run",
                         "executors": 2, "kill-grace": "1s", "min-save-interval": "1s",
@@ -126,6 +311,40 @@ class Runner:
         environ = {k: v for k, v in os.environ.items() if k != "RUNNER_PUREPYTHON"}
         self.env = dict(environ, UV_OFFLINE="1", PIP_NO_INDEX="1",
                         UV_CACHE_DIR=str(root / "uv-cache"))
+        if self.store_root.startswith("s3://"):
+            self.env.update(TEST_AWS)
+        elif self.store_root.startswith("gs://") and "STORAGE_EMULATOR_HOST" not in self.env:
+            raise ValueError("a gs:// store needs STORAGE_EMULATOR_HOST in Runner.env")
+
+    # -- storage --------------------------------------------------------------------------
+    def store(self, url: str):
+        return open_store(url, credentials=self.credentials, storage_config=self.storage,
+                          env=self.env)
+
+    def read(self, url: str) -> bytes | None:
+        """The bytes of the object at ``url`` in the test's store, or None."""
+        saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST",)}
+        if "STORAGE_EMULATOR_HOST" in self.env:
+            os.environ["STORAGE_EMULATOR_HOST"] = self.env["STORAGE_EMULATOR_HOST"]
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                store = self.store(url)
+                if store.stat(url) is None:
+                    return None
+                store.get(url, Path(tmp) / "object")
+                return (Path(tmp) / "object").read_bytes()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def list(self, prefix_url: str) -> list[str]:
+        return self.store(prefix_url).list(prefix_url)
+
+    def experiment_url(self, request: dict, name: str = "") -> str:
+        return f"{self.store_root}/experiments/{request['experiment']['key']}/{name}".rstrip("/")
 
     # -- the process ------------------------------------------------------------------
     def start(self, wait: bool = True) -> "Runner":
@@ -217,17 +436,24 @@ class Runner:
     def request(self, workspace: Path, filename: str, *, args: list[str] | None = None,
                 key: str | None = None, pythonenv: list[str] | None = None,
                 max_duration: str | None = None, lifetime: str | None = None,
-                env: dict | None = None, time_added: float | None = None) -> dict:
-        """Upload ``workspace`` and build a request from SPEC section 2's field table."""
+                env: dict | None = None, time_added: float | None = None,
+                blob: str | None = None, save_frequency: str = "1s") -> dict:
+        """Upload ``workspace`` and build a request from SPEC section 2's field table.
+
+        With ``blob`` (a key already in the store) the workspace is not uploaded again.
+        """
         key = key or f"e2e-{uuid.uuid4().hex[:10]}"
-        store = Path(self.store_root[len("file://"):])
-        blob = f"blobstore/{uuid.uuid4().hex}.tar"
-        (store / "blobstore").mkdir(parents=True, exist_ok=True)
-        pack(workspace, store / blob, "none")
+        if blob is None:
+            blob = f"blobstore/{uuid.uuid4().hex}.tar"
+            self.upload_folder(workspace, f"{self.store_root}/{blob}")
+        bucket = self.store_root.rstrip("/").rsplit("/", 1)[-1]
 
         def artifact(object_key: str, mutable: bool) -> dict:
-            return {"key": object_key, "bucket": "store", "unpack": True, "mutable": mutable,
-                    "qualified": f"{self.store_root}/{object_key}", "local": "/nonexistent"}
+            found = {"key": object_key, "bucket": bucket, "unpack": True, "mutable": mutable,
+                     "qualified": f"{self.store_root}/{object_key}", "local": "/nonexistent"}
+            if self.credentials:
+                found["credentials"] = self.credentials
+            return found
 
         artifacts = {"workspace": artifact(blob, False)}
         artifacts.update({label: artifact(f"experiments/{key}/{label}.tar", True)
@@ -241,9 +467,22 @@ class Runner:
                 "resources_needed": {"cpus": 1, "gpus": 0, "ram": "100mb", "hdd": "1gb"},
                 "artifacts": artifacts, "an_unknown_field": {"kept": True},
             },
-            "config": {"env": env or {}, "saveWorkspaceFrequency": "1s",
-                       "experimentLifetime": lifetime},
+            "config": {"env": env or {}, "saveWorkspaceFrequency": save_frequency,
+                       "experimentLifetime": lifetime,
+                       **({"storage": self.storage} if self.storage else {})},
         }
+
+    def upload_folder(self, folder: Path, url: str) -> None:
+        """Pack ``folder`` as a plain tar (as the StudioML client does) and upload it."""
+        if url.startswith("file://"):
+            target = self.store_path(url)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pack(folder, target, "none")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = Path(tmp) / "a.tar"
+            pack(folder, archive, "none")
+            self.store(url).put(url, archive)
 
     def publish(self, request: dict | bytes) -> str:
         body = request if isinstance(request, bytes) else json.dumps(request).encode()
@@ -252,8 +491,12 @@ class Runner:
             return queue.publish(self.queue, body)
 
     def record(self, request: dict) -> dict | None:
-        path = self.store_path(metadata.record_url(request))
-        return json.loads(path.read_text()) if path.exists() else None
+        url = metadata.record_url(request)
+        if url.startswith("file://"):
+            path = self.store_path(url)
+            return json.loads(path.read_text()) if path.exists() else None
+        data = self.read(url)
+        return json.loads(data) if data else None
 
     def wait_final(self, request: dict, timeout: float = 90.0) -> dict:
         """The metadata record once its fate is final."""
@@ -264,7 +507,7 @@ class Runner:
                 return record
             if self.process is not None and self.process.poll() is not None:
                 break
-            time.sleep(0.1)
+            time.sleep(0.1 if self.store_root.startswith("file://") else 0.3)
         raise AssertionError(f"no final record for {request['experiment']['key']}:\n{self.log()}")
 
     def wait_for(self, predicate, timeout: float = 60.0, what: str = "condition"):
@@ -285,8 +528,14 @@ class Runner:
         return self.store_path(self.store_root) / "experiments" / request["experiment"]["key"]
 
     def scrape_documents(self, request: dict) -> list[dict]:
-        folder = self.experiment_dir(request) / "_metadata"
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("scrape-host-*.json"))]
+        if self.store_root.startswith("file://"):
+            folder = self.experiment_dir(request) / "_metadata"
+            return [json.loads(p.read_text()) for p in sorted(folder.glob("scrape-host-*.json"))]
+        urls = self.list(self.experiment_url(request, "_metadata/scrape-host-"))
+        return [json.loads(self.read(url)) for url in urls]
+
+    def role_pids(self) -> dict[str, int]:
+        return {name: role["pid"] for name, role in self.status()["roles"].items()}
 
     def cleanup(self) -> None:
         self.kill()

@@ -198,7 +198,7 @@ def test_write_record_with_override(tmp_path: Path) -> None:
 
 def test_write_record_without_storage_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     opened = []
-    monkeypatch.setattr(metadata, "open_store", lambda *a, **k: opened.append(a))
+    monkeypatch.setattr(metadata, "open_for_request", lambda *a, **k: opened.append(a))
     request = {"experiment": {"key": "k", "artifacts": {}}}
     assert write_record(request, status="running", attempt_id="h-1", attempts=0, final=False,
                         hostname="h") is None

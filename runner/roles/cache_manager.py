@@ -1,27 +1,40 @@
 """The cache manager: makes an attempt's working directory and its Python environment.
 
 For each ``JobAssigned`` it opens the attempt with the scraper, then, on a worker
-thread, creates one folder per artifact label, downloads and unpacks the artifacts that
-have a source, finds the interpreter for ``pythonver`` and gets the virtualenv for the
-requirement set from the :class:`~runner.environments.EnvironmentStore` (built once per
-set, however many attempts want it).  Success goes to the executor as ``JobPrepared``;
-any failure ends the attempt with the outcome :mod:`runner.fates` gives its exception.
+thread, creates one folder per artifact label, fetches the artifacts that have a source
+through the :class:`~runner.cache.ArtifactCache` (one download per object however many
+attempts want it) and unpacks or copies them, finds the interpreter for ``pythonver`` and
+gets the virtualenv for the requirement set from the
+:class:`~runner.environments.EnvironmentStore` (built once per set, however many attempts
+want it).  Success goes to the executor as ``JobPrepared``; any failure ends the attempt
+with the outcome :mod:`runner.fates` gives its exception.
+
+When every input is in place it writes ``<workdir>/.runner/downloaded.json``
+(:data:`DOWNLOADED_DIGESTS`) with the content digest of each mutable artifact it
+unpacked.  The uploader uploads no mutable folder before that file exists (a folder
+half-way through its download must never overwrite the object it came from) and does
+not upload a folder that is still what was downloaded.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import fates, protocol
-from ..archive import unpack
+from ..archive import tree_digest, unpack
+from ..cache import ArtifactCache
 from ..environments import EnvironmentStore, find_interpreter
-from ..errors import DiskBudgetExceeded, RunnerError
+from ..errors import DiskBudgetExceeded, RunnerError, StorageError
+from ..storage import ObjectMissing, artifact_url, open_for_request
 from ..units import describe_size
-from ..storage import ObjectMissing, artifact_url, open_store
 from .base import Role
+
+#: Where the digests of downloaded mutable artifacts are left for the uploader.
+DOWNLOADED_DIGESTS = Path(".runner") / "downloaded.json"
 
 
 class CacheManager(Role):
@@ -31,6 +44,7 @@ class CacheManager(Role):
         Path(self.config.working_dir).mkdir(parents=True, exist_ok=True)
         self.environments = EnvironmentStore(Path(self.config.env_dir),
                                              installer=self.config.installer)
+        self.cache = ArtifactCache(Path(self.config.artifact_cache_dir), self.config.cache_size)
         self.pool = ThreadPoolExecutor(max_workers=max(2, self.config.executors * 2),
                                        thread_name_prefix="prepare")
         self.preparing: dict[str, protocol.Job] = {}
@@ -102,43 +116,56 @@ class CacheManager(Role):
         workdir.mkdir(parents=True, exist_ok=True)
         budget = int(job.resources.get("hdd") or 0) or None
         artifacts = job.request.get("experiment", {}).get("artifacts") or {}
-        storage_config = job.request.get("config", {}).get("storage")
+        digests: dict[str, str] = {}
         for label, artifact in artifacts.items():
             folder = workdir / label
             folder.mkdir(parents=True, exist_ok=True)
             url = artifact_url(artifact)
             if url is None or label == "_metadata":
                 continue
-            store = open_store(url, credentials=artifact.get("credentials"),
-                               storage_config=storage_config)
-            with tempfile.TemporaryDirectory(dir=workdir, prefix=".download-") as tmp:
-                target = Path(tmp) / "object"
-                try:
-                    info = store.get(url, target)
-                except ObjectMissing:
-                    if artifact.get("mutable"):
-                        log(f"{label}: no object yet at {url} (normal for a mutable artifact)")
-                        continue
-                    raise
-                if artifact.get("unpack"):
-                    written = unpack(target, folder, budget=budget)
-                    budget = None if budget is None else budget - written
-                    log(f"{label}: unpacked {info.size} bytes from {url} ({written} written)")
-                else:
-                    if budget is not None and info.size > budget:
-                        raise DiskBudgetExceeded(
-                            f"{label}: {info.size} bytes from {url} exceed what is left of the "
-                            f"hdd budget ({describe_size(max(0, budget))})")
-                    budget = None if budget is None else budget - info.size
-                    name = Path(artifact.get("key") or url).name or label
-                    shutil.move(str(target), folder / name)
-                    log(f"{label}: downloaded {info.size} bytes from {url}")
+            store = open_for_request(url, job.request, artifact)
+            try:
+                with self.cache.lease(store, url) as lease:
+                    source = "cache" if lease.hit else "storage"
+                    if artifact.get("unpack"):
+                        written = unpack(lease.path, folder, budget=budget)
+                        budget = None if budget is None else budget - written
+                        log(f"{label}: unpacked {lease.info.size} bytes from {url} "
+                            f"({written} written, from the {source})")
+                    else:
+                        name = Path(artifact.get("key") or url).name or label
+                        if budget is not None and lease.info.size > budget:
+                            raise DiskBudgetExceeded(
+                                f"{label}: {lease.info.size} bytes from {url} exceed what is "
+                                f"left of the hdd budget ({describe_size(max(0, budget))})")
+                        shutil.copyfile(lease.path, folder / name)
+                        budget = None if budget is None else budget - lease.info.size
+                        log(f"{label}: downloaded {lease.info.size} bytes from {url} "
+                            f"(from the {source})")
+            except ObjectMissing:
+                if artifact.get("mutable"):
+                    log(f"{label}: no object yet at {url} (normal for a mutable artifact)")
+                    continue
+                raise
+            except OSError as exc:
+                raise StorageError(f"{label}: cannot place {url} in {folder}: {exc}") from exc
+            if artifact.get("mutable"):
+                digests[label] = tree_digest(folder)
+        # Written last, also when empty: its presence tells the uploader that the inputs
+        # are in place, so mutable folders may be uploaded from now on.
+        target = workdir / DOWNLOADED_DIGESTS
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(digests))
+        os.replace(tmp, target)
 
     def stats(self) -> dict:
         with self.lock:
-            return {"preparing": len(self.preparing)}
+            preparing = len(self.preparing)
+        return {"preparing": preparing, **self.cache.stats()}
 
     def shutdown(self) -> None:
         with self.lock:
             self.stop_all = fates.ShutdownRequested("the runner is stopping")
         self.pool.shutdown(wait=True, cancel_futures=False)
+        self.cache.close()

@@ -31,7 +31,7 @@ class Attempt:
     document: dict
     masker: Masker
     output_log: BinaryIO
-    output_artifact: BinaryIO
+    output_artifact: BinaryIO | None  # opened at the first output, after inputs are placed
     runner_log: BinaryIO
     scrape_path: Path
     next_save: float
@@ -116,7 +116,7 @@ class Scraper(Role):
             document=metadata.new_scrape_document(job, self.config.hostname),
             masker=Masker(secrets_of(job.request)),
             output_log=open(folder / metadata.output_name(job.job_id), "ab"),
-            output_artifact=open(Path(job.workdir) / "output" / "output", "ab"),
+            output_artifact=None,
             runner_log=open(folder / metadata.runner_log_name(job.job_id), "ab"),
             scrape_path=folder / metadata.scrape_name(job.job_id),
             next_save=time.monotonic() + job.save_frequency,
@@ -140,6 +140,10 @@ class Scraper(Role):
         """Mask, log and merge one chunk of whole output lines."""
         data = attempt.masker.mask(data)
         attempt.output_log.write(data)
+        if attempt.output_artifact is None:
+            # Opened only now: the cache manager may have unpacked an earlier attempt's
+            # ``output`` artifact into the folder, and this attempt's output goes after it.
+            attempt.output_artifact = open(Path(attempt.job.workdir) / "output" / "output", "ab")
         attempt.output_artifact.write(data)
         attempt.output_bytes += len(data)
         metric = last_json_line(data)
@@ -157,7 +161,8 @@ class Scraper(Role):
     def save(self, attempt: Attempt) -> None:
         """Flush the logs and rewrite the scrape document (atomically)."""
         for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
-            handle.flush()
+            if handle is not None:
+                handle.flush()
         temporary = attempt.scrape_path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(attempt.document, indent=1, sort_keys=True))
         os.replace(temporary, attempt.scrape_path)
@@ -185,7 +190,8 @@ class Scraper(Role):
                                           if outcome.error else ""))
         self.save(attempt)
         for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
-            handle.close()
+            if handle is not None:
+                handle.close()
         del self.attempts[ended.job.job_id]
         self.bus.send("uploader", protocol.UploadRequest(job=ended.job, final=True,
                                                          outcome=outcome))

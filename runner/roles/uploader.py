@@ -2,58 +2,75 @@
 
 For each ``UploadRequest`` (on a worker thread, one at a time per attempt) it uploads
 every mutable artifact whose folder changed since its last upload (a tar compressed by
-the key's extension), then each file of the ``_metadata`` folder on its own under the
-``_metadata`` key without its archive extension.  The first request of an attempt also
-writes the redacted request to the metadata store.  Transient storage errors are retried
-with backoff.  A final request ends with ``JobDone`` to the fetcher (carrying the upload
-error, if any) and removes the working directory unless ``--debug``.
+the key's extension, streamed into the store as it is packed: a multipart upload on S3, a
+resumable one on GCS, no temporary copy of the archive), then each file of the
+``_metadata`` folder on its own under the ``_metadata`` key without its archive
+extension.  The first request of an attempt also writes the redacted request to the
+metadata store.
+
+A folder is "unchanged" when its content digest equals the one of its last upload in
+this attempt, or the one the cache manager recorded when it unpacked the artifact
+(``.runner/downloaded.json``): an output downloaded from a previous attempt and left
+alone is not uploaded again.
+
+In a final upload, storage errors are retried with exponential backoff (0.5 s doubling,
+at most 15 s apart) for ``--storage-retry`` (default 5 minutes); errors that retrying
+cannot fix (access denied) are not retried.  A periodic upload tries once (beyond the
+back end's own retries): the next period tries again.  A final request ends with ``JobDone`` to the fetcher
+(carrying the upload error, if any; the fetcher acks only when there is none) and
+removes the working directory unless ``--debug``.
 """
 from __future__ import annotations
 
+import json
+import logging
 import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import _fast, metadata, protocol
-from ..archive import compression_for_key, pack
+from ..archive import compression_for_key, pack_to_stream, tree_digest
 from ..errors import RunnerError, StorageError
-from ..storage import artifact_url, open_store
+from ..storage import PermanentStorageError, artifact_url, open_for_request
 from .base import Role
+from .cache_manager import DOWNLOADED_DIGESTS
 
-RETRY_DELAYS = (0.5, 2.0, 5.0)
+_log = logging.getLogger("runner.uploader")
+FIRST_DELAY = 0.5
+MAX_DELAY = 15.0
+DEFAULT_RETRY_FOR = 300.0
 FORGET_FINALIZED_AFTER = 3600.0
 
 
-def tree_digest(folder: Path) -> str:
-    """Content identity of a folder: paths, modes, sizes and content hashes of its files."""
-    parts = []
-    for path in sorted(p for p in folder.rglob("*")):
-        stat = path.lstat()
-        relative = path.relative_to(folder).as_posix()
-        if path.is_symlink():
-            parts.append(f"L {relative} {path.readlink()}")
-        elif path.is_file():
-            parts.append(f"F {relative} {stat.st_mode:o} {stat.st_size} "
-                         f"{_fast.content_hash(path)}")
-        else:
-            parts.append(f"D {relative}")
-    return _fast.hash_bytes("\n".join(parts).encode("utf-8", "surrogateescape"))
+def with_retries(action, what: str, log, retry_for: float = DEFAULT_RETRY_FOR,
+                 stopping=lambda: False) -> None:
+    """Run ``action()``; retry StorageError with backoff for ``retry_for`` seconds.
 
-
-def with_retries(action, what: str, log) -> None:
-    """Run ``action()``; retry StorageError with backoff, re-raising the last one."""
-    for attempt, delay in enumerate((*RETRY_DELAYS, None), start=1):
+    Delays start at 0.5 s and double up to 15 s.  :class:`PermanentStorageError` is
+    raised at once; the last error is raised when the time is up or ``stopping()``.
+    """
+    deadline = time.monotonic() + retry_for
+    delay = FIRST_DELAY
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             action()
             return
+        except PermanentStorageError:
+            raise
         except StorageError as exc:
-            if delay is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or stopping():
                 raise
-            log(f"{what} failed (try {attempt}): {exc}; retrying in {delay}s")
-            time.sleep(delay)
+            wait = min(delay, left)
+            text = f"{what} failed (try {attempt}): {exc}; retrying in {wait:.1f}s"
+            log(text)
+            _log.warning("%s", text)
+            time.sleep(wait)
+            delay = min(delay * 2, MAX_DELAY)
 
 
 class Uploader(Role):
@@ -87,11 +104,12 @@ class Uploader(Role):
                         return  # a periodic request that lost the race to the final one
                     if request.final:
                         self.finalized[job.job_id] = time.monotonic()
+                retry_for = self.config.storage_retry if request.final else 0.0
                 if job.job_id not in self.recorded:
-                    with_retries(lambda: self.write_record(job), "metadata record", log)
+                    with_retries(lambda: self.write_record(job), "metadata record", log, retry_for)
                     self.recorded.add(job.job_id)
-                self.upload_artifacts(job, log)
-                self.upload_metadata_files(job, log)
+                self.upload_artifacts(job, log, retry_for, request.final)
+                self.upload_metadata_files(job, log, retry_for)
             if request.final:
                 self.log.info("key=%s attempt=%s final uploads done", job.key, job.job_id)
         except (RunnerError, OSError) as exc:
@@ -113,9 +131,29 @@ class Uploader(Role):
                               attempts=job.attempts, final=False, hostname=self.config.hostname,
                               override=self.config.metadata_store)
 
-    def upload_artifacts(self, job: protocol.Job, log) -> None:
+    def seed_digests(self, job: protocol.Job) -> bool:
+        """Take the digests of what the cache manager downloaded as already uploaded.
+
+        False while the cache manager has not finished placing the inputs (then no
+        mutable folder may be uploaded: it could overwrite its own source half-read).
+        """
+        path = Path(job.workdir) / DOWNLOADED_DIGESTS
+        try:
+            seeds = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        with self.lock:
+            for label, digest in (seeds.items() if isinstance(seeds, dict) else ()):
+                self.uploaded.setdefault((job.job_id, str(label)), str(digest))
+        return True
+
+    def upload_artifacts(self, job: protocol.Job, log, retry_for: float = 0.0,
+                         final: bool = False) -> None:
         artifacts = job.request.get("experiment", {}).get("artifacts") or {}
-        storage_config = job.request.get("config", {}).get("storage")
+        if not self.seed_digests(job):
+            if final:
+                log("inputs were never all in place: mutable artifacts left as they are in storage")
+            return
         for label, artifact in sorted(artifacts.items()):
             url = artifact_url(artifact)
             folder = Path(job.workdir) / label
@@ -124,23 +162,24 @@ class Uploader(Role):
             digest = tree_digest(folder)
             if self.uploaded.get((job.job_id, label)) == digest:
                 continue
-            store = open_store(url, credentials=artifact.get("credentials"),
-                               storage_config=storage_config)
-            with tempfile.TemporaryDirectory(dir=job.workdir, prefix=".upload-") as tmp:
-                archive = Path(tmp) / "archive"
-                size = pack(folder, archive, compression_for_key(artifact.get("key") or url))
-                with_retries(lambda: store.put(url, archive), f"upload of {label}", log)
-            self.uploaded[(job.job_id, label)] = digest
-            log(f"{label}: uploaded {size} bytes to {url}")
+            store = open_for_request(url, job.request, artifact)
+            compression = compression_for_key(artifact.get("key") or url)
+            sizes = []
 
-    def upload_metadata_files(self, job: protocol.Job, log) -> None:
+            def upload() -> None:
+                info = store.put_stream(url, lambda out: pack_to_stream(folder, out, compression))
+                sizes.append(info.size)
+            with_retries(upload, f"upload of {label}", log, retry_for)
+            self.uploaded[(job.job_id, label)] = digest
+            log(f"{label}: uploaded {sizes[-1]} bytes to {url}")
+
+    def upload_metadata_files(self, job: protocol.Job, log, retry_for: float = 0.0) -> None:
         prefix = metadata.metadata_prefix_url(job.request)
         folder = Path(job.workdir) / "_metadata"
         if prefix is None or not folder.is_dir():
             return
         artifact = job.request["experiment"]["artifacts"]["_metadata"]
-        store = open_store(prefix, credentials=artifact.get("credentials"),
-                           storage_config=job.request.get("config", {}).get("storage"))
+        store = open_for_request(prefix, job.request, artifact)
         for path in sorted(folder.iterdir()):
             if not path.is_file() or path.name.endswith(".tmp"):
                 continue
@@ -148,7 +187,7 @@ class Uploader(Role):
             if self.uploaded.get((job.job_id, path.name)) == digest:
                 continue
             url = f"{prefix}/{path.name}"
-            with_retries(lambda: store.put(url, path), f"upload of {path.name}", log)
+            with_retries(lambda: store.put(url, path), f"upload of {path.name}", log, retry_for)
             self.uploaded[(job.job_id, path.name)] = digest
 
     def forget(self, job: protocol.Job) -> None:

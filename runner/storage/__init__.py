@@ -5,25 +5,38 @@ Adding a back end means one new module here and one line in :data:`STORES`.
 from __future__ import annotations
 
 import logging
+import os
+import re
 
 from ..errors import BadRequest
-from .base import ObjectInfo, ObjectMissing, Store, split_url
+from .base import (ObjectInfo, ObjectMissing, PermanentStorageError, Store,
+                   StorageSettings, configure, split_url)
 from .file import FileStore
+from .gcs import GcsStore
+from .http import HttpStore
+from .s3 import S3Store
 
 log = logging.getLogger(__name__)
 
 #: scheme -> Store class.  One line per back end.
 STORES: dict[str, type[Store]] = {
     "file": FileStore,
+    "s3": S3Store,
+    "gs": GcsStore,
+    "http": HttpStore,
+    "https": HttpStore,
 }
+
+_PERCENT_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 
 
 def open_store(url: str, *, credentials: dict | None = None,
-               storage_config: dict | None = None) -> Store:
+               storage_config: dict | None = None, env: dict | None = None) -> Store:
     """A store able to serve ``url``, chosen by its scheme.
 
     ``credentials`` is the artifact's credentials map, ``storage_config`` the request's
-    ``config.storage``; both are passed to the back end's :meth:`Store.from_url`.
+    ``config.storage``, ``env`` the request's expanded ``config.env``; all are passed to
+    the back end's :meth:`Store.from_url`.
     Raises :class:`BadRequest` for a URL without a scheme or with an unsupported one.
     """
     if not isinstance(url, str) or "://" not in url:
@@ -33,7 +46,32 @@ def open_store(url: str, *, credentials: dict | None = None,
     if cls is None:
         raise BadRequest(f"unsupported storage scheme {scheme!r} in {url!r} "
                          f"(supported: {', '.join(sorted(STORES))})")
-    return cls.from_url(url, credentials=credentials, storage_config=storage_config)
+    return cls.from_url(url, credentials=credentials, storage_config=storage_config, env=env)
+
+
+def request_env(request: dict, base: dict | None = None) -> dict:
+    """The request's ``config.env`` with ``%NAME%`` taken from the runner's environment."""
+    base = os.environ if base is None else base
+    config = request.get("config") if isinstance(request, dict) else None
+    env = (config or {}).get("env") if isinstance(config, dict) else None
+    if not isinstance(env, dict):
+        return {}
+    return {str(name): _PERCENT_VAR.sub(lambda m: base.get(m.group(1), ""), str(value))
+            for name, value in env.items()}
+
+
+def open_for_request(url: str, request: dict, artifact: dict | None = None) -> Store:
+    """A store for ``url`` with everything the request says about storage access.
+
+    ``artifact`` supplies its own ``credentials``; the request supplies ``config.storage``
+    and ``config.env`` (credentials precedence is the back end's business).
+    """
+    config = request.get("config") if isinstance(request, dict) else None
+    storage_config = (config or {}).get("storage") if isinstance(config, dict) else None
+    credentials = artifact.get("credentials") if isinstance(artifact, dict) else None
+    return open_store(url, credentials=credentials if isinstance(credentials, dict) else None,
+                      storage_config=storage_config if isinstance(storage_config, dict) else None,
+                      env=request_env(request))
 
 
 def artifact_url(artifact: dict) -> str | None:
@@ -50,5 +88,7 @@ def artifact_url(artifact: dict) -> str | None:
     return None
 
 
-__all__ = ["STORES", "FileStore", "ObjectInfo", "ObjectMissing", "Store", "artifact_url",
-           "open_store", "split_url"]
+__all__ = ["STORES", "FileStore", "GcsStore", "HttpStore", "ObjectInfo",
+           "ObjectMissing", "PermanentStorageError", "S3Store", "Store", "StorageSettings",
+           "artifact_url", "configure", "open_for_request", "open_store", "request_env",
+           "split_url"]

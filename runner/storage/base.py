@@ -8,7 +8,12 @@ same contracts:
   is complete, so a reader never sees a partial file at ``dest``;
 * a missing object is :class:`ObjectMissing` (a :class:`StorageError`), any other
   failure is a plain :class:`StorageError`;
-* ``put`` streams the source and is atomic at the destination where the back end allows.
+* ``put`` streams the source and is atomic at the destination where the back end allows;
+  ``put_stream`` lets a producer (the archive packer) write straight into the upload;
+* :meth:`Store.identity` names an object's content for the artifact cache.
+
+Runner-wide storage options (TLS files for S3, retry and part sizes) are set once per
+process with :func:`configure` and read by the back ends from :data:`SETTINGS`.
 
 Sizes are ``int`` bytes, times are ``float`` unix seconds.
 """
@@ -19,9 +24,11 @@ import contextlib
 import logging
 import os
 import secrets
-from dataclasses import dataclass
+import random
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import BinaryIO, Callable, ClassVar, Iterator, TypeVar
 
 from ..errors import StorageError
 
@@ -29,6 +36,62 @@ log = logging.getLogger(__name__)
 
 #: Bytes moved per read/write when a back end streams.
 CHUNK_SIZE = 1024 * 1024
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Process-wide storage options, from the runner's configuration.
+
+    ``s3_ca``/``s3_cert``/``s3_key``: TLS files for S3 hosts that are not AWS (a CA bundle
+    to verify the server, a client certificate and its key); giving any of them makes
+    such hosts use https.  ``part_size``: bytes per multipart/resumable upload part;
+    ``parts_in_flight``: S3 parts uploaded at once by one upload (memory: about
+    ``part_size * (parts_in_flight + 1)`` per upload).
+    ``tries``: attempts of one storage operation inside a back end before it gives up.
+    """
+
+    s3_ca: str = ""
+    s3_cert: str = ""
+    s3_key: str = ""
+    part_size: int = 8 * 1024 * 1024
+    parts_in_flight: int = 1
+    tries: int = 4
+    backoff: float = 0.5
+
+
+#: The settings in force in this process; change them with :func:`configure`.
+SETTINGS = StorageSettings()
+
+
+def configure(**changes) -> StorageSettings:
+    """Replace fields of :data:`SETTINGS` (``configure(s3_ca="/etc/ca.pem")``); the result."""
+    global SETTINGS
+    SETTINGS = replace(SETTINGS, **changes)
+    return SETTINGS
+
+
+def retrying(action: Callable[[], T], what: str, *, transient: Callable[[BaseException], bool],
+             tries: int | None = None, backoff: float | None = None) -> T:
+    """``action()``, tried up to ``tries`` times while it raises a transient error.
+
+    Sleeps ``backoff * 2**n`` (with jitter) between tries.  Errors for which
+    ``transient(exc)`` is false propagate at once; the last transient one propagates too.
+    """
+    tries = SETTINGS.tries if tries is None else tries
+    backoff = SETTINGS.backoff if backoff is None else backoff
+    for attempt in range(1, max(1, tries) + 1):
+        try:
+            return action()
+        except Exception as exc:
+            if attempt >= tries or not transient(exc):
+                raise
+            delay = backoff * (2 ** (attempt - 1)) * (0.75 + random.random() / 2)
+            log.warning("%s failed (try %d of %d): %s; retrying in %.1fs",
+                        what, attempt, tries, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -43,6 +106,10 @@ class ObjectInfo:
     size: int
     etag: str
     mtime: float
+
+
+class PermanentStorageError(StorageError):
+    """A storage failure that trying again will not fix (access denied, bad request)."""
 
 
 class ObjectMissing(StorageError):
@@ -103,14 +170,24 @@ class Store(abc.ABC):
 
     @classmethod
     def from_url(cls, url: str, *, credentials: dict | None = None,
-                 storage_config: dict | None = None) -> "Store":
+                 storage_config: dict | None = None, env: dict | None = None) -> "Store":
         """Build a store able to serve ``url`` (the registry calls this).
 
         ``credentials`` is an artifact's ``credentials`` map (``{"aws": {...}}`` /
-        ``{"gcp": {...}}``), ``storage_config`` the request's ``config.storage``.  The
-        default ignores both and calls ``cls()``; back ends that need them override this.
+        ``{"gcp": {...}}``), ``storage_config`` the request's ``config.storage``, ``env``
+        the request's ``config.env`` (``%NAME%`` already expanded).  The default ignores
+        them and calls ``cls()``; back ends that need them override this.
         """
         return cls()
+
+    def identity(self, info: ObjectInfo) -> str:
+        """A string naming the content of the object ``info`` describes (cache key).
+
+        Two objects with the same identity must have the same bytes.  The default is the
+        URL with the back end's etag and the size; a back end with a cheaper or stronger
+        content identity overrides it.
+        """
+        return f"{info.url}\n{info.etag}\n{info.size}"
 
     @abc.abstractmethod
     def stat(self, url: str) -> ObjectInfo | None:
@@ -134,6 +211,21 @@ class Store(abc.ABC):
 
         Raises :class:`StorageError` on failure (including ``src`` being unreadable).
         """
+
+    def put_stream(self, url: str, fill: Callable[[BinaryIO], object]) -> ObjectInfo:
+        """Upload what ``fill(fileobj)`` writes to ``url``.
+
+        ``fill`` may be called again when the back end retries the whole upload, so it
+        must write the same bytes each time.  The default writes a temporary file and
+        calls :meth:`put`; back ends that can stream (multipart) override it.
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="runner-put-") as tmpdir:
+            src = Path(tmpdir) / "object"
+            with open(src, "wb") as out:
+                fill(out)
+            return self.put(url, src)
 
     def put_bytes(self, url: str, data: bytes) -> ObjectInfo:
         """Upload ``data`` to ``url``; default implementation goes through a temp file."""

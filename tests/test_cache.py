@@ -1,0 +1,196 @@
+"""The artifact cache: single-flight downloads, LRU eviction by bytes that spares entries
+in use, restart safety, content identity, counters."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.cache import ArtifactCache, CacheBusy
+from runner.errors import StorageError
+from runner.storage import FileStore, ObjectMissing
+
+
+class CountingStore(FileStore):
+    """A real file store that counts downloads and can be slowed down or broken."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False):
+        self.delay, self.fail, self.gets = delay, fail, 0
+        self.lock = threading.Lock()
+
+    def get(self, url, dest):
+        with self.lock:
+            self.gets += 1
+        time.sleep(self.delay)
+        if self.fail:
+            raise StorageError("storage went away")
+        return super().get(url, dest)
+
+
+def put(tmp_path: Path, name: str, data: bytes) -> str:
+    path = tmp_path / "store" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path.as_uri()
+
+
+def test_concurrent_leases_of_one_object_download_it_once(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    url = put(tmp_path, "ws.tar", b"w" * 100_000)
+    store = CountingStore(delay=0.5)
+    results, errors = [], []
+
+    def lease():
+        try:
+            with cache.lease(store, url) as got:
+                results.append((got.hit, got.path.read_bytes() == b"w" * 100_000))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=lease) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.gets == 1
+    assert sorted(results) == [(False, True)] + [(True, True)] * 5
+    stats = cache.stats()
+    assert (stats["cache_misses"], stats["cache_hits"], stats["cache_entries"]) == (1, 5, 1)
+    with cache.lease(store, url) as again:
+        assert again.hit
+    assert store.gets == 1
+
+
+def test_a_failed_download_fails_its_waiters_and_caches_nothing(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    url = put(tmp_path, "ws.tar", b"w" * 1000)
+    store = CountingStore(delay=0.3, fail=True)
+    failures = []
+
+    def lease():
+        try:
+            with cache.lease(store, url):
+                pass
+        except StorageError as exc:
+            failures.append(str(exc))
+    threads = [threading.Thread(target=lease) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(failures) == 3 and store.gets == 1
+    assert cache.stats()["cache_entries"] == 0
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+    store.fail = False
+    with cache.lease(store, url) as got:
+        assert not got.hit and got.path.stat().st_size == 1000
+
+
+def test_missing_object_is_object_missing(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    with pytest.raises(ObjectMissing):
+        with cache.lease(FileStore(), (tmp_path / "nothing").as_uri()):
+            pass
+
+
+def test_lru_eviction_by_bytes(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 250)
+    store = CountingStore()
+    urls = [put(tmp_path, f"o{i}", bytes([i]) * 100) for i in range(4)]
+    for url in urls[:2]:
+        with cache.lease(store, url):
+            pass
+    with cache.lease(store, urls[0]):  # o0 is now the most recently used
+        pass
+    with cache.lease(store, urls[2]):  # 300 bytes > 250: the least recently used (o1) goes
+        pass
+    assert cache.stats()["cache_bytes"] == 200 and cache.stats()["cache_evictions"] == 1
+    gets = store.gets
+    with cache.lease(store, urls[0]) as got:
+        assert got.hit
+    with cache.lease(store, urls[1]) as got:
+        assert not got.hit
+    assert store.gets == gets + 1
+
+
+def test_an_entry_in_use_survives_eviction_pressure(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 150)
+    store = CountingStore()
+    big = put(tmp_path, "big", b"b" * 100)
+    with cache.lease(store, big) as held:
+        for i in range(5):  # each new object pushes the cache past its size
+            with cache.lease(store, put(tmp_path, f"n{i}", bytes([i]) * 100)):
+                pass
+            assert held.path.read_bytes() == b"b" * 100
+        assert cache.stats()["cache_in_use"] == 1
+    # once released it is the least recently used and goes at the next pressure
+    with cache.lease(store, put(tmp_path, "last", b"l" * 100)):
+        pass
+    assert not held.path.exists()
+    assert cache.stats()["cache_bytes"] <= 150
+
+
+def test_object_larger_than_the_cache_is_served_then_evicted(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 10)
+    url = put(tmp_path, "huge", b"h" * 1000)
+    with cache.lease(CountingStore(), url) as got:
+        assert got.path.read_bytes() == b"h" * 1000
+    assert cache.stats()["cache_entries"] == 0 and not got.path.exists()
+
+
+def test_file_identity_is_the_content_hash(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    store = CountingStore()
+    first = put(tmp_path, "a/ws.tar", b"same bytes")
+    second = put(tmp_path, "b/copy.tar", b"same bytes")
+    with cache.lease(store, first):
+        pass
+    with cache.lease(store, second) as got:
+        assert got.hit, "two paths with the same content share one entry"
+    Path(first[len("file://"):]).write_bytes(b"new bytes!")  # same size, new content
+    with cache.lease(store, first) as got:
+        assert not got.hit and got.path.read_bytes() == b"new bytes!"
+    assert store.gets == 2
+
+
+def test_restart_discards_partials_and_truncated_entries_and_keeps_complete_ones(tmp_path):
+    root = tmp_path / "cache"
+    cache = ArtifactCache(root, 10**9)
+    store = CountingStore()
+    url = put(tmp_path, "ws.tar", b"k" * 5000)
+    with cache.lease(store, url) as got:
+        entry = got.path
+    other = put(tmp_path, "other.tar", b"o" * 5000)
+    with cache.lease(store, other) as got:
+        truncated = got.path
+    cache.close()
+    # A crash left a partial download, and a torn entry (shorter than its name says).
+    (root / "tmp" / f"{'0' * 64}.abc123").write_bytes(b"k" * 10)
+    (root / "tmp" / "x.partial-0123456789ab").write_bytes(b"k" * 10)
+    with open(truncated, "r+b") as handle:
+        handle.truncate(100)
+    (root / "objects" / "garbage").write_bytes(b"?")
+
+    cache = ArtifactCache(root, 10**9)
+    assert list((root / "tmp").iterdir()) == []
+    assert sorted(p.name for p in (root / "objects").iterdir()) == [entry.name]
+    assert cache.stats()["cache_entries"] == 1 and cache.stats()["cache_bytes"] == 5000
+    with cache.lease(store, url) as got:
+        assert got.hit and got.path.read_bytes() == b"k" * 5000
+    with cache.lease(store, other) as got:
+        assert not got.hit and got.path.read_bytes() == b"o" * 5000, "never served truncated"
+
+
+def test_one_process_owns_a_cache_directory(tmp_path):
+    import subprocess
+    import sys
+
+    held = ArtifactCache(tmp_path / "cache", 10)  # held by this process
+    code = ("import sys; from runner.cache import ArtifactCache, CacheBusy\n"
+            f"try:\n    ArtifactCache({str(tmp_path / 'cache')!r}, 10)\n"
+            "except CacheBusy as e:\n    print('busy', e); sys.exit(0)\nsys.exit(1)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "in use by another runner" in result.stdout
+    held.close()
