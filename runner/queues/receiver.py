@@ -120,6 +120,8 @@ class Receiver:
                 self.error = ""
                 backoff = ERROR_BACKOFF_FIRST
             except Exception as exc:  # noqa: BLE001 - reported and retried with backoff
+                if self._stop:
+                    break
                 if self.error != repr(exc):
                     logger.warning("%s: receive failed: %r; retrying with backoff",
                                    self.name, exc)
