@@ -277,7 +277,13 @@ def test_e2e_resource_shortfall_retry_bound_dead_letter_and_hot_account(moto, ce
     send(client, runner.queue, small)
     runner.wait_for(lambda: log_lines(runner, "not free now; put back"), what="a put-back")
     assert runner.record(small) is None
-    assert counts(client, runner.queue)[1] == 1  # only the big one is held
+    # Put back untouched: visible for another runner (this one retries it every 2 s and a
+    # message its receiver gets while nothing fits goes back at once).
+    wait_counts(client, runner.queue, 1, 1, timeout=10)
+    assert runner.record(small) is None
+    flag.write_text("go")
+    assert runner.wait_final(big)["status"] == "completed"
+    assert runner.wait_final(small)["status"] == "completed"
     # Retry bound: a failing request runs max-attempts times, then is acked failed.
     failing = runner.request(runner.workspace({"f.py": "import sys; sys.exit(4)"}), "f.py")
     send(client, stem + "fail", failing)
@@ -294,9 +300,6 @@ def test_e2e_resource_shortfall_retry_bound_dead_letter_and_hot_account(moto, ce
     assert dead["Body"] == "{not json"
     assert "JSON" in dead["MessageAttributes"]["studioml-dead-reason"]["StringValue"]
     wait_counts(client, stem + "bad", 0, 0)
-    flag.write_text("go")
-    assert runner.wait_final(big)["status"] == "completed"
-    assert runner.wait_final(small)["status"] == "completed"
     # A second account mounted while running is served without a restart.
     other = moto.client("777777777777", region="eu-central-1")
     other.create_queue(QueueName=stem + "other")
