@@ -226,3 +226,25 @@ def test_e2e_shortfall_retry_bound_dead_letter_and_deletion(project, emulator, r
     project.subscriber.delete_subscription(request={"subscription": project.sub(stem + "gone")})
     assert runner.wait_final(doomed, timeout=60)["status"] == "cancelled"
     assert runner.stop() == 0
+
+
+@pytest.mark.slow
+def test_runner_submit_publishes_to_pubsub_topics(project, emulator, runners):
+    import subprocess
+    import sys
+
+    stem = f"ps{uuid.uuid4().hex[:6]}_"
+    runner = make_runner(project, emulator, stem)
+    runners.append(runner)
+    project.queue(runner.queue)
+    runner.start()
+    workspace = runner.workspace({"main.py": "print('hello')"})
+    result = subprocess.run(
+        [sys.executable, "-m", "runner.submit", "--queue", project.topic(runner.queue),
+         "--google-certs", str(project.certs), "--storage", runner.store_root,
+         "--project", "cli", "--key", f"{stem}cli", "--wait", "--wait-timeout", "90s",
+         str(workspace), "main.py"],
+        capture_output=True, text=True, timeout=120, env=runner.env)
+    assert result.returncode == 0, result.stderr + runner.log()
+    assert "status: completed" in result.stdout
+    assert runner.stop() == 0

@@ -326,3 +326,25 @@ def test_e2e_deleting_the_queue_stops_the_run(moto, certs, sqs_env, runners):
     assert record["status"] == "cancelled"
     assert log_lines(runner, "was deleted while its request was held")
     assert runner.stop() == 0
+
+
+@pytest.mark.slow
+def test_runner_submit_publishes_to_sqs_queues(moto, certs, sqs_env, runners):
+    import subprocess
+    import sys
+
+    client, stem = sqs_env
+    runner = make_runner(moto, certs, stem)
+    runners.append(runner)
+    client.create_queue(QueueName=runner.queue)
+    runner.start()
+    workspace = runner.workspace({"main.py": "import sys; print('args', sys.argv[1:])"})
+    result = subprocess.run(
+        [sys.executable, "-m", "runner.submit", "--queue", runner.queue, "--sqs-certs",
+         str(certs), "--sqs-endpoint", moto.url, "--storage", runner.store_root,
+         "--project", "cli", "--key", f"{stem}cli", "--wait", "--wait-timeout", "90s",
+         str(workspace), "main.py", "x"],
+        capture_output=True, text=True, timeout=120, env=runner.env)
+    assert result.returncode == 0, result.stderr + runner.log()
+    assert "status: completed" in result.stdout
+    assert runner.stop() == 0
