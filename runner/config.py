@@ -161,6 +161,36 @@ def _optional_path(text: str) -> str:
     return str(Path(text).expanduser().absolute()) if text else ""
 
 
+def _optional_dir(text: str) -> str:
+    """An existing directory (made absolute); empty: not used."""
+    if not text:
+        return ""
+    path = Path(text).expanduser().absolute()
+    if not path.is_dir():
+        raise ValueError("not an existing directory")
+    return str(path)
+
+
+def _aws_region(text: str) -> str:
+    if text and not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d+", text):
+        raise ValueError("expected an AWS region such as us-east-1")
+    return text
+
+
+def _sqs_visibility(text: str) -> float:
+    value = parse_duration(text)
+    if not 1 <= value <= 12 * 3600:
+        raise ValueError("must be between 1s and 12h (SQS's limit)")
+    return value
+
+
+def _ack_deadline(text: str) -> float:
+    value = parse_duration(text)
+    if not 10 <= value <= 600:
+        raise ValueError("must be between 10s and 600s (Pub/Sub's limits)")
+    return value
+
+
 # Options a running supervisor can change on SIGHUP / ``runner-ctl reload``; the rest need a
 # restart.  The reloadable ones reach the roles in a ``Reload`` message.
 RELOADABLE = ("queue_match", "queue_mismatch", "limit_tasks", "limit_idle_duration",
@@ -222,6 +252,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("amqp-mgt-url", _http_url, "",
            "RabbitMQ management API used to discover queues (default: http, same host, "
            "AMQP port + 10000, the AMQP URL's credentials)"),
+    Option("sqs-certs", _optional_dir, "",
+           "directory with one sub-directory per AWS account (credentials file + config "
+           "file with region=) for sqs_* queues; rescanned while running (empty: the default "
+           "AWS credential chain when --aws-region or --sqs-endpoint is set)"),
+    Option("aws-region", _aws_region, "", "AWS region for sqs_* queues without --sqs-certs"),
+    Option("sqs-endpoint", _http_url, "",
+           "SQS endpoint URL for private clouds and tests (empty: AWS's)"),
+    Option("sqs-visibility", _sqs_visibility, "5m",
+           "visibility timeout of a taken SQS message, extended every third of it while "
+           "the experiment runs (1s..12h)"),
+    Option("google-certs", _optional_dir, "",
+           "directory of Google service-account files, each naming a project whose Pub/Sub "
+           "subscriptions are served (also: $GOOGLE_APPLICATION_CREDENTIALS); rescanned"),
+    Option("pubsub-ack-deadline", _ack_deadline, "60s",
+           "ack deadline a taken Pub/Sub message is held with, extended every third of it "
+           "while the experiment runs (10s..600s)"),
     Option("queue-root", _path, None, "directory of local_* queues (default: DATA_ROOT/queues)"),
     Option("working-dir", _path, None, "per-attempt working directories (default: DATA_ROOT/work)"),
     Option("cache-dir", _path, None, "environment store and caches (default: DATA_ROOT/cache)"),
@@ -330,6 +376,12 @@ class Config:
     options_file: str = ""
     log_format: str = "text"
     instance: str = ""
+    sqs_certs: str = ""
+    aws_region: str = ""
+    sqs_endpoint: str = ""
+    sqs_visibility: float = 300.0
+    google_certs: str = ""
+    pubsub_ack_deadline: float = 60.0
 
     @property
     def env_dir(self) -> str:

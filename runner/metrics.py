@@ -153,7 +153,8 @@ class Metrics:
         self._completed: dict[tuple, float] = {}
 
     def job_labels(self, job) -> tuple:
-        return (self.host, kind_of(job.queue), job.queue, job.project or "", job.key)
+        queue_type = getattr(job, "queue_type", "") or kind_of(job.queue)
+        return (self.host, queue_type, job.queue, job.project or "", job.key)
 
     def job_started(self, job) -> None:
         self.running.labels(*self.job_labels(job)).set(1)
@@ -187,7 +188,9 @@ class Metrics:
                  "Number of times a queue is queried for work"),
                 ("runner_queue_ignored", "queue_ignored",
                  "Number of times a queue is intentionally not queried")):
-            samples = [({"host": self.host, "queue_type": kind_of(q), "queue_name": q}, n)
+            types = fetcher.get("queue_types") or {}
+            samples = [({"host": self.host, "queue_type": types.get(q) or kind_of(q),
+                         "queue_name": q}, n)
                        for q, n in sorted((fetcher.get(key) or {}).items())
                        if _number(n) is not None]
             parts.append(render_family(name, "counter", help_text, samples))

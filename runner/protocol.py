@@ -62,6 +62,7 @@ class Job:
     deadline: float | None = None
     max_duration: float | None = None
     save_frequency: float = 60.0
+    queue_type: str = ""  # the back end's kind ("rmq", "sqs", "pubsub", "local")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from . import metadata
 from .archive import pack
 from .config import default_data_root, expand_vars
 from .errors import RunnerError
-from .queues import LocalQueue, RabbitMQQueue, kind_of
+from .queues import LocalQueue, PubSubQueue, RabbitMQQueue, SQSQueue, kind_of
 from .redact import safe_url
 from .requests import MUTABLE_LABELS
 from . import storage as storage_module
@@ -48,13 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
                              "starts with '-'")
     env = os.environ.get
     parser.add_argument("--queue", default=env("SUBMIT_QUEUE", "local_default"),
-                        help="queue name (default local_default) [env SUBMIT_QUEUE]")
+                        help="queue name: local_*, rmq_*, sqs_*, or a Pub/Sub topic as "
+                             "projects/P/topics/T (default local_default) [env SUBMIT_QUEUE]")
     parser.add_argument("--amqp-url", default=env("AMQP_URL", ""),
                         help="RabbitMQ broker for rmq_* queues, amqp://user:password@host:5672/"
                              "vhost; ${VAR} is expanded from the environment [env AMQP_URL]")
     parser.add_argument("--durable", action="store_true",
                         help="rmq_*: declare a missing queue durable and publish persistent "
                              "messages (the StudioML client declares non-durable queues)")
+    parser.add_argument("--sqs-certs", default=env("SQS_CERTS", ""),
+                        help="sqs_*: directory with one sub-directory per AWS account; the "
+                             "first account is used [env SQS_CERTS]")
+    parser.add_argument("--aws-region", default=env("AWS_REGION", ""),
+                        help="sqs_*: region for the default AWS credential chain "
+                             "[env AWS_REGION]")
+    parser.add_argument("--sqs-endpoint", default=env("SQS_ENDPOINT", ""),
+                        help="sqs_*: SQS endpoint URL (private clouds, tests) [env SQS_ENDPOINT]")
+    parser.add_argument("--google-certs", default=env("GOOGLE_CERTS", ""),
+                        help="Pub/Sub (--queue projects/P/topics/T): directory of service-"
+                             "account files (also $GOOGLE_APPLICATION_CREDENTIALS) "
+                             "[env GOOGLE_CERTS]")
     parser.add_argument("--queue-root", default=env("QUEUE_ROOT",
                                                     str(default_data_root() / "queues")),
                         help="root of local_* queues [env QUEUE_ROOT]")
@@ -183,7 +196,17 @@ def cloud_queue(args: argparse.Namespace) -> dict:
     """``config.cloud.queue``: how the client reached the queue (credentials masked)."""
     if kind_of(args.queue) == "rmq":
         return {"rmq": safe_url(args.amqp_url or "")}
+    if kind_of(args.queue) == "sqs":
+        return {"sqs": {"region": args.aws_region, "endpoint": args.sqs_endpoint}}
+    if is_topic(args.queue):
+        return {"pubsub": args.queue}
     return {"local": {"root": args.queue_root}}
+
+
+def is_topic(queue: str) -> bool:
+    """A Pub/Sub topic, named in full: ``projects/<project>/topics/<topic>``."""
+    parts = queue.split("/")
+    return len(parts) == 4 and parts[0] == "projects" and parts[2] == "topics"
 
 
 def upload_workspace(directory: Path, storage_root: str, credentials: dict | None = None,
@@ -205,7 +228,7 @@ def upload_workspace(directory: Path, storage_root: str, credentials: dict | Non
 
 
 def publish(args: argparse.Namespace, body: bytes) -> str:
-    """Publish ``body`` to ``args.queue``: a local_* directory or an rmq_* queue.
+    """Publish ``body`` to ``args.queue``: local_*, rmq_*, sqs_* or a Pub/Sub topic.
 
     rmq_* queues are published to the way the StudioML client does it: topic exchange
     ``StudioML.topic``, routing key ``StudioML.<queue>``, the queue declared and bound,
@@ -225,8 +248,22 @@ def publish(args: argparse.Namespace, body: bytes) -> str:
             raise RunnerError(f"queue {args.queue!r}: rmq_* queues need --amqp-url (or AMQP_URL)")
         with RabbitMQQueue(url, name=f"runner-submit {os.getpid()}") as q:
             return q.publish(args.queue, body, durable=args.durable)
-    raise RunnerError(f"queue {args.queue!r}: runner-submit publishes to local_* and rmq_* "
-                      "queues only")
+    if kind == "sqs":
+        if not (args.sqs_certs or args.aws_region or args.sqs_endpoint):
+            raise RunnerError(f"queue {args.queue!r}: sqs_* queues need --sqs-certs, "
+                              "--aws-region or --sqs-endpoint")
+        with SQSQueue(args.sqs_certs, region=args.aws_region,
+                      endpoint=args.sqs_endpoint) as q:
+            return q.publish(args.queue, body)
+    if is_topic(args.queue):
+        adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
+        if not (args.google_certs or adc):
+            raise RunnerError(f"topic {args.queue!r}: Pub/Sub needs --google-certs or "
+                              "GOOGLE_APPLICATION_CREDENTIALS")
+        with PubSubQueue([adc] if adc else [], args.google_certs) as q:
+            return q.publish(args.queue, body)
+    raise RunnerError(f"queue {args.queue!r}: runner-submit publishes to local_*, rmq_* and "
+                      "sqs_* queues and Pub/Sub topics (projects/P/topics/T) only")
 
 
 def _store_for(request: dict, url: str):

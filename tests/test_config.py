@@ -221,3 +221,27 @@ def test_resource_options_are_validated_together() -> None:
     for needle in ("--max-cores", "--max-mem", "--max-disk", "--cgroups", "--run-pids",
                    "$GPU_SHARE"):
         assert needle in text, needle
+
+
+def test_cloud_queue_options_are_validated_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(["--sqs-certs", str(tmp_path / "missing"), "--aws-region", "mars",
+                     "--sqs-endpoint", "ftp://x", "--sqs-visibility", "13h",
+                     "--google-certs", str(tmp_path / "nope"),
+                     "--pubsub-ack-deadline", "5s"], environ={})
+    text = str(info.value)
+    for flag in ("--sqs-certs", "--aws-region", "--sqs-endpoint", "--sqs-visibility",
+                 "--google-certs", "--pubsub-ack-deadline"):
+        assert flag in text, text
+
+
+def test_cloud_queue_options_parse(tmp_path: Path) -> None:
+    cfg = load(["--sqs-certs", str(tmp_path), "--aws-region", "eu-west-1",
+                       "--sqs-endpoint", "http://127.0.0.1:5000", "--sqs-visibility", "2m",
+                       "--google-certs", str(tmp_path), "--pubsub-ack-deadline", "30s"],
+                      environ={})
+    assert (cfg.sqs_certs, cfg.aws_region, cfg.sqs_endpoint) == \
+        (str(tmp_path), "eu-west-1", "http://127.0.0.1:5000")
+    assert (cfg.sqs_visibility, cfg.google_certs, cfg.pubsub_ack_deadline) == \
+        (120.0, str(tmp_path), 30.0)
+    assert Config.from_json(cfg.to_json()) == cfg

@@ -9,13 +9,17 @@ import logging
 
 from .base import DEFAULT_QUEUE_MATCH, Delivery, Queue, is_reserved, matches
 from .local import LocalQueue
+from .pubsub import PubSubQueue
 from .rabbitmq import RabbitMQQueue
+from .sqs import SQSQueue
 
 logger = logging.getLogger(__name__)
 
 QUEUE_KINDS: dict[str, type[Queue]] = {
     "local": LocalQueue,
     "rmq": RabbitMQQueue,
+    "sqs": SQSQueue,
+    "pubsub": PubSubQueue,
 }
 """Queue-name prefix → back-end class."""
 
@@ -39,11 +43,12 @@ def build_backends(config) -> dict[str, Queue]:
 def kind_of(queue_name: str) -> str:
     """The kind prefix of ``queue_name``: the text before its first ``_`` ("" if it has none).
 
-    The result need not be a key of :data:`QUEUE_KINDS` (Pub/Sub names carry no prefix).
+    The result need not be a key of :data:`QUEUE_KINDS` (Pub/Sub names carry no prefix:
+    the fetcher knows a queue's back end from discovery, and jobs carry ``queue_type``).
     """
     head, sep, _ = queue_name.partition("_")
     return head if sep else ""
 
 
-__all__ = ["DEFAULT_QUEUE_MATCH", "Delivery", "LocalQueue", "QUEUE_KINDS", "Queue",
-           "RabbitMQQueue", "build_backends", "is_reserved", "kind_of", "matches"]
+__all__ = ["DEFAULT_QUEUE_MATCH", "Delivery", "LocalQueue", "PubSubQueue", "QUEUE_KINDS",
+           "Queue", "RabbitMQQueue", "SQSQueue", "build_backends", "is_reserved", "kind_of", "matches"]

@@ -82,6 +82,10 @@ class Queue(abc.ABC):
     kind: ClassVar[str]
     """The queue-name prefix this back end serves, e.g. ``"local"``."""
 
+    keep_alive_every: float = 30.0
+    """Seconds between the fetcher's :meth:`keep_alive` calls for this back end's held
+    deliveries (a back end whose hold times out sets it well inside that timeout)."""
+
     @abc.abstractmethod
     def discover(self) -> list[str]:
         """Names of the queues this back end serves, unfiltered by the match regexes.

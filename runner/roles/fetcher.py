@@ -17,7 +17,10 @@ for ``TOMBSTONE_TTL``) and applied to the redelivered copy as soon as it is take
 so the finished run's result stands and the request is not run twice by this runner.
 
 Every back end's ``service()`` runs on every tick (heartbeats, reconnects): back ends
-that are not thread-safe (pika) are only ever touched from this loop's thread.
+that are not thread-safe (pika) are only ever touched from this loop's thread.  Held
+deliveries are kept alive on each back end's own cadence (``Queue.keep_alive_every``: SQS
+visibility and Pub/Sub ack deadlines need it well inside their timeouts).  A queue's back
+end is the one whose discovery listed it (Pub/Sub names carry no kind prefix).
 """
 from __future__ import annotations
 
@@ -79,6 +82,7 @@ class Fetcher(Role):
         self.tombstones: dict[tuple, tuple[fates.Decision, float]] = {}
         self.queue_gone: set[str] = set()               # job ids whose queue was deleted
         self.discovered: dict[str, list[str]] = {}      # kind -> last names it listed
+        self.owner: dict[str, str] = {}                 # queue -> kind of its back end
         self.queues: list[str] = []
         self.backoff: dict[str, float] = {}
         self.taking = True
@@ -87,7 +91,8 @@ class Fetcher(Role):
         self.ignored: dict[str, int] = {}  # queue -> times left out by match/mismatch
         self.attempt_ids = metadata.AttemptIds(
             self.config.hostname, os.path.join(self.config.working_dir, ".attempt-clock"))
-        self._next_discover = self._next_stats = self._next_keep_alive = 0.0
+        self._next_discover = self._next_stats = 0.0
+        self._next_keep_alive: dict[str, float] = {}   # kind -> when its holds are due
         self._rotation = 0
 
     # -- messages -------------------------------------------------------------------
@@ -112,7 +117,7 @@ class Fetcher(Role):
     def adopt(self, jobs: list[protocol.Job]) -> None:
         """Hold again the jobs a previous fetcher process had handed out."""
         for job in jobs:
-            backend = self.backends.get(kind_of(job.queue))
+            backend = self.backends.get(job.queue_type or kind_of(job.queue))
             if backend is None or job.job_id in self.held:
                 continue
             delivery = Delivery(queue=job.queue, token=job.token, body=b"", attempts=job.attempts)
@@ -135,9 +140,12 @@ class Fetcher(Role):
             self.discover()
         if self.taking:
             self.take_while_room()
-        if now >= self._next_keep_alive:
-            self._next_keep_alive = now + KEEP_ALIVE_EVERY
-            self.keep_alive()
+        for kind, backend in self.backends.items():
+            if now >= self._next_keep_alive.get(kind, 0.0):
+                every = getattr(backend, "keep_alive_every", KEEP_ALIVE_EVERY) or \
+                    KEEP_ALIVE_EVERY
+                self._next_keep_alive[kind] = now + every
+                self.keep_alive(backend)
         if self.discovery.devices and now >= self._next_gpu_refresh:
             self._next_gpu_refresh = now + self.config.gpu_refresh
             self.refresh_gpus()
@@ -180,7 +188,16 @@ class Fetcher(Role):
                 else:
                     self.ignored[name] = self.ignored.get(name, 0) + 1
             self.discovered[kind] = served
-        found = sorted(n for names in self.discovered.values() for n in names)
+        owner: dict[str, str] = {}
+        for kind, names in self.discovered.items():
+            for name in names:
+                if name in owner and owner[name] != kind:
+                    self.log.warning("queue %s is listed by both %s and %s; serving it "
+                                     "from %s", name, owner[name], kind, owner[name])
+                    continue
+                owner[name] = kind
+        self.owner = owner
+        found = sorted(owner)
         if found != self.queues:
             self.log.info("serving queues: %s", ", ".join(found) or "(none)")
         self.queues = found
@@ -221,7 +238,10 @@ class Fetcher(Role):
             if self.backoff.get(queue, 0.0) > time.monotonic():
                 idle_rounds += 1
                 continue
-            backend = self.backends[kind_of(queue)]
+            backend = self.backend_of(queue)
+            if backend is None:
+                idle_rounds += 1
+                continue
             self.checked[queue] = self.checked.get(queue, 0) + 1
             try:
                 delivery = backend.take(queue)
@@ -278,7 +298,8 @@ class Fetcher(Role):
             job_id=job_id, queue=delivery.queue, token=delivery.token,
             attempts=delivery.attempts, key=facts.key, project=facts.project, request=request,
             workdir=workdir, resources=reservation, taken_at=now, deadline=stale_at,
-            max_duration=facts.max_duration, save_frequency=facts.save_frequency)
+            max_duration=facts.max_duration, save_frequency=facts.save_frequency,
+            queue_type=backend.kind)
         self.held[job_id] = (backend, delivery, job)
         self.running[identity] = job_id
         self.taken_total += 1
@@ -330,8 +351,15 @@ class Fetcher(Role):
             self.log.error("could not %s a delivery of %s: %s", action, delivery.queue, exc)
             return True  # the back end still has it; nothing better to do here
 
-    def keep_alive(self) -> None:
+    def backend_of(self, queue: str) -> Queue | None:
+        """The back end serving ``queue``: the one that listed it, else by its prefix."""
+        return self.backends.get(self.owner.get(queue) or kind_of(queue))
+
+    def keep_alive(self, only: Queue | None = None) -> None:
+        """Extend the holds of the deliveries of ``only`` (every back end when None)."""
         for job_id, (backend, delivery, job) in list(self.held.items()):
+            if only is not None and backend is not only:
+                continue
             for d in [delivery] + self.extra.get(job_id, []):
                 try:
                     backend.keep_alive(d)
@@ -398,7 +426,9 @@ class Fetcher(Role):
     def send_stats(self) -> None:
         stats = {}
         for queue in self.queues:
-            backend = self.backends[kind_of(queue)]
+            backend = self.backend_of(queue)
+            if backend is None:
+                continue
             try:
                 waiting = []
                 for body in backend.peek(queue, 20):
@@ -415,6 +445,7 @@ class Fetcher(Role):
     def stats(self) -> dict:
         return {"held": len(self.held), "free": self.ledger.free(), "taking": self.taking,
                 "queue_checked": dict(self.checked), "queue_ignored": dict(self.ignored),
+                "queue_types": dict(self.owner),
                 "reserved": len(self.ledger.held), "released": self.ledger.releases}
 
     def shutdown(self) -> None:
