@@ -84,6 +84,8 @@ class Role:
         return self._stop.is_set()
 
     def flush_outbox(self) -> None:
+        if self._outbox.empty():
+            return
         while True:
             try:
                 destination, message = self._outbox.get_nowait()
