@@ -63,6 +63,10 @@ class Bus:
         self.poller = zmq.Poller()
         self.poller.register(self.inbox, zmq.POLLIN)
 
+    def watch_fd(self, fd: int) -> None:
+        """Also end :meth:`recv`'s wait when ``fd`` is readable (a role's wake-up pipe)."""
+        self.poller.register(fd, zmq.POLLIN)
+
     def send(self, destination: str, message: protocol.Message) -> bool:
         """Queue ``message`` for ``destination``; False (and a log line) if it cannot be sent."""
         socket = self._outboxes.get(destination)
