@@ -24,6 +24,8 @@ ROLES = ("fetcher", "cache_manager", "executor", "scraper", "uploader")
 SEND_TIMEOUT_MS = 30_000
 LINGER_MS = 2_000
 HIGH_WATER_MARK = 100_000
+ZERO_COPY_FROM = 64 * 1024
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: enum ops cost
 
 
 class Endpoints:
@@ -61,6 +63,10 @@ class Bus:
         self.poller = zmq.Poller()
         self.poller.register(self.inbox, zmq.POLLIN)
 
+    def watch_fd(self, fd: int) -> None:
+        """Also end :meth:`recv`'s wait when ``fd`` is readable (a role's wake-up pipe)."""
+        self.poller.register(fd, zmq.POLLIN)
+
     def send(self, destination: str, message: protocol.Message) -> bool:
         """Queue ``message`` for ``destination``; False (and a log line) if it cannot be sent."""
         socket = self._outboxes.get(destination)
@@ -71,8 +77,10 @@ class Bus:
             socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
             socket.connect(self.endpoints.inbox(destination))
             self._outboxes[destination] = socket
+        frame = protocol.encode(message)
         try:
-            socket.send(protocol.encode(message), copy=False)
+            # Copying a small frame is cheaper than pinning it for zero-copy.
+            socket.send(frame, copy=len(frame) < ZERO_COPY_FROM)
             return True
         except zmq.Again:
             log.error("%s: could not send %s to %s within %d ms", self.name, message.TYPE,
@@ -81,15 +89,21 @@ class Bus:
 
     def recv(self, timeout: float) -> protocol.Message | None:
         """The next message, waiting at most ``timeout`` seconds; None when none came."""
-        if not self.inbox.poll(int(timeout * 1000)):
+        message = self.recv_nowait()
+        if message is not None or timeout <= 0:
+            return message
+        if not self.poller.poll(int(timeout * 1000)):  # the Bus's own poller, made once
             return None
         return self.recv_nowait()
 
     def recv_nowait(self) -> protocol.Message | None:
         """The next waiting message or None; undecodable frames are logged and dropped."""
+        inbox = self.inbox
         while True:
+            if not inbox.getsockopt(_EVENTS) & _POLLIN:  # cheaper than raising Again
+                return None
             try:
-                frame = self.inbox.recv(zmq.NOBLOCK)
+                frame = inbox.recv(_NOBLOCK)
             except zmq.Again:
                 return None
             try:

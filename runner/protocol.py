@@ -270,23 +270,42 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
+_FIELDS: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _fields_of(cls: type) -> tuple[tuple[str, Any], ...]:
+    """``(name, nested protocol class or None)`` of each field, worked out once per class."""
+    found = _FIELDS.get(cls)
+    if found is None:
+        found = tuple(
+            (f.name, _NESTED.get(f.type if isinstance(f.type, str)
+                                 else getattr(f.type, "__name__", "")))
+            for f in dataclasses.fields(cls))
+        _FIELDS[cls] = found
+    return found
+
+
 def to_map(value: Any) -> dict:
     """Fields of a protocol dataclass as a plain map (nested dataclasses too)."""
-    return {f.name: (to_map(v) if dataclasses.is_dataclass(v) else v)
-            for f in dataclasses.fields(value) for v in [getattr(value, f.name)]}
+    out = {}
+    for name, _nested in _fields_of(type(value)):
+        v = getattr(value, name)
+        if hasattr(type(v), "__dataclass_fields__"):
+            v = to_map(v)
+        out[name] = v
+    return out
 
 
 def from_map(cls: type, data: dict) -> Any:
     """Build ``cls`` from a map made by :func:`to_map`; unknown keys are ignored."""
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
+    for name, nested in _fields_of(cls):
+        if name not in data:
             continue
-        value = data[f.name]
-        nested = _NESTED.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        value = data[name]
         if nested is not None and isinstance(value, dict):
             value = from_map(nested, value)
-        kwargs[f.name] = value
+        kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:

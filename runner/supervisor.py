@@ -59,6 +59,7 @@ HEARTBEAT_TIMEOUT = 30.0
 CRASH_WINDOW, CRASH_LIMIT = 60.0, 5
 STOP_WAIT = 10.0
 HEALTHY_HEARTBEAT_AGE = 10.0
+LOOP_WAIT = 0.25  # idle wait of the loop; messages, ctl requests and signals end it at once
 STOP_RUNS_EVERY = 1.0
 STATUS_EVERY = 2.0
 # Never passed to roles (and so never to experiments): systemd's and Slack's.
@@ -201,7 +202,7 @@ class Supervisor:
             self.idle_since = time.time()
             log.info("all roles up; serving queues matching %s", self.config.queue_match)
             while True:
-                self.serve_once(0.1)
+                self.serve_once(LOOP_WAIT)
                 self.watch_roles()
                 if self.handle_signals() or self.drain_progress():
                     break
@@ -258,6 +259,10 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda number, frame: self.signals.append(number))
+        # A signal also ends the loop's wait at once, so the loop may wait long when idle.
+        self._signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(signal_w, warn_on_full_buffer=False)
+        self.poller.register(self._signal_r, zmq.POLLIN)
 
     def handle_signals(self) -> bool:
         """Act on recorded signals; True when the loop should end now."""
@@ -476,6 +481,12 @@ class Supervisor:
 
     def serve_once(self, timeout: float) -> None:
         events = dict(self.poller.poll(int(timeout * 1000)))
+        if getattr(self, "_signal_r", None) in events:
+            try:
+                while os.read(self._signal_r, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
         if self.bus.inbox in events:
             message = self.bus.recv_nowait()
             while message is not None:

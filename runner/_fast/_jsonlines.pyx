@@ -108,14 +108,27 @@ def merge_lines(doc, chunk):
         raise TypeError("merge_lines needs a dict")
     if not isinstance(chunk, bytes):
         chunk = bytes(chunk)
-    cdef bytes data = <bytes>chunk
+    return _merge_chunk(<dict>doc, <bytes>chunk, None)
+
+
+def merge_lines_parsed_by(doc, chunk, loads):
+    """``merge_lines`` with another parser (``loads(bytes) -> object``, ``ValueError`` when the
+    line is not JSON): the benchmark hook that compares parsers inside the compiled scan
+    (``benchmarks/test_bench_fast.py``). Not part of the twin's contract."""
+    if not isinstance(doc, dict):
+        raise TypeError("merge_lines needs a dict")
+    if not isinstance(chunk, bytes):
+        chunk = bytes(chunk)
+    return _merge_chunk(<dict>doc, <bytes>chunk, loads)
+
+
+cdef list _merge_chunk(dict d, bytes data, object loads):
     cdef const char* buf = PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t start = 0, end, a, b
     cdef const char* nl
     cdef char c0, c1
     cdef list patches = []
-    cdef dict d = <dict>doc
     cdef object obj
     while True:
         nl = <const char*>memchr(buf + start, b'\n', <size_t>(n - start))
@@ -130,7 +143,13 @@ def merge_lines(doc, chunk):
             c0 = buf[a]
             c1 = buf[b - 1]
             if c0 == b'{' and c1 == b'}':
-                obj = _parse(PyBytes_FromStringAndSize(buf + a, b - a))
+                if loads is None:
+                    obj = _parse(PyBytes_FromStringAndSize(buf + a, b - a))
+                else:
+                    try:
+                        obj = loads(PyBytes_FromStringAndSize(buf + a, b - a))
+                    except ValueError:
+                        obj = _NOT_JSON
                 if isinstance(obj, dict):
                     _merge_object(d, <dict>obj)
             elif c0 == b'[' and c1 == b']':

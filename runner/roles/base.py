@@ -7,7 +7,10 @@ the role's inbox, hands each message to ``handle()``, calls ``tick()`` about eve
 returns on a :class:`~runner.protocol.Shutdown` message or :meth:`request_stop`.
 
 Worker threads inside a role never touch the bus: they call :meth:`post`, and the loop
-sends what they posted.
+sends what they posted.  A post from another thread wakes the loop at once (a byte on a
+pipe the loop polls next to its inbox), so ``TICK`` only paces periodic work and never adds
+latency to a hand-over; :meth:`wake` with ``tick=True`` also runs ``tick()`` right away
+(an executor whose run just ended, a fetcher with a slot just freed).
 """
 from __future__ import annotations
 
@@ -38,6 +41,10 @@ class Role:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
+        self._loop_thread: int | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_pending = False
+        self._tick_now = False
 
     # -- for subclasses -------------------------------------------------------------
     def initialize(self) -> None:
@@ -64,8 +71,30 @@ class Role:
 
     # -- shared machinery -----------------------------------------------------------
     def post(self, destination: str, message: protocol.Message) -> None:
-        """Thread-safe: have the loop send ``message`` to ``destination``."""
+        """Thread-safe: have the loop send ``message`` to ``destination`` (at once)."""
         self._outbox.put((destination, message))
+        if threading.get_ident() != self._loop_thread:
+            self.wake()
+
+    def wake(self, tick: bool = False) -> None:
+        """Thread-safe: end the loop's wait now; with ``tick``, run ``tick()`` too."""
+        if tick:
+            self._tick_now = True
+        if threading.get_ident() == self._loop_thread or self._wake_pending:
+            return  # the loop is awake, or a wake-up byte is already waiting
+        self._wake_pending = True
+        try:
+            os.write(self._wake_w, b"w")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full of wake-ups already (or closed at exit)
+
+    def _drain_wake(self) -> None:
+        self._wake_pending = False  # before reading: a later post writes again
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
 
     def phase(self, job: protocol.Job, phase: str, **detail) -> None:
         """Tell the supervisor where ``job`` is now (thread-safe)."""
@@ -84,6 +113,8 @@ class Role:
         return self._stop.is_set()
 
     def flush_outbox(self) -> None:
+        if self._outbox.empty():
+            return
         while True:
             try:
                 destination, message = self._outbox.get_nowait()
@@ -100,9 +131,15 @@ class Role:
 
     def loop(self) -> None:
         """Serve the inbox until told to stop."""
+        self._loop_thread = threading.get_ident()
+        self.bus.watch_fd(self._wake_r)
         next_tick = 0.0
         while not self._stop.is_set():
-            message = self.bus.recv(self.TICK)
+            now = time.monotonic()
+            wait = min(next_tick - now, self._last_heartbeat + self.HEARTBEAT - now)
+            message = self.bus.recv(max(0.0, wait) if not self._tick_now else 0.0)
+            if self._wake_pending:
+                self._drain_wake()
             while message is not None:
                 if isinstance(message, protocol.Shutdown):
                     self.log.debug("shutdown requested: %s", message.reason)
@@ -118,9 +155,11 @@ class Role:
                 self.flush_outbox()
                 message = self.bus.recv_nowait()
             now = time.monotonic()
-            if now >= next_tick:
+            if now >= next_tick or self._tick_now:
+                self._tick_now = False
                 next_tick = now + self.TICK
                 self.tick()
             self.flush_outbox()
             self.heartbeat()
         self.flush_outbox()
+        self._loop_thread = None

@@ -77,6 +77,8 @@ class Run:
 
 class Executor(Role):
     name = "executor"
+    TICK = 0.25  # deadlines and kill grace; a run's end wakes the loop at once (read_output)
+    EXIT_WAIT = 0.5
 
     def initialize(self) -> None:
         self.runs: dict[str, Run] = {}
@@ -201,7 +203,12 @@ class Executor(Role):
                 self.post("scraper", protocol.OutputChunk(job_id=run.job.job_id,
                                                           data=pending + b"\n"))
             run.process.stdout.close()
+            try:  # the output ends as the run exits: let the loop see both at once
+                run.process.wait(self.EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                pass  # something else holds the pipe's end; the next tick finds the exit
             run.output_done.set()
+            self.wake(tick=True)
 
     def stop(self, run: Run, reason: BaseException) -> None:
         """Begin stopping ``run``: SIGTERM to its group now, SIGKILL after the grace."""

@@ -99,6 +99,7 @@ class Fetcher(Role):
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.JobDone):
             self.settle(message)
+            self.wake(tick=True)  # a slot is free: take the next request now
         elif isinstance(message, protocol.StopTaking):
             self.log.info("taking no new requests")
             self.taking = False

@@ -87,6 +87,7 @@ def output_tail(path: str, size: int = TAIL_BYTES) -> str:
 
 class Scraper(Role):
     name = "scraper"
+    TICK = 0.25  # periodic saves only (every saveWorkspaceFrequency, at least 1 s apart)
 
     def initialize(self) -> None:
         self.attempts: dict[str, Attempt] = {}
@@ -138,6 +139,9 @@ class Scraper(Role):
 
     def scrape(self, attempt: Attempt, data: bytes) -> None:
         """Mask, log and merge one chunk of whole output lines."""
+        if not attempt.output_bytes and data:
+            # When the scraper saw the run's first output (publish-to-start benchmarks).
+            attempt.document["runner"]["first_output"] = time.time()
         data = attempt.masker.mask(data)
         attempt.output_log.write(data)
         if attempt.output_artifact is None:

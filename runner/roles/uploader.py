@@ -75,6 +75,7 @@ def with_retries(action, what: str, log, retry_for: float = DEFAULT_RETRY_FOR,
 
 class Uploader(Role):
     name = "uploader"
+    TICK = 1.0  # only forgets old finalized ids; upload threads wake the loop when they post
 
     def initialize(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=max(2, self.config.executors),

@@ -1,0 +1,57 @@
+"""The figures every suite reports, collected into one JSON file for the table.
+
+Each suite calls :func:`record` with a figure and, where the issue sets one, its bar.  Figures
+land in ``$BENCH_RESULTS`` (default ``.bench/results.json`` in the checkout), which
+``scripts/bench.sh`` empties before a run and prints as a table afterwards
+(``python3 -m benchmarks.table``).  Nothing here asserts a time: the suites report.
+
+``BENCH_QUICK=1`` (``scripts/bench.sh --quick``) shrinks every suite's sizes and counts; the
+sizes used are part of each figure's note.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = os.environ.get("BENCH_QUICK", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def results_path() -> Path:
+    return Path(os.environ.get("BENCH_RESULTS") or REPO / ".bench" / "results.json")
+
+
+def record(suite: str, figure: str, value: float, unit: str = "", *, bar: str = "",
+           met: bool | None = None, note: str = "") -> None:
+    """Add (or replace) one figure; ``met`` says whether ``bar`` was reached in this run."""
+    path = results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {"figures": []}
+        data["figures"] = [f for f in data["figures"]
+                           if (f["suite"], f["figure"]) != (suite, figure)]
+        data["figures"].append({"suite": suite, "figure": figure, "value": value, "unit": unit,
+                                "bar": bar, "met": met, "note": note, "quick": QUICK,
+                                "at": time.time()})
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    mark = "" if met is None else ("  [bar met]" if met else "  [bar MISSED]")
+    print(f"\n[{suite}] {figure}: {value:.4g} {unit}{(' (' + note + ')') if note else ''}"
+          f"{(' bar: ' + bar) if bar else ''}{mark}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by nearest rank of the sorted values."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    return ordered[index]
