@@ -9,16 +9,22 @@ Contract (spec section 6), identical in both implementations:
 * ``merge_lines(doc, chunk)`` splits ``chunk`` on ``b"\\n"`` (a trailing partial line counts as a
   line), strips ASCII white space, merges every ``{...}`` line that parses as a JSON object and
   returns the stripped ``[...]`` lines (patch candidates) in order. Anything else is plain output.
-* Parse rule: ``orjson.loads``; when it raises, ``json.loads`` of the UTF-8 decoded line with
-  NaN/Infinity rejected (so integers wider than 64 bits are accepted). Invalid UTF-8 is not JSON.
+* Parse rule: stdlib ``json.loads`` of the strictly UTF-8 decoded line with NaN/Infinity
+  rejected. Integers of any width come back as exact ``int``; strings with lone UTF-16 surrogate
+  escapes (``"\\ud800"``) and out-of-range floats (``1e400`` → ``inf``) are accepted as ``json``
+  accepts them. Invalid UTF-8, ``NaN``/``Infinity`` and nesting too deep for the interpreter
+  (``RecursionError``) are not JSON: such a line is plain output.
+
+This twin is pure Python (stdlib ``json`` only). The compiled module parses with ``orjson`` for
+speed and falls back to exactly this rule wherever orjson could differ, so both give identical
+documents on every input.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
-import orjson
-
+_json_loads = json.loads
 _MISSING = object()
 _NOT_JSON = object()
 
@@ -28,14 +34,10 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_json(line: bytes) -> Any:
-    """Parse with the shared strict rule; returns the module's ``_NOT_JSON`` sentinel on failure."""
+    """Parse with the strict rule; returns the module's ``_NOT_JSON`` sentinel on failure."""
     try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return _json_loads(line.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # UnicodeDecodeError: a ValueError too
         return _NOT_JSON
 
 
