@@ -16,7 +16,6 @@ import uuid
 
 import pytest
 
-from runner.queues.base import Delivery
 from runner.queues.sqs import SQSQueue
 
 from .cloud_support import account_dir
