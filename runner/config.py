@@ -115,10 +115,6 @@ def _path_list(text: str) -> tuple:
     return tuple(str(Path(p).expanduser().absolute()) for p in text.split(os.pathsep) if p)
 
 
-def _size(text: str) -> int:
-    return parse_size(text)
-
-
 def _optional_file(text: str) -> str:
     if not text:
         return ""

@@ -1,6 +1,6 @@
-"""Real cloud-queue endpoints for the tests: ``moto_server`` (SQS) and the Pub/Sub emulator.
+"""The Pub/Sub emulator for the tests (``moto_server`` for SQS is ``support.MotoServer``).
 
-Both are started on a free loopback port and stopped by PID.  Where the server cannot be
+It is started on a free loopback port and stopped by PID.  Where it cannot be
 started the tests skip with the reason, except under ``CI=true`` where they fail.
 """
 from __future__ import annotations
@@ -10,26 +10,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import pytest
 
-from .support import free_port
+from .support import free_port, server_unavailable as unavailable
 
 PUBSUB_EMULATOR = Path(os.environ.get(
     "PUBSUB_EMULATOR_BIN",
     "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"))
-
-
-def unavailable(reason: str) -> None:
-    """Skip locally, fail under CI=true."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"needed under CI: {reason}")
-    pytest.skip(reason)
 
 
 def _port_open(port: int) -> bool:
@@ -53,47 +44,6 @@ def _stop(process: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
-
-
-class MotoServer:
-    """``moto_server`` on a free port: a real HTTP SQS endpoint."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.dir = Path(tempfile.mkdtemp(prefix="moto", dir="/tmp"))
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "MotoServer":
-        exe = shutil.which("moto_server")
-        argv = [exe] if exe else [sys.executable, "-m", "moto.server"]
-        try:
-            import moto  # noqa: F401
-        except ImportError:
-            unavailable("moto[server] is not installed (pip install 'moto[server]')")
-        log = open(self.dir / "moto.log", "ab")
-        self.process = subprocess.Popen(argv + ["-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                unavailable(f"moto_server exited: {(self.dir / 'moto.log').read_text()[-1000:]}")
-            if _port_open(self.port):
-                return self
-            time.sleep(0.1)
-        self.stop()
-        unavailable("moto_server did not start within 30s")
-        return self
-
-    def client(self, key: str = "testing", region: str = "us-east-1"):
-        import boto3
-        return boto3.client("sqs", endpoint_url=self.url, region_name=region,
-                            aws_access_key_id=key, aws_secret_access_key="secret")
-
-    def stop(self) -> None:
-        _stop(self.process)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def account_dir(root: Path, name: str, key: str, region: str = "us-east-1") -> Path:

@@ -1,9 +1,22 @@
-"""Fixtures for tests that need real storage servers (see tests/support.py)."""
+"""Shared fixtures: a real runner-supervisor harness and real storage servers (tests/support.py)."""
 from __future__ import annotations
 
 import pytest
 
-from .support import GcsEmulator, MotoServer, short_tempdir
+from .support import GcsEmulator, MotoServer, Runner, short_tempdir
+
+
+@pytest.fixture()
+def runner(request):
+    """A real ``runner-supervisor`` harness on a private root (not started yet).
+
+    Options come from ``@pytest.mark.runner_options(name=value, …)``.
+    """
+    marker = request.node.get_closest_marker("runner_options")
+    options = marker.kwargs if marker else {}
+    harness = Runner(short_tempdir(), **options)
+    yield harness
+    harness.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,18 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
 REPO = Path(__file__).resolve().parent.parent
+# An experiment that blocks until the flag file named by $FLAG exists (or 120 s pass), so
+# that a test can look at a queue or broker while it runs and decide when it ends.
+BLOCKING = """
+    import os, sys, time
+    print("started", os.getpid(), flush=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.environ["FLAG"]):
+        if time.time() > deadline:
+            sys.exit(3)
+        time.sleep(0.05)
+    print("finished", flush=True)
+"""
 MUTABLE = ("modeldir", "output", "retval", "tb", "_metrics", "_metadata")
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +230,14 @@ class MotoServer(_Server):
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}"
+
+    url = endpoint
+
+    def sqs_client(self, key: str = "testing", region: str = "us-east-1"):
+        """An SQS client of the account that ``key`` stands for."""
+        import boto3
+        return boto3.client("sqs", endpoint_url=self.endpoint, region_name=region,
+                            aws_access_key_id=key, aws_secret_access_key="secret")
 
     def client(self, **credentials):
         import boto3
@@ -607,9 +627,3 @@ class SilentServer:
         self.listener.close()
         for connection in self.held:
             connection.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

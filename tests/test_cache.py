@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.cache import ArtifactCache, CacheBusy
+from runner.cache import ArtifactCache
 from runner.errors import StorageError
 from runner.storage import FileStore, ObjectMissing
 

@@ -19,16 +19,7 @@ import pytest
 
 from runner import metadata
 
-from .support import Runner, make_tiny_package, short_tempdir, tiny_requirement
-
-
-@pytest.fixture()
-def runner(request):
-    marker = request.node.get_closest_marker("runner_options")
-    options = marker.kwargs if marker else {}
-    harness = Runner(short_tempdir(), **options)
-    yield harness
-    harness.cleanup()
+from .support import make_tiny_package, tiny_requirement
 
 
 def tar_members(path) -> dict[str, bytes]:

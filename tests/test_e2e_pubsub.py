@@ -15,20 +15,10 @@ import uuid
 import pytest
 
 from .cloud_support import PubSubEmulator, service_account_file
-from .support import Runner, short_tempdir
+from .support import BLOCKING, Runner, short_tempdir
 
 pytestmark = [pytest.mark.integration]
 
-BLOCKING = """
-    import os, sys, time
-    print("started", os.getpid(), flush=True)
-    deadline = time.time() + 120
-    while not os.path.exists(os.environ["FLAG"]):
-        if time.time() > deadline:
-            sys.exit(3)
-        time.sleep(0.05)
-    print("finished", flush=True)
-"""
 
 
 @pytest.fixture(scope="module")

@@ -19,22 +19,10 @@ import time
 import pytest
 
 from .rabbitmq_support import PrivateBroker, shared_broker, unique
-from .support import Runner, short_tempdir
+from .support import BLOCKING, Runner, short_tempdir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# Blocks until the flag file named by $FLAG exists (or 120 s pass), so that a test can
-# look at the broker while the experiment runs and decide when it ends.
-BLOCKING = """
-    import os, sys, time
-    print("started", os.getpid(), flush=True)
-    deadline = time.time() + 120
-    while not os.path.exists(os.environ["FLAG"]):
-        if time.time() > deadline:
-            sys.exit(3)
-        time.sleep(0.05)
-    print("finished", flush=True)
-"""
 
 
 def make_runner(broker, stem: str, **options) -> Runner:

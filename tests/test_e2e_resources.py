@@ -18,7 +18,7 @@ import pytest
 
 from runner import cgroups, ctl, metadata
 
-from .support import Runner, short_tempdir
+from .support import Runner
 
 FAKE_NVML = Path(__file__).parent / "fake_nvml"
 GiB = 2**30
@@ -35,15 +35,6 @@ def cgroups_writable() -> str:
 _NOT_WRITABLE = cgroups_writable()
 needs_cgroups = pytest.mark.skipif(bool(_NOT_WRITABLE),
                                    reason=f"cgroups not writable here: {_NOT_WRITABLE}")
-
-
-@pytest.fixture()
-def runner(request):
-    marker = request.node.get_closest_marker("runner_options")
-    options = marker.kwargs if marker else {}
-    harness = Runner(short_tempdir(), **options)
-    yield harness
-    harness.cleanup()
 
 
 def needing(request: dict, **resources) -> dict:

@@ -16,29 +16,18 @@ import uuid
 
 import pytest
 
-from runner.queues.base import Delivery
 from runner.queues.sqs import SQSQueue
 
-from .cloud_support import MotoServer, account_dir
-from .support import Runner, short_tempdir
+from .cloud_support import account_dir
+from .support import BLOCKING, MotoServer, Runner, short_tempdir
 
 pytestmark = [pytest.mark.integration]
 
-BLOCKING = """
-    import os, sys, time
-    print("started", os.getpid(), flush=True)
-    deadline = time.time() + 120
-    while not os.path.exists(os.environ["FLAG"]):
-        if time.time() > deadline:
-            sys.exit(3)
-        time.sleep(0.05)
-    print("finished", flush=True)
-"""
 
 
 @pytest.fixture()
 def moto():
-    server = MotoServer().start()
+    server = MotoServer(short_tempdir("moto")).start()
     yield server
     server.stop()
 
@@ -104,8 +93,8 @@ def wait_until(predicate, timeout=15.0):
 
 # ---------------------------------------------------------------------------- back end
 def test_discovery_per_account_directory_and_hot_add_remove(moto, certs):
-    alice = moto.client("111111111111")
-    bob = moto.client("222222222222", region="eu-west-1")
+    alice = moto.sqs_client("111111111111")
+    bob = moto.sqs_client("222222222222", region="eu-west-1")
     alice.create_queue(QueueName="sqs_alice")
     alice.create_queue(QueueName="sqs_alice_dead")
     bob.create_queue(QueueName="sqs_bob")
@@ -133,7 +122,7 @@ def test_discovery_per_account_directory_and_hot_add_remove(moto, certs):
 def test_default_chain_without_certs_and_visibility_extension(moto, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "333333333333")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    client = moto.client("333333333333", region="us-west-2")
+    client = moto.sqs_client("333333333333", region="us-west-2")
     client.create_queue(QueueName="sqs_vis")
     backend = SQSQueue(region="us-west-2", endpoint=moto.url, visibility=2)
     try:
@@ -154,7 +143,7 @@ def test_default_chain_without_certs_and_visibility_extension(moto, monkeypatch)
 def test_received_but_unwanted_message_is_made_visible_at_once(moto, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "444444444444")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    client = moto.client("444444444444", region="ap-south-1")
+    client = moto.sqs_client("444444444444", region="ap-south-1")
     client.create_queue(QueueName="sqs_unwanted")
     backend = SQSQueue(region="ap-south-1", endpoint=moto.url, visibility=300)
     try:
@@ -168,7 +157,7 @@ def test_received_but_unwanted_message_is_made_visible_at_once(moto, monkeypatch
 
 
 def test_dead_letter_uses_the_redrive_policy_when_the_queue_has_one(moto, certs):
-    client = moto.client("555555555555")
+    client = moto.sqs_client("555555555555")
     dlq = client.create_queue(QueueName="sqs_custom_dlq_dead")["QueueUrl"]
     arn = client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])[
         "Attributes"]["QueueArn"]
@@ -207,7 +196,7 @@ def log_lines(runner, pattern):
 
 @pytest.fixture()
 def sqs_env(moto, certs):
-    client = moto.client("666666666666")
+    client = moto.sqs_client("666666666666")
     account_dir(certs, "main", "666666666666")
     stem = f"sqs_{uuid.uuid4().hex[:6]}_"
     return client, stem
@@ -299,7 +288,7 @@ def test_e2e_resource_shortfall_retry_bound_dead_letter_and_hot_account(moto, ce
     assert "JSON" in dead["MessageAttributes"]["studioml-dead-reason"]["StringValue"]
     wait_counts(client, stem + "bad", 0, 0)
     # A second account mounted while running is served without a restart.
-    other = moto.client("777777777777", region="eu-central-1")
+    other = moto.sqs_client("777777777777", region="eu-central-1")
     other.create_queue(QueueName=stem + "other")
     account_dir(certs, "other", "777777777777", "eu-central-1")
     late = runner.request(runner.workspace({"l.py": "print('late')"}), "l.py")

@@ -15,16 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import Runner, SilentServer, SlackServer, short_tempdir
-
-
-@pytest.fixture()
-def runner(request):
-    marker = request.node.get_closest_marker("runner_options")
-    options = marker.kwargs if marker else {}
-    harness = Runner(short_tempdir(), **options)
-    yield harness
-    harness.cleanup()
+from .support import Runner, SilentServer, SlackServer
 
 
 def running(runner: Runner, key: str) -> bool:

@@ -7,7 +7,6 @@ import http.server
 import json
 import os
 import threading
-from pathlib import Path
 
 import pytest
 

@@ -10,7 +10,6 @@ import http.server
 import json
 import os
 import threading
-import urllib.request
 import uuid
 from pathlib import Path
 

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 from ..errors import DeliveryLost, QueueError
 from .base import Delivery, Queue, is_reserved
-from .receiver import Receiver
+from .receiver import BackgroundDiscovery, Receiver
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,10 @@ class AttemptBook:
             logger.warning("cannot write the Pub/Sub attempt book %s: %s", self.path, exc)
 
 
-class PubSubQueue(Queue):
+class PubSubQueue(BackgroundDiscovery, Queue):
     """Subscriptions of one or more Google projects."""
+
+    discovery_name = "Pub/Sub"
 
     kind: ClassVar[str] = "pubsub"
 
@@ -276,29 +278,7 @@ class PubSubQueue(Queue):
         with self._lock:
             self._names = names
             self._error = "; ".join(errors) if errors and not names else ""
-        for name in [n for n in list(self._receivers) if n not in names]:
-            receiver, _ = self._receivers.pop(name)
-            receiver.stop()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._discover_every):
-            try:
-                self._poll()
-            except Exception:  # noqa: BLE001 - the thread must survive
-                logger.exception("Pub/Sub discovery pass failed")
-
-    def discover(self) -> list[str]:
-        """Subscriptions of every project (by the latest ListSubscriptions answer)."""
-        self._check_open()
-        if self._thread is None:
-            self._poll()
-            self._thread = threading.Thread(target=self._loop, daemon=True,
-                                            name="pubsub-discovery")
-            self._thread.start()
-        with self._lock:
-            if self._error:
-                raise QueueError(self._error)
-            return sorted(self._names)
+        self._stop_receivers_not_in(names)
 
     def _where(self, queue: str) -> tuple[Project, Any]:
         with self._lock:

@@ -24,6 +24,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from ..errors import QueueError
+
 logger = logging.getLogger(__name__)
 
 DEMAND_TTL = 0.5
@@ -144,3 +146,43 @@ class Receiver:
                 with self._cond:
                     self._cond.wait(self._idle_pause)
         self._release_ready()
+
+
+class BackgroundDiscovery:
+    """``discover()`` answered from the latest listing, refreshed by a background thread.
+
+    For the cloud back ends, whose listings are network calls: the first ``discover()``
+    lists synchronously and starts a daemon thread that lists again every
+    ``_discover_every`` seconds until ``_stop`` is set.  The back end provides
+    ``_poll()`` (one listing, which sets ``_names`` and ``_error`` under ``_lock``),
+    ``_check_open()``, ``_receivers`` (name -> (Receiver, …)) and the attributes above,
+    with ``_thread`` starting as None.
+    """
+
+    discovery_name = "queue"
+
+    def _discovery_loop(self) -> None:
+        while not self._stop.wait(self._discover_every):
+            try:
+                self._poll()
+            except Exception:  # noqa: BLE001 - the thread must survive
+                logger.exception("%s discovery pass failed", self.discovery_name)
+
+    def discover(self) -> list[str]:
+        """Queue names by the latest listing; raises QueueError when listing failed."""
+        self._check_open()
+        if self._thread is None:
+            self._poll()
+            self._thread = threading.Thread(target=self._discovery_loop, daemon=True,
+                                            name=f"{self.discovery_name}-discovery")
+            self._thread.start()
+        with self._lock:
+            if self._error:
+                raise QueueError(self._error)
+            return sorted(self._names)
+
+    def _stop_receivers_not_in(self, names) -> None:
+        """Stop the receiving threads of queues that are no longer listed."""
+        for name in [n for n in list(self._receivers) if n not in names]:
+            receiver, _ = self._receivers.pop(name)
+            receiver.stop()

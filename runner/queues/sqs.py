@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 from ..errors import DeliveryLost, QueueError
 from .base import Delivery, Queue, is_reserved
-from .receiver import Receiver
+from .receiver import BackgroundDiscovery, Receiver
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +192,10 @@ def _client(region: str, endpoint: str, creds: dict | None, long_poll: int) -> A
         raise QueueError(f"cannot make an SQS client: {exc}") from exc
 
 
-class SQSQueue(Queue):
+class SQSQueue(BackgroundDiscovery, Queue):
     """``sqs_…`` queues of one or more AWS accounts."""
+
+    discovery_name = "SQS"
 
     kind: ClassVar[str] = "sqs"
 
@@ -338,29 +340,7 @@ class SQSQueue(Queue):
             self._depths.update(depths)
             self._listed = True
             self._error = "; ".join(errors) if errors and not names and accounts else ""
-        for name in [n for n in list(self._receivers) if n not in names]:
-            receiver, _ = self._receivers.pop(name)
-            receiver.stop()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._discover_every):
-            try:
-                self._poll()
-            except Exception:  # noqa: BLE001 - the thread must survive
-                logger.exception("SQS discovery pass failed")
-
-    def discover(self) -> list[str]:
-        """``sqs_`` and other queues of every account (by the latest ListQueues answer)."""
-        self._check_open()
-        if self._thread is None:
-            self._poll()
-            self._thread = threading.Thread(target=self._loop, daemon=True,
-                                            name="sqs-discovery")
-            self._thread.start()
-        with self._lock:
-            if self._error:
-                raise QueueError(self._error)
-            return sorted(self._names)
+        self._stop_receivers_not_in(names)
 
     def accounts(self) -> list[str]:
         with self._lock:

@@ -227,6 +227,25 @@ class Store(abc.ABC):
                 fill(out)
             return self.put(url, src)
 
+    def put_file_by_stream(self, url: str, src: Path) -> ObjectInfo:
+        """``put`` for back ends that stream: the file ``src`` fed through :meth:`put_stream`.
+
+        The file is opened once and re-read from its start if ``put_stream`` retries.
+        """
+        try:
+            handle = open(src, "rb")
+        except OSError as exc:
+            raise StorageError(f"cannot read upload source {src}: {exc}") from exc
+        with handle:
+            def fill(out: BinaryIO) -> None:
+                handle.seek(0)
+                while True:
+                    chunk = handle.read(CHUNK_SIZE)
+                    if not chunk:
+                        return
+                    out.write(chunk)
+            return self.put_stream(url, fill)
+
     def put_bytes(self, url: str, data: bytes) -> ObjectInfo:
         """Upload ``data`` to ``url``; default implementation goes through a temp file."""
         import tempfile

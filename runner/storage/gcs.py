@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable
 
 from ..errors import StorageError
 from . import base
-from .base import (CHUNK_SIZE, ObjectInfo, ObjectMissing, PermanentStorageError, Store,
+from .base import (ObjectInfo, ObjectMissing, PermanentStorageError, Store,
                    atomic_destination, retrying, split_url)
 
 log = logging.getLogger(__name__)
@@ -243,19 +243,7 @@ class GcsStore(Store):
         return self._call(url, "download", download, reading=True)
 
     def put(self, url: str, src: Path) -> ObjectInfo:
-        try:
-            handle = open(src, "rb")
-        except OSError as exc:
-            raise StorageError(f"cannot read upload source {src}: {exc}") from exc
-        with handle:
-            def fill(out: BinaryIO) -> None:
-                handle.seek(0)
-                while True:
-                    chunk = handle.read(CHUNK_SIZE)
-                    if not chunk:
-                        return
-                    out.write(chunk)
-            return self.put_stream(url, fill)
+        return self.put_file_by_stream(url, src)
 
     def put_stream(self, url: str, fill: Callable[[BinaryIO], object]) -> ObjectInfo:
         bucket, key = parse_gs_url(url)

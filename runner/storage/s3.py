@@ -542,19 +542,7 @@ class S3Store(Store):
         return self._read(url, "download", download)
 
     def put(self, url: str, src: Path) -> ObjectInfo:
-        try:
-            handle = open(src, "rb")
-        except OSError as exc:
-            raise StorageError(f"cannot read upload source {src}: {exc}") from exc
-        with handle:
-            def fill(out: BinaryIO) -> None:
-                handle.seek(0)
-                while True:
-                    chunk = handle.read(CHUNK_SIZE)
-                    if not chunk:
-                        return
-                    out.write(chunk)
-            return self.put_stream(url, fill)
+        return self.put_file_by_stream(url, src)
 
     def put_stream(self, url: str, fill: Callable[[BinaryIO], object]) -> ObjectInfo:
         target = self.target(url)
