@@ -59,7 +59,8 @@ HEARTBEAT_TIMEOUT = 30.0
 CRASH_WINDOW, CRASH_LIMIT = 60.0, 5
 STOP_WAIT = 10.0
 HEALTHY_HEARTBEAT_AGE = 10.0
-LOOP_WAIT = 0.25  # idle wait of the loop; messages, ctl requests and signals end it at once
+LOOP_WAIT = 1.0  # idle wait of the loop; messages, ctl requests and signals (SIGCHLD: a
+# role exited) end it at once
 STOP_RUNS_EVERY = 1.0
 STATUS_EVERY = 2.0
 # Never passed to roles (and so never to experiments): systemd's and Slack's.
@@ -259,6 +260,8 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda number, frame: self.signals.append(number))
+        # Only to wake the loop (the wake-up fd below) when a role exits: watch_roles acts.
+        signal.signal(signal.SIGCHLD, lambda number, frame: None)
         # A signal also ends the loop's wait at once, so the loop may wait long when idle.
         self._signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(signal_w, warn_on_full_buffer=False)

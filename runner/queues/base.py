@@ -86,6 +86,22 @@ class Queue(abc.ABC):
     """Seconds between the fetcher's :meth:`keep_alive` calls for this back end's held
     deliveries (a back end whose hold times out sets it well inside that timeout)."""
 
+    poll_every: float | None = 0.05
+    """Seconds between the fetcher's ticks while this back end is configured: how often it
+    is asked for work and :meth:`service` runs.  ``None`` for a back end that says when work
+    arrives through :meth:`wait_fd` (the fetcher then only ticks slowly, for safety)."""
+
+    def wait_fd(self) -> int | None:
+        """A descriptor that becomes readable when messages may have arrived, or ``None``.
+
+        The fetcher polls it beside its inbox and then calls :meth:`changes`."""
+        return None
+
+    def changes(self) -> bool:
+        """Consume what made :meth:`wait_fd` readable; True when the set of queues may
+        have changed (rediscover now)."""
+        return False
+
     @abc.abstractmethod
     def discover(self) -> list[str]:
         """Names of the queues this back end serves, unfiltered by the match regexes.
@@ -116,7 +132,7 @@ class Queue(abc.ABC):
         raise NotImplementedError(f"{cls.__name__} cannot be built from the runner's options")
 
     def service(self) -> None:
-        """Called on every fetcher tick (about every 50 ms) from the thread that uses the
+        """Called on every fetcher tick (every :attr:`poll_every`) from the thread that uses the
         back end: heartbeats, reconnects, noticing deliveries the broker took back.
         Must return quickly; a no-op where nothing needs doing."""
 

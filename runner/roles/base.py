@@ -5,6 +5,11 @@ A role only *does* its work; how it is hosted (a process under the supervisor, s
 the role's inbox, hands each message to ``handle()``, calls ``tick()`` about every
 ``TICK`` seconds, sends a heartbeat to the supervisor every ``HEARTBEAT`` seconds, and
 returns on a :class:`~runner.protocol.Shutdown` message or :meth:`request_stop`.
+``tick_interval()`` may lengthen ``TICK`` while a role has nothing to watch, and a role that
+has been idle since its last heartbeat sends the next one after ``IDLE_HEARTBEAT`` only
+(an idle runner must cost close to nothing); a tick and a heartbeat due soon after it share
+one wake-up.  :meth:`watch` adds a descriptor (an inotify descriptor, say) to what the loop
+waits on, with a callback run in the loop when it is readable.
 
 Worker threads inside a role never touch the bus: they call :meth:`post`, and the loop
 sends what they posted.  A post from another thread wakes the loop at once (a byte on a
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import threading
 import time
 from typing import ClassVar
@@ -33,6 +39,8 @@ class Role:
     name: ClassVar[str] = ""
     TICK: ClassVar[float] = 0.05
     HEARTBEAT: ClassVar[float] = 1.0
+    IDLE_HEARTBEAT: ClassVar[float] = 1.0  # stats in runner-ctl status stay fresh (tests)
+    IDLE_TICK: ClassVar[float] = 2.0  # a role with nothing in hand (see tick_interval)
 
     def __init__(self, config: Config, bus: Bus):
         self.config = config
@@ -45,6 +53,9 @@ class Role:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_pending = False
         self._tick_now = False
+        self._active = True  # handled or posted something since the last heartbeat
+        self._idle_beat = False  # the last heartbeat followed an idle period
+        self._watched: dict[int, object] = {}  # extra descriptors -> callback
 
     # -- for subclasses -------------------------------------------------------------
     def initialize(self) -> None:
@@ -55,6 +66,10 @@ class Role:
 
     def tick(self) -> None:
         """Periodic work (deadlines, polling); must return quickly."""
+
+    def tick_interval(self) -> float:
+        """Seconds until the next ``tick()`` (asked after each); ``TICK`` unless overridden."""
+        return self.TICK
 
     def stats(self) -> dict:
         """Numbers for the heartbeat (shown by ``runner-ctl status``)."""
@@ -70,8 +85,15 @@ class Role:
         self.log.debug("reloaded options: %s", ", ".join(sorted(options)))
 
     # -- shared machinery -----------------------------------------------------------
+    def watch(self, fd: int, callback) -> None:
+        """Wait on ``fd`` too; ``callback()`` runs in the loop whenever it is readable (it
+        must consume what made it readable)."""
+        self._watched[fd] = callback
+        self.bus.watch_fd(fd)
+
     def post(self, destination: str, message: protocol.Message) -> None:
         """Thread-safe: have the loop send ``message`` to ``destination`` (at once)."""
+        self._active = True
         self._outbox.put((destination, message))
         if threading.get_ident() != self._loop_thread:
             self.wake()
@@ -112,6 +134,17 @@ class Role:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _serve_watched(self) -> None:
+        try:
+            ready, _, _ = select.select(list(self._watched), [], [], 0)
+        except (OSError, ValueError):
+            return
+        for fd in ready:
+            try:
+                self._watched[fd]()
+            except Exception:  # a failing watcher must not kill the role
+                self.log.exception("failed to serve descriptor %d", fd)
+
     def flush_outbox(self) -> None:
         if self._outbox.empty():
             return
@@ -122,10 +155,19 @@ class Role:
                 return
             self.bus.send(destination, message)
 
-    def heartbeat(self, force: bool = False) -> None:
+    def _heartbeat_due(self) -> float:
+        if not self._active:
+            return self._last_heartbeat + self.IDLE_HEARTBEAT
+        # the first activity after an idle beat is told at once (fresh stats), then each second
+        return self._last_heartbeat + (0.0 if self._idle_beat else self.HEARTBEAT)
+
+    def heartbeat(self, force: bool = False, early: float = 0.0) -> None:
+        """Send a heartbeat when one is due (or due within ``early`` seconds)."""
         now = time.monotonic()
-        if force or now - self._last_heartbeat >= self.HEARTBEAT:
+        if force or now + early >= self._heartbeat_due():
             self._last_heartbeat = now
+            self._idle_beat = not self._active
+            self._active = False
             self.bus.send(SUPERVISOR, protocol.Heartbeat(role=self.name, pid=os.getpid(),
                                                          stats=self.stats()))
 
@@ -136,10 +178,14 @@ class Role:
         next_tick = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            wait = min(next_tick - now, self._last_heartbeat + self.HEARTBEAT - now)
+            wait = min(next_tick - now, self._heartbeat_due() - now)
             message = self.bus.recv(max(0.0, wait) if not self._tick_now else 0.0)
             if self._wake_pending:
                 self._drain_wake()
+            if self._watched:
+                self._serve_watched()
+            if message is not None:
+                self._active = True
             while message is not None:
                 if isinstance(message, protocol.Shutdown):
                     self.log.debug("shutdown requested: %s", message.reason)
@@ -155,11 +201,14 @@ class Role:
                 self.flush_outbox()
                 message = self.bus.recv_nowait()
             now = time.monotonic()
+            early = 0.0
             if now >= next_tick or self._tick_now:
                 self._tick_now = False
-                next_tick = now + self.TICK
                 self.tick()
+                interval = self.tick_interval()
+                next_tick = now + interval
+                early = min(interval, self.HEARTBEAT) / 2  # beat now rather than wake again
             self.flush_outbox()
-            self.heartbeat()
+            self.heartbeat(early=early)
         self.flush_outbox()
         self._loop_thread = None

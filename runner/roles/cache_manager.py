@@ -39,7 +39,7 @@ DOWNLOADED_DIGESTS = Path(".runner") / "downloaded.json"
 
 class CacheManager(Role):
     name = "cache_manager"
-    TICK = 1.0  # no periodic work; preparation threads wake the loop when they post
+    TICK = 2.0  # no periodic work; preparation threads wake the loop when they post
 
     def initialize(self) -> None:
         Path(self.config.working_dir).mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,9 @@ class Run:
 class Executor(Role):
     name = "executor"
     TICK = 0.25  # deadlines and kill grace; a run's end wakes the loop at once (read_output)
+
+    def tick_interval(self) -> float:
+        return self.TICK if self.runs or self.leftover_cgroups else self.IDLE_TICK
     EXIT_WAIT = 0.5
 
     def initialize(self) -> None:
@@ -175,6 +178,7 @@ class Executor(Role):
                                       name=f"output-{job.job_id}")
         run.reader.start()
         self.runs[job.job_id] = run
+        self.wake(tick=True)  # from now on tick every TICK (deadlines), not IDLE_TICK
         self.log.info("key=%s attempt=%s started pid %d", job.key, job.job_id, process.pid)
         self.phase(job, "running", pid=process.pid)
 

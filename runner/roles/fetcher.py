@@ -16,6 +16,12 @@ ends while none of its deliveries is held any more, its decision is kept (a *tom
 for ``TOMBSTONE_TTL``) and applied to the redelivered copy as soon as it is taken again,
 so the finished run's result stands and the request is not run twice by this runner.
 
+The fetcher ticks at the fastest ``Queue.poll_every`` of its back ends (50 ms for those that
+must be asked: RabbitMQ, SQS, Pub/Sub, local queues without inotify).  A back end with a
+``wait_fd()`` (local queues on Linux: inotify on the root and each queue folder) wakes the
+loop when a message arrives, so with only such back ends the fetcher ticks every
+``SAFETY_TICK`` when idle and takes work the moment it is published.
+
 Every back end's ``service()`` runs on every tick (heartbeats, reconnects): back ends
 that are not thread-safe (pika) are only ever touched from this loop's thread.  Held
 deliveries are kept alive on each back end's own cadence (``Queue.keep_alive_every``: SQS
@@ -38,6 +44,8 @@ from .base import Role
 
 DISCOVER_EVERY = 2.0
 STATS_EVERY = 1.0
+IDLE_STATS_EVERY = 10.0  # queue figures for ``runner-ctl status`` when nothing changed
+SAFETY_TICK = 1.0  # the tick when every back end announces arrivals (wait_fd)
 KEEP_ALIVE_EVERY = 30.0
 NO_FIT_BACKOFF = 2.0
 TAKE_ERROR_BACKOFF = 1.0
@@ -94,9 +102,26 @@ class Fetcher(Role):
         self._next_discover = self._next_stats = 0.0
         self._next_keep_alive: dict[str, float] = {}   # kind -> when its holds are due
         self._rotation = 0
+        self._stats_dirty = True
+        for backend in self.backends.values():
+            fd = backend.wait_fd()
+            if fd is not None:
+                self.watch(fd, lambda backend=backend: self.arrived(backend))
 
     # -- messages -------------------------------------------------------------------
+    def arrived(self, backend: Queue) -> None:
+        """``backend``'s descriptor is readable: messages (or queues) may have arrived."""
+        if backend.changes():
+            self._next_discover = 0.0
+        self._stats_dirty = True
+        self.wake(tick=True)
+
+    def tick_interval(self) -> float:
+        polls = [b.poll_every for b in self.backends.values() if b.poll_every is not None]
+        return min(polls) if polls else SAFETY_TICK
+
     def handle(self, message: protocol.Message) -> None:
+        self._stats_dirty = True
         if isinstance(message, protocol.JobDone):
             self.settle(message)
             self.wake(tick=True)  # a slot is free: take the next request now
@@ -150,8 +175,9 @@ class Fetcher(Role):
         if self.discovery.devices and now >= self._next_gpu_refresh:
             self._next_gpu_refresh = now + self.config.gpu_refresh
             self.refresh_gpus()
-        if now >= self._next_stats:
-            self._next_stats = now + STATS_EVERY
+        if now >= self._next_stats and (self._stats_dirty or self.held
+                                        or now >= self._next_stats - STATS_EVERY
+                                        + IDLE_STATS_EVERY):
             self.send_stats()
 
     def refresh_gpus(self) -> None:
@@ -425,6 +451,8 @@ class Fetcher(Role):
 
     # -- reporting ------------------------------------------------------------------
     def send_stats(self) -> None:
+        self._stats_dirty = False
+        self._next_stats = time.monotonic() + STATS_EVERY
         stats = {}
         for queue in self.queues:
             backend = self.backend_of(queue)

@@ -89,6 +89,9 @@ class Scraper(Role):
     name = "scraper"
     TICK = 0.25  # periodic saves only (every saveWorkspaceFrequency, at least 1 s apart)
 
+    def tick_interval(self) -> float:
+        return self.TICK if self.attempts else self.IDLE_TICK
+
     def initialize(self) -> None:
         self.attempts: dict[str, Attempt] = {}
 
@@ -123,6 +126,7 @@ class Scraper(Role):
             next_save=time.monotonic() + job.save_frequency,
         )
         self.attempts[job.job_id] = attempt
+        self.wake(tick=True)  # from now on tick every TICK (periodic saves), not IDLE_TICK
         request_text = json.dumps(redact_request(job.request), indent=1, sort_keys=True)
         attempt.runner_log.write(b"request (credentials redacted):\n")
         attempt.runner_log.write(attempt.masker.mask(request_text.encode()) + b"\n")

@@ -11,7 +11,10 @@ metadata store.
 A folder is "unchanged" when its content digest equals the one of its last upload in
 this attempt, or the one the cache manager recorded when it unpacked the artifact
 (``.runner/downloaded.json``): an output downloaded from a previous attempt and left
-alone is not uploaded again.
+alone is not uploaded again.  A folder that is empty and has no object from before (the
+cache manager placed nothing there, nothing was uploaded in this attempt) is not uploaded
+either: there is nothing to save, and an empty archive would only cost a pack and a put
+per artifact per experiment (no object is made for it).
 
 In a final upload, storage errors are retried with exponential backoff (0.5 s doubling,
 at most 15 s apart) for ``--storage-retry`` (default 5 minutes); errors that retrying
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -73,9 +77,18 @@ def with_retries(action, what: str, log, retry_for: float = DEFAULT_RETRY_FOR,
             delay = min(delay * 2, MAX_DELAY)
 
 
+def is_empty(folder: Path) -> bool:
+    """True when ``folder`` has no entries at all."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+
+
 class Uploader(Role):
     name = "uploader"
-    TICK = 1.0  # only forgets old finalized ids; upload threads wake the loop when they post
+    TICK = 2.0  # only forgets old finalized ids; upload threads wake the loop when they post
 
     def initialize(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=max(2, self.config.executors),
@@ -160,6 +173,8 @@ class Uploader(Role):
             folder = Path(job.workdir) / label
             if label == "_metadata" or not artifact.get("mutable") or not url or not folder.is_dir():
                 continue
+            if (job.job_id, label) not in self.uploaded and is_empty(folder):
+                continue  # nothing to save, and nothing stored before to replace
             digest = tree_digest(folder)
             if self.uploaded.get((job.job_id, label)) == digest:
                 continue
