@@ -2,14 +2,18 @@
 
 Frame layout (one ZeroMQ frame per message)::
 
-    msgpack array [PROTOCOL_VERSION: int, type_name: str, fields: map]
+    msgpack array [PROTOCOL_VERSION: int, type_name: str, field_1, field_2, ...]
 
-``fields`` maps each dataclass field name to its value; a field typed as another
-protocol dataclass (``Job``, ``Outcome``) is itself a map of its fields.  Packing uses
-``use_bin_type=True``; unpacking uses ``raw=False`` and refuses frames larger than
-``MAX_FRAME_BYTES``.  A frame with another version or an unknown type raises
-:class:`runner.errors.ProtocolError`; unknown fields inside a known type are ignored so
-that a newer sender can add optional fields.
+The fields follow in the order the dataclass declares them (positional: no field names
+on the wire, which keeps encoding and decoding cheap on the output path); a field typed
+as another protocol dataclass (``Job``, ``Outcome``) is itself an array of its fields in
+declaration order.  New fields are only ever appended, with defaults: a frame with more
+fields than this version knows (a newer sender) has the extra ones ignored, and one with
+fewer (an older sender) gets the defaults.  Packing uses ``use_bin_type=True``; unpacking
+uses ``raw=False`` and refuses frames larger than ``MAX_FRAME_BYTES``.  A frame with
+another version, an unknown type or missing required fields raises
+:class:`runner.errors.ProtocolError`.  ``to_map``/``from_map`` give the named form, used
+where a message carries jobs as data (``Adopt.jobs``).
 
 Who sends what (role inboxes are PULL sockets, see :mod:`runner.bus`)::
 
@@ -27,6 +31,8 @@ Who sends what (role inboxes are PULL sockets, see :mod:`runner.bus`)::
 from __future__ import annotations
 
 import dataclasses
+import operator
+import threading
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -35,7 +41,7 @@ import msgpack
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
@@ -312,9 +318,66 @@ def from_map(cls: type, data: dict) -> Any:
         raise ProtocolError(f"cannot build {cls.__name__}: {exc}") from exc
 
 
+class _Layout:
+    """How one protocol class goes to and from its positional array (built once per class)."""
+
+    __slots__ = ("cls", "count", "get", "nested")
+
+    def __init__(self, cls: type):
+        fields = _fields_of(cls)
+        names = [name for name, _ in fields]
+        self.cls = cls
+        self.count = len(names)
+        if not names:
+            self.get = lambda value: ()
+        elif len(names) == 1:
+            single = operator.attrgetter(names[0])
+            self.get = lambda value: (single(value),)
+        else:
+            self.get = operator.attrgetter(*names)
+        self.nested = tuple((i, nested) for i, (_, nested) in enumerate(fields) if nested)
+
+
+_LAYOUTS: dict[type, _Layout] = {}
+
+
+def _layout(cls: type) -> _Layout:
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        layout = _LAYOUTS[cls] = _Layout(cls)
+    return layout
+
+
+def _to_list(value: Any) -> list:
+    layout = _layout(type(value))
+    values = list(layout.get(value))
+    for index, _nested in layout.nested:
+        if values[index] is not None:
+            values[index] = _to_list(values[index])
+    return values
+
+
+def _from_list(cls: type, values: list) -> Any:
+    layout = _layout(cls)
+    if len(values) > layout.count:
+        values = values[:layout.count]  # fields appended by a newer sender
+    for index, nested in layout.nested:
+        if index < len(values) and isinstance(values[index], list):
+            values[index] = _from_list(nested, values[index])
+    try:
+        return cls(*values)
+    except TypeError as exc:
+        raise ProtocolError(f"cannot build {cls.__name__}: {exc}") from exc
+
+
 def encode(message: Message) -> bytes:
     """One frame for ``message``."""
-    return msgpack.packb([PROTOCOL_VERSION, message.TYPE, to_map(message)], use_bin_type=True)
+    layout = _layout(type(message))
+    frame = [PROTOCOL_VERSION, message.TYPE, *layout.get(message)]
+    for index, _nested in layout.nested:
+        if frame[index + 2] is not None:
+            frame[index + 2] = _to_list(frame[index + 2])
+    return _pack(frame)
 
 
 def decode(frame: bytes) -> Message:
@@ -322,17 +385,38 @@ def decode(frame: bytes) -> Message:
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        version, type_name, fields = msgpack.unpackb(
-            frame, raw=False, strict_map_key=False)
+        values = _unpackb(frame, raw=False, strict_map_key=False)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError) as exc:
         raise ProtocolError(f"undecodable frame: {exc}") from exc
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
-    if cls is None or not isinstance(fields, dict):
+    if type(values) is not list or len(values) < 2:
+        raise ProtocolError("a frame is an array [version, type, fields...]")
+    if values[0] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {values[0]!r}, expected {PROTOCOL_VERSION}")
+    type_name = values[1]
+    cls = _BY_TYPE.get(type_name) if type(type_name) is str else None
+    if cls is None:
         raise ProtocolError(f"unknown message type {type_name!r}")
-    return from_map(cls, fields)
+    layout = _layout(cls)
+    if layout.nested:
+        return _from_list(cls, values[2:])
+    try:
+        return cls(*values[2:2 + layout.count])
+    except TypeError as exc:
+        raise ProtocolError(f"cannot build {cls.__name__}: {exc}") from exc
+
+
+_unpackb = msgpack.unpackb
+_BY_TYPE = MESSAGE_TYPES
+_PACKERS = threading.local()  # a msgpack Packer is not thread-safe: one per thread
+
+
+def _pack(frame: list) -> bytes:
+    try:
+        packer = _PACKERS.packer
+    except AttributeError:
+        packer = _PACKERS.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(frame)
 
 
 def jobs_from_maps(maps: typing.Iterable[dict]) -> list[Job]:

@@ -98,8 +98,13 @@ def test_adopt_jobs_come_back_as_jobs() -> None:
 
 
 def test_frame_layout() -> None:
-    version, type_name, fields = msgpack.unpackb(protocol.encode(Shutdown(reason="x")), raw=False)
-    assert (version, type_name, fields) == (protocol.PROTOCOL_VERSION, "shutdown", {"reason": "x"})
+    frame = msgpack.unpackb(protocol.encode(Shutdown(reason="x")), raw=False)
+    assert frame == [protocol.PROTOCOL_VERSION, "shutdown", "x"]
+    done = JobDone(job=make_job(), outcome=Outcome(status="completed", exit_code=0))
+    frame = msgpack.unpackb(protocol.encode(done), raw=False)
+    assert frame[:2] == [protocol.PROTOCOL_VERSION, "job_done"]
+    assert frame[2] == list(protocol.to_map(make_job()).values())  # declaration order
+    assert frame[3] == ["completed", "", "", 0] and frame[4] == ""
 
 
 def test_wrong_version_is_a_protocol_error() -> None:
@@ -122,11 +127,11 @@ def test_unknown_type_is_a_protocol_error() -> None:
     bytes(range(256)),
     protocol.encode(Shutdown(reason="x"))[:-1],            # truncated
     msgpack.packb(5),                                        # not an array
-    msgpack.packb([protocol.PROTOCOL_VERSION, "shutdown"]),  # too short
+    msgpack.packb([protocol.PROTOCOL_VERSION]),              # too short
     msgpack.packb([protocol.PROTOCOL_VERSION, ["x"], {}]),   # unhashable type name
     msgpack.packb([protocol.PROTOCOL_VERSION, {"a": 1}, {}]),
-    msgpack.packb([protocol.PROTOCOL_VERSION, "shutdown", ["not", "a", "map"]]),
-    msgpack.packb([protocol.PROTOCOL_VERSION, "heartbeat", {"role": "x"}]),  # missing pid
+    msgpack.packb({"not": "an array"}),
+    msgpack.packb([protocol.PROTOCOL_VERSION, "heartbeat", "x"]),  # missing pid
 ])
 def test_garbage_is_a_protocol_error(frame: bytes) -> None:
     with pytest.raises(ProtocolError):
@@ -140,14 +145,18 @@ def test_oversize_frame_is_a_protocol_error() -> None:
         protocol.decode(frame)
 
 
-def test_unknown_extra_fields_are_ignored() -> None:
-    job_map = protocol.to_map(make_job())
-    job_map["added_in_v2"] = {"x": 1}
-    frame = msgpack.packb([protocol.PROTOCOL_VERSION, "job_done",
-                           {"job": job_map, "outcome": {"status": "completed", "future": 1},
-                            "upload_error": "", "brand_new": [1, 2, 3]}], use_bin_type=True)
+def test_fields_appended_by_a_newer_sender_are_ignored() -> None:
+    job = list(protocol.to_map(make_job()).values()) + [{"added": "later"}]
+    frame = msgpack.packb([protocol.PROTOCOL_VERSION, "job_done", job,
+                           ["completed", "", "", None, "a future field"], "", [1, 2, 3]],
+                          use_bin_type=True)
     done = protocol.decode(frame)
     assert done == JobDone(job=make_job(), outcome=Outcome(status="completed"))
+
+
+def test_fields_missing_from_an_older_sender_take_their_defaults() -> None:
+    frame = msgpack.packb([protocol.PROTOCOL_VERSION, "stop_runs", "drain"], use_bin_type=True)
+    assert protocol.decode(frame) == protocol.StopRuns(reason="drain")
 
 
 # --------------------------------------------------------------------------- real ZeroMQ

@@ -176,10 +176,12 @@ class Role:
         self._loop_thread = threading.get_ident()
         self.bus.watch_fd(self._wake_r)
         next_tick = 0.0
+        drained = False
         while not self._stop.is_set():
             now = time.monotonic()
             wait = min(next_tick - now, self._heartbeat_due() - now)
-            message = self.bus.recv(max(0.0, wait) if not self._tick_now else 0.0)
+            message = self.bus.recv(max(0.0, wait) if not self._tick_now else 0.0,
+                                    drained=drained)
             if self._wake_pending:
                 self._drain_wake()
             if self._watched:
@@ -200,6 +202,7 @@ class Role:
                     self.log.exception("failed to handle %s", message.TYPE)
                 self.flush_outbox()
                 message = self.bus.recv_nowait()
+            drained = True  # the inbox was just seen empty (or the loop is stopping)
             now = time.monotonic()
             early = 0.0
             if now >= next_tick or self._tick_now:
