@@ -243,8 +243,10 @@ def test_runner_submit_with_s3_and_gcs_storage(moto, gcs, harnesses, monkeypatch
         runner.env.pop(name, None)
     runner.start()
     workspace = runner.workspace({"main.py": """
-        import json, sys
+        import json, os, sys
         print(json.dumps({"experiment": {"argv": sys.argv[1:]}}))
+        with open(os.path.join("..", "modeldir", "model.txt"), "w") as handle:
+            handle.write("weights")
     """})
     env = {k: v for k, v in runner.env.items() if k not in TEST_AWS}
     for root, extra in ((s3_root, ["--endpoint", moto.endpoint, "--access-key", "testing",

@@ -334,6 +334,7 @@ class Fetcher(Role):
                       job_id, delivery.queue, delivery.attempts + 1, reservation["devices"])
         self.phase(job, "taken")
         self.post("cache_manager", protocol.JobAssigned(job=job))
+        self.heartbeat(force=True)  # free resources changed: status shows them at once
 
     def redelivered(self, backend: Queue, delivery: Delivery, identity: tuple,
                     key: str) -> bool:
@@ -426,6 +427,7 @@ class Fetcher(Role):
         if not self.ledger.release(job.job_id):
             self.log.warning("key=%s attempt=%s held no reservation at settle", job.key,
                              job.job_id)
+        self.heartbeat(force=True)  # free resources changed: status shows them at once
         self.log.info("key=%s attempt=%s %s: %s", job.key, job.job_id, decision.action,
                       decision.reason)
         self.phase(job, "finished", fate=decision.action, status=decision.final_status,
