@@ -299,7 +299,8 @@ def wait_for(request: dict, timeout: float) -> int:
 
 def show_result(request: dict, record: dict, tmp: Path) -> int:
     prefix = metadata.metadata_prefix_url(request)
-    print(f"status: {record['status']} after {record['attempts']} counted attempt(s)")
+    print(f"status: {record['status']} (last attempt {record.get('attempt') or '-'}; "
+          f"failed attempts counted: {record['attempts']})")
     if record.get("attempt") and prefix:
         url = f"{prefix}/{metadata.scrape_name(record['attempt'])}"
         store = _store_for(request, url)
