@@ -19,6 +19,15 @@ def runner(request):
     harness.cleanup()
 
 
+@pytest.fixture()
+def runners():
+    """A list to append harnesses to; every one is cleaned up after the test."""
+    made: list[Runner] = []
+    yield made
+    for harness in made:
+        harness.cleanup()
+
+
 @pytest.fixture(scope="session")
 def moto():
     """One ``moto_server`` for the session (each test makes its own buckets)."""

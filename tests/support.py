@@ -627,3 +627,14 @@ class SilentServer:
         self.listener.close()
         for connection in self.held:
             connection.close()
+
+
+def take_soon(backend, queue: str, timeout: float = 10.0):
+    """A delivery taken from ``queue`` within ``timeout`` seconds, or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        delivery = backend.take(queue)
+        if delivery is not None:
+            return delivery
+        time.sleep(0.05)
+    return None

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from .cloud_support import PubSubEmulator, service_account_file
-from .support import BLOCKING, Runner, short_tempdir
+from .support import BLOCKING, Runner, short_tempdir, take_soon
 
 pytestmark = [pytest.mark.integration]
 
@@ -67,24 +67,6 @@ def project(emulator, monkeypatch):
     p = Project(emulator)
     yield p
     shutil.rmtree(p.certs, ignore_errors=True)
-
-
-@pytest.fixture()
-def runners():
-    made: list[Runner] = []
-    yield made
-    for r in made:
-        r.cleanup()
-
-
-def take_soon(backend, queue, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        d = backend.take(queue)
-        if d is not None:
-            return d
-        time.sleep(0.05)
-    return None
 
 
 # ---------------------------------------------------------------------------- back end

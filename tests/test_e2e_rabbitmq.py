@@ -45,14 +45,6 @@ def stem(broker):
     broker.delete(*names)
 
 
-@pytest.fixture()
-def runners():
-    made: list[Runner] = []
-    yield made
-    for r in made:
-        r.cleanup()
-
-
 def blocking_request(runner: Runner, flag, **kw) -> dict:
     return runner.request(runner.workspace({"job.py": BLOCKING}), "job.py",
                           env={"FLAG": str(flag)}, **kw)

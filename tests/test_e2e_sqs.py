@@ -19,7 +19,7 @@ import pytest
 from runner.queues.sqs import SQSQueue
 
 from .cloud_support import account_dir
-from .support import BLOCKING, MotoServer, Runner, short_tempdir
+from .support import BLOCKING, MotoServer, Runner, short_tempdir, take_soon
 
 pytestmark = [pytest.mark.integration]
 
@@ -37,14 +37,6 @@ def certs():
     root = short_tempdir("sqsc")
     yield root
     shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture()
-def runners():
-    made: list[Runner] = []
-    yield made
-    for r in made:
-        r.cleanup()
 
 
 def url_of(client, name: str) -> str:
@@ -69,16 +61,6 @@ def wait_counts(client, name, visible, invisible, timeout=30.0):
             return
         time.sleep(0.1)
     raise AssertionError(f"{name}: (visible, in flight) stayed {seen}")
-
-
-def take_soon(backend, queue, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        d = backend.take(queue)
-        if d is not None:
-            return d
-        time.sleep(0.05)
-    return None
 
 
 def wait_until(predicate, timeout=15.0):

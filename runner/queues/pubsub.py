@@ -242,11 +242,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
                            "subscriptions; running work finishes", project.name, gone)
 
     def _poll(self) -> None:
-        try:
-            self._rescan()
-        except QueueError as exc:
-            with self._lock:
-                self._error = str(exc)
+        if not self._rescanned():
             return
         names: dict[str, tuple[Project, Any]] = {}
         errors = []

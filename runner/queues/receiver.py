@@ -155,7 +155,7 @@ class BackgroundDiscovery:
     lists synchronously and starts a daemon thread that lists again every
     ``_discover_every`` seconds until ``_stop`` is set.  The back end provides
     ``_poll()`` (one listing, which sets ``_names`` and ``_error`` under ``_lock``),
-    ``_check_open()``, ``_receivers`` (name -> (Receiver, …)) and the attributes above,
+    ``_rescan()`` (re-read credentials; QueueError when it cannot), ``_check_open()``, ``_receivers`` (name -> (Receiver, …)) and the attributes above,
     with ``_thread`` starting as None.
     """
 
@@ -180,6 +180,16 @@ class BackgroundDiscovery:
             if self._error:
                 raise QueueError(self._error)
             return sorted(self._names)
+
+    def _rescanned(self) -> bool:
+        """Re-read the credentials directory (``_rescan()``); on failure record it and say no."""
+        try:
+            self._rescan()
+        except QueueError as exc:
+            with self._lock:
+                self._error = str(exc)
+            return False
+        return True
 
     def _stop_receivers_not_in(self, names) -> None:
         """Stop the receiving threads of queues that are no longer listed."""

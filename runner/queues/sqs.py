@@ -298,11 +298,7 @@ class SQSQueue(BackgroundDiscovery, Queue):
 
     def _poll(self) -> None:
         """One discovery pass: rescan accounts, list their queues, refresh wanted depths."""
-        try:
-            self._rescan()
-        except QueueError as exc:
-            with self._lock:
-                self._error = str(exc)
+        if not self._rescanned():
             return
         names: dict[str, tuple[Account, str]] = {}
         errors = []
