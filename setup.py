@@ -4,6 +4,7 @@ The extensions are mandatory: a missing Cython or C compiler fails the build lou
 shipping the package without them (DESIGN convention 8). Metadata lives in pyproject.toml.
 """
 import os
+import platform
 import shutil
 import sys
 
@@ -68,9 +69,19 @@ DIRECTIVES = {
     "embedsignature": True,
 }
 
+# The vendored xxHash (runner/_fast/vendor/xxhash) is linked into _hashing; on x86 its
+# dispatcher picks SSE2/AVX2/AVX-512 at run time, so the build needs no -march flags.
+XXHASH = "runner/_fast/vendor/xxhash"
+XXHASH_SOURCES = [f"{XXHASH}/xxhash.c"]
+if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
+    XXHASH_SOURCES.append(f"{XXHASH}/xxh_x86dispatch.c")
+
 extensions = [
-    Extension(f"runner._fast.{name}", [f"runner/_fast/{name}.pyx"], optional=False)
-    for name in ("_base62", "_hashing", "_jsonlines")
+    Extension("runner._fast._base62", ["runner/_fast/_base62.pyx"], optional=False),
+    Extension("runner._fast._hashing", ["runner/_fast/_hashing.pyx", "runner/_fast/filehash.c",
+                                          *XXHASH_SOURCES],
+              include_dirs=["runner/_fast"], optional=False),
+    Extension("runner._fast._jsonlines", ["runner/_fast/_jsonlines.pyx"], optional=False),
 ]
 
 setup(

@@ -199,7 +199,9 @@ if COMPILED is not None:
 def test_content_hash(benchmark, kind, big_file):
     fn = HASHERS[kind]
     benchmark.group = f"content_hash {HASH_MIB} MiB"
-    benchmark.pedantic(fn, args=(big_file,), rounds=3 if QUICK else 5, iterations=1,
+    # Best of many short rounds: on a shared 2-core VM the overlapped hash needs the second
+    # core free, and the baseline is timed the same way.
+    benchmark.pedantic(fn, args=(big_file,), rounds=10 if QUICK else 12, iterations=1,
                        warmup_rounds=1)
     RESULTS[f"hash:{kind}"] = HASH_MIB / benchmark.stats.stats.min
 

@@ -118,6 +118,31 @@ def test_content_hash_matches_xxhash(impl, tmp_path, size):
     assert len(want) == 32
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 2 << 20,
+                                  (3 << 20) + 7])
+def test_compiled_hash_paths_agree(tmp_path, monkeypatch, overlap, size):
+    """Both compiled loops (serial; reader thread + hasher) give xxh3_128 of the bytes."""
+    _compiled_or_fail()
+    from runner._fast import _hashing as hashing
+    monkeypatch.setattr(hashing, "OVERLAP_FROM", 0 if overlap else 1 << 62)
+    monkeypatch.setattr(hashing, "_may_overlap", lambda: True)
+    data = random.Random(size).randbytes(size)
+    p = tmp_path / "f.bin"
+    p.write_bytes(data)
+    assert hashing.content_hash(p) == xxhash.xxh3_128(data).hexdigest()
+
+
+def test_compiled_hash_overlaps_big_files(tmp_path):
+    """A file over the threshold takes the overlapped loop by default (where 2 CPUs exist)."""
+    _compiled_or_fail()
+    from runner._fast import _hashing
+    data = random.Random(7).randbytes(_hashing.OVERLAP_FROM + 12345)
+    p = tmp_path / "big.bin"
+    p.write_bytes(data)
+    assert _hashing.content_hash(p) == xxhash.xxh3_128(data).hexdigest()
+
+
 def test_content_hash_missing_file(impl, tmp_path):
     with pytest.raises(FileNotFoundError):
         impl.content_hash(tmp_path / "nope")
