@@ -76,12 +76,31 @@ XXHASH_SOURCES = [f"{XXHASH}/xxhash.c"]
 if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
     XXHASH_SOURCES.append(f"{XXHASH}/xxh_x86dispatch.c")
 
+def simdjson_sources() -> tuple[str, str]:
+    """simdjson's single-file source and its directory, as the pysimdjson wheel ships them
+    (a build requirement: pyproject.toml)."""
+    try:
+        import simdjson
+    except ImportError as exc:  # pragma: no cover - a broken build environment
+        raise SystemExit(f"pysimdjson is required to build runner/_fast/_jsonlines: {exc}")
+    folder = os.path.dirname(simdjson.__file__)
+    source = os.path.join(folder, "simdjson.cpp")
+    if not os.path.isfile(source) or not os.path.isfile(os.path.join(folder, "simdjson.h")):
+        raise SystemExit(f"pysimdjson at {folder} ships no simdjson.cpp/simdjson.h")
+    return source, folder
+
+
+SIMDJSON_SOURCE, SIMDJSON_DIR = simdjson_sources()
+
 extensions = [
     Extension("runner._fast._base62", ["runner/_fast/_base62.pyx"], optional=False),
     Extension("runner._fast._hashing", ["runner/_fast/_hashing.pyx", "runner/_fast/filehash.c",
                                           *XXHASH_SOURCES],
               include_dirs=["runner/_fast"], optional=False),
-    Extension("runner._fast._jsonlines", ["runner/_fast/_jsonlines.pyx"], optional=False),
+    # C++: the newest-first merge walks simdjson's DOM (runner/_fast/sjmerge.h).
+    Extension("runner._fast._jsonlines", ["runner/_fast/_jsonlines.pyx", SIMDJSON_SOURCE],
+              include_dirs=["runner/_fast", SIMDJSON_DIR], language="c++",
+              extra_compile_args=["-std=c++17"], optional=False),
 ]
 
 setup(

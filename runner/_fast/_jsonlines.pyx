@@ -1,39 +1,50 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# distutils: language = c++
 """Compiled JSON-line merge (twin: :mod:`runner._fast.jsonlines_py`; the contract is documented there).
 
-The speed comes from scanning the chunk in C: lines are found with ``memchr`` and trimmed by
-pointer, so a plain log line never becomes a Python object; only lines whose first and last
-non-white-space bytes are ``{``/``}`` or ``[``/``]`` are sliced out and parsed. The merge is a
-typed recursive ``cdef`` function over ``dict`` objects.
+The chunk is scanned in C: lines are found with ``memchr`` and trimmed by pointer, so a plain
+log line never becomes a Python object; ``[...]`` lines are sliced out as patch candidates and
+``{...}`` lines are parsed with simdjson (the single-file simdjson that pysimdjson ships, built
+into this module) and applied *newest first* (``sjmerge.h``): a value a later line of the chunk
+replaces is never turned into a Python object, which is most of them in metrics output.  The
+document comes out equal to the twin's, key order included.
 
-Parsing: ``orjson.loads``, which differs from the twin's stdlib rule only where it raises on what
-``json`` accepts (lone surrogate escapes, ``1e400``: when orjson raises on a line holding a
-``\\ud..`` escape or an exponent, the twin's own ``parse_json`` decides; any other line orjson
-rejects is rejected by ``json`` too, and skipping the second parse matters: ``{not json}`` text
-lines are common), accepts nesting that ``json`` refuses (500 or more opening brackets: the twin's
-rule decides), or turns an integer wider than 64 bits into a ``float``. The latter needs at
-least 19 consecutive digits, so a line holding such a run (other than the fraction digits after a
-``.``, which both parsers round to the same double; found with a skipping byte scan that looks at
-one byte in 19 of text without digits) is parsed by the twin's rule as well. The result
-is the twin's result on every input.
+Where simdjson could answer differently from the twin's stdlib rule, the rule decides (the
+line is parsed with the twin's ``parse_json`` and applied as a dict, in its place):
+
+* simdjson refuses what ``json`` accepts: ``1e400`` (``inf`` to ``json``) and lone surrogate
+  escapes (``"\\ud800"``).  A refused line holding an exponent or a ``\\u`` escape of the
+  surrogate range goes to the rule; any other refused line is refused by ``json`` too, and is
+  not parsed twice (``{not json}`` text lines are common);
+* integers wider than 64 bits (simdjson refuses them; ``json`` keeps them exact): a line holding a run of 19 or more digits, other than fraction digits after a
+  ``.`` (both round those to the same double), found with a skipping byte scan that looks at
+  one byte in 19 of text without digits;
+* nesting the interpreter refuses (500 or more opening brackets).
+
+``merge_lines_parsed_by`` keeps the oldest-first scan with any parser: the benchmark's hook for
+comparing parsers inside the compiled scan.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem, PyDict_Next
 from cpython.object cimport PyObject
 from libc.string cimport memchr
+from libcpp.vector cimport vector
 
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_GET_LENGTH
 
-import orjson
-
-# The twin's parse rule (stdlib json, strict), used wherever orjson could answer differently.
+# The twin's parse rule (stdlib json, strict), used wherever simdjson could answer differently.
 from runner._fast.jsonlines_py import parse_json as _twin_parse
 
-cdef object _orjson_loads = orjson.loads
-cdef object _OrjsonError = orjson.JSONDecodeError
+cdef extern from "sjmerge.h" namespace "runner_sj":
+    cdef cppclass Accumulator:
+        Accumulator() except +
+    int apply_line(Accumulator& acc, const char* p, size_t n) except -1
+    int apply_parsed(Accumulator& acc, object parsed) except -1
+    int merge_final(Accumulator& acc, object doc) except -1
+
 cdef object _NOT_JSON = object()
 
-# Fewer digits than this always fit orjson's 64-bit integers (|n| < 10**18 < 2**63).
+# Fewer digits than this always fit a 64-bit integer (|n| < 10**18 < 2**63).
 DEF LONG_DIGITS = 19
 # Lines with fewer opening brackets nest less deep than this, well inside the stdlib's limit.
 DEF DEEP_NESTING = 500
@@ -51,8 +62,8 @@ cdef inline bint _isdigit(char c) nogil:
 cdef bint _has_long_digit_run(const char* s, Py_ssize_t n) nogil:
     """True when ``s`` holds LONG_DIGITS or more consecutive ASCII digits not right after a ``.``.
 
-    Such a run is the only way to write an integer orjson turns into a ``float`` (a run right
-    after ``.`` is a fraction, which both parsers round to the same double). Invariant: every
+    Such a run is the only way to write an integer wider than 64 bits (a run right after ``.``
+    is a fraction, which every parser here rounds to the same double). Invariant: every
     maximal run whose LONG_DIGITS-th digit lies before index ``i`` has been ruled out. A non-digit
     at ``i`` rules out those ending it in ``[i, i + LONG_DIGITS)``; a fraction through ``i`` (found
     by looking back only) rules out those up to ``i + LONG_DIGITS``, as the next run starts after
@@ -86,9 +97,9 @@ cdef Py_ssize_t _opening_brackets(const char* s, Py_ssize_t n) nogil:
 
 
 cdef bint _json_may_accept(const char* s, Py_ssize_t n) nogil:
-    """Whether a line orjson rejected may still be JSON to the twin's rule: it holds an exponent
-    (``1e400`` is ``inf`` to ``json``, an error to orjson) or a ``\\u`` escape of the surrogate
-    range ``d800``-``dfff`` (a lone surrogate). Anything else orjson rejects, ``json`` rejects too."""
+    """Whether a line simdjson rejected may still be JSON to the twin's rule: it holds an exponent
+    (``1e400`` is ``inf`` to ``json``, an error to simdjson) or a ``\\u`` escape of the surrogate
+    range ``d800``-``dfff`` (a lone surrogate). Anything else simdjson rejects, ``json`` rejects too."""
     cdef Py_ssize_t i
     cdef char c
     for i in range(1, n):
@@ -98,23 +109,6 @@ cdef bint _json_may_accept(const char* s, Py_ssize_t n) nogil:
         if c == b'u' and s[i - 1] == b'\\' and i + 1 < n and (s[i + 1] == b'd' or s[i + 1] == b'D'):
             return True
     return False
-
-
-cdef object _parse(const char* p, Py_ssize_t n):
-    cdef bytes line = PyBytes_FromStringAndSize(p, n)
-    # Where orjson could accept a line differently from the twin (an integer wider than 64 bits;
-    # nesting past the interpreter's recursion limit, which orjson allows up to 1024 levels),
-    # the twin's rule decides. DEEP_NESTING opening brackets need at least twice as many bytes.
-    if _has_long_digit_run(p, n) or (
-            n >= 2 * DEEP_NESTING and _opening_brackets(p, n) >= DEEP_NESTING):
-        return _twin_parse(line)
-    try:
-        return _orjson_loads(line)
-    except _OrjsonError:
-        pass
-    if _json_may_accept(p, n):
-        return _twin_parse(line)
-    return _NOT_JSON
 
 
 cdef int _merge_into(dict dst, dict src) except -1:
@@ -188,18 +182,75 @@ def merge_lines(doc, chunk):
         raise TypeError("merge_lines needs a dict")
     if not isinstance(chunk, bytes):
         chunk = bytes(chunk)
-    return _merge_chunk(<dict>doc, <bytes>chunk, None)
+    return _merge_chunk_newest_first(<dict>doc, <bytes>chunk)
 
 
 def merge_lines_parsed_by(doc, chunk, loads):
-    """``merge_lines`` with another parser (``loads(bytes) -> object``, ``ValueError`` when the
-    line is not JSON): the benchmark hook that compares parsers inside the compiled scan
+    """The same scan, merging oldest first what another parser (``loads(bytes) -> object``,
+    ``ValueError`` when the line is not JSON) returns for each line: the benchmark hook that compares parsers inside the compiled scan
     (``benchmarks/test_bench_fast.py``). Not part of the twin's contract."""
     if not isinstance(doc, dict):
         raise TypeError("merge_lines needs a dict")
     if not isinstance(chunk, bytes):
         chunk = bytes(chunk)
     return _merge_chunk(<dict>doc, <bytes>chunk, loads)
+
+
+cdef bint _twin_decides(const char* p, Py_ssize_t n) noexcept nogil:
+    """Lines the twin's rule parses without asking simdjson: an integer wider than 64 bits (a
+    run of LONG_DIGITS digits), or nesting past the interpreter's recursion limit (DEEP_NESTING
+    opening brackets need twice as many bytes)."""
+    return _has_long_digit_run(p, n) or (
+        n >= 2 * DEEP_NESTING and _opening_brackets(p, n) >= DEEP_NESTING)
+
+
+cdef list _merge_chunk_newest_first(dict d, bytes data):
+    """Scan ``data``, apply its JSON lines newest first with simdjson (``sjmerge.h``; only
+    values no later line replaces become Python objects), merge the result into ``d``; return
+    the ``[...]`` lines in order."""
+    cdef const char* buf = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t start = 0, end, a, b, i
+    cdef const char* nl
+    cdef char c0, c1
+    cdef list patches = []
+    cdef vector[Py_ssize_t] spans  # start, length of each JSON-looking line, oldest first
+    while True:
+        nl = <const char*>memchr(buf + start, b'\n', <size_t>(n - start))
+        end = (nl - buf) if nl != NULL else n
+        a = start
+        b = end
+        while a < b and _isws(buf[a]):
+            a += 1
+        while b > a and _isws(buf[b - 1]):
+            b -= 1
+        if b - a >= 2:
+            c0 = buf[a]
+            c1 = buf[b - 1]
+            if c0 == b'{' and c1 == b'}':
+                spans.push_back(a)
+                spans.push_back(b - a)
+            elif c0 == b'[' and c1 == b']':
+                patches.append(PyBytes_FromStringAndSize(buf + a, b - a))
+        if nl == NULL:
+            break
+        start = end + 1
+    if spans.size() == 0:
+        return patches
+    cdef Accumulator acc
+    cdef object obj
+    cdef const char* p
+    i = <Py_ssize_t>spans.size() - 2
+    while i >= 0:
+        p = buf + spans[i]
+        n = spans[i + 1]
+        if _twin_decides(p, n) or (apply_line(acc, p, n) == 0 and _json_may_accept(p, n)):
+            obj = _twin_parse(PyBytes_FromStringAndSize(p, n))
+            if isinstance(obj, dict):
+                apply_parsed(acc, obj)
+        i -= 2
+    merge_final(acc, d)
+    return patches
 
 
 cdef list _merge_chunk(dict d, bytes data, object loads):
@@ -223,13 +274,10 @@ cdef list _merge_chunk(dict d, bytes data, object loads):
             c0 = buf[a]
             c1 = buf[b - 1]
             if c0 == b'{' and c1 == b'}':
-                if loads is None:
-                    obj = _parse(buf + a, b - a)
-                else:
-                    try:
-                        obj = loads(PyBytes_FromStringAndSize(buf + a, b - a))
-                    except ValueError:
-                        obj = _NOT_JSON
+                try:
+                    obj = loads(PyBytes_FromStringAndSize(buf + a, b - a))
+                except ValueError:
+                    obj = _NOT_JSON
                 if isinstance(obj, dict):
                     _merge_object(d, <dict>obj)
             elif c0 == b'[' and c1 == b']':

@@ -15,9 +15,10 @@ Contract (spec section 6), identical in both implementations:
   accepts them. Invalid UTF-8, ``NaN``/``Infinity`` and nesting too deep for the interpreter
   (``RecursionError``) are not JSON: such a line is plain output.
 
-This twin is pure Python (stdlib ``json`` only). The compiled module parses with ``orjson`` for
-speed and falls back to exactly this rule wherever orjson could differ, so both give identical
-documents on every input.
+This twin is pure Python (stdlib ``json`` only). The compiled module parses with simdjson,
+applies a chunk's lines newest first (building only the values no later line replaces) and falls
+back to exactly this rule wherever simdjson could differ, so both give identical documents on
+every input, key order included.
 """
 from __future__ import annotations
 
