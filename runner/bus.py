@@ -160,7 +160,8 @@ class Bus:
             return False
 
     def recv(self, timeout: float, *, drained: bool = False) -> protocol.Message | None:
-        """The next message, waiting at most ``timeout`` seconds; None when none came.
+        """The next message, waiting at most ``timeout`` seconds; None when none came (or
+        the frame that came was dropped, or a watched descriptor ended the wait).
 
         Everything posted is sent before waiting.  ``drained``: the caller has just seen
         the inbox empty, so the check before waiting is skipped (each socket option query
