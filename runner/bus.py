@@ -80,7 +80,7 @@ class Bus:
             path.unlink()
         self.inbox.bind(endpoints.inbox(name))
         self._outboxes: dict[str, zmq.Socket] = {}
-        self._pending: dict[str, list] = {}  # destination -> [[frames], bytes], in order
+        self._pending: dict[str, list] = {}  # destination -> [bytes, frame, frame...]
         self._oldest = 0.0  # monotonic time of the oldest pending message (about)
         self._ready: deque[protocol.Message] = deque()  # the rest of a batch received
         self._streak = False  # the last recv_nowait found a frame
@@ -107,23 +107,26 @@ class Bus:
         """
         if destination in self._pending:
             self._flush_to(destination)
-        return self._send_frame(destination, protocol.encode(message), message.TYPE)
+        return self._send_frame(destination, protocol.encode(message), 1)
 
     def post(self, destination: str, message: protocol.Message) -> None:
         """Queue ``message`` for ``destination``, to go with others in one frame (see above)."""
         frame = protocol.encode(message)
         pending = self._pending.get(destination)
-        if pending is not None and len(frame) >= BATCH_BYTES:
-            self._flush_to(destination)  # a big frame goes alone: batches stay bounded
-            pending = None
         if pending is None:
-            if not self._pending:
+            if not self._pending:  # the first one waiting: nothing can be late yet
                 self._oldest = time.monotonic()
-            pending = self._pending[destination] = [[], 0]
-        frames = pending[0]
-        frames.append(frame)
-        pending[1] += len(frame)
-        if len(frames) >= BATCH_MESSAGES or pending[1] >= BATCH_BYTES:
+                self._pending[destination] = [len(frame), frame]
+                if len(frame) >= BATCH_BYTES:
+                    self._flush_to(destination)
+                return
+            pending = self._pending[destination] = [0]
+        elif len(frame) >= BATCH_BYTES:
+            self._flush_to(destination)  # a big frame goes alone: batches stay bounded
+            pending = self._pending[destination] = [0]
+        pending.append(frame)
+        pending[0] += len(frame)
+        if len(pending) > BATCH_MESSAGES or pending[0] >= BATCH_BYTES:
             self._flush_to(destination)
         elif time.monotonic() - self._oldest >= BATCH_DELAY:
             self.flush()
@@ -131,32 +134,37 @@ class Bus:
     @property
     def pending(self) -> int:
         """How many posted messages have not been sent yet."""
-        return sum(len(frames) for frames, _size in self._pending.values())
+        return sum(len(frames) - 1 for frames in self._pending.values())
 
     def flush(self) -> bool:
         """Send every posted message now; False if some could not be sent (logged)."""
+        if not self._pending:
+            return True
+        pending, self._pending = self._pending, {}
         ok = True
-        while self._pending:
-            ok = self._flush_to(next(iter(self._pending))) and ok
+        for destination, frames in pending.items():
+            ok = self._send_frames(destination, frames) and ok
         return ok
 
     def _flush_to(self, destination: str) -> bool:
         # _oldest stays as it is while others wait: at worst they go a little early
-        frames, _size = self._pending.pop(destination)
-        if len(frames) == 1:
-            return self._send_frame(destination, frames[0], "a message")
-        return self._send_frame(destination, protocol.batch(frames),
-                                f"a batch of {len(frames)} messages")
+        return self._send_frames(destination, self._pending.pop(destination))
 
-    def _send_frame(self, destination: str, frame: bytes, what: str) -> bool:
+    def _send_frames(self, destination: str, pending: list) -> bool:
+        """Send ``pending`` (``[bytes, frame, frame...]``) as one frame."""
+        if len(pending) == 2:
+            return self._send_frame(destination, pending[1], 1)
+        return self._send_frame(destination, protocol.batch(pending[1:]), len(pending) - 1)
+
+    def _send_frame(self, destination: str, frame: bytes, messages: int) -> bool:
         socket = self._outboxes.get(destination) or self._outbox(destination)
         try:
             # Copying a small frame is cheaper than pinning it for zero-copy.
             socket.send(frame, copy=len(frame) < ZERO_COPY_FROM)
             return True
         except zmq.Again:
-            log.error("%s: could not send %s to %s within %d ms", self.name, what,
-                      destination, SEND_TIMEOUT_MS)
+            log.error("%s: could not send %d message(s) to %s within %d ms", self.name,
+                      messages, destination, SEND_TIMEOUT_MS)
             return False
 
     def recv(self, timeout: float, *, drained: bool = False) -> protocol.Message | None:
