@@ -6,8 +6,9 @@ sends with ``Bus.post`` and receives with ``Bus.recv`` (encode and decode of eve
 included).  Both ends therefore batch: messages posted to one destination go together in one
 frame (up to 64 of them; everything is sent before ``recv`` waits, see :mod:`runner.bus`).
 Baseline in the same run: bare pyzmq PUSH/PULL over the same kind of ``ipc://`` address,
-echoing the same frames (already encoded) one frame per message in a bare loop.  Figures: messages/s one way with a pipeline of echoes, and the
-round trip p50/p99 of one message at a time.  Bar: the runner's rate >= 50% of bare.
+echoing the same frames (already encoded) one frame per message in a bare loop.  Figures:
+messages/s one way with a pipeline of echoes, and the round trip p50/p99 of one message at
+a time.  Bar: the runner's rate >= 50% of bare.
 
 Run: python3 -m pytest benchmarks/test_bench_bus.py -q -s
 """
