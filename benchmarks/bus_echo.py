@@ -1,7 +1,8 @@
 """The far end of the bus benchmark, run as its own process.
 
 ``python -m benchmarks.bus_echo runner DIR``: a real :class:`runner.roles.base.Role` on a real
-:class:`runner.bus.Bus` inbox (``DIR/echo.in``) that sends every message back to ``bench``.
+:class:`runner.bus.Bus` inbox (``DIR/echo.in``) that posts every message back to ``bench``
+with ``Role.post``, the way roles send (the bus batches what is posted).
 ``python -m benchmarks.bus_echo bare DIR``: bare pyzmq, a PULL bound at the same kind of
 address that pushes every frame back unchanged.  Both stop on the frame ``b"stop"`` / a
 ``Shutdown`` message.
@@ -9,6 +10,7 @@ address that pushes every frame back unchanged.  Both stop on the frame ``b"stop
 from __future__ import annotations
 
 import sys
+import time
 
 import zmq
 
@@ -21,7 +23,12 @@ class Echo(Role):
     name = "echo"
 
     def handle(self, message: protocol.Message) -> None:
-        self.bus.send("bench", message)
+        self.post("bench", message)
+
+    def heartbeat(self, force: bool = False, early: float = 0.0) -> None:
+        """No supervisor here: keep the loop's timing (it waits between beats), send nothing."""
+        self._last_heartbeat = time.monotonic()
+        self._active = False
 
 
 def main(mode: str, runtime_dir: str) -> int:
@@ -29,7 +36,6 @@ def main(mode: str, runtime_dir: str) -> int:
     if mode == "runner":
         bus = Bus(endpoints, "echo")
         role = Echo(None, bus)  # type: ignore[arg-type]  # the loop needs no options
-        role.heartbeat = lambda *args, **kwargs: None  # no supervisor in this benchmark
         print("ready", flush=True)
         role.loop()
         bus.close()

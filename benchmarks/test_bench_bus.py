@@ -1,11 +1,14 @@
 """Bus suite: msgpack frames through the runner's own ZeroMQ plumbing between two roles.
 
 The far end is a real role (:class:`runner.roles.base.Role` loop on a :class:`runner.bus.Bus`)
-in its own process that echoes every message; this process sends with ``Bus.send`` and
-receives with ``Bus.recv`` (encode and decode included).  Baseline in the same run: bare
-pyzmq PUSH/PULL over the same kind of ``ipc://`` address, echoing the same frames (already
-encoded) in a bare loop.  Figures: messages/s one way with a pipeline of echoes, and the
-round trip p50/p99 of one message at a time.  Bar: the runner's rate >= 50% of bare.
+in its own process that echoes every message with ``Role.post``, as roles send; this process
+sends with ``Bus.post`` and receives with ``Bus.recv`` (encode and decode of every message
+included).  Both ends therefore batch: messages posted to one destination go together in one
+frame (up to 64 of them; everything is sent before ``recv`` waits, see :mod:`runner.bus`).
+Baseline in the same run: bare pyzmq PUSH/PULL over the same kind of ``ipc://`` address,
+echoing the same frames (already encoded) one frame per message in a bare loop.  Figures:
+messages/s one way with a pipeline of echoes, and the round trip p50/p99 of one message at
+a time.  Bar: the runner's rate >= 50% of bare.
 
 Run: python3 -m pytest benchmarks/test_bench_bus.py -q -s
 """
@@ -58,13 +61,13 @@ class BareEnd:
 
 
 class RunnerEnd:
-    """This side through the runner's plumbing: ``Bus.send`` / ``Bus.recv`` of messages."""
+    """This side through the runner's plumbing: ``Bus.post`` / ``Bus.recv`` of messages."""
 
     def __init__(self, endpoints: Endpoints):
         self.bus = Bus(endpoints, "bench")
 
     def send(self) -> None:
-        self.bus.send("echo", MESSAGE)
+        self.bus.post("echo", MESSAGE)
 
     def recv(self) -> None:
         message = self.bus.recv(5.0)

@@ -1,8 +1,17 @@
 """Every message that crosses a process boundary inside the runner.
 
-Frame layout (one ZeroMQ frame per message)::
+Frame layout (one ZeroMQ frame per message, or one per batch of messages)::
 
-    msgpack array [PROTOCOL_VERSION: int, type_name: str, field_1, field_2, ...]
+    message:  msgpack array [PROTOCOL_VERSION: int, type_name: str, field_1, field_2, ...]
+    batch:    msgpack array [PROTOCOL_VERSION: int, "batch", message_1, message_2, ...]
+
+where each ``message_i`` of a batch is a whole message array as above (version included),
+nested as an array, not as bytes: :func:`batch` joins frames made by :func:`encode` under
+one array header, and :func:`decode_many` reads the whole batch with one msgpack call.  A
+batch holds messages for one destination in the order they were sent (see
+:meth:`runner.bus.Bus.post`); a lone message always travels as an ordinary frame.  Version 3
+added the batch frame (ordinary frames are laid out as in version 2); a reader of another
+version drops every frame of this one, loudly, rather than some of them silently.
 
 The fields follow in the order the dataclass declares them (positional: no field names
 on the wire, which keeps encoding and decoding cheap on the output path); a field typed
@@ -12,7 +21,8 @@ fields than this version knows (a newer sender) has the extra ones ignored, and 
 fewer (an older sender) gets the defaults.  Packing uses ``use_bin_type=True``; unpacking
 uses ``raw=False`` and refuses frames larger than ``MAX_FRAME_BYTES``.  A frame with
 another version, an unknown type or missing required fields raises
-:class:`runner.errors.ProtocolError`.  ``to_map``/``from_map`` give the named form, used
+:class:`runner.errors.ProtocolError`; in a batch, such an entry is skipped and reported
+while the others are delivered.  ``to_map``/``from_map`` give the named form, used
 where a message carries jobs as data (``Adopt.jobs``).
 
 Who sends what (role inboxes are PULL sockets, see :mod:`runner.bus`)::
@@ -41,7 +51,8 @@ import msgpack
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+BATCH = "batch"  # the type name of a batch frame (no message class)
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
@@ -380,15 +391,60 @@ def encode(message: Message) -> bytes:
     return _pack(frame)
 
 
+def batch(frames: list[bytes]) -> bytes:
+    """One batch frame holding ``frames`` (each made by :func:`encode`), in order."""
+    return b"".join([_array_header(len(frames) + 2), _BATCH_PREFIX, *frames])
+
+
 def decode(frame: bytes) -> Message:
-    """The message in ``frame``; raises :class:`ProtocolError` when it is not one."""
+    """The message in ``frame``; raises :class:`ProtocolError` when it is not one.
+
+    A batch frame is not one message: it raises too (see :func:`decode_many`).
+    """
+    values = _unpack(frame)
+    if type(values) is list and len(values) >= 2 and values[1] == BATCH:
+        raise ProtocolError("a batch frame holds several messages (decode_many)")
+    return _message(values)
+
+
+def decode_many(frame: bytes) -> tuple[list[Message], list[str]]:
+    """The messages in an ordinary or a batch frame, in order, and what was wrong.
+
+    Raises :class:`ProtocolError` when the frame as a whole is not one; an entry of a batch
+    that is not a message is left out and described in the second list.
+    """
+    values = _unpack(frame)
+    if type(values) is not list or len(values) < 2 or values[1] != BATCH:
+        return [_message(values)], _NO_PROBLEMS
+    if values[0] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {values[0]!r}, expected {PROTOCOL_VERSION}")
+    messages: list[Message] = []
+    problems = _NO_PROBLEMS
+    for index in range(2, len(values)):
+        try:
+            messages.append(_message(values[index]))
+        except ProtocolError as exc:
+            if problems is _NO_PROBLEMS:
+                problems = []
+            problems.append(f"batch entry {index - 2}: {exc}")
+    return messages, problems
+
+
+_NO_PROBLEMS: list[str] = []  # shared, never appended to
+
+
+def _unpack(frame: bytes) -> Any:
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        values = _unpackb(frame, raw=False, strict_map_key=False)
+        return _unpackb(frame, raw=False, strict_map_key=False)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError) as exc:
         raise ProtocolError(f"undecodable frame: {exc}") from exc
+
+
+def _message(values: Any) -> Message:
+    """The message of one unpacked message array ``[version, type, fields...]``."""
     if type(values) is not list or len(values) < 2:
         raise ProtocolError("a frame is an array [version, type, fields...]")
     if values[0] != PROTOCOL_VERSION:
@@ -411,12 +467,23 @@ _BY_TYPE = MESSAGE_TYPES
 _PACKERS = threading.local()  # a msgpack Packer is not thread-safe: one per thread
 
 
-def _pack(frame: list) -> bytes:
+def _packer() -> msgpack.Packer:
     try:
-        packer = _PACKERS.packer
+        return _PACKERS.packer
     except AttributeError:
         packer = _PACKERS.packer = msgpack.Packer(use_bin_type=True)
-    return packer.pack(frame)
+        return packer
+
+
+def _pack(frame: list) -> bytes:
+    return _packer().pack(frame)
+
+
+def _array_header(length: int) -> bytes:
+    return _packer().pack_array_header(length)
+
+
+_BATCH_PREFIX = msgpack.packb(PROTOCOL_VERSION) + msgpack.packb(BATCH)
 
 
 def jobs_from_maps(maps: typing.Iterable[dict]) -> list[Job]:

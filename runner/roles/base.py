@@ -12,9 +12,13 @@ one wake-up.  :meth:`watch` adds a descriptor (an inotify descriptor, say) to wh
 waits on, with a callback run in the loop when it is readable.
 
 Worker threads inside a role never touch the bus: they call :meth:`post`, and the loop
-sends what they posted.  A post from another thread wakes the loop at once (a byte on a
-pipe the loop polls next to its inbox), so ``TICK`` only paces periodic work and never adds
-latency to a hand-over; :meth:`wake` with ``tick=True`` also runs ``tick()`` right away
+hands what they posted to :meth:`runner.bus.Bus.post`, which sends the messages for one
+destination together in one frame (heartbeats go the same way).  The bus sends everything
+before the loop waits, before each ``tick()`` (which may be slow) and when the loop ends, and
+bounds how long a message waits while the loop is busy; the loop's own sends should use
+:meth:`post` too, so that they keep their order with the rest.  A post from another thread
+wakes the loop at once (a byte on a pipe the loop polls next to its inbox), so ``TICK`` only
+paces periodic work and never adds latency to a hand-over; :meth:`wake` with ``tick=True`` also runs ``tick()`` right away
 (an executor whose run just ended, a fetcher with a slot just freed).
 """
 from __future__ import annotations
@@ -146,14 +150,12 @@ class Role:
                 self.log.exception("failed to serve descriptor %d", fd)
 
     def flush_outbox(self) -> None:
-        if self._outbox.empty():
-            return
-        while True:
-            try:
-                destination, message = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            self.bus.send(destination, message)
+        """Hand what was posted to the bus (which batches it; see :meth:`Bus.post`)."""
+        outbox = self._outbox
+        post = self.bus.post
+        while not outbox.empty():  # the loop is the only reader: get cannot find it empty
+            destination, message = outbox.get_nowait()
+            post(destination, message)
 
     def _heartbeat_due(self) -> float:
         if not self._active:
@@ -168,7 +170,7 @@ class Role:
             self._last_heartbeat = now
             self._idle_beat = not self._active
             self._active = False
-            self.bus.send(SUPERVISOR, protocol.Heartbeat(role=self.name, pid=os.getpid(),
+            self.bus.post(SUPERVISOR, protocol.Heartbeat(role=self.name, pid=os.getpid(),
                                                          stats=self.stats()))
 
     def loop(self) -> None:
@@ -207,6 +209,8 @@ class Role:
             early = 0.0
             if now >= next_tick or self._tick_now:
                 self._tick_now = False
+                self.flush_outbox()
+                self.bus.flush()  # a tick may take a while: nothing waits behind it
                 self.tick()
                 interval = self.tick_interval()
                 next_tick = now + interval
@@ -214,4 +218,5 @@ class Role:
             self.flush_outbox()
             self.heartbeat(early=early)
         self.flush_outbox()
+        self.bus.flush()
         self._loop_thread = None

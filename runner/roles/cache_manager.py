@@ -56,7 +56,7 @@ class CacheManager(Role):
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.JobAssigned):
             job = message.job
-            self.bus.send("scraper", protocol.AttemptOpened(job=job))
+            self.post("scraper", protocol.AttemptOpened(job=job))
             with self.lock:
                 self.preparing[job.job_id] = job
             self.phase(job, "preparing", step="download")

@@ -133,7 +133,7 @@ class Scraper(Role):
         self.write_runner_log(attempt, f"attempt {job.job_id} ({job.attempts + 1}) on "
                                        f"{self.config.hostname} from queue {job.queue}")
         self.save(attempt)
-        self.bus.send("uploader", protocol.UploadRequest(job=job, final=False))
+        self.post("uploader", protocol.UploadRequest(job=job, final=False))
         return attempt
 
     def write_runner_log(self, attempt: Attempt, text: str) -> None:
@@ -181,7 +181,7 @@ class Scraper(Role):
             if now >= attempt.next_save:
                 attempt.next_save = now + attempt.job.save_frequency
                 self.save(attempt)
-                self.bus.send("uploader", protocol.UploadRequest(job=attempt.job, final=False))
+                self.post("uploader", protocol.UploadRequest(job=attempt.job, final=False))
 
     def close(self, ended: protocol.AttemptEnded) -> None:
         attempt = self.attempts.get(ended.job.job_id) or self.open(ended.job)
@@ -201,8 +201,8 @@ class Scraper(Role):
             if handle is not None:
                 handle.close()
         del self.attempts[ended.job.job_id]
-        self.bus.send("uploader", protocol.UploadRequest(job=ended.job, final=True,
-                                                         outcome=outcome))
+        self.post("uploader", protocol.UploadRequest(job=ended.job, final=True,
+                                                     outcome=outcome))
         self.phase(ended.job, "uploading", status=outcome.status,
                    tail=output_tail(attempt.output_log.name))
 
