@@ -18,8 +18,9 @@ before the loop waits, before each ``tick()`` (which may be slow) and when the l
 bounds how long a message waits while the loop is busy; the loop's own sends should use
 :meth:`post` too, so that they keep their order with the rest.  A post from another thread
 wakes the loop at once (a byte on a pipe the loop polls next to its inbox), so ``TICK`` only
-paces periodic work and never adds latency to a hand-over; :meth:`wake` with ``tick=True`` also runs ``tick()`` right away
-(an executor whose run just ended, a fetcher with a slot just freed).
+paces periodic work and never adds latency to a hand-over; :meth:`wake` with ``tick=True``
+also runs ``tick()`` right away (an executor whose run just ended, a fetcher with a slot just
+freed).
 """
 from __future__ import annotations
 
