@@ -133,6 +133,15 @@ def test_compiled_hash_paths_agree(tmp_path, monkeypatch, overlap, size):
     assert hashing.content_hash(p) == xxhash.xxh3_128(data).hexdigest()
 
 
+def test_compiled_hash_overlaps_only_with_a_free_cpu(monkeypatch):
+    _compiled_or_fail()
+    from runner._fast import _hashing
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert _hashing._may_overlap() is False  # one CPU: always the serial loop
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4096)))
+    assert _hashing._may_overlap() is True  # far more CPUs than runnable tasks
+
+
 def test_compiled_hash_overlaps_big_files(tmp_path):
     """A file over the threshold takes the overlapped loop by default (where 2 CPUs exist)."""
     _compiled_or_fail()

@@ -31,16 +31,27 @@ HASH_CHUNK = CHUNK  # the buffer size, for the benchmark's plain-read baseline
 cdef object _xxh3_128 = xxhash.xxh3_128
 
 
-# Files at least this big are read on a helper thread while this one hashes (when the process
-# may use two CPUs): reading from the page cache and xxh3 then overlap instead of adding up.
+# Files at least this big are read on a helper thread while this one hashes, when a CPU is
+# free for it: reading from the page cache and xxh3 then overlap instead of adding up.
 OVERLAP_FROM = 16 * 1048576
 
 
 def _may_overlap():
+    """Whether a second CPU is free now: this process may use two or more, and fewer tasks
+    are runnable at this moment than it may use (``/proc/loadavg``'s running count, this
+    thread included).  A busy machine gets the serial loop, which is faster there."""
     try:
-        return len(os.sched_getaffinity(0)) > 1
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return (os.cpu_count() or 1) > 1
+        cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return False
+    try:
+        with open("/proc/loadavg", "rb") as handle:
+            running = int(handle.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return running < cpus
 
 
 def content_hash(path):
