@@ -163,3 +163,28 @@ def test_final_request_uploads_what_changed_since_a_periodic_one(setup):
 def test_empty_output_artifact_is_not_uploaded(setup):
     assert uploader_module.is_empty(setup["workdir"] / "output")
     assert "output.tar" not in setup["send"](final=True)[0]
+
+
+def record_path(setup) -> Path:
+    return Path(metadata.record_url(setup["request"])[len("file://"):])
+
+
+def test_running_record_is_held_and_dropped_when_the_attempt_ends_first(setup):
+    role, job = setup["role"], setup["job"]
+    role.handle(protocol.UploadRequest(job=job, final=False, record_only=True))
+    role.tick()  # not due yet
+    role.handle(protocol.UploadRequest(job=job, final=True, outcome=OUTCOME))
+    role.pool.shutdown(wait=True)
+    assert role.held_records == {}
+    assert not record_path(setup).exists()  # the fetcher writes the settled record
+
+
+def test_running_record_is_written_once_due(setup, monkeypatch):
+    monkeypatch.setattr(uploader_module, "RECORD_AFTER", 0.0)
+    role, job = setup["role"], setup["job"]
+    role.handle(protocol.UploadRequest(job=job, final=False, record_only=True))
+    assert role.tick_interval() == 0.0
+    role.tick()
+    role.pool.shutdown(wait=True)
+    assert json.loads(record_path(setup).read_text())["status"] == "running"
+    assert role.tick_interval() == role.TICK

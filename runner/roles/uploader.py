@@ -6,9 +6,12 @@ the key's extension, streamed into the store as it is packed: a multipart upload
 resumable one on GCS, no temporary copy of the archive), then each file of the
 ``_metadata`` folder on its own under the ``_metadata`` key without its archive
 extension.  The scraper's first request of an attempt (``record_only``, sent when the
-attempt opens) writes the redacted request to the metadata store and uploads nothing; a
-periodic request writes it if that failed.  A final request never writes this "running"
-record: the fetcher writes the settled one as soon as the final upload is done.
+attempt opens) writes the redacted request with the status ``running`` to the metadata
+store and uploads nothing.  It is held :data:`RECORD_AFTER` seconds first, and dropped when
+the attempt's final request comes within that time: a final request never writes this
+"running" record, since the fetcher writes the settled one as soon as the final upload is
+done (an attempt shorter than a second costs one record write, not two).  A periodic
+request writes the record if it was not written yet.
 
 A metadata file is uploaded again only when it changed since its last upload in this
 attempt.  Its ``stat`` (size, mtime, ctime, inode) is compared first: an equal one means
@@ -58,6 +61,8 @@ FIRST_DELAY = 0.5
 MAX_DELAY = 15.0
 DEFAULT_RETRY_FOR = 300.0
 FORGET_FINALIZED_AFTER = 3600.0
+#: How long the "running" record of a newly opened attempt waits (see the module doc).
+RECORD_AFTER = 1.0
 #: A metadata file modified this close to the moment its ``stat`` was taken is "racy":
 #: its next request hashes it even when the ``stat`` is unchanged.
 RACY_NS = 1_000_000_000
@@ -130,15 +135,26 @@ class Uploader(Role):
         self.sent: dict[tuple[str, str], Sent] = {}  # (attempt id, metadata file name) -> ...
         self.recorded: set[str] = set()
         self.finalized: dict[str, float] = {}  # attempt id -> when its final upload ran
+        self.held_records: dict[str, tuple[float, protocol.UploadRequest]] = {}  # -> (due, ...)
         self.in_flight = 0
         self.lock = threading.Lock()
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.UploadRequest):
-            with self.lock:
-                self.in_flight += 1
-                job_lock = self.job_locks.setdefault(message.job.job_id, threading.Lock())
-            self.pool.submit(self.upload, message, job_lock)
+            if message.record_only:
+                self.held_records[message.job.job_id] = (time.monotonic() + RECORD_AFTER,
+                                                         message)
+                self.wake(tick=True)  # the next tick comes when it is due
+                return
+            self.held_records.pop(message.job.job_id, None)
+            self.submit(message)
+
+    def submit(self, message: protocol.UploadRequest) -> None:
+        """Have a worker thread serve ``message`` (in order with the attempt's others)."""
+        with self.lock:
+            self.in_flight += 1
+            job_lock = self.job_locks.setdefault(message.job.job_id, threading.Lock())
+        self.pool.submit(self.upload, message, job_lock)
 
     def upload(self, request: protocol.UploadRequest, job_lock: threading.Lock) -> None:
         job = request.job
@@ -279,8 +295,19 @@ class Uploader(Role):
         if not self.config.debug:
             shutil.rmtree(job.workdir, ignore_errors=True)
 
+    def tick_interval(self) -> float:
+        if not self.held_records:
+            return self.TICK
+        due = min(due for due, _ in self.held_records.values())
+        return min(self.TICK, max(0.0, due - time.monotonic()))
+
     def tick(self) -> None:
-        cutoff = time.monotonic() - FORGET_FINALIZED_AFTER
+        now = time.monotonic()
+        for job_id, (due, request) in list(self.held_records.items()):
+            if due <= now:
+                del self.held_records[job_id]
+                self.submit(request)
+        cutoff = now - FORGET_FINALIZED_AFTER
         with self.lock:
             for job_id in [j for j, t in self.finalized.items() if t < cutoff]:
                 del self.finalized[job_id]
