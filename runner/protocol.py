@@ -216,13 +216,15 @@ class UploadRequest(Message):
     """Scraper → uploader: upload the attempt's mutable artifacts and metadata files.
 
     ``final`` uploads everything and is followed by a ``JobDone``; a periodic request
-    skips unchanged artifacts and reports nothing.
+    skips unchanged artifacts and reports nothing; ``record_only`` (sent when the attempt
+    opens) writes the metadata-store record and uploads nothing.
     """
 
     TYPE: ClassVar[str] = "upload_request"
     job: Job
     final: bool
     outcome: Outcome | None = None
+    record_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ Per attempt it writes, under ``<workdir>/_metadata/``, the three files of SPEC s
 ``scrape-host-<id>.json``) and the ``output`` artifact (``<workdir>/output/output``).
 Every byte is masked for secrets before it is written.  JSON object lines are merged into
 the scrape document by the compiled hot path; JSON-patch lines are applied with the
-add-only rule under ``/studioml``.  Every ``save_frequency`` seconds, and once at the end
-with the final ``studioml.status``, it asks the uploader to upload.
+add-only rule under ``/studioml``.  When an attempt opens it asks the uploader for the
+metadata-store record only; every ``save_frequency`` seconds from then on, and once at the
+end with the final ``studioml.status``, it saves the files and asks the uploader to upload
+(an experiment shorter than one save period is uploaded once, at its end).
 """
 from __future__ import annotations
 
@@ -132,8 +134,9 @@ class Scraper(Role):
         attempt.runner_log.write(attempt.masker.mask(request_text.encode()) + b"\n")
         self.write_runner_log(attempt, f"attempt {job.job_id} ({job.attempts + 1}) on "
                                        f"{self.config.hostname} from queue {job.queue}")
-        self.save(attempt)
-        self.post("uploader", protocol.UploadRequest(job=job, final=False))
+        # The metadata files are first saved and uploaded one save period from now (or at
+        # the end); only the metadata-store record is written at once.
+        self.post("uploader", protocol.UploadRequest(job=job, final=False, record_only=True))
         return attempt
 
     def write_runner_log(self, attempt: Attempt, text: str) -> None:

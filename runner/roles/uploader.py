@@ -5,8 +5,22 @@ every mutable artifact whose folder changed since its last upload (a tar compres
 the key's extension, streamed into the store as it is packed: a multipart upload on S3, a
 resumable one on GCS, no temporary copy of the archive), then each file of the
 ``_metadata`` folder on its own under the ``_metadata`` key without its archive
-extension.  The first request of an attempt also writes the redacted request to the
-metadata store.
+extension.  The scraper's first request of an attempt (``record_only``, sent when the
+attempt opens) writes the redacted request with the status ``running`` to the metadata
+store and uploads nothing.  It is held :data:`RECORD_AFTER` seconds first, and dropped when
+the attempt's final request comes within that time: a final request never writes this
+"running" record, since the fetcher writes the settled one as soon as the final upload is
+done (an attempt shorter than a second costs one record write, not two).  A periodic
+request writes the record if it was not written yet.
+
+A metadata file is uploaded again only when it changed since its last upload in this
+attempt.  Its ``stat`` (size, mtime, ctime, inode) is compared first: an equal one means
+unchanged, without reading the file, unless the file was modified within
+:data:`RACY_NS` of that last look (a write in the same timestamp tick could keep the same
+``stat``).  A different ``stat`` has the file hashed, and a file whose content hash is the
+one uploaded (the scrape document rewritten with the same content) is not uploaded again.
+A file seen for the first time in a final request is uploaded without being hashed: there
+is no later request to compare it with.
 
 A folder is "unchanged" when its content digest equals the one of its last upload in
 this attempt, or the one the cache manager recorded when it unpacked the artifact
@@ -32,6 +46,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _fast, metadata, protocol
@@ -46,6 +61,28 @@ FIRST_DELAY = 0.5
 MAX_DELAY = 15.0
 DEFAULT_RETRY_FOR = 300.0
 FORGET_FINALIZED_AFTER = 3600.0
+#: How long the "running" record of a newly opened attempt waits (see the module doc).
+RECORD_AFTER = 1.0
+#: A metadata file modified this close to the moment its ``stat`` was taken is "racy":
+#: its next request hashes it even when the ``stat`` is unchanged.
+RACY_NS = 1_000_000_000
+
+
+@dataclass
+class Sent:
+    """What was uploaded of one metadata file of an attempt."""
+
+    signature: tuple  # (size, mtime_ns, ctime_ns, inode) when it was uploaded or last checked
+    looked_ns: int  # time.time_ns() when ``signature`` was taken
+    digest: str | None  # content hash; None when it was never needed (a final request)
+
+    def stat_is_proof(self, signature: tuple) -> bool:
+        """True when ``signature`` alone shows the file unchanged since this upload."""
+        return signature == self.signature and signature[1] < self.looked_ns - RACY_NS
+
+
+def signature_of(st: os.stat_result) -> tuple:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def with_retries(action, what: str, log, retry_for: float = DEFAULT_RETRY_FOR,
@@ -94,18 +131,30 @@ class Uploader(Role):
         self.pool = ThreadPoolExecutor(max_workers=max(2, self.config.executors),
                                        thread_name_prefix="upload")
         self.job_locks: dict[str, threading.Lock] = {}
-        self.uploaded: dict[tuple[str, str], str] = {}  # (attempt id, name) -> digest
+        self.uploaded: dict[tuple[str, str], str] = {}  # (attempt id, label) -> digest
+        self.sent: dict[tuple[str, str], Sent] = {}  # (attempt id, metadata file name) -> ...
         self.recorded: set[str] = set()
         self.finalized: dict[str, float] = {}  # attempt id -> when its final upload ran
+        self.held_records: dict[str, tuple[float, protocol.UploadRequest]] = {}  # -> (due, ...)
         self.in_flight = 0
         self.lock = threading.Lock()
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.UploadRequest):
-            with self.lock:
-                self.in_flight += 1
-                job_lock = self.job_locks.setdefault(message.job.job_id, threading.Lock())
-            self.pool.submit(self.upload, message, job_lock)
+            if message.record_only:
+                self.held_records[message.job.job_id] = (time.monotonic() + RECORD_AFTER,
+                                                         message)
+                self.wake(tick=True)  # the next tick comes when it is due
+                return
+            self.held_records.pop(message.job.job_id, None)
+            self.submit(message)
+
+    def submit(self, message: protocol.UploadRequest) -> None:
+        """Have a worker thread serve ``message`` (in order with the attempt's others)."""
+        with self.lock:
+            self.in_flight += 1
+            job_lock = self.job_locks.setdefault(message.job.job_id, threading.Lock())
+        self.pool.submit(self.upload, message, job_lock)
 
     def upload(self, request: protocol.UploadRequest, job_lock: threading.Lock) -> None:
         job = request.job
@@ -119,11 +168,12 @@ class Uploader(Role):
                     if request.final:
                         self.finalized[job.job_id] = time.monotonic()
                 retry_for = self.config.storage_retry if request.final else 0.0
-                if job.job_id not in self.recorded:
+                if job.job_id not in self.recorded and not request.final:
                     with_retries(lambda: self.write_record(job), "metadata record", log, retry_for)
                     self.recorded.add(job.job_id)
-                self.upload_artifacts(job, log, retry_for, request.final)
-                self.upload_metadata_files(job, log, retry_for)
+                if not request.record_only:
+                    self.upload_artifacts(job, log, retry_for, request.final)
+                    self.upload_metadata_files(job, log, retry_for, request.final)
             if request.final:
                 self.log.info("key=%s attempt=%s final uploads done", job.key, job.job_id)
         except (RunnerError, OSError) as exc:
@@ -136,9 +186,9 @@ class Uploader(Role):
             with self.lock:
                 self.in_flight -= 1
         if request.final:
-            self.forget(job)
             self.post("fetcher", protocol.JobDone(job=job, outcome=request.outcome,
                                                   upload_error=error))
+            self.forget(job)  # after the JobDone: the fetcher need not wait for the removal
 
     def write_record(self, job: protocol.Job) -> None:
         metadata.write_record(job.request, status="running", attempt_id=job.job_id,
@@ -186,25 +236,52 @@ class Uploader(Role):
                 info = store.put_stream(url, lambda out: pack_to_stream(folder, out, compression))
                 sizes.append(info.size)
             with_retries(upload, f"upload of {label}", log, retry_for)
-            self.uploaded[(job.job_id, label)] = digest
+            with self.lock:  # forget() may be iterating over it for another attempt
+                self.uploaded[(job.job_id, label)] = digest
             log(f"{label}: uploaded {sizes[-1]} bytes to {url}")
 
-    def upload_metadata_files(self, job: protocol.Job, log, retry_for: float = 0.0) -> None:
+    def upload_metadata_files(self, job: protocol.Job, log, retry_for: float = 0.0,
+                              final: bool = False) -> None:
+        """Each file of ``_metadata`` that changed since its last upload (module doc)."""
         prefix = metadata.metadata_prefix_url(job.request)
         folder = Path(job.workdir) / "_metadata"
-        if prefix is None or not folder.is_dir():
+        if prefix is None:
             return
-        artifact = job.request["experiment"]["artifacts"]["_metadata"]
-        store = open_for_request(prefix, job.request, artifact)
-        for path in sorted(folder.iterdir()):
-            if not path.is_file() or path.name.endswith(".tmp"):
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted((e for e in scan if not e.name.endswith(".tmp")),
+                                 key=lambda e: e.name)
+        except OSError:
+            return
+        store = None
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                looked = time.time_ns()
+                signature = signature_of(entry.stat(follow_symlinks=False))
+            except OSError:
+                continue  # gone since the scan
+            key = (job.job_id, entry.name)
+            path = Path(entry.path)
+            with self.lock:
+                known = self.sent.get(key)
+            if known is not None and known.stat_is_proof(signature):
                 continue
-            digest = _fast.content_hash(path)
-            if self.uploaded.get((job.job_id, path.name)) == digest:
-                continue
-            url = f"{prefix}/{path.name}"
-            with_retries(lambda: store.put(url, path), f"upload of {path.name}", log, retry_for)
-            self.uploaded[(job.job_id, path.name)] = digest
+            digest = None
+            if known is not None or not final:
+                digest = _fast.content_hash(path)
+                if known is not None and digest == known.digest:
+                    with self.lock:
+                        self.sent[key] = Sent(signature, looked, digest)
+                    continue
+            if store is None:
+                artifact = job.request["experiment"]["artifacts"]["_metadata"]
+                store = open_for_request(prefix, job.request, artifact)
+            url = f"{prefix}/{entry.name}"
+            with_retries(lambda: store.put(url, path), f"upload of {entry.name}", log, retry_for)
+            with self.lock:
+                self.sent[key] = Sent(signature, looked, digest)
 
     def forget(self, job: protocol.Job) -> None:
         """Drop what was kept for a finished attempt; remove its working directory."""
@@ -213,11 +290,24 @@ class Uploader(Role):
             self.recorded.discard(job.job_id)
             for key in [k for k in self.uploaded if k[0] == job.job_id]:
                 del self.uploaded[key]
+            for key in [k for k in self.sent if k[0] == job.job_id]:
+                del self.sent[key]
         if not self.config.debug:
             shutil.rmtree(job.workdir, ignore_errors=True)
 
+    def tick_interval(self) -> float:
+        if not self.held_records:
+            return self.TICK
+        due = min(due for due, _ in self.held_records.values())
+        return min(self.TICK, max(0.0, due - time.monotonic()))
+
     def tick(self) -> None:
-        cutoff = time.monotonic() - FORGET_FINALIZED_AFTER
+        now = time.monotonic()
+        for job_id, (due, request) in list(self.held_records.items()):
+            if due <= now:
+                del self.held_records[job_id]
+                self.submit(request)
+        cutoff = now - FORGET_FINALIZED_AFTER
         with self.lock:
             for job_id in [j for j, t in self.finalized.items() if t < cutoff]:
                 del self.finalized[job_id]
