@@ -30,7 +30,8 @@ Who sends what (role inboxes are PULL sockets, see :mod:`runner.bus`)::
     fetcher        --JobAssigned-->   cache manager
     cache manager  --AttemptOpened--> scraper, --JobPrepared--> executor,
                    --AttemptEnded-->  scraper (preparation failed)
-    executor       --OutputChunk-->   scraper, --AttemptEnded--> scraper
+    executor       --OutputChunk-->   scraper, --AttemptEnded--> scraper,
+                   --RunEnded-->      fetcher
     scraper        --UploadRequest--> uploader
     uploader       --JobDone-->       fetcher
     any role       --RunnerLog-->     scraper, --JobPhase--> supervisor,
@@ -238,6 +239,15 @@ class JobDone(Message):
 
 
 @dataclass(frozen=True)
+class RunEnded(Message):
+    """Executor → fetcher: the attempt's process (its whole unit) has ended; the run's slot,
+    CPUs, RAM and GPUs may go to the next request while its uploads finish."""
+
+    TYPE: ClassVar[str] = "run_ended"
+    job_id: str
+
+
+@dataclass(frozen=True)
 class JobPhase(Message):
     """Any role → supervisor: where a job is now (for status, restarts and metrics).
 
@@ -284,7 +294,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (Heartbeat, Shutdown, StopTaking, StartTaking, Reload, StopRuns, Adopt,
                 JobAssigned, AttemptOpened, JobPrepared, OutputChunk, RunnerLog, AttemptEnded,
-                UploadRequest, JobDone,
+                UploadRequest, JobDone, RunEnded,
                 JobPhase, QueueStats, CtlRequest, CtlReply)
 }
 

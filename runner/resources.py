@@ -6,6 +6,12 @@ released exactly once (a second release is a no-op), whatever ended the attempt.
 holds executor slots, CPUs, RAM, disk (``hdd``) and GPUs; the executor enforces what the
 reservation says (``devices``, ``cpus``, ``ram``; see :mod:`runner.cgroups`).
 
+When the attempt's process has ended (:meth:`Ledger.run_over`) its slot, CPUs, RAM and GPUs
+count no more: the next request may run while this one's uploads finish.  Its disk stays
+reserved (the working directory is still there) until the release.  At most twice
+``slots`` attempts are held in all, so slow uploads hold back new work instead of piling
+up working directories.
+
 GPUs are :class:`~runner.gpus.Device` values (NVML's view, refreshed by the fetcher); the
 allocator never talks to NVML, so it is tested against devices described as data.
 
@@ -82,13 +88,21 @@ class Ledger:
     disk_probe: Callable[[str], tuple] = disk_space
     held: dict = field(default_factory=dict)        # attempt id -> reservation dict
     releases: int = 0                               # reservations released (each once)
+    settling: set = field(default_factory=set)      # attempt ids whose run is over
 
     # -- what is used ----------------------------------------------------------------
+    def _running(self) -> list[dict]:
+        """Reservations of attempts whose process may still run (all but the settling)."""
+        if not self.settling:
+            return list(self.held.values())
+        return [r for a, r in self.held.items() if a not in self.settling]
+
     def _used(self, name: str) -> int:
-        return sum(int(r.get(name, 0) or 0) for r in self.held.values())
+        held = self.held.values() if name == "hdd" else self._running()
+        return sum(int(r.get(name, 0) or 0) for r in held)
 
     def _holds_on(self, uuid: str) -> list[dict]:
-        return [r for r in self.held.values() if uuid in device_list(r.get("devices"))]
+        return [r for r in self._running() if uuid in device_list(r.get("devices"))]
 
     def _exclusive(self, reservation: dict) -> bool:
         return not self.gpu_share or not int(reservation.get("gpuMem", 0) or 0)
@@ -125,13 +139,17 @@ class Ledger:
             devices.append({"index": device.index, "uuid": device.uuid, "name": device.name,
                             "memory_total": device.memory_total, "available": available,
                             "holders": holders, "ecc_errors": device.ecc_errors})
-        return {"slots": self.slots - len(self.held), "cpus": self.cpus - self._used("cpus"),
+        return {"slots": self.slots - len(self.held) + len(self.settling),
+                "cpus": self.cpus - self._used("cpus"),
                 "ram": (self.ram - self._used("ram")) if self.ram else None,
                 "disk": self._disk_free(), "gpus": whole, "gpu_mem": memory,
                 "devices": devices}
 
     def has_slot(self) -> bool:
-        return len(self.held) < self.slots
+        """A run may start: fewer than ``slots`` run, and fewer than twice ``slots`` attempts
+        are held in all (running or settling)."""
+        running = len(self.held) - len(self.settling)
+        return running < self.slots and len(self.held) < 2 * self.slots
 
     # -- decisions -------------------------------------------------------------------
     def could_ever_fit(self, resources: dict) -> bool:
@@ -194,7 +212,7 @@ class Ledger:
         if self.why_never(resources):
             return None
         free = self.free()
-        if free["slots"] < 1 or int(resources.get("cpus", 0) or 0) > free["cpus"]:
+        if not self.has_slot() or int(resources.get("cpus", 0) or 0) > free["cpus"]:
             return None
         if free["ram"] is not None and int(resources.get("ram", 0) or 0) > free["ram"]:
             return None
@@ -217,8 +235,18 @@ class Ledger:
         """
         self.held.setdefault(attempt_id, dict(reservation))
 
+    def run_over(self, attempt_id: str) -> bool:
+        """``attempt_id``'s process has ended: its slot, CPUs, RAM and GPUs are free, its disk
+        stays reserved until :meth:`release`.  False when it holds nothing (already released)
+        or was already over."""
+        if attempt_id not in self.held or attempt_id in self.settling:
+            return False
+        self.settling.add(attempt_id)
+        return True
+
     def release(self, attempt_id: str) -> bool:
         """Give back what ``attempt_id`` held; False when it held nothing (already released)."""
+        self.settling.discard(attempt_id)
         released = self.held.pop(attempt_id, None) is not None
         self.releases += 1 if released else 0
         return released

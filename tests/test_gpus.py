@@ -270,3 +270,15 @@ def test_real_pynvml_without_a_driver_means_cpu_only() -> None:
 def test_device_maps_round_trip() -> None:
     device = dev(3, ecc=1)
     assert Device.from_map(device.to_map()) == device
+
+
+def test_a_run_over_gives_its_gpus_to_the_next_request() -> None:
+    led = ledger([dev(0)], slots=2)
+    first = led.try_reserve("a", job(gpus=1))
+    assert first and first["devices"] == "GPU-0000-aaaa"
+    assert led.try_reserve("b", job(gpus=1)) is None  # whole device held
+    led.run_over("a")  # a's process ended; its uploads still run
+    second = led.try_reserve("b", job(gpus=1))
+    assert second and second["devices"] == "GPU-0000-aaaa"
+    led.release("a")
+    assert led.held.keys() == {"b"}

@@ -15,7 +15,7 @@ from runner import protocol
 from runner.bus import Bus, Endpoints
 from runner.errors import ProtocolError
 from runner.protocol import (Adopt, AttemptEnded, AttemptOpened, CtlReply, CtlRequest, Heartbeat,
-                             Job, JobAssigned, JobDone, JobPhase, JobPrepared, Outcome,
+                             Job, JobAssigned, JobDone, JobPhase, JobPrepared, Outcome, RunEnded,
                              OutputChunk, QueueStats, Reload, RunnerLog, Shutdown, StartTaking,
                              StopRuns, StopTaking, UploadRequest)
 
@@ -50,6 +50,7 @@ SAMPLES = {
     "attempt_ended": AttemptEnded(job=make_job(), outcome=OUTCOME, facts={"exit_code": 3}),
     "upload_request": UploadRequest(job=make_job(), final=True, outcome=OUTCOME),
     "job_done": JobDone(job=make_job(), outcome=OUTCOME, upload_error="bucket gone"),
+    "run_ended": RunEnded(job_id="host-1r31eq"),
     "job_phase": JobPhase(job=make_job(), phase="running", role="executor", at=1700000001.25,
                           detail={"pid": 99}),
     "queue_stats": QueueStats(queues={"local_q": {"depth": 3, "waiting": [

@@ -112,3 +112,42 @@ def test_defaults_come_from_the_machine() -> None:
     assert ledger.ram == machine_memory()
     if os.path.exists("/proc/meminfo"):
         assert machine_memory() > 0
+
+
+def test_a_run_over_frees_slot_cpus_ram_and_keeps_disk_until_release() -> None:
+    probe = lambda path: (100 * GB, 200 * GB)  # noqa: E731 - free, total of the file system
+    ledger = Ledger(slots=1, cpus=4, ram=8 * GB, disk_path="/work", disk_probe=probe)
+    assert ledger.try_reserve("a", req(4, 8 * GB, hdd=30 * GB))
+    assert not ledger.has_slot() and ledger.try_reserve("b", req(1)) is None
+    assert ledger.run_over("a") is True
+    assert ledger.run_over("a") is False  # told once
+    free = ledger.free()
+    assert basic(free) == {"slots": 1, "cpus": 4, "ram": 8 * GB}
+    assert free["disk"] == 70 * GB  # the working directory is still there
+    assert ledger.try_reserve("b", req(4, 8 * GB, hdd=70 * GB))
+    assert ledger.try_reserve("c", req(0, hdd=1)) is None  # no slot, and no disk either
+    assert ledger.release("a") is True and ledger.release("a") is False
+    assert ledger.releases == 1 and ledger.settling == set()
+    assert ledger.free()["disk"] == 30 * GB  # only b's reservation now
+
+
+def test_attempts_held_in_all_are_bounded_by_twice_the_slots() -> None:
+    ledger = Ledger(slots=2, cpus=64, ram=0)
+    for name in ("a", "b"):
+        assert ledger.try_reserve(name, req(1)) and ledger.run_over(name)
+    assert ledger.free()["slots"] == 2
+    for name in ("c", "d"):
+        assert ledger.try_reserve(name, req(1)) and ledger.run_over(name)
+    assert len(ledger.held) == 4 and ledger.free()["slots"] == 2
+    assert not ledger.has_slot()  # four settle: slow uploads hold back new work
+    assert ledger.try_reserve("e", req(1)) is None
+    ledger.release("a")
+    assert ledger.has_slot() and ledger.try_reserve("e", req(1))
+
+
+def test_run_over_after_release_changes_nothing() -> None:
+    ledger = Ledger(slots=1, cpus=2, ram=0)
+    ledger.try_reserve("a", req(2))
+    ledger.release("a")
+    assert ledger.run_over("a") is False  # a late message: the attempt is settled already
+    assert ledger.settling == set() and basic(ledger.free())["cpus"] == 2

@@ -285,7 +285,10 @@ class Executor(Role):
         self.end(run.job, outcome, facts)
 
     def end(self, job: protocol.Job, outcome: protocol.Outcome, facts: dict) -> None:
+        """No process of ``job`` runs any more: the scraper closes the attempt, the fetcher
+        may give the run's slot, CPUs, RAM and GPUs to the next request."""
         self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome, facts=facts))
+        self.post("fetcher", protocol.RunEnded(job_id=job.job_id))
         self.phase(job, "ending")
 
     def stats(self) -> dict:

@@ -125,6 +125,9 @@ class Fetcher(Role):
         if isinstance(message, protocol.JobDone):
             self.settle(message)
             self.wake(tick=True)  # a slot is free: take the next request now
+        elif isinstance(message, protocol.RunEnded):
+            if self.ledger.run_over(message.job_id):
+                self.wake(tick=True)  # the run's slot, CPUs and GPUs are free: take now
         elif isinstance(message, protocol.StopTaking):
             self.log.info("taking no new requests")
             self.taking = False
@@ -477,7 +480,8 @@ class Fetcher(Role):
         return {"held": len(self.held), "free": self.ledger.free(), "taking": self.taking,
                 "queue_checked": dict(self.checked), "queue_ignored": dict(self.ignored),
                 "queue_types": dict(self.owner),
-                "reserved": len(self.ledger.held), "released": self.ledger.releases}
+                "reserved": len(self.ledger.held), "released": self.ledger.releases,
+                "settling": len(self.ledger.settling)}
 
     def shutdown(self) -> None:
         for backend in self.backends.values():
