@@ -9,7 +9,7 @@
 # so give it time: `docker stop -t 900`, or terminationGracePeriodSeconds in Kubernetes.
 FROM python:3.11-slim AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md MANIFEST.in ./
