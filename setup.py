@@ -28,15 +28,24 @@ if int(Cython.__version__.split(".")[0]) < 3:
 
 
 class StrictBuildExt(build_ext):
-    """build_ext that refuses to skip any extension and names the failure."""
+    """build_ext that refuses to skip any extension and names the failure.
+
+    ``_jsonlines`` also compiles simdjson's single-file source from the installed pysimdjson;
+    it is added here, at build time, because setup() arguments may not hold absolute paths.
+    """
 
     def build_extension(self, ext):
+        if ext.name == "runner._fast._jsonlines":
+            source, folder = simdjson_sources()
+            if source not in ext.sources:
+                ext.sources.append(source)
+                ext.include_dirs.append(folder)
         try:
             super().build_extension(ext)
         except Exception as exc:
             sys.stderr.write(
                 f"\nERROR: building the compiled extension {ext.name} failed ({exc}).\n"
-                "A working C compiler and Python headers are required; the package is never built "
+                "Working C and C++ compilers and Python headers are required; the package is never built "
                 "without its extensions.\n\n"
             )
             raise
@@ -90,16 +99,15 @@ def simdjson_sources() -> tuple[str, str]:
     return source, folder
 
 
-SIMDJSON_SOURCE, SIMDJSON_DIR = simdjson_sources()
-
 extensions = [
     Extension("runner._fast._base62", ["runner/_fast/_base62.pyx"], optional=False),
     Extension("runner._fast._hashing", ["runner/_fast/_hashing.pyx", "runner/_fast/filehash.c",
                                           *XXHASH_SOURCES],
               include_dirs=["runner/_fast"], optional=False),
-    # C++: the newest-first merge walks simdjson's DOM (runner/_fast/sjmerge.h).
-    Extension("runner._fast._jsonlines", ["runner/_fast/_jsonlines.pyx", SIMDJSON_SOURCE],
-              include_dirs=["runner/_fast", SIMDJSON_DIR], language="c++",
+    # C++: the newest-first merge walks simdjson's DOM (runner/_fast/sjmerge.h); simdjson's
+    # source is added by StrictBuildExt.
+    Extension("runner._fast._jsonlines", ["runner/_fast/_jsonlines.pyx"],
+              include_dirs=["runner/_fast"], language="c++",
               extra_compile_args=["-std=c++17"], optional=False),
 ]
 
