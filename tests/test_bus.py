@@ -333,3 +333,41 @@ def test_a_roles_posted_messages_arrive(endpoints, context) -> None:
         role.bus.close()
         scraper.close()
         supervisor.close()
+
+
+def test_a_post_racing_the_wake_drain_never_leaves_later_posts_silent(endpoints, context,
+                                                                        monkeypatch) -> None:
+    """A worker's post that lands while the loop empties its wake-up pipe must not leave the
+    role believing a wake-up byte is waiting when the pipe is empty: every later post would
+    then wait for the next heartbeat (up to a second) instead of waking the loop."""
+    import os
+    import select
+
+    from runner.roles import base as base_module
+    role = Relay(None, Bus(endpoints, "relay", context))  # type: ignore[arg-type]
+    real_read = os.read
+    raced = []
+
+    def read_with_a_racing_post(fd, n):
+        if not raced:  # another thread posts just as the loop reads the pipe
+            raced.append(True)
+            worker = threading.Thread(target=role.post, args=(
+                "scraper", RunnerLog(job_id="worker", text="raced")))
+            worker.start()
+            worker.join()
+        return real_read(fd, n)
+
+    try:
+        role.wake()  # a first post's byte is waiting
+        monkeypatch.setattr(base_module.os, "read", read_with_a_racing_post)
+        role._drain_wake()
+        monkeypatch.setattr(base_module.os, "read", real_read)
+        readable = bool(select.select([role._wake_r], [], [], 0)[0])
+        assert raced and (readable or not role._wake_pending)
+        role._drain_wake()
+        role.wake()  # the next post must wake the loop
+        assert select.select([role._wake_r], [], [], 0)[0]
+    finally:
+        role.bus.close()
+        os.close(role._wake_r)
+        os.close(role._wake_w)

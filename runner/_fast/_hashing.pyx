@@ -3,9 +3,10 @@
 
 A file is read in 1 MiB chunks and hashed in C with the GIL released for the whole file
 (``filehash.c``), through the vendored xxHash (``vendor/xxhash``) whose x86 dispatcher uses
-the widest vector unit the CPU has.  Big files are read on a helper thread into one buffer
-while this thread hashes the other, so reading and hashing overlap.  Digests equal the ``xxhash`` package's
-``xxh3_128(...).hexdigest()``, which the twin uses.
+the widest vector unit the CPU has.  Big files, when a second CPU is free, are read on a
+helper thread into one buffer while this thread hashes the other, so reading and hashing
+overlap.  Digests equal the ``xxhash`` package's ``xxh3_128(...).hexdigest()``, which the
+twin uses.
 """
 import os
 

@@ -16,9 +16,10 @@ line is parsed with the twin's ``parse_json`` and applied as a dict, in its plac
   escapes (``"\\ud800"``).  A refused line holding an exponent or a ``\\u`` escape of the
   surrogate range goes to the rule; any other refused line is refused by ``json`` too, and is
   not parsed twice (``{not json}`` text lines are common);
-* integers wider than 64 bits (simdjson refuses them; ``json`` keeps them exact): a line holding a run of 19 or more digits, other than fraction digits after a
-  ``.`` (both round those to the same double), found with a skipping byte scan that looks at
-  one byte in 19 of text without digits;
+* integers wider than 64 bits (simdjson refuses them; ``json`` keeps them exact): a line
+  holding a run of 19 or more digits, other than fraction digits after a ``.`` (both round
+  those to the same double), found with a skipping byte scan that looks at one byte in 19 of
+  text without digits;
 * nesting the interpreter refuses (500 or more opening brackets).
 
 ``merge_lines_parsed_by`` keeps the oldest-first scan with any parser: the benchmark's hook for
@@ -97,9 +98,10 @@ cdef Py_ssize_t _opening_brackets(const char* s, Py_ssize_t n) nogil:
 
 
 cdef bint _json_may_accept(const char* s, Py_ssize_t n) nogil:
-    """Whether a line simdjson rejected may still be JSON to the twin's rule: it holds an exponent
-    (``1e400`` is ``inf`` to ``json``, an error to simdjson) or a ``\\u`` escape of the surrogate
-    range ``d800``-``dfff`` (a lone surrogate). Anything else simdjson rejects, ``json`` rejects too."""
+    """Whether a line simdjson rejected may still be JSON to the twin's rule: it holds an
+    exponent (``1e400`` is ``inf`` to ``json``, an error to simdjson) or a ``\\u`` escape of the
+    surrogate range ``d800``-``dfff`` (a lone surrogate). Anything else simdjson rejects,
+    ``json`` rejects too."""
     cdef Py_ssize_t i
     cdef char c
     for i in range(1, n):
@@ -187,8 +189,9 @@ def merge_lines(doc, chunk):
 
 def merge_lines_parsed_by(doc, chunk, loads):
     """The same scan, merging oldest first what another parser (``loads(bytes) -> object``,
-    ``ValueError`` when the line is not JSON) returns for each line: the benchmark hook that compares parsers inside the compiled scan
-    (``benchmarks/test_bench_fast.py``). Not part of the twin's contract."""
+    ``ValueError`` when the line is not JSON) returns for each line: the benchmark hook that
+    compares parsers inside the compiled scan (``benchmarks/test_bench_fast.py``). Not part
+    of the twin's contract."""
     if not isinstance(doc, dict):
         raise TypeError("merge_lines needs a dict")
     if not isinstance(chunk, bytes):

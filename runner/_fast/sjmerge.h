@@ -23,8 +23,9 @@
    keeps the last value at the first key's place, is first built as a dict and applied as such
    (``apply_parsed`` applies dicts the same way: lines the stdlib rule parsed).  At the top
    level ``runner`` and ``asset`` are skipped and ``studioml`` values are collected; they are
-   applied oldest first, add-only (its rule), at the place of the oldest among the new keys.  Keys are kept as UTF-8 with
-   surrogates passed through, so a key with a lone surrogate (stdlib-parsed) survives.
+   applied oldest first, add-only (its rule), when the merge reaches the stamp of the oldest
+   of them.  Keys are kept as UTF-8 with surrogates passed through, so a key with a lone
+   surrogate (stdlib-parsed) survives.
    Errors: a function returning -1 (or null) has set a Python exception; the document is
    untouched until ``merge_final``. */
 #ifndef RUNNER_SJMERGE_H
@@ -122,7 +123,8 @@ static PyObject *to_python(element value)
     case element_type::OBJECT:
         return object_to_dict(value.get_object().value_unsafe());
     case element_type::ARRAY: {
-        simdjson::dom::array array = value.get_array().value_unsafe();  /* a copy: the result is a temporary */
+        /* a copy: value_unsafe() of the temporary result would dangle in a range-for */
+        simdjson::dom::array array = value.get_array().value_unsafe();
         PyObject *list = PyList_New(0);
         if (!list)
             return nullptr;

@@ -116,12 +116,17 @@ class Role:
             pass  # the pipe is full of wake-ups already (or closed at exit)
 
     def _drain_wake(self) -> None:
-        self._wake_pending = False  # before reading: a later post writes again
+        """Empty the wake-up pipe, then let the next post write to it again.
+
+        In that order: ``_wake_pending`` must never stay True with the pipe empty, or later
+        posts would not wake the loop.  A post that comes between the read and the reset
+        writes nothing, and its message is sent by this iteration's ``flush_outbox``."""
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._wake_pending = False
 
     def phase(self, job: protocol.Job, phase: str, **detail) -> None:
         """Tell the supervisor where ``job`` is now (thread-safe)."""
