@@ -24,6 +24,7 @@ None (as the supervisor does after its own poll) delivers every message.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -46,6 +47,13 @@ BATCH_MESSAGES = 64  # a destination's posted messages are sent once this many w
 BATCH_BYTES = 64 * 1024  # ... or once their frames add up to this many bytes
 BATCH_DELAY = 0.002  # seconds a posted message may wait while the loop is busy
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: enum ops cost
+
+
+def poll_ms(timeout: float) -> int:
+    """``timeout`` seconds as the milliseconds a ZeroMQ poll takes, rounded *up*: truncated,
+    a deadline less than a millisecond away becomes a poll of 0 ms, and a loop waiting for it
+    spins until it passes (about a millisecond of CPU per wake-up)."""
+    return max(0, math.ceil(timeout * 1000))
 
 
 class Endpoints:
@@ -184,7 +192,7 @@ class Bus:
         if self._pending:
             self.flush()
         inbox = self.inbox
-        for socket, _event in self.poller.poll(int(timeout * 1000)):  # made once
+        for socket, _event in self.poller.poll(poll_ms(timeout)):  # made once
             if socket is inbox:
                 return self._take()
         return None  # timed out, or woken by another watched descriptor

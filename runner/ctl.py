@@ -32,7 +32,7 @@ import time
 import zmq
 
 from . import protocol
-from .bus import Endpoints, control_client
+from .bus import Endpoints, control_client, poll_ms
 from .config import default_runtime_dir
 from .errors import ProtocolError
 from .units import describe_size
@@ -65,7 +65,7 @@ def request(runtime_dir: str, command: str, timeout: float = 5.0,
     socket = control_client(Endpoints(runtime_dir))
     try:
         socket.send(protocol.encode(protocol.CtlRequest(command=command, args=args or {})))
-        if not socket.poll(int(timeout * 1000)):
+        if not socket.poll(poll_ms(timeout)):
             raise TimeoutError(f"no runner-supervisor answered at {runtime_dir} "
                                f"within {timeout:.0f}s")
         reply = protocol.decode(socket.recv())

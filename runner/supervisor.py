@@ -46,7 +46,7 @@ import zmq
 
 from . import (__version__, _fast, cgroups, config as config_module, fates, protocol,
                slack as slack_module)
-from .bus import ROLES, Bus, Endpoints, control_server
+from .bus import ROLES, Bus, Endpoints, control_server, poll_ms
 from .errors import ConfigError, ProtocolError
 from .logs import set_level, setup_logging
 from .systemd import NOTIFY_VARIABLES, Notifier
@@ -483,7 +483,7 @@ class Supervisor:
             self.notifier.status(current)
 
     def serve_once(self, timeout: float) -> None:
-        events = dict(self.poller.poll(int(timeout * 1000)))
+        events = dict(self.poller.poll(poll_ms(timeout)))
         if getattr(self, "_signal_r", None) in events:
             try:
                 while os.read(self._signal_r, 4096):

@@ -371,3 +371,39 @@ def test_a_post_racing_the_wake_drain_never_leaves_later_posts_silent(endpoints,
         role.bus.close()
         os.close(role._wake_r)
         os.close(role._wake_w)
+
+
+def test_poll_ms_rounds_up() -> None:
+    assert [bus_module.poll_ms(t) for t in (0.0, 0.0001, 0.001, 0.0015, 0.15)] == [0, 1, 1, 2, 150]
+
+
+class Ticking(Role):
+    name = "ticking"
+    TICK = 0.05
+
+    def tick(self) -> None:
+        pass
+
+
+def test_an_idle_role_loop_sleeps_until_its_deadlines(endpoints, context) -> None:
+    """Each wake-up of an idle loop is a tick or a heartbeat: a deadline under a millisecond
+    away must not turn into polls of 0 ms repeated until it passes (a spin)."""
+    role = Ticking(None, Bus(endpoints, "ticking", context))  # type: ignore[arg-type]
+    polls = []
+    real_poll = role.bus.poller.poll
+
+    def counting_poll(timeout=None):
+        polls.append(timeout)
+        return real_poll(timeout)
+
+    role.bus.poller.poll = counting_poll
+    thread = threading.Thread(target=role.loop)
+    thread.start()
+    time.sleep(0.5)  # about 10 ticks and a heartbeat
+    role.request_stop()
+    role.wake()
+    thread.join(5)
+    role.bus.close()
+    assert not thread.is_alive()
+    assert 5 <= len(polls) <= 30, f"{len(polls)} polls in 0.5 s"
+    assert polls.count(0) <= 2
