@@ -119,8 +119,8 @@ def test_content_hash_matches_xxhash(impl, tmp_path, size):
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
-@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 2 << 20,
-                                  (3 << 20) + 7])
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, (1 << 20) + 7, (4 << 20) - 1, 4 << 20,
+                                  (4 << 20) + 1, (9 << 20) + 3])
 def test_compiled_hash_paths_agree(tmp_path, monkeypatch, overlap, size):
     """Both compiled loops (serial; reader thread + hasher) give xxh3_128 of the bytes."""
     _compiled_or_fail()

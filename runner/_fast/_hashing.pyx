@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """Compiled content hashing (twin: :mod:`runner._fast.hashing_py`): xxh3_128 hex digests.
 
-A file is read in 1 MiB chunks and hashed in C with the GIL released for the whole file
+A file is read in chunks of up to 4 MiB and hashed in C with the GIL released for the whole file
 (``filehash.c``), through the vendored xxHash (``vendor/xxhash``) whose x86 dispatcher uses
 the widest vector unit the CPU has.  Big files, when a second CPU is free, are read on a
 helper thread into one buffer while this thread hashes the other, so reading and hashing
@@ -26,7 +26,9 @@ cdef extern from "filehash.h" nogil:
     int runner_hash_fd_overlapped(int fd, char* buf0, char* buf1, size_t size,
                                   XXH3_state_t* state)
 
-cdef Py_ssize_t CHUNK = 1048576
+# 4 MiB: with 1 MiB the overlapped loop synchronised its threads four times as often and
+# reached 0.85-0.88 of a plain read of the same buffers here, with 4 MiB 0.98.
+cdef Py_ssize_t CHUNK = 4194304
 HASH_CHUNK = CHUNK  # the buffer size, for the benchmark's plain-read baseline
 
 cdef object _xxh3_128 = xxhash.xxh3_128
@@ -56,15 +58,14 @@ def _may_overlap():
 
 
 def content_hash(path):
-    """xxh3_128 hex digest (32 chars) of the file's bytes, read in 1 MiB chunks; files of
-    ``OVERLAP_FROM`` bytes or more are read into two buffers by a helper thread while this one
-    hashes (same digest)."""
-    cdef bytearray first = bytearray(CHUNK)
-    cdef bytearray second
-    cdef char* buf0 = first
+    """xxh3_128 hex digest (32 chars) of the file's bytes, read in chunks of up to ``CHUNK``
+    bytes; files of ``OVERLAP_FROM`` bytes or more are read into two buffers by a helper
+    thread while this one hashes (same digest)."""
+    cdef bytearray first, second
+    cdef char* buf0
     cdef char* buf1
+    cdef Py_ssize_t size
     cdef int fd, failed
-    cdef bint overlap
     cdef XXH128_hash_t digest
     cdef XXH3_state_t* state = XXH3_createState()
     if state == NULL:
@@ -73,15 +74,19 @@ def content_hash(path):
         XXH3_128bits_reset(state)
         with open(os.fspath(path), "rb", buffering=0) as handle:
             fd = handle.fileno()
-            overlap = os.fstat(fd).st_size >= OVERLAP_FROM and _may_overlap()
-            if overlap:
-                second = bytearray(CHUNK)
-                buf1 = second
+            size = os.fstat(fd).st_size
+            if size >= OVERLAP_FROM and _may_overlap():
+                first, second = bytearray(CHUNK), bytearray(CHUNK)
+                buf0, buf1 = first, second
                 with nogil:
                     failed = runner_hash_fd_overlapped(fd, buf0, buf1, CHUNK, state)
             else:
+                # a small file gets a buffer its size (plus one byte, to see the end at once)
+                size = min(CHUNK, max(size, 4095) + 1)
+                first = bytearray(size)
+                buf0 = first
                 with nogil:
-                    failed = runner_hash_fd_serial(fd, buf0, CHUNK, state)
+                    failed = runner_hash_fd_serial(fd, buf0, size, state)
             if failed:
                 raise OSError(failed, os.strerror(failed), os.fspath(path))
         digest = XXH3_128bits_digest(state)
