@@ -49,3 +49,13 @@ def gcs_env(gcs, monkeypatch):
     """Point google-cloud-storage in this process at the emulator."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint)
     return gcs
+
+
+@pytest.fixture
+def context():
+    """A private ZeroMQ context, destroyed after the test."""
+    import zmq
+
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)

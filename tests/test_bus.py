@@ -80,13 +80,6 @@ def endpoints():
 
 
 @pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
-@pytest.fixture
 def raw_inbox(endpoints: Endpoints, context: zmq.Context):
     """A bare PULL socket bound as ``scraper``'s inbox: shows the frames as they travel."""
     socket = context.socket(zmq.PULL)

@@ -170,13 +170,6 @@ def runtime_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
 def wait_for(bus: Bus, timeout: float = 5.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

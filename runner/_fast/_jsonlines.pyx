@@ -42,6 +42,7 @@ cdef extern from "sjmerge.h" namespace "runner_sj":
     int apply_line(Accumulator& acc, const char* p, size_t n) except -1
     int apply_parsed(Accumulator& acc, object parsed) except -1
     int merge_final(Accumulator& acc, object doc) except -1
+    int add_only "runner_sj::add_only" (object dst, object src) except -1
 
 cdef object _NOT_JSON = object()
 
@@ -128,20 +129,6 @@ cdef int _merge_into(dict dst, dict src) except -1:
     return 0
 
 
-cdef int _add_only(dict dst, dict src) except -1:
-    cdef Py_ssize_t pos = 0
-    cdef PyObject* kp
-    cdef PyObject* vp
-    cdef PyObject* cur
-    while PyDict_Next(src, &pos, &kp, &vp):
-        cur = PyDict_GetItem(dst, <object>kp)
-        if cur is NULL:
-            PyDict_SetItem(dst, <object>kp, <object>vp)
-        elif isinstance(<object>cur, dict) and isinstance(<object>vp, dict):
-            _add_only(<dict>cur, <dict>vp)
-    return 0
-
-
 cdef int _merge_object(dict doc, dict obj) except -1:
     cdef Py_ssize_t pos = 0
     cdef PyObject* kp
@@ -160,7 +147,7 @@ cdef int _merge_object(dict doc, dict obj) except -1:
             if cur is NULL:
                 PyDict_SetItem(doc, k, <object>vp)
             elif isinstance(<object>cur, dict) and isinstance(<object>vp, dict):
-                _add_only(<dict>cur, <dict>vp)
+                add_only(<dict>cur, <dict>vp)
             continue
         if isinstance(<object>vp, dict):
             cur = PyDict_GetItem(doc, k)
@@ -207,17 +194,15 @@ cdef bint _twin_decides(const char* p, Py_ssize_t n) noexcept nogil:
         n >= 2 * DEEP_NESTING and _opening_brackets(p, n) >= DEEP_NESTING)
 
 
-cdef list _merge_chunk_newest_first(dict d, bytes data):
-    """Scan ``data``, apply its JSON lines newest first with simdjson (``sjmerge.h``; only
-    values no later line replaces become Python objects), merge the result into ``d``; return
-    the ``[...]`` lines in order."""
+cdef list _scan(bytes data, vector[Py_ssize_t]& spans):
+    """Find the lines of ``data``: append the start and length of each ``{...}`` line to
+    ``spans`` (oldest first) and return the ``[...]`` lines (patch candidates) in order."""
     cdef const char* buf = PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-    cdef Py_ssize_t start = 0, end, a, b, i
+    cdef Py_ssize_t start = 0, end, a, b
     cdef const char* nl
     cdef char c0, c1
     cdef list patches = []
-    cdef vector[Py_ssize_t] spans  # start, length of each JSON-looking line, oldest first
     while True:
         nl = <const char*>memchr(buf + start, b'\n', <size_t>(n - start))
         end = (nl - buf) if nl != NULL else n
@@ -238,12 +223,23 @@ cdef list _merge_chunk_newest_first(dict d, bytes data):
         if nl == NULL:
             break
         start = end + 1
+    return patches
+
+
+cdef list _merge_chunk_newest_first(dict d, bytes data):
+    """Scan ``data``, apply its JSON lines newest first with simdjson (``sjmerge.h``; only
+    values no later line replaces become Python objects), merge the result into ``d``; return
+    the ``[...]`` lines in order."""
+    cdef vector[Py_ssize_t] spans
+    cdef list patches = _scan(data, spans)
     if spans.size() == 0:
         return patches
+    cdef const char* buf = PyBytes_AS_STRING(data)
     cdef Accumulator acc
     cdef object obj
     cdef const char* p
-    i = <Py_ssize_t>spans.size() - 2
+    cdef Py_ssize_t n
+    cdef Py_ssize_t i = <Py_ssize_t>spans.size() - 2
     while i >= 0:
         p = buf + spans[i]
         n = spans[i + 1]
@@ -257,37 +253,18 @@ cdef list _merge_chunk_newest_first(dict d, bytes data):
 
 
 cdef list _merge_chunk(dict d, bytes data, object loads):
+    """Scan ``data`` and merge oldest first what ``loads`` returns for each JSON line."""
+    cdef vector[Py_ssize_t] spans
+    cdef list patches = _scan(data, spans)
     cdef const char* buf = PyBytes_AS_STRING(data)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-    cdef Py_ssize_t start = 0, end, a, b
-    cdef const char* nl
-    cdef char c0, c1
-    cdef list patches = []
     cdef object obj
-    while True:
-        nl = <const char*>memchr(buf + start, b'\n', <size_t>(n - start))
-        end = (nl - buf) if nl != NULL else n
-        a = start
-        b = end
-        while a < b and _isws(buf[a]):
-            a += 1
-        while b > a and _isws(buf[b - 1]):
-            b -= 1
-        if b - a >= 2:
-            c0 = buf[a]
-            c1 = buf[b - 1]
-            if c0 == b'{' and c1 == b'}':
-                try:
-                    obj = loads(PyBytes_FromStringAndSize(buf + a, b - a))
-                except ValueError:
-                    obj = _NOT_JSON
-                if isinstance(obj, dict):
-                    _merge_object(d, <dict>obj)
-            elif c0 == b'[' and c1 == b']':
-                patches.append(PyBytes_FromStringAndSize(buf + a, b - a))
-        if nl == NULL:
-            break
-        start = end + 1
+    cdef Py_ssize_t i = 0
+    while i < <Py_ssize_t>spans.size():
+        try:
+            obj = loads(PyBytes_FromStringAndSize(buf + spans[i], spans[i + 1]))
+        except ValueError:
+            obj = _NOT_JSON
+        if isinstance(obj, dict):
+            _merge_object(d, <dict>obj)
+        i += 2
     return patches
-
-

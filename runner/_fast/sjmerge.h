@@ -96,6 +96,16 @@ static inline PyObject *new_str(std::string_view s)
 
 static PyObject *to_python(element value);
 
+/* ``dict[key] = val``, both new references given up here (null: building it failed, with a
+   Python error set); -1 on failure. */
+static int put_new(PyObject *dict, PyObject *key, PyObject *val)
+{
+    int r = (key && val) ? PyDict_SetItem(dict, key, val) : -1;
+    Py_XDECREF(key);
+    Py_XDECREF(val);
+    return r;
+}
+
 static PyObject *object_to_dict(object obj)
 {
     PyObject *dict = PyDict_New();
@@ -103,15 +113,10 @@ static PyObject *object_to_dict(object obj)
         return nullptr;
     for (auto field : obj) {
         PyObject *key = new_str(field.key);
-        PyObject *val = key ? to_python(field.value) : nullptr;
-        if (!val || PyDict_SetItem(dict, key, val) < 0) {
-            Py_XDECREF(key);
-            Py_XDECREF(val);
+        if (put_new(dict, key, key ? to_python(field.value) : nullptr) < 0) {
             Py_DECREF(dict);
             return nullptr;
         }
-        Py_DECREF(key);
-        Py_DECREF(val);
     }
     return dict;
 }
@@ -236,6 +241,17 @@ static int fill_from_dict(Accumulator &acc, Node *node, PyObject *src)
     return apply_dict(acc, node, src, false);
 }
 
+/* ``node``'s entry for the key ``name`` met at this point of a line, its stamp lowered to
+   here; ``fresh`` tells whether no later line had it. */
+static inline Entry &visit(Accumulator &acc, Node *node, const std::string &name, bool &fresh)
+{
+    Entry &entry = node->entries[name];
+    int64_t stamp = acc.stamp();
+    fresh = entry.first == INT64_MAX;
+    entry.first = std::min(entry.first, stamp);
+    return entry;
+}
+
 /* The step for a key ``entry`` already holds: true when the caller must descend into its
    open node (an object value); a non-object value seals the node. */
 static inline bool descend(Entry &entry, bool value_is_object)
@@ -274,10 +290,8 @@ static int apply_object(Accumulator &acc, Node *node, object src, bool top)
             continue;
         }
         name.assign(key.data(), key.size());
-        Entry &entry = node->entries[name];
-        int64_t stamp = acc.stamp();
-        bool fresh = entry.first == INT64_MAX;
-        entry.first = std::min(entry.first, stamp);
+        bool fresh;
+        Entry &entry = visit(acc, node, name, fresh);
         int r = 0;
         if (fresh)
             r = set_from_element(acc, entry, field.value);
@@ -309,10 +323,8 @@ static int apply_dict(Accumulator &acc, Node *node, PyObject *src, bool top)
         }
         if (!key_bytes(key, name))
             return -1;
-        Entry &entry = node->entries[name];
-        int64_t stamp = acc.stamp();
-        bool fresh = entry.first == INT64_MAX;
-        entry.first = std::min(entry.first, stamp);
+        bool fresh;
+        Entry &entry = visit(acc, node, name, fresh);
         int r = 0;
         if (fresh)
             r = set_from_python(acc, entry, value);
@@ -369,33 +381,35 @@ static PyObject *materialize(Entry *entry)
         return nullptr;
     for (const Item &item : in_stamp_order(entry->node)) {
         PyObject *key = new_str(*item.first);
-        PyObject *val = key ? materialize(item.second) : nullptr;
-        if (!val || PyDict_SetItem(dict, key, val) < 0) {
-            Py_XDECREF(key);
-            Py_XDECREF(val);
+        if (put_new(dict, key, key ? materialize(item.second) : nullptr) < 0) {
             Py_DECREF(dict);
             return nullptr;
         }
-        Py_DECREF(key);
-        Py_DECREF(val);
     }
     return dict;
 }
 
-/* The rule under "studioml": keys ``dst`` lacks are added, nothing is replaced. */
+static int add_only(PyObject *dst, PyObject *src);
+
+/* The rule under "studioml" for one key: added when ``dst`` lacks it, dicts merged add-only,
+   nothing replaced. */
+static int add_one(PyObject *dst, PyObject *key, PyObject *value)
+{
+    PyObject *cur = PyDict_GetItemWithError(dst, key);
+    if (cur)
+        return (PyDict_Check(cur) && PyDict_Check(value)) ? add_only(cur, value) : 0;
+    return PyErr_Occurred() ? -1 : PyDict_SetItem(dst, key, value);
+}
+
+/* The rule under "studioml": keys ``dst`` lacks are added, nothing is replaced (also the
+   compiled ``merge_object``'s). */
 static int add_only(PyObject *dst, PyObject *src)
 {
     Py_ssize_t pos = 0;
     PyObject *key, *value;
-    while (PyDict_Next(src, &pos, &key, &value)) {
-        PyObject *cur = PyDict_GetItemWithError(dst, key);
-        if (cur) {
-            if (PyDict_Check(cur) && PyDict_Check(value) && add_only(cur, value) < 0)
-                return -1;
-        } else if (PyErr_Occurred() || PyDict_SetItem(dst, key, value) < 0) {
+    while (PyDict_Next(src, &pos, &key, &value))
+        if (add_one(dst, key, value) < 0)
             return -1;
-        }
-    }
     return 0;
 }
 
@@ -405,16 +419,9 @@ static int apply_studioml(Accumulator &acc, PyObject *doc)
     static PyObject *name = PyUnicode_InternFromString("studioml");
     if (!name)
         return -1;
-    for (Py_ssize_t i = PyList_GET_SIZE(acc.studioml) - 1; i >= 0; i--) {
-        PyObject *value = PyList_GET_ITEM(acc.studioml, i);
-        PyObject *cur = PyDict_GetItemWithError(doc, name);
-        if (cur) {
-            if (PyDict_Check(cur) && PyDict_Check(value) && add_only(cur, value) < 0)
-                return -1;
-        } else if (PyErr_Occurred() || PyDict_SetItem(doc, name, value) < 0) {
+    for (Py_ssize_t i = PyList_GET_SIZE(acc.studioml) - 1; i >= 0; i--)
+        if (add_one(doc, name, PyList_GET_ITEM(acc.studioml, i)) < 0)
             return -1;
-        }
-    }
     return 0;
 }
 
