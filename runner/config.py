@@ -115,13 +115,20 @@ def _path_list(text: str) -> tuple:
     return tuple(str(Path(p).expanduser().absolute()) for p in text.split(os.pathsep) if p)
 
 
-def _optional_file(text: str) -> str:
-    if not text:
-        return ""
-    path = Path(text).expanduser().absolute()
-    if not path.is_file():
-        raise ValueError("no such file")
-    return str(path)
+def _optional_existing(is_there: Callable[[Path], bool], error: str) -> Callable[[str], str]:
+    """A parser of an existing path (made absolute) that passes ``is_there``; empty: not used."""
+    def parse(text: str) -> str:
+        if not text:
+            return ""
+        path = Path(text).expanduser().absolute()
+        if not is_there(path):
+            raise ValueError(error)
+        return str(path)
+    return parse
+
+
+_optional_file = _optional_existing(Path.is_file, "no such file")
+_optional_dir = _optional_existing(Path.is_dir, "not an existing directory")
 
 
 def _optional_url(text: str) -> str:
@@ -157,14 +164,6 @@ def _optional_path(text: str) -> str:
     return str(Path(text).expanduser().absolute()) if text else ""
 
 
-def _optional_dir(text: str) -> str:
-    """An existing directory (made absolute); empty: not used."""
-    if not text:
-        return ""
-    path = Path(text).expanduser().absolute()
-    if not path.is_dir():
-        raise ValueError("not an existing directory")
-    return str(path)
 
 
 def _aws_region(text: str) -> str:

@@ -59,3 +59,11 @@ def context():
     ctx = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
+
+
+@pytest.fixture()
+def broker():
+    """The shared RabbitMQ broker (127.0.0.1:5672, management API); skips when absent."""
+    from .rabbitmq_support import shared_broker
+
+    return shared_broker()

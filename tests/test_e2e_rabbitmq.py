@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from .rabbitmq_support import PrivateBroker, shared_broker, unique
+from .rabbitmq_support import PrivateBroker, unique
 from .support import BLOCKING, Runner, short_tempdir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -29,11 +29,6 @@ def make_runner(broker, stem: str, **options) -> Runner:
     options = {"amqp-url": broker.url, "amqp-mgt-url": broker.mgt_url,
                "queue-match": f"^{stem}", **options}
     return Runner(short_tempdir(), queue=stem + "q", **options)
-
-
-@pytest.fixture()
-def broker():
-    return shared_broker()
 
 
 @pytest.fixture()
@@ -56,6 +51,19 @@ def running_jobs(runner: Runner) -> list[dict]:
 
 def log_lines(runner: Runner, pattern: str) -> list[str]:
     return [line for line in runner.log().splitlines() if re.search(pattern, line)]
+
+
+def blocked_run_on(node: PrivateBroker, stem: str, runners: list, **options):
+    """A runner on ``node`` running one blocking request published durably: (runner, flag
+    that lets it finish, request, the running job's status entry)."""
+    runner = make_runner(node, stem, **options)
+    runners.append(runner)
+    runner.start()
+    flag = runner.root / "flag"
+    request = blocking_request(runner, flag)
+    node.publish(runner.queue, request, durable=True)
+    [job] = runner.wait_for(lambda: running_jobs(runner), what="the run to start")
+    return runner, flag, request, job
 
 
 def test_studioml_request_runs_and_is_acked_only_after_its_uploads(broker, stem, runners):
@@ -231,14 +239,7 @@ def test_runner_killed_during_a_run_its_request_is_redelivered_to_a_second_runne
 def test_broker_restart_during_a_run_completes_the_experiment_once(runners):
     node = PrivateBroker().start()
     try:
-        stem = "rmq_restart_"
-        runner = make_runner(node, stem)
-        runners.append(runner)
-        runner.start()
-        flag = runner.root / "flag"
-        request = blocking_request(runner, flag)
-        node.publish(runner.queue, request, durable=True)
-        [job] = runner.wait_for(lambda: running_jobs(runner), what="the run to start")
+        runner, flag, request, job = blocked_run_on(node, "rmq_restart_", runners)
 
         node.restart()
         runner.wait_for(lambda: log_lines(runner, "reconnected to RabbitMQ"), timeout=60,
@@ -263,14 +264,7 @@ def test_broker_restart_during_a_run_completes_the_experiment_once(runners):
 def test_broker_restart_while_the_runner_is_full_settles_the_redelivered_copy(runners):
     node = PrivateBroker().start()
     try:
-        stem = "rmq_full_"
-        runner = make_runner(node, stem, executors=1)
-        runners.append(runner)
-        runner.start()
-        flag = runner.root / "flag"
-        request = blocking_request(runner, flag)
-        node.publish(runner.queue, request, durable=True)
-        runner.wait_for(lambda: running_jobs(runner), what="the run to start")
+        runner, flag, request, _job = blocked_run_on(node, "rmq_full_", runners, executors=1)
         node.restart()
         runner.wait_for(lambda: log_lines(runner, "reconnected to RabbitMQ"), timeout=60,
                         what="the runner to reconnect")
@@ -297,14 +291,7 @@ def test_delivery_ack_timeout_closing_the_channel_loses_no_result_and_runs_once(
     node = PrivateBroker(conf="consumer_timeout = 3000\n",
                          advanced="[{rabbit, [{channel_tick_interval, 1000}]}].\n").start()
     try:
-        stem = "rmq_acktimeout_"
-        runner = make_runner(node, stem)
-        runners.append(runner)
-        runner.start()
-        flag = runner.root / "flag"
-        request = blocking_request(runner, flag)
-        node.publish(runner.queue, request, durable=True)
-        [job] = runner.wait_for(lambda: running_jobs(runner), what="the run to start")
+        runner, flag, request, job = blocked_run_on(node, "rmq_acktimeout_", runners)
         runner.wait_for(lambda: log_lines(runner, "delivery acknowledgement .* timed out"),
                         timeout=30, what="the broker to time the delivery out")
         runner.wait_for(lambda: log_lines(runner, "redelivered by .* while it runs here"),

@@ -15,14 +15,9 @@ from runner.queues import QUEUE_KINDS, build_backends, matches
 from runner.queues.rabbitmq import (ATTEMPTS_HEADER, DEAD_REASON_HEADER, RabbitMQQueue,
                                     attempts_of, default_mgt_url)
 
-from .rabbitmq_support import PrivateBroker, pika, shared_broker, unique
+from .rabbitmq_support import PrivateBroker, pika, unique
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def broker():
-    return shared_broker()
 
 
 @pytest.fixture()

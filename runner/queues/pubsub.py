@@ -24,12 +24,10 @@
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -139,6 +137,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
     """Subscriptions of one or more Google projects."""
 
     discovery_name = "Pub/Sub"
+    lost_hint = "taken before a restart; Pub/Sub redelivers it"
 
     kind: ClassVar[str] = "pubsub"
 
@@ -161,18 +160,11 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         self.book = AttemptBook(book_path) if book_path else AttemptBook(os.devnull)
         if not book_path:
             self.book._save = lambda: None  # type: ignore[method-assign]
-        self._discover_every = discover_every
+        self._start_background(discover_every)
         self._pull_wait = pull_wait
-        self._lock = threading.Lock()
         self._projects: dict[str, Project] = {}   # source file -> project
         self._names: dict[str, tuple[Project, Any]] = {}
-        self._error = ""
-        self._receivers: dict[str, tuple[Receiver, str]] = {}
         self._held: dict[str, _Held] = {}
-        self._seq = itertools.count(1)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._closed = False
         self._rescan()
 
     @classmethod
@@ -339,16 +331,6 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         return Delivery(queue=queue, token=token, body=bytes(message.data), attempts=attempts)
 
     # ------------------------------------------------------------------ settling
-    def _held_of(self, d: Delivery) -> _Held:
-        self._check_open()
-        held = self._held.get(d.token)
-        if held is None:
-            raise DeliveryLost(f"Pub/Sub delivery {d.token!r} is not held here (taken before "
-                               "a restart); Pub/Sub redelivers it")
-        if held.queue != d.queue:
-            raise QueueError(f"token {d.token!r} does not belong to queue {d.queue!r}")
-        return held
-
     def _rpc(self, d: Delivery, what: str, fn, request: dict) -> Any:
         exceptions = _exceptions()
         try:
@@ -478,20 +460,3 @@ class PubSubQueue(BackgroundDiscovery, Queue):
             return project.publisher.publish(topic, bytes(body)).result(RPC_TIMEOUT)
         except Exception as exc:  # noqa: BLE001
             raise QueueError(f"cannot publish to {topic}: {exc!r}") from exc
-
-    # ------------------------------------------------------------------ lifetime
-    def _check_open(self) -> None:
-        if self._closed:
-            raise QueueError("Pub/Sub queue back end is closed")
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        for receiver, _ in self._receivers.values():
-            receiver.stop()
-        for receiver, _ in self._receivers.values():
-            receiver.stop(wait=0.2)
-        self._receivers.clear()
-        self._held.clear()

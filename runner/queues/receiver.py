@@ -18,13 +18,14 @@ receiving thread only (the SQS and Pub/Sub clients are thread-safe).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
 from typing import Any, Callable
 
-from ..errors import QueueError
+from ..errors import DeliveryLost, QueueError
 
 logger = logging.getLogger(__name__)
 
@@ -149,17 +150,62 @@ class Receiver:
 
 
 class BackgroundDiscovery:
-    """``discover()`` answered from the latest listing, refreshed by a background thread.
+    """What the cloud back ends (SQS, Pub/Sub) share: a :class:`Receiver` per served queue,
+    the deliveries taken and not yet settled, and ``discover()`` answered from the latest
+    listing, refreshed by a background thread.
 
-    For the cloud back ends, whose listings are network calls: the first ``discover()``
-    lists synchronously and starts a daemon thread that lists again every
-    ``_discover_every`` seconds until ``_stop`` is set.  The back end provides
-    ``_poll()`` (one listing, which sets ``_names`` and ``_error`` under ``_lock``),
-    ``_rescan()`` (re-read credentials; QueueError when it cannot), ``_check_open()``, ``_receivers`` (name -> (Receiver, …)) and the attributes above,
-    with ``_thread`` starting as None.
+    Their listings are network calls: the first ``discover()`` lists synchronously and
+    starts a daemon thread that lists again every ``_discover_every`` seconds until
+    ``close()``.  The back end calls :meth:`_start_background` from its constructor and
+    provides ``_poll()`` (one listing, which sets ``_names`` and ``_error`` under ``_lock``)
+    and ``_rescan()`` (re-read credentials; QueueError when it cannot).  Held deliveries
+    are objects with a ``queue`` attribute, keyed by delivery token.
     """
 
     discovery_name = "queue"
+    #: How the service shows a delivery this process does not hold (for DeliveryLost).
+    lost_hint = "the service redelivers it"
+
+    def _start_background(self, discover_every: float) -> None:
+        self._discover_every = discover_every
+        self._lock = threading.Lock()
+        self._names: dict = {}
+        self._error = ""
+        self._receivers: dict[str, tuple[Receiver, str]] = {}
+        self._held: dict[str, Any] = {}
+        self._seq = itertools.count(1)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueError(f"{self.discovery_name} queue back end is closed")
+
+    def _held_of(self, d: Any) -> Any:
+        """What is held for the delivery ``d``; DeliveryLost when this process took it not."""
+        self._check_open()
+        held = self._held.get(d.token)
+        if held is None:
+            raise DeliveryLost(f"{self.discovery_name} delivery {d.token!r} is not held here "
+                               f"({self.lost_hint})")
+        if held.queue != d.queue:
+            raise QueueError(f"token {d.token!r} does not belong to queue {d.queue!r}")
+        return held
+
+    def close(self) -> None:
+        """Stop discovery and the receiving threads (what they received and did not hand
+        over is released); held deliveries come back when the service's hold runs out."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        for receiver, _ in self._receivers.values():
+            receiver.stop()
+        for receiver, _ in self._receivers.values():
+            receiver.stop(wait=0.2)
+        self._receivers.clear()
+        self._held.clear()
 
     def _discovery_loop(self) -> None:
         while not self._stop.wait(self._discover_every):

@@ -30,12 +30,10 @@
 from __future__ import annotations
 
 import configparser
-import itertools
 import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -196,6 +194,7 @@ class SQSQueue(BackgroundDiscovery, Queue):
     """``sqs_…`` queues of one or more AWS accounts."""
 
     discovery_name = "SQS"
+    lost_hint = "taken before a restart, or its visibility ran out; SQS shows it again"
 
     kind: ClassVar[str] = "sqs"
 
@@ -211,20 +210,13 @@ class SQSQueue(BackgroundDiscovery, Queue):
         self.keep_alive_every = max(1.0, self.visibility / 3.0)
         self.hostname = hostname or socket.gethostname()
         self.long_poll = int(long_poll)
-        self._discover_every = discover_every
-        self._lock = threading.Lock()
+        self._start_background(discover_every)
         self._accounts: dict[str, Account] = {}
         self._names: dict[str, tuple[Account, str]] = {}  # served name -> (account, URL)
         self._depths: dict[str, int] = {}
         self._depth_wanted: dict[str, float] = {}
         self._listed = False
-        self._error = ""
-        self._receivers: dict[str, tuple[Receiver, str]] = {}
         self._held: dict[str, _Held] = {}
-        self._seq = itertools.count(1)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._closed = False
         if not certs_dir:
             self._accounts["default"] = Account("default", region,
                                                 _client(region, endpoint, None, self.long_poll))
@@ -393,16 +385,6 @@ class SQSQueue(BackgroundDiscovery, Queue):
                         attempts=attempts)
 
     # ------------------------------------------------------------------ settling
-    def _held_of(self, d: Delivery) -> _Held:
-        self._check_open()
-        held = self._held.get(d.token)
-        if held is None:
-            raise DeliveryLost(f"SQS delivery {d.token!r} is not held here (taken before a "
-                               "restart, or its visibility ran out); SQS shows it again")
-        if held.queue != d.queue:
-            raise QueueError(f"token {d.token!r} does not belong to queue {d.queue!r}")
-        return held
-
     def _client_of(self, held: _Held) -> Any:
         with self._lock:
             current = self._accounts.get(held.account.name)
@@ -591,25 +573,6 @@ class SQSQueue(BackgroundDiscovery, Queue):
             return account.client.send_message(**kwargs)["MessageId"]
         except Exception as exc:  # noqa: BLE001
             raise QueueError(f"SendMessage to {queue} failed: {exc!r}") from exc
-
-    # ------------------------------------------------------------------ lifetime
-    def _check_open(self) -> None:
-        if self._closed:
-            raise QueueError("SQS queue back end is closed")
-
-    def close(self) -> None:
-        """Stop discovery and receiving (messages received but not taken are released);
-        held deliveries reappear when their visibility runs out."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        for receiver, _ in self._receivers.values():
-            receiver.stop()
-        for receiver, _ in self._receivers.values():
-            receiver.stop(wait=0.2)
-        self._receivers.clear()
-        self._held.clear()
 
 
 def attempts_of(message: dict) -> int:
