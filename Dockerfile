@@ -1,11 +1,11 @@
 # studioml-runner: runner-supervisor with the compiled hot path.
 #
 #   docker build -t studioml-runner .
-#   docker run -e QUEUE_MATCH='^local_.*$' -e EXECUTORS=2 -p 9090:9090 studioml-runner
+#   docker run -e RUNNER_QUEUE_MATCH='^local_.*$' -e RUNNER_EXECUTORS=2 -p 9090:9090 studioml-runner
 #
-# Every option of README.md's table is read from the environment (QUEUE_MATCH, EXECUTORS,
-# DRAIN_TIMEOUT, PROM_ADDRESS, SLACK_HOOK, ...); flags given after the image name win.
-# `docker stop` sends SIGTERM: the runner drains (running experiments get DRAIN_TIMEOUT),
+# Every option of README.md's table is read from the environment (RUNNER_QUEUE_MATCH, RUNNER_EXECUTORS,
+# RUNNER_DRAIN_TIMEOUT, RUNNER_PROM_ADDRESS, RUNNER_SLACK_HOOK, ...); flags given after the image name win.
+# `docker stop` sends SIGTERM: the runner drains (running experiments get RUNNER_DRAIN_TIMEOUT),
 # so give it time: `docker stop -t 900`, or terminationGracePeriodSeconds in Kubernetes.
 FROM python:3.11-slim AS build
 RUN apt-get update \
@@ -30,17 +30,17 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
  && python -m runner.systemd unit > /dev/null
 USER runner
 WORKDIR /var/lib/studioml-runner
-ENV QUEUE_ROOT=/var/lib/studioml-runner/queues \
-    WORKING_DIR=/var/lib/studioml-runner/work \
-    CACHE_DIR=/var/lib/studioml-runner/cache \
-    RUNTIME_DIR=/tmp/studioml-runner \
-    PROM_ADDRESS=0.0.0.0:9090 \
-    DRAIN_TIMEOUT=10m \
-    LOG_FORMAT=json \
-    LOG_LEVEL=info
+ENV RUNNER_QUEUE_ROOT=/var/lib/studioml-runner/queues \
+    RUNNER_WORKING_DIR=/var/lib/studioml-runner/work \
+    RUNNER_CACHE_DIR=/var/lib/studioml-runner/cache \
+    RUNNER_RUNTIME_DIR=/tmp/studioml-runner \
+    RUNNER_PROM_ADDRESS=0.0.0.0:9090 \
+    RUNNER_DRAIN_TIMEOUT=10m \
+    RUNNER_LOG_FORMAT=json \
+    RUNNER_LOG_LEVEL=info
 VOLUME ["/var/lib/studioml-runner"]
 EXPOSE 9090
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-  CMD python -c "import os, urllib.request; port = os.environ.get('PROM_ADDRESS', ':9090').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"
+  CMD python -c "import os, urllib.request; port = os.environ.get('RUNNER_PROM_ADDRESS', ':9090').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"
 ENTRYPOINT ["/usr/bin/tini", "--", "runner-supervisor"]

@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,8 @@ def test_publish_to_start_and_completion(benchmark, bench, via):
         publish(bench, via, request)
         wait_settled(bench, request)
         document = scrape_document(bench, request)
-        starts.append(document["runner"]["first_output"] - t0)
+        first_output = datetime.fromisoformat(document["runner"]["first_output"].replace("Z", "+00:00"))
+        starts.append(first_output.timestamp() - t0)  # ISO-8601 with ms: 1 ms resolution
         mark = Path(request["config"]["env"]["MARK"])
         completions.append(record_path(bench, request).stat().st_mtime - float(mark.read_text()))
 

@@ -67,7 +67,12 @@ class Endpoints:
 
     @property
     def control(self) -> str:
-        return f"ipc://{self.runtime_dir / 'control'}"
+        return f"ipc://{self.control_path}"
+
+    @property
+    def control_path(self) -> Path:
+        """The control socket's file: it exists while a supervisor listens."""
+        return self.runtime_dir / "control"
 
     def inbox_path(self, name: str) -> Path:
         return self.runtime_dir / (name + ".in")
@@ -277,7 +282,7 @@ def control_server(endpoints: Endpoints, context: zmq.Context | None = None) -> 
     context = context or zmq.Context.instance()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
-    path = endpoints.runtime_dir / "control"
+    path = endpoints.control_path
     if path.exists():
         path.unlink()
     socket.bind(endpoints.control)

@@ -1,9 +1,21 @@
 """The runner's options: one table, read from flags and environment, validated at once.
 
-Every option is a long flag and an environment variable of the same name in upper case
-with ``-`` turned into ``_`` (``--queue-root`` ↔ ``QUEUE_ROOT``); the flag wins over the
-variable, the variable over the default.  :func:`load` collects every problem and raises
-one :class:`~runner.errors.ConfigError` listing them all.
+Every option is a long flag and an environment variable ``RUNNER_`` + its name in upper
+case with ``-`` turned into ``_`` (``--queue-root`` ↔ ``RUNNER_QUEUE_ROOT``).  The options
+the go runner (studio-go-runner) also has keep its unprefixed name as a second, older
+name (``--cache-dir`` ↔ ``CACHE_DIR``, see :data:`GO_RUNNER_NAMES`); the prefixed name
+wins when both are set, and no other unprefixed name is read, so a shell that exports
+``HOSTNAME`` or ``LOG_LEVEL`` for another tool does not change the runner.  The flag wins
+over the variable, the variable over the default.  :func:`resolve` also says where each
+value came from, so that the supervisor logs at start-up which options the environment
+set.  The go runner's ``LOGXI``/``LOGXI_FORMAT`` variables are mapped to ``--log-level``/
+``--log-format`` where they have an equivalent (:func:`logxi_options`), with one warning.
+:func:`load` collects every problem and raises one :class:`~runner.errors.ConfigError`
+listing them all.
+
+Durations given to options need a unit (``90s``, ``20m``, ``1h30m``; ``0`` alone is
+allowed): a bare ``5`` could mean seconds or minutes, and the go runner's options (Go
+durations) never took one either.
 
 Inside the program sizes are bytes and durations are seconds (see :mod:`runner.units`).
 """
@@ -11,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from .errors import ConfigError
 from .redact import safe_url
@@ -25,6 +38,16 @@ from .resources import machine_memory
 from .units import UnitError, parse_duration, parse_size
 
 DEFAULT_QUEUE_MATCH = r"^(rmq|sqs|local)_.*$"
+ENV_PREFIX = "RUNNER_"
+
+# Options the go runner (studio-go-runner) reads from the environment under its unprefixed
+# names, and SPEC section 9's set; these names keep working beside ``RUNNER_*``.
+# ``AWS_REGION`` is the AWS SDKs' own variable, read on purpose.
+GO_RUNNER_NAMES = {name: name.upper().replace("-", "_") for name in (
+    "queue-match", "queue-mismatch", "amqp-url", "amqp-mgt-url", "sqs-certs", "google-certs",
+    "queue-root", "working-dir", "cache-dir", "cache-size", "cpu-only", "max-cores", "max-mem",
+    "max-disk", "max-attempts", "prom-address", "slack-hook", "slack-room", "limit-tasks",
+    "limit-idle-duration", "debug", "aws-region")}
 
 
 def default_data_root() -> Path:
@@ -53,7 +76,18 @@ class Option:
 
     @property
     def env(self) -> str:
-        return self.name.upper().replace("-", "_")
+        """The environment variable (the primary name): ``RUNNER_QUEUE_ROOT``."""
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def legacy_env(self) -> str | None:
+        """The go runner's (older, unprefixed) variable for this option, or None."""
+        return GO_RUNNER_NAMES.get(self.name)
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        """Variables read for this option, the one that wins first."""
+        return (self.env,) + ((self.legacy_env,) if self.legacy_env else ())
 
     @property
     def attr(self) -> str:
@@ -80,6 +114,10 @@ def _positive_int(text: str) -> int:
 
 
 def _duration(text: str) -> float:
+    """A duration with its unit (``90s``, ``20m``); a bare number other than 0 is refused."""
+    stripped = str(text).strip()
+    if re.fullmatch(r"[0-9]+(\.[0-9]*)?", stripped) and float(stripped) != 0:
+        raise ValueError(f"a duration needs a unit: {stripped}s, {stripped}m or {stripped}h")
     return parse_duration(text)
 
 
@@ -173,14 +211,14 @@ def _aws_region(text: str) -> str:
 
 
 def _sqs_visibility(text: str) -> float:
-    value = parse_duration(text)
+    value = _duration(text)
     if not 1 <= value <= 12 * 3600:
         raise ValueError("must be between 1s and 12h (SQS's limit)")
     return value
 
 
 def _ack_deadline(text: str) -> float:
-    value = parse_duration(text)
+    value = _duration(text)
     if not 10 <= value <= 600:
         raise ValueError("must be between 10s and 600s (Pub/Sub's limits)")
     return value
@@ -409,12 +447,52 @@ class Config:
         return dataclasses.replace(self, **{k: v for k, v in values.items() if k in RELOADABLE})
 
 
+def env_value(name: str, default: str = "", environ: Mapping[str, str] | None = None) -> str:
+    """The value the environment gives option ``name`` (``"queue-root"``): its
+    ``RUNNER_*`` variable, else the go runner's name, else ``default``.  For the other
+    commands (``runner-ctl``, ``runner-submit``) that share an option with the supervisor."""
+    environ = os.environ if environ is None else environ
+    option = next(o for o in OPTIONS if o.name == name)
+    for variable in option.env_names:
+        if variable in environ:
+            return environ[variable]
+    return default
+
+
+class OptionParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are two lines, not the whole usage block.
+
+    An unknown flag gets the closest known ones (``did you mean --executors?``); every
+    error ends with where the full list is (``--help``).  Exit status 2, as argparse's.
+    """
+
+    def error(self, message: str) -> NoReturn:  # argparse's hook
+        known = [s for action in self._actions for s in action.option_strings
+                 if s.startswith("--")]
+        hints = []
+        for word in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", message.split(":", 1)[-1]
+                               if "unrecognized arguments" in message else ""):
+            flag = word.split("=", 1)[0]
+            close = difflib.get_close_matches(flag if flag.startswith("--") else "-" + flag,
+                                              known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+        text = f"{self.prog}: error: {message}\n"
+        text += "".join(f"{self.prog}: {hint}\n" for hint in hints)
+        text += f"Run '{self.prog} --help' for every option.\n"
+        self.exit(2, text)
+
+
 def build_parser(prog: str = "runner-supervisor", description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with every option; values stay ``None`` unless given as flags."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     epilog="Every flag can also be set by its environment variable.")
+    parser = OptionParser(
+        prog=prog, description=description,
+        epilog=f"Every flag can also be set by its environment variable ({ENV_PREFIX}NAME; the "
+               "go runner's unprefixed name where it has the option). Durations need a unit "
+               "(90s, 20m, 1h30m; a bare 0 is allowed); sizes are bytes unless given one "
+               "(500mb, 2GiB).")
     for option in OPTIONS:
-        help_text = f"{option.help} [env {option.env}"
+        help_text = f"{option.help} [env {', '.join(option.env_names)}"
         help_text += f", default {option.default!r}]" if option.default not in (None, "") else "]"
         if option.flag_only_bool:
             parser.add_argument(f"--{option.name}", dest=option.attr, action="store_const",
@@ -454,32 +532,116 @@ def read_options_file(path: str) -> dict[str, str]:
     return values
 
 
+_LOGXI_LEVELS = {"all": "debug", "trc": "debug", "dbg": "debug", "inf": "info",
+                 "wrn": "warning", "err": "error", "ftl": "error"}
+
+
+def logxi_options(environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The go runner's ``LOGXI``/``LOGXI_FORMAT`` as ``{"log-level"/"log-format": value}``,
+    and one note per variable for the start-up log (what it was read as, or why not).
+
+    ``LOGXI`` is ``name=LEVEL`` pairs (``*=DBG``, ``*=WRN,runner=DBG``): the ``*`` entry
+    (else the only entry) gives the level; ``DBG``/``TRC``/``ALL`` → debug, ``INF`` → info,
+    ``WRN`` → warning, ``ERR``/``FTL`` → error; ``OFF`` has no equivalent.  ``LOGXI_FORMAT``
+    ``JSON`` → json, ``text``/``happy`` (with ``,maxcol=…`` and such) → text.
+    """
+    values: dict[str, str] = {}
+    notes: list[str] = []
+    text = environ.get("LOGXI", "").strip()
+    if text:
+        entries = dict(part.strip().partition("=")[::2] for part in text.split(",") if part.strip())
+        level = entries.get("*") or (next(iter(entries.values())) if len(entries) == 1 else "")
+        mapped = _LOGXI_LEVELS.get(level.strip().lower()[:3]) if level else None
+        if mapped:
+            values["log-level"] = mapped
+            notes.append(f"$LOGXI={text!r} is the go runner's variable: read as --log-level "
+                         f"{mapped} (set {ENV_PREFIX}LOG_LEVEL instead)")
+        else:
+            notes.append(f"$LOGXI={text!r} is the go runner's variable and has no equivalent "
+                         f"here: ignored (set {ENV_PREFIX}LOG_LEVEL to debug, info, warning or "
+                         "error)")
+    text = environ.get("LOGXI_FORMAT", "").strip()
+    if text:
+        kind = text.split(",")[0].strip().lower()
+        mapped = {"json": "json", "text": "text", "happy": "text"}.get(kind)
+        if mapped:
+            values["log-format"] = mapped
+            notes.append(f"$LOGXI_FORMAT={text!r} is the go runner's variable: read as "
+                         f"--log-format {mapped} (set {ENV_PREFIX}LOG_FORMAT instead)")
+        else:
+            notes.append(f"$LOGXI_FORMAT={text!r} is the go runner's variable and has no "
+                         f"equivalent here: ignored (set {ENV_PREFIX}LOG_FORMAT to text or json)")
+    return values, notes
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A validated :class:`Config`, where each option's value came from, and notes.
+
+    ``sources`` maps an option's attribute name to ``--flag``, ``$NAME``,
+    ``options file $NAME``, ``$LOGXI`` or ``default``; ``notes`` are warnings for the
+    start-up log (the go runner's variables read or ignored).
+    """
+
+    config: "Config"
+    sources: dict
+    notes: tuple
+
+    def from_environment(self) -> list[str]:
+        """``--option from $NAME`` for every option the environment (or options file) set."""
+        return [f"--{option.name} from {self.sources[option.attr]}" for option in OPTIONS
+                if self.sources.get(option.attr, "default") != "default"
+                and not self.sources[option.attr].startswith("--")]
+
+
 def from_values(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     """Build a Config from flag values (None = not given) and an environment.
 
-    With ``--options-file`` (or ``$OPTIONS_FILE``), the file's values stand between the
-    flags and the environment.
+    With ``--options-file`` (or ``$RUNNER_OPTIONS_FILE``), the file's values stand between
+    the flags and the environment.  Raises :class:`ConfigError` listing every problem.
     """
+    return resolve(flags, environ).config
+
+
+def _lookup(option: Option, *layers: tuple[str, Mapping[str, str]]) -> tuple[str | None, str]:
+    """(raw value, source) of ``option`` from the first layer that sets one of its names."""
+    for where, values in layers:
+        for name in option.env_names:
+            if name in values:
+                return values[name], f"{where}${name}"
+    return None, "default"
+
+
+def resolve(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Resolved:
+    """Like :func:`from_values`, also saying where each value came from (:class:`Resolved`)."""
     problems: list[str] = []
     values: dict[str, Any] = {}
-    options_file = flags.get("options_file") or environ.get("OPTIONS_FILE") or ""
-    if options_file:
+    sources: dict[str, str] = {}
+    file_values: dict[str, str] = {}
+    options_file = next(o for o in OPTIONS if o.name == "options-file")
+    file_name = flags.get("options_file") or _lookup(options_file, ("", environ))[0] or ""
+    if file_name:
         try:
-            environ = {**environ, **read_options_file(_optional_path(options_file))}
+            file_values = read_options_file(_optional_path(file_name))
         except (OSError, ValueError) as exc:
-            problems.append(f"--options-file={options_file!r}: {exc}")
+            problems.append(f"--options-file={file_name!r}: {exc}")
+    logxi, notes = logxi_options({**environ, **file_values})
     for option in OPTIONS:
         raw = flags.get(option.attr)
         source = f"--{option.name}"
-        if raw is None and option.env in environ:
-            raw, source = environ[option.env], f"${option.env}"
+        if raw is None:
+            raw, source = _lookup(option, ("options file ", file_values), ("", environ))
+        if raw is None and option.name in logxi:
+            raw, source = logxi[option.name], ("$LOGXI_FORMAT" if option.name == "log-format"
+                                               else "$LOGXI")
         if raw is None:
             raw, source = option.default, "default"
+        sources[option.attr] = source
         if raw is None:
             values[option.attr] = None
             continue
         if option.name in EXPANDED:
-            raw, missing = expand_vars(str(raw), environ)
+            raw, missing = expand_vars(str(raw), {**environ, **file_values})
             if missing:
                 problems.append(f"{source}: ${{{'}, ${'.join(missing)}}} not set in the "
                                 "environment")
@@ -511,9 +673,9 @@ def from_values(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         problems.append(f"--hostname={values['hostname']!r}: use letters, digits, '.' and '-' only")
     if problems:
         raise ConfigError(problems)
-    return Config(**values)
+    return Resolved(Config(**values), sources, tuple(notes))
 
 
 def options_table() -> list[tuple[str, str, str, str]]:
-    """(flag, env, default, help) rows, for the README and ``--help``."""
-    return [(f"--{o.name}", o.env, o.default or "", o.help) for o in OPTIONS]
+    """(flag, env, default, help) rows, for the README and ``--help``; env lists every name."""
+    return [(f"--{o.name}", ", ".join(o.env_names), o.default or "", o.help) for o in OPTIONS]

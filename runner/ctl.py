@@ -23,7 +23,6 @@ Exit status 1 when no supervisor answers within ``--timeout`` seconds or it refu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ import zmq
 
 from . import protocol
 from .bus import Endpoints, control_client, poll_ms
-from .config import default_runtime_dir
+from .config import OptionParser, default_runtime_dir, env_value
 from .errors import ProtocolError
 from .units import describe_size
 
@@ -42,6 +41,9 @@ def free_lines(free: dict) -> list[str]:
     """The fetcher's ``ledger.free()`` as lines for a person."""
     def size(value) -> str:
         return "not accounted" if value is None else describe_size(value)
+
+    if not free or free.get("slots") is None:
+        return ["  not known yet: the fetcher has not reported (the runner is starting)"]
 
     lines = [f"  {free.get('slots')} slots, {free.get('cpus')} CPUs, RAM {size(free.get('ram'))}, "
              f"disk {size(free.get('disk'))}, {free.get('gpus', 0)} whole GPUs"
@@ -55,14 +57,31 @@ def free_lines(free: dict) -> list[str]:
     return lines
 
 
+class NoSupervisor(TimeoutError):
+    """No supervisor listens under the runtime directory (known without waiting)."""
+
+
 VIEWS = ("status", "roles", "health", "running", "queues", "free")
 COMMANDS = ("drain", "resume", "stop", "reload")
 
 
 def request(runtime_dir: str, command: str, timeout: float = 5.0,
             args: dict | None = None) -> protocol.CtlReply:
-    """Send one control command and return the reply; raises TimeoutError."""
-    socket = control_client(Endpoints(runtime_dir))
+    """Send one control command and return the reply.
+
+    Raises :class:`NoSupervisor` at once when no supervisor has its control socket under
+    ``runtime_dir`` (nothing to wait for), TimeoutError when one is there but does not
+    answer within ``timeout`` seconds.
+    """
+    endpoints = Endpoints(runtime_dir)
+    control_path = endpoints.control_path
+    if not os.path.isdir(runtime_dir):
+        raise NoSupervisor(f"no runner-supervisor runs with --runtime-dir {runtime_dir}: "
+                           "the directory does not exist")
+    if not os.path.exists(control_path):
+        raise NoSupervisor(f"no runner-supervisor runs with --runtime-dir {runtime_dir}: "
+                           f"no control socket {control_path}")
+    socket = control_client(endpoints)
     try:
         socket.send(protocol.encode(protocol.CtlRequest(command=command, args=args or {})))
         if not socket.poll(poll_ms(timeout)):
@@ -197,12 +216,11 @@ def watch(args, name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
         prog="runner-ctl", description="Talk to a running runner-supervisor.",
         epilog=f"views: {', '.join(VIEWS)}; watch [VIEW]; commands: {', '.join(COMMANDS)}")
-    parser.add_argument("--runtime-dir", default=os.environ.get("RUNTIME_DIR",
-                                                                str(default_runtime_dir())),
-                        help="the supervisor's --runtime-dir [env RUNTIME_DIR]")
+    parser.add_argument("--runtime-dir", default=env_value("runtime-dir", str(default_runtime_dir())),
+                        help="the supervisor's --runtime-dir [env RUNNER_RUNTIME_DIR]")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
     parser.add_argument("--interval", type=float, default=2.0,

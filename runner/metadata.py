@@ -4,7 +4,15 @@
 * where the ``_metadata`` files go (the artifact's key with its archive extension removed);
 * the scrape document's skeleton;
 * the metadata store: one redacted record per experiment at ``metadata/<project>/<key>.json``
-  beside the request's storage, or under ``--metadata-store``.
+  beside the request's storage, or under ``--metadata-store``;
+* :func:`check_object_names`: at admission, a request whose record or metadata files would
+  have object names too long for their store is a bad request (never run, dead-lettered).
+
+Times the runner writes into these documents (``runner.start``, ``runner.stop``,
+``runner.first_output``, the record's ``updated``) are ISO-8601 UTC strings with
+milliseconds and ``Z`` (``2018-10-23T18:25:43.511Z``, :func:`iso_utc`), as the reference
+runner writes them; the request's own fields (``time_added``) are kept as the client sent
+them.
 """
 from __future__ import annotations
 
@@ -14,11 +22,28 @@ import os
 import re
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import _fast
+from .errors import BadRequest, StorageError
 from .redact import redact_request
-from .storage import artifact_url, open_for_request
+from .storage import artifact_url, open_for_request, split_url
+from .storage.s3 import parse_s3_url
+
+# Longest object names the stores take: S3 and GCS keys are at most 1024 bytes of UTF-8;
+# a file:// path at most PATH_MAX bytes (4096 with its NUL) of NAME_MAX-byte (255) parts.
+MAX_KEY_BYTES = 1024
+MAX_PATH_BYTES = 4095
+MAX_NAME_BYTES = 255
+# The longest base62 second count an attempt id can carry (62^7 s is beyond year 100000).
+_ATTEMPT_DIGITS = 7
+
+
+def iso_utc(seconds: float) -> str:
+    """``2018-10-23T18:25:43.511Z``: unix ``seconds`` as ISO-8601 UTC, milliseconds, ``Z``."""
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +111,7 @@ def new_scrape_document(job, hostname: str) -> dict:
     """The scrape document at the start of an attempt (status ``running``)."""
     experiment = job.request.get("experiment", {})
     return {
-        "runner": {"start": time.time(), "stop": None, "host": hostname,
+        "runner": {"start": iso_utc(time.time()), "stop": None, "host": hostname,
                    "attempt": job.job_id, "attempt_number": job.attempts + 1,
                    "queue": job.queue},
         "experiment": {},
@@ -96,20 +121,46 @@ def new_scrape_document(job, hostname: str) -> dict:
     }
 
 
+def bucket_root(url: str, bucket: str | None = None) -> str | None:
+    """The root of the store ``url`` is in: ``s3://host/bucket``, ``gs://bucket``, or for
+    ``file://`` the path up to the folder named ``bucket`` (None without one)."""
+    try:
+        scheme, rest = split_url(url)
+        if scheme == "s3":
+            return parse_s3_url(url).root
+        if scheme == "gs":
+            return "gs://" + rest.partition("/")[0] if rest.partition("/")[0] else None
+    except StorageError:
+        return None
+    if scheme == "file" and bucket and f"/{bucket}/" in rest:
+        return f"file://{rest[: rest.rindex(f'/{bucket}/') + len(bucket) + 1]}"
+    return None
+
+
 def store_root(request: dict) -> tuple[str | None, dict | None]:
-    """The storage root of the request (an artifact's URL with its ``key`` removed) and
-    the artifact it was taken from (whose credentials reach it).  ``_metadata`` is
-    preferred, then the other mutable artifacts (the runner writes there anyway)."""
+    """The storage root of the request and the artifact it was taken from (whose
+    credentials reach it).  ``_metadata`` is preferred, then the other mutable artifacts
+    (the runner writes there anyway).  The root is an artifact's URL with its ``key``
+    removed; an artifact given only by its ``qualified`` URL (the client sends some so)
+    gives its store's root (:func:`bucket_root`)."""
     artifacts = request.get("experiment", {}).get("artifacts") or {}
     ordered = sorted(artifacts.items(), key=lambda item: (
         item[0] != "_metadata", not (isinstance(item[1], dict) and item[1].get("mutable"))))
+    derived: tuple[str | None, dict | None] = (None, None)
     for _label, artifact in ordered:
         if not isinstance(artifact, dict):
             continue
         url, key = artifact_url(artifact), artifact.get("key")
-        if url and key and url.endswith(key) and not url.startswith(("http://", "https://")):
+        if not url or url.startswith(("http://", "https://")):
+            continue
+        if key and url.endswith(key):
             return url[: -len(key)].rstrip("/"), artifact
-    return None, None
+        if not key and derived[0] is None:
+            bucket = artifact.get("bucket")
+            root = bucket_root(url, bucket if isinstance(bucket, str) else None)
+            if root:
+                derived = (root, artifact)
+    return derived
 
 
 def store_root_url(request: dict) -> str | None:
@@ -140,7 +191,60 @@ def write_record(request: dict, *, status: str, attempt_id: str, attempts: int, 
         return
     record = {"request": redact_request(request), "status": status, "final": final,
               "attempt": attempt_id, "attempts": attempts, "host": hostname,
-              "updated": time.time()}
+              "updated": iso_utc(time.time())}
     artifact = None if override else store_root(request)[1]
     store = open_for_request(url, request, artifact)
     store.put_bytes(url, json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def _name_problem(url: str) -> str | None:
+    """Why the store of ``url`` cannot hold an object of that name, or None."""
+    try:
+        scheme, rest = split_url(url)
+        if scheme == "s3":
+            name = parse_s3_url(url).key
+        elif scheme == "gs":
+            name = rest.partition("/")[2]
+        elif scheme == "file":
+            path = rest.encode("utf-8", "surrogatepass")
+            long_part = max(path.split(b"/"), key=len)
+            if len(path) > MAX_PATH_BYTES:
+                return f"a path of {len(path)} bytes (file systems take {MAX_PATH_BYTES})"
+            if len(long_part) > MAX_NAME_BYTES:
+                return (f"a name of {len(long_part)} bytes in the path (file systems take "
+                        f"{MAX_NAME_BYTES})")
+            return None
+        else:
+            return None
+    except StorageError:
+        return None  # not a store URL: the request's own validation speaks of it
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_BYTES:
+        return f"an object name of {size} bytes ({scheme} takes {MAX_KEY_BYTES})"
+    return None
+
+
+def check_object_names(request: dict, hostname: str, override: str = "") -> None:
+    """Refuse a request whose metadata-store record or ``_metadata`` files would have
+    object names too long for their store (SPEC section 12: a key the store refuses is the
+    request's fault).  Checked at admission, so that such a request is dead-lettered with
+    the reason instead of running and ending without its record.
+
+    Raises :class:`~runner.errors.BadRequest` naming the object and the limit.
+    """
+    names = []
+    record = record_url(request, override)
+    if record:
+        names.append(("metadata record", record))
+    prefix = metadata_prefix_url(request)
+    if prefix:
+        longest_id = f"{hostname}-" + "z" * _ATTEMPT_DIGITS
+        for name in (output_name(longest_id), runner_log_name(longest_id),
+                     scrape_name(longest_id)):
+            names.append(("metadata file", f"{prefix}/{name}"))
+    for what, url in names:
+        problem = _name_problem(url)
+        if problem:
+            shown = url if len(url) <= 160 else f"{url[:120]}...{url[-30:]}"
+            raise BadRequest(f"the {what} {shown} would need {problem}: "
+                             "use a shorter experiment key or project")

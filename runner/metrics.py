@@ -8,8 +8,11 @@ labels, so dashboards written for it keep working:
 
 ==============================  =======  ==================================================
 ``runner_project_running``      gauge    attempts in flight (host, queue_type, queue_name,
-                                         project, experiment)
+                                         project)
 ``runner_project_completed``    counter  attempts ended (same labels)
+``runner_queue_depth``          gauge    requests waiting in a queue the runner serves
+                                         (host, queue_type, queue_name), as last counted by
+                                         the fetcher; a queue it could not count is left out
 ``runner_queue_checked``        counter  times a queue was asked for work (host,
                                          queue_type, queue_name); from the fetcher's stats
 ``runner_queue_ignored``        counter  times a queue was left out by --queue-match/
@@ -21,6 +24,9 @@ labels, so dashboards written for it keep working:
                                          ``cpu_free_slots``, ``cpu_free_mem`` (bytes),
                                          ``gpu_free_slots``, ``gpu_free_mem``, ``disk_free``
 ==============================  =======  ==================================================
+
+No metric carries the experiment's key: one series per experiment would grow without
+bound on a long-lived runner (``runner-ctl running`` and the logs name experiments).
 
 Counters that come from a role's stats restart from 0 when that role restarts (Prometheus
 treats that as a counter reset).  Newer metrics use the Python client's conventions:
@@ -45,7 +51,7 @@ log = logging.getLogger(__name__)
 PHASES = ("queue_wait", "download", "environment", "run", "upload")
 PHASE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400,
                  43200, 86400, 259200)
-JOB_LABELS = ("host", "queue_type", "queue_name", "project", "experiment")
+JOB_LABELS = ("host", "queue_type", "queue_name", "project")
 QUEUE_LABELS = ("host", "queue_type", "queue_name")
 
 # Ledger name -> classic resource metric name.
@@ -127,9 +133,11 @@ def free_resources(free: dict) -> list[tuple[str, dict, float]]:
 class Metrics:
     """Everything ``/metrics`` shows; fed by the supervisor's loop (thread-safe)."""
 
-    def __init__(self, host: str, role_stats: Callable[[], dict]):
+    def __init__(self, host: str, role_stats: Callable[[], dict],
+                 queue_stats: Callable[[], dict] = dict):
         self.host = host
         self.role_stats = role_stats  # () -> {role name: stats dict}
+        self.queue_stats = queue_stats  # () -> {queue: {"depth": n, ...}} (QueueStats)
         self.registry = CollectorRegistry(auto_describe=True)
         self.phase_seconds = Histogram(
             "runner_phase_seconds", "Seconds an attempt spent in each phase "
@@ -154,18 +162,17 @@ class Metrics:
 
     def job_labels(self, job) -> tuple:
         queue_type = getattr(job, "queue_type", "") or kind_of(job.queue)
-        return (self.host, queue_type, job.queue, job.project or "", job.key)
+        return (self.host, queue_type, job.queue, job.project or "")
 
     def job_started(self, job) -> None:
-        self.running.labels(*self.job_labels(job)).set(1)
+        self.running.labels(*self.job_labels(job)).inc()
 
-    def job_finished(self, job, status: str) -> None:
+    def job_finished(self, job, status: str, started: bool = True) -> None:
+        """An attempt ended; ``started``: it was counted by :meth:`job_started`."""
         labels = self.job_labels(job)
-        try:
-            self.running.remove(*labels)
-        except KeyError:
-            pass
         with self._lock:
+            if started:
+                self.running.labels(*labels).dec()
             self._completed[labels] = self._completed.get(labels, 0.0) + 1
         self.experiments.labels(status).inc()
 
@@ -194,6 +201,15 @@ class Metrics:
                        for q, n in sorted((fetcher.get(key) or {}).items())
                        if _number(n) is not None]
             parts.append(render_family(name, "counter", help_text, samples))
+        types = fetcher.get("queue_types") or {}
+        depths = []
+        for q, queue in sorted((self.queue_stats() or {}).items()):
+            depth = _number(queue.get("depth")) if isinstance(queue, dict) else None
+            if depth is not None and depth >= 0:  # -1: the fetcher could not count it
+                depths.append(({"host": self.host, "queue_type": types.get(q) or kind_of(q),
+                                "queue_name": q}, depth))
+        parts.append(render_family("runner_queue_depth", "gauge",
+                                   "Requests waiting in the queue (last count)", depths))
         caches = cache_counts(stats.get("cache_manager") or {})
         for kind in ("hits", "misses"):
             samples = [({"host": self.host, "cache": cache}, counts[kind])

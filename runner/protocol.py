@@ -81,6 +81,9 @@ class Job:
     max_duration: float | None = None
     save_frequency: float = 60.0
     queue_type: str = ""  # the back end's kind ("rmq", "sqs", "pubsub", "local")
+    # label -> seconds for mutable artifacts with their own saveFrequency (the rest, and
+    # the _metadata files unless it has one, follow save_frequency)
+    artifact_save_frequency: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,9 @@ class UploadRequest(Message):
 
     ``final`` uploads everything and is followed by a ``JobDone``; a periodic request
     skips unchanged artifacts and reports nothing; ``record_only`` (sent when the attempt
-    opens) writes the metadata-store record and uploads nothing.
+    opens) writes the metadata-store record and uploads nothing.  ``labels`` limits a
+    periodic request to the artifacts whose save period is due (``_metadata``: the
+    metadata files); None means every one.
     """
 
     TYPE: ClassVar[str] = "upload_request"
@@ -226,6 +231,7 @@ class UploadRequest(Message):
     final: bool
     outcome: Outcome | None = None
     record_only: bool = False
+    labels: tuple | None = None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import BadRequest
 from .storage import STORES, artifact_url
@@ -33,6 +33,7 @@ class RequestFacts:
     lifetime: float | None
     time_added: float | None
     save_frequency: float
+    artifact_save_frequency: dict = field(default_factory=dict)  # label -> seconds
 
     @property
     def stale_at(self) -> float | None:
@@ -68,6 +69,27 @@ def parse_resources(raw: dict | None) -> dict:
     if out["cpus"] < 0 or out["gpus"] < 0:
         raise BadRequest("resources_needed: counts cannot be negative")
     return out
+
+
+def clamp_save_frequency(seconds: float | None, min_save_interval: float) -> float:
+    """A save period in seconds within ``[min_save_interval, 1h]``; None: the default (1m)."""
+    return min(max(seconds or DEFAULT_SAVE_FREQUENCY, min_save_interval), MAX_SAVE_FREQUENCY)
+
+
+def artifact_save_frequencies(artifacts: dict, min_save_interval: float) -> dict[str, float]:
+    """``label -> seconds`` for each mutable artifact with its own ``saveFrequency``
+    (SPEC section 2), clamped like ``saveWorkspaceFrequency``; the others follow
+    ``saveWorkspaceFrequency``.  Raises :class:`BadRequest` for a value that is no duration.
+    """
+    found = {}
+    for label, artifact in artifacts.items():
+        if not isinstance(artifact, dict) or not artifact.get("mutable"):
+            continue
+        seconds = _duration_field(artifact.get("saveFrequency"),
+                                  f"artifact {label!r}: saveFrequency")
+        if seconds is not None:
+            found[label] = clamp_save_frequency(seconds, min_save_interval)
+    return found
 
 
 def parse_request(body: bytes, *, min_save_interval: float = 10.0) -> tuple[dict, RequestFacts]:
@@ -128,7 +150,7 @@ def parse_request(body: bytes, *, min_save_interval: float = 10.0) -> tuple[dict
         if not math.isfinite(time_added):
             raise BadRequest("experiment.time_added is not finite")
     save = _duration_field(config.get("saveWorkspaceFrequency"), "config.saveWorkspaceFrequency")
-    save = min(max(save or DEFAULT_SAVE_FREQUENCY, min_save_interval), MAX_SAVE_FREQUENCY)
+    save = clamp_save_frequency(save, min_save_interval)
     facts = RequestFacts(
         key=key,
         project=str(experiment.get("project") or ""),
@@ -138,6 +160,7 @@ def parse_request(body: bytes, *, min_save_interval: float = 10.0) -> tuple[dict
         lifetime=_duration_field(config.get("experimentLifetime"), "config.experimentLifetime"),
         time_added=time_added,
         save_frequency=save,
+        artifact_save_frequency=artifact_save_frequencies(artifacts, min_save_interval),
     )
     return request, facts
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import metadata
 from .archive import pack
-from .config import default_data_root, expand_vars
+from .config import OptionParser, default_data_root, env_value, expand_vars
 from .errors import RunnerError
 from .queues import LocalQueue, PubSubQueue, RabbitMQQueue, SQSQueue, kind_of
 from .redact import safe_url
@@ -37,7 +37,7 @@ FINAL_STATUSES = ("completed", "failed", "expired")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
         prog="runner-submit",
         description="Submit DIRECTORY as a StudioML experiment running SCRIPT with ARGS.")
     parser.add_argument("directory", help="the workspace: the experiment's code")
@@ -50,27 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue", default=env("SUBMIT_QUEUE", "local_default"),
                         help="queue name: local_*, rmq_*, sqs_*, or a Pub/Sub topic as "
                              "projects/P/topics/T (default local_default) [env SUBMIT_QUEUE]")
-    parser.add_argument("--amqp-url", default=env("AMQP_URL", ""),
+    parser.add_argument("--amqp-url", default=env_value("amqp-url"),
                         help="RabbitMQ broker for rmq_* queues, amqp://user:password@host:5672/"
-                             "vhost; ${VAR} is expanded from the environment [env AMQP_URL]")
+                             "vhost; ${VAR} is expanded from the environment [env RUNNER_AMQP_URL, AMQP_URL]")
     parser.add_argument("--durable", action="store_true",
                         help="rmq_*: declare a missing queue durable and publish persistent "
                              "messages (the StudioML client declares non-durable queues)")
-    parser.add_argument("--sqs-certs", default=env("SQS_CERTS", ""),
+    parser.add_argument("--sqs-certs", default=env_value("sqs-certs"),
                         help="sqs_*: directory with one sub-directory per AWS account; the "
-                             "first account is used [env SQS_CERTS]")
-    parser.add_argument("--aws-region", default=env("AWS_REGION", ""),
+                             "first account is used [env RUNNER_SQS_CERTS, SQS_CERTS]")
+    parser.add_argument("--aws-region", default=env_value("aws-region"),
                         help="sqs_*: region for the default AWS credential chain "
-                             "[env AWS_REGION]")
-    parser.add_argument("--sqs-endpoint", default=env("SQS_ENDPOINT", ""),
-                        help="sqs_*: SQS endpoint URL (private clouds, tests) [env SQS_ENDPOINT]")
-    parser.add_argument("--google-certs", default=env("GOOGLE_CERTS", ""),
+                             "[env RUNNER_AWS_REGION, AWS_REGION]")
+    parser.add_argument("--sqs-endpoint", default=env_value("sqs-endpoint"),
+                        help="sqs_*: SQS endpoint URL (private clouds, tests) [env RUNNER_SQS_ENDPOINT]")
+    parser.add_argument("--google-certs", default=env_value("google-certs"),
                         help="Pub/Sub (--queue projects/P/topics/T): directory of service-"
                              "account files (also $GOOGLE_APPLICATION_CREDENTIALS) "
-                             "[env GOOGLE_CERTS]")
-    parser.add_argument("--queue-root", default=env("QUEUE_ROOT",
-                                                    str(default_data_root() / "queues")),
-                        help="root of local_* queues [env QUEUE_ROOT]")
+                             "[env RUNNER_GOOGLE_CERTS, GOOGLE_CERTS]")
+    parser.add_argument("--queue-root", default=env_value("queue-root",
+                                                          str(default_data_root() / "queues")),
+                        help="root of local_* queues [env RUNNER_QUEUE_ROOT, QUEUE_ROOT]")
     parser.add_argument("--storage", default=env("SUBMIT_STORAGE",
                                                  (default_data_root() / "storage").as_uri()),
                         help="storage URL for artifacts (default: file:// under the data root) "

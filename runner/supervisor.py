@@ -44,8 +44,8 @@ from pathlib import Path
 
 import zmq
 
-from . import (__version__, _fast, cgroups, config as config_module, fates, protocol,
-               slack as slack_module)
+from . import (__version__, _fast, cgroups, config as config_module, fates, metadata,
+               protocol, slack as slack_module)
 from .bus import ROLES, Bus, Endpoints, control_server, poll_ms
 from .errors import ConfigError, ProtocolError
 from .logs import set_level, setup_logging
@@ -64,7 +64,7 @@ LOOP_WAIT = 1.0  # idle wait of the loop; messages, ctl requests and signals (SI
 STOP_RUNS_EVERY = 1.0
 STATUS_EVERY = 2.0
 # Never passed to roles (and so never to experiments): systemd's and Slack's.
-PRIVATE_VARIABLES = NOTIFY_VARIABLES + ("SLACK_HOOK",)
+PRIVATE_VARIABLES = NOTIFY_VARIABLES + ("SLACK_HOOK", "RUNNER_SLACK_HOOK")
 
 # Which role holds a job in each phase (for recovery when that role dies).
 PHASE_OWNER = {"taken": "cache_manager", "preparing": "cache_manager", "running": "executor",
@@ -162,22 +162,43 @@ class Supervisor:
         log.debug("started %s (pid %d)", role.name, role.process.pid)
 
     def boot(self) -> None:
-        """Start every role and wait until each has sent its first heartbeat."""
+        """Start every role and wait until each has sent its first heartbeat.
+
+        A SIGTERM/SIGINT while the roles boot stops the runner (exit 0, "stopped while
+        booting"), also when the same signal reached the roles first (a process group's
+        stop); SIGHUP waits until the roles are up.  A role that exits by itself stops
+        the runner with :data:`EXIT_BOOT` and its exit status or signal named.
+        """
         for role in self.roles.values():
             self.spawn(role)
         deadline = time.monotonic() + BOOT_TIMEOUT
         while not all(r.ready for r in self.roles.values()):
+            self.stop_if_told_while_booting()
             for role in self.roles.values():
                 code = role.process.poll()
-                if code is not None:
-                    raise FatalError(EXIT_BOOT, f"role {role.name} failed to boot "
-                                                f"(exit status {code}); see its message above")
+                if code is None:
+                    continue
+                if code < 0:
+                    # Killed by a signal: when it was the runner's stop (the group got it),
+                    # the supervisor's own handler has recorded it by now; give it a moment.
+                    self.serve_once(0.2)
+                    self.stop_if_told_while_booting()
+                    raise FatalError(EXIT_BOOT, f"role {role.name} was killed by "
+                                                f"{signal_name(-code)} while booting")
+                raise FatalError(EXIT_BOOT, f"role {role.name} failed to boot "
+                                            f"(exit status {code}); see its message above")
             if time.monotonic() > deadline:
                 late = ", ".join(r.name for r in self.roles.values() if not r.ready)
                 raise FatalError(EXIT_BOOT, f"roles did not boot within {BOOT_TIMEOUT:.0f}s: {late}")
-            if self.signals:
-                raise FatalError(0, "stopped while booting")
             self.serve_once(0.1)
+
+    def stop_if_told_while_booting(self) -> None:
+        """Raise the clean stop when a SIGTERM/SIGINT was recorded during boot."""
+        stops = [s for s in self.signals if s in (signal.SIGTERM, signal.SIGINT)]
+        if stops:
+            log.info("stopped by %s while the roles were booting; no work was taken",
+                     signal_name(stops[0]))
+            raise FatalError(0, "stopped while booting")
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -227,7 +248,8 @@ class Supervisor:
         if self.config.prom_address:
             from .metrics import Metrics, MetricsServer  # prometheus-client only when asked
             self.metrics = Metrics(self.config.hostname,
-                                   lambda: {n: r.stats for n, r in self.roles.items()})
+                                   lambda: {n: r.stats for n, r in self.roles.items()},
+                                   lambda: self.queues)
             try:
                 self.metrics_server = MetricsServer(self.config.prom_address, self.metrics,
                                                     lambda: self.health).start()
@@ -523,6 +545,7 @@ class Supervisor:
     def track(self, phase: protocol.JobPhase) -> None:
         job_id = phase.job.job_id
         if phase.phase == "finished":
+            started = job_id in self.jobs  # counted in runner_project_running
             entry = self.jobs.pop(job_id, None) or {"job": phase.job, "detail": {}, "times": {}}
             fate = phase.detail.get("fate")
             status = phase.detail.get("status")
@@ -532,7 +555,7 @@ class Supervisor:
                 self.finished[key] += 1
             self.observe(entry, "finished", phase.at)
             if self.metrics is not None:
-                self.metrics.job_finished(phase.job, key or "unknown")
+                self.metrics.job_finished(phase.job, key or "unknown", started=started)
             self.notify_finished(entry, phase)
             return
         new = job_id not in self.jobs
@@ -719,6 +742,7 @@ class Supervisor:
                          "queue": job.queue, "attempt_number": job.attempts + 1,
                          "phase": entry["phase"], "pid": entry["detail"].get("pid"),
                          "devices": (job.resources or {}).get("devices") or "-1",
+                         "started": metadata.iso_utc(job.taken_at),
                          "elapsed": round(now - job.taken_at, 1),
                          "last_metric": last_metric.get(job_id, "")})
         drain = None
@@ -733,7 +757,8 @@ class Supervisor:
         healthy, reason = self.health
         return {"supervisor": {"pid": os.getpid(), "instance": self.config.instance,
                                "host": self.config.hostname,
-                               "state": self.state, "uptime": round(now - self.started, 1),
+                               "state": self.state, "started": metadata.iso_utc(self.started),
+                               "uptime": round(now - self.started, 1),
                                "version": __version__, "hot_path": _fast.IMPLEMENTATION,
                                "taking": self.fetcher_taking, "healthy": healthy,
                                "health": reason, "drain": drain,
@@ -753,20 +778,33 @@ class Supervisor:
                 "free": fetcher.get("free") or {}, "finished": self.finished}
 
 
+def signal_name(number: int) -> str:
+    """``SIGTERM`` for 15; ``signal 99`` for a number with no name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_module.build_parser(
         "runner-supervisor", "Run StudioML experiments from queues (see README.md).")
+    flags = {name: value for name, value in vars(parser.parse_args(argv)).items()
+             if value is not None}
     try:
-        config = config_module.load(argv, parser=parser)
+        resolved = config_module.resolve(flags, os.environ)
     except ConfigError as exc:
         print("runner-supervisor: invalid options:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(config, role="supervisor")
-    flags = {name: value for name, value in vars(parser.parse_args(argv)).items()
-             if value is not None}
-    return Supervisor(config, flags=flags).run()
+    setup_logging(resolved.config, role="supervisor")
+    from_environment = resolved.from_environment()
+    log.info("options from the environment: %s",
+             "; ".join(from_environment) if from_environment else "none")
+    for note in resolved.notes:
+        log.warning("%s", note)
+    return Supervisor(resolved.config, flags=flags).run()
 
 
 if __name__ == "__main__":

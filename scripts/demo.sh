@@ -8,8 +8,8 @@ bash scripts/setup.sh >/dev/null
 export PATH="$(pwd)/.venv/bin:$PATH"
 DEMO="$(pwd)/.runner-demo"
 mkdir -p "$DEMO"
-export QUEUE_ROOT="$DEMO/queues" WORKING_DIR="$DEMO/work" CACHE_DIR="$DEMO/cache"
-export RUNTIME_DIR="/tmp/studioml-runner-demo-$(id -u)"
+export RUNNER_QUEUE_ROOT="$DEMO/queues" RUNNER_WORKING_DIR="$DEMO/work" RUNNER_CACHE_DIR="$DEMO/cache"
+export RUNNER_RUNTIME_DIR="/tmp/studioml-runner-demo-$(id -u)"
 STORAGE="file://$DEMO/storage"
 
 runner-supervisor >"$DEMO/supervisor.log" 2>&1 &

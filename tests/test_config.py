@@ -71,9 +71,10 @@ def test_flags(tmp_path: Path) -> None:
 
 
 def test_environment_variables(tmp_path: Path) -> None:
-    environ = {"QUEUE_ROOT": str(tmp_path / "envq"), "QUEUE_MISMATCH": "_test$",
-               "EXECUTORS": "4", "KILL_GRACE": "5s", "WORKING_DIR": str(tmp_path / "w"),
-               "INSTALLER": "uv", "MAX_ATTEMPTS": "2"}
+    environ = {"RUNNER_QUEUE_ROOT": str(tmp_path / "envq"), "RUNNER_QUEUE_MISMATCH": "_test$",
+               "RUNNER_EXECUTORS": "4", "RUNNER_KILL_GRACE": "5s",
+               "RUNNER_WORKING_DIR": str(tmp_path / "w"), "RUNNER_INSTALLER": "uv",
+               "RUNNER_MAX_ATTEMPTS": "2"}
     config = load([], environ=environ)
     assert config.queue_root == str(tmp_path / "envq")
     assert config.queue_mismatch == "_test$"
@@ -86,13 +87,14 @@ def test_environment_variables(tmp_path: Path) -> None:
 
 def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    config = load(["--cache-dir", "rel/cache"], environ={"QUEUE_ROOT": "q"})
+    config = load(["--cache-dir", "rel/cache"], environ={"RUNNER_QUEUE_ROOT": "q"})
     assert config.cache_dir == str(tmp_path / "rel" / "cache")
     assert config.queue_root == str(tmp_path / "q")
 
 
 def test_flag_beats_env_beats_default(tmp_path: Path) -> None:
-    environ = {"EXECUTORS": "4", "QUEUE_ROOT": str(tmp_path / "env"), "KILL_GRACE": "7s"}
+    environ = {"RUNNER_EXECUTORS": "4", "RUNNER_QUEUE_ROOT": str(tmp_path / "env"),
+               "RUNNER_KILL_GRACE": "7s"}
     config = load(["--executors", "2", "--queue-root", str(tmp_path / "flag")], environ=environ)
     assert config.executors == 2                      # flag over env
     assert config.queue_root == str(tmp_path / "flag")
@@ -101,19 +103,19 @@ def test_flag_beats_env_beats_default(tmp_path: Path) -> None:
 
 
 def test_flag_wins_even_over_a_bad_env_value() -> None:
-    config = load(["--executors", "2"], environ={"EXECUTORS": "zero"})
+    config = load(["--executors", "2"], environ={"RUNNER_EXECUTORS": "zero"})
     assert config.executors == 2
 
 
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         load(["--queue-match", "(", "--kill-grace", "soon", "--executors", "0",
-              "--installer", "conda"], environ={"MIN_SAVE_INTERVAL": "1 parsec"})
+              "--installer", "conda"], environ={"RUNNER_MIN_SAVE_INTERVAL": "1 parsec"})
     problems = info.value.problems
     assert len(problems) == 5, problems
     text = "\n".join(problems)
     for needle in ("--queue-match='('", "--kill-grace='soon'", "--executors='0'",
-                   "--installer='conda'", "$MIN_SAVE_INTERVAL='1 parsec'"):
+                   "--installer='conda'", "$RUNNER_MIN_SAVE_INTERVAL='1 parsec'"):
         assert needle in text, (needle, problems)
     assert "must be 1 or more" in text
     assert "expected one of auto, uv, pip" in text
@@ -171,14 +173,16 @@ def test_every_option_is_a_flag_and_an_env_var() -> None:
     rows = config_module.options_table()
     assert len(rows) == len(config_module.OPTIONS)
     for flag, env, _default, _help in rows:
-        assert env == flag[2:].upper().replace("-", "_")
+        names = env.split(", ")
+        assert names[0] == "RUNNER_" + flag[2:].upper().replace("-", "_")
+        assert names[1:] in ([], [config_module.GO_RUNNER_NAMES.get(flag[2:])])
     parser = config_module.build_parser()
-    assert "QUEUE_ROOT" in parser.format_help()
+    assert "RUNNER_QUEUE_ROOT, QUEUE_ROOT" in " ".join(parser.format_help().split())
 
 
 def test_supervisor_exits_2_listing_every_problem(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
-           if k not in {o.env for o in config_module.OPTIONS}}
+           if k not in {n for o in config_module.OPTIONS for n in o.env_names}}
     env["XDG_DATA_HOME"] = str(tmp_path / "data")
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run(
@@ -208,18 +212,18 @@ def test_resource_options_parse_sizes_once() -> None:
     assert (config.max_cores, config.max_mem, config.max_disk) == (3, 2 * 2**30, 50 * 10**9)
     assert config.cpu_only and config.gpu_share and config.cgroups == "off"
     assert config.run_pids == 64 and config.gpu_refresh == 60.0
-    assert load([], environ={"CPU_ONLY": "yes", "GPU_SHARE": "1"}).cpu_only is True
+    assert load([], environ={"CPU_ONLY": "yes", "RUNNER_GPU_SHARE": "1"}).cpu_only is True
     assert Config.from_json(config.to_json()) == config
 
 
 def test_resource_options_are_validated_together() -> None:
     with pytest.raises(ConfigError) as info:
         load(["--max-cores", "0", "--max-mem", "lots", "--max-disk", "-1", "--cgroups", "v3",
-              "--run-pids", "x"], environ={"GPU_SHARE": "maybe"})
+              "--run-pids", "x"], environ={"RUNNER_GPU_SHARE": "maybe"})
     text = "\n".join(info.value.problems)
     assert len(info.value.problems) == 6, info.value.problems
     for needle in ("--max-cores", "--max-mem", "--max-disk", "--cgroups", "--run-pids",
-                   "$GPU_SHARE"):
+                   "$RUNNER_GPU_SHARE"):
         assert needle in text, needle
 
 
@@ -245,3 +249,103 @@ def test_cloud_queue_options_parse(tmp_path: Path) -> None:
     assert (cfg.sqs_visibility, cfg.google_certs, cfg.pubsub_ack_deadline) == \
         (120.0, str(tmp_path), 30.0)
     assert Config.from_json(cfg.to_json()) == cfg
+
+
+# -- environment names, LOGXI, typos, units --------------------------------------------------
+
+def test_unprefixed_names_of_other_tools_do_not_change_the_runner(tmp_path: Path) -> None:
+    environ = {"HOSTNAME": "not a host!", "LOG_LEVEL": "error", "EXECUTORS": "7",
+               "DEBUG_LEVEL": "x", "RUNTIME_DIR": str(tmp_path / "other-tool")}
+    resolved = config_module.resolve({}, environ)
+    assert resolved.config.hostname == "testhost"  # this host's, not $HOSTNAME's
+    assert resolved.config.log_level == "info"
+    assert resolved.config.executors != 7
+    assert resolved.config.runtime_dir != str(tmp_path / "other-tool")
+    assert resolved.from_environment() == []
+
+
+def test_go_runner_names_still_work_and_the_prefixed_name_wins(tmp_path: Path) -> None:
+    environ = {"CACHE_DIR": str(tmp_path / "go"), "WORKING_DIR": str(tmp_path / "w"),
+               "DEBUG": "true", "AMQP_URL": "amqp://u:p@rabbit:5672/%2F",
+               "RUNNER_WORKING_DIR": str(tmp_path / "runner")}
+    resolved = config_module.resolve({}, environ)
+    assert resolved.config.cache_dir == str(tmp_path / "go")
+    assert resolved.config.working_dir == str(tmp_path / "runner")
+    assert resolved.config.debug is True and resolved.config.amqp_url.startswith("amqp://")
+    assert resolved.from_environment() == [
+        "--amqp-url from $AMQP_URL", "--working-dir from $RUNNER_WORKING_DIR",
+        "--cache-dir from $CACHE_DIR", "--debug from $DEBUG"]
+    assert "p@" not in " ".join(resolved.from_environment())  # names only, never values
+
+
+def test_sources_name_flags_options_file_and_defaults(tmp_path: Path) -> None:
+    options = tmp_path / "runner.env"
+    options.write_text("RUNNER_EXECUTORS=3\n")
+    resolved = config_module.resolve({"kill_grace": "2s", "options_file": str(options)},
+                                     {"MAX_ATTEMPTS": "4"})
+    assert resolved.sources["kill_grace"] == "--kill-grace"
+    assert resolved.sources["executors"] == "options file $RUNNER_EXECUTORS"
+    assert resolved.sources["max_attempts"] == "$MAX_ATTEMPTS"
+    assert resolved.sources["queue_match"] == "default"
+    assert resolved.from_environment() == ["--executors from options file $RUNNER_EXECUTORS",
+                                           "--max-attempts from $MAX_ATTEMPTS"]
+
+
+@pytest.mark.parametrize("logxi, level", [("*=DBG", "debug"), ("*=INF", "info"),
+                                          ("*=WRN,runner=DBG", "warning"), ("*=ERR", "error"),
+                                          ("runner=TRC", "debug")])
+def test_logxi_maps_to_the_log_level_with_one_note(logxi: str, level: str) -> None:
+    resolved = config_module.resolve({}, {"LOGXI": logxi, "LOGXI_FORMAT": "happy,maxcol=1024"})
+    assert resolved.config.log_level == level
+    assert resolved.config.log_format == "text"
+    assert resolved.sources["log_level"] == "$LOGXI"
+    assert len(resolved.notes) == 2
+    assert "LOGXI" in resolved.notes[0] and f"--log-level {level}" in resolved.notes[0]
+    assert "RUNNER_LOG_LEVEL" in resolved.notes[0]
+
+
+def test_logxi_without_an_equivalent_is_ignored_with_a_note() -> None:
+    resolved = config_module.resolve({}, {"LOGXI": "*=OFF", "LOGXI_FORMAT": "fancy"})
+    assert resolved.config.log_level == "info" and resolved.config.log_format == "text"
+    assert len(resolved.notes) == 2 and all("no equivalent" in n for n in resolved.notes)
+
+
+def test_logxi_loses_to_the_runners_own_option() -> None:
+    resolved = config_module.resolve({}, {"LOGXI": "*=DBG", "LOGXI_FORMAT": "JSON",
+                                          "RUNNER_LOG_LEVEL": "warning"})
+    assert resolved.config.log_level == "warning"
+    assert resolved.config.log_format == "json"
+
+
+@pytest.mark.parametrize("option", ["drain_timeout", "kill_grace", "storage_retry",
+                                    "limit_idle_duration", "sqs_visibility"])
+def test_durations_of_options_need_a_unit(option: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_module.from_values({option: "5"}, {})
+    assert "needs a unit: 5s, 5m or 5h" in info.value.problems[0]
+    assert getattr(config_module.from_values({option: "30s"}, {}), option) == 30.0
+
+
+def test_a_bare_zero_duration_is_fine_and_help_says_units_are_needed() -> None:
+    assert config_module.from_values({"limit_idle_duration": "0"}, {}).limit_idle_duration == 0
+    text = " ".join(config_module.build_parser().format_help().split())
+    assert "Durations need a unit" in text
+
+
+def test_a_typoed_flag_gets_a_suggestion_not_the_usage_block() -> None:
+    proc = subprocess.run([sys.executable, "-m", "runner.supervisor", "--exectors", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "did you mean --executors?" in proc.stderr
+    assert len(proc.stderr.splitlines()) <= 3, proc.stderr
+    assert "--queue-mismatch" not in proc.stderr  # no option list
+
+
+@pytest.mark.parametrize("command, argv, meant", [
+    ("runner.ctl", ["--jsn", "status"], "--json"),
+    ("runner.submit", ["--queeu", "local_x", "folder", "train.py"], "--queue")])
+def test_other_commands_suggest_too(command: str, argv: list, meant: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", command, *argv],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"did you mean {meant}?" in proc.stderr

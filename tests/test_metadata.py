@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from runner import _fast, metadata
+from runner.errors import BadRequest
 from runner.metadata import (AttemptIds, metadata_prefix_url, output_name, record_url,
                              runner_log_name, scrape_name, store_root_url, strip_archive_suffix,
                              write_record)
@@ -17,6 +20,11 @@ ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 ACCESS = "AKIAEXAMPLEID0001"
 ENV_SECRET = "env-secret-value-123"
+ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"  # the seed's "2018-10-23T18:25:43.511Z"
+
+
+def parse_iso(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def b62(n: int) -> str:
@@ -168,7 +176,7 @@ def test_write_record_writes_a_redacted_record(tmp_path: Path) -> None:
     assert record["attempt"] == "host-1r31eq"
     assert record["attempts"] == 1
     assert record["host"] == "host"
-    assert isinstance(record["updated"], float)
+    assert re.fullmatch(ISO_UTC, record["updated"])
     exp = record["request"]["experiment"]
     assert exp["key"] == "exp-1"
     assert exp["artifacts"]["workspace"]["key"] == "experiments/exp-1/workspace.tar"
@@ -218,7 +226,8 @@ def test_new_scrape_document() -> None:
     assert doc["runner"]["host"] == "host"
     assert doc["runner"]["attempt"] == "host-1r31eq"
     assert doc["runner"]["attempt_number"] == 2
-    assert doc["runner"]["start"] >= before
+    assert re.fullmatch(ISO_UTC, doc["runner"]["start"])
+    assert parse_iso(doc["runner"]["start"]) >= before - 0.001
     assert doc["experiment"] == {}
     assert len(doc["asset"]) == 36
     assert metadata.new_scrape_document(job, "host")["asset"] != doc["asset"]
@@ -230,3 +239,93 @@ def test_attempt_ids_do_not_repeat_across_restarts(tmp_path) -> None:
     again = AttemptIds("host", clock).next(1700000000)  # a new runner in the same second
     assert first == "host-1r31eq" and again != first
     assert _fast.b62decode(again.rsplit("-", 1)[1]) == 1700000001
+
+
+# -- times, qualified-only artifacts, object names ------------------------------------------
+
+def test_iso_utc_is_the_seeds_form() -> None:
+    assert metadata.iso_utc(1540319143.511) == "2018-10-23T18:25:43.511Z"
+    assert metadata.iso_utc(0) == "1970-01-01T00:00:00.000Z"
+    now = time.time()
+    assert abs(parse_iso(metadata.iso_utc(now)) - now) < 0.001
+
+
+@pytest.mark.parametrize("url, bucket, root", [
+    ("s3://minio:9000/bkt/experiments/exp-1/_metadata.tar", "bkt", "s3://minio:9000/bkt"),
+    ("gs://bkt/experiments/exp-1/_metadata.tar", None, "gs://bkt"),
+    ("file:///srv/data/bkt/experiments/exp-1/_metadata.tar", "bkt", "file:///srv/data/bkt"),
+])
+def test_record_url_of_artifacts_given_only_by_qualified(url, bucket, root) -> None:
+    request = make_request("s3://unused/bkt")
+    for artifact in request["experiment"]["artifacts"].values():
+        del artifact["key"]
+        artifact["qualified"] = url
+        if bucket is None:
+            artifact.pop("bucket")
+    assert store_root_url(request) == root
+    assert record_url(request) == f"{root}/metadata/proj/exp-1.json"
+
+
+def test_a_keyed_artifact_wins_over_a_qualified_only_one() -> None:
+    request = make_request("s3://minio:9000/bkt")
+    arts = request["experiment"]["artifacts"]
+    del arts["_metadata"]["key"]
+    arts["_metadata"]["qualified"] = "s3://other:9000/elsewhere/x/_metadata.tar"
+    assert store_root_url(request) == "s3://minio:9000/bkt"
+
+
+def test_qualified_only_file_artifact_without_bucket_has_no_root() -> None:
+    request = make_request("file:///srv/bkt")
+    for artifact in request["experiment"]["artifacts"].values():
+        del artifact["key"]
+        artifact.pop("bucket")
+    assert record_url(request) is None
+
+
+def test_write_record_for_qualified_only_artifacts(tmp_path: Path) -> None:
+    request = make_request(f"file://{tmp_path}/bkt")
+    for artifact in request["experiment"]["artifacts"].values():
+        del artifact["key"]
+    write_record(request, status="running", attempt_id="host-1r31eq", attempts=0, final=False,
+                 hostname="host")
+    record = json.loads((tmp_path / "bkt" / "metadata" / "proj" / "exp-1.json").read_text())
+    assert record["status"] == "running" and SECRET not in json.dumps(record)
+
+
+@pytest.mark.parametrize("root", ["s3://minio:9000/bkt", "gs://bkt"])
+def test_keys_too_long_for_an_object_store_are_refused(root: str) -> None:
+    request = make_request(root)
+    metadata.check_object_names(request, "host")  # an ordinary key passes
+    request["experiment"]["key"] = "k" * 1020  # the record's name passes 1024 bytes
+    with pytest.raises(BadRequest, match="metadata record .* 10[0-9][0-9] bytes"):
+        metadata.check_object_names(request, "host")
+
+
+def test_keys_too_long_for_a_file_system_are_refused(tmp_path: Path) -> None:
+    request = make_request(f"file://{tmp_path}/bkt")
+    request["experiment"]["key"] = "k" * 251  # k…k.json: 256 bytes, one over NAME_MAX
+    with pytest.raises(BadRequest, match="name of 256 bytes"):
+        metadata.check_object_names(request, "host")
+    request["experiment"]["key"] = "k" * 250
+    metadata.check_object_names(request, "host")
+    request["experiment"]["key"] = "/".join(["k" * 200] * 21)
+    with pytest.raises(BadRequest, match="path of"):
+        metadata.check_object_names(request, "host")
+
+
+def test_metadata_file_names_count_the_host_name() -> None:
+    request = make_request("s3://minio:9000/bkt")
+    arts = request["experiment"]["artifacts"]
+    arts["_metadata"]["key"] = "x" * 980 + "/_metadata.tar"
+    arts["_metadata"]["qualified"] = "s3://minio:9000/bkt/" + arts["_metadata"]["key"]
+    metadata.check_object_names(request, "h")
+    with pytest.raises(BadRequest, match="metadata file"):
+        metadata.check_object_names(request, "a-much-longer-host-name.example.com")
+
+
+def test_override_store_is_the_one_checked(tmp_path: Path) -> None:
+    request = make_request("s3://minio:9000/bkt")
+    request["experiment"]["key"] = "k" * 300
+    metadata.check_object_names(request, "host")
+    with pytest.raises(BadRequest, match="metadata record"):
+        metadata.check_object_names(request, "host", override=f"file://{tmp_path}/store")

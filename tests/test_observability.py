@@ -174,7 +174,7 @@ def test_exposition_keeps_the_classic_names_and_escapes_labels():
     m.job_started(job)
     m.observe("run", 1.5)
     text = m.exposition().decode()
-    assert ('runner_project_running{experiment="exp-1",host="host\\"1",project="p\\\\\\"q",'
+    assert ('runner_project_running{host="host\\"1",project="p\\\\\\"q",'
             'queue_name="local_q",queue_type="local"} 1.0') in text
     assert 'runner_queue_checked{host="host\\"1",queue_type="local",queue_name="local_a"} 3.0' in text
     assert 'runner_queue_ignored{host="host\\"1",queue_type="rmq",queue_name="rmq_x"} 2.0' in text
@@ -184,9 +184,42 @@ def test_exposition_keeps_the_classic_names_and_escapes_labels():
     assert 'runner_phase_seconds_count{phase="run"} 1.0' in text
     m.job_finished(job, "completed")
     text = m.exposition().decode()
-    assert 'project="p\\\\\\"q",experiment="exp-1"} 1.0' in text  # runner_project_completed
+    assert 'queue_name="local_q",project="p\\\\\\"q"} 1.0' in text  # runner_project_completed
     assert 'runner_experiments_total{status="completed"} 1.0' in text
-    assert "runner_project_running{" not in text
+    assert 'runner_project_running{host="host\\"1",project="p\\\\\\"q"' in text
+    assert "queue_type=\"local\"} 0.0" in text
+
+
+def test_metrics_carry_no_experiment_label_and_count_per_project():
+    m = metrics.Metrics("vm", dict)
+    jobs = [make_job(job_id=f"vm-{n}", key=f"exp-{n}") for n in range(3)]
+    for job in jobs:
+        m.job_started(job)
+    text = m.exposition().decode()
+    assert "experiment=" not in text and "exp-0" not in text
+    assert 'runner_project_running{host="vm",project="proj",queue_name="local_q",' \
+           'queue_type="local"} 3.0' in text
+    for job in jobs:
+        m.job_finished(job, "completed")
+    m.job_finished(make_job(job_id="vm-9", key="exp-9"), "dead", started=False)
+    text = m.exposition().decode()
+    assert "experiment=" not in text
+    completed = [line for line in text.splitlines() if line.startswith("runner_project_completed{")]
+    assert completed == ['runner_project_completed{host="vm",queue_type="local",'
+                         'queue_name="local_q",project="proj"} 4.0']
+    assert 'queue_type="local"} 0.0' in text  # running back to 0, never below
+
+
+def test_queue_depth_gauge_per_queue():
+    queues = {"local_a": {"depth": 4, "waiting": []}, "rmq_b": {"depth": 0, "waiting": []},
+              "sqs_c": {"depth": -1, "waiting": [], "error": "unreachable"}}
+    stats = {"fetcher": {"queue_types": {"rmq_b": "rmq"}}}
+    m = metrics.Metrics("vm", lambda: stats, lambda: queues)
+    text = m.exposition().decode()
+    assert "# TYPE runner_queue_depth gauge" in text
+    assert 'runner_queue_depth{host="vm",queue_type="local",queue_name="local_a"} 4' in text
+    assert 'runner_queue_depth{host="vm",queue_type="rmq",queue_name="rmq_b"} 0' in text
+    assert "sqs_c" not in text  # not counted: left out rather than shown as -1
 
 
 def test_metrics_server_serves_metrics_and_health():
@@ -250,8 +283,8 @@ def test_experiment_notice_masks_secrets_and_cuts_the_tail():
 def test_options_file_sits_between_flags_and_environment(tmp):
     path = tmp / "runner.env"
     path.write_text("# comment\n; also a comment\n\nexport QUEUE_MATCH='^local_a$'\n"
-                    "LIMIT_TASKS=\"4\"\nLOG_LEVEL=warning\n")
-    environ = {"OPTIONS_FILE": str(path), "LIMIT_TASKS": "9", "KILL_GRACE": "3s"}
+                    "LIMIT_TASKS=\"4\"\nRUNNER_LOG_LEVEL=warning\n")
+    environ = {"RUNNER_OPTIONS_FILE": str(path), "LIMIT_TASKS": "9", "RUNNER_KILL_GRACE": "3s"}
     loaded = config.from_values({"log_level": "error"}, environ)
     assert loaded.queue_match == "^local_a$" and loaded.limit_tasks == 4
     assert loaded.log_level == "error" and loaded.kill_grace == 3.0

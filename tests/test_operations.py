@@ -138,7 +138,7 @@ def test_sighup_changes_the_queue_match_live(runner):
     assert runner.record(request) is None
     assert waiting_files(runner, "local_second")
 
-    options.write_text("QUEUE_MATCH='^local_(first|second)$'\nLOG_LEVEL=debug\n"
+    options.write_text("QUEUE_MATCH='^local_(first|second)$'\nRUNNER_LOG_LEVEL=debug\n"
                        "MAX_ATTEMPTS=5\n")
     runner.signal(signal.SIGHUP)
     assert runner.wait_final(request)["status"] == "completed"
@@ -297,8 +297,9 @@ def test_metrics_move_during_and_after_a_run_and_healthz_follows_the_roles(runne
     during = runner.wait_for(lambda: (lambda t: t if metric(
         t, "runner_resource_executor_free_slots") == 1 else None)(runner.http_get("/metrics")[1]),
         what="the fetcher's stats after the take")
-    assert metric(during, "runner_project_running", experiment="metered",
+    assert metric(during, "runner_project_running",
                   queue_name=runner.queue, queue_type="local", project="e2e") == 1
+    assert "metered" not in during and "experiment=" not in during  # no series per experiment
     assert metric(during, "runner_phase_seconds_count", phase="queue_wait") == 1
     assert metric(during, "runner_phase_seconds_count", phase="download") == 1
     assert metric(during, "runner_phase_seconds_count", phase="environment") == 1
@@ -314,8 +315,12 @@ def test_metrics_move_during_and_after_a_run_and_healthz_follows_the_roles(runne
                                                            status="completed") == 1 and metric(
         t, "runner_resource_executor_free_slots") == 2 else None)(runner.http_get("/metrics")[1]),
         what="the completion in /metrics")
-    assert metric(after, "runner_project_running", experiment="metered") == 0
-    assert metric(after, "runner_project_completed", experiment="metered") == 1
+    assert metric(after, "runner_project_running", project="e2e") == 0
+    assert metric(after, "runner_project_completed", project="e2e") == 1
+    assert "metered" not in after
+    # The queue's depth as the fetcher last counted it: nothing waits any more.
+    assert 'runner_queue_depth{host="' in after
+    assert metric(after, "runner_queue_depth", queue_name=runner.queue, queue_type="local") == 0
     for phase in ("queue_wait", "download", "environment", "run", "upload"):
         assert metric(after, "runner_phase_seconds_count", phase=phase) == 1, phase
     assert metric(after, "runner_phase_seconds_sum", phase="run") > 0

@@ -315,3 +315,30 @@ def test_keys_and_projects_unusable_in_storage_paths(field: str, value: str) -> 
     request = minimal()
     request["experiment"][field] = value
     bad(request, f"experiment.{field}")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("5m", 300.0), ("1s", 10.0), (2, 10.0), ("3h", MAX_SAVE_FREQUENCY), (45, 45.0)])
+def test_per_artifact_save_frequency_is_read_and_clamped(value, expected) -> None:
+    request = minimal()
+    request["config"]["saveWorkspaceFrequency"] = "20m"
+    request["experiment"]["artifacts"]["modeldir"] = dict(artifact("modeldir", mutable=True),
+                                                          saveFrequency=value)
+    request["experiment"]["artifacts"]["tb"] = artifact("tb", mutable=True)
+    _, facts = parse_request(body(request), min_save_interval=10.0)
+    assert facts.artifact_save_frequency == {"modeldir": expected}
+    assert facts.save_frequency == 1200.0  # the others keep saveWorkspaceFrequency
+
+
+def test_per_artifact_save_frequency_of_immutable_artifacts_is_ignored() -> None:
+    request = minimal()
+    request["experiment"]["artifacts"]["workspace"]["saveFrequency"] = "30s"
+    _, facts = parse_request(body(request))
+    assert facts.artifact_save_frequency == {}
+
+
+def test_bad_per_artifact_save_frequency_is_a_bad_request() -> None:
+    request = minimal()
+    request["experiment"]["artifacts"]["tb"] = dict(artifact("tb", mutable=True),
+                                                    saveFrequency="often")
+    bad(request, "artifact 'tb': saveFrequency")

@@ -290,6 +290,8 @@ class Fetcher(Role):
         try:
             request, facts = parse_request(delivery.body,
                                            min_save_interval=self.config.min_save_interval)
+            metadata.check_object_names(request, self.config.hostname,
+                                        self.config.metadata_store)
         except BadRequest as exc:
             self.log.error("bad request in %s: %s; dead-lettered", delivery.queue, exc)
             self.settle_delivery(backend, delivery, fates.DEAD, str(exc), 0)
@@ -329,7 +331,7 @@ class Fetcher(Role):
             attempts=delivery.attempts, key=facts.key, project=facts.project, request=request,
             workdir=workdir, resources=reservation, taken_at=now, deadline=stale_at,
             max_duration=facts.max_duration, save_frequency=facts.save_frequency,
-            queue_type=backend.kind)
+            queue_type=backend.kind, artifact_save_frequency=facts.artifact_save_frequency)
         self.held[job_id] = (backend, delivery, job)
         self.running[identity] = job_id
         self.taken_total += 1

@@ -8,14 +8,17 @@ the scrape document by the compiled hot path; JSON-patch lines are applied with 
 add-only rule under ``/studioml``.  When an attempt opens it asks the uploader for the
 metadata-store record only; every ``save_frequency`` seconds from then on, and once at the
 end with the final ``studioml.status``, it saves the files and asks the uploader to upload
-(an experiment shorter than one save period is uploaded once, at its end).
+(an experiment shorter than one save period is uploaded once, at its end).  A mutable
+artifact with its own ``saveFrequency`` (``Job.artifact_save_frequency``; ``_metadata``
+for the metadata files) is uploaded on its own period instead: each periodic request names
+the labels that are due.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,7 +39,8 @@ class Attempt:
     output_artifact: BinaryIO | None  # opened at the first output, after inputs are placed
     runner_log: BinaryIO
     scrape_path: Path
-    next_save: float
+    next_save: float  # monotonic time the artifacts without their own period are due
+    next_saves: dict = field(default_factory=dict)  # label -> when its own period is due
     json_lines: int = 0
     output_bytes: int = 0
     last_metric: str = ""
@@ -87,6 +91,27 @@ def output_tail(path: str, size: int = TAIL_BYTES) -> str:
     return data.decode("utf-8", "replace")
 
 
+def due_labels(attempt: Attempt, now: float) -> tuple | None:
+    """The labels whose periodic upload is due at ``now`` (monotonic), their next times
+    moved on; None when none is (and the common period is not due either: an empty tuple
+    still asks for the metadata-store record)."""
+    job = attempt.job
+    own = job.artifact_save_frequency or {}
+    due: set[str] = set()
+    common = now >= attempt.next_save
+    if common:
+        attempt.next_save = now + job.save_frequency
+        artifacts = job.request.get("experiment", {}).get("artifacts") or {}
+        due.update(label for label, artifact in artifacts.items()
+                   if isinstance(artifact, dict) and label not in own
+                   and (artifact.get("mutable") or label == "_metadata"))
+    for label, at in attempt.next_saves.items():
+        if now >= at:
+            attempt.next_saves[label] = now + own[label]
+            due.add(label)
+    return tuple(sorted(due)) if common or due else None
+
+
 class Scraper(Role):
     name = "scraper"
     TICK = 0.25  # periodic saves only (every saveWorkspaceFrequency, at least 1 s apart)
@@ -126,6 +151,8 @@ class Scraper(Role):
             runner_log=open(folder / metadata.runner_log_name(job.job_id), "ab"),
             scrape_path=folder / metadata.scrape_name(job.job_id),
             next_save=time.monotonic() + job.save_frequency,
+            next_saves={label: time.monotonic() + seconds
+                        for label, seconds in (job.artifact_save_frequency or {}).items()},
         )
         self.attempts[job.job_id] = attempt
         self.wake(tick=True)  # from now on tick every TICK (periodic saves), not IDLE_TICK
@@ -148,7 +175,7 @@ class Scraper(Role):
         """Mask, log and merge one chunk of whole output lines."""
         if not attempt.output_bytes and data:
             # When the scraper saw the run's first output (publish-to-start benchmarks).
-            attempt.document["runner"]["first_output"] = time.time()
+            attempt.document["runner"]["first_output"] = metadata.iso_utc(time.time())
         data = attempt.masker.mask(data)
         attempt.output_log.write(data)
         if attempt.output_artifact is None:
@@ -181,17 +208,18 @@ class Scraper(Role):
     def tick(self) -> None:
         now = time.monotonic()
         for attempt in self.attempts.values():
-            if now >= attempt.next_save:
-                attempt.next_save = now + attempt.job.save_frequency
+            due = due_labels(attempt, now)
+            if due is not None:
                 self.save(attempt)
-                self.post("uploader", protocol.UploadRequest(job=attempt.job, final=False))
+                self.post("uploader", protocol.UploadRequest(job=attempt.job, final=False,
+                                                             labels=due))
 
     def close(self, ended: protocol.AttemptEnded) -> None:
         attempt = self.attempts.get(ended.job.job_id) or self.open(ended.job)
         outcome = ended.outcome
         runner = attempt.document["runner"]
         runner.update(ended.facts)
-        runner.update({"stop": time.time(), "exit_code": outcome.exit_code,
+        runner.update({"stop": metadata.iso_utc(time.time()), "exit_code": outcome.exit_code,
                        "error": outcome.error, "message": outcome.message,
                        "output_bytes": attempt.output_bytes,
                        "disk_use": disk_use(attempt.job.workdir)})

@@ -172,8 +172,10 @@ class Uploader(Role):
                     with_retries(lambda: self.write_record(job), "metadata record", log, retry_for)
                     self.recorded.add(job.job_id)
                 if not request.record_only:
-                    self.upload_artifacts(job, log, retry_for, request.final)
-                    self.upload_metadata_files(job, log, retry_for, request.final)
+                    labels = None if request.final else request.labels
+                    self.upload_artifacts(job, log, retry_for, request.final, labels)
+                    if labels is None or "_metadata" in labels:
+                        self.upload_metadata_files(job, log, retry_for, request.final)
             if request.final:
                 self.log.info("key=%s attempt=%s final uploads done", job.key, job.job_id)
         except (RunnerError, OSError) as exc:
@@ -212,7 +214,8 @@ class Uploader(Role):
         return True
 
     def upload_artifacts(self, job: protocol.Job, log, retry_for: float = 0.0,
-                         final: bool = False) -> None:
+                         final: bool = False, labels=None) -> None:
+        """Each mutable artifact that changed (of ``labels`` only, when given)."""
         artifacts = job.request.get("experiment", {}).get("artifacts") or {}
         if not self.seed_digests(job):
             if final:
@@ -223,6 +226,8 @@ class Uploader(Role):
             folder = Path(job.workdir) / label
             if label == "_metadata" or not artifact.get("mutable") or not url or not folder.is_dir():
                 continue
+            if labels is not None and label not in labels:
+                continue  # its own saveFrequency is not due yet
             if (job.job_id, label) not in self.uploaded and is_empty(folder):
                 continue  # nothing to save, and nothing stored before to replace
             digest = tree_digest(folder)
