@@ -367,13 +367,15 @@ class Runner:
         return f"{self.store_root}/experiments/{request['experiment']['key']}/{name}".rstrip("/")
 
     # -- the process ------------------------------------------------------------------
-    def start(self, wait: bool = True) -> "Runner":
+    def start(self, wait: bool = True, new_session: bool = False) -> "Runner":
+        """Start the supervisor; ``new_session``: in a process group of its own (with its
+        roles), so that a test may signal the whole group as a terminal or systemd does."""
         argv = [sys.executable, "-m", "runner.supervisor"]
         for name, value in self.options.items():
             argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=self.env, cwd=REPO)
+                                        env=self.env, cwd=REPO, start_new_session=new_session)
         if wait:
             self.wait_ready()
         return self

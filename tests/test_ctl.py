@@ -1,7 +1,16 @@
-"""runner-ctl's rendering of free resources (runner.ctl)."""
+"""runner-ctl's rendering of free resources, and what it says when no supervisor runs."""
 from __future__ import annotations
 
-from runner.ctl import free_lines, render_status
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner import ctl
+from runner.ctl import NoSupervisor, free_lines, render_status
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_free_resources_are_rendered_with_each_device() -> None:
@@ -39,3 +48,28 @@ def test_status_shows_free_resources_and_run_devices() -> None:
     assert "free resources:\n  0 slots, 0 CPUs, RAM 0 B, disk 5 B, 0 whole GPUs" in text
     assert "gpus=GPU-a,GPU-b" in text
     assert "free={" not in text
+
+
+@pytest.mark.parametrize("free", [{}, None, {"slots": None, "cpus": None}])
+def test_free_resources_before_the_fetcher_reports(free) -> None:
+    lines = free_lines(free)
+    assert lines == ["  not known yet: the fetcher has not reported (the runner is starting)"]
+    assert "None" not in "\n".join(lines)
+
+
+def test_no_waiting_when_the_runtime_directory_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-runtime"
+    with pytest.raises(NoSupervisor, match="the directory does not exist"):
+        ctl.request(str(missing), "status", timeout=3600)
+    # A command line that would wait an hour if it waited at all.
+    proc = subprocess.run([sys.executable, "-m", "runner.ctl", "--runtime-dir", str(missing),
+                           "--timeout", "3600", "status"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"no runner-supervisor runs with --runtime-dir {missing}" in proc.stderr
+    assert not missing.exists()  # runner-ctl creates nothing
+
+
+def test_no_waiting_when_no_control_socket_is_there(tmp_path: Path) -> None:
+    with pytest.raises(NoSupervisor, match="no control socket"):
+        ctl.request(str(tmp_path), "status", timeout=3600)

@@ -39,6 +39,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 METRICS_SCRIPT = """
     import json, os, sys
     print("starting", sys.argv[1:])
@@ -91,6 +92,9 @@ def test_experiment_completes_with_outputs_metadata_and_merged_scrape(runner, ho
     assert document["studioml"]["extra"] == "added"        # new keys may be added
     assert document["runner"]["exit_code"] == 0 and document["runner"]["attempt"] == attempt
     assert document["runner"]["host"] and document["runner"]["stop"] >= document["runner"]["start"]
+    for name in ("start", "stop", "first_output"):  # the seed's "2018-10-23T18:25:43.511Z"
+        assert re.fullmatch(ISO_UTC, document["runner"][name]), document["runner"][name]
+    assert re.fullmatch(ISO_UTC, record["updated"])
     assert len(document["asset"]) == 36
 
     assert runner.status()["finished"]["completed"] == 1
@@ -298,6 +302,61 @@ def test_mutable_artifacts_are_uploaded_periodically_while_running(runner):
     [document] = [json.loads(p.read_text()) for p in scrape.glob("scrape-host-*.json")]
     assert document["studioml"]["status"] == "running"
     assert runner.record(request)["final"] is False
+    assert runner.stop() == 0
+
+
+def test_qualified_only_artifacts_and_a_per_artifact_save_frequency(runner):
+    """Artifacts given only by ``qualified`` (no ``key``) still get their metadata record;
+    ``modeldir`` with its own ``saveFrequency`` is uploaded on it while the others wait for
+    saveWorkspaceFrequency (1h here) or the end."""
+    runner.start()
+    gate = runner.root / "gate-save"
+    script = f"""
+        import os, time
+        for label, text in (("modeldir", "epoch 1"), ("tb", "event 1")):
+            with open(os.path.join("..", label, "data.txt"), "w") as handle:
+                handle.write(text)
+        print("written", flush=True)
+        while not os.path.exists({str(gate)!r}):
+            time.sleep(0.05)
+    """
+    request = runner.request(runner.workspace({"job.py": script}), "job.py", save_frequency="1h")
+    for artifact in request["experiment"]["artifacts"].values():
+        del artifact["key"]
+    request["experiment"]["artifacts"]["modeldir"]["saveFrequency"] = "1s"
+    runner.publish(request)
+    experiment_dir = runner.experiment_dir(request)
+    modeldir, tb = experiment_dir / "modeldir.tar", experiment_dir / "tb.tar"
+    runner.wait_for(lambda: modeldir.exists() and "data.txt" in tar_members(modeldir),
+                    timeout=60, what="modeldir uploaded on its own saveFrequency")
+    record_file = (runner.store_path(runner.store_root) / "metadata" / "e2e" /
+                   f"{request['experiment']['key']}.json")
+    runner.wait_for(record_file.exists, what="the running record of a keyless request")
+    assert json.loads(record_file.read_text())["status"] == "running"
+    assert not tb.exists()  # on saveWorkspaceFrequency: not yet
+    gate.write_text("open")
+    record = runner.wait_final(request)
+    assert record["status"] == "completed" and json.loads(record_file.read_text()) == record
+    assert re.fullmatch(ISO_UTC, record["updated"])
+    assert tar_members(tb) == {"data.txt": b"event 1"}  # the final upload takes everything
+    [document] = runner.scrape_documents(request)
+    assert document["runner"]["start"] <= document["runner"]["stop"]
+    assert runner.stop() == 0
+
+
+def test_a_key_too_long_for_the_store_is_dead_lettered_at_admission(runner):
+    runner.start()
+    never = runner.root / "never-ran"
+    script = f"open({str(never)!r}, 'w').close()"
+    too_long = runner.request(runner.workspace({"x.py": script}), "x.py", key="k" * 251)
+    runner.publish(too_long)
+    good = runner.request(runner.workspace({"ok.py": "print('fine')"}), "ok.py")
+    runner.publish(good)
+    assert runner.wait_final(good)["status"] == "completed"
+    dead = runner.root / "q" / runner.queue / ".dead"
+    [reason] = [p.read_text() for p in dead.glob("*.reason.txt")]
+    assert "metadata record" in reason and "256 bytes" in reason and "shorter" in reason
+    assert not never.exists()
     assert runner.stop() == 0
 
 

@@ -267,6 +267,57 @@ def test_watchdog_is_withheld_while_a_role_is_down(runner):
     assert runner.stop() == 0
 
 
+# -- boot ------------------------------------------------------------------------------------
+
+SLOW_BOOT = """
+import os, sys, time
+if "runner.rolehost" in sys.orig_argv:
+    open(os.path.join(os.environ["SLOW_BOOT_DIR"], str(os.getpid())), "w").close()
+    time.sleep(600)  # a role that takes long to boot (killed by the test's signal)
+"""
+
+
+def test_a_stop_while_the_roles_boot_is_reported_as_a_stop(runner):
+    """The whole process group gets SIGTERM (Ctrl-C, systemd, docker stop) while every role
+    is still booting: the runner says it was stopped, not that a role failed to boot."""
+    hooks = runner.root / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_BOOT)
+    booting = runner.root / "booting"
+    booting.mkdir()
+    runner.env.update(PYTHONPATH=str(hooks), SLOW_BOOT_DIR=str(booting),
+                      LOGXI="*=DBG", LOGXI_FORMAT="happy,maxcol=1024", RUNNER_MAX_ATTEMPTS="4")
+    runner.start(wait=False, new_session=True)
+    runner.wait_for(lambda: len(list(booting.iterdir())) == 5, what="the five roles to start")
+    os.killpg(runner.process.pid, signal.SIGTERM)
+    assert runner.wait_exit() == 0, runner.log()
+    log = runner.log()
+    assert "stopped by SIGTERM while the roles were booting" in log
+    assert "failed to boot" not in log and "exit status -15" not in log
+    # Start-up: which options the environment set (names, not values), LOGXI read once.
+    assert re.search(r"options from the environment: .*--max-attempts from "
+                     r"\$RUNNER_MAX_ATTEMPTS", log), log
+    assert "--log-level from $LOGXI" in log
+    assert log.count("$LOGXI='*=DBG' is the go runner's variable: read as --log-level debug") == 1
+    assert log.count("$LOGXI_FORMAT=") == 1
+    assert " DEBUG " in log  # the level LOGXI asked for
+
+
+def test_a_role_killed_while_booting_is_named_with_its_signal(runner):
+    hooks = runner.root / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_BOOT)
+    booting = runner.root / "booting"
+    booting.mkdir()
+    runner.env.update(PYTHONPATH=str(hooks), SLOW_BOOT_DIR=str(booting))
+    runner.start(wait=False, new_session=True)
+    pids = runner.wait_for(lambda: (lambda found: found if len(found) == 5 else None)(
+        [int(p.name) for p in booting.iterdir()]), what="the five roles to start")
+    os.kill(pids[0], signal.SIGKILL)  # one role dies alone: that is a boot failure
+    assert runner.wait_exit() == 3
+    assert re.search(r"role \w+ was killed by SIGKILL while booting", runner.log())
+
+
 # -- metrics ---------------------------------------------------------------------------------
 
 def metric(text: str, name: str, **labels) -> float:
@@ -411,6 +462,10 @@ def test_runner_ctl_views_and_status_json_during_a_run(runner):
     data = json.loads(result.stdout)
     [job] = data["jobs"]
     assert job["key"] == "ctl-json" and job["phase"] == "running" and job["project"] == "e2e"
+    # Times are ISO-8601 UTC with milliseconds, as in the metadata documents.
+    iso = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.fullmatch(iso, job["started"]) and re.fullmatch(iso, data["supervisor"]["started"])
+    assert job["started"] >= data["supervisor"]["started"]
     assert job["queue"] == runner.queue and job["attempt_number"] == 1
     assert json.loads(job["last_metric"]) == {"experiment": {"loss": 0.25, "step": 7}}
     assert job["devices"] == "-1" and job["elapsed"] >= 0

@@ -72,11 +72,12 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(_fast, "content_hash", content_hash)
     lock = threading.Lock()
 
-    def send(final=False, record_only=False):
+    def send(final=False, record_only=False, labels=None):
         puts.clear()
         hashed.clear()
         role.upload(protocol.UploadRequest(job=job, final=final, record_only=record_only,
-                                           outcome=OUTCOME if final else None), lock)
+                                           outcome=OUTCOME if final else None,
+                                           labels=labels), lock)
         return sorted(puts), sorted(hashed)
 
     yield {"role": role, "job": job, "workdir": workdir, "send": send, "store": store_root,
@@ -188,3 +189,15 @@ def test_running_record_is_written_once_due(setup, monkeypatch):
     role.pool.shutdown(wait=True)
     assert json.loads(record_path(setup).read_text())["status"] == "running"
     assert role.tick_interval() == role.TICK
+
+
+def test_a_periodic_request_uploads_only_the_labels_that_are_due(setup):
+    """Per-artifact saveFrequency: the scraper names the due labels (``_metadata``: the
+    metadata files); the others wait for their own period or the final upload."""
+    write_old(setup["workdir"] / "_metadata" / "runner-host-x.log", "request\n")
+    (setup["workdir"] / "output" / "output").write_text("hello\n")
+    assert setup["send"](labels=("output",))[0] == ["output.tar", "record"]
+    (setup["workdir"] / "output" / "output").write_text("hello again\n")
+    assert setup["send"](labels=("_metadata",))[0] == ["runner-host-x.log"]
+    assert setup["send"](labels=())[0] == []
+    assert setup["send"](final=True, labels=("_metadata",))[0] == ["output.tar"]
