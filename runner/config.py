@@ -536,6 +536,16 @@ _LOGXI_LEVELS = {"all": "debug", "trc": "debug", "dbg": "debug", "inf": "info",
                  "wrn": "warning", "err": "error", "ftl": "error"}
 
 
+def _logxi_level(text: str) -> str | None:
+    entries = dict(part.strip().partition("=")[::2] for part in text.split(",") if part.strip())
+    level = entries.get("*") or (next(iter(entries.values())) if len(entries) == 1 else "")
+    return _LOGXI_LEVELS.get(level.strip().lower()[:3]) if level else None
+
+
+def _logxi_format(text: str) -> str | None:
+    return {"json": "json", "text": "text", "happy": "text"}.get(text.split(",")[0].strip().lower())
+
+
 def logxi_options(environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     """The go runner's ``LOGXI``/``LOGXI_FORMAT`` as ``{"log-level"/"log-format": value}``,
     and one note per variable for the start-up log (what it was read as, or why not).
@@ -547,30 +557,21 @@ def logxi_options(environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]
     """
     values: dict[str, str] = {}
     notes: list[str] = []
-    text = environ.get("LOGXI", "").strip()
-    if text:
-        entries = dict(part.strip().partition("=")[::2] for part in text.split(",") if part.strip())
-        level = entries.get("*") or (next(iter(entries.values())) if len(entries) == 1 else "")
-        mapped = _LOGXI_LEVELS.get(level.strip().lower()[:3]) if level else None
-        if mapped:
-            values["log-level"] = mapped
-            notes.append(f"$LOGXI={text!r} is the go runner's variable: read as --log-level "
-                         f"{mapped} (set {ENV_PREFIX}LOG_LEVEL instead)")
+    for variable, option, mapped, choices in (
+            ("LOGXI", "log-level", _logxi_level, "debug, info, warning or error"),
+            ("LOGXI_FORMAT", "log-format", _logxi_format, "text or json")):
+        text = environ.get(variable, "").strip()
+        if not text:
+            continue
+        value = mapped(text)
+        own = ENV_PREFIX + option.upper().replace("-", "_")
+        if value:
+            values[option] = value
+            notes.append(f"${variable}={text!r} is the go runner's variable: read as "
+                         f"--{option} {value} (set {own} instead)")
         else:
-            notes.append(f"$LOGXI={text!r} is the go runner's variable and has no equivalent "
-                         f"here: ignored (set {ENV_PREFIX}LOG_LEVEL to debug, info, warning or "
-                         "error)")
-    text = environ.get("LOGXI_FORMAT", "").strip()
-    if text:
-        kind = text.split(",")[0].strip().lower()
-        mapped = {"json": "json", "text": "text", "happy": "text"}.get(kind)
-        if mapped:
-            values["log-format"] = mapped
-            notes.append(f"$LOGXI_FORMAT={text!r} is the go runner's variable: read as "
-                         f"--log-format {mapped} (set {ENV_PREFIX}LOG_FORMAT instead)")
-        else:
-            notes.append(f"$LOGXI_FORMAT={text!r} is the go runner's variable and has no "
-                         f"equivalent here: ignored (set {ENV_PREFIX}LOG_FORMAT to text or json)")
+            notes.append(f"${variable}={text!r} is the go runner's variable and has no "
+                         f"equivalent here: ignored (set {own} to {choices})")
     return values, notes
 
 

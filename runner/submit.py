@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--region", default=None, help="AWS region for the credentials")
     parser.add_argument("--gcp-credentials", default=None, metavar="FILE",
                         help="Google service-account JSON put in the artifacts' credentials")
-    parser.add_argument("--s3-ca", default=env("S3_CA", ""), help="CA bundle for the S3 host")
-    parser.add_argument("--s3-cert", default=env("S3_CERT", ""), help="client certificate for S3")
-    parser.add_argument("--s3-key", default=env("S3_KEY", ""), help="key of --s3-cert")
+    parser.add_argument("--s3-ca", default=env_value("s3-ca"), help="CA bundle for the S3 host")
+    parser.add_argument("--s3-cert", default=env_value("s3-cert"), help="client certificate for S3")
+    parser.add_argument("--s3-key", default=env_value("s3-key"), help="key of --s3-cert")
     parser.add_argument("--project", default=None, help="project id (default: directory name)")
     parser.add_argument("--key", default=None, help="experiment key (default: generated)")
     parser.add_argument("--pythonenv", default=None,

@@ -28,9 +28,9 @@ echo "== runner-ctl status"
 runner-ctl status
 echo
 echo "== where things went"
-echo "queues:           $QUEUE_ROOT"
+echo "queues:           $RUNNER_QUEUE_ROOT"
 echo "artifacts:        ${STORAGE#file://}/experiments/"
 echo "metadata files:   ${STORAGE#file://}/experiments/<key>/_metadata/"
 echo "metadata store:   ${STORAGE#file://}/metadata/"
-echo "environments:     $CACHE_DIR/envs"
+echo "environments:     $RUNNER_CACHE_DIR/envs"
 echo "supervisor log:   $DEMO/supervisor.log"
