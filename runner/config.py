@@ -467,20 +467,30 @@ class OptionParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:  # argparse's hook
-        known = [s for action in self._actions for s in action.option_strings
-                 if s.startswith("--")]
-        hints = []
-        for word in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", message.split(":", 1)[-1]
-                               if "unrecognized arguments" in message else ""):
-            flag = word.split("=", 1)[0]
-            close = difflib.get_close_matches(flag if flag.startswith("--") else "-" + flag,
-                                              known, n=1, cutoff=0.6)
-            if close:
-                hints.append(f"{flag}: did you mean {' or '.join(close)}?")
         text = f"{self.prog}: error: {message}\n"
-        text += "".join(f"{self.prog}: {hint}\n" for hint in hints)
+        text += "".join(f"{self.prog}: {hint}\n" for hint in self.hints(message))
         text += f"Run '{self.prog} --help' for every option.\n"
         self.exit(2, text)
+
+    def hints(self, message: str) -> list[str]:
+        """``did you mean`` lines for the unknown flags or the invalid choice in ``message``."""
+        wanted: list[tuple[str, str, list[str]]] = []  # (as typed, looked up as, among)
+        if "unrecognized arguments" in message:
+            known = [s for action in self._actions for s in action.option_strings
+                     if s.startswith("--")]
+            for word in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", message.split(":", 1)[1]):
+                flag = word.split("=", 1)[0]
+                wanted.append((flag, flag if flag.startswith("--") else "-" + flag, known))
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            wanted.append((choice.group(1), choice.group(1),
+                           re.findall(r"'([^']*)'", choice.group(2))))
+        hints = []
+        for typed, word, known in wanted:
+            close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{typed}: did you mean {close[0]}?")
+        return hints
 
 
 def build_parser(prog: str = "runner-supervisor", description: str = "") -> argparse.ArgumentParser:

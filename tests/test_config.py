@@ -343,6 +343,8 @@ def test_a_typoed_flag_gets_a_suggestion_not_the_usage_block() -> None:
 
 @pytest.mark.parametrize("command, argv, meant", [
     ("runner.ctl", ["--jsn", "status"], "--json"),
+    ("runner.ctl", ["stauts"], "status"),
+    ("runner.supervisor", ["-executors", "2"], "--executors"),
     ("runner.submit", ["--queeu", "local_x", "folder", "train.py"], "--queue")])
 def test_other_commands_suggest_too(command: str, argv: list, meant: str) -> None:
     proc = subprocess.run([sys.executable, "-m", command, *argv],
