@@ -19,7 +19,9 @@ Commands (the same code paths as the signals, see :mod:`runner.supervisor`):
 * ``stop`` — like a second SIGTERM: hand everything back now and exit;
 * ``reload`` — like SIGHUP: read the options again and apply the live ones.
 
-Exit status 1 when no supervisor answers within ``--timeout`` seconds or it refuses.
+Exit status 1 when no supervisor answers within ``--timeout`` seconds or it refuses, and at
+once when none runs under ``--runtime-dir`` (no such directory, or no control socket in it).
+Times in ``--json`` output are ISO-8601 UTC strings.
 """
 from __future__ import annotations
 
