@@ -9,7 +9,8 @@ unlinked and recreated), drops setuid/setgid bits, does not chown, and stops bef
 writing past the byte budget.
 
 Packing writes the contents of a directory (member names relative to it, sorted, no
-``./``), compressed as asked, and can stream to any writable file object so that an
+``./``; or, for the client's single-file artifacts, its one file as ``./<name>``),
+compressed as asked, and can stream to any writable file object so that an
 uploader can stream a multipart upload.
 """
 from __future__ import annotations
@@ -411,12 +412,29 @@ def _compressor(fileobj: BinaryIO, compression: str) -> BinaryIO:
     raise ArchiveError(f"unknown compression {compression!r} (known: {', '.join(COMPRESSIONS)})")
 
 
-def pack_to_stream(src_dir: Path, fileobj: BinaryIO, compression: str) -> int:
+def single_file_of(src_dir: Path) -> str | None:
+    """The name of the one regular file ``src_dir`` holds, or None when it holds anything
+    else (no entry, several, a folder, a link)."""
+    try:
+        with os.scandir(src_dir) as scan:
+            entries = list(scan)
+    except OSError:
+        return None
+    if len(entries) != 1 or not entries[0].is_file(follow_symlinks=False):
+        return None
+    return entries[0].name
+
+
+def pack_to_stream(src_dir: Path, fileobj: BinaryIO, compression: str, *,
+                   single_file: bool = False) -> int:
     """Write a tar of ``src_dir``'s contents to ``fileobj``; bytes written to ``fileobj``.
 
     Members are named relative to ``src_dir`` (no ``./``), in sorted order, owner set to
     0/0 with no names; directories, regular files and symlinks (not followed) are kept;
     sockets, FIFOs and devices are skipped; files that vanish meanwhile are skipped.
+    With ``single_file`` and a folder that holds exactly one regular file, that file is
+    the archive's only member, named ``./<name>``: the StudioML client reads such a tar
+    as a file, anything else as a folder (SPEC section 11).
     ``fileobj`` is flushed but not closed.  Raises :class:`ArchiveError` for an unknown
     compression, :class:`StorageError` when ``src_dir`` cannot be read.
     """
@@ -430,8 +448,12 @@ def pack_to_stream(src_dir: Path, fileobj: BinaryIO, compression: str) -> int:
     try:
         with tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT,
                           bufsize=CHUNK_SIZE) as tar:
-            for rel in _entries(src_dir):
-                _add(tar, src_dir, rel)
+            only = single_file_of(src_dir) if single_file else None
+            if only is not None:
+                _add(tar, src_dir, only, arcname=f"./{only}")
+            else:
+                for rel in _entries(src_dir):
+                    _add(tar, src_dir, rel)
     except OSError as exc:
         raise StorageError(f"cannot pack {src_dir}: {exc}") from exc
     finally:
@@ -442,10 +464,10 @@ def pack_to_stream(src_dir: Path, fileobj: BinaryIO, compression: str) -> int:
     return counter.count
 
 
-def _add(tar: tarfile.TarFile, src_dir: Path, rel: str) -> None:
+def _add(tar: tarfile.TarFile, src_dir: Path, rel: str, arcname: str | None = None) -> None:
     full = os.path.join(src_dir, rel)
     try:
-        info = tar.gettarinfo(full, arcname=rel)
+        info = tar.gettarinfo(full, arcname=arcname or rel)
     except FileNotFoundError:
         log.debug("skipping %s: vanished while packing", full)
         return

@@ -49,9 +49,16 @@ class QueueDeleted(errors.RunnerError):
     """
 
 
+class ClientStopped(errors.RunnerError):
+    """The StudioML client marked the experiment's database record ``stopped``
+    (``studio stop``): the run is stopped, its outputs are uploaded, and the request is
+    acked ``cancelled`` (final)."""
+
+
 STOP_CAUSES: dict[str, type[errors.RunnerError]] = {
     "shutdown": ShutdownRequested,
     "queue_deleted": QueueDeleted,
+    "client_stopped": ClientStopped,
 }
 """``StopRuns.cause`` → the exception that ends the stopped attempts."""
 
@@ -73,6 +80,7 @@ _STATUS_BY_ERROR = {
     ShutdownRequested: CANCELLED,
     RoleCrashed: CANCELLED,
     QueueDeleted: CANCELLED,
+    ClientStopped: CANCELLED,
 }
 _DEAD_ERRORS = {"BadRequest"}
 _UNCOUNTED_ERRORS = {"StorageError", "ObjectMissing", "ResourcesUnavailable",
@@ -88,7 +96,7 @@ def outcome_for_exception(exc: BaseException, exit_code: int | None = None) -> O
             break
     error = type(exc).__name__
     for cls in type(exc).__mro__:  # report the family name the rules are written in
-        if cls.__name__ in _UNCOUNTED_ERRORS | _DEAD_ERRORS | {"QueueDeleted"}:
+        if cls.__name__ in _UNCOUNTED_ERRORS | _DEAD_ERRORS | {"QueueDeleted", "ClientStopped"}:
             error = cls.__name__
             break
     return Outcome(status=status, error=error, message=str(exc), exit_code=exit_code)
@@ -112,6 +120,8 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
       stopped with :class:`QueueDeleted`): a completed or expired attempt is still acked
       (a no-op on a deleted queue, but the record says what happened); anything else is
       dropped as ``cancelled``, final: there is no queue to requeue into;
+    * an attempt the client stopped (its record marked ``stopped``) is acked
+      ``cancelled`` once its uploads succeeded;
     * a bad request is dead-lettered;
     * an attempt stopped by the runner itself (shutdown, crash, storage trouble) is
       requeued without counting it;
@@ -123,6 +133,8 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
             return Decision(ACK, attempts_before, outcome.status, outcome.status)
         return Decision(DROP, attempts_before, CANCELLED,
                         "its queue was deleted: the run was aborted")
+    if outcome.error == "ClientStopped" and not upload_error:
+        return Decision(ACK, attempts_before, CANCELLED, "stopped by the client")
     if outcome.error in _DEAD_ERRORS:
         return Decision(DEAD, attempts_before, FAILED, f"bad request: {outcome.message}")
     counted = outcome.status == FAILED and outcome.error not in _UNCOUNTED_ERRORS

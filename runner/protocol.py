@@ -154,7 +154,8 @@ class StopRuns(Message):
     """Supervisor or fetcher → cache manager and executor: end every attempt (or ``job_ids``).
 
     ``cause`` names why, as :func:`runner.fates.stop_exception` understands it
-    (``shutdown``: handed back uncounted; ``queue_deleted``: the user aborted the run).
+    (``shutdown``: handed back uncounted; ``queue_deleted``: the user aborted the run;
+    ``client_stopped``: the StudioML client marked the record stopped).
     """
 
     TYPE: ClassVar[str] = "stop_runs"
@@ -235,6 +236,16 @@ class UploadRequest(Message):
 
 
 @dataclass(frozen=True)
+class RecordState(Message):
+    """Uploader → scraper: how the StudioML database record of an attempt is doing
+    (:mod:`runner.studio_db`); shown in the scrape document as ``runner.studio_record``."""
+
+    TYPE: ClassVar[str] = "record_state"
+    job_id: str
+    state: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class JobDone(Message):
     """Uploader → fetcher: the attempt is over and its uploads are done (or failed)."""
 
@@ -300,7 +311,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (Heartbeat, Shutdown, StopTaking, StartTaking, Reload, StopRuns, Adopt,
                 JobAssigned, AttemptOpened, JobPrepared, OutputChunk, RunnerLog, AttemptEnded,
-                UploadRequest, JobDone, RunEnded,
+                UploadRequest, RecordState, JobDone, RunEnded,
                 JobPhase, QueueStats, CtlRequest, CtlReply)
 }
 

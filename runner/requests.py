@@ -18,6 +18,9 @@ from .units import UnitError, parse_duration, parse_size
 DEFAULT_SAVE_FREQUENCY = 60.0
 MAX_SAVE_FREQUENCY = 3600.0
 MUTABLE_LABELS = ("modeldir", "output", "retval", "tb", "_metrics", "_metadata")
+#: Artifacts the StudioML client reads as one file: packed as a tar whose only member is
+#: ``./<name>`` when their folder holds one file (SPEC section 11).
+SINGLE_FILE_LABELS = ("output", "retval", "_metrics")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -51,6 +51,7 @@ SAMPLES = {
     "upload_request": UploadRequest(job=make_job(), final=True, outcome=OUTCOME),
     "job_done": JobDone(job=make_job(), outcome=OUTCOME, upload_error="bucket gone"),
     "run_ended": RunEnded(job_id="host-1r31eq"),
+    "record_state": protocol.RecordState(job_id="host-1r31eq", state={"state": "ok", "tries": 1}),
     "job_phase": JobPhase(job=make_job(), phase="running", role="executor", at=1700000001.25,
                           detail={"pid": 99}),
     "queue_stats": QueueStats(queues={"local_q": {"depth": 3, "waiting": [

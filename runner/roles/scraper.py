@@ -2,7 +2,10 @@
 
 Per attempt it writes, under ``<workdir>/_metadata/``, the three files of SPEC section 6
 (``output-host-<id>.log``, ``runner-host-<id>.log`` starting with the redacted request,
-``scrape-host-<id>.json``) and the ``output`` artifact (``<workdir>/output/output``).
+``scrape-host-<id>.json``), the ``output`` artifact (``<workdir>/output/output``) and, at
+each save, a line of host figures in ``<workdir>/_metrics/_metrics`` (the reference
+worker's format).  The state of the StudioML record (``RecordState`` from the uploader)
+is kept in the document as ``runner.studio_record``.
 Every byte is masked for secrets before it is written.  JSON object lines are merged into
 the scrape document by the compiled hot path; JSON-patch lines are applied with the
 add-only rule under ``/studioml``.  When an attempt opens it asks the uploader for the
@@ -26,6 +29,7 @@ from .. import _fast, metadata, protocol
 from ..jsonpatch import PatchRejected, apply_patch, parse_patch
 from ..redact import Masker, redact_request, secrets_of
 from .base import Role
+from .cache_manager import DOWNLOADED_DIGESTS
 
 
 @dataclass
@@ -74,6 +78,28 @@ def last_json_line(data: bytes, look_back: int = 64, width: int = 200) -> str:
 
 
 TAIL_BYTES = 4096
+
+
+def host_metrics_line(now: float | None = None) -> str:
+    """``time: <unix s> CPU: <percent> mem: <bytes used>``, the reference worker's
+    ``_metrics`` line (CPU from the 1-minute load average over the host's CPUs, memory
+    from ``/proc/meminfo``: total less available)."""
+    now = time.time() if now is None else now
+    try:
+        cpu = round(100.0 * os.getloadavg()[0] / (os.cpu_count() or 1), 1)
+    except OSError:
+        cpu = 0.0
+    used = 0
+    try:
+        fields = {}
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                name, _, rest = line.partition(":")
+                fields[name] = int(rest.split()[0]) * 1024
+        used = fields.get("MemTotal", 0) - fields.get("MemAvailable", 0)
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"time: {now} CPU: {cpu} mem: {used} "
 
 
 def output_tail(path: str, size: int = TAIL_BYTES) -> str:
@@ -131,6 +157,10 @@ class Scraper(Role):
             attempt = self.attempts.get(message.job_id)
             if attempt is not None:
                 self.write_runner_log(attempt, message.text)
+        elif isinstance(message, protocol.RecordState):
+            attempt = self.attempts.get(message.job_id)
+            if attempt is not None:
+                attempt.document["runner"]["studio_record"] = message.state
         elif isinstance(message, protocol.AttemptOpened):
             self.open(message.job)
         elif isinstance(message, protocol.AttemptEnded):
@@ -197,13 +227,27 @@ class Scraper(Role):
                 self.write_runner_log(attempt, f"JSON patch refused: {exc}")
 
     def save(self, attempt: Attempt) -> None:
-        """Flush the logs and rewrite the scrape document (atomically)."""
+        """Flush the logs, add a ``_metrics`` line and rewrite the scrape document
+        (atomically)."""
         for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
             if handle is not None:
                 handle.flush()
+        self.add_metrics_line(attempt)
         temporary = attempt.scrape_path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(attempt.document, indent=1, sort_keys=True))
         os.replace(temporary, attempt.scrape_path)
+
+    def add_metrics_line(self, attempt: Attempt) -> None:
+        """Append one line in the reference worker's format to ``_metrics/_metrics``, once
+        the cache manager has placed the inputs (an earlier attempt's file is kept)."""
+        workdir = Path(attempt.job.workdir)
+        if not (workdir / DOWNLOADED_DIGESTS).exists() or not (workdir / "_metrics").is_dir():
+            return
+        try:
+            with open(workdir / "_metrics" / "_metrics", "a") as handle:
+                handle.write(host_metrics_line() + "\n")
+        except OSError as exc:
+            self.write_runner_log(attempt, f"_metrics not written: {exc}")
 
     def tick(self) -> None:
         now = time.monotonic()

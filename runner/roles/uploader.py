@@ -2,7 +2,8 @@
 
 For each ``UploadRequest`` (on a worker thread, one at a time per attempt) it uploads
 every mutable artifact whose folder changed since its last upload (a tar compressed by
-the key's extension, streamed into the store as it is packed: a multipart upload on S3, a
+the key's extension; ``output``, ``retval`` and ``_metrics`` holding one file are packed as
+that file, the way the StudioML client reads them, streamed into the store as it is packed: a multipart upload on S3, a
 resumable one on GCS, no temporary copy of the archive), then each file of the
 ``_metadata`` folder on its own under the ``_metadata`` key without its archive
 extension.  The scraper's first request of an attempt (``record_only``, sent when the
@@ -36,6 +37,13 @@ cannot fix (access denied) are not retried.  A periodic upload tries once (beyon
 back end's own retries): the next period tries again.  A final request ends with ``JobDone`` to the fetcher
 (carrying the upload error, if any; the fetcher acks only when there is none) and
 removes the working directory unless ``--debug``.
+
+The StudioML client's own database record (:mod:`runner.studio_db`) is updated beside
+this, on the record updater's thread so that it never delays an upload or a ``JobDone``:
+``running`` when the attempt opens, ``time_last_checkpoint`` after each periodic upload,
+``finished`` (or ``waiting`` when the request is requeued) after the final one.  A record
+the client marked ``stopped`` stops the run (``StopRuns`` to the executor, cause
+``client_stopped``).
 """
 from __future__ import annotations
 
@@ -49,9 +57,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import _fast, metadata, protocol
+from .. import _fast, fates, metadata, protocol, studio_db
 from ..archive import compression_for_key, pack_to_stream, tree_digest
 from ..errors import RunnerError, StorageError
+from ..requests import SINGLE_FILE_LABELS
 from ..storage import PermanentStorageError, artifact_url, open_for_request
 from .base import Role
 from .cache_manager import DOWNLOADED_DIGESTS
@@ -138,10 +147,27 @@ class Uploader(Role):
         self.held_records: dict[str, tuple[float, protocol.UploadRequest]] = {}  # -> (due, ...)
         self.in_flight = 0
         self.lock = threading.Lock()
+        self.records = studio_db.RecordUpdater(self.record_state, self.client_stopped)
+
+    def record_state(self, job_id: str, state: dict) -> None:
+        """The StudioML record of ``job_id`` changed state: into its scrape document."""
+        self.post("scraper", protocol.RecordState(job_id=job_id, state=state))
+        if state.get("state") in ("retrying", "gave up"):
+            self.runner_log(job_id, f"StudioML record {state.get('url')}: {state.get('state')} "
+                                    f"({state.get('error')})")
+
+    def client_stopped(self, job_id: str) -> None:
+        """The client marked the record ``stopped``: stop the run (``ClientStopped``)."""
+        self.log.info("attempt=%s: the client stopped the experiment", job_id)
+        self.runner_log(job_id, "the StudioML record says stopped: stopping the run")
+        self.post("executor", protocol.StopRuns(reason="the client stopped the experiment",
+                                                job_ids=[job_id], cause="client_stopped"))
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.UploadRequest):
             if message.record_only:
+                self.records.submit(message.job.job_id, message.job.request,
+                                    studio_db.started())
                 self.held_records[message.job.job_id] = (time.monotonic() + RECORD_AFTER,
                                                          message)
                 self.wake(tick=True)  # the next tick comes when it is due
@@ -176,6 +202,8 @@ class Uploader(Role):
                     self.upload_artifacts(job, log, retry_for, request.final, labels)
                     if labels is None or "_metadata" in labels:
                         self.upload_metadata_files(job, log, retry_for, request.final)
+                    if not request.final:
+                        self.records.submit(job.job_id, job.request, studio_db.checkpointed())
             if request.final:
                 self.log.info("key=%s attempt=%s final uploads done", job.key, job.job_id)
         except (RunnerError, OSError) as exc:
@@ -188,6 +216,11 @@ class Uploader(Role):
             with self.lock:
                 self.in_flight -= 1
         if request.final:
+            outcome = request.outcome or protocol.Outcome(status=fates.FAILED)
+            decision = fates.decide(outcome, job.attempts, self.config.max_attempts, error)
+            self.records.submit(job.job_id, job.request, studio_db.ended(
+                decision.action in (fates.ACK, fates.DEAD, fates.DROP)))
+            self.records.forget(job.job_id)
             self.post("fetcher", protocol.JobDone(job=job, outcome=request.outcome,
                                                   upload_error=error))
             self.forget(job)  # after the JobDone: the fetcher need not wait for the removal
@@ -238,7 +271,8 @@ class Uploader(Role):
             sizes = []
 
             def upload() -> None:
-                info = store.put_stream(url, lambda out: pack_to_stream(folder, out, compression))
+                info = store.put_stream(url, lambda out: pack_to_stream(
+                    folder, out, compression, single_file=label in SINGLE_FILE_LABELS))
                 sizes.append(info.size)
             with_retries(upload, f"upload of {label}", log, retry_for)
             with self.lock:  # forget() may be iterating over it for another attempt
@@ -319,7 +353,8 @@ class Uploader(Role):
 
     def stats(self) -> dict:
         with self.lock:
-            return {"in_flight": self.in_flight}
+            return {"in_flight": self.in_flight, "studio_records_waiting": len(self.records.pending)}
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
+        self.records.close(timeout=5.0)
