@@ -1,0 +1,220 @@
+"""The real StudioML client (``studioml==0.0.49``, the last release on PyPI) for interop tests.
+
+:func:`client_python` builds, once and cached under the test data directory
+(``$RUNNER_TEST_DATA``, default ``tests/.data``), a virtualenv holding the client; a test
+that cannot have it (the package cannot be installed) is skipped with the reason.
+:class:`StudioClient` runs the client's own code in that virtualenv as a separate process
+(``studio-run``, ``studio stop``, its database provider, its CompletionService).
+
+The 0.0.49 release needs help that belongs to the test side only, never to the runner:
+
+* ``urllib3<2`` and ``requests-toolbelt<1`` so that it imports at all;
+* its CompletionService imports ``rsync_cp`` and ``parse_verbosity`` from ``studio.util``,
+  which that release moved: :data:`SHIMS` puts them back;
+* the task script it ships, ``completion_service_client.py``, fails on every worker of
+  that release (stale imports of ``studio.model``/``studio.util`` names): the shims copy a
+  working equivalent (:data:`TASK_SCRIPT`, standard library only) over it in each task's
+  workspace as CompletionService assembles it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import venv
+from pathlib import Path
+
+import pytest
+
+from .support import REPO
+
+CLIENT_VERSION = "0.0.49"
+CLIENT_REQUIREMENTS = [f"studioml=={CLIENT_VERSION}", "urllib3<2", "requests-toolbelt<1"]
+DATA_DIR = Path(os.environ.get("RUNNER_TEST_DATA") or REPO / "tests" / ".data")
+INSTALL_TIMEOUT = 1800
+
+# What CompletionService's task does on a worker, standard library only: the artifacts
+# are folders beside the workspace (the runner's layout); ``clientscript`` and ``args``
+# each hold one file; the pickled return value goes to ``retval/retval``.
+TASK_SCRIPT = r'''
+import importlib.util, os, pickle, sys
+
+root = os.path.dirname(os.getcwd())
+files = {}
+for tag in os.listdir(root):
+    path = os.path.join(root, tag)
+    if tag in ("workspace", "modeldir", "tb", "_runner", "_metadata", "output", "retval",
+               "_metrics") or not os.path.isdir(path):
+        continue
+    names = sorted(os.listdir(path))
+    if names:
+        files[tag] = os.path.join(path, names[0])
+spec = importlib.util.spec_from_file_location("_clientscript", files["clientscript"])
+module = importlib.util.module_from_spec(spec)
+sys.path.insert(0, os.path.dirname(files["clientscript"]))
+spec.loader.exec_module(module)
+with open(files["args"], "rb") as handle:
+    args = pickle.load(handle)
+print("calling clientFunction", flush=True)
+value = module.clientFunction(args, files)
+os.makedirs(os.path.join(root, "retval"), exist_ok=True)
+with open(os.path.join(root, "retval", "retval"), "wb") as handle:
+    handle.write(pickle.dumps(value, protocol=2))
+print("retval saved", flush=True)
+'''
+
+SHIMS = r'''
+import os, shutil
+import studio.util, studio.util.util, studio.extra_util
+
+def rsync_cp(source, dest, ignore_arg="", logger=None):
+    """The workspace copy CompletionService makes (no rsync binary needed), with the
+    working task script copied over the release's broken one."""
+    if os.path.isdir(dest):
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    task = os.environ.get("STUDIO_TEST_TASK_SCRIPT")
+    if task and os.path.exists(os.path.join(dest, "completion_service_client.py")):
+        shutil.copyfile(task, os.path.join(dest, "completion_service_client.py"))
+
+studio.util.rsync_cp = rsync_cp
+studio.util.parse_verbosity = studio.util.util.parse_verbosity
+'''
+
+
+def _install(target: Path) -> str:
+    """Build the client virtualenv at ``target``; "" when done, else why it failed."""
+    venv.EnvBuilder(with_pip=True, clear=True).create(target)
+    python = target / "bin" / "python"
+    try:
+        proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet",
+                               "--disable-pip-version-check", *CLIENT_REQUIREMENTS],
+                              capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"pip install {' '.join(CLIENT_REQUIREMENTS)} took over {INSTALL_TIMEOUT}s"
+    if proc.returncode != 0:
+        return f"pip install {' '.join(CLIENT_REQUIREMENTS)} failed:\n{proc.stderr[-3000:]}"
+    check = subprocess.run([str(python), "-c", "import studio.runner, nacl, Crypto"],
+                           capture_output=True, text=True, timeout=300)
+    if check.returncode != 0:
+        return f"studioml {CLIENT_VERSION} does not import:\n{check.stderr[-3000:]}"
+    return ""
+
+
+def client_python() -> Path:
+    """The client virtualenv's interpreter, built once (under a file lock) and cached."""
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    target = DATA_DIR / f"studioml-{CLIENT_VERSION}"
+    ready = target / ".ready"
+    with open(DATA_DIR / f"studioml-{CLIENT_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ready.exists():
+            why = _install(target)
+            if why:
+                pytest.skip(f"the StudioML client package cannot be installed here: {why}")
+            ready.write_text(CLIENT_VERSION)
+    return target / "bin" / "python"
+
+
+class StudioClient:
+    """The StudioML client with its own configuration and home, run as real processes.
+
+    ``config`` is the client's configuration (written as its ``config.yaml``; JSON is
+    YAML); ``home`` holds ``~/.studioml`` (the client's artifact cache).
+    """
+
+    def __init__(self, home: Path, config: dict):
+        self.python = client_python()
+        self.home = home
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.config_path = home / "config.yaml"
+        self.config_path.write_text(json.dumps(config, indent=1))
+        self.config = config
+        (home / "studio_test_shims.py").write_text(SHIMS)
+        (home / "task_script.py").write_text(TASK_SCRIPT)
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("STUDIOML_", "VIRTUAL_ENV", "PYTHON"))}
+        self.env.update(HOME=str(home), PYTHONPATH=str(home),
+                        STUDIO_TEST_TASK_SCRIPT=str(home / "task_script.py"),
+                        PATH=f"{self.python.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def python_code(self, code: str, *, cwd: Path | None = None, timeout: float = 600,
+                    check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``code`` with the client's interpreter (the shims imported first)."""
+        script = "import studio_test_shims\n" + textwrap.dedent(code)
+        proc = subprocess.run([str(self.python), "-c", script], cwd=cwd or self.home,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"client code failed ({proc.returncode}):\n{proc.stdout}\n"
+                                 f"{proc.stderr}")
+        return proc
+
+    def run(self, workspace: Path, script: str, *args: str, queue: str, key: str,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+        """``studio-run --config … --queue QUEUE -e KEY SCRIPT ARGS`` in ``workspace``."""
+        argv = [str(self.python.parent / "studio-run"), "--config", str(self.config_path),
+                "--queue", queue, "--experiment", key, "--verbose", "debug", "--force-git",
+                script, *args]
+        proc = subprocess.run(argv, cwd=workspace, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"studio-run failed ({proc.returncode}):\n{proc.stdout}\n"
+                                 f"{proc.stderr}")
+        return proc
+
+    def experiment(self, key: str) -> dict | None:
+        """The experiment as the client sees it (its database provider), or None."""
+        proc = self.python_code(f"""
+            import json
+            from studio.db_providers import db_provider_setup
+            config = db_provider_setup.get_config({str(self.config_path)!r})
+            with db_provider_setup.get_db_provider(config) as db:
+                e = db.get_experiment({key!r}, getinfo=False)
+                print("RESULT" + json.dumps(None if e is None else {{
+                    "status": e.status, "time_started": e.time_started,
+                    "time_finished": e.time_finished, "time_added": e.time_added,
+                    "time_last_checkpoint": e.time_last_checkpoint, "owner": e.owner,
+                    "pythonenv": len(e.pythonenv or [])}}))
+        """)
+        return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+    def artifact(self, key: str, label: str) -> dict:
+        """Download artifact ``label`` with the client's ``get_artifact``: whether it came
+        back as a file or a folder, and its content (bytes as latin-1 text, folder names)."""
+        proc = self.python_code(f"""
+            import json, os
+            from studio.db_providers import db_provider_setup
+            config = db_provider_setup.get_config({str(self.config_path)!r})
+            with db_provider_setup.get_db_provider(config) as db:
+                e = db.get_experiment({key!r}, getinfo=False)
+                # 0.0.49 unpacks a single-file tar into its cache folder without making
+                # the folder first: made here, as an earlier download would have.
+                from studio.artifacts import artifacts_tracker
+                os.makedirs(os.path.dirname(artifacts_tracker.get_artifact_cache(
+                    e.artifacts[{label!r}].key)), exist_ok=True)
+                path = db.get_artifact(e.artifacts[{label!r}], only_newer=False)
+            if path and os.path.isfile(path):
+                found = {{"kind": "file", "data": open(path, "rb").read().decode("latin-1")}}
+            elif path and os.path.isdir(path):
+                found = {{"kind": "folder", "names": sorted(os.listdir(path))}}
+            else:
+                found = {{"kind": "missing", "path": path}}
+            print("RESULT" + json.dumps(found))
+        """)
+        found = json.loads(proc.stdout.split("RESULT", 1)[1])
+        if found["kind"] == "missing":
+            found["log"] = proc.stderr[-3000:]
+        return found
+
+    def stop(self, key: str) -> None:
+        """Mark the experiment stopped, as ``studio stop`` does (the db provider's
+        ``stop_experiment``)."""
+        self.python_code(f"""
+            from studio.db_providers import db_provider_setup
+            config = db_provider_setup.get_config({str(self.config_path)!r})
+            with db_provider_setup.get_db_provider(config) as db:
+                db.stop_experiment({key!r})
+        """)

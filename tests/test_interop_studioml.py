@@ -1,0 +1,145 @@
+"""The real StudioML client (``studioml==0.0.49``) against a real ``runner-supervisor``.
+
+Experiments are submitted with the client's own code (``studio-run``, CompletionService)
+over the shared RabbitMQ broker with S3 storage and database on ``moto_server``, and read
+back with the client's own API: its database record, ``get_artifact``, CompletionService's
+``getResults``.  The client lives in a virtualenv of its own built once under the test
+data directory (tests/studio_client.py); the runner installs each experiment's
+``pythonenv`` (the client's ``pip freeze``) from the package index, with a uv cache kept
+beside it so that this happens once.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .rabbitmq_support import unique
+from .studio_client import DATA_DIR, StudioClient
+from .support import Runner, short_tempdir
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.interop]
+
+CREDENTIALS = {"aws": {"access_key": "testing", "secret_access_key": "testing",
+                       "region": "us-east-1"}}
+ENVIRONMENT_TIMEOUT = 900.0  # the first build installs the client's whole pip freeze
+
+
+@pytest.fixture()
+def stem(broker):
+    stem = unique("rmq_s")
+    yield stem
+    names = [q["name"] for q in broker.api("queues/%2F?columns=name") or []
+             if q["name"].startswith(stem)]
+    broker.delete(*names)
+
+
+def client_config(moto, broker, meta: str, artifacts: str, **extra) -> dict:
+    config = {
+        "database": {"type": "s3", "endpoint": moto.endpoint, "bucket": meta,
+                     "authentication": "none", "credentials": CREDENTIALS},
+        "storage": {"type": "s3", "endpoint": moto.endpoint, "bucket": artifacts,
+                    "credentials": CREDENTIALS},
+        "cloud": {"queue": {"rmq": broker.url}},
+        "saveWorkspaceFrequency": "2s", "experimentLifetime": "30m", "verbose": "debug",
+        "resources_needed": {"cpus": 1, "ram": "100m", "hdd": "1g", "gpus": 0},
+        "sleep_time": 1, "env": {},
+    }
+    config.update(extra)
+    return config
+
+
+@pytest.fixture()
+def studio(moto, broker, stem, runners):
+    """(client, runner): a client configured for moto + the broker, and a runner serving
+    the test's queues (not started)."""
+    meta, artifacts = moto.create_bucket(), moto.create_bucket()
+    root = short_tempdir()
+    client = StudioClient(root / "client", client_config(moto, broker, meta, artifacts))
+    client.moto = moto
+    runner = Runner(root / "runner", queue=stem + "q", amqp_url=broker.url,
+                    amqp_mgt_url=broker.mgt_url, queue_match=f"^{stem}")
+    (root / "runner").mkdir(exist_ok=True)
+    # The experiment's pythonenv is the client's pip freeze: installed from the index,
+    # through a uv cache kept with the test data so that it is downloaded once.
+    for name in ("UV_OFFLINE", "PIP_NO_INDEX"):
+        runner.env.pop(name, None)
+    runner.env["UV_CACHE_DIR"] = str(DATA_DIR / "uv-cache")
+    runners.append(runner)
+    return client, runner
+
+
+def wait_status(client: StudioClient, key: str, statuses: tuple, runner: Runner,
+                timeout: float = ENVIRONMENT_TIMEOUT) -> dict:
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = client.experiment(key)
+        if seen and seen["status"] in statuses:
+            return seen
+        if runner.process is not None and runner.process.poll() is not None:
+            break
+        time.sleep(1.0)
+    raise AssertionError(f"{key} never reached {statuses} (last {seen}):\n{runner.log()[-6000:]}")
+
+
+def moto_of(client: StudioClient):
+    return client.moto
+
+
+def scrape_documents(moto, bucket: str, key: str) -> list[dict]:
+    """The runner's scrape documents of ``key`` in the client's artifact bucket."""
+    s3 = moto.client()
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"experiments/{key}/_metadata/scrape-")
+    return [json.loads(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read())
+            for item in listed.get("Contents", [])]
+
+
+def workspace(root: Path, files: dict[str, str]) -> Path:
+    folder = root / f"ws-{uuid.uuid4().hex[:6]}"
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(textwrap.dedent(text))
+    return folder
+
+
+def test_studio_run_record_goes_running_then_finished_and_output_is_a_file(studio, stem):
+    client, runner = studio
+    runner.start()
+    key = f"interop-{uuid.uuid4().hex[:8]}"
+    ws = workspace(client.home, {"train.py": """
+        import json, os, sys, time
+        print("hello from", sys.argv[1:], flush=True)
+        print(json.dumps({"loss": 0.25}), flush=True)
+        os.makedirs("../modeldir", exist_ok=True)
+        open("../modeldir/weights.txt", "w").write("w")
+        time.sleep(float(sys.argv[2]))
+        print("bye", flush=True)
+    """})
+    client.run(ws, "train.py", "two words", "6", queue=stem + "q", key=key)
+    waiting = client.experiment(key)  # as the client made it (the runner may be quicker)
+    assert waiting["status"] in ("waiting", "running") and waiting["time_finished"] is None
+
+    running = wait_status(client, key, ("running", "finished"), runner)
+    finished = wait_status(client, key, ("finished",), runner, timeout=180)
+    assert finished["time_started"] and finished["time_finished"]
+    assert finished["time_added"] <= finished["time_started"] <= finished["time_finished"]
+    assert finished["time_last_checkpoint"] >= finished["time_started"]
+    assert finished["owner"] == waiting["owner"] and finished["pythonenv"] > 0  # kept
+    assert running["status"] in ("running", "finished")
+
+    output = client.artifact(key, "output")
+    assert output["kind"] == "file", output
+    assert "hello from ['two words', '6']" in output["data"] and "bye" in output["data"]
+    modeldir = client.artifact(key, "modeldir")
+    assert modeldir == {"kind": "folder", "names": ["weights.txt"]}
+    metrics = client.artifact(key, "_metrics")
+    assert metrics["kind"] == "file" and metrics["data"].startswith("time: "), metrics
+
+    [document] = scrape_documents(moto_of(client), client.config["storage"]["bucket"], key)
+    assert document["runner"]["studio_record"]["state"] == "ok"
+    assert document["loss"] == 0.25 and document["studioml"]["status"] == "completed"
