@@ -16,6 +16,11 @@ the request's fate is final   ``status: "finished"``, ``time_finished`` (whateve
 the attempt is requeued       ``status: "waiting"`` (``time_started`` is kept)
 ============================  ======================================================
 
+An ``output`` artifact the runner added to a CompletionService request
+(:func:`add_output_artifact`) is added to the record's ``artifacts`` when the attempt
+starts (an artifact the record has is never replaced), so that the client can read the
+output of a task that failed.
+
 A record the client marked ``status: "stopped"`` (``studio stop``) is never written
 back as running: :class:`RecordUpdater` reports it so that the run is stopped.  A request
 whose database has no record (one not made by the client) is left alone: the runner
@@ -102,6 +107,40 @@ def locate(request: dict) -> RecordLocation | None:
                      "(s3, gs, gcloud, local)")
 
 
+def add_output_artifact(request: dict) -> dict | None:
+    """Give a request without an ``output`` artifact one beside its other mutable outputs.
+
+    CompletionService requests carry only ``retval`` (with ``clientscript``, ``args`` and
+    ``workspace``): without an ``output`` a failed task would leave the client nothing to
+    read.  The new artifact copies a mutable artifact whose key ends in ``/<label>.tar``
+    (its bucket and credentials), with ``output`` for the label.  Returns the artifact
+    added (the request is changed in place), or None when the request has an ``output``
+    or no such sibling.
+    """
+    experiment = request.get("experiment") if isinstance(request, dict) else None
+    artifacts = experiment.get("artifacts") if isinstance(experiment, dict) else None
+    if not isinstance(artifacts, dict) or "output" in artifacts:
+        return None
+    for label, artifact in sorted(artifacts.items()):
+        if not (isinstance(artifact, dict) and artifact.get("mutable")):
+            continue
+        key = str(artifact.get("key") or "")
+        suffix = f"/{label}.tar"
+        if not key.endswith(suffix):
+            continue
+        added = {k: v for k, v in artifact.items() if k not in ("local", "hash", "url")}
+        added["key"] = key[: -len(suffix)] + "/output.tar"
+        qualified = artifact.get("qualified")
+        if isinstance(qualified, str) and qualified.endswith(key):
+            added["qualified"] = qualified[: -len(key)] + added["key"]
+        else:
+            added.pop("qualified", None)
+        added.update(mutable=True, unpack=True)
+        artifacts["output"] = added
+        return added
+    return None
+
+
 def read_record(location: RecordLocation) -> dict | None:
     """The record as stored, or None when there is none.
 
@@ -137,6 +176,12 @@ def update_record(location: RecordLocation, changes: dict) -> dict | None:
     changes = dict(changes)
     if record.get("status") == STOPPED and changes.get("status") not in (None, FINISHED):
         changes.pop("status")
+    added = changes.pop("artifacts", None) or {}
+    if added:
+        artifacts = record.setdefault("artifacts", {})
+        if isinstance(artifacts, dict):
+            for label, artifact in added.items():
+                artifacts.setdefault(label, artifact)
     record.update(changes)
     store = location.store()
     try:
@@ -146,8 +191,14 @@ def update_record(location: RecordLocation, changes: dict) -> dict | None:
     return record
 
 
-def started(now: float | None = None) -> dict:
-    return {"status": RUNNING, "time_started": time.time() if now is None else now}
+def started(request: dict, now: float | None = None) -> dict:
+    """The changes when an attempt starts; the request's ``output`` artifact is added to a
+    record that has none (see :func:`add_output_artifact`)."""
+    changes = {"status": RUNNING, "time_started": time.time() if now is None else now}
+    output = ((request.get("experiment") or {}).get("artifacts") or {}).get("output")
+    if isinstance(output, dict) and output.get("key"):
+        changes["artifacts"] = {"output": output}
+    return changes
 
 
 def checkpointed(now: float | None = None) -> dict:

@@ -10,7 +10,9 @@ The 0.0.49 release needs help that belongs to the test side only, never to the r
 
 * ``urllib3<2`` and ``requests-toolbelt<1`` so that it imports at all;
 * its CompletionService imports ``rsync_cp`` and ``parse_verbosity`` from ``studio.util``,
-  which that release moved: :data:`SHIMS` puts them back;
+  which that release moved, and ``create_experiment`` from the stale ``studio.experiment``
+  (the live one is ``studio.experiments.experiment`` and wants a dependency policy), and
+  ``studio.logs.get_logger`` (moved to ``studio.util.logs``): :data:`SHIMS` puts them back;
 * the task script it ships, ``completion_service_client.py``, fails on every worker of
   that release (stale imports of ``studio.model``/``studio.util`` names): the shims copy a
   working equivalent (:data:`TASK_SCRIPT`, standard library only) over it in each task's
@@ -82,6 +84,27 @@ def rsync_cp(source, dest, ignore_arg="", logger=None):
 
 studio.util.rsync_cp = rsync_cp
 studio.util.parse_verbosity = studio.util.util.parse_verbosity
+
+# ``studio.experiment`` of 0.0.49 is a stale copy that no longer imports; the live one is
+# ``studio.experiments.experiment``, whose create_experiment wants a dependency policy.
+import sys, types
+import studio.experiments.experiment as _live
+from studio.dependencies_policies.studio_dependencies_policy import StudioDependencyPolicy
+
+def create_experiment(*args, dependency_policy=None, **kwargs):
+    kwargs.setdefault("from_compl_service", True)
+    return _live.create_experiment(
+        *args, dependency_policy=dependency_policy or StudioDependencyPolicy(), **kwargs)
+
+_shim = types.ModuleType("studio.experiment")
+_shim.__dict__.update(_live.__dict__)
+_shim.create_experiment = create_experiment
+sys.modules["studio.experiment"] = _shim
+studio.experiment = _shim
+
+# ``studio.logs`` is stale as well: its logger factory moved to ``studio.util.logs``.
+import studio.logs, studio.util.logs
+studio.logs.get_logger = studio.util.logs.get_logger
 '''
 
 
@@ -218,3 +241,31 @@ class StudioClient:
             with db_provider_setup.get_db_provider(config) as db:
                 db.stop_experiment({key!r})
         """)
+
+    def completion_service(self, queue: str, clientscript: Path, tasks: list, *,
+                           timeout: float = 900) -> dict:
+        """Fan ``tasks`` (pickled arguments) out with the client's CompletionService and
+        wait with ``getResultsWithTimeout`` until as many results as tasks came back or
+        ``timeout`` passed: ``{"submitted": [keys], "results": {key: value}}``."""
+        proc = self.python_code(f"""
+            import json, time
+            from studio.completion_service.completion_service import CompletionService
+            cs_config = {{"queue": {queue!r}, "num_workers": 1, "timeout": {timeout!r},
+                          "sleep_time": 1,
+                          "resources_needed": {{"cpus": 1, "ram": "100m", "hdd": "1g",
+                                                "gpus": 0}}}}
+            tasks = json.loads({json.dumps(tasks)!r})
+            found = {{"submitted": [], "results": {{}}}}
+            with CompletionService("cs", cs_config,
+                                   studio_config_file={str(self.config_path)!r}) as cs:
+                for number, args in enumerate(tasks):
+                    found["submitted"].append(cs.submitTask({str(clientscript)!r}, args,
+                                                            job_id=number))
+                deadline = time.time() + {timeout!r}
+                while len(found["results"]) < len(tasks) and time.time() < deadline:
+                    got = cs.getResultsWithTimeout(10)
+                    if got is not None:
+                        found["results"][got[0]] = got[1]
+            print("RESULT" + json.dumps(found))
+        """, timeout=timeout + 300)
+        return json.loads(proc.stdout.split("RESULT", 1)[1])

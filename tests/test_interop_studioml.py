@@ -143,3 +143,47 @@ def test_studio_run_record_goes_running_then_finished_and_output_is_a_file(studi
     [document] = scrape_documents(moto_of(client), client.config["storage"]["bucket"], key)
     assert document["runner"]["studio_record"]["state"] == "ok"
     assert document["loss"] == 0.25 and document["studioml"]["status"] == "completed"
+
+
+@pytest.mark.runner_options()
+def test_completion_service_fan_out_of_ten_returns_ten_results(studio, stem):
+    client, runner = studio
+    runner.options["max-attempts"] = 1  # the failing task ends at its first attempt
+    runner.options["executors"] = 4
+    runner.start()
+    clientscript = client.home / "square.py"
+    clientscript.write_text(textwrap.dedent("""
+        def clientFunction(args, files):
+            print("task", args, flush=True)
+            if args == "fail":
+                raise RuntimeError("this task fails on purpose")
+            return {"n": args, "square": args * args}
+    """))
+    found = client.completion_service(stem + "q", clientscript, list(range(10)))
+    assert len(found["submitted"]) == 10
+    by_n = {value["n"]: value["square"] for value in found["results"].values()}
+    assert by_n == {n: n * n for n in range(10)}, found
+    assert set(found["results"]) == set(found["submitted"])
+    for key in found["submitted"]:
+        record = client.experiment(key)
+        assert record["status"] == "finished" and record["time_finished"], (key, record)
+
+
+def test_a_failed_completion_service_task_is_finished_with_its_output(studio, stem):
+    client, runner = studio
+    runner.options["max-attempts"] = 1
+    runner.start()
+    clientscript = client.home / "fails.py"
+    clientscript.write_text(textwrap.dedent("""
+        def clientFunction(args, files):
+            print("task", args, flush=True)
+            raise RuntimeError("this task fails on purpose")
+    """))
+    found = client.completion_service(stem + "q", clientscript, ["fail"], timeout=20)
+    [key] = found["submitted"]
+    assert found["results"] == {}
+    record = wait_status(client, key, ("finished",), runner, timeout=300)
+    assert record["time_finished"] >= record["time_started"]
+    output = client.artifact(key, "output")
+    assert output["kind"] == "file"
+    assert "this task fails on purpose" in output["data"], output

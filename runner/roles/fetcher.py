@@ -34,7 +34,7 @@ import os
 import time
 from pathlib import Path
 
-from .. import fates, gpus, metadata, protocol
+from .. import fates, gpus, metadata, protocol, studio_db
 from ..errors import BadRequest, DeliveryLost, QueueError, RunnerError
 from ..queues import Delivery, Queue, build_backends, kind_of, matches
 from ..requests import parse_request, safe_path_part
@@ -296,6 +296,7 @@ class Fetcher(Role):
             self.log.error("bad request in %s: %s; dead-lettered", delivery.queue, exc)
             self.settle_delivery(backend, delivery, fates.DEAD, str(exc), 0)
             return
+        studio_db.add_output_artifact(request)  # CompletionService tasks have none
         identity = request_identity(delivery.queue, facts.project, facts.key, request)
         if self.redelivered(backend, delivery, identity, facts.key):
             return

@@ -167,7 +167,7 @@ class Uploader(Role):
         if isinstance(message, protocol.UploadRequest):
             if message.record_only:
                 self.records.submit(message.job.job_id, message.job.request,
-                                    studio_db.started())
+                                    studio_db.started(message.job.request))
                 self.held_records[message.job.job_id] = (time.monotonic() + RECORD_AFTER,
                                                          message)
                 self.wake(tick=True)  # the next tick comes when it is due
