@@ -187,3 +187,31 @@ def test_a_failed_completion_service_task_is_finished_with_its_output(studio, st
     output = client.artifact(key, "output")
     assert output["kind"] == "file"
     assert "this task fails on purpose" in output["data"], output
+
+
+def test_a_stop_from_the_client_stops_the_run_and_acks_it_cancelled(studio, stem, broker):
+    client, runner = studio
+    runner.start()
+    key = f"interop-{uuid.uuid4().hex[:8]}"
+    ws = workspace(client.home, {"long.py": """
+        import time
+        print("started", flush=True)
+        for _ in range(600):
+            time.sleep(0.5)
+        print("ran to its end", flush=True)
+    """})
+    client.run(ws, "long.py", queue=stem + "q", key=key)
+    wait_status(client, key, ("running",), runner)
+    runner.wait_for(lambda: [j for j in runner.status()["jobs"] if j["phase"] == "running"],
+                    timeout=ENVIRONMENT_TIMEOUT, what="the run to start")
+    client.stop(key)
+    assert client.experiment(key)["status"] in ("stopped", "finished")  # the runner is quick
+
+    record = wait_status(client, key, ("finished",), runner, timeout=120)
+    assert record["time_finished"] >= record["time_started"]
+    broker.wait_counts(stem + "q", ready=0, unacked=0)  # acked, not requeued
+    [document] = scrape_documents(client.moto, client.config["storage"]["bucket"], key)
+    assert document["studioml"]["status"] == "cancelled"
+    assert document["runner"]["error"] == "ClientStopped"
+    output = client.artifact(key, "output")
+    assert "started" in output["data"] and "ran to its end" not in output["data"]
