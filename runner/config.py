@@ -298,6 +298,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("google-certs", _optional_dir, "",
            "directory of Google service-account files, each naming a project whose Pub/Sub "
            "subscriptions are served (also: $GOOGLE_APPLICATION_CREDENTIALS); rescanned"),
+    Option("encrypt-key-dir", _optional_dir, "",
+           "directory with the runner's RSA private key (ssh-privatekey, PEM or OpenSSH) for "
+           "encrypted request envelopes; rescanned while running (empty: envelopes are "
+           "dead-lettered)"),
+    Option("encrypt-passphrase-dir", _optional_dir, "",
+           "directory with the private key's passphrase (ssh-passphrase; default: "
+           "--encrypt-key-dir)"),
+    Option("signing-keys-dir", _optional_dir, "",
+           "directory of ed25519 public keys (OpenSSH lines), one file per queue-name prefix, "
+           "that envelopes must be signed with; rescanned while running"),
     Option("pubsub-ack-deadline", _ack_deadline, "60s",
            "ack deadline a taken Pub/Sub message is held with, extended every third of it "
            "while the experiment runs (10s..600s)"),
@@ -415,6 +425,9 @@ class Config:
     sqs_visibility: float = 300.0
     google_certs: str = ""
     pubsub_ack_deadline: float = 60.0
+    encrypt_key_dir: str = ""
+    encrypt_passphrase_dir: str = ""
+    signing_keys_dir: str = ""
 
     @property
     def env_dir(self) -> str:

@@ -104,7 +104,7 @@ def parse_request(body: bytes, *, min_save_interval: float = 10.0) -> tuple[dict
     if not isinstance(request, dict):
         raise BadRequest("body is not a JSON object")
     if "message" in request and "experiment" not in request:
-        raise BadRequest("encrypted request envelopes are not supported by this runner")
+        raise BadRequest("encrypted request envelope: no decryption key configured")
     experiment = request.get("experiment")
     config = request.get("config") or {}
     if not isinstance(experiment, dict):

@@ -269,3 +269,18 @@ class StudioClient:
             print("RESULT" + json.dumps(found))
         """, timeout=timeout + 300)
         return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+    def envelope(self, key: str) -> dict:
+        """An envelope made by the client's own EncryptedPayloadBuilder (configured with
+        ``public_key_path`` and ``signing_key_path``) around a small experiment."""
+        proc = self.python_code(f"""
+            import json
+            from studio.encrypted_payload_builder import EncryptedPayloadBuilder
+            from studio.experiments.experiment import Experiment
+            config = json.load(open({str(self.config_path)!r}))
+            builder = EncryptedPayloadBuilder("test", config["public_key_path"],
+                                              config["signing_key_path"])
+            experiment = Experiment({key!r}, "train.py", [], [], project="p", artifacts={{}})
+            print("RESULT" + json.dumps(builder.construct(experiment, config, [])))
+        """)
+        return json.loads(proc.stdout.split("RESULT", 1)[1])

@@ -215,3 +215,68 @@ def test_a_stop_from_the_client_stops_the_run_and_acks_it_cancelled(studio, stem
     assert document["runner"]["error"] == "ClientStopped"
     output = client.artifact(key, "output")
     assert "started" in output["data"] and "ran to its end" not in output["data"]
+
+
+def envelope_keys(root: Path, stem: str) -> dict:
+    """Keys as the go runner's operators make them: the runner's RSA key (PEM, passphrase
+    apart) and the experimenter's ed25519 signing key registered for the queue prefix."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    runner_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    signing = ed25519.Ed25519PrivateKey.generate()
+    paths = {name: root / name for name in ("encryption", "passphrase", "signing", "client")}
+    for path in paths.values():
+        path.mkdir(parents=True)
+    (paths["passphrase"] / "ssh-passphrase").write_text("PassPhrase\n")
+    (paths["encryption"] / "ssh-privatekey").write_bytes(runner_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.BestAvailableEncryption(b"PassPhrase")))
+    (paths["client"] / "runner.pub.pem").write_bytes(runner_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.PKCS1))
+    (paths["client"] / "signing").write_bytes(signing.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()))
+    (paths["signing"] / stem).write_bytes(signing.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" tester\n")
+    return paths
+
+
+def test_a_signed_envelope_from_the_client_runs_and_a_tampered_one_is_dead_lettered(
+        moto, broker, stem, runners):
+    root = short_tempdir()
+    keys = envelope_keys(root / "keys", stem)
+    meta, artifacts = moto.create_bucket(), moto.create_bucket()
+    config = client_config(moto, broker, meta, artifacts,
+                           public_key_path=str(keys["client"] / "runner.pub.pem"),
+                           signing_key_path=str(keys["client"] / "signing"))
+    client = StudioClient(root / "client", config)
+    client.moto = moto
+    runner = Runner(root / "runner", queue=stem + "q", amqp_url=broker.url,
+                    amqp_mgt_url=broker.mgt_url, queue_match=f"^{stem}",
+                    encrypt_key_dir=keys["encryption"], encrypt_passphrase_dir=keys["passphrase"],
+                    signing_keys_dir=keys["signing"])
+    runner.root.mkdir(parents=True, exist_ok=True)
+    for name in ("UV_OFFLINE", "PIP_NO_INDEX"):
+        runner.env.pop(name, None)
+    runner.env["UV_CACHE_DIR"] = str(DATA_DIR / "uv-cache")
+    runners.append(runner)
+    runner.start()
+
+    key = f"interop-{uuid.uuid4().hex[:8]}"
+    ws = workspace(client.home, {"secret.py": "print('ran from an envelope', flush=True)\n"})
+    client.run(ws, "secret.py", queue=stem + "q", key=key)  # studio-run encrypts and signs
+    record = wait_status(client, key, ("finished",), runner)
+    assert record["time_finished"]
+    assert "ran from an envelope" in client.artifact(key, "output")["data"]
+
+    tampered = client.envelope(f"interop-{uuid.uuid4().hex[:8]}")
+    assert tampered["message"]["signature"] and tampered["message"]["payload"].count(",") == 1
+    session, data = tampered["message"]["payload"].split(",")
+    flipped = "A" if data[10] != "A" else "B"
+    tampered["message"]["payload"] = f"{session},{data[:10]}{flipped}{data[11:]}"
+    broker.publish(runner.queue, tampered)
+    runner.wait_for(lambda: broker.ready(runner.queue + "_dead") == 1, what="a dead letter",
+                    timeout=60)
+    props, _body = broker.get(runner.queue + "_dead")
+    assert "signature does not verify" in props.headers["x-studioml-dead-reason"]

@@ -2,8 +2,9 @@
 
 It owns the queue back ends (built from the options by
 :func:`runner.queues.build_backends`), the resource ledger and every held delivery.  A
-request is taken only while the ledger has a free slot; once read it is validated (bad
-requests are dead-lettered), checked for staleness (acked and recorded ``expired``),
+request is taken only while the ledger has a free slot; once read it is opened when it is
+an encrypted, signed envelope (:mod:`runner.envelope`) and validated (bad requests and
+envelopes that cannot be opened are dead-lettered), checked for staleness (acked and recorded ``expired``),
 reserved (or put straight back when it does not fit), and handed to the cache manager.
 When the uploader reports ``JobDone`` the fetcher asks :func:`runner.fates.decide` what to
 do and acks, requeues or dead-letters the delivery, then releases the reservation.
@@ -34,7 +35,7 @@ import os
 import time
 from pathlib import Path
 
-from .. import fates, gpus, metadata, protocol, studio_db
+from .. import envelope, fates, gpus, metadata, protocol, studio_db
 from ..errors import BadRequest, DeliveryLost, QueueError, RunnerError
 from ..queues import Delivery, Queue, build_backends, kind_of, matches
 from ..requests import parse_request, safe_path_part
@@ -69,6 +70,7 @@ class Fetcher(Role):
             if recovered:
                 self.log.info("returned %d unfinished claims of stopped runners to their "
                               "%s queues", recovered, backend.kind)
+        self.keys = envelope.Keys.from_config(self.config)  # envelopes (rescanned on use)
         self.discovery = gpus.discover(os.environ)
         self.log.info("%s", gpus.describe(self.discovery))  # said once: CPU-only is no error
         if self.config.cpu_only and self.discovery.devices:
@@ -288,8 +290,8 @@ class Fetcher(Role):
     def accept(self, backend: Queue, delivery: Delivery) -> None:
         """Validate, reserve and hand on one delivery, or settle it at once."""
         try:
-            request, facts = parse_request(delivery.body,
-                                           min_save_interval=self.config.min_save_interval)
+            body = envelope.open_body(delivery.body, delivery.queue, self.keys)
+            request, facts = parse_request(body, min_save_interval=self.config.min_save_interval)
             metadata.check_object_names(request, self.config.hostname,
                                         self.config.metadata_store)
         except BadRequest as exc:
