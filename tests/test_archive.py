@@ -330,3 +330,31 @@ def test_budget_exactly_enough(area: dict[str, Path]) -> None:
     assert unpack(archive, area["dest"], budget=8) == 8
     with pytest.raises(DiskBudgetExceeded):
         unpack(archive, area["root"] / "dest" / "again", budget=7)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_single_file_packing_names_the_file_dot_slash(tmp_path: Path, compression: str) -> None:
+    """The StudioML client reads a tar whose one member is ./<name> as a file."""
+    from runner.archive import pack_to_stream, single_file_of
+
+    folder = tmp_path / "retval"
+    folder.mkdir()
+    (folder / "retval").write_bytes(b"pickled")
+    out = io.BytesIO()
+    pack_to_stream(folder, out, compression, single_file=True)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:*") as tar:
+        assert tar.getnames() == ["./retval"]
+        assert tar.extractfile("./retval").read() == b"pickled"
+        assert int(tar.getmember("./retval").mtime) == int((folder / "retval").stat().st_mtime)
+    unpacked = tmp_path / "again"
+    archive = tmp_path / "retval.tar"
+    archive.write_bytes(out.getvalue())
+    unpack(archive, unpacked)
+    assert (unpacked / "retval").read_bytes() == b"pickled"
+
+    (folder / "more").mkdir()  # anything but one file stays a folder archive
+    assert single_file_of(folder) is None
+    out = io.BytesIO()
+    pack_to_stream(folder, out, "none", single_file=True)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        assert tar.getnames() == ["more", "retval"]

@@ -181,3 +181,11 @@ def test_stop_causes_map_to_their_exceptions():
     assert isinstance(fates.stop_exception("unknown-cause", "x"), ShutdownRequested)
     assert decide(outcome_for_exception(fates.stop_exception("shutdown", "x")), 2, 3).action \
         == REQUEUE
+
+
+def test_a_client_stop_is_acked_cancelled_once_its_uploads_are_done():
+    stopped = outcome_for_exception(fates.stop_exception("client_stopped", "x"), -15)
+    assert (stopped.status, stopped.error) == (CANCELLED, "ClientStopped")
+    done = decide(stopped, 1, 3)
+    assert (done.action, done.final_status, done.attempts) == (ACK, CANCELLED, 1)
+    assert decide(stopped, 1, 3, upload_error="StorageError: down").action == REQUEUE
