@@ -78,7 +78,7 @@ def test_experiment_completes_with_outputs_metadata_and_merged_scrape(runner, ho
     assert "starting ['two words', 'plain']" in output
     assert "a plain line" in output and "to stderr" in output
     assert "supersecretvalue" not in output and "AWS_SECRET_ACCESS_KEY=***" in output
-    assert tar_members(experiment_dir / "output.tar")["output"].decode() == output
+    assert tar_members(experiment_dir / "output.tar")["./output"].decode() == output
     assert tar_members(experiment_dir / "modeldir.tar") == {"weights.txt": b"w=42"}
 
     runner_log = (experiment_dir / "_metadata" / metadata.runner_log_name(attempt)).read_text()

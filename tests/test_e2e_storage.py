@@ -78,7 +78,7 @@ def check_completed_experiment(runner: Runner, request: dict) -> dict:
     assert b"hello from workspace" in output and b"input: from storage" in output
     assert tar_members(runner.read(runner.experiment_url(request, "modeldir.tar"))) == {
         "weights.txt": b"w=42"}
-    assert tar_members(runner.read(runner.experiment_url(request, "output.tar")))["output"] == output
+    assert tar_members(runner.read(runner.experiment_url(request, "output.tar")))["./output"] == output
     [document] = runner.scrape_documents(request)
     assert document["experiment"] == {"accuracy": 0.93}
     assert document["studioml"]["status"] == "completed"
