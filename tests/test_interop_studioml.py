@@ -61,16 +61,22 @@ def studio(moto, broker, stem, runners):
     root = short_tempdir()
     client = StudioClient(root / "client", client_config(moto, broker, meta, artifacts))
     client.moto = moto
-    runner = Runner(root / "runner", queue=stem + "q", amqp_url=broker.url,
-                    amqp_mgt_url=broker.mgt_url, queue_match=f"^{stem}")
-    (root / "runner").mkdir(exist_ok=True)
+    runner = interop_runner(root / "runner", broker, stem)
+    runners.append(runner)
+    return client, runner
+
+
+def interop_runner(root: Path, broker, stem: str, **options) -> Runner:
+    """A runner serving the test's ``rmq_`` queues (not started)."""
+    root.mkdir(parents=True, exist_ok=True)
+    runner = Runner(root, queue=stem + "q", amqp_url=broker.url, amqp_mgt_url=broker.mgt_url,
+                    queue_match=f"^{stem}", **options)
     # The experiment's pythonenv is the client's pip freeze: installed from the index,
     # through a uv cache kept with the test data so that it is downloaded once.
     for name in ("UV_OFFLINE", "PIP_NO_INDEX"):
         runner.env.pop(name, None)
     runner.env["UV_CACHE_DIR"] = str(DATA_DIR / "uv-cache")
-    runners.append(runner)
-    return client, runner
+    return runner
 
 
 def wait_status(client: StudioClient, key: str, statuses: tuple, runner: Runner,
@@ -85,10 +91,6 @@ def wait_status(client: StudioClient, key: str, statuses: tuple, runner: Runner,
             break
         time.sleep(1.0)
     raise AssertionError(f"{key} never reached {statuses} (last {seen}):\n{runner.log()[-6000:]}")
-
-
-def moto_of(client: StudioClient):
-    return client.moto
 
 
 def scrape_documents(moto, bucket: str, key: str) -> list[dict]:
@@ -140,26 +142,25 @@ def test_studio_run_record_goes_running_then_finished_and_output_is_a_file(studi
     metrics = client.artifact(key, "_metrics")
     assert metrics["kind"] == "file" and metrics["data"].startswith("time: "), metrics
 
-    [document] = scrape_documents(moto_of(client), client.config["storage"]["bucket"], key)
+    [document] = scrape_documents(client.moto, client.config["storage"]["bucket"], key)
     assert document["runner"]["studio_record"]["state"] == "ok"
     assert document["loss"] == 0.25 and document["studioml"]["status"] == "completed"
 
 
-@pytest.mark.runner_options()
+def clientscript(client: StudioClient, name: str, body: str) -> Path:
+    """A CompletionService client script whose ``clientFunction`` runs ``body``."""
+    path = client.home / name
+    path.write_text("def clientFunction(args, files):\n"
+                    "    print('task', args, flush=True)\n" + textwrap.indent(body, "    "))
+    return path
+
+
 def test_completion_service_fan_out_of_ten_returns_ten_results(studio, stem):
     client, runner = studio
-    runner.options["max-attempts"] = 1  # the failing task ends at its first attempt
     runner.options["executors"] = 4
     runner.start()
-    clientscript = client.home / "square.py"
-    clientscript.write_text(textwrap.dedent("""
-        def clientFunction(args, files):
-            print("task", args, flush=True)
-            if args == "fail":
-                raise RuntimeError("this task fails on purpose")
-            return {"n": args, "square": args * args}
-    """))
-    found = client.completion_service(stem + "q", clientscript, list(range(10)))
+    script = clientscript(client, "square.py", "return {'n': args, 'square': args * args}\n")
+    found = client.completion_service(stem + "q", script, list(range(10)))
     assert len(found["submitted"]) == 10
     by_n = {value["n"]: value["square"] for value in found["results"].values()}
     assert by_n == {n: n * n for n in range(10)}, found
@@ -173,13 +174,8 @@ def test_a_failed_completion_service_task_is_finished_with_its_output(studio, st
     client, runner = studio
     runner.options["max-attempts"] = 1
     runner.start()
-    clientscript = client.home / "fails.py"
-    clientscript.write_text(textwrap.dedent("""
-        def clientFunction(args, files):
-            print("task", args, flush=True)
-            raise RuntimeError("this task fails on purpose")
-    """))
-    found = client.completion_service(stem + "q", clientscript, ["fail"], timeout=20)
+    script = clientscript(client, "fails.py", "raise RuntimeError('this task fails on purpose')\n")
+    found = client.completion_service(stem + "q", script, ["fail"], timeout=20)
     [key] = found["submitted"]
     assert found["results"] == {}
     record = wait_status(client, key, ("finished",), runner, timeout=300)
@@ -252,14 +248,9 @@ def test_a_signed_envelope_from_the_client_runs_and_a_tampered_one_is_dead_lette
                            signing_key_path=str(keys["client"] / "signing"))
     client = StudioClient(root / "client", config)
     client.moto = moto
-    runner = Runner(root / "runner", queue=stem + "q", amqp_url=broker.url,
-                    amqp_mgt_url=broker.mgt_url, queue_match=f"^{stem}",
-                    encrypt_key_dir=keys["encryption"], encrypt_passphrase_dir=keys["passphrase"],
-                    signing_keys_dir=keys["signing"])
-    runner.root.mkdir(parents=True, exist_ok=True)
-    for name in ("UV_OFFLINE", "PIP_NO_INDEX"):
-        runner.env.pop(name, None)
-    runner.env["UV_CACHE_DIR"] = str(DATA_DIR / "uv-cache")
+    runner = interop_runner(root / "runner", broker, stem, encrypt_key_dir=keys["encryption"],
+                            encrypt_passphrase_dir=keys["passphrase"],
+                            signing_keys_dir=keys["signing"])
     runners.append(runner)
     runner.start()
 
