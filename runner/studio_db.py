@@ -14,6 +14,8 @@ the request's fate is final   ``status: "finished"``, ``time_finished`` (whateve
                               outcome: the reference worker marks failed, expired and
                               stopped runs ``finished`` too)
 the attempt is requeued       ``status: "waiting"`` (``time_started`` is kept)
+the request is stale on       ``status: "finished"``, ``time_finished`` (the fetcher acks
+arrival                       it ``expired`` without running it)
 ============================  ======================================================
 
 An ``output`` artifact the runner added to a CompletionService request

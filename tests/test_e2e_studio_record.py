@@ -98,3 +98,15 @@ def test_an_unreachable_database_neither_fails_nor_blocks_the_run(runner):
     [document] = runner.scrape_documents(request)
     assert document["runner"]["studio_record"]["state"] == "retrying"
     assert document["studioml"]["status"] == "completed"
+
+
+def test_a_request_stale_on_arrival_ends_its_record_finished(runner):
+    runner.start()
+    request, record_path = with_database(runner, runner.request(
+        runner.workspace({"job.py": SCRIPT}), "job.py", lifetime="1m",
+        time_added=time.time() - 3600))
+    runner.publish(request)
+    assert runner.wait_final(request)["status"] == "expired"
+    record = runner.wait_for(lambda: (r := json.loads(record_path.read_text()))["status"]
+                             == "finished" and r, what="the record to be finished")
+    assert record["time_finished"] and record["time_started"] is None

@@ -71,6 +71,8 @@ class Fetcher(Role):
                 self.log.info("returned %d unfinished claims of stopped runners to their "
                               "%s queues", recovered, backend.kind)
         self.keys = envelope.Keys.from_config(self.config)  # envelopes (rescanned on use)
+        self.studio_records = studio_db.RecordUpdater(lambda job_id, state: None,
+                                                      lambda job_id: None)
         self.discovery = gpus.discover(os.environ)
         self.log.info("%s", gpus.describe(self.discovery))  # said once: CPU-only is no error
         if self.config.cpu_only and self.discovery.devices:
@@ -308,6 +310,8 @@ class Fetcher(Role):
             self.log.warning("key=%s stale on arrival (lifetime ended %.0fs ago); acked as expired",
                              facts.key, now - stale_at)
             self.record(request, "expired", "", delivery.attempts, final=True)
+            # The client's record ends too: nothing will run it (studio_db module doc).
+            self.studio_records.submit(f"stale-{facts.key}", request, studio_db.ended(True))
             self.settle_delivery(backend, delivery, fates.ACK, "stale", delivery.attempts)
             return
         never = self.ledger.why_never(facts.resources)
@@ -491,6 +495,7 @@ class Fetcher(Role):
     def shutdown(self) -> None:
         for backend in self.backends.values():
             backend.close()
+        self.studio_records.close(timeout=2.0)
 
 
 def protocol_safe_experiment(body: bytes) -> dict:
