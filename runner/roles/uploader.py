@@ -151,6 +151,7 @@ class Uploader(Role):
 
     def record_state(self, job_id: str, state: dict) -> None:
         """The StudioML record of ``job_id`` changed state: into its scrape document."""
+        state = dict(state, updated=metadata.iso_utc(state.get("updated") or time.time()))
         self.post("scraper", protocol.RecordState(job_id=job_id, state=state))
         if state.get("state") in ("retrying", "gave up"):
             self.runner_log(job_id, f"StudioML record {state.get('url')}: {state.get('state')} "
