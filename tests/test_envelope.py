@@ -137,7 +137,8 @@ def test_a_wrong_passphrase_is_reported(tmp_path, rsa_key):
 
 def test_without_signing_keys_configured_signatures_are_not_checked(tmp_path, rsa_key):
     write_private_key(tmp_path / "enc", rsa_key, None)
-    opened = open_envelope(make_envelope(rsa_key.public_key()), "rmq_q", Keys(str(tmp_path / "enc")))
+    keyring = Keys(str(tmp_path / "enc"))
+    opened = open_envelope(make_envelope(rsa_key.public_key()), "rmq_q", keyring)
     assert json.loads(opened) == REQUEST
 
 

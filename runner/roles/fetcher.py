@@ -4,7 +4,8 @@ It owns the queue back ends (built from the options by
 :func:`runner.queues.build_backends`), the resource ledger and every held delivery.  A
 request is taken only while the ledger has a free slot; once read it is opened when it is
 an encrypted, signed envelope (:mod:`runner.envelope`) and validated (bad requests and
-envelopes that cannot be opened are dead-lettered), checked for staleness (acked and recorded ``expired``),
+envelopes that cannot be opened are dead-lettered), checked for staleness (acked and
+recorded ``expired``),
 reserved (or put straight back when it does not fit), and handed to the cache manager.
 When the uploader reports ``JobDone`` the fetcher asks :func:`runner.fates.decide` what to
 do and acks, requeues or dead-letters the delivery, then releases the reservation.

@@ -2,9 +2,10 @@
 
 For each ``UploadRequest`` (on a worker thread, one at a time per attempt) it uploads
 every mutable artifact whose folder changed since its last upload (a tar compressed by
-the key's extension; ``output``, ``retval`` and ``_metrics`` holding one file are packed as
-that file, the way the StudioML client reads them, streamed into the store as it is packed: a multipart upload on S3, a
-resumable one on GCS, no temporary copy of the archive), then each file of the
+the key's extension, streamed into the store as it is packed: a multipart upload on S3, a
+resumable one on GCS, no temporary copy of the archive; ``output``, ``retval`` and
+``_metrics`` holding one file are packed as that file, ``./<name>``, the way the StudioML
+client reads them), then each file of the
 ``_metadata`` folder on its own under the ``_metadata`` key without its archive
 extension.  The scraper's first request of an attempt (``record_only``, sent when the
 attempt opens) writes the redacted request with the status ``running`` to the metadata
@@ -354,7 +355,8 @@ class Uploader(Role):
 
     def stats(self) -> dict:
         with self.lock:
-            return {"in_flight": self.in_flight, "studio_records_waiting": len(self.records.pending)}
+            return {"in_flight": self.in_flight,
+                    "studio_records_waiting": len(self.records.pending)}
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
