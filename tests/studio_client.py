@@ -110,7 +110,10 @@ studio.logs.get_logger = studio.util.logs.get_logger
 
 def _install(target: Path) -> str:
     """Build the client virtualenv at ``target``; "" when done, else why it failed."""
-    venv.EnvBuilder(with_pip=True, clear=True).create(target)
+    try:
+        venv.EnvBuilder(with_pip=True, clear=True).create(target)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"cannot make a virtualenv with pip at {target}: {exc}"
     python = target / "bin" / "python"
     try:
         proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet",
