@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadRequest, RunnerError, StorageError
+from .errors import BadRequest, RunnerError
 from .storage import open_store, request_env
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,9 @@ class RecordUpdater:
         entry.tries += 1
         try:
             record = update_record(entry.location, changes)
-        except (StorageError, ValueError, OSError) as exc:
+        except Exception as exc:  # the thread must outlive any one record
+            if not isinstance(exc, (RunnerError, ValueError, OSError)):
+                log.exception("studio record %s: unexpected error", url)
             now = time.monotonic()
             entry.first_failure = entry.first_failure or now
             with self.condition:
