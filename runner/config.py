@@ -325,6 +325,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("runtime-dir", _path, None, "supervisor sockets and lock (default: /tmp/studioml-runner-UID)"),
     Option("executors", _positive_int, None, "experiments run at once (default: CPU cores)"),
     Option("max-attempts", _positive_int, "3", "attempts of a failing experiment before it ends failed"),
+    Option("max-requeues", _positive_int, "10",
+           "hand-backs for the host's faults (storage down, cache full) before a request "
+           "ends failed; each waits longer (2 s doubling to 5 min)"),
     Option("hostname", str, None, "host name in attempt ids and metadata (default: this host's)"),
     Option("min-save-interval", _duration, "10s",
            "lower clamp of an experiment's saveWorkspaceFrequency"),
@@ -391,6 +394,7 @@ class Config:
     runtime_dir: str
     executors: int
     max_attempts: int
+    max_requeues: int
     hostname: str
     min_save_interval: float
     kill_grace: float

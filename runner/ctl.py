@@ -156,7 +156,8 @@ def render_queues(data: dict) -> list[str]:
         lines.append(f"  {name}: {queue.get('depth')} waiting"
                      + (f" ({queue['error']})" if queue.get("error") else ""))
         for waiting in queue.get("waiting", []):
-            lines.append(f"    {waiting['key']}  project={waiting['project'] or '-'}")
+            lines.append(f"    {waiting['key']}  project={waiting['project'] or '-'}"
+                         + (f"  ({waiting['reason']})" if waiting.get("reason") else ""))
     return lines
 
 

@@ -7,6 +7,11 @@ download or an upload.
 """
 from __future__ import annotations
 
+import errno
+
+_PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS,
+                               errno.ENOTDIR, errno.EISDIR, errno.EINVAL})
+
 
 class RunnerError(Exception):
     """Root of every exception the runner raises on purpose."""
@@ -26,6 +31,20 @@ class BadRequest(RunnerError):
 
 class StorageError(RunnerError):
     """Storage could not be read or written (transient or not); the attempt is not counted."""
+
+
+class PermanentStorageError(StorageError):
+    """A storage failure that trying again will not fix: the request's fault (a bucket that
+    does not exist, access denied, a key the store refuses, a name too long).  The request
+    ends failed with the reason (see :mod:`runner.fates`)."""
+
+
+def storage_error_for(exc: OSError, message: str) -> StorageError:
+    """The StorageError for a file-system error ``exc``: permanent when retrying cannot fix
+    it (a name too long, access denied, a path that is not a folder), else transient (a
+    full disk, an I/O error)."""
+    permanent = exc.errno in _PERMANENT_ERRNOS
+    return (PermanentStorageError if permanent else StorageError)(message)
 
 
 class ArchiveError(RunnerError):

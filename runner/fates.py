@@ -74,6 +74,7 @@ _STATUS_BY_ERROR = {
     errors.EnvironmentBuildError: FAILED,
     ExperimentFailed: FAILED,
     LimitReached: EXPIRED,
+    errors.PermanentStorageError: FAILED,
     errors.StorageError: CANCELLED,
     errors.ArchiveError: FAILED,
     errors.ResourcesUnavailable: CANCELLED,
@@ -85,6 +86,39 @@ _STATUS_BY_ERROR = {
 _DEAD_ERRORS = {"BadRequest"}
 _UNCOUNTED_ERRORS = {"StorageError", "ObjectMissing", "ResourcesUnavailable",
                      "ShutdownRequested", "RoleCrashed"}
+_PERMANENT_ERRORS = {"PermanentStorageError"}
+"""Faults of the request that retrying cannot fix: the request ends failed at once."""
+_NO_BACKOFF_ERRORS = {"ShutdownRequested"}
+"""Hand-backs that go back at once (another runner should take the request now)."""
+
+FIRST_BACKOFF = 2.0
+MAX_BACKOFF = 300.0
+
+
+def backoff_delay(requeues: int, rng=None) -> float:
+    """Seconds to hold a request before its ``requeues``-th hand-back is retried (>= 1).
+
+    Exponential from :data:`FIRST_BACKOFF`, doubling up to :data:`MAX_BACKOFF`, jittered
+    down to half (``rng``: a :class:`random.Random`, for tests)."""
+    import random
+
+    ceiling = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** min(max(requeues, 1) - 1, 30))
+    return ceiling * (0.5 + 0.5 * (rng or random).random())
+
+
+_PREPARATION_ERRORS = {"StorageError", "ObjectMissing", "ResourcesUnavailable"}
+
+
+def leaves_no_trail(outcome: Outcome, started: bool) -> bool:
+    """True when an attempt ended by ``outcome`` adds no metadata files to storage: it was
+    handed back for a storage or resource fault met while preparing, before any run
+    (``started`` False).  Retries of a request that cannot start leave nothing behind."""
+    return not started and outcome.error in _PREPARATION_ERRORS
+
+
+def permanent_upload_error(upload_error: str) -> bool:
+    """True when the uploader's ``"<ErrorType>: <message>"`` names a permanent fault."""
+    return upload_error.split(":", 1)[0] in _PERMANENT_ERRORS
 
 
 def outcome_for_exception(exc: BaseException, exit_code: int | None = None) -> Outcome:
@@ -96,7 +130,8 @@ def outcome_for_exception(exc: BaseException, exit_code: int | None = None) -> O
             break
     error = type(exc).__name__
     for cls in type(exc).__mro__:  # report the family name the rules are written in
-        if cls.__name__ in _UNCOUNTED_ERRORS | _DEAD_ERRORS | {"QueueDeleted", "ClientStopped"}:
+        if cls.__name__ in _UNCOUNTED_ERRORS | _DEAD_ERRORS | _PERMANENT_ERRORS | {
+                "QueueDeleted", "ClientStopped"}:
             error = cls.__name__
             break
     return Outcome(status=status, error=error, message=str(exc), exit_code=exit_code)
@@ -104,16 +139,22 @@ def outcome_for_exception(exc: BaseException, exit_code: int | None = None) -> O
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do with the delivery, and the request's attempt count afterwards."""
+    """What to do with the delivery, and the request's attempt count afterwards.
 
-    action: str        # ack, requeue or dead
+    ``backoff``: a requeue for the host's fault, which the fetcher holds for
+    :func:`backoff_delay` before the request is tried again.
+    """
+
+    action: str        # ack, requeue, dead or drop
     attempts: int      # attempts of the experiment's code made so far, this one included
     final_status: str  # completed/failed/expired when acked; the attempt's status otherwise
     reason: str
+    backoff: bool = False
 
 
 def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
-           upload_error: str = "", queue_deleted: bool = False) -> Decision:
+           upload_error: str = "", queue_deleted: bool = False,
+           requeues_before: int = 0, max_requeues: int = 0) -> Decision:
     """The fate of a request whose attempt ended with ``outcome``.
 
     * the request's queue was deleted while it ran (``queue_deleted``, or the attempt was
@@ -123,8 +164,13 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
     * an attempt the client stopped (its record marked ``stopped``) is acked
       ``cancelled`` once its uploads succeeded;
     * a bad request is dead-lettered;
+    * a fault of the request that retrying cannot fix (``PermanentStorageError``: a bucket
+      that does not exist, access denied, a key the store refuses, a name too long), in
+      the attempt or in its uploads, acks it as failed with the reason, not retried;
     * an attempt stopped by the runner itself (shutdown, crash, storage trouble) is
-      requeued without counting it;
+      requeued without counting it, with a back-off (``backoff``) except for a shutdown;
+      after ``max_requeues`` such hand-backs (``requeues_before`` made; 0: no bound) the
+      request ends failed;
     * completed and expired attempts are acked, but only once their uploads succeeded;
     * failures count; they are requeued until ``max_attempts``, then acked as failed.
     """
@@ -137,15 +183,32 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
         return Decision(ACK, attempts_before, CANCELLED, "stopped by the client")
     if outcome.error in _DEAD_ERRORS:
         return Decision(DEAD, attempts_before, FAILED, f"bad request: {outcome.message}")
+    if outcome.error in _PERMANENT_ERRORS:
+        return Decision(ACK, attempts_before, FAILED,
+                        f"failed, retrying cannot fix it: {outcome.message}")
+    if upload_error and permanent_upload_error(upload_error):
+        return Decision(ACK, attempts_before, FAILED,
+                        f"uploads failed, retrying cannot fix it: {upload_error}")
     counted = outcome.status == FAILED and outcome.error not in _UNCOUNTED_ERRORS
     attempts = attempts_before + (1 if counted else 0)
+    handed_back = bool(upload_error) or (outcome.status not in (COMPLETED, EXPIRED)
+                                         and not counted)
+    if handed_back and max_requeues and requeues_before + 1 > max_requeues:
+        why = f"uploads failed: {upload_error}" if upload_error else \
+            f"{outcome.error or outcome.status}: {outcome.message}"
+        return Decision(ACK, attempts, FAILED,
+                        f"handed back {requeues_before} times (--max-requeues "
+                        f"{max_requeues}); last: {why}")
+    backoff = outcome.error not in _NO_BACKOFF_ERRORS
     if upload_error:
-        return Decision(REQUEUE, attempts, outcome.status, f"uploads failed: {upload_error}")
+        return Decision(REQUEUE, attempts, outcome.status, f"uploads failed: {upload_error}",
+                        backoff=backoff)
     if outcome.status in (COMPLETED, EXPIRED):
         return Decision(ACK, attempts, outcome.status, outcome.status)
     if not counted:
         return Decision(REQUEUE, attempts, outcome.status,
-                        f"handed back ({outcome.error or outcome.status}): {outcome.message}")
+                        f"handed back ({outcome.error or outcome.status}): {outcome.message}",
+                        backoff=backoff)
     if attempts >= max_attempts:
         return Decision(ACK, attempts, FAILED, f"failed {attempts} of {max_attempts} attempts")
     return Decision(REQUEUE, attempts, FAILED, f"attempt {attempts} of {max_attempts} failed")

@@ -179,8 +179,12 @@ def record_url(request: dict, override: str = "") -> str | None:
 
 
 def write_record(request: dict, *, status: str, attempt_id: str, attempts: int, final: bool,
-                 hostname: str, override: str = "") -> None:
+                 hostname: str, override: str = "", reason: str = "") -> None:
     """Write the redacted request and its latest status to the metadata store.
+
+    ``reason`` (when given) says why the request is in that state, e.g. why a runner
+    cannot run it ("runner-a: needs 1 GPU; this runner has 0"); ``runner-submit --wait``
+    prints it.
 
     Raises :class:`~runner.errors.StorageError` when the store cannot be written.
     """
@@ -192,6 +196,8 @@ def write_record(request: dict, *, status: str, attempt_id: str, attempts: int, 
     record = {"request": redact_request(request), "status": status, "final": final,
               "attempt": attempt_id, "attempts": attempts, "host": hostname,
               "updated": iso_utc(time.time())}
+    if reason:
+        record["reason"] = reason
     artifact = None if override else store_root(request)[1]
     store = open_for_request(url, request, artifact)
     store.put_bytes(url, json.dumps(record, indent=1, sort_keys=True).encode())

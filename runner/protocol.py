@@ -224,7 +224,8 @@ class UploadRequest(Message):
     skips unchanged artifacts and reports nothing; ``record_only`` (sent when the attempt
     opens) writes the metadata-store record and uploads nothing.  ``labels`` limits a
     periodic request to the artifacts whose save period is due (``_metadata``: the
-    metadata files); None means every one.
+    metadata files); None means every one.  ``metadata`` False (an attempt handed back
+    before its run started) leaves the metadata files out of a final upload.
     """
 
     TYPE: ClassVar[str] = "upload_request"
@@ -233,6 +234,7 @@ class UploadRequest(Message):
     outcome: Outcome | None = None
     record_only: bool = False
     labels: tuple | None = None
+    metadata: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,29 @@
 """Reading a request body (SPEC section 2) into the facts the runner acts on.
 
-:func:`parse_request` is the only place that decides whether a body is a *bad request*;
-everything it raises is a :class:`~runner.errors.BadRequest` with a reason a person can
-act on.  Unknown fields are kept and ignored.
+:func:`parse_request` is the only place that decides whether a body is a *bad request*,
+and it never raises anything else: whatever goes wrong while reading a body (deep
+nesting, numbers that overflow, values of the wrong type) becomes a
+:class:`~runner.errors.BadRequest` with a reason a person can act on.  Unknown fields are
+kept and ignored, but every value must be one the runner's internal bus can carry
+(integers within 64 bits, at most :data:`MAX_NESTING` levels deep, finite numbers, text
+that is valid Unicode) and the body at most :data:`MAX_BODY_BYTES` long.
+
+Fields the runner acts on are checked for what they will be used for: ``filename`` is a
+path inside the workspace (or ``-m``), artifact labels are single folder names,
+``args``, ``pythonenv``, ``config.pip`` are lists of strings and ``config.env`` an object
+of scalars, none of them holding a NUL character.
 """
 from __future__ import annotations
 
 import json
 import math
+import posixpath
 import re
 from dataclasses import dataclass, field
 
+import msgpack
+
+from .environments import split_args
 from .errors import BadRequest
 from .storage import STORES, artifact_url
 from .units import UnitError, parse_duration, parse_size
@@ -22,6 +35,14 @@ MUTABLE_LABELS = ("modeldir", "output", "retval", "tb", "_metrics", "_metadata")
 #: ``./<name>`` when their folder holds one file (SPEC section 11).
 SINGLE_FILE_LABELS = ("output", "retval", "_metrics")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""The largest body accepted (a request with a whole ``pip freeze`` is tens of kB)."""
+MAX_NESTING = 64
+"""The deepest nesting of arrays and objects accepted in a body."""
+MAX_COUNT = 2**53
+"""The largest resource count or size accepted (sizes in bytes: 8 PiB)."""
+_INT_MIN, _INT_MAX = -2**63, 2**64 - 1  # what msgpack carries
 
 
 @dataclass(frozen=True)
@@ -49,10 +70,14 @@ class RequestFacts:
 def _duration_field(value, where: str) -> float | None:
     if value in (None, "", 0, "0"):
         return None
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise BadRequest(f"{where}: not a duration: {_show(value)}")
     try:
         return parse_duration(value)
     except UnitError as exc:
         raise BadRequest(f"{where}: {exc}") from exc
+    except (OverflowError, ValueError) as exc:
+        raise BadRequest(f"{where}: not a duration: {_show(value)}") from exc
 
 
 def parse_resources(raw: dict | None) -> dict:
@@ -60,17 +85,16 @@ def parse_resources(raw: dict | None) -> dict:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise BadRequest("resources_needed must be an object")
-    out = {}
-    try:
-        out["cpus"] = int(float(raw.get("cpus") or 1))
-        out["gpus"] = int(float(raw.get("gpus") or raw.get("gpuCount") or 0))
-        for name in ("ram", "hdd", "gpuMem"):
-            value = raw.get(name)
+    out = {"cpus": _count(raw.get("cpus") or 1, "cpus"),
+           "gpus": _count(raw.get("gpus") or raw.get("gpuCount") or 0, "gpus")}
+    for name in ("ram", "hdd", "gpuMem"):
+        value = raw.get(name)
+        try:
             out[name] = parse_size(value) if value not in (None, "") else 0
-    except (ValueError, UnitError) as exc:
-        raise BadRequest(f"resources_needed: {exc}") from exc
-    if out["cpus"] < 0 or out["gpus"] < 0:
-        raise BadRequest("resources_needed: counts cannot be negative")
+        except (ValueError, UnitError, OverflowError, TypeError) as exc:
+            raise BadRequest(f"resources_needed.{name}: not a size: {_show(value)}") from exc
+        if out[name] > MAX_COUNT:
+            raise BadRequest(f"resources_needed.{name}: {_show(value)} is too large")
     return out
 
 
@@ -95,50 +119,188 @@ def artifact_save_frequencies(artifacts: dict, min_save_interval: float) -> dict
     return found
 
 
-def parse_request(body: bytes, *, min_save_interval: float = 10.0) -> tuple[dict, RequestFacts]:
-    """The request dict and its facts; raises BadRequest when it can never run."""
+def _count(value, name: str) -> int:
+    """A whole count of CPUs or GPUs from a number or numeric text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadRequest(f"resources_needed.{name}: not a number: {_show(value)}")
     try:
-        request = json.loads(body)
+        number = float(value)
+    except (ValueError, OverflowError) as exc:
+        raise BadRequest(f"resources_needed.{name}: not a number: {_show(value)}") from exc
+    if not math.isfinite(number) or number > MAX_COUNT:
+        raise BadRequest(f"resources_needed.{name}: {_show(value)} is not a finite count")
+    if number < 0:
+        raise BadRequest("resources_needed: counts cannot be negative")
+    return int(number)
+
+
+def _show(value, width: int = 60) -> str:
+    """``repr(value)`` cut to ``width`` characters (for reasons in logs and dead letters)."""
+    try:
+        text = repr(value)
+    except Exception:  # a value whose repr fails (an integer too long to print)
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def parse_request(body: bytes | str, *, min_save_interval: float = 10.0
+                  ) -> tuple[dict, RequestFacts]:
+    """The request dict and its facts.
+
+    Raises :class:`BadRequest` (and nothing else) when the body can never run: its
+    message says why.
+    """
+    try:
+        return _parse_request(body, min_save_interval)
+    except BadRequest:
+        raise
+    except Exception as exc:  # the boundary: no body may raise anything but BadRequest
+        raise BadRequest(f"request cannot be read: {type(exc).__name__}: "
+                         f"{_show(str(exc), 200)}") from exc
+
+
+def _reject_constant(name: str):
+    raise BadRequest(f"body holds {name}, which is not JSON")
+
+
+def _check_carriable(request: dict) -> None:
+    """BadRequest unless every value of ``request`` can cross the internal bus."""
+    stack = [(request, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not _INT_MIN <= value <= _INT_MAX:
+                raise BadRequest(f"body holds an integer outside 64 bits ({len(str(value))} "
+                                 "digits)")
+            continue
+        else:
+            continue
+        if depth > MAX_NESTING:
+            raise BadRequest(f"body is nested deeper than {MAX_NESTING} levels")
+        stack.extend((child, depth + 1) for child in children)
+    try:
+        msgpack.packb(request, use_bin_type=True)
+    except (ValueError, TypeError, OverflowError, UnicodeError) as exc:
+        raise BadRequest(f"body holds a value the runner cannot carry: {exc}") from exc
+
+
+def _strings(value, where: str) -> list:
+    """``value`` (None or a list of strings without NUL), as a list."""
+    value = value or []
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise BadRequest(f"{where} must be a list of strings")
+    if any("\0" in a for a in value):
+        raise BadRequest(f"{where} holds a NUL character")
+    return value
+
+
+def _check_filename(filename) -> None:
+    """``filename`` is ``-m`` or a relative path that stays inside the workspace."""
+    if not isinstance(filename, str) or not filename.strip():
+        raise BadRequest("missing experiment.filename")
+    if filename == "-m":
+        return
+    if "\0" in filename:
+        raise BadRequest("experiment.filename holds a NUL character")
+    normal = posixpath.normpath(filename)
+    if filename.startswith(("/", "~")) or normal == ".." or normal.startswith("../"):
+        raise BadRequest(f"experiment.filename {_show(filename)} is not a path inside the "
+                         "workspace")
+
+
+def _check_env(env) -> None:
+    """``config.env``: an object of scalar values, names usable as environment variables."""
+    if env is None:
+        return
+    if not isinstance(env, dict):
+        raise BadRequest("config.env must be an object")
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name:
+            raise BadRequest(f"config.env: {_show(name)} is not an environment variable name")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise BadRequest(f"config.env.{name}: a value must be text or a number")
+        if isinstance(value, str) and "\0" in value:
+            raise BadRequest(f"config.env.{name} holds a NUL character")
+
+
+_ARTIFACT_TEXT_FIELDS = ("key", "bucket", "qualified", "url", "hash")
+
+
+def _check_artifacts(artifacts) -> None:
+    if not isinstance(artifacts, dict):
+        raise BadRequest("experiment.artifacts must be an object")
+    for label, artifact in artifacts.items():
+        if (not label or label in (".", "..") or "/" in label or "\0" in label
+                or label.startswith(".")):
+            raise BadRequest(f"artifact label {_show(label)} is not a folder name")
+        if not isinstance(artifact, dict):
+            raise BadRequest(f"artifact {label!r} is not an object")
+        for name in _ARTIFACT_TEXT_FIELDS:
+            value = artifact.get(name)
+            if value is not None and not isinstance(value, str):
+                raise BadRequest(f"artifact {label!r}: {name} must be text")
+            if isinstance(value, str) and "\0" in value:
+                raise BadRequest(f"artifact {label!r}: {name} holds a NUL character")
+        url = artifact_url(artifact)
+        if url is not None:
+            scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+            if scheme not in STORES:
+                raise BadRequest(f"artifact {label!r}: unsupported storage URL {_show(url)}")
+
+
+def _parse_request(body: bytes | str, min_save_interval: float) -> tuple[dict, RequestFacts]:
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"body of {len(body)} bytes exceeds the {MAX_BODY_BYTES} this runner "
+                         "accepts")
+    try:
+        request = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequest(f"body is nested deeper than {MAX_NESTING} levels") from exc
     if not isinstance(request, dict):
         raise BadRequest("body is not a JSON object")
     if "message" in request and "experiment" not in request:
         raise BadRequest("encrypted request envelope: no decryption key configured")
     experiment = request.get("experiment")
-    config = request.get("config") or {}
+    config = request.get("config")
     if not isinstance(experiment, dict):
         raise BadRequest("missing experiment object")
+    if config is None:
+        config = request["config"] = {}  # every role reads request["config"] as an object
     if not isinstance(config, dict):
         raise BadRequest("config must be an object")
+    _check_carriable(request)
     key = experiment.get("key")
     filename = experiment.get("filename")
     if not isinstance(key, str) or not key.strip():
         raise BadRequest("missing experiment.key")
     if key.startswith("/") or ".." in key.split("/") or any(c in key for c in "\0\n"):
-        raise BadRequest(f"experiment.key {key!r} is not usable in storage paths")
+        raise BadRequest(f"experiment.key {_show(key)} is not usable in storage paths")
     project = experiment.get("project")
-    if isinstance(project, str) and (project.startswith("/") or ".." in project.split("/")):
-        raise BadRequest(f"experiment.project {project!r} is not usable in storage paths")
-    if not isinstance(filename, str) or not filename.strip():
-        raise BadRequest("missing experiment.filename")
-    args = experiment.get("args") or []
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise BadRequest("experiment.args must be a list of strings")
-    pythonenv = experiment.get("pythonenv") or []
-    if not isinstance(pythonenv, list) or not all(isinstance(a, str) for a in pythonenv):
-        raise BadRequest("experiment.pythonenv must be a list of strings")
+    if project is not None and (isinstance(project, bool)
+                                or not isinstance(project, (str, int))):
+        raise BadRequest("experiment.project must be text")
+    if isinstance(project, str) and (project.startswith("/") or ".." in project.split("/")
+                                     or any(c in project for c in "\0\n")):
+        raise BadRequest(f"experiment.project {_show(project)} is not usable in storage paths")
+    _check_filename(filename)
+    split_args(_strings(experiment.get("args"), "experiment.args"))  # quotes must balance
+    if filename == "-m" and not any(split_args(experiment.get("args") or [])):
+        raise BadRequest("filename '-m' needs the module name as the first argument")
+    _strings(experiment.get("pythonenv"), "experiment.pythonenv")
+    _strings(config.get("pip"), "config.pip")
+    _check_env(config.get("env"))
+    pythonver = experiment.get("pythonver")
+    if pythonver is not None and (isinstance(pythonver, bool)
+                                  or not isinstance(pythonver, (str, int, float))):
+        raise BadRequest("experiment.pythonver must be text like \"3.11\"")
     artifacts = experiment.get("artifacts") or {}
-    if not isinstance(artifacts, dict):
-        raise BadRequest("experiment.artifacts must be an object")
-    for label, artifact in artifacts.items():
-        if not isinstance(artifact, dict):
-            raise BadRequest(f"artifact {label!r} is not an object")
-        url = artifact_url(artifact)
-        if url is not None:
-            scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-            if scheme not in STORES:
-                raise BadRequest(f"artifact {label!r}: unsupported storage URL {url!r}")
+    _check_artifacts(artifacts)
     if "_singularity" in artifacts:
         raise BadRequest("container mode (_singularity) is not supported by this runner")
     if "workspace" not in artifacts:
@@ -146,9 +308,11 @@ def parse_request(body: bytes, *, min_save_interval: float = 10.0) -> tuple[dict
     resources = parse_resources(experiment.get("resources_needed") or config.get("resources_needed"))
     time_added = experiment.get("time_added")
     if time_added is not None:
+        if isinstance(time_added, bool):
+            raise BadRequest("experiment.time_added is not a number")
         try:
             time_added = float(time_added)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise BadRequest("experiment.time_added is not a number") from exc
         if not math.isfinite(time_added):
             raise BadRequest("experiment.time_added is not finite")

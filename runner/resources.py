@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from .gpus import Device
+from .units import describe_size
 
 
 def machine_memory() -> int:
@@ -157,25 +158,30 @@ class Ledger:
         return not self.why_never(resources)
 
     def why_never(self, resources: dict) -> str:
-        """Why an empty ledger could never hold ``resources`` ('' when it could)."""
+        """Why an empty ledger could never hold ``resources`` ('' when it could).
+
+        Worded for a person who reads ``runner-ctl queues``: "needs 1 GPU; this runner
+        has 0"."""
         cpus, ram = int(resources.get("cpus", 0) or 0), int(resources.get("ram", 0) or 0)
         if cpus > self.cpus:
-            return f"{cpus} CPUs requested, this host gives at most {self.cpus}"
+            return f"needs {_count(cpus, 'CPU')}; this runner has {self.cpus}"
         if self.ram and ram > self.ram:
-            return f"{ram} bytes of RAM requested, this host gives at most {self.ram}"
+            return (f"needs {describe_size(ram)} of RAM; this runner has "
+                    f"{describe_size(self.ram)}")
         gpus, gpu_mem = int(resources.get("gpus", 0) or 0), int(resources.get("gpuMem", 0) or 0)
         if gpus:
             if self.cpu_only:
-                return "GPUs requested, this runner is --cpu-only"
+                return f"needs {_count(gpus, 'GPU')}; this runner is --cpu-only"
             fitting = [d for d in self.devices if d.healthy and d.memory_total >= gpu_mem]
             if len(fitting) < gpus:
-                return (f"{gpus} GPUs with {gpu_mem} bytes each requested, this host has "
-                        f"{len(fitting)} such devices")
+                each = f" with {describe_size(gpu_mem)} each" if gpu_mem else ""
+                return f"needs {_count(gpus, 'GPU')}{each}; this runner has {len(fitting)}"
         hdd = int(resources.get("hdd", 0) or 0)
         if hdd and self.disk_path is not None:
             _free, total = self.disk_probe(self.disk_path)
             if hdd > total - self.disk_keep:
-                return f"{hdd} bytes of disk requested, the working file system has {total}"
+                return (f"needs {describe_size(hdd)} of disk; the working file system has "
+                        f"{describe_size(total)}")
         return ""
 
     def choose_devices(self, gpus: int, gpu_mem: int, exclusive: bool) -> list[Device] | None:
@@ -251,6 +257,14 @@ class Ledger:
         self.releases += 1 if released else 0
         return released
 
+    def rename(self, old: str, new: str) -> None:
+        """Hold ``old``'s reservation under ``new`` (a provisional id made final)."""
+        self.held[new] = self.held.pop(old)
+
     def update_devices(self, devices: Iterable[Device]) -> None:
         """NVML's latest view (free memory, ECC state); reservations are kept."""
         self.devices = sorted(devices, key=lambda d: d.index)
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit}" + ("" if n == 1 else "s")

@@ -285,11 +285,12 @@ def wait_for(request: dict, timeout: float) -> int:
             if store.stat(url) is not None:
                 store.get(url, target)
                 record = json.loads(target.read_text())
-            state = (record["status"], record["attempt"]) if record else ("queued", "")
+            state = ((record["status"], record["attempt"], record.get("reason", ""))
+                     if record else ("queued", "", ""))
             if state != shown:
                 shown = state
-                print(f"status: {state[0]}" + (f" (attempt {state[1]})" if state[1] else ""),
-                      file=sys.stderr, flush=True)
+                print(f"status: {state[0]}" + (f" (attempt {state[1]})" if state[1] else "")
+                      + (f": {state[2]}" if state[2] else ""), file=sys.stderr, flush=True)
             if record and record.get("final"):
                 return show_result(request, record, Path(tmp))
             time.sleep(0.2)

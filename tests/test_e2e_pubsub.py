@@ -173,7 +173,7 @@ def test_e2e_shortfall_retry_bound_dead_letter_and_deletion(project, emulator, r
     runner.wait_for(lambda: running_jobs(runner), what="the big run to start")
     small = runner.request(runner.workspace({"s.py": "print('small')"}), "s.py")
     project.send(runner.queue, small)
-    runner.wait_for(lambda: log_lines(runner, "not free now; put back"), what="a put-back")
+    runner.wait_for(lambda: log_lines(runner, "not free now; held aside"), what="holding")
     assert runner.record(small) is None
     flag.write_text("go")
     assert runner.wait_final(big)["status"] == "completed"

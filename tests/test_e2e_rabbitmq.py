@@ -112,7 +112,7 @@ def test_only_matching_queues_are_served_and_new_queues_are_picked_up(broker, st
     assert runner.stop() == 0
 
 
-def test_request_that_does_not_fit_now_is_put_back_untouched(broker, stem, runners):
+def test_request_that_does_not_fit_now_is_held_aside_untouched(broker, stem, runners):
     cpus = os.cpu_count() or 1
     runner = make_runner(broker, stem, executors=4)
     runners.append(runner)
@@ -128,17 +128,19 @@ def test_request_that_does_not_fit_now_is_put_back_untouched(broker, stem, runne
     huge["experiment"]["resources_needed"]["cpus"] = cpus + 8  # never fits this host
     broker.publish(stem + "huge", huge)
 
-    # The small one is put back at once (ready, not held) while the big one runs.
-    runner.wait_for(lambda: log_lines(runner, "not free now; put back"), what="a put-back")
-    time.sleep(2.5)
-    assert broker.ready(runner.queue) == 1
-    assert broker.ready(stem + "huge") == 1
+    # The small one is held aside (unacked, untouched) while the big one runs, so that
+    # nothing behind it waits; the huge one is held aside too, and said why, once.
+    runner.wait_for(lambda: log_lines(runner, "not free now; held aside"), what="holding")
+    broker.wait_counts(runner.queue, ready=0, unacked=2)
     assert runner.record(small) is None
-    assert log_lines(runner, "cannot run here")
+    runner.wait_for(lambda: log_lines(runner, "cannot run on this runner"), what="the reason")
+    assert f"needs {cpus + 8} CPUs" in runner.record(huge)["reason"]
     flag.write_text("go")
     assert runner.wait_final(big)["status"] == "completed"
     assert runner.wait_final(small)["status"] == "completed"
-    assert broker.ready(stem + "huge") == 1 and runner.record(huge) is None
+    assert runner.wait_final(small)["attempts"] == 0  # holding aside is no attempt
+    assert sum(broker.counts(stem + "huge")) == 1 and not runner.record(huge)["final"]
+    assert len(log_lines(runner, "cannot run on this runner")) == 1
     assert runner.stop() == 0
 
 
@@ -328,3 +330,22 @@ def test_runner_submit_publishes_to_rmq_queues_like_the_client(broker, stem, run
                          / f"{stem}cli.json").read_text())
     assert "127.0.0.1:5672" in record["request"]["config"]["cloud"]["queue"]["rmq"]
     assert runner.stop() == 0
+
+
+def test_a_request_that_never_fits_does_not_block_a_rabbitmq_queue(broker, stem, runners):
+    """basic.reject(requeue) would put it back at the head: it is held aside instead."""
+    runner = make_runner(broker, stem)
+    runners.append(runner)
+    runner.start()
+    workspace = runner.workspace({"ok.py": "print('fine')"})
+    gpu = runner.request(workspace, "ok.py", key=f"{stem}gpu")
+    gpu["experiment"]["resources_needed"]["gpus"] = 1
+    good = runner.request(workspace, "ok.py")
+    broker.publish(runner.queue, gpu)
+    broker.publish(runner.queue, good)
+    assert runner.wait_final(good, timeout=120)["status"] == "completed"
+    assert "needs 1 GPU; this runner has 0" in runner.record(gpu)["reason"]
+    broker.wait_counts(runner.queue, ready=0, unacked=1)  # held, untouched
+    assert len(log_lines(runner, rf"key={stem}gpu cannot run on this runner")) == 1
+    assert runner.stop() == 0
+    broker.wait_counts(runner.queue, ready=1, unacked=0)  # put back for another runner

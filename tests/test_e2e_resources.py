@@ -135,14 +135,16 @@ def test_cpu_only_puts_gpu_requests_back(runner):
     workspace = runner.workspace({"hi.py": "print('hi')"})
     gpu_request = needing(runner.request(workspace, "hi.py"), gpus=1)
     cpu_request = runner.request(workspace, "hi.py")
-    runner.publish(cpu_request)   # first: a request put back stays at the head of its queue
-    runner.publish(gpu_request)
+    runner.publish(gpu_request)   # first: it must not block the request behind it
+    runner.publish(cpu_request)
     assert runner.wait_final(cpu_request)["status"] == "completed"
-    runner.wait_for(lambda: "this runner is --cpu-only" in runner.log(), what="the put-back")
-    assert runner.record(gpu_request) is None              # never started here
-    waiting = [p.name for p in (runner.root / "q" / runner.queue).iterdir() if p.is_file()]
+    runner.wait_for(lambda: "this runner is --cpu-only" in runner.log(), what="the reason")
+    record = runner.record(gpu_request)                    # never started here, and why
+    assert record["status"] == "waiting" and not record["final"]
+    assert "needs 1 GPU; this runner is --cpu-only" in record["reason"]
+    folder = runner.root / "q" / runner.queue             # held aside or put back, untouched
+    waiting = [p.name for p in folder.rglob("*") if p.is_file() and ".dead" not in p.parts]
     assert len(waiting) == 1 and waiting[0].endswith(".a0")
-    assert "this runner is --cpu-only" in runner.log()
     assert fetcher_stats(runner)["free"]["gpus"] == 0
 
 

@@ -271,3 +271,21 @@ def test_runner_submit_with_s3_and_gcs_storage(moto, gcs, harnesses, monkeypatch
         assert workspace_artifact["qualified"].startswith(f"{root}/blobstore/")
         assert "testing" not in json.dumps(record), "credentials are redacted in the store"
     assert runner.stop() == 0
+
+
+def test_an_output_bucket_that_does_not_exist_ends_the_request_failed_at_once(moto, harnesses):
+    """NoSuchBucket cannot be fixed by retrying: no --storage-retry wait, no requeue loop."""
+    bucket = moto.create_bucket()
+    runner = harnesses(store_root=moto.root_url(bucket), storage_retry="10m")
+    runner.start()
+    request = runner.request(runner.workspace({"train.py": "print('done')"}), "train.py")
+    key = request["experiment"]["key"]
+    missing = moto.root_url("bucket-nobody-made")
+    request["experiment"]["artifacts"]["output"].update(
+        bucket="bucket-nobody-made", qualified=f"{missing}/experiments/{key}/output.tar")
+    runner.publish(request)
+    record = runner.wait_final(request, timeout=120)
+    assert record["status"] == "failed"
+    assert "retrying cannot fix it" in runner.log() and "NoSuchBucket" in runner.log()
+    lines = [line for line in runner.log().splitlines() if f"key={key} " in line]
+    assert lines and not any(" requeue: " in line for line in lines)

@@ -189,3 +189,64 @@ def test_a_client_stop_is_acked_cancelled_once_its_uploads_are_done():
     done = decide(stopped, 1, 3)
     assert (done.action, done.final_status, done.attempts) == (ACK, CANCELLED, 1)
     assert decide(stopped, 1, 3, upload_error="StorageError: down").action == REQUEUE
+
+
+# -- faults that retrying cannot fix, and back-off for those it can -----------------------
+
+def test_permanent_storage_errors_end_the_request_failed_not_retried() -> None:
+    outcome = outcome_for_exception(errors.PermanentStorageError("NoSuchBucket: nope"))
+    assert (outcome.status, outcome.error) == (FAILED, "PermanentStorageError")
+    decision = decide(outcome, 0, 3, requeues_before=0, max_requeues=10)
+    assert (decision.action, decision.final_status, decision.backoff) == (ACK, FAILED, False)
+    assert "NoSuchBucket" in decision.reason and "cannot fix" in decision.reason
+
+
+def test_a_permanent_upload_error_ends_the_request_failed() -> None:
+    decision = decide(out(COMPLETED, exit_code=0), 0, 3,
+                      upload_error="PermanentStorageError: cannot write s3://x/y: 403")
+    assert (decision.action, decision.final_status) == (ACK, FAILED)
+    transient = decide(out(COMPLETED, exit_code=0), 0, 3,
+                       upload_error="StorageError: connection refused")
+    assert (transient.action, transient.backoff) == (REQUEUE, True)
+
+
+def test_file_system_errors_are_classified_by_errno() -> None:
+    import errno
+
+    for code in (errno.ENAMETOOLONG, errno.EACCES, errno.ENOTDIR):
+        error = errors.storage_error_for(OSError(code, "x"), "cannot write")
+        assert isinstance(error, errors.PermanentStorageError), code
+    for code in (errno.ENOSPC, errno.EIO):
+        error = errors.storage_error_for(OSError(code, "x"), "cannot write")
+        assert type(error) is errors.StorageError, code
+
+
+@pytest.mark.parametrize("error", ["StorageError", "ObjectMissing", "RoleCrashed",
+                                   "ResourcesUnavailable"])
+def test_hand_backs_back_off_and_are_bounded_by_max_requeues(error: str) -> None:
+    outcome = out(CANCELLED, error, "store unreachable")
+    for before in range(4):
+        decision = decide(outcome, 1, 3, requeues_before=before, max_requeues=4)
+        assert (decision.action, decision.attempts, decision.backoff) == (REQUEUE, 1, True)
+    last = decide(outcome, 1, 3, requeues_before=4, max_requeues=4)
+    assert (last.action, last.final_status, last.attempts) == (ACK, FAILED, 1)
+    assert "--max-requeues 4" in last.reason and "store unreachable" in last.reason
+
+
+def test_a_shutdown_hands_back_at_once_and_counts_no_requeue_bound() -> None:
+    decision = decide(out(CANCELLED, "ShutdownRequested"), 0, 3, requeues_before=0,
+                      max_requeues=5)
+    assert (decision.action, decision.backoff) == (REQUEUE, False)
+
+
+def test_backoff_grows_exponentially_is_jittered_and_capped() -> None:
+    import random
+
+    rng = random.Random(1)
+    for requeues in range(1, 40):
+        ceiling = min(fates.MAX_BACKOFF, fates.FIRST_BACKOFF * 2 ** (requeues - 1))
+        delays = [fates.backoff_delay(requeues, rng) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1  # jittered: runners do not retry in step
+    assert fates.backoff_delay(1, rng) <= fates.FIRST_BACKOFF
+    assert fates.backoff_delay(100, rng) <= fates.MAX_BACKOFF

@@ -75,7 +75,7 @@ def test_gpu_memory_must_fit_each_device() -> None:
     book = ledger([dev(0, 24), dev(1, 80)])
     assert uuids(book.try_reserve("a", job(1, 40 * GB))) == ["GPU-0001-aaaa"]
     assert book.try_reserve("b", job(1, 40 * GB)) is None
-    assert book.why_never(job(2, 40 * GB)).startswith("2 GPUs")   # only one card is big enough
+    assert book.why_never(job(2, 40 * GB)).startswith("needs 2 GPUs")   # only one card is big enough
     assert book.could_ever_fit(job(1, 80 * GB))
     assert not book.could_ever_fit(job(1, 81 * GB))
 

@@ -409,3 +409,47 @@ def test_take_is_cheap_with_many_messages(q: LocalQueue) -> None:
         assert d is not None
         q.ack(d)
     assert (time.perf_counter() - t0) / 20 < 0.05
+
+
+# -- files other tools put into a queue folder ----------------------------------------------
+
+def test_a_file_renamed_in_under_its_own_name_is_taken_in_at_the_back(
+        q: LocalQueue, root: Path) -> None:
+    q.publish(Q, b"first")
+    staging = root / "elsewhere.json"
+    staging.write_bytes(b"from another tool")
+    os.rename(staging, root / Q / "tool-message.json")
+    (root / Q / ".hidden-in-progress").write_bytes(b"not yet")
+    assert q.depth(Q) == 2
+    assert q.take(Q).body == b"first"
+    foreign = q.take(Q)
+    assert foreign.body == b"from another tool" and foreign.attempts == 0
+    assert q.take(Q) is None
+    q.ack(foreign)
+    assert sorted(p.name for p in (root / Q).iterdir()) == [".claimed", ".hidden-in-progress"]
+
+
+def test_entries_that_cannot_be_messages_are_dead_lettered_not_skipped(
+        q: LocalQueue, root: Path) -> None:
+    q.publish(Q, b"placeholder")
+    os.mkfifo(root / Q / "a-pipe")
+    os.symlink("/etc/hostname", root / Q / "a-link")
+    (root / Q / "a-folder").mkdir()
+    claimed = q.take(Q)
+    assert claimed.body == b"placeholder"
+    assert q.take(Q) is None  # the pipe and the link are gone, the folder left alone
+    reasons = sorted(p.read_text() for p in (root / Q / DEAD).glob("*.reason.txt"))
+    assert len(reasons) == 2 and all("not a regular file" in r for r in reasons)
+    assert (root / Q / "a-folder").is_dir()
+
+
+def test_a_message_that_cannot_be_read_is_dead_lettered_and_the_next_is_taken(
+        q: LocalQueue, root: Path) -> None:
+    first = q.publish(Q, b"unreadable")
+    q.publish(Q, b"readable")
+    (root / Q / first).unlink()
+    os.mkfifo(root / Q / first)  # a message name, but not a file: reading it would block
+    delivery = q.take(Q)
+    assert delivery.body == b"readable"
+    reason = (root / Q / DEAD / (first + ".reason.txt")).read_text()
+    assert "cannot be read" in reason

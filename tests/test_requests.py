@@ -293,8 +293,9 @@ def test_stale_at() -> None:
     assert parse_request(body(no_time))[1].stale_at is None
 
 
-@pytest.mark.parametrize("raw, match", [(b"\"soon\"", "not a number"), (b"NaN", "not finite"),
-                                        (b"Infinity", "not finite")])
+@pytest.mark.parametrize("raw, match", [(b"\"soon\"", "not a number"),
+                                        (b"NaN", "NaN, which is not JSON"),
+                                        (b"Infinity", "Infinity, which is not JSON")])
 def test_bad_time_added(raw: bytes, match: str) -> None:
     text = body(minimal()).decode().replace('"key": "exp-1"',
                                             '"key": "exp-1", "time_added": ' + raw.decode())
@@ -342,3 +343,112 @@ def test_bad_per_artifact_save_frequency_is_a_bad_request() -> None:
     request["experiment"]["artifacts"]["tb"] = dict(artifact("tb", mutable=True),
                                                     saveFrequency="often")
     bad(request, "artifact 'tb': saveFrequency")
+
+
+# -- the admission boundary: any body becomes a request or a BadRequest, nothing else ------
+
+def _with(path: str, value) -> dict:
+    """``minimal()`` with the field at ``path`` (dotted, from the top) set to ``value``."""
+    request = minimal()
+    node = request
+    *parents, last = path.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[last] = value
+    return request
+
+
+def _nested(depth: int) -> dict:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return _with("experiment.info", value)
+
+
+@pytest.mark.parametrize("request_or_body, match", [
+    (b'{"experiment": ' + b"[" * 1200 + b"]" * 1200 + b"}", "nested deeper"),  # RecursionError
+    (_nested(600), "nested deeper"),                      # msgpack's own limit (511)
+    (_with("experiment.resources_needed", {"cpus": "inf"}), "cpus"),
+    (_with("experiment.resources_needed", {"cpus": "1e400"}), "cpus"),
+    (_with("experiment.resources_needed", {"cpus": [1]}), "cpus"),
+    (_with("experiment.resources_needed", {"gpus": {"n": 1}}), "gpus"),
+    (_with("experiment.resources_needed", {"ram": 10 ** 30}), "64 bits"),
+    (_with("experiment.resources_needed", {"ram": 2 ** 60}), "ram"),
+    (_with("experiment.resources_needed", {"hdd": [1]}), "hdd"),
+    (_with("experiment.time_added", 10 ** 400), "64 bits"),
+    (body(_with("experiment.time_added", "X")).replace(b'"X"', b"1e400"), "time_added"),
+    (_with("experiment.time_added", True), "time_added"),
+    (_with("experiment.info", 2 ** 64), "64 bits"),
+    (_with("experiment.metric", -2 ** 63 - 1), "64 bits"),
+    (_with("experiment.max_duration", ["1h"]), "max_duration"),
+    (_with("experiment.max_duration", "1e400"), "max_duration"),
+    (_with("config.experimentLifetime", {"h": 1}), "experimentLifetime"),
+    (_with("config.saveWorkspaceFrequency", [60]), "saveWorkspaceFrequency"),
+    (dict(minimal(), config=""), "config must be an object"),
+    (dict(minimal(), config=[]), "config must be an object"),
+    (dict(minimal(), config=False), "config must be an object"),
+    (_with("config.env", ["A=1"]), "config.env must be an object"),
+    (_with("config.env", "A=1"), "config.env must be an object"),
+    (_with("config.env", {"A": {"nested": 1}}), "config.env.A"),
+    (_with("config.env", {"A=B": "1"}), "not an environment variable name"),
+    (_with("config.env", {"A": "x\0y"}), "NUL"),
+    (_with("config.pip", "numpy"), "config.pip"),
+    (_with("experiment.args", ["ok", "a\0b"]), "NUL"),
+    (_with("experiment.args", ["'unbalanced"]), "unbalanced"),
+    (_with("experiment.filename", "-m"), "module name"),
+    (_with("experiment.pythonenv", ["numpy\0"]), "NUL"),
+    (_with("experiment.pythonver", ["3.11"]), "pythonver"),
+    (_with("experiment.project", {"p": 1}), "project"),
+    (_with("experiment.filename", "/etc/passwd"), "inside the workspace"),
+    (_with("experiment.filename", "../../../bin/sh"), "inside the workspace"),
+    (_with("experiment.filename", "sub/../../x.py"), "inside the workspace"),
+    (_with("experiment.filename", "~/x.py"), "inside the workspace"),
+    (_with("experiment.filename", "a\0.py"), "NUL"),
+    (_with("experiment.artifacts", {"workspace": artifact("workspace"),
+                                    "../../escape": artifact("x")}), "folder name"),
+    (_with("experiment.artifacts", {"workspace": dict(artifact("workspace"), key=7)}),
+     "key must be text"),
+    (_with("experiment.artifacts", {"workspace": dict(artifact("workspace"),
+                                                      qualified=["s3://a/b"])}),
+     "qualified must be text"),
+    (b'{"experiment": {"key": "k", "filename": "f.py", "info": "\\ud800"}}',
+     "cannot carry"),                                     # a lone surrogate
+    (b"\xff\xfe{}", "not JSON"),
+    (b'{"experiment": {"key": "k"' + b" " * 9_000_000 + b"}}", "exceeds"),
+])
+def test_every_hostile_body_is_a_bad_request(request_or_body, match: str) -> None:
+    bad(request_or_body, match)
+
+
+def test_a_null_config_is_read_as_an_empty_object() -> None:
+    request, _ = parse_request(body(dict(minimal(), config=None)))
+    assert request["config"] == {}
+
+
+def test_nesting_and_integers_at_the_limits_are_accepted() -> None:
+    request, _ = parse_request(body(_with("experiment.info", {
+        "deep": _nested(40)["experiment"]["info"], "big": 2 ** 64 - 1, "small": -2 ** 63})))
+    assert request["experiment"]["info"]["big"] == 2 ** 64 - 1
+
+
+def test_filename_inside_the_workspace_and_module_mode_are_accepted() -> None:
+    for filename in ("train.py", "sub/dir/train.py", "./train.py", "sub/../train.py", "-m"):
+        request = _with("experiment.filename", filename)
+        request["experiment"]["args"] = ["package.module", "--flag"]
+        _, facts = parse_request(body(request))
+        assert facts.filename == filename
+
+
+def test_parse_request_raises_only_bad_request_for_random_bytes() -> None:
+    import random
+
+    rng = random.Random(13)
+    good = body(minimal())
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            parse_request(bytes(data))
+        except BadRequest:
+            pass

@@ -151,3 +151,15 @@ def test_run_over_after_release_changes_nothing() -> None:
     ledger.release("a")
     assert ledger.run_over("a") is False  # a late message: the attempt is settled already
     assert ledger.settling == set() and basic(ledger.free())["cpus"] == 2
+
+
+def test_a_provisional_reservation_is_renamed_without_a_release() -> None:
+    from runner.resources import Ledger
+
+    book = Ledger(slots=1, cpus=2, ram=0, devices=[])
+    reservation = book.try_reserve("pending-x", {"cpus": 2})
+    assert reservation is not None
+    book.rename("pending-x", "host-1")
+    assert book.try_reserve("other", {"cpus": 1}) is None
+    assert book.release("host-1") and book.releases == 1
+    assert not book.release("pending-x")

@@ -121,8 +121,10 @@ def test_round_trip_stat_get_list_and_missing(moto, bucket, tmp_path):
     store.put_bytes(f"{moto.root_url(bucket)}/experiments/xy/other.tar", b"b")
     assert store.list(f"{moto.root_url(bucket)}/experiments/x/") == [
         f"{moto.root_url(bucket)}/experiments/x/_metadata/a.log", url]
-    with pytest.raises(ObjectMissing):
+    with pytest.raises(PermanentStorageError, match="NoSuchBucket"):  # retrying cannot help
         store.get(f"{moto.root_url('no-such-bucket')}/k", tmp_path / "nb")
+    with pytest.raises(PermanentStorageError, match="NoSuchBucket"):
+        store.put_bytes(f"{moto.root_url('no-such-bucket')}/k", b"x")
 
 
 def test_streamed_upload_is_multipart_and_holds_one_part(moto, bucket, monkeypatch):

@@ -16,6 +16,11 @@ instances racing for one file: the loser's rename fails with ``FileNotFoundError
 it tries the next file.  An owner is alive while its lock is held; ``recover`` returns
 the claims of owners whose lock it can take.
 
+Other tools may publish by renaming any regular file into ``<queue>/`` under a name of
+their own (names starting with ``.`` are left alone): it is renamed to the naming above
+(0 attempts, at the back of the queue).  Entries that cannot be messages (links, pipes)
+and messages that cannot be read are dead-lettered with the reason, never skipped.
+
 A token is the claim file's path relative to ``root`` (``<queue>/.claimed/<owner>/<name>``),
 so any instance on the same root, in any process, can settle it.
 """
@@ -28,6 +33,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from pathlib import Path
@@ -56,6 +62,19 @@ _INCOMING_MAX_AGE_S = 3600.0
 
 def _msg_name(base: str, attempts: int) -> str:
     return f"{base}.a{attempts}"
+
+
+def _read_message(path: Path) -> bytes:
+    """The bytes of the regular file ``path``; OSError for anything else (a pipe never
+    blocks the reader, a link is not followed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 class LocalQueue(Queue):
@@ -160,15 +179,69 @@ class LocalQueue(Queue):
         return self.root / queue
 
     def _names(self, queue: str) -> list[str]:
-        """Names of the waiting messages of ``queue`` (unsorted); [] if it does not exist."""
+        """Names of the waiting messages of ``queue`` (unsorted); [] if it does not exist.
+
+        A file another tool renamed into the queue under a name of its own (not starting
+        with ``.``) is taken in: renamed to this queue's naming (at the back of the queue,
+        0 attempts).  Anything else there that is not a folder (a link, a pipe) cannot be
+        a message and is dead-lettered with the reason."""
         qdir = self._qdir(queue)
+        names, foreign = [], []
         try:
             with os.scandir(qdir) as it:
-                return [e.name for e in it if _MSG_RE.match(e.name)]
+                for e in it:
+                    if _MSG_RE.match(e.name):
+                        names.append(e.name)
+                    elif not e.name.startswith("."):
+                        foreign.append(e)
         except FileNotFoundError:
             return []
         except OSError as e:
             raise QueueError(f"cannot list local queue {qdir}: {e}") from e
+        for entry in foreign:
+            name = self._take_in(qdir, entry)
+            if name is not None:
+                names.append(name)
+        return names
+
+    def _take_in(self, qdir: Path, entry: os.DirEntry) -> str | None:
+        """Normalise one foreign entry of ``qdir``; the message name it now has, or None."""
+        try:
+            regular = entry.is_file(follow_symlinks=False)
+            folder = not regular and entry.is_dir(follow_symlinks=False)
+        except OSError:
+            return None
+        if folder:
+            return None  # not ours to judge; never taken as a message
+        name = _msg_name(self._next_base(), 0)
+        if not regular:
+            self._dead_letter_file(qdir, entry.name, name, "not a regular file (a link, a "
+                                   "pipe or a device cannot be a message)")
+            return None
+        try:
+            os.rename(qdir / entry.name, qdir / name)
+        except FileNotFoundError:
+            return None  # another instance took it in first
+        except OSError as e:
+            logger.warning("cannot take in %s: %s", qdir / entry.name, e)
+            return None
+        logger.info("took in %s as message %s of %s", entry.name, name, qdir.name)
+        return name
+
+    def _dead_letter_file(self, qdir: Path, source: str, name: str, reason: str) -> None:
+        """Move ``qdir/source`` (not claimed) to ``.dead/<name>`` with ``reason`` beside it."""
+        ddir = qdir / DEAD
+        try:
+            ddir.mkdir(parents=True, exist_ok=True)
+            self._write_atomic(ddir / (name + REASON_SUFFIX),
+                               f"{reason} (was {source})".encode("utf-8", "replace"))
+            os.rename(qdir / source, ddir / name)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            logger.warning("cannot dead-letter %s: %s", qdir / source, e)
+            return
+        logger.warning("dead-lettered %s from %s: %s", source, qdir.name, reason)
 
     def _fsync_dir(self, path: Path) -> None:
         if not self.durable:
@@ -275,18 +348,17 @@ class LocalQueue(Queue):
             except OSError as e:
                 raise QueueError(f"cannot claim {qdir / name}: {e}") from e
             token = f"{queue}/{CLAIMED}/{self.owner}/{name}"
-            try:
-                body = (cdir / name).read_bytes()
-            except OSError as e:
-                # Put it back untouched rather than holding a message we cannot read.
-                try:
-                    os.rename(cdir / name, qdir / name)
-                except OSError:
-                    pass
-                raise QueueError(f"cannot read claimed message {token}: {e}") from e
             m = _MSG_RE.match(name)
             assert m is not None
-            return Delivery(queue=queue, token=token, body=body, attempts=int(m.group(2)))
+            delivery = Delivery(queue=queue, token=token, body=b"", attempts=int(m.group(2)))
+            try:
+                body = _read_message(cdir / name)
+            except OSError as e:
+                # A message that cannot be read would stay at the head for ever: dead.
+                heapq.heappop(names)
+                self.dead_letter(delivery, f"the message file cannot be read: {e}")
+                continue
+            return Delivery(queue=queue, token=token, body=body, attempts=delivery.attempts)
         return None
 
     def _make_claim_dir(self, cdir: Path, queue: str) -> None:
@@ -327,7 +399,7 @@ class LocalQueue(Queue):
         self._check_open()
         queue, _, _, name, _ = self._parse_token(d)
         src = self.root / d.token
-        if not src.exists():
+        if not os.path.lexists(src):
             raise QueueError(f"unknown or already settled token {d.token!r}")
         ddir = self.root / queue / DEAD
         try:

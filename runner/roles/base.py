@@ -161,7 +161,11 @@ class Role:
         post = self.bus.post
         while not outbox.empty():  # the loop is the only reader: get cannot find it empty
             destination, message = outbox.get_nowait()
-            post(destination, message)
+            try:
+                post(destination, message)
+            except Exception:  # a message the bus cannot carry must not kill the role
+                self.log.exception("cannot send %s to %s; it is dropped", message.TYPE,
+                                   destination)
 
     def _heartbeat_due(self) -> float:
         if not self._active:
@@ -217,7 +221,10 @@ class Role:
                 self._tick_now = False
                 self.flush_outbox()
                 self.bus.flush()  # a tick may take a while: nothing waits behind it
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # periodic work that fails must not kill the role
+                    self.log.exception("periodic work failed")
                 interval = self.tick_interval()
                 next_tick = now + interval
                 early = min(interval, self.HEARTBEAT) / 2  # beat now rather than wake again

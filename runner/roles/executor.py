@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .. import cgroups, fates, protocol
 from ..environments import script_command
-from ..errors import BadRequest
+from ..errors import BadRequest, RunnerError
 from ..units import describe_size
 from .base import Role
 
@@ -55,6 +55,16 @@ def experiment_environment(job: protocol.Job, env_path: str, base: dict | None =
     for name in THREAD_VARIABLES:
         env[name] = threads
     return env
+
+
+def workspace_script(workspace: Path, filename: str) -> Path:
+    """``filename`` resolved inside ``workspace`` (links followed); BadRequest when it
+    names a file outside it (an absolute path, ``..``, a link out of the workspace)."""
+    root = Path(workspace).resolve()
+    script = (root / filename).resolve()
+    if script != root and root not in script.parents:
+        raise BadRequest(f"experiment.filename {filename!r} is not a file inside the workspace")
+    return script
 
 
 @dataclass
@@ -140,19 +150,32 @@ class Executor(Role):
                     self.stop(run, reason)
 
     def start(self, prepared: protocol.JobPrepared) -> None:
+        """Start the run of ``prepared``; whatever fails ends the attempt with its fate."""
+        job = prepared.job
+        try:
+            self.launch(prepared)
+        except Exception as exc:  # noqa: BLE001 - an attempt never leaks its slot
+            if job.job_id in self.runs:
+                raise  # started: its end is watched like any other run's
+            if not isinstance(exc, RunnerError):
+                self.log.exception("key=%s attempt=%s could not be started", job.key,
+                                   job.job_id)
+                exc = fates.ExperimentFailed(f"the run could not be started: "
+                                             f"{type(exc).__name__}: {exc}")
+            self.end(job, fates.outcome_for_exception(exc), {})
+
+    def launch(self, prepared: protocol.JobPrepared) -> None:
         job = prepared.job
         stopped = self.stop_all or self.stop_pending.pop(job.job_id, None)
         if stopped is not None:
             self.end(job, fates.outcome_for_exception(stopped), {})
             return
         experiment = job.request.get("experiment", {})
-        try:
-            command = script_command(Path(prepared.python), experiment["filename"],
-                                     experiment.get("args") or [])
-        except BadRequest as exc:
-            self.end(job, fates.outcome_for_exception(exc), {})
-            return
         cwd = Path(job.workdir) / "workspace"
+        filename = experiment["filename"]
+        if filename != "-m":
+            workspace_script(cwd, filename)  # run as given, once known to be inside
+        command = script_command(Path(prepared.python), filename, experiment.get("args") or [])
         self.runner_log(job.job_id, f"starting {command} in {cwd} with devices "
                                     f"{job.resources.get('devices') or '-1'}")
         started_command, cgroup = self.enforce(job, command)
@@ -251,7 +274,13 @@ class Executor(Role):
                     run.cgroup.kill_all()
             if run.output_done.is_set():
                 del self.runs[job_id]
-                self.finish(run, exit_code)
+                try:
+                    self.finish(run, exit_code)
+                except Exception as exc:  # noqa: BLE001 - the attempt still ends
+                    self.log.exception("key=%s attempt=%s could not be closed", run.job.key,
+                                       job_id)
+                    self.end(run.job, fates.outcome_for_exception(fates.ExperimentFailed(
+                        f"exit {exit_code}; closing the run failed: {exc}"), exit_code), {})
 
     def finish(self, run: Run, exit_code: int) -> None:
         duration = time.time() - run.started

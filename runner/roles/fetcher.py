@@ -10,6 +10,13 @@ reserved (or put straight back when it does not fit), and handed to the cache ma
 When the uploader reports ``JobDone`` the fetcher asks :func:`runner.fates.decide` what to
 do and acks, requeues or dead-letters the delivery, then releases the reservation.
 
+Admission never throws: whatever goes wrong between a body and the ``JobAssigned`` it
+becomes dead-letters that delivery with the reason.  A request that does not fit now, or
+never fits this host, is *held aside* (:class:`Parked`) instead of going back to the head of
+its queue, so the requests behind it are taken; a request handed back for the host's fault
+is held aside for its back-off delay and counted against ``--max-requeues``
+(``docs/fates.md``).
+
 Redeliveries: a broker that lost a delivery (its connection dropped, its channel was
 closed) hands the message out again.  A request is identified by its queue, project, key
 and ``time_added``; a redelivery of a request this runner is running is attached to the
@@ -32,14 +39,17 @@ end is the one whose discovery listed it (Pub/Sub names carry no kind prefix).
 """
 from __future__ import annotations
 
+import json
 import os
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import envelope, fates, gpus, metadata, protocol, studio_db
 from ..errors import BadRequest, DeliveryLost, QueueError, RunnerError
 from ..queues import Delivery, Queue, build_backends, kind_of, matches
-from ..requests import parse_request, safe_path_part
+from ..requests import MAX_BODY_BYTES, RequestFacts, parse_request, safe_path_part
 from ..resources import Ledger
 from ..units import describe_size
 from .base import Role
@@ -53,6 +63,31 @@ NO_FIT_BACKOFF = 2.0
 TAKE_ERROR_BACKOFF = 1.0
 TOMBSTONE_TTL = 24 * 3600.0
 TOMBSTONES_MAX = 10_000
+PARK_MAX = 16           # requests held aside at once (not fitting now, never here, backing off)
+NOT_NOW_HOLD = 10.0     # a request that does not fit now is held this long, then put back
+NEVER_HOLD = 30.0       # one that never fits here is held this long, then put back
+REQUEUES_KEPT = 10_000  # hand-back counts remembered per request
+NOT_NOW, NEVER, BACKOFF = "not_now", "never", "backoff"  # why a request is held aside
+
+
+@dataclass
+class Parked:
+    """A delivery held aside by the fetcher, so that the requests behind it are taken.
+
+    ``why`` is ``not_now`` (retried when resources free up), ``never`` (cannot fit this
+    host) or ``backoff`` (handed back for the host's fault, retried at ``until``).  At
+    ``until`` (monotonic seconds) a ``not_now`` or ``never`` request goes back to its queue
+    for any runner; a ``backoff`` one is tried here again.
+    """
+
+    backend: Queue
+    delivery: Delivery
+    request: dict
+    facts: RequestFacts
+    identity: tuple
+    why: str
+    until: float
+    reason: str = ""
 
 
 def request_identity(queue: str, project: str | None, key: str, request: dict) -> tuple:
@@ -98,6 +133,10 @@ class Fetcher(Role):
         self.owner: dict[str, str] = {}                 # queue -> kind of its back end
         self.queues: list[str] = []
         self.backoff: dict[str, float] = {}
+        self.parked: dict[str, Parked] = {}             # delivery token -> held aside
+        self.requeues: dict[tuple, int] = {}            # request identity -> hand-backs
+        self.said_never: dict[tuple, str] = {}          # (queue, key) -> why it never fits
+        self.random = random.Random()
         self.taking = True
         self.taken_total = 0  # attempts taken by this process (for --limit-tasks)
         self.checked: dict[str, int] = {}  # queue -> times asked for work
@@ -136,6 +175,7 @@ class Fetcher(Role):
         elif isinstance(message, protocol.StopTaking):
             self.log.info("taking no new requests")
             self.taking = False
+            self.unpark_all("the runner takes no new requests")
             self.send_stats()
         elif isinstance(message, protocol.StartTaking):
             self.log.info("taking requests again")
@@ -172,6 +212,8 @@ class Fetcher(Role):
         if now >= self._next_discover:
             self._next_discover = now + DISCOVER_EVERY
             self.discover()
+        if self.parked:
+            self.serve_parked()
         if self.taking:
             self.take_while_room()
         for kind, backend in self.backends.items():
@@ -291,7 +333,18 @@ class Fetcher(Role):
             self.accept(backend, delivery)
 
     def accept(self, backend: Queue, delivery: Delivery) -> None:
-        """Validate, reserve and hand on one delivery, or settle it at once."""
+        """Admit one delivery: start it, hold it aside, or settle it at once.
+
+        The boundary between the queues and the pipeline: whatever goes wrong while
+        admitting a body ends in a dead letter with the reason, never in a crash."""
+        try:
+            self.admit(backend, delivery)
+        except Exception as exc:  # noqa: BLE001 - no body may crash the fetcher
+            reason = f"request could not be admitted: {type(exc).__name__}: {exc}"
+            self.log.exception("%s (%s); dead-lettered", reason, delivery.queue)
+            self.settle_delivery(backend, delivery, fates.DEAD, reason[:2000], 0)
+
+    def admit(self, backend: Queue, delivery: Delivery) -> None:
         try:
             body = envelope.open_body(delivery.body, delivery.queue, self.keys)
             request, facts = parse_request(body, min_save_interval=self.config.min_save_interval)
@@ -305,49 +358,151 @@ class Fetcher(Role):
         identity = request_identity(delivery.queue, facts.project, facts.key, request)
         if self.redelivered(backend, delivery, identity, facts.key):
             return
+        if self.expired(backend, delivery, request, facts):
+            return
+        self.start_or_park(Parked(backend, delivery, request, facts, identity, "", 0.0))
+
+    def expired(self, backend: Queue, delivery: Delivery, request: dict,
+                facts: RequestFacts) -> bool:
+        """Ack a request whose lifetime has ended (recorded ``expired``); True if so."""
         now = time.time()
         stale_at = facts.stale_at
-        if stale_at is not None and stale_at <= now:
-            self.log.warning("key=%s stale on arrival (lifetime ended %.0fs ago); acked as expired",
-                             facts.key, now - stale_at)
+        if stale_at is None or stale_at > now:
+            return False
+        self.log.warning("key=%s stale on arrival (lifetime ended %.0fs ago); acked as expired",
+                         facts.key, now - stale_at)
+        try:
             self.record(request, "expired", "", delivery.attempts, final=True)
-            # The client's record ends too: nothing will run it (studio_db module doc).
-            self.studio_records.submit(f"stale-{facts.key}", request, studio_db.ended(True))
-            self.settle_delivery(backend, delivery, fates.ACK, "stale", delivery.attempts)
+        except RunnerError as exc:
+            self.log.error("key=%s metadata record not written: %s", facts.key, exc)
+        # The client's record ends too: nothing will run it (studio_db module doc).
+        self.studio_records.submit(f"stale-{facts.key}", request, studio_db.ended(True))
+        self.settle_delivery(backend, delivery, fates.ACK, "stale", delivery.attempts)
+        self.forget_request(delivery.queue, facts.key, request)
+        return True
+
+    def start_or_park(self, item: Parked) -> None:
+        """Start ``item`` now, or hold it aside (or put it back when too many are held)."""
+        started, never, reason = self.try_start(item)
+        if started:
             return
+        key = item.facts.key
+        if never:
+            said = (item.delivery.queue, key)
+            if said not in self.said_never:  # once per key, not on every retry
+                while len(self.said_never) >= REQUEUES_KEPT:
+                    self.said_never.pop(next(iter(self.said_never)))
+                self.said_never[said] = reason
+                self.log.warning("key=%s cannot run on this runner: %s; held aside, then put "
+                                 "back for another runner", key, reason)
+                try:
+                    self.record(item.request, "waiting", "", item.delivery.attempts,
+                                final=False, reason=f"{self.config.hostname}: {reason}")
+                except RunnerError as exc:
+                    self.log.error("key=%s metadata record not written: %s", key, exc)
+                self._stats_dirty = True
+        item.why = NEVER if never else NOT_NOW
+        item.reason = reason
+        item.until = time.monotonic() + (NEVER_HOLD if never else NOT_NOW_HOLD)
+        if len(self.parked) < PARK_MAX:
+            self.parked[item.delivery.token] = item
+            if not never:
+                self.log.info("key=%s needs %s, not free now; held aside while the requests "
+                              "behind it are taken", key, describe_needs(item.facts.resources))
+            return
+        self.log.info("key=%s %s; put back (%d requests held aside already)", key, reason,
+                      len(self.parked))
+        self.settle_delivery(item.backend, item.delivery, fates.REQUEUE, reason,
+                             item.delivery.attempts)
+        self.backoff[item.delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
+
+    def try_start(self, item: Parked) -> tuple[bool, bool, str]:
+        """Reserve and hand on ``item``: (started, never fits here, why not)."""
+        facts, delivery, request = item.facts, item.delivery, item.request
         never = self.ledger.why_never(facts.resources)
         if never:
-            self.log.warning("key=%s cannot run here (%s); put back for another runner",
-                             facts.key, never)
-            self.settle_delivery(backend, delivery, fates.REQUEUE, "does not fit this host",
-                                 delivery.attempts)
-            self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
-            return
-        job_id = self.attempt_ids.next()
-        reservation = self.ledger.try_reserve(job_id, facts.resources)
+            return False, True, never
+        provisional = f"pending-{delivery.token}"  # an attempt id only once it fits
+        reservation = self.ledger.try_reserve(provisional, facts.resources)
         if reservation is None:
-            self.log.info("key=%s needs %s, not free now; put back at once", facts.key,
-                          facts.resources)
-            self.settle_delivery(backend, delivery, fates.REQUEUE, "does not fit now",
-                                 delivery.attempts)
-            self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
-            return
+            return False, False, "does not fit now"
+        job_id = self.attempt_ids.next()
+        self.ledger.rename(provisional, job_id)
         workdir = os.path.join(self.config.working_dir, safe_path_part(facts.project or "_default"),
                                safe_path_part(facts.key), job_id)
         job = protocol.Job(
             job_id=job_id, queue=delivery.queue, token=delivery.token,
             attempts=delivery.attempts, key=facts.key, project=facts.project, request=request,
-            workdir=workdir, resources=reservation, taken_at=now, deadline=stale_at,
-            max_duration=facts.max_duration, save_frequency=facts.save_frequency,
-            queue_type=backend.kind, artifact_save_frequency=facts.artifact_save_frequency)
-        self.held[job_id] = (backend, delivery, job)
-        self.running[identity] = job_id
+            workdir=workdir, resources=reservation, taken_at=time.time(),
+            deadline=facts.stale_at, max_duration=facts.max_duration,
+            save_frequency=facts.save_frequency, queue_type=item.backend.kind,
+            artifact_save_frequency=facts.artifact_save_frequency)
+        try:
+            protocol.encode(protocol.JobAssigned(job=job))  # it must cross the bus
+        except Exception as exc:
+            self.ledger.release(job_id)
+            raise BadRequest(f"the request cannot cross the runner's bus: {exc}") from exc
+        self.held[job_id] = (item.backend, delivery, job)
+        self.running[item.identity] = job_id
+        self.said_never.pop((delivery.queue, facts.key), None)
         self.taken_total += 1
         self.log.info("key=%s attempt=%s taken from %s (attempt %d), devices %s", job.key,
                       job_id, delivery.queue, delivery.attempts + 1, reservation["devices"])
         self.phase(job, "taken")
         self.post("cache_manager", protocol.JobAssigned(job=job))
         self.heartbeat(force=True)  # free resources changed: status shows them at once
+        return True, False, ""
+
+    def serve_parked(self) -> None:
+        """Start held-aside requests that fit now (oldest first); put back those whose
+        hold is over; apply lifetimes.  A failure with one never stops the others."""
+        now = time.monotonic()
+        for token, item in list(self.parked.items()):
+            if token not in self.parked:
+                continue
+            try:
+                if item.why == BACKOFF and item.until > now:
+                    continue
+                if self.expired(item.backend, item.delivery, item.request, item.facts):
+                    del self.parked[token]
+                    continue
+                if item.why == BACKOFF or (item.why == NOT_NOW and item.until > now
+                                             and self.taking and self.ledger.has_slot()):
+                    started, never, reason = self.try_start(item)
+                    if started:
+                        del self.parked[token]
+                        continue
+                    if item.why == BACKOFF:  # its wait is over; now it waits for room
+                        item.why, item.reason = (NEVER if never else NOT_NOW), reason
+                        item.until = now + (NEVER_HOLD if never else NOT_NOW_HOLD)
+                    continue
+                if item.until <= now:
+                    del self.parked[token]
+                    self.log.info("key=%s %s; put back for another runner after being "
+                                  "held aside", item.facts.key, item.reason)
+                    self.settle_delivery(item.backend, item.delivery, fates.REQUEUE,
+                                         item.reason, item.delivery.attempts)
+            except Exception as exc:  # noqa: BLE001 - the boundary, as in accept()
+                self.parked.pop(token, None)
+                reason = f"request could not be admitted: {type(exc).__name__}: {exc}"
+                self.log.exception("%s (%s); dead-lettered", reason, item.delivery.queue)
+                self.settle_delivery(item.backend, item.delivery, fates.DEAD, reason[:2000], 0)
+
+    def unpark_all(self, why: str) -> None:
+        """Put every held-aside request back in its queue at once (drain, shutdown)."""
+        for item in list(self.parked.values()):
+            self.settle_delivery(item.backend, item.delivery, fates.REQUEUE, why,
+                                 item.delivery.attempts)
+        if self.parked:
+            self.log.info("put back %d requests held aside: %s", len(self.parked), why)
+        self.parked.clear()
+
+    def forget_request(self, queue: str, key: str, request: dict) -> None:
+        """A request was settled for good: drop what was kept about it."""
+        self.said_never.pop((queue, key), None)
+        experiment = request.get("experiment") or {}
+        self.requeues.pop(request_identity(queue, str(experiment.get("project") or ""), key,
+                                           request), None)
 
     def redelivered(self, backend: Queue, delivery: Delivery, identity: tuple,
                     key: str) -> bool:
@@ -398,6 +553,15 @@ class Fetcher(Role):
 
     def keep_alive(self, only: Queue | None = None) -> None:
         """Extend the holds of the deliveries of ``only`` (every back end when None)."""
+        for token, item in list(self.parked.items()):
+            if only is not None and item.backend is not only:
+                continue
+            try:
+                item.backend.keep_alive(item.delivery)
+            except (QueueError, OSError) as exc:
+                self.log.warning("key=%s held aside lost its delivery: %s", item.facts.key,
+                                 exc)
+                self.parked.pop(token, None)
         for job_id, (backend, delivery, job) in list(self.held.items()):
             if only is not None and backend is not only:
                 continue
@@ -424,27 +588,72 @@ class Fetcher(Role):
             del self.running[identity]
         queue_deleted = job.job_id in self.queue_gone
         self.queue_gone.discard(job.job_id)
+        try:
+            decision = self.decide_and_settle(done, backend, delivery, job, extra, identity,
+                                              queue_deleted)
+        finally:  # whatever happened above, the attempt's resources are free again
+            if not self.ledger.release(job.job_id):
+                self.log.warning("key=%s attempt=%s held no reservation at settle", job.key,
+                                 job.job_id)
+            self.heartbeat(force=True)  # free resources changed: status shows them at once
+        self.log.info("key=%s attempt=%s %s: %s", job.key, job.job_id, decision.action,
+                      decision.reason)
+        self.phase(job, "finished", fate=decision.action, status=decision.final_status,
+                   reason=decision.reason)
+
+    def decide_and_settle(self, done: protocol.JobDone, backend: Queue, delivery: Delivery,
+                          job: protocol.Job, extra: list[Delivery], identity: tuple,
+                          queue_deleted: bool) -> fates.Decision:
+        """Ask :func:`fates.decide`, record the result and apply it to the deliveries."""
+        requeues = self.requeues.get(identity, 0)
         decision = fates.decide(done.outcome, delivery.attempts, self.config.max_attempts,
-                                done.upload_error, queue_deleted=queue_deleted)
+                                done.upload_error, queue_deleted=queue_deleted,
+                                requeues_before=requeues,
+                                max_requeues=self.config.max_requeues)
         final = decision.action in (fates.ACK, fates.DEAD, fates.DROP)
+        if final:
+            self.requeues.pop(identity, None)
+        elif decision.backoff:
+            while len(self.requeues) >= REQUEUES_KEPT:
+                self.requeues.pop(next(iter(self.requeues)))
+            self.requeues[identity] = requeues + 1
         try:
             self.record(job.request, decision.final_status, job.job_id, decision.attempts, final)
         except RunnerError as exc:
             self.log.error("key=%s metadata record not written: %s", job.key, exc)
-        if decision.action != fates.DROP:
+        if (decision.backoff and self.taking and not extra
+                and len(self.parked) < PARK_MAX):
+            self.hold_for_backoff(backend, delivery, job, identity, decision, requeues + 1)
+        elif decision.action != fates.DROP:
             settled = [self.settle_delivery(backend, d, decision.action, decision.reason,
                                             decision.attempts)
                        for d in [delivery] + extra]
             if not any(settled):
                 self.remember(identity, decision, job)
-        if not self.ledger.release(job.job_id):
-            self.log.warning("key=%s attempt=%s held no reservation at settle", job.key,
-                             job.job_id)
-        self.heartbeat(force=True)  # free resources changed: status shows them at once
-        self.log.info("key=%s attempt=%s %s: %s", job.key, job.job_id, decision.action,
-                      decision.reason)
-        self.phase(job, "finished", fate=decision.action, status=decision.final_status,
-                   reason=decision.reason)
+            if decision.backoff:  # too many held aside: rest the queue instead
+                self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
+        return decision
+
+    def hold_for_backoff(self, backend: Queue, delivery: Delivery, job: protocol.Job,
+                         identity: tuple, decision: fates.Decision, requeues: int) -> None:
+        """Keep a request handed back for the host's fault aside for its back-off delay,
+        then try it again (the delivery stays held: no other runner takes it meanwhile,
+        and no new attempt or metadata file is made while it waits)."""
+        delay = fates.backoff_delay(requeues, self.random)
+        moved = Delivery(queue=delivery.queue, token=delivery.token, body=delivery.body,
+                         attempts=decision.attempts)
+        try:
+            _, facts = parse_request(json_body(job.request),
+                                     min_save_interval=self.config.min_save_interval)
+        except BadRequest:  # it was admitted once; cannot happen, but never lose it
+            self.settle_delivery(backend, delivery, decision.action, decision.reason,
+                                 decision.attempts)
+            return
+        self.parked[delivery.token] = Parked(backend, moved, job.request, facts, identity,
+                                             BACKOFF, time.monotonic() + delay,
+                                             decision.reason)
+        self.log.info("key=%s hand-back %d of at most %d: tried again in %.1fs", job.key,
+                      requeues, self.config.max_requeues, delay)
 
     def remember(self, identity: tuple, decision: fates.Decision, job: protocol.Job) -> None:
         """Keep ``decision`` for the redelivered copy of a request whose delivery was lost."""
@@ -459,10 +668,10 @@ class Fetcher(Role):
         self.tombstones[identity] = (decision, now + TOMBSTONE_TTL)
 
     def record(self, request: dict, status: str, attempt_id: str, attempts: int,
-               final: bool) -> None:
+               final: bool, reason: str = "") -> None:
         metadata.write_record(request, status=status, attempt_id=attempt_id, attempts=attempts,
                               final=final, hostname=self.config.hostname,
-                              override=self.config.metadata_store)
+                              override=self.config.metadata_store, reason=reason)
 
     # -- reporting ------------------------------------------------------------------
     def send_stats(self) -> None:
@@ -476,12 +685,23 @@ class Fetcher(Role):
             try:
                 waiting = []
                 for body in backend.peek(queue, 20):
-                    try:
-                        experiment = protocol_safe_experiment(body)
-                    except ValueError:
-                        experiment = {"key": "?", "project": ""}
+                    experiment = protocol_safe_experiment(body)
+                    reason = self.said_never.get((queue, experiment["key"]))
+                    if reason:
+                        experiment["reason"] = f"cannot run on {self.config.hostname}: {reason}"
                     waiting.append(experiment)
-                stats[queue] = {"depth": backend.depth(queue), "waiting": waiting}
+                held = [item for item in self.parked.values() if item.delivery.queue == queue]
+                for item in held:
+                    entry = {"key": item.facts.key, "project": item.facts.project,
+                             "held": item.why}
+                    if item.why == NEVER:
+                        entry["reason"] = f"cannot run on {self.config.hostname}: {item.reason}"
+                    elif item.why == BACKOFF:
+                        entry["reason"] = (f"backing off after hand-back "
+                                           f"{self.requeues.get(item.identity, 0)}: "
+                                           f"{item.reason}")
+                    waiting.append(entry)
+                stats[queue] = {"depth": backend.depth(queue) + len(held), "waiting": waiting}
             except (QueueError, OSError) as exc:
                 stats[queue] = {"depth": -1, "waiting": [], "error": str(exc)}
         self.post("supervisor", protocol.QueueStats(queues=stats, taking=self.taking))
@@ -494,14 +714,35 @@ class Fetcher(Role):
                 "settling": len(self.ledger.settling)}
 
     def shutdown(self) -> None:
+        self.unpark_all("the runner is stopping")
         for backend in self.backends.values():
             backend.close()
         self.studio_records.close(timeout=2.0)
 
 
 def protocol_safe_experiment(body: bytes) -> dict:
-    """Key and project of a waiting request body, for status displays only."""
-    import json
+    """Key and project of a waiting request body, for status displays only; never raises
+    (a body that is not a request shows as key ``?``)."""
+    try:
+        if len(body) > MAX_BODY_BYTES:
+            raise ValueError("too large")
+        experiment = json.loads(body).get("experiment") or {}
+        return {"key": str(experiment.get("key", "?"))[:200],
+                "project": str(experiment.get("project") or "")[:200]}
+    except Exception:  # noqa: BLE001 - a display of anything a queue may hold
+        return {"key": "?", "project": ""}
 
-    experiment = json.loads(body).get("experiment") or {}
-    return {"key": str(experiment.get("key", "?")), "project": str(experiment.get("project") or "")}
+
+def describe_needs(resources: dict) -> str:
+    """``resources`` for a log line: "2 CPUs, 100.00 MB RAM, 1 GPU"."""
+    parts = [f"{resources.get('cpus', 0)} CPUs"]
+    if resources.get("ram"):
+        parts.append(f"{describe_size(resources['ram'])} RAM")
+    if resources.get("gpus"):
+        parts.append(f"{resources['gpus']} GPUs")
+    return ", ".join(parts)
+
+
+def json_body(request: dict) -> bytes:
+    """``request`` as a body again (for requests already admitted once)."""
+    return json.dumps(request).encode()

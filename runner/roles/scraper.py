@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import _fast, metadata, protocol
+from .. import _fast, fates, metadata, protocol
 from ..jsonpatch import PatchRejected, apply_patch, parse_patch
 from ..redact import Masker, redact_request, secrets_of
 from .base import Role
@@ -259,27 +259,43 @@ class Scraper(Role):
                                                              labels=due))
 
     def close(self, ended: protocol.AttemptEnded) -> None:
-        attempt = self.attempts.get(ended.job.job_id) or self.open(ended.job)
+        """Finish the attempt's metadata and ask for its final uploads.
+
+        The final ``UploadRequest`` is always sent, also when writing the files fails (the
+        attempt must reach the fetcher to free its slot).  An attempt handed back for the
+        host's fault before its run started adds no metadata files to storage
+        (``metadata=False``): retries of a request that cannot start leave no trail of
+        empty attempts."""
         outcome = ended.outcome
-        runner = attempt.document["runner"]
-        runner.update(ended.facts)
-        runner.update({"stop": metadata.iso_utc(time.time()), "exit_code": outcome.exit_code,
-                       "error": outcome.error, "message": outcome.message,
-                       "output_bytes": attempt.output_bytes,
-                       "disk_use": disk_use(attempt.job.workdir)})
-        attempt.document["studioml"]["status"] = outcome.status
-        self.write_runner_log(attempt, f"attempt ended {outcome.status}"
-                                       + (f" ({outcome.error}: {outcome.message})"
-                                          if outcome.error else ""))
-        self.save(attempt)
-        for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
-            if handle is not None:
-                handle.close()
-        del self.attempts[ended.job.job_id]
-        self.post("uploader", protocol.UploadRequest(job=ended.job, final=True,
-                                                     outcome=outcome))
-        self.phase(ended.job, "uploading", status=outcome.status,
-                   tail=output_tail(attempt.output_log.name))
+        attempt = None
+        try:
+            attempt = self.attempts.get(ended.job.job_id) or self.open(ended.job)
+            runner = attempt.document["runner"]
+            runner.update(ended.facts)
+            runner.update({"stop": metadata.iso_utc(time.time()),
+                           "exit_code": outcome.exit_code,
+                           "error": outcome.error, "message": outcome.message,
+                           "output_bytes": attempt.output_bytes,
+                           "disk_use": disk_use(attempt.job.workdir)})
+            attempt.document["studioml"]["status"] = outcome.status
+            self.write_runner_log(attempt, f"attempt ended {outcome.status}"
+                                           + (f" ({outcome.error}: {outcome.message})"
+                                              if outcome.error else ""))
+            self.save(attempt)
+        except Exception:  # noqa: BLE001 - the attempt still ends
+            self.log.exception("key=%s attempt=%s metadata not finished", ended.job.key,
+                               ended.job.job_id)
+        finally:
+            if attempt is not None:
+                for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
+                    if handle is not None:
+                        handle.close()
+            self.attempts.pop(ended.job.job_id, None)
+            self.post("uploader", protocol.UploadRequest(
+                job=ended.job, final=True, outcome=outcome,
+                metadata=not fates.leaves_no_trail(outcome, started="pid" in ended.facts)))
+            self.phase(ended.job, "uploading", status=outcome.status,
+                       tail=output_tail(attempt.output_log.name) if attempt else "")
 
     def stats(self) -> dict:
         return {"attempts": len(self.attempts),

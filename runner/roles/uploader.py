@@ -202,7 +202,7 @@ class Uploader(Role):
                 if not request.record_only:
                     labels = None if request.final else request.labels
                     self.upload_artifacts(job, log, retry_for, request.final, labels)
-                    if labels is None or "_metadata" in labels:
+                    if (labels is None or "_metadata" in labels) and request.metadata:
                         self.upload_metadata_files(job, log, retry_for, request.final)
                     if not request.final:
                         self.records.submit(job.job_id, job.request, studio_db.checkpointed())

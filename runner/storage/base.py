@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, ClassVar, Iterator, TypeVar
 
-from ..errors import StorageError
+from ..errors import PermanentStorageError, StorageError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,6 @@ class ObjectInfo:
     mtime: float
 
 
-class PermanentStorageError(StorageError):
-    """A storage failure that trying again will not fix (access denied, bad request)."""
 
 
 class ObjectMissing(StorageError):

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from ..errors import StorageError
+from ..errors import StorageError, storage_error_for
 from .base import CHUNK_SIZE, ObjectInfo, ObjectMissing, Store, atomic_destination, split_url
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class FileStore(Store):
         except NotADirectoryError:
             return None
         except OSError as exc:
-            raise StorageError(f"cannot stat {url}: {exc}") from exc
+            raise storage_error_for(exc, f"cannot stat {url}: {exc}") from exc
         if not stat_mod.S_ISREG(st.st_mode):
             return None
         return _info(url, st)
@@ -108,7 +108,7 @@ class FileStore(Store):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise ObjectMissing(url) from exc
         except OSError as exc:
-            raise StorageError(f"cannot read {url}: {exc}") from exc
+            raise storage_error_for(exc, f"cannot read {url}: {exc}") from exc
         with src:
             try:
                 st = os.fstat(src.fileno())
@@ -122,7 +122,7 @@ class FileStore(Store):
             except StorageError:
                 raise
             except OSError as exc:
-                raise StorageError(f"cannot copy {url} to {dest}: {exc}") from exc
+                raise storage_error_for(exc, f"cannot copy {url} to {dest}: {exc}") from exc
         info = _info(url, st)
         if copied != info.size:
             log.warning("%s changed while being read (%d bytes read, %d at open)",
@@ -138,7 +138,7 @@ class FileStore(Store):
         try:
             st = path.stat()
         except OSError as exc:
-            raise StorageError(f"cannot stat {info.url}: {exc}") from exc
+            raise storage_error_for(exc, f"cannot stat {info.url}: {exc}") from exc
         memo = (os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
         with _HASHES_LOCK:
             digest = _HASHES.get(memo)
@@ -148,7 +148,7 @@ class FileStore(Store):
             try:
                 digest = _fast.content_hash(path)
             except OSError as exc:
-                raise StorageError(f"cannot read {info.url}: {exc}") from exc
+                raise storage_error_for(exc, f"cannot read {info.url}: {exc}") from exc
             with _HASHES_LOCK:
                 _HASHES[memo] = digest
                 while len(_HASHES) > _HASHES_MAX:
@@ -189,7 +189,7 @@ class FileStore(Store):
         except StorageError:
             raise
         except OSError as exc:
-            raise StorageError(f"cannot write {url}: {exc}") from exc
+            raise storage_error_for(exc, f"cannot write {url}: {exc}") from exc
         return _info(url, st)
 
     def list(self, prefix_url: str) -> list[str]:
@@ -205,7 +205,7 @@ class FileStore(Store):
             except (FileNotFoundError, NotADirectoryError):
                 return []
             except OSError as exc:
-                raise StorageError(f"cannot list {prefix_url}: {exc}") from exc
+                raise storage_error_for(exc, f"cannot list {prefix_url}: {exc}") from exc
             roots = [os.path.join(parent, n) for n in names if n.startswith(base)]
         found: list[str] = []
         for root in roots:
@@ -221,7 +221,7 @@ class FileStore(Store):
         except (FileNotFoundError, NotADirectoryError):
             return out
         except OSError as exc:
-            raise StorageError(f"cannot list {prefix_url}: {exc}") from exc
+            raise storage_error_for(exc, f"cannot list {prefix_url}: {exc}") from exc
         if stat_mod.S_ISREG(st.st_mode):
             if not _PARTIAL_RE.search(root):
                 out.append(root)

@@ -258,9 +258,11 @@ def _translate(exc: BaseException, url: str, what: str, *, reading: bool) -> Sto
         return exc
     if isinstance(exc, ClientError):
         code, status = _error_code(exc)
+        message = f"cannot {what} {url}: {code or status} {exc}"
+        if code == "NoSuchBucket":  # no retry creates the bucket: the request's fault
+            return PermanentStorageError(message)
         if reading and (code in _MISSING_CODES or status == 404):
             return ObjectMissing(url)
-        message = f"cannot {what} {url}: {code or status} {exc}"
         if status in _PERMANENT_STATUS or code in _REFUSED_CODES:
             return PermanentStorageError(message)
         return StorageError(message)
