@@ -8,7 +8,8 @@ types and extreme values, deep nesting, huge integers, NUL and right-to-left tex
 instead of running; a few dozen more are built on a fresh request and really run.
 
 The suite passes when no role crashed or restarted, every body was dead-lettered (those
-:func:`runner.requests.parse_request` refuses) or reached a final fate (the others), the
+the fetcher's admission refuses: :func:`runner.requests.parse_request`, then
+:func:`runner.metadata.check_object_names`) or reached a final fate (the others), the
 queue is empty, and a good request published afterwards completes.  It is deterministic
 (``FUZZ_SEED``, default 13) and bounded: a few minutes on a loaded two-core machine.
 """
@@ -18,8 +19,10 @@ import json
 import os
 import random
 import re
+import socket
 import time
 
+from runner import metadata
 from runner.errors import BadRequest
 from runner.requests import parse_request
 
@@ -164,11 +167,13 @@ def test_fuzzed_bodies_never_crash_a_role_and_each_reaches_a_fate(runner) -> Non
                            time_added=time.time() - 3600)
     bodies = fuzz_bodies(stale, fresh)
     accepted = []
-    for _what, body in bodies:
+    for _what, body in bodies:  # the fetcher's admission, in the same order
         try:
-            accepted.append(parse_request(body)[0])
+            request = parse_request(body)[0]
+            metadata.check_object_names(request, socket.gethostname())
         except BadRequest:
-            pass
+            continue
+        accepted.append(request)
     for _what, body in bodies:
         runner.publish(body)
 
