@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from .errors import BadRequest
+from .requests import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +219,12 @@ def open_envelope(envelope: dict, queue: str, keys: Keys) -> bytes:
 
 def open_body(body: bytes, queue: str, keys: Keys) -> bytes:
     """``body`` itself, or the request inside it when it is an envelope."""
-    if not body.lstrip().startswith(b"{") or b'"message"' not in body:
-        return body
+    if (len(body) > MAX_BODY_BYTES or not body.lstrip().startswith(b"{")
+            or b'"message"' not in body):
+        return body  # parse_request reports what is wrong with it
     try:
         decoded = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return body  # parse_request reports it
     if not is_envelope(decoded):
         return body

@@ -149,3 +149,13 @@ def test_a_runner_without_keys_dead_letters_envelopes_with_the_reason(runner, rs
     reasons = runner.wait_for(lambda: sorted(p.read_text() for p in dead.glob("*.reason.txt")),
                               what="the envelope to be dead-lettered")
     assert "no decryption key configured" in reasons[0]
+
+
+def test_a_body_that_only_looks_like_an_envelope_is_left_to_parse_request() -> None:
+    """Deep nesting or a huge body with "message" in it never raises here (admission)."""
+    from runner.requests import MAX_BODY_BYTES
+
+    deep = b'{"message": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert open_body(deep, "rmq_x", Keys()) == deep
+    huge = b'{"message": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    assert open_body(huge, "rmq_x", Keys()) is huge
