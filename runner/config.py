@@ -370,6 +370,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("cgroups", _choice("auto", "off"), "auto",
            "enforce cpus/ram/process limits with a cgroup per run where writable; off: account only"),
     Option("run-pids", _positive_int, "4096", "most processes and threads one run may have (cgroup)"),
+    Option("sandbox", _choice("auto", "bwrap", "off"), "auto",
+           "python-mode runs in a bubblewrap sandbox (read-only host, private /tmp and PIDs, "
+           "runner folders hidden); auto: when bwrap is installed and works"),
+    Option("sandbox-network", _choice("on", "off"), "on",
+           "network inside the sandbox and the OCI runtime; off: loopback only"),
+    Option("container-runtime", _choice("auto", "apptainer", "singularity", "podman", "docker",
+                                        "bwrap"), "auto",
+           "runs container-mode requests (_singularity, OCI images); auto: apptainer, "
+           "singularity, then skopeo+umoci+bwrap (see docs/containers.md)"),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("debug", _bool, "false", "debug logging and keep working directories", flag_only_bool=True),
 )
@@ -432,6 +441,9 @@ class Config:
     encrypt_key_dir: str = ""
     encrypt_passphrase_dir: str = ""
     signing_keys_dir: str = ""
+    sandbox: str = "auto"
+    sandbox_network: str = "on"
+    container_runtime: str = "auto"
 
     @property
     def env_dir(self) -> str:

@@ -324,7 +324,11 @@ class Runner:
                         "executors": 2, "kill-grace": "1s", "min-save-interval": "1s",
                         # Stopping a test runner hands long experiments back soon; drain
                         # tests set their own.
-                        "drain-timeout": "1s"}
+                        "drain-timeout": "1s",
+                        # Tests coordinate with experiments through files in the test's
+                        # root, which the sandbox hides by design; tests/test_sandbox.py
+                        # runs the runner with it on.
+                        "sandbox": "off"}
         self.options.update({k.replace("_", "-"): v for k, v in options.items()})
         self.process: subprocess.Popen | None = None
         self.log_path = root / "supervisor.log"

@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import cgroups, fates, protocol
+from .. import cgroups, fates, protocol, sandbox
 from ..environments import script_command
 from ..errors import BadRequest, RunnerError
+from ..resources import device_list
 from ..units import describe_size
 from .base import Role
 
@@ -108,6 +109,10 @@ class Executor(Role):
         else:
             self.log.warning("%s", why)  # said once, at start-up
         self.leftover_cgroups: list[cgroups.RunCgroup] = []
+        self.sandbox, why = sandbox.detect(self.config)  # SandboxError: --sandbox bwrap cannot be had
+        self.log.info("%s", self.sandbox.describe() if self.sandbox else why)
+        if self.sandbox is not None and why:
+            self.log.warning("sandbox: %s", why)
 
     def limits_of(self, job: protocol.Job) -> cgroups.Limits:
         return cgroups.Limits(cpus=float(job.resources.get("cpus") or 0),
@@ -178,6 +183,13 @@ class Executor(Role):
         command = script_command(Path(prepared.python), filename, experiment.get("args") or [])
         self.runner_log(job.job_id, f"starting {command} in {cwd} with devices "
                                     f"{job.resources.get('devices') or '-1'}")
+        if self.sandbox is not None:
+            python_home = Path(os.path.realpath(prepared.python)).parent.parent
+            command = self.sandbox.wrap(
+                command, workdir=job.workdir, cwd=str(cwd),
+                readable=[prepared.env_path, str(python_home)],
+                devices=device_list(job.resources.get("devices")))
+            self.runner_log(job.job_id, f"in the {self.sandbox.describe()}")
         started_command, cgroup = self.enforce(job, command)
         try:
             process = subprocess.Popen(
