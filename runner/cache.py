@@ -19,6 +19,9 @@ absent.
   crashed runner are discarded) and the index is rebuilt from ``objects/``: a file whose
   size disagrees with the size in its name, or whose name is not an entry's, is deleted,
   so a truncated file is never served.  Last use survives as the file's mtime.
+* **Folders too.**  A store whose ``get`` writes a folder (an unpacked container image,
+  :mod:`runner.containers.oci_bwrap`) is cached the same way: the entry is the folder, its
+  size the sum of its files' sizes, evicted as a whole.
 * **Counters** (``hits``, ``misses``, ``evictions``, bytes and entries) feed the cache
   manager's heartbeat stats, and from there ``runner-ctl status`` and metrics.
 
@@ -79,6 +82,27 @@ class CacheBusy(StorageError):
     """Another process owns this cache directory."""
 
 
+def entry_size(path: Path) -> int:
+    """Bytes of a file, or of every file and link under a folder (not following links)."""
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    total = 0
+    for folder, dirs, files in os.walk(path):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+def remove_entry(path: Path) -> None:
+    """Delete a cache entry (file or folder); a missing one is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def cache_key(identity: str) -> str:
     return hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -86,7 +110,8 @@ def cache_key(identity: str) -> str:
 class ArtifactCache:
     """A content-addressed, size-bounded, thread-safe cache of downloaded objects."""
 
-    def __init__(self, root: Path, max_bytes: int):
+    def __init__(self, root: Path, max_bytes: int, name: str = "artifact cache"):
+        self.name = name
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
@@ -105,7 +130,7 @@ class ArtifactCache:
         except OSError as exc:
             self._lock_file.close()
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise CacheBusy(f"the artifact cache {self.root} is in use by another runner "
+                raise CacheBusy(f"the {self.name} {self.root} is in use by another runner "
                                 f"process; give each runner its own --cache-dir") from exc
             raise
         self._rebuild()
@@ -128,13 +153,16 @@ class ArtifactCache:
                 st = path.lstat()
             except FileNotFoundError:
                 continue
-            if not match or not path.is_file() or path.is_symlink() or st.st_size != int(match.group(2)):
-                log.warning("artifact cache: discarding %s (not a complete entry)", path.name)
+            complete = (match is not None and not path.is_symlink()
+                        and (path.is_file() or path.is_dir())
+                        and entry_size(path) == int(match.group(2)))
+            if not complete:
+                log.warning("%s: discarding %s (not a complete entry)", self.name, path.name)
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    remove_entry(path)
                 discarded += 1
                 continue
-            found.append((st.st_mtime, match.group(1), path, st.st_size))
+            found.append((st.st_mtime, match.group(1), path, int(match.group(2))))
         for _mtime, key, path, size in sorted(found):
             if key in self._entries:  # two sizes for one key cannot both be right
                 with contextlib.suppress(OSError):
@@ -142,8 +170,8 @@ class ArtifactCache:
                 continue
             self._entries[key] = _Entry(path, size)
             self._bytes += size
-        log.info("artifact cache %s: %d entries, %d bytes (limit %d); %d partial or broken "
-                 "files discarded", self.root, len(self._entries), self._bytes, self.max_bytes,
+        log.info("%s %s: %d entries, %d bytes (limit %d); %d partial or broken "
+                 "files discarded", self.name, self.root, len(self._entries), self._bytes, self.max_bytes,
                  discarded)
 
     def close(self) -> None:
@@ -182,11 +210,10 @@ class ArtifactCache:
         try:
             got = store.get(url, target)
             with self._lock:
-                self.bytes_downloaded += target.stat().st_size
+                self.bytes_downloaded += entry_size(target)
             yield Lease(path=target, info=got, hit=False)
         finally:
-            with contextlib.suppress(OSError):
-                target.unlink()
+            remove_entry(target)
 
     def _acquire(self, key: str, store: Store, url: str, info: ObjectInfo
                  ) -> tuple[str, bool, ObjectInfo]:
@@ -227,7 +254,7 @@ class ArtifactCache:
         target = self.tmp / f"{key}.{secrets.token_hex(6)}"
         try:
             got = store.get(url, target)
-            size = target.stat().st_size
+            size = entry_size(target)
             if got.etag and info.etag and got.etag != info.etag:
                 log.info("%s changed between stat and download; caching what was read", url)
                 key = cache_key(store.identity(got))
@@ -235,10 +262,9 @@ class ArtifactCache:
             os.replace(target, final)
             self._fsync_dir(self.objects)
         except OSError as exc:
-            raise StorageError(f"artifact cache: cannot store {url}: {exc}") from exc
+            raise StorageError(f"{self.name}: cannot store {url}: {exc}") from exc
         finally:
-            with contextlib.suppress(OSError):
-                target.unlink()
+            remove_entry(target)
         with self._lock:
             existing = self._entries.get(key)
             if existing is not None and existing.path != final:
@@ -279,12 +305,11 @@ class ArtifactCache:
                 entry = self._entries[key]
                 if entry.refs > 0:
                     continue
-                with contextlib.suppress(FileNotFoundError):
-                    entry.path.unlink()
+                remove_entry(entry.path)
                 del self._entries[key]
                 self._bytes -= entry.size
                 self.evictions += 1
-                log.debug("artifact cache: evicted %s (%d bytes)", entry.path.name, entry.size)
+                log.debug(self.name + ": evicted %s (%d bytes)", entry.path.name, entry.size)
 
     # -- reporting ------------------------------------------------------------------
     def stats(self) -> dict:

@@ -115,11 +115,8 @@ class Sandbox:
         ``workdir`` (the attempt's folder) is bound read-write; each ``readable`` path
         that a hidden folder covers is bound back read-only; ``devices`` are GPU UUIDs.
         """
-        args = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc",
-                "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL",
-                "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-        if not self.network:
-            args.append("--unshare-net")
+        args = [self.bwrap, *namespace_args(self.network), "--ro-bind", "/", "/",
+                "--dev", "/dev", "--proc", "/proc"]
         covering = list(PRIVATE_FOLDERS)
         for folder in PRIVATE_FOLDERS:
             args += ["--tmpfs", folder]
@@ -135,16 +132,36 @@ class Sandbox:
         for path in [*readable, resolv]:
             if os.path.exists(path) and any(_inside(path, c) for c in covering):
                 args += ["--ro-bind", path, path]
-        nodes = gpu_device_nodes(devices, self.gpu_info) if devices else []
-        if nodes:
-            nodes += [n for n in NVIDIA_SHARED_NODES if os.path.exists(n)]
-        for node in nodes:
-            args += ["--dev-bind", node, node]
+        args += gpu_args(devices, self.gpu_info)
         args += ["--chdir", cwd, "--"]
-        if not self.reset_term:  # SIGTERM kills bwrap and, through it, the run at once
-            return [*args, *command]
-        return ["/bin/sh", "-c", _IGNORE_TERM, "runner-sandbox", *args, *self.reset_term,
-                *command]
+        return handing_over_sigterm(args, self.reset_term, command)
+
+
+def namespace_args(network: bool) -> list[str]:
+    """bwrap options: own PID, IPC, UTS (and cgroup) namespaces, no capabilities, the
+    network cut unless ``network``; ends the run when its parent dies."""
+    args = ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--cap-drop", "ALL"]
+    return args if network else [*args, "--unshare-net"]
+
+
+def gpu_args(devices: Iterable[str], info_root: str = NVIDIA_GPU_INFO) -> list[str]:
+    """bwrap options binding the device nodes of the GPUs ``devices`` (UUIDs) only."""
+    nodes = gpu_device_nodes(devices, info_root) if devices else []
+    if nodes:
+        nodes += [n for n in NVIDIA_SHARED_NODES if os.path.exists(n)]
+    return [arg for node in nodes for arg in ("--dev-bind", node, node)]
+
+
+def handing_over_sigterm(bwrap_args: list[str], reset_term: tuple | list,
+                         command: list[str]) -> list[str]:
+    """The bwrap command line started with SIGTERM ignored, ``reset_term`` (a command
+    prefix that restores SIGTERM's default and execs the rest) in front of ``command``:
+    SIGTERM to the run's process group then reaches the experiment but not bwrap.
+    Without ``reset_term`` SIGTERM ends bwrap and, with it, the whole run at once."""
+    if not reset_term:
+        return [*bwrap_args, *command]
+    return ["/bin/sh", "-c", _IGNORE_TERM, "runner-bwrap", *bwrap_args, *reset_term, *command]
 
 
 def hidden_paths(config, environ: Mapping[str, str]) -> tuple[tuple, tuple]:

@@ -194,3 +194,37 @@ def test_one_process_owns_a_cache_directory(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "in use by another runner" in result.stdout
     held.close()
+
+
+class FolderStore(FileStore):
+    """A real file store whose ``get`` unpacks: it writes a folder holding the object
+    twice (as an unpacked container image is a folder, not a file)."""
+
+    def get(self, url, dest):
+        Path(dest).mkdir()
+        info = super().get(url, Path(dest) / "a")
+        (Path(dest) / "sub").mkdir()
+        (Path(dest) / "sub" / "b").write_bytes((Path(dest) / "a").read_bytes())
+        return info
+
+
+def test_folder_entries_are_cached_sized_evicted_and_rebuilt(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 5_000, name="image cache")
+    first, second = put(tmp_path, "one", b"1" * 2_000), put(tmp_path, "two", b"2" * 2_000)
+    store = FolderStore()
+    with cache.lease(store, first) as got:
+        assert got.path.is_dir() and (got.path / "sub" / "b").read_bytes() == b"1" * 2_000
+    assert cache.stats()["cache_bytes"] == 4_000
+    cache.close()
+    cache = ArtifactCache(tmp_path / "cache", 5_000, name="image cache")  # a restart
+    assert cache.stats()["cache_entries"] == 1 and cache.stats()["cache_bytes"] == 4_000
+    with cache.lease(store, first) as got:
+        assert got.hit
+    with cache.lease(store, second) as got:  # 8000 bytes > 5000: the older folder goes
+        kept = got.path
+    assert cache.stats()["cache_evictions"] == 1 and cache.stats()["cache_entries"] == 1
+    assert [p for p in (tmp_path / "cache" / "objects").iterdir()] == [kept]
+    (kept / "sub" / "b").write_bytes(b"truncated")  # a damaged folder is not served
+    cache.close()
+    cache = ArtifactCache(tmp_path / "cache", 5_000, name="image cache")
+    assert cache.stats()["cache_entries"] == 0 and not kept.exists()
