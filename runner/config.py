@@ -375,10 +375,9 @@ OPTIONS: tuple[Option, ...] = (
            "runner folders hidden); auto: when bwrap is installed and works"),
     Option("sandbox-network", _choice("on", "off"), "on",
            "network inside the sandbox and the OCI runtime; off: loopback only"),
-    Option("container-runtime", _choice("auto", "apptainer", "singularity", "podman", "docker",
-                                        "bwrap"), "auto",
-           "runs container-mode requests (_singularity, OCI images); auto: apptainer, "
-           "singularity, then skopeo+umoci+bwrap (see docs/containers.md)"),
+    Option("container-runtime", _choice("auto", "apptainer", "singularity", "bwrap"), "auto",
+           "runs container-mode requests (_singularity, config.image); auto: apptainer, "
+           "singularity, then bwrap (skopeo+umoci+bubblewrap), whichever is installed"),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("debug", _bool, "false", "debug logging and keep working directories", flag_only_bool=True),
 )

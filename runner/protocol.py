@@ -31,7 +31,7 @@ Who sends what (role inboxes are PULL sockets, see :mod:`runner.bus`)::
     cache manager  --AttemptOpened--> scraper, --JobPrepared--> executor,
                    --AttemptEnded-->  scraper (preparation failed)
     executor       --OutputChunk-->   scraper, --AttemptEnded--> scraper,
-                   --RunEnded-->      fetcher
+                   --RunEnded-->      fetcher, cache manager (releases a container image)
     scraper        --UploadRequest--> uploader
     uploader       --JobDone-->       fetcher
     any role       --RunnerLog-->     scraper, --JobPhase--> supervisor,
@@ -186,10 +186,17 @@ class AttemptOpened(Message):
 
 @dataclass(frozen=True)
 class JobPrepared(Message):
+    """Cache manager → executor: inputs in place.  Python mode: ``python`` and ``env_path``
+    of the run's environment.  Container mode (:mod:`runner.containers`): ``container`` names
+    the runtime and ``image`` is what it runs (a local image file, a reference, or an
+    unpacked image folder); ``python`` and ``env_path`` are empty."""
+
     TYPE: ClassVar[str] = "job_prepared"
     job: Job
     python: str
     env_path: str
+    container: str = ""
+    image: str = ""
 
 
 @dataclass(frozen=True)
@@ -260,7 +267,8 @@ class JobDone(Message):
 @dataclass(frozen=True)
 class RunEnded(Message):
     """Executor → fetcher: the attempt's process (its whole unit) has ended; the run's slot,
-    CPUs, RAM and GPUs may go to the next request while its uploads finish."""
+    CPUs, RAM and GPUs may go to the next request while its uploads finish.  Executor →
+    cache manager: the container image the run used may be evicted again."""
 
     TYPE: ClassVar[str] = "run_ended"
     job_id: str

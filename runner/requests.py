@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from .containers.base import image_of
 from .environments import split_args
 from .errors import BadRequest
 from .storage import STORES, artifact_url
@@ -246,7 +247,7 @@ def _check_artifacts(artifacts) -> None:
             if isinstance(value, str) and "\0" in value:
                 raise BadRequest(f"artifact {label!r}: {name} holds a NUL character")
         url = artifact_url(artifact)
-        if url is not None:
+        if url is not None and label != "_singularity":  # an image reference: image_of
             scheme = url.split("://", 1)[0].lower() if "://" in url else ""
             if scheme not in STORES:
                 raise BadRequest(f"artifact {label!r}: unsupported storage URL {_show(url)}")
@@ -301,10 +302,9 @@ def _parse_request(body: bytes | str, min_save_interval: float) -> tuple[dict, R
         raise BadRequest("experiment.pythonver must be text like \"3.11\"")
     artifacts = experiment.get("artifacts") or {}
     _check_artifacts(artifacts)
-    if "_singularity" in artifacts:
-        raise BadRequest("container mode (_singularity) is not supported by this runner")
-    if "workspace" not in artifacts:
-        raise BadRequest("no workspace artifact: unknown mode")
+    if image_of(request) is None and "workspace" not in artifacts:
+        raise BadRequest("no workspace artifact and no image (_singularity, config.image): "
+                         "unknown mode")
     resources = parse_resources(experiment.get("resources_needed") or config.get("resources_needed"))
     time_added = experiment.get("time_added")
     if time_added is not None:

@@ -170,11 +170,48 @@ def test_artifact_local_path_is_not_a_source() -> None:
     parse_request(body(request))  # nothing to download, and not a bad request
 
 
-def test_singularity_is_a_bad_request() -> None:
+def test_singularity_requests_are_container_mode_not_bad_requests() -> None:
+    from runner.containers import ImageRef, image_of
+
     request = minimal()
     request["experiment"]["artifacts"]["_singularity"] = {
         "qualified": f"{STORE}/images/img.sif", "key": "images/img.sif"}
-    bad(request, "_singularity")
+    parse_request(body(request))
+    assert image_of(request) == ImageRef(storage_url=f"{STORE}/images/img.sif")
+    del request["experiment"]["artifacts"]["workspace"]  # the image may carry the code
+    parse_request(body(request))
+    for reference in ("docker://127.0.0.1:5000/team/py:3", "oras://ghcr.io/x/y:1",
+                      "library://lolcow"):
+        request["experiment"]["artifacts"]["_singularity"] = {"qualified": reference}
+        parse_request(body(request))
+        assert image_of(request) == ImageRef(reference=reference)
+    request["experiment"]["artifacts"]["_singularity"] = {"local": "docker://busybox:1"}
+    assert image_of(request) == ImageRef(reference="docker://busybox:1")
+
+
+def test_config_image_names_an_oci_image() -> None:
+    from runner.containers import ImageRef, image_of
+
+    request = minimal()
+    request["config"]["image"] = "docker://localhost:5000/py:1"
+    parse_request(body(request))
+    assert image_of(request) == ImageRef(reference="docker://localhost:5000/py:1")
+    assert image_of(minimal()) is None
+
+
+@pytest.mark.parametrize("image, match", [
+    ({"qualified": "ftp://host/img.sif"}, "no image reference"),
+    ({"local": "/home/me/img.sif"}, "no image reference"),
+    ({"qualified": "docker://"}, "names no image"),
+])
+def test_images_that_cannot_be_understood_are_bad_requests(image, match) -> None:
+    request = minimal()
+    request["experiment"]["artifacts"]["_singularity"] = image
+    bad(request, match)
+    request = minimal()
+    request["config"]["image"] = "docker://x"
+    request["experiment"]["artifacts"]["_singularity"] = {"qualified": "docker://y"}
+    bad(request, "both")
 
 
 def test_no_workspace_is_a_bad_request() -> None:

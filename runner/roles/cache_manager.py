@@ -9,6 +9,15 @@ gets the virtualenv for the requirement set from the
 want it).  Success goes to the executor as ``JobPrepared``; any failure ends the attempt
 with the outcome :mod:`runner.fates` gives its exception.
 
+Container mode (:mod:`runner.containers`): instead of an environment it gets the image
+the request names ready for the runtime this host uses: a ``.sif`` from storage through
+the artifact cache, an OCI image for the ``bwrap`` runtime through the **image cache**
+(``<cache-dir>/images``, an :class:`~runner.cache.ArtifactCache` of unpacked images with the
+same ``--cache-size`` bound and LRU, one pull per manifest digest however many attempts want
+it), or a reference the runtime pulls itself.  The image's cache entry stays leased (never
+evicted) until the executor's ``RunEnded`` for the attempt.  A host without a runtime for
+the image hands the request back (:class:`~runner.containers.ContainerUnavailable`).
+
 When every input is in place it writes ``<workdir>/.runner/downloaded.json``
 (:data:`DOWNLOADED_DIGESTS`) with the content digest of each mutable artifact it
 unpacked.  The uploader uploads no mutable folder before that file exists (a folder
@@ -17,6 +26,7 @@ not upload a folder that is still what was downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,7 +34,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .. import fates, protocol
+from .. import containers, fates, protocol
 from ..archive import tree_digest, unpack
 from ..cache import ArtifactCache
 from ..environments import EnvironmentStore, find_interpreter
@@ -46,6 +56,14 @@ class CacheManager(Role):
         self.environments = EnvironmentStore(Path(self.config.env_dir),
                                              installer=self.config.installer)
         self.cache = ArtifactCache(Path(self.config.artifact_cache_dir), self.config.cache_size)
+        self.images = ArtifactCache(Path(self.config.cache_dir) / "images", self.config.cache_size,
+                                    name="image cache")
+        self.runtimes, self.runtime_problems = containers.runtimes_for(
+            self.config.container_runtime)
+        self.log.info("container runtimes: %s%s",
+                      ", ".join(r.name for r in self.runtimes) or "none",
+                      f" ({'; '.join(self.runtime_problems)})" if self.runtime_problems else "")
+        self.held_images: dict[str, contextlib.ExitStack] = {}  # job id -> image lease
         self.pool = ThreadPoolExecutor(max_workers=max(2, self.config.executors * 2),
                                        thread_name_prefix="prepare")
         self.preparing: dict[str, protocol.Job] = {}
@@ -70,6 +88,8 @@ class CacheManager(Role):
                             self.stopped[job_id] = reason
                 else:
                     self.stop_all = reason
+        elif isinstance(message, protocol.RunEnded):
+            self.release_image(message.job_id)
 
     def _cancelled(self, job_id: str) -> Exception | None:
         with self.lock:
@@ -80,7 +100,19 @@ class CacheManager(Role):
         log = lambda text: self.runner_log(job.job_id, text)  # noqa: E731
         try:
             self.check_cancelled(job)
+            image = containers.image_of(job.request)
+            runtime = (containers.choose(self.runtimes, image, self.runtime_problems)
+                       if image is not None else None)
             self.download_artifacts(job, log)
+            if image is not None:
+                self.phase(job, "preparing", step="image")
+                self.check_cancelled(job)
+                prepared = self.hold_image(job, runtime, image, log)
+                self.check_cancelled(job)
+                self.post("executor", protocol.JobPrepared(job=job, python="", env_path="",
+                                                           container=runtime.name,
+                                                           image=prepared))
+                return
             self.phase(job, "preparing", step="environment")
             self.check_cancelled(job)
             experiment = job.request.get("experiment", {})
@@ -99,12 +131,45 @@ class CacheManager(Role):
                 self.log.exception("key=%s attempt=%s preparation crashed", job.key, job.job_id)
             outcome = fates.outcome_for_exception(exc)
             log(f"preparation ended: {outcome.error}: {outcome.message}")
+            self.release_image(job.job_id)
             self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome))
             self.phase(job, "ending")
         finally:
             with self.lock:
                 self.preparing.pop(job.job_id, None)
                 self.stopped.pop(job.job_id, None)
+
+    def hold_image(self, job: protocol.Job, runtime: containers.ContainerRuntime,
+                   image: containers.ImageRef, log) -> str:
+        """The image ready for ``runtime``, its cache entry leased until ``RunEnded``."""
+        stack = contextlib.ExitStack()
+        try:
+            registry = runtime.registry() if image.reference else None
+            if image.storage_url:
+                artifact = job.request["experiment"]["artifacts"]["_singularity"]
+                store = open_for_request(image.storage_url, job.request, artifact)
+                lease = stack.enter_context(self.cache.lease(store, image.storage_url))
+                log(f"image {image}: {lease.info.size} bytes from the "
+                    f"{'cache' if lease.hit else 'storage'}")
+            elif registry is not None:
+                lease = stack.enter_context(self.images.lease(registry, image.reference))
+                log(f"image {image} ({lease.info.etag}): "
+                    f"{'in the image cache' if lease.hit else 'pulled and unpacked'}")
+            else:
+                log(f"image {image}: pulled by {runtime.name}")
+                return image.reference
+        except BaseException:
+            stack.close()
+            raise
+        with self.lock:
+            self.held_images[job.job_id] = stack
+        return str(lease.path)
+
+    def release_image(self, job_id: str) -> None:
+        with self.lock:
+            stack = self.held_images.pop(job_id, None)
+        if stack is not None:
+            stack.close()
 
     def check_cancelled(self, job: protocol.Job) -> None:
         reason = self._cancelled(job.job_id)
@@ -115,6 +180,7 @@ class CacheManager(Role):
         """One folder per label; fetch and unpack what has a source (SPEC section 5.3)."""
         workdir = Path(job.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "workspace").mkdir(exist_ok=True)  # the run's cwd, also in container mode
         budget = int(job.resources.get("hdd") or 0) or None
         artifacts = job.request.get("experiment", {}).get("artifacts") or {}
         digests: dict[str, str] = {}
@@ -122,7 +188,7 @@ class CacheManager(Role):
             folder = workdir / label
             folder.mkdir(parents=True, exist_ok=True)
             url = artifact_url(artifact)
-            if url is None or label == "_metadata":
+            if url is None or label in ("_metadata", "_singularity"):  # images: hold_image
                 continue
             store = open_for_request(url, job.request, artifact)
             try:
@@ -163,10 +229,14 @@ class CacheManager(Role):
     def stats(self) -> dict:
         with self.lock:
             preparing = len(self.preparing)
-        return {"preparing": preparing, **self.cache.stats()}
+        images = {f"image_{name}": value for name, value in self.images.stats().items()}
+        return {"preparing": preparing, **self.cache.stats(), **images}
 
     def shutdown(self) -> None:
         with self.lock:
             self.stop_all = fates.ShutdownRequested("the runner is stopping")
         self.pool.shutdown(wait=True, cancel_futures=False)
+        for job_id in list(self.held_images):
+            self.release_image(job_id)
         self.cache.close()
+        self.images.close()

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import cgroups, fates, protocol, sandbox
+from .. import cgroups, containers, fates, protocol, sandbox
 from ..environments import script_command
 from ..errors import BadRequest, RunnerError
 from ..resources import device_list
@@ -38,23 +38,32 @@ _PERCENT_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 _RUNNER_PRIVATE_VARIABLES = ("RUNNER_ROLE_CONFIG",)
 
 
-def experiment_environment(job: protocol.Job, env_path: str, base: dict | None = None) -> dict:
-    """The environment of an experiment's process (SPEC section 5.5)."""
-    base = dict(os.environ if base is None else base)
-    env = {k: v for k, v in base.items() if k not in _RUNNER_PRIVATE_VARIABLES}
+def experiment_variables(job: protocol.Job, base: dict, home: str | None = None) -> dict:
+    """The variables the runner gives every experiment (SPEC section 5.5): ``config.env``
+    (``%NAME%`` expanded from ``base``), ``STUDIOML_*``, the GPUs and thread counts.
+    ``home`` is the attempt's folder as the run sees it (default: ``job.workdir``)."""
+    env = {}
     for name, value in (job.request.get("config", {}).get("env") or {}).items():
         env[str(name)] = _PERCENT_VAR.sub(lambda m: base.get(m.group(1), ""), str(value))
-    env.pop("PYTHONHOME", None)
-    env["VIRTUAL_ENV"] = env_path
-    env["PATH"] = os.pathsep.join([str(Path(env_path) / "bin"), env.get("PATH", os.defpath)])
     env["STUDIOML_EXPERIMENT"] = job.key
-    env["STUDIOML_HOME"] = job.workdir
+    env["STUDIOML_HOME"] = home or job.workdir
     env["PYTHONUNBUFFERED"] = "1"
     devices = job.resources.get("devices") or "-1"
     env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = devices
     threads = str(max(1, int(job.resources.get("cpus") or 1)))
     for name in THREAD_VARIABLES:
         env[name] = threads
+    return env
+
+
+def experiment_environment(job: protocol.Job, env_path: str, base: dict | None = None) -> dict:
+    """The environment of an experiment's process (SPEC section 5.5)."""
+    base = dict(os.environ if base is None else base)
+    env = {k: v for k, v in base.items() if k not in _RUNNER_PRIVATE_VARIABLES}
+    env.update(experiment_variables(job, base))
+    env.pop("PYTHONHOME", None)
+    env["VIRTUAL_ENV"] = env_path
+    env["PATH"] = os.pathsep.join([str(Path(env_path) / "bin"), env.get("PATH", os.defpath)])
     return env
 
 
@@ -111,6 +120,7 @@ class Executor(Role):
         self.leftover_cgroups: list[cgroups.RunCgroup] = []
         self.sandbox, why = sandbox.detect(self.config)  # SandboxError: --sandbox bwrap cannot be had
         self.log.info("%s", self.sandbox.describe() if self.sandbox else why)
+        self.runtimes = {r.name: r for r in containers.runtimes_for(self.config.container_runtime)[0]}
         if self.sandbox is not None and why:
             self.log.warning("sandbox: %s", why)
 
@@ -180,10 +190,26 @@ class Executor(Role):
         filename = experiment["filename"]
         if filename != "-m":
             workspace_script(cwd, filename)  # run as given, once known to be inside
-        command = script_command(Path(prepared.python), filename, experiment.get("args") or [])
+        python = prepared.python if not prepared.container else containers.CONTAINER_PYTHON
+        command = script_command(Path(python), filename, experiment.get("args") or [])
         self.runner_log(job.job_id, f"starting {command} in {cwd} with devices "
                                     f"{job.resources.get('devices') or '-1'}")
-        if self.sandbox is not None:
+        environment = None
+        if prepared.container:
+            runtime = self.runtimes.get(prepared.container)
+            if runtime is None:
+                self.end(job, fates.outcome_for_exception(containers.ContainerUnavailable(
+                    f"container runtime {prepared.container} is not usable here")), {})
+                return
+            launch = containers.Launch(
+                image=prepared.image, command=command, workdir=job.workdir,
+                variables=experiment_variables(job, dict(os.environ), containers.ATTEMPT_MOUNT),
+                devices=device_list(job.resources.get("devices")),
+                network=self.config.sandbox_network == "on")
+            command, environment = runtime.command(launch, dict(os.environ))
+            self.runner_log(job.job_id, f"in {runtime.name} image {prepared.image}, the "
+                                        f"attempt's folder at {containers.ATTEMPT_MOUNT}")
+        elif self.sandbox is not None:
             python_home = Path(os.path.realpath(prepared.python)).parent.parent
             command = self.sandbox.wrap(
                 command, workdir=job.workdir, cwd=str(cwd),
@@ -193,7 +219,8 @@ class Executor(Role):
         started_command, cgroup = self.enforce(job, command)
         try:
             process = subprocess.Popen(
-                started_command, cwd=cwd, env=experiment_environment(job, prepared.env_path),
+                started_command, cwd=cwd,
+                env=environment or experiment_environment(job, prepared.env_path),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True)
         except OSError as exc:
@@ -330,6 +357,7 @@ class Executor(Role):
         may give the run's slot, CPUs, RAM and GPUs to the next request."""
         self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome, facts=facts))
         self.post("fetcher", protocol.RunEnded(job_id=job.job_id))
+        self.post("cache_manager", protocol.RunEnded(job_id=job.job_id))  # image lease
         self.phase(job, "ending")
 
     def stats(self) -> dict:
