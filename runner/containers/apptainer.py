@@ -12,7 +12,8 @@ The command line (their documented CLI, the same for both):
   read them in ``/proc``);
 * ``--nv`` when the run has GPUs: the runtime binds the NVIDIA libraries and device nodes,
   ``CUDA_VISIBLE_DEVICES`` / ``NVIDIA_VISIBLE_DEVICES`` (the run's UUIDs) pick the devices;
-* ``--net --network none`` with ``--sandbox-network off``.
+* ``--net --network none`` with ``--sandbox-network off``;
+* ``--nohttps`` for a reference to a registry on a loopback address.
 
 The image is a ``.sif`` file from the artifact cache (read in place, never copied) or a
 reference (``docker://``, ``oras://``, ``library://``, ``shub://``) that the runtime pulls
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import shutil
 
-from .base import ATTEMPT_MOUNT, ContainerRuntime, ImageRef, Launch
+from .base import ATTEMPT_MOUNT, ContainerRuntime, ImageRef, Launch, on_loopback
 
 #: The runtime's own variables kept from the runner's environment (it needs them to start).
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TMPDIR", "HOME", "USER", "XDG_RUNTIME_DIR")
@@ -51,6 +52,8 @@ class ApptainerRuntime(ContainerRuntime):
             argv.append("--nv")
         if not launch.network:
             argv += ["--net", "--network", "none"]
+        if "://" in launch.image and on_loopback(launch.image):
+            argv.append("--nohttps")  # a registry on this host: plain HTTP
         argv += [launch.image, *launch.command]
         env = {k: environ[k] for k in PASSED_THROUGH if k in environ}
         env.update({self.env_prefix + name: value for name, value in launch.variables.items()})

@@ -18,6 +18,7 @@ places: ``../modeldir`` from the workspace) and the run starts in its ``workspac
 from __future__ import annotations
 
 import abc
+import ipaddress
 from dataclasses import dataclass, field
 
 from ..errors import BadRequest, ResourcesUnavailable
@@ -49,6 +50,19 @@ class ImageRef:
 
     def __str__(self) -> str:
         return self.reference or self.storage_url
+
+
+def on_loopback(reference: str) -> bool:
+    """Whether the registry ``reference`` names is on this host (spoken to over plain HTTP,
+    as Docker does for 127.0.0.0/8; every other registry needs TLS)."""
+    host = reference.split("://", 1)[-1].split("/", 1)[0]
+    host = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def image_of(request: dict) -> ImageRef | None:

@@ -23,7 +23,6 @@ in the run's process group and cgroup (its memory limit holds inside the contain
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
@@ -33,7 +32,8 @@ from pathlib import Path
 from ..errors import BadRequest, StorageError
 from ..sandbox import gpu_args, handing_over_sigterm, namespace_args
 from ..storage.base import ObjectInfo, Store
-from .base import ATTEMPT_MOUNT, CONTAINER_PYTHON, ContainerRuntime, ImageRef, Launch
+from .base import (ATTEMPT_MOUNT, CONTAINER_PYTHON, ContainerRuntime, ImageRef, Launch,
+                   on_loopback)
 
 PULL_TIMEOUT = 3600.0  # seconds one skopeo copy may take (a 10 GB image on a slow link)
 INSPECT_TIMEOUT = 120.0
@@ -45,16 +45,6 @@ RESET_TERM = (CONTAINER_PYTHON, "-c", "import os, signal, sys; signal.signal(sig
               "signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])")
 
 
-def _on_loopback(reference: str) -> bool:
-    host = reference.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class OciRegistry(Store):
     """``docker://`` references as cache objects: identity = manifest digest, ``get``
     writes the unpacked image (a folder)."""
@@ -63,7 +53,7 @@ class OciRegistry(Store):
         self.skopeo, self.umoci = skopeo, umoci
 
     def _tls(self, reference: str, flag: str) -> list[str]:
-        return [f"{flag}=false"] if _on_loopback(reference) else []
+        return [f"{flag}=false"] if on_loopback(reference) else []
 
     def _run(self, argv: list[str], what: str, timeout: float) -> str:
         try:
@@ -115,6 +105,9 @@ class OciRegistry(Store):
 
     def put(self, url: str, src: Path) -> ObjectInfo:
         raise StorageError("images are pulled, never pushed")
+
+    def list(self, prefix_url: str) -> list[str]:
+        raise StorageError("a registry's images are not listed")
 
 
 def image_environment(bundle: Path) -> dict:
