@@ -16,12 +16,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from .support import REPO, free_port, server_unavailable, short_tempdir
+from .support import REPO, _Server, server_unavailable, short_tempdir
 
 IMAGE_DATA = REPO / ".test-data" / "images"
 _STDLIB_SKIPPED = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
@@ -34,51 +31,28 @@ def need_programs(*names: str) -> None:
         server_unavailable(f"not installed: {', '.join(missing)} (.ci/run installs them)")
 
 
-class Registry:
+class Registry(_Server):
     """A real OCI registry (``docker-registry serve``) on 127.0.0.1:<free port>."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
+    name = "docker-registry"
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "Registry":
+    def argv(self) -> list[str]:
         config = self.root / "config.yml"
         config.write_text(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.root / 'data'}\n"
             f"  delete:\n    enabled: true\nhttp:\n  addr: {self.host}\n")
-        self.log = open(self.root / "registry.log", "ab")
-        self.process = subprocess.Popen(["docker-registry", "serve", str(config)],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as reply:
-                    if reply.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.1)
-        self.stop()
-        server_unavailable(f"docker-registry did not start: "
-                           f"{(self.root / 'registry.log').read_text(errors='replace')[-500:]}")
-        return self
+        return ["docker-registry", "serve", str(config)]
+
+    def ready_url(self) -> str:
+        return f"http://{self.host}/v2/"
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        super().stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

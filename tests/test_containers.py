@@ -18,7 +18,6 @@ import os
 import shutil
 import stat
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -229,8 +228,7 @@ def test_singularity_artifact_runs_through_the_runtimes_command_line(runner, nam
     image = runner.root / "lolcow.sif"
     image.write_bytes(b"SIF_MAGIC stand-in image bytes")
     sif_url = f"{runner.store_root}/images/lolcow.sif"
-    runner.upload_folder  # noqa: B018 - the store is a file:// folder: place the object
-    target = runner.store_path(sif_url)
+    target = runner.store_path(sif_url)  # the store is a file:// folder: place the object
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(image, target)
     request = runner.request(runner.workspace({"train.py": IN_APPTAINER}), "train.py",
