@@ -37,6 +37,11 @@ def _secret_values(node, inside_secret: bool = False) -> Iterable[str]:
         yield node
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a key or variable named ``name`` holds a secret by its name."""
+    return bool(_SECRET_NAME.search(name))
+
+
 def secrets_of(request: dict) -> list[str]:
     """Every credential value in ``request`` (artifact credentials, secret-named keys)."""
     return sorted(set(_secret_values(request)), key=len, reverse=True)

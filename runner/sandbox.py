@@ -26,6 +26,11 @@ the run, in this order (later mounts win over earlier ones):
 * the **device nodes of the run's GPUs** only (``/dev/nvidia<minor>`` for each UUID, found
   in ``/proc/driver/nvidia/gpus/*/information``) with ``nvidiactl``, ``nvidia-uvm``,
   ``nvidia-uvm-tools`` and ``nvidia-modeset``;
+* the runner's environment **without its secrets**: :func:`environment_for_runs` drops every
+  variable whose name says it holds a secret (``*SECRET*``, ``*TOKEN*``, ``*PASSW*``,
+  ``*ACCESS_KEY*``, ``*CREDENTIAL*``, ...: :func:`runner.redact.is_secret_name`) before it
+  is passed on or used for ``%NAME%`` in ``config.env``; the request's own ``config.env``
+  values are the experiment's and are kept;
 * the network of the host, or none at all (``--unshare-net``: loopback only) with
   ``--sandbox-network off``.
 
@@ -48,6 +53,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from .errors import RunnerError
+from .redact import is_secret_name
 
 log = logging.getLogger("runner.sandbox")
 
@@ -162,6 +168,13 @@ def handing_over_sigterm(bwrap_args: list[str], reset_term: tuple | list,
     if not reset_term:
         return [*bwrap_args, *command]
     return ["/bin/sh", "-c", _IGNORE_TERM, "runner-bwrap", *bwrap_args, *reset_term, *command]
+
+
+def environment_for_runs(environ: Mapping[str, str]) -> dict:
+    """The runner's environment as a sandboxed run may see it: no secret-named variables
+    and none naming credential files."""
+    return {name: value for name, value in environ.items()
+            if not is_secret_name(name) and name not in CREDENTIAL_FILE_VARIABLES}
 
 
 def hidden_paths(config, environ: Mapping[str, str]) -> tuple[tuple, tuple]:

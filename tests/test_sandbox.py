@@ -321,7 +321,11 @@ SANDBOXED_EXPERIMENT = """
         except OSError as exc:
             return type(exc).__name__
     work, cache, run = sys.argv[1:4]
-    print(json.dumps({"experiment": {"work": names(work), "cache": names(cache),
+    print(json.dumps({"experiment": {"secret_env": "RUNNER_API_TOKEN" in os.environ,
+                                     "expanded": os.environ["FROM_RUNNER"],
+                                     "own": os.environ["OWN_TOKEN"] == "mine",
+                                     "plain": os.environ.get("RUNNER_PLAIN"),
+                                     "work": names(work), "cache": names(cache),
                                      "run": names(run), "pids": len([p for p in os.listdir("/proc")
                                                                      if p.isdigit()])}}))
     with open(os.path.join("..", "modeldir", "weights.txt"), "w") as handle:
@@ -333,11 +337,13 @@ SANDBOXED_EXPERIMENT = """
 def test_executor_runs_python_mode_experiments_in_the_sandbox(runner, bwrap):
     from .test_e2e import tar_members
 
+    runner.env.update(RUNNER_API_TOKEN="runner-secret-value", RUNNER_PLAIN="plain")
     runner.start()
     workspace = runner.workspace({"train.py": SANDBOXED_EXPERIMENT})
     options = runner.options
     request = runner.request(workspace, "train.py", args=[
-        str(options["working-dir"]), str(options["cache-dir"]), str(options["runtime-dir"])])
+        str(options["working-dir"]), str(options["cache-dir"]), str(options["runtime-dir"])],
+        env={"FROM_RUNNER": "[%RUNNER_API_TOKEN%]", "OWN_TOKEN": "mine"})
     runner.publish(request)
     record = runner.wait_final(request)
     assert record["status"] == "completed", runner.log()
@@ -345,6 +351,9 @@ def test_executor_runs_python_mode_experiments_in_the_sandbox(runner, bwrap):
     assert seen["work"] == [request["experiment"]["project"]]  # the path to its attempt only
     assert seen["cache"] == ["envs"] and seen["run"] == []  # no artifact cache, no sockets
     assert seen["pids"] <= 3
+    # the runner's secrets stay out, also through %NAME%; the request's own values stay in
+    assert seen["secret_env"] is False and seen["expanded"] == "[]"
+    assert seen["own"] is True and seen["plain"] == "plain"
     modeldir = tar_members(runner.experiment_dir(request) / "modeldir.tar")
     assert modeldir["weights.txt"] == b"w=42"
     runner_log = (runner.experiment_dir(request) / "_metadata" /

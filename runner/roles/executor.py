@@ -203,13 +203,16 @@ class Executor(Role):
                 return
             launch = containers.Launch(
                 image=prepared.image, command=command, workdir=job.workdir,
-                variables=experiment_variables(job, dict(os.environ), containers.ATTEMPT_MOUNT),
+                variables=experiment_variables(job, sandbox.environment_for_runs(os.environ),
+                                               containers.ATTEMPT_MOUNT),
                 devices=device_list(job.resources.get("devices")),
                 network=self.config.sandbox_network == "on")
             command, environment = runtime.command(launch, dict(os.environ))
             self.runner_log(job.job_id, f"in {runtime.name} image {prepared.image}, the "
                                         f"attempt's folder at {containers.ATTEMPT_MOUNT}")
         elif self.sandbox is not None:
+            environment = experiment_environment(job, prepared.env_path,
+                                                 base=sandbox.environment_for_runs(os.environ))
             python_home = Path(os.path.realpath(prepared.python)).parent.parent
             command = self.sandbox.wrap(
                 command, workdir=job.workdir, cwd=str(cwd),
