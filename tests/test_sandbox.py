@@ -359,3 +359,12 @@ def test_executor_runs_python_mode_experiments_in_the_sandbox(runner, bwrap):
     runner_log = (runner.experiment_dir(request) / "_metadata" /
                   metadata.runner_log_name(record["attempt"])).read_text()
     assert "bubblewrap sandbox" in runner_log
+
+
+@pytest.mark.runner_options(sandbox="bwrap")
+def test_a_runner_that_must_sandbox_does_not_start_without_bwrap(runner):
+    runner.env["PATH"] = str(runner.root / "no-programs-here")
+    runner.start(wait=False)
+    code = runner.wait_exit(timeout=60)
+    assert code != 0
+    assert "--sandbox bwrap: bwrap (bubblewrap) is not installed" in runner.log()
