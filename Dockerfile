@@ -20,8 +20,11 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
 
 FROM python:3.11-slim
 # tini reaps orphans of experiments (they reparent to PID 1) and forwards signals.
+# bubblewrap, skopeo and umoci: the python-mode sandbox and OCI images (docs/containers.md);
+# inside a container they need user namespaces (e.g. a seccomp profile that allows them),
+# without which --sandbox auto runs unsandboxed and says so at start.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini \
+ && apt-get install -y --no-install-recommends tini bubblewrap skopeo umoci \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --create-home --home-dir /var/lib/studioml-runner runner
 COPY --from=build /wheels /wheels
