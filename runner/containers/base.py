@@ -91,8 +91,8 @@ def image_of(request: dict) -> ImageRef | None:
             return ImageRef(reference=value)
         if scheme in STORES and artifact is not None and value == artifact_url(artifact):
             return ImageRef(storage_url=value)
-    raise BadRequest(f"{where}: no image reference ({', '.join(s + '://' for s in REFERENCE_SCHEMES)}) "
-                     "or image file in storage")
+    schemes = ", ".join(s + "://" for s in REFERENCE_SCHEMES)
+    raise BadRequest(f"{where}: no image reference ({schemes}) or image file in storage")
 
 
 @dataclass(frozen=True)

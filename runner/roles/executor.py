@@ -11,6 +11,12 @@ The loop enforces ``max_duration``, ``time_added + experimentLifetime`` and stop
 with SIGTERM to the group, ``--kill-grace``, then SIGKILL.  When the main process has
 exited, whatever it left behind in its group is killed, and the attempt ends with an
 ``AttemptEnded`` for the scraper.
+
+Isolation (:meth:`Executor.isolate`, docs/containers.md): a python-mode run starts inside
+the bubblewrap sandbox where ``--sandbox`` gives one (:mod:`runner.sandbox`); a
+container-mode run starts through its runtime's command line (:mod:`runner.containers`).
+Either is one command started, watched and stopped like any other run, inside the run's
+cgroup.
 """
 from __future__ import annotations
 
@@ -118,11 +124,13 @@ class Executor(Role):
         else:
             self.log.warning("%s", why)  # said once, at start-up
         self.leftover_cgroups: list[cgroups.RunCgroup] = []
-        self.sandbox, why = sandbox.detect(self.config)  # SandboxError: --sandbox bwrap cannot be had
+        # SandboxError (--sandbox bwrap where it cannot be had) stops the runner at start.
+        self.sandbox, why = sandbox.detect(self.config)
         self.log.info("%s", self.sandbox.describe() if self.sandbox else why)
-        self.runtimes = {r.name: r for r in containers.runtimes_for(self.config.container_runtime)[0]}
         if self.sandbox is not None and why:
             self.log.warning("sandbox: %s", why)
+        usable, _ = containers.runtimes_for(self.config.container_runtime)
+        self.runtimes = {runtime.name: runtime for runtime in usable}
 
     def limits_of(self, job: protocol.Job) -> cgroups.Limits:
         return cgroups.Limits(cpus=float(job.resources.get("cpus") or 0),
@@ -194,36 +202,15 @@ class Executor(Role):
         command = script_command(Path(python), filename, experiment.get("args") or [])
         self.runner_log(job.job_id, f"starting {command} in {cwd} with devices "
                                     f"{job.resources.get('devices') or '-1'}")
-        environment = None
-        if prepared.container:
-            runtime = self.runtimes.get(prepared.container)
-            if runtime is None:
-                self.end(job, fates.outcome_for_exception(containers.ContainerUnavailable(
-                    f"container runtime {prepared.container} is not usable here")), {})
-                return
-            launch = containers.Launch(
-                image=prepared.image, command=command, workdir=job.workdir,
-                variables=experiment_variables(job, sandbox.environment_for_runs(os.environ),
-                                               containers.ATTEMPT_MOUNT),
-                devices=device_list(job.resources.get("devices")),
-                network=self.config.sandbox_network == "on")
-            command, environment = runtime.command(launch, dict(os.environ))
-            self.runner_log(job.job_id, f"in {runtime.name} image {prepared.image}, the "
-                                        f"attempt's folder at {containers.ATTEMPT_MOUNT}")
-        elif self.sandbox is not None:
-            environment = experiment_environment(job, prepared.env_path,
-                                                 base=sandbox.environment_for_runs(os.environ))
-            python_home = Path(os.path.realpath(prepared.python)).parent.parent
-            command = self.sandbox.wrap(
-                command, workdir=job.workdir, cwd=str(cwd),
-                readable=[prepared.env_path, str(python_home)],
-                devices=device_list(job.resources.get("devices")))
-            self.runner_log(job.job_id, f"in the {self.sandbox.describe()}")
+        try:
+            command, environment = self.isolate(prepared, command, cwd)
+        except containers.ContainerUnavailable as exc:
+            self.end(job, fates.outcome_for_exception(exc), {})
+            return
         started_command, cgroup = self.enforce(job, command)
         try:
             process = subprocess.Popen(
-                started_command, cwd=cwd,
-                env=environment or experiment_environment(job, prepared.env_path),
+                started_command, cwd=cwd, env=environment,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True)
         except OSError as exc:
@@ -246,6 +233,35 @@ class Executor(Role):
         self.wake(tick=True)  # from now on tick every TICK (deadlines), not IDLE_TICK
         self.log.info("key=%s attempt=%s started pid %d", job.key, job.job_id, process.pid)
         self.phase(job, "running", pid=process.pid)
+
+    def isolate(self, prepared: protocol.JobPrepared, command: list[str], cwd: Path
+                ) -> tuple[list[str], dict]:
+        """(command line, environment) of the run: in its container runtime (container
+        mode), in the sandbox (python mode with ``--sandbox``), or as it is."""
+        job = prepared.job
+        devices = device_list(job.resources.get("devices"))
+        if prepared.container:
+            runtime = self.runtimes.get(prepared.container)
+            if runtime is None:
+                raise containers.ContainerUnavailable(
+                    f"container runtime {prepared.container} is not usable here")
+            launch = containers.Launch(
+                image=prepared.image, command=command, workdir=job.workdir, devices=devices,
+                variables=experiment_variables(job, sandbox.environment_for_runs(os.environ),
+                                               containers.ATTEMPT_MOUNT),
+                network=self.config.sandbox_network == "on")
+            self.runner_log(job.job_id, f"in {runtime.name} image {prepared.image}, the "
+                                        f"attempt's folder at {containers.ATTEMPT_MOUNT}")
+            return runtime.command(launch, dict(os.environ))
+        if self.sandbox is None:
+            return command, experiment_environment(job, prepared.env_path)
+        python_home = Path(os.path.realpath(prepared.python)).parent.parent
+        self.runner_log(job.job_id, f"in the {self.sandbox.describe()}")
+        return (self.sandbox.wrap(command, workdir=job.workdir, cwd=str(cwd),
+                                  readable=[prepared.env_path, str(python_home)],
+                                  devices=devices),
+                experiment_environment(job, prepared.env_path,
+                                       base=sandbox.environment_for_runs(os.environ)))
 
     def read_output(self, run: Run) -> None:
         """Reader thread: whole lines of output to the scraper, in order."""
