@@ -171,10 +171,15 @@ def handing_over_sigterm(bwrap_args: list[str], reset_term: tuple | list,
 
 
 def environment_for_runs(environ: Mapping[str, str]) -> dict:
-    """The runner's environment as a sandboxed run may see it: no secret-named variables
-    and none naming credential files."""
+    """The runner's environment as a sandboxed run may see it: no secret-named variables,
+    none naming credential files, none of the runner's own options (``RUNNER_AMQP_URL``
+    and its go-runner name carry the broker's password in the URL)."""
+    from .config import OPTIONS  # the option table, not needed before a run starts
+
+    options = {name for option in OPTIONS for name in option.env_names}
     return {name: value for name, value in environ.items()
-            if not is_secret_name(name) and name not in CREDENTIAL_FILE_VARIABLES}
+            if not is_secret_name(name) and name not in CREDENTIAL_FILE_VARIABLES
+            and name not in options}
 
 
 def hidden_paths(config, environ: Mapping[str, str]) -> tuple[tuple, tuple]:

@@ -152,8 +152,10 @@ def test_an_image_missing_from_the_registry_is_a_bad_request(runner, python_imag
     runner.publish(request)
     record = runner.wait_final(request, timeout=120)
     assert record["status"] == "failed"
-    dead = list((runner.root / "q" / runner.queue / ".dead").glob("*.reason.txt"))
-    assert dead and "absent" in dead[0].read_text()
+    dead = runner.wait_for(
+        lambda: list((runner.root / "q" / runner.queue / ".dead").glob("*.reason.txt")),
+        what="the request to be dead-lettered")
+    assert "absent" in dead[0].read_text()
 
 
 # ---------------------------------------------------------------------------------------

@@ -322,6 +322,8 @@ SANDBOXED_EXPERIMENT = """
             return type(exc).__name__
     work, cache, run = sys.argv[1:4]
     print(json.dumps({"experiment": {"secret_env": "RUNNER_API_TOKEN" in os.environ,
+                                     "amqp": [n for n in ("AMQP_URL", "RUNNER_AMQP_URL")
+                                              if n in os.environ],
                                      "expanded": os.environ["FROM_RUNNER"],
                                      "own": os.environ["OWN_TOKEN"] == "mine",
                                      "plain": os.environ.get("RUNNER_PLAIN"),
@@ -337,7 +339,8 @@ SANDBOXED_EXPERIMENT = """
 def test_executor_runs_python_mode_experiments_in_the_sandbox(runner, bwrap):
     from .test_e2e import tar_members
 
-    runner.env.update(RUNNER_API_TOKEN="runner-secret-value", RUNNER_PLAIN="plain")
+    runner.env.update(RUNNER_API_TOKEN="runner-secret-value", RUNNER_PLAIN="plain",
+                      AMQP_URL="amqp://guest:broker-password@127.0.0.1:1/")
     runner.start()
     workspace = runner.workspace({"train.py": SANDBOXED_EXPERIMENT})
     options = runner.options
@@ -352,7 +355,7 @@ def test_executor_runs_python_mode_experiments_in_the_sandbox(runner, bwrap):
     assert seen["cache"] == ["envs"] and seen["run"] == []  # no artifact cache, no sockets
     assert seen["pids"] <= 3
     # the runner's secrets stay out, also through %NAME%; the request's own values stay in
-    assert seen["secret_env"] is False and seen["expanded"] == "[]"
+    assert seen["secret_env"] is False and seen["expanded"] == "[]" and seen["amqp"] == []
     assert seen["own"] is True and seen["plain"] == "plain"
     modeldir = tar_members(runner.experiment_dir(request) / "modeldir.tar")
     assert modeldir["weights.txt"] == b"w=42"
