@@ -135,7 +135,7 @@ class Sandbox:
                 args += ["--ro-bind", "/dev/null", name]
         args += ["--bind", workdir, workdir]
         resolv = os.path.realpath("/etc/resolv.conf")
-        for path in [*readable, resolv]:
+        for path in [*(os.path.realpath(p) for p in readable), resolv]:
             if os.path.exists(path) and any(_inside(path, c) for c in covering):
                 args += ["--ro-bind", path, path]
         args += gpu_args(devices, self.gpu_info)
@@ -188,7 +188,7 @@ def hidden_paths(config, environ: Mapping[str, str]) -> tuple[tuple, tuple]:
                config.sqs_certs, config.google_certs, environ.get("HOME", "")]
     files = [config.s3_key, config.s3_cert, config.options_file,
              *(environ.get(name, "") for name in CREDENTIAL_FILE_VARIABLES)]
-    clean = lambda paths: tuple(dict.fromkeys(os.path.abspath(p) for p in paths if p))  # noqa: E731
+    clean = lambda paths: tuple(dict.fromkeys(os.path.realpath(p) for p in paths if p))  # noqa: E731
     return clean(folders), clean(files)
 
 
