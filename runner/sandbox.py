@@ -133,6 +133,7 @@ class Sandbox:
         for name in self.hidden_files:
             if os.path.isfile(name):
                 args += ["--ro-bind", "/dev/null", name]
+        workdir = os.path.realpath(workdir)  # bwrap makes mount points along real paths
         args += ["--bind", workdir, workdir]
         resolv = os.path.realpath("/etc/resolv.conf")
         for path in [*(os.path.realpath(p) for p in readable), resolv]:

@@ -371,3 +371,28 @@ def test_a_runner_that_must_sandbox_does_not_start_without_bwrap(runner):
     code = runner.wait_exit(timeout=60)
     assert code != 0
     assert "--sandbox bwrap: bwrap (bubblewrap) is not installed" in runner.log()
+
+
+def test_folders_named_through_symlinks_are_hidden_all_the_same(layout):
+    linked = layout["root"] / "linked"
+    linked.symlink_to(layout["root"])  # --working-dir and --cache-dir given through a link
+    box = sandbox.Sandbox(layout["box"].bwrap,
+                          hidden_folders=tuple(os.path.realpath(linked / n) for n in
+                                               ("work", "cache")))
+    attempt = linked / layout["attempt"].relative_to(layout["root"])
+    env = linked / layout["env"].relative_to(layout["root"])
+    script = attempt / "workspace" / "probe.py"
+    script.write_text(textwrap.dedent(PROBE) + textwrap.dedent(f"""
+        print(json.dumps({{"other": read({str(linked / "work" / "exp-b" / "host-2" / "workspace" / "theirs.txt")!r}),
+                           "cache": read({str(linked / "cache" / "artifacts" / "blob")!r}),
+                           "prefix": sys.prefix}}))
+    """))
+    done = subprocess.run(box.wrap([str(env / "bin" / "python"), str(script)],
+                                   workdir=str(attempt), cwd=str(attempt / "workspace"),
+                                   readable=[str(env)]),
+                          capture_output=True, text=True, timeout=60, cwd=attempt / "workspace")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["other"] == ["denied", "FileNotFoundError"]
+    assert result["cache"] == ["denied", "FileNotFoundError"]
+    assert result["prefix"] == str(env)
