@@ -263,6 +263,22 @@ def test_singularity_artifact_runs_through_the_runtimes_command_line(runner, nam
     assert tar_members(runner.experiment_dir(request) / "modeldir.tar")["weights.txt"] == b"w=7"
 
 
+@pytest.mark.runner_options(container_runtime="apptainer")
+def test_an_image_no_runtime_here_runs_is_put_back_untouched(runner):
+    runner.env["PATH"] = os.pathsep.join(p for p in runner.env["PATH"].split(os.pathsep)
+                                         if not (Path(p) / "apptainer").exists())
+    runner.start()
+    request = runner.request(runner.workspace({"train.py": IN_APPTAINER}), "train.py")
+    request["experiment"]["artifacts"]["_singularity"] = {"qualified": "docker://busybox:1"}
+    runner.publish(request)
+    runner.wait_for(lambda: "no container runtime on this host runs docker://busybox:1"
+                    in runner.log(), what="the request to be put back")
+    queue = runner.root / "q" / runner.queue
+    assert [p for p in queue.iterdir() if p.is_file()], "the request left its queue"
+    assert not list(queue.glob(".dead/*")) and runner.record(request) is None  # no attempt
+    assert runner.scrape_documents(request) == []
+
+
 def test_apptainer_command_line_for_gpus_references_and_no_network():
     runtime = ApptainerRuntime("/opt/stand-in/apptainer")
     launch = containers.Launch(image="docker://127.0.0.1:5000/py:1", command=["python3", "t.py"],

@@ -6,7 +6,8 @@ request is taken only while the ledger has a free slot; once read it is opened w
 an encrypted, signed envelope (:mod:`runner.envelope`) and validated (bad requests and
 envelopes that cannot be opened are dead-lettered), checked for staleness (acked and
 recorded ``expired``),
-reserved (or put straight back when it does not fit), and handed to the cache manager.
+reserved (or put straight back when it does not fit, or names a container image no runtime
+here runs: :mod:`runner.containers`), and handed to the cache manager.
 When the uploader reports ``JobDone`` the fetcher asks :func:`runner.fates.decide` what to
 do and acks, requeues or dead-letters the delivery, then releases the reservation.
 
@@ -46,7 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import envelope, fates, gpus, metadata, protocol, studio_db
+from .. import containers, envelope, fates, gpus, metadata, protocol, studio_db
 from ..errors import BadRequest, DeliveryLost, QueueError, RunnerError
 from ..queues import Delivery, Queue, build_backends, kind_of, matches
 from ..requests import MAX_BODY_BYTES, RequestFacts, parse_request, safe_path_part
@@ -113,6 +114,8 @@ class Fetcher(Role):
         self.log.info("%s", gpus.describe(self.discovery))  # said once: CPU-only is no error
         if self.config.cpu_only and self.discovery.devices:
             self.log.info("--cpu-only: GPU requests are put back for other runners")
+        self.runtimes, self.runtime_problems = containers.runtimes_for(
+            self.config.container_runtime)
         Path(self.config.working_dir).mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(slots=self.config.executors, cpus=self.config.max_cores,
                              ram=self.config.max_mem, devices=list(self.discovery.devices),
@@ -419,7 +422,7 @@ class Fetcher(Role):
     def try_start(self, item: Parked) -> tuple[bool, bool, str]:
         """Reserve and hand on ``item``: (started, never fits here, why not)."""
         facts, delivery, request = item.facts, item.delivery, item.request
-        never = self.ledger.why_never(facts.resources)
+        never = self.ledger.why_never(facts.resources) or self.why_no_runtime(request)
         if never:
             return False, True, never
         provisional = f"pending-{delivery.token}"  # an attempt id only once it fits
@@ -503,6 +506,18 @@ class Fetcher(Role):
         experiment = request.get("experiment") or {}
         self.requeues.pop(request_identity(queue, str(experiment.get("project") or ""), key,
                                            request), None)
+
+    def why_no_runtime(self, request: dict) -> str:
+        """Why no container runtime here runs the request's image ("" when one does, or
+        when the request is in python mode)."""
+        image = containers.image_of(request)  # parse_request accepted it
+        if image is None:
+            return ""
+        try:
+            containers.choose(self.runtimes, image, self.runtime_problems)
+        except containers.ContainerUnavailable as exc:
+            return str(exc)
+        return ""
 
     def redelivered(self, backend: Queue, delivery: Delivery, identity: tuple,
                     key: str) -> bool:
