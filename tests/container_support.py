@@ -22,7 +22,7 @@ from .support import REPO, _Server, server_unavailable, short_tempdir
 
 IMAGE_DATA = REPO / ".test-data" / "images"
 _STDLIB_SKIPPED = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
-                   "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
+                   "site-packages", "dist-packages", "pydoc_data"}
 
 
 def need_programs(*names: str) -> None:
@@ -94,7 +94,7 @@ def python_image_layout() -> Path:
     """An OCI layout (tag ``py``) holding a minimal image with this interpreter, cached."""
     need_programs("umoci", "ldd")
     executable = os.path.realpath(sys.executable)
-    key = hashlib.sha256(f"{executable}\n{sys.version}\n1".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{executable}\n{sys.version}\n2".encode()).hexdigest()[:12]
     layout = IMAGE_DATA / f"python-{key}"
     if (layout / "index.json").exists():
         return layout
