@@ -16,8 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -127,6 +130,40 @@ def test_oci_run_killed_at_max_duration_leaves_no_process_behind(runner, python_
                 pass
         return found
     runner.wait_for(lambda: not leftovers(), timeout=30, what="the container's processes to end")
+
+
+def test_sigterm_to_the_group_reaches_the_experiment_in_the_image_with_its_grace(python_image,
+                                                                               tmp_path):
+    """What drain, cancel and every stop do first (SIGTERM to the run's process group)."""
+    runtime = containers.RUNTIMES["bwrap"]()
+    image = tmp_path / "image"
+    runtime.registry().get(python_image, image)
+    workdir = tmp_path / "attempt"
+    (workdir / "workspace").mkdir(parents=True)
+    (workdir / "workspace" / "graceful.py").write_text(textwrap.dedent("""
+        import signal, sys, time
+        def stop(*_):
+            time.sleep(0.5)
+            print("saved on SIGTERM", flush=True)
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, stop)
+        print("ready", flush=True)
+        time.sleep(60)
+    """))
+    argv, env = runtime.command(containers.Launch(
+        image=str(image), command=["python3", "graceful.py"], workdir=str(workdir),
+        variables={}), dict(os.environ))
+    process = subprocess.Popen(argv, env=env, cwd=workdir / "workspace", stdout=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        assert process.stdout.readline() == b"ready\n"
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.stdout.read() == b"saved on SIGTERM\n"
+        assert process.wait(30) == 3
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @needs_cgroups
