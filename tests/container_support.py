@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -23,6 +24,35 @@ from .support import REPO, _Server, server_unavailable, short_tempdir
 IMAGE_DATA = REPO / ".test-data" / "images"
 _STDLIB_SKIPPED = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                    "site-packages", "dist-packages", "pydoc_data"}
+
+
+#: An experiment that saves (prints) on SIGTERM after half a second, and exits 3.
+GRACEFUL = """
+    import signal, sys, time
+    def stop(*_):
+        time.sleep(0.5)
+        print("saved on SIGTERM", flush=True)
+        sys.exit(3)
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+def assert_sigterm_grace(argv: list[str], env: dict | None, cwd: Path) -> None:
+    """Start ``argv`` (running :data:`GRACEFUL`) as the executor does, send SIGTERM to its
+    process group as the executor does, and check the experiment used its grace."""
+    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        assert process.stdout.readline() == b"ready\n"
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.stdout.read() == b"saved on SIGTERM\n"
+        assert process.wait(30) == 3
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def need_programs(*names: str) -> None:

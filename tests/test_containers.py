@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
-import subprocess
 import sys
 import textwrap
 import uuid
@@ -29,7 +27,8 @@ import pytest
 from runner import containers, metadata
 from runner.containers.apptainer import ApptainerRuntime, SingularityRuntime
 
-from .container_support import Registry, need_programs, push, python_image_layout
+from .container_support import (GRACEFUL, Registry, assert_sigterm_grace, need_programs, push,
+                                python_image_layout)
 from .support import short_tempdir
 from .test_e2e import tar_members
 from .test_e2e_resources import MEMORY_HOG, needs_cgroups, only_document, output_of
@@ -140,30 +139,11 @@ def test_sigterm_to_the_group_reaches_the_experiment_in_the_image_with_its_grace
     runtime.registry().get(python_image, image)
     workdir = tmp_path / "attempt"
     (workdir / "workspace").mkdir(parents=True)
-    (workdir / "workspace" / "graceful.py").write_text(textwrap.dedent("""
-        import signal, sys, time
-        def stop(*_):
-            time.sleep(0.5)
-            print("saved on SIGTERM", flush=True)
-            sys.exit(3)
-        signal.signal(signal.SIGTERM, stop)
-        print("ready", flush=True)
-        time.sleep(60)
-    """))
+    (workdir / "workspace" / "graceful.py").write_text(textwrap.dedent(GRACEFUL))
     argv, env = runtime.command(containers.Launch(
         image=str(image), command=["python3", "graceful.py"], workdir=str(workdir),
         variables={}), dict(os.environ))
-    process = subprocess.Popen(argv, env=env, cwd=workdir / "workspace", stdout=subprocess.PIPE,
-                               start_new_session=True)
-    try:
-        assert process.stdout.readline() == b"ready\n"
-        os.killpg(process.pid, signal.SIGTERM)
-        assert process.stdout.read() == b"saved on SIGTERM\n"
-        assert process.wait(30) == 3
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    assert_sigterm_grace(argv, env, workdir / "workspace")
 
 
 @needs_cgroups

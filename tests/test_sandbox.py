@@ -24,6 +24,7 @@ import pytest
 from runner import metadata, sandbox
 from runner.config import from_values
 
+from .container_support import GRACEFUL, assert_sigterm_grace
 from .support import REPO, server_unavailable
 
 pytestmark = pytest.mark.timeout(120)
@@ -225,29 +226,11 @@ def test_network_on_by_default_and_cut_with_sandbox_network_off(layout, tcp_serv
 def test_sigterm_to_the_group_reaches_the_experiment_which_keeps_its_grace(layout):
     attempt = layout["attempt"]
     script = attempt / "workspace" / "graceful.py"
-    script.write_text(textwrap.dedent("""
-        import signal, sys, time
-        def stop(*_):
-            time.sleep(0.5)
-            print("saved on SIGTERM", flush=True)
-            sys.exit(3)
-        signal.signal(signal.SIGTERM, stop)
-        print("ready", flush=True)
-        time.sleep(60)
-    """))
+    script.write_text(textwrap.dedent(GRACEFUL))
     command = layout["box"].wrap([str(layout["env"] / "bin" / "python"), str(script)],
                                  workdir=str(attempt), cwd=str(attempt / "workspace"),
                                  readable=[str(layout["env"])])
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, start_new_session=True)
-    try:
-        assert process.stdout.readline() == b"ready\n"
-        os.killpg(process.pid, signal.SIGTERM)  # what the executor does
-        assert process.stdout.read() == b"saved on SIGTERM\n"
-        assert process.wait(30) == 3
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    assert_sigterm_grace(command, None, attempt / "workspace")
 
 
 def test_sigkill_to_the_group_leaves_nothing_in_the_namespace(layout):
