@@ -15,8 +15,9 @@ the run, in this order (later mounts win over earlier ones):
   container engines' among them) and ``/dev/shm``;
 * empty ``tmpfs`` over every **hidden folder**: the runner's working directory (every
   attempt's folder), cache (artifact cache and environment store), queue root, runtime
-  directory (its ZeroMQ sockets), credential folders (``--sqs-certs``, ``--google-certs``)
-  and the runner user's ``$HOME``; ``/dev/null`` over every **hidden file** (``--s3-key``,
+  directory (its ZeroMQ sockets), credential and key folders (``--sqs-certs``,
+  ``--google-certs``, ``--encrypt-key-dir``, ``--encrypt-passphrase-dir``,
+  ``--signing-keys-dir``) and the runner user's ``$HOME``; ``/dev/null`` over every **hidden file** (``--s3-key``,
   ``--s3-cert``, ``--options-file``, the files that ``$GOOGLE_APPLICATION_CREDENTIALS``,
   ``$AWS_SHARED_CREDENTIALS_FILE`` and ``$AWS_CONFIG_FILE`` name);
 * then, back in place: the **attempt's working directory read-write** (its workspace and
@@ -186,7 +187,8 @@ def environment_for_runs(environ: Mapping[str, str]) -> dict:
 def hidden_paths(config, environ: Mapping[str, str]) -> tuple[tuple, tuple]:
     """(folders, files) of the runner that a sandboxed run must not see."""
     folders = [config.working_dir, config.cache_dir, config.runtime_dir, config.queue_root,
-               config.sqs_certs, config.google_certs, environ.get("HOME", "")]
+               config.sqs_certs, config.google_certs, environ.get("HOME", ""),
+               config.encrypt_key_dir, config.encrypt_passphrase_dir, config.signing_keys_dir]
     files = [config.s3_key, config.s3_cert, config.options_file,
              *(environ.get(name, "") for name in CREDENTIAL_FILE_VARIABLES)]
     clean = lambda paths: tuple(dict.fromkeys(os.path.realpath(p) for p in paths if p))  # noqa: E731

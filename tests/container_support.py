@@ -5,7 +5,8 @@
 * :func:`python_image_layout` — an OCI image layout with a minimal root file system: the
   interpreter running the tests, the shared libraries ``ldd`` lists for it, and its standard
   library (without tests and site-packages).  Built with ``umoci`` (no network, a few
-  seconds) and kept under ``.test-data/images`` between runs, keyed by the interpreter.
+  seconds) and kept under ``tests/.data/images`` (the tests' data folder) between runs,
+  keyed by the interpreter.
 * :func:`push` — ``skopeo copy`` of that layout into the registry (plain HTTP: loopback).
 """
 from __future__ import annotations
@@ -21,17 +22,17 @@ from pathlib import Path
 
 from .support import REPO, _Server, server_unavailable, short_tempdir
 
-IMAGE_DATA = REPO / ".test-data" / "images"
+IMAGE_DATA = REPO / "tests" / ".data" / "images"
 _STDLIB_SKIPPED = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                    "site-packages", "dist-packages", "pydoc_data"}
 
 
 #: An experiment that saves (prints) on SIGTERM after half a second, and exits 3.
 GRACEFUL = """
-    import signal, sys, time
-    def stop(*_):
+    import os, signal, sys, time
+    def stop(*_):  # os.write: SIGTERM may come while print("ready") is still flushing
         time.sleep(0.5)
-        print("saved on SIGTERM", flush=True)
+        os.write(1, b"saved on SIGTERM\\n")
         sys.exit(3)
     signal.signal(signal.SIGTERM, stop)
     print("ready", flush=True)
@@ -47,7 +48,8 @@ def assert_sigterm_grace(argv: list[str], env: dict | None, cwd: Path) -> None:
     try:
         assert process.stdout.readline() == b"ready\n"
         os.killpg(process.pid, signal.SIGTERM)
-        assert process.stdout.read() == b"saved on SIGTERM\n"
+        rest = process.stdout.read()
+        assert rest == b"saved on SIGTERM\n", (rest, process.wait(30))
         assert process.wait(30) == 3
     finally:
         if process.poll() is None:

@@ -1,7 +1,7 @@
 """The bubblewrap sandbox (runner/sandbox.py): what a sandboxed script cannot do.
 
 Every test runs a real Python script under real ``bwrap`` with the command line the
-executor uses.  The runner's folders are laid out under the repository's ``.test-data``
+executor uses.  The runner's folders are laid out under the ``tests/.data``
 folder, not under ``/tmp``, so that each hidden folder is proven hidden by its own rule and
 not by the sandbox's private ``/tmp``.
 """
@@ -41,7 +41,7 @@ def bwrap() -> str:
 @pytest.fixture()
 def layout(bwrap):
     """A runner's folders (work, cache with an environment, runtime, certs, home)."""
-    root = REPO / ".test-data" / f"sb-{uuid.uuid4().hex[:8]}"
+    root = REPO / "tests" / ".data" / f"sb-{uuid.uuid4().hex[:8]}"
     dirs = {name: root / name for name in ("work", "cache", "run", "certs", "home")}
     for folder in dirs.values():
         folder.mkdir(parents=True)
@@ -285,11 +285,14 @@ def test_gpu_nodes_are_only_those_of_the_given_devices(tmp_path, bwrap):
 def test_detect_follows_the_option(bwrap, monkeypatch, tmp_path):
     config = from_values({"sandbox": "off"}, {})
     assert sandbox.detect(config)[0] is None
+    (tmp_path / "keys").mkdir()
     config = from_values({"sandbox": "auto", "sandbox_network": "off",
-                          "working_dir": str(tmp_path / "w")}, {"HOME": str(tmp_path)})
+                          "working_dir": str(tmp_path / "w"),
+                          "encrypt_key_dir": str(tmp_path / "keys")}, {"HOME": str(tmp_path)})
     found, _ = sandbox.detect(config, {"HOME": str(tmp_path)})
     assert found is not None and found.network is False
-    assert str(tmp_path / "w") in found.hidden_folders and str(tmp_path) in found.hidden_folders
+    for hidden in (tmp_path / "w", tmp_path, tmp_path / "keys"):
+        assert str(hidden) in found.hidden_folders
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert sandbox.detect(from_values({"sandbox": "auto"}, {}))[0] is None
     with pytest.raises(sandbox.SandboxError, match="bwrap"):
@@ -305,8 +308,9 @@ SANDBOXED_EXPERIMENT = """
             return type(exc).__name__
     work, cache, run = sys.argv[1:4]
     print(json.dumps({"experiment": {"secret_env": "RUNNER_API_TOKEN" in os.environ,
-                                     "amqp": [n for n in ("AMQP_URL", "RUNNER_AMQP_URL")
-                                              if n in os.environ],
+                                     "options": [n for n in ("MAX_ATTEMPTS",
+                                                             "RUNNER_MAX_ATTEMPTS")
+                                                 if n in os.environ],
                                      "expanded": os.environ["FROM_RUNNER"],
                                      "own": os.environ["OWN_TOKEN"] == "mine",
                                      "plain": os.environ.get("RUNNER_PLAIN"),
@@ -323,7 +327,7 @@ def test_executor_runs_python_mode_experiments_in_the_sandbox(runner, bwrap):
     from .test_e2e import tar_members
 
     runner.env.update(RUNNER_API_TOKEN="runner-secret-value", RUNNER_PLAIN="plain",
-                      AMQP_URL="amqp://guest:broker-password@127.0.0.1:1/")
+                      MAX_ATTEMPTS="3", RUNNER_MAX_ATTEMPTS="3")  # option variables
     runner.start()
     workspace = runner.workspace({"train.py": SANDBOXED_EXPERIMENT})
     options = runner.options
@@ -338,7 +342,7 @@ def test_executor_runs_python_mode_experiments_in_the_sandbox(runner, bwrap):
     assert seen["cache"] == ["envs"] and seen["run"] == []  # no artifact cache, no sockets
     assert seen["pids"] <= 3
     # the runner's secrets stay out, also through %NAME%; the request's own values stay in
-    assert seen["secret_env"] is False and seen["expanded"] == "[]" and seen["amqp"] == []
+    assert seen["secret_env"] is False and seen["expanded"] == "[]" and seen["options"] == []
     assert seen["own"] is True and seen["plain"] == "plain"
     modeldir = tar_members(runner.experiment_dir(request) / "modeldir.tar")
     assert modeldir["weights.txt"] == b"w=42"
