@@ -288,12 +288,17 @@ def test_an_image_no_runtime_here_runs_is_put_back_untouched(runner):
     request = runner.request(runner.workspace({"train.py": IN_APPTAINER}), "train.py")
     request["experiment"]["artifacts"]["_singularity"] = {"qualified": "docker://busybox:1"}
     runner.publish(request)
-    runner.wait_for(lambda: "no container runtime on this host runs docker://busybox:1"
-                    in runner.log(), what="the request to be put back")
-    queue = runner.root / "q" / runner.queue
-    assert [p for p in queue.iterdir() if p.is_file()], "the request left its queue"
-    assert not list(queue.glob(".dead/*")) and runner.record(request) is None  # no attempt
+    reason = "no container runtime on this host runs docker://busybox:1"
+    runner.wait_for(lambda: f"cannot run on this runner: {reason}" in runner.log(),
+                    what="the request to be held aside as one that never runs here")
+    record = runner.record(request)
+    assert record["status"] == "waiting" and reason in json.dumps(record)  # no attempt
     assert runner.scrape_documents(request) == []
+    queue = runner.root / "q" / runner.queue
+    assert not list(queue.glob(".dead/*"))
+    runner.stop()  # a stopping runner puts back what it holds aside
+    assert [p for p in queue.iterdir() if p.is_file()], "the request did not go back"
+    assert "attempt=" not in runner.log()
 
 
 def test_apptainer_command_line_for_gpus_references_and_no_network():

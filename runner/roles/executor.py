@@ -202,11 +202,7 @@ class Executor(Role):
         command = script_command(Path(python), filename, experiment.get("args") or [])
         self.runner_log(job.job_id, f"starting {command} in {cwd} with devices "
                                     f"{job.resources.get('devices') or '-1'}")
-        try:
-            command, environment = self.isolate(prepared, command, cwd)
-        except containers.ContainerUnavailable as exc:
-            self.end(job, fates.outcome_for_exception(exc), {})
-            return
+        command, environment = self.isolate(prepared, command, cwd)  # start() ends it on error
         started_command, cgroup = self.enforce(job, command)
         try:
             process = subprocess.Popen(
