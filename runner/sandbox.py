@@ -17,9 +17,10 @@ the run, in this order (later mounts win over earlier ones):
   attempt's folder), cache (artifact cache and environment store), queue root, runtime
   directory (its ZeroMQ sockets), credential and key folders (``--sqs-certs``,
   ``--google-certs``, ``--encrypt-key-dir``, ``--encrypt-passphrase-dir``,
-  ``--signing-keys-dir``) and the runner user's ``$HOME``; ``/dev/null`` over every **hidden file** (``--s3-key``,
-  ``--s3-cert``, ``--options-file``, the files that ``$GOOGLE_APPLICATION_CREDENTIALS``,
-  ``$AWS_SHARED_CREDENTIALS_FILE`` and ``$AWS_CONFIG_FILE`` name);
+  ``--signing-keys-dir``) and the runner user's ``$HOME``; ``/dev/null`` over every
+  **hidden file** (``--s3-key``, ``--s3-cert``, ``--options-file``, the files that
+  ``$GOOGLE_APPLICATION_CREDENTIALS``, ``$AWS_SHARED_CREDENTIALS_FILE`` and
+  ``$AWS_CONFIG_FILE`` name);
 * then, back in place: the **attempt's working directory read-write** (its workspace and
   artifact folders), the run's **environment read-only** (and the interpreter installation
   it was made from, when a hidden folder covers it), ``/etc/resolv.conf``'s target when it
@@ -191,7 +192,8 @@ def hidden_paths(config, environ: Mapping[str, str]) -> tuple[tuple, tuple]:
                config.encrypt_key_dir, config.encrypt_passphrase_dir, config.signing_keys_dir]
     files = [config.s3_key, config.s3_cert, config.options_file,
              *(environ.get(name, "") for name in CREDENTIAL_FILE_VARIABLES)]
-    clean = lambda paths: tuple(dict.fromkeys(os.path.realpath(p) for p in paths if p))  # noqa: E731
+    def clean(paths: list) -> tuple:
+        return tuple(dict.fromkeys(os.path.realpath(p) for p in paths if p))
     return clean(folders), clean(files)
 
 

@@ -368,9 +368,10 @@ def test_folders_named_through_symlinks_are_hidden_all_the_same(layout):
                                                ("work", "cache")))
     attempt = linked / layout["attempt"].relative_to(layout["root"])
     env = linked / layout["env"].relative_to(layout["root"])
+    other_file = (layout["other"] / "theirs.txt").relative_to(layout["root"])
     script = attempt / "workspace" / "probe.py"
     script.write_text(textwrap.dedent(PROBE) + textwrap.dedent(f"""
-        print(json.dumps({{"other": read({str(linked / "work" / "exp-b" / "host-2" / "workspace" / "theirs.txt")!r}),
+        print(json.dumps({{"other": read({str(linked / other_file)!r}),
                            "cache": read({str(linked / "cache" / "artifacts" / "blob")!r}),
                            "prefix": sys.prefix}}))
     """))
