@@ -2,27 +2,48 @@
 
 Two tools: :func:`redact_request` removes credential values from a request before it is
 logged or stored, and :class:`Masker` hides secrets in output text: the credential values
-found in the request, ``KEY=``/``TOKEN=``/``SECRET=``/``PASSWORD=`` style assignments and
-passwords in URLs.
+found in the request (as written, and their standard and URL-safe base64 encodings, also
+inside a longer encoded text such as an HTTP ``Basic`` header), ``KEY=``/``TOKEN=``/
+``SECRET=``/``PASSWORD=`` style assignments (also as JSON members) and passwords in URLs.
+
+Masking runs in time linear in the input, whatever its shape: every pattern starts at a
+fixed keyword (``key``, ``token``, ``secret``, ``passw``, ``://``) and scans forward only
+over text that ends at the first delimiter, and a text holding none of the keywords and no
+credential is left untouched after a few ``bytes.find`` scans (see ``docs/operations.md``,
+"Masking").
 """
 from __future__ import annotations
 
+import base64
 import copy
 import re
 from typing import Iterable
 
 MASK = "***"
+_MASK = MASK.encode()
 _SECRET_NAME = re.compile(r"(secret|token|passw|credential|private|api_?key|access_?key|session)",
                           re.IGNORECASE)
+# A name ending in KEY/TOKEN/SECRET/PASSWORD/PASSWD, a ``=`` or ``:``, and its value.  The
+# pattern starts at the keyword: what comes before it in the name changes nothing (the value
+# is what is masked), and a pattern that started at the name would try every position of a
+# long run of name characters again.
 _ASSIGNMENT = re.compile(
-    rb"(?i)\b([A-Z0-9_.-]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD))(\s*[=:]\s*)"
-    rb"(\"[^\"]*\"|'[^']*'|[^\s,;&\"']+)")
+    rb"(?i)(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD)(\s*[=:]\s*)"
+    rb"(?:\"[^\"\n]*\"?|'[^'\n]*'?|[^\s,;&\"']+)")
+# The same as a JSON member: ``"db_password": "…"``.  A bare ``"key"`` is an ordinary field
+# (experiment keys): KEY needs a name character before it.
 _JSON_SECRET = re.compile(
-    rb'(?i)("(?:[A-Z0-9_.-]+KEY|[A-Z0-9_.-]*(?:TOKEN|SECRET|PASSWORD|PASSWD))"\s*:\s*)'
-    rb'("(?:[^"\\]|\\.)*")')
-_URL_PASSWORD = re.compile(rb"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)([^@\s/]+)(@)")
+    rb'(?i)(?:(?<=[A-Z0-9_.-])KEY|TOKEN|SECRET|PASSWORD|PASSWD)("\s*:\s*)'
+    rb'"(?:[^"\\\n]|\\.)*"?')
+# ``scheme://user:password@host``: starts at ``://`` (a scheme character before it); the
+# password runs to the last ``@`` before the path.
+_URL_PASSWORD = re.compile(rb"(?<=[A-Za-z0-9+.-])(://[^:/@\s]*:)[^\s/]*@")
+_KEYWORDS = (b"key", b"token", b"secret", b"passw")
 _CREDENTIAL_KEYS = ("credentials",)
 _MIN_SECRET_LENGTH = 4
+# Shortest base64 text masked for a secret that sits inside a longer encoded value: shorter
+# ones would hide unrelated text.
+_MIN_ENCODED_CORE = 8
 
 
 def _secret_values(node, inside_secret: bool = False) -> Iterable[str]:
@@ -64,20 +85,90 @@ def redact_request(request: dict) -> dict:
     return _redact(copy.deepcopy(request))
 
 
+def encoded_forms(value: bytes) -> set[bytes]:
+    """The texts that stand for ``value`` in base64 output, standard and URL-safe alphabets.
+
+    The whole encoding (with and without ``=`` padding), and, for each of the three byte
+    alignments ``value`` can have inside a longer encoded text, the characters that depend on
+    ``value``'s bytes alone (at least ``_MIN_ENCODED_CORE`` long)."""
+    forms: set[bytes] = set()
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        whole = encode(value)
+        forms.update((whole, whole.rstrip(b"=")))
+        for shift in range(3):
+            encoded = encode(bytes(shift) + value)
+            start = (8 * shift + 5) // 6  # the first character free of the prefix's bits
+            end = (8 * (shift + len(value))) // 6  # past the last one holding only value bits
+            core = encoded[start:end]
+            if len(core) >= _MIN_ENCODED_CORE:
+                forms.add(core)
+    return forms
+
+
 class Masker:
-    """Masks secrets in bytes of output; build one per attempt from its request."""
+    """Masks secrets in bytes of output; build one per attempt from its request.
+
+    ``secrets`` are literal values (shorter than 4 characters: ignored); each is masked as
+    written and in its base64 forms (:func:`encoded_forms`).  :meth:`mask` takes time linear
+    in its input."""
 
     def __init__(self, secrets: Iterable[str] = ()):
-        values = [s.encode() for s in secrets if len(s) >= _MIN_SECRET_LENGTH]
-        self._literal = (re.compile(b"|".join(re.escape(v) for v in values)) if values else None)
+        literals: set[bytes] = set()
+        for secret in secrets:
+            if len(secret) < _MIN_SECRET_LENGTH:
+                continue
+            value = secret.encode("utf-8", "surrogateescape")
+            literals.add(value)
+            literals.update(encoded_forms(value))
+        # Longest first: where one form is a prefix of another, the longer one is masked.
+        self._literals = sorted(literals, key=len, reverse=True)
 
     def mask(self, data: bytes) -> bytes:
-        """``data`` with every secret replaced by ``***``."""
-        if self._literal is not None:
-            data = self._literal.sub(MASK.encode(), data)
-        data = _ASSIGNMENT.sub(lambda m: m.group(1) + m.group(2) + MASK.encode(), data)
-        data = _JSON_SECRET.sub(lambda m: m.group(1) + b'"' + MASK.encode() + b'"', data)
-        return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK.encode() + m.group(3), data)
+        """``data`` with every secret replaced by ``***``.
+
+        Credential values are replaced with ``bytes.replace``; the other patterns are tried
+        only where their keyword is (found with ``bytes.find``), each anchored there and
+        scanning forward to the end of its value at most (never past a line end), so the
+        time is linear in ``len(data)`` whatever its shape."""
+        for literal in self._literals:
+            data = data.replace(literal, _MASK)
+        hits: list[tuple[int, int]] = []
+        lowered = data.lower()
+        for word in _KEYWORDS:
+            position = lowered.find(word)
+            while position >= 0:
+                hits.append((position, 0))
+                position = lowered.find(word, position + len(word))
+        position = data.find(b"://")
+        while position >= 0:
+            hits.append((position, 1))
+            position = data.find(b"://", position + 3)
+        if not hits:
+            return data
+        hits.sort()
+        pieces: list[bytes] = []
+        done = 0  # data[:done] is in pieces
+        for position, kind in hits:
+            if position < done:
+                continue  # inside a value masked already
+            if kind:
+                match = _URL_PASSWORD.match(data, position)
+                replacement = _MASK + b"@"
+            else:
+                match = _ASSIGNMENT.match(data, position)
+                replacement = _MASK
+                if match is None:
+                    match = _JSON_SECRET.match(data, position)
+                    replacement = b'"' + _MASK + b'"'
+            if match is None:
+                continue
+            pieces.append(data[done:match.end(1)])
+            pieces.append(replacement)
+            done = match.end()
+        if not pieces:
+            return data
+        pieces.append(data[done:])
+        return b"".join(pieces)
 
     def mask_text(self, text: str) -> str:
         return self.mask(text.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
@@ -85,6 +176,4 @@ class Masker:
 
 def safe_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (for logs and error messages)."""
-    return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK.encode() + m.group(3),
-                             url.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
-
+    return Masker().mask_text(url)

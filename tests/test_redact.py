@@ -133,3 +133,72 @@ def test_masker_leaves_ordinary_lines_unchanged(line: str) -> None:
 def test_masker_keeps_undecodable_bytes() -> None:
     data = b"\xff\xfe raw PASSWORD=x \x00\n"
     assert Masker().mask(data) == b"\xff\xfe raw PASSWORD=*** \x00\n"
+
+
+def test_masker_masks_base64_forms_of_request_secrets() -> None:
+    import base64
+    masker = Masker(secrets_of(make_request()))
+    secret = AWS_SECRET.encode()
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        whole = encode(secret)
+        for text in (whole, whole.rstrip(b"=")):
+            masked = masker.mask(b"blob " + text + b" end\n")
+            assert masked == b"blob " + MASK.encode() + b" end\n", (encode, text)
+        # inside a longer encoded value, at each of the three byte alignments
+        for prefix in (b"", b"u", b"us", b"user:"):
+            encoded = encode(prefix + secret + b"/tail")
+            masked = masker.mask(b"Authorization: Basic " + encoded + b"\n")
+            assert MASK.encode() in masked and encoded not in masked, (encode, prefix)
+            decodable = masked.split(b" ")[-1].strip()
+            assert AWS_SECRET.encode()[:-2] not in decodable
+    # HTTP basic auth of the access key pair, as a client library prints it
+    header = base64.b64encode(f"{AWS_ID}:{AWS_SECRET}".encode())
+    assert header not in masker.mask(b"Basic " + header)
+
+
+def test_encoded_core_never_masks_short_or_unrelated_text() -> None:
+    import base64
+    masker = Masker(["abcd"])
+    assert masker.mask(b"YWJjZA== YWJjZA") == b"*** ***"
+    unrelated = base64.b64encode(bytes(range(256)))
+    assert masker.mask(unrelated) == unrelated
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("redis://:pw0rd@cache:6379/0", f"redis://:{MASK}@cache:6379/0"),
+    ("amqp://user:p@ss@rabbit/", f"amqp://user:{MASK}@rabbit/"),
+    ('PASSWORD="unterminated value', f"PASSWORD={MASK}"),
+    ('{"db_password": "unterminated', f'{{"db_password": "{MASK}"'),
+    ("a.b.c.monkey-key: value", f"a.b.c.monkey-key: {MASK}"),
+    ("MY_SECRET_KEY=abc SECRET=x", f"MY_SECRET_KEY={MASK} SECRET={MASK}"),
+])
+def test_masker_edge_shapes(line: str, expected: str) -> None:
+    assert Masker().mask(line.encode()) == expected.encode()
+
+
+def _mask_seconds(masker: Masker, data: bytes) -> float:
+    import time
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        masker.mask(data)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.parametrize("unit", [
+    b"a1B2c3D4",                 # one long token / DNA-like run
+    b"a.",                       # name characters that are not word characters
+    b"x://",                     # URL starts with nothing after them
+    b"key",                      # keywords back to back
+    b'"api_key": "',             # JSON secret members that never close
+    b"https://u:",               # URL users whose password never ends
+])
+def test_masking_time_grows_linearly(unit: bytes) -> None:
+    """Eight times the input costs about eight times the time (a quadratic pattern: 64)."""
+    masker = Masker(secrets_of(make_request()))
+    small = unit * (4000 // len(unit))
+    large = unit * (32000 // len(unit))
+    _mask_seconds(masker, small)  # warm up
+    ratio = _mask_seconds(masker, large) / max(_mask_seconds(masker, small), 1e-6)
+    assert ratio < 24, f"{unit!r}: 8x the input took {ratio:.1f}x the time"
