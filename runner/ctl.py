@@ -25,14 +25,13 @@ Times in ``--json`` output are ISO-8601 UTC strings.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 import zmq
 
-from . import protocol
+from . import protocol, strict_json
 from .bus import Endpoints, control_client, poll_ms
 from .config import OptionParser, default_runtime_dir, env_value
 from .errors import ProtocolError
@@ -201,7 +200,7 @@ def watch(args, name: str) -> int:
         while True:
             try:
                 reply = request(args.runtime_dir, "status", args.timeout)
-                text = (json.dumps(view(reply.data, name)[0], indent=2) if args.json
+                text = (strict_json.dumps(view(reply.data, name)[0], indent=2) if args.json
                         else view(reply.data, name)[1]) if reply.ok else reply.error
             except (TimeoutError, ProtocolError, zmq.ZMQError) as exc:
                 text = f"runner-ctl: {exc}"
@@ -248,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runner-ctl: {reply.error}", file=sys.stderr)
         return 1
     if args.command in COMMANDS:
-        print(json.dumps(reply.data, indent=2) if args.json else reply.data.get("message", "ok"))
+        print(strict_json.dumps(reply.data, indent=2) if args.json
+              else reply.data.get("message", "ok"))
         return 0
     data, text = view(reply.data, args.command)
-    print(json.dumps(data, indent=2) if args.json else text)
+    print(strict_json.dumps(data, indent=2) if args.json else text)
     if args.command == "health" and not reply.data["supervisor"].get("healthy"):
         return 1
     return 0

@@ -14,12 +14,12 @@ pipeline can select every line of one attempt.  The level changes live with
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 import time
 
+from . import strict_json
 from .config import Config
 
 _FORMAT = "%(asctime)s %(levelname)-7s {host} {role}: %(message)s"
@@ -55,7 +55,7 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return strict_json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def setup_logging(config: Config, role: str) -> None:

@@ -16,7 +16,6 @@ them.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -25,7 +24,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import _fast
+from . import _fast, strict_json
 from .errors import BadRequest, StorageError
 from .redact import redact_request
 from .storage import artifact_url, open_for_request, split_url
@@ -200,7 +199,7 @@ def write_record(request: dict, *, status: str, attempt_id: str, attempts: int, 
         record["reason"] = reason
     artifact = None if override else store_root(request)[1]
     store = open_for_request(url, request, artifact)
-    store.put_bytes(url, json.dumps(record, indent=1, sort_keys=True).encode())
+    store.put_bytes(url, strict_json.dumps(record, indent=1, sort_keys=True).encode())
 
 
 def _name_problem(url: str) -> str | None:

@@ -201,11 +201,13 @@ class JobPrepared(Message):
 
 @dataclass(frozen=True)
 class OutputChunk(Message):
-    """Executor → scraper: complete lines (bytes, ``\\n``-terminated) in output order."""
+    """Executor → scraper: complete segments (bytes ending in ``\\n`` or ``\\r``) in output
+    order; ``scrape`` is False for pieces of a line too long to scrape (plain output)."""
 
     TYPE: ClassVar[str] = "output_chunk"
     job_id: str
     data: bytes
+    scrape: bool = True
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 import random
@@ -195,7 +196,9 @@ MERGE_CASES = [
     ("non-object JSON", {}, b'"str"\n123\nnull\ntrue\n', {}, []),
     ("invalid utf-8", {}, b'{"a":"\xff\xfe"}\n{"b":"ok"}\n', {"b": "ok"}, []),
     ("valid utf-8 kept", {}, '{"a":"héllo ✓"}\n'.encode(), {"a": "héllo ✓"}, []),
-    ("NaN rejected", {}, b'{"a":NaN}\n{"b":Infinity}\n{"c":-Infinity}\n{"ok":1}\n', {"ok": 1}, []),
+    ("Infinity accepted", {}, b'{"b":Infinity}\n{"c":-Infinity}\n{"ok":1}\n',
+     {"b": float("inf"), "c": float("-inf"), "ok": 1}, []),
+    ("constants only as JSON values", {}, b'{"a":nan}\n{"b":infinity}\n{"c":NaNa}\n', {}, []),
     ("trailing partial line", {}, b'log\n{"a":1}\n{"b":2}', {"a": 1, "b": 2}, []),
     ("trailing comma rejected", {}, b'{"a":1,}', {}, []),
     ("duplicate keys last wins", {}, b'{"a":1,"a":2}', {"a": 2}, []),
@@ -225,6 +228,14 @@ def test_merge_lines_table(impl, name, initial, chunk, expected, patches):
     assert doc == expected
     assert got == patches
     assert all(type(p) is bytes for p in got)
+
+
+def test_nan_lines_are_merged_not_dropped(impl):
+    """``json.dumps`` prints NaN for a diverged loss: the line is a metric, not plain output."""
+    doc = {}
+    impl.merge_lines(doc, b'{"experiment": {"loss": NaN, "step": 3}}\nlog\n{"a": [NaN, -Infinity]}')
+    assert doc["experiment"]["step"] == 3 and math.isnan(doc["experiment"]["loss"])
+    assert math.isnan(doc["a"][0]) and doc["a"][1] == float("-inf")
 
 
 def test_big_int_accepted(impl):

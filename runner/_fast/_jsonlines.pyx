@@ -12,9 +12,9 @@ document comes out equal to the twin's, key order included.
 Where simdjson could answer differently from the twin's stdlib rule, the rule decides (the
 line is parsed with the twin's ``parse_json`` and applied as a dict, in its place):
 
-* simdjson refuses what ``json`` accepts: ``1e400`` (``inf`` to ``json``) and lone surrogate
-  escapes (``"\\ud800"``).  A refused line holding an exponent or a ``\\u`` escape of the
-  surrogate range goes to the rule; any other refused line is refused by ``json`` too, and is
+* simdjson refuses what ``json`` accepts: ``1e400`` (``inf`` to ``json``), lone surrogate
+  escapes (``"\\ud800"``) and ``NaN``/``Infinity``.  A refused line holding an exponent, a
+  ``\\u`` escape of the surrogate range or one of those constants goes to the rule; any other refused line is refused by ``json`` too, and is
   not parsed twice (``{not json}`` text lines are common);
 * integers wider than 64 bits (simdjson refuses them; ``json`` keeps them exact): a line
   holding a run of 19 or more digits, other than fraction digits after a ``.`` (both round
@@ -28,7 +28,7 @@ comparing parsers inside the compiled scan.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem, PyDict_Next
 from cpython.object cimport PyObject
-from libc.string cimport memchr
+from libc.string cimport memchr, memcmp
 from libcpp.vector cimport vector
 
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_GET_LENGTH
@@ -100,8 +100,9 @@ cdef Py_ssize_t _opening_brackets(const char* s, Py_ssize_t n) nogil:
 
 cdef bint _json_may_accept(const char* s, Py_ssize_t n) nogil:
     """Whether a line simdjson rejected may still be JSON to the twin's rule: it holds an
-    exponent (``1e400`` is ``inf`` to ``json``, an error to simdjson) or a ``\\u`` escape of the
-    surrogate range ``d800``-``dfff`` (a lone surrogate). Anything else simdjson rejects,
+    exponent (``1e400`` is ``inf`` to ``json``, an error to simdjson), a ``\\u`` escape of the
+    surrogate range ``d800``-``dfff`` (a lone surrogate) or the constants ``NaN``/``Infinity``
+    (what Python's ``json.dumps`` prints for non-finite floats). Anything else simdjson rejects,
     ``json`` rejects too."""
     cdef Py_ssize_t i
     cdef char c
@@ -110,6 +111,10 @@ cdef bint _json_may_accept(const char* s, Py_ssize_t n) nogil:
         if (c == b'e' or c == b'E') and _isdigit(s[i - 1]):
             return True
         if c == b'u' and s[i - 1] == b'\\' and i + 1 < n and (s[i + 1] == b'd' or s[i + 1] == b'D'):
+            return True
+        if c == b'N' and i + 2 < n and s[i + 1] == b'a' and s[i + 2] == b'N':
+            return True
+        if c == b'I' and i + 7 < n and memcmp(s + i + 1, b"nfinity", 7) == 0:
             return True
     return False
 

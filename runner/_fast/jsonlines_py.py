@@ -9,10 +9,12 @@ Contract (spec section 6), identical in both implementations:
 * ``merge_lines(doc, chunk)`` splits ``chunk`` on ``b"\\n"`` (a trailing partial line counts as a
   line), strips ASCII white space, merges every ``{...}`` line that parses as a JSON object and
   returns the stripped ``[...]`` lines (patch candidates) in order. Anything else is plain output.
-* Parse rule: stdlib ``json.loads`` of the strictly UTF-8 decoded line with NaN/Infinity
-  rejected. Integers of any width come back as exact ``int``; strings with lone UTF-16 surrogate
-  escapes (``"\\ud800"``) and out-of-range floats (``1e400`` → ``inf``) are accepted as ``json``
-  accepts them. Invalid UTF-8, ``NaN``/``Infinity`` and nesting too deep for the interpreter
+* Parse rule: stdlib ``json.loads`` of the strictly UTF-8 decoded line. Integers of any width
+  come back as exact ``int``; strings with lone UTF-16 surrogate escapes (``"\\ud800"``),
+  out-of-range floats (``1e400`` → ``inf``) and the constants ``NaN``, ``Infinity`` and
+  ``-Infinity`` (what Python's ``json.dumps`` prints for non-finite floats) are accepted as
+  ``json`` accepts them; the runner writes non-finite values as strings
+  (:mod:`runner.strict_json`). Invalid UTF-8 and nesting too deep for the interpreter
   (``RecursionError``) are not JSON: such a line is plain output.
 
 This twin is pure Python (stdlib ``json`` only). The compiled module parses with simdjson,
@@ -30,14 +32,10 @@ _MISSING = object()
 _NOT_JSON = object()
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def parse_json(line: bytes) -> Any:
     """Parse with the strict rule; returns the module's ``_NOT_JSON`` sentinel on failure."""
     try:
-        return _json_loads(line.decode("utf-8"), parse_constant=_reject_constant)
+        return _json_loads(line.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):  # UnicodeDecodeError: a ValueError too
         return _NOT_JSON
 

@@ -4,7 +4,9 @@ A role only *does* its work; how it is hosted (a process under the supervisor, s
 :mod:`runner.rolehost`, or a thread in a test) is decided elsewhere.  The loop waits on
 the role's inbox, hands each message to ``handle()``, calls ``tick()`` about every
 ``TICK`` seconds, sends a heartbeat to the supervisor every ``HEARTBEAT`` seconds, and
-returns on a :class:`~runner.protocol.Shutdown` message or :meth:`request_stop`.
+returns on a :class:`~runner.protocol.Shutdown` message or :meth:`request_stop`.  A heartbeat
+that falls due while the inbox is still full is sent between two messages, so a role kept
+busy by a stream of messages (a scraper fed by a fast run) is never taken for dead.
 ``tick_interval()`` may lengthen ``TICK`` while a role has nothing to watch, and a role that
 has been idle since its last heartbeat sends the next one after ``IDLE_HEARTBEAT`` only
 (an idle runner must cost close to nothing); a tick and a heartbeat due soon after it share
@@ -213,6 +215,7 @@ class Role:
                 except Exception:  # a bad message must not kill the role
                     self.log.exception("failed to handle %s", message.TYPE)
                 self.flush_outbox()
+                self.heartbeat()  # a full inbox (a run printing fast) never starves it
                 message = self.bus.recv_nowait()
             drained = True  # the inbox was just seen empty (or the loop is stopping)
             now = time.monotonic()

@@ -6,7 +6,8 @@ allows it, its own cgroup (:mod:`runner.cgroups`: CPU quota from ``cpus``, memor
 from ``ram``, ``--run-pids`` processes), with the working directory, environment and
 command SPEC section 5 describes; the GPUs are the devices the fetcher's ledger reserved.
 A run the kernel killed at its memory limit ends failed with ``out of memory: limit …``.  A reader thread per run
-streams stdout+stderr (merged, so their order is kept) to the scraper in whole lines.
+streams stdout and stderr (separate pipes, so that neither cuts a line of the other) to the
+scraper in whole segments (:mod:`runner.output`).
 The loop enforces ``max_duration``, ``time_added + experimentLifetime`` and stop requests
 with SIGTERM to the group, ``--kill-grace``, then SIGKILL.  When the main process has
 exited, whatever it left behind in its group is killed, and the attempt ends with an
@@ -33,6 +34,7 @@ from pathlib import Path
 from .. import cgroups, containers, fates, protocol, sandbox
 from ..environments import script_command
 from ..errors import BadRequest, RunnerError
+from ..output import Segments, join_pieces
 from ..resources import device_list
 from ..units import describe_size
 from .base import Role
@@ -207,7 +209,7 @@ class Executor(Role):
         try:
             process = subprocess.Popen(
                 started_command, cwd=cwd, env=environment,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=True, close_fds=True)
         except OSError as exc:
             if cgroup is not None:
@@ -260,36 +262,39 @@ class Executor(Role):
                                        base=sandbox.environment_for_runs(os.environ)))
 
     def read_output(self, run: Run) -> None:
-        """Reader thread: whole lines of output to the scraper, in order."""
-        fd = run.process.stdout.fileno()
-        pending = b""
+        """Reader thread: whole segments of stdout and stderr (separate pipes, see
+        :mod:`runner.output`) to the scraper, in the order they were read."""
+        streams = {pipe.fileno(): Segments() for pipe in (run.process.stdout, run.process.stderr)}
+        poller = select.poll()
+        for fd in streams:
+            poller.register(fd, select.POLLIN)
         try:
-            while True:
-                data = os.read(fd, READ_SIZE)
-                if not data:
-                    break
-                while len(data) < READ_SIZE and select.select([fd], [], [], 0)[0]:
-                    more = os.read(fd, READ_SIZE)
-                    if not more:
-                        break
-                    data += more
-                data = pending + data
-                cut = data.rfind(b"\n") + 1
-                pending = data[cut:]
-                if cut:
-                    self.post("scraper", protocol.OutputChunk(job_id=run.job.job_id,
-                                                              data=data[:cut]))
+            while streams:
+                pieces: list[tuple[bytes, bool]] = []
+                for fd, _event in poller.poll():
+                    data = os.read(fd, READ_SIZE)
+                    if data:
+                        pieces += streams[fd].feed(data)
+                    else:
+                        pieces += streams.pop(fd).close()
+                        poller.unregister(fd)
+                self.post_output(run, pieces)
         finally:
-            if pending:
-                self.post("scraper", protocol.OutputChunk(job_id=run.job.job_id,
-                                                          data=pending + b"\n"))
+            self.post_output(run, [piece for segments in streams.values()
+                                   for piece in segments.close()])
             run.process.stdout.close()
+            run.process.stderr.close()
             try:  # the output ends as the run exits: let the loop see both at once
                 run.process.wait(self.EXIT_WAIT)
             except subprocess.TimeoutExpired:
                 pass  # something else holds the pipe's end; the next tick finds the exit
             run.output_done.set()
             self.wake(tick=True)
+
+    def post_output(self, run: Run, pieces: list[tuple[bytes, bool]]) -> None:
+        for data, scrape in join_pieces(pieces):
+            self.post("scraper", protocol.OutputChunk(job_id=run.job.job_id, data=data,
+                                                      scrape=scrape))
 
     def stop(self, run: Run, reason: BaseException) -> None:
         """Begin stopping ``run``: SIGTERM to its group now, SIGKILL after the grace."""

@@ -18,15 +18,15 @@ the labels that are due.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import _fast, fates, metadata, protocol
+from .. import _fast, fates, metadata, protocol, strict_json
 from ..jsonpatch import PatchRejected, apply_patch, parse_patch
+from ..output import scrape_view
 from ..redact import Masker, redact_request, secrets_of
 from .base import Role
 from .cache_manager import DOWNLOADED_DIGESTS
@@ -152,7 +152,7 @@ class Scraper(Role):
         if isinstance(message, protocol.OutputChunk):
             attempt = self.attempts.get(message.job_id)
             if attempt is not None:
-                self.scrape(attempt, message.data)
+                self.scrape(attempt, message.data, message.scrape)
         elif isinstance(message, protocol.RunnerLog):
             attempt = self.attempts.get(message.job_id)
             if attempt is not None:
@@ -186,7 +186,7 @@ class Scraper(Role):
         )
         self.attempts[job.job_id] = attempt
         self.wake(tick=True)  # from now on tick every TICK (periodic saves), not IDLE_TICK
-        request_text = json.dumps(redact_request(job.request), indent=1, sort_keys=True)
+        request_text = strict_json.dumps(redact_request(job.request), indent=1, sort_keys=True)
         attempt.runner_log.write(b"request (credentials redacted):\n")
         attempt.runner_log.write(attempt.masker.mask(request_text.encode()) + b"\n")
         self.write_runner_log(attempt, f"attempt {job.job_id} ({job.attempts + 1}) on "
@@ -201,8 +201,9 @@ class Scraper(Role):
         line = f"{stamp}Z {text}\n".encode("utf-8", "replace")
         attempt.runner_log.write(attempt.masker.mask(line))
 
-    def scrape(self, attempt: Attempt, data: bytes) -> None:
-        """Mask, log and merge one chunk of whole output lines."""
+    def scrape(self, attempt: Attempt, data: bytes, scrape: bool = True) -> None:
+        """Mask and log one chunk of whole output segments; unless it is a piece of an
+        overlong line (``scrape`` False), merge its JSON lines (``\\r`` ends a line too)."""
         if not attempt.output_bytes and data:
             # When the scraper saw the run's first output (publish-to-start benchmarks).
             attempt.document["runner"]["first_output"] = metadata.iso_utc(time.time())
@@ -214,6 +215,9 @@ class Scraper(Role):
             attempt.output_artifact = open(Path(attempt.job.workdir) / "output" / "output", "ab")
         attempt.output_artifact.write(data)
         attempt.output_bytes += len(data)
+        if not scrape:
+            return
+        data = scrape_view(data)
         metric = last_json_line(data)
         if metric:
             attempt.last_metric = metric
@@ -234,7 +238,7 @@ class Scraper(Role):
                 handle.flush()
         self.add_metrics_line(attempt)
         temporary = attempt.scrape_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(attempt.document, indent=1, sort_keys=True))
+        temporary.write_text(strict_json.dumps(attempt.document, indent=1, sort_keys=True))
         os.replace(temporary, attempt.scrape_path)
 
     def add_metrics_line(self, attempt: Attempt) -> None:
