@@ -28,6 +28,7 @@ import json
 import os
 import re
 import socket
+from fnmatch import fnmatchcase
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Sequence
@@ -147,6 +148,21 @@ def _choice(*choices: str) -> Callable[[str], str]:
             raise ValueError(f"expected one of {', '.join(choices)}")
         return text
     return parse
+
+
+def _name_patterns(text: str) -> tuple:
+    """Comma-separated shell-style patterns of environment variable names (``*_TOKEN``)."""
+    patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+    for pattern in patterns:
+        if not re.fullmatch(r"[A-Za-z0-9_*?\[\]!]+", pattern):
+            raise ValueError(f"{pattern!r} is not a variable name pattern (letters, digits, _, "
+                             "* ? [ ])")
+    return patterns
+
+
+DEFAULT_SCRUB_ENV = ("*_PASSWORD,*_PASSWD,*_SECRET*,*_TOKEN,*_API_KEY,AWS_ACCESS_KEY_ID,"
+                     "AWS_SECRET_ACCESS_KEY,AWS_SESSION_TOKEN,AWS_SECURITY_TOKEN,"
+                     "GOOGLE_APPLICATION_CREDENTIALS,CLOUDSDK_AUTH_ACCESS_TOKEN")
 
 
 def _path_list(text: str) -> tuple:
@@ -336,6 +352,14 @@ OPTIONS: tuple[Option, ...] = (
            "on SIGTERM, how long to wait for running work to be handed back"),
     Option("python-dirs", _path_list, "", "extra directories searched for pythonX.Y (os.pathsep list)"),
     Option("installer", _choice("auto", "uv", "pip"), "auto", "virtualenv builder: uv when installed, else pip"),
+    Option("pass-env", _name_patterns, "*",
+           "comma-separated patterns of the runner's environment variables an experiment "
+           "may see (an allow-list; --scrub-env and the runner's own option variables are "
+           "taken out of it)"),
+    Option("scrub-env", _name_patterns, DEFAULT_SCRUB_ENV,
+           "comma-separated patterns of environment variables never passed to experiments, "
+           "besides the runner's option variables and the variables their ${VAR} references "
+           "name (a request's config.env may still set them)"),
     Option("metadata-store", _optional_url, "",
            "URL of the metadata store (default: metadata/ in each request's storage)"),
     Option("drain-timeout", _duration, "10m",
@@ -443,6 +467,9 @@ class Config:
     sandbox: str = "auto"
     sandbox_network: str = "on"
     container_runtime: str = "auto"
+    pass_env: tuple = ("*",)
+    scrub_env: tuple = _name_patterns(DEFAULT_SCRUB_ENV)
+    referenced_env: tuple = ()  # variables named by ${VAR} in the EXPANDED options
 
     @property
     def env_dir(self) -> str:
@@ -454,13 +481,32 @@ class Config:
         """The artifact cache (objects/, tmp/), owned by the cache manager."""
         return os.path.join(self.cache_dir, "artifacts")
 
+    def passed_environment(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The variables of ``environ`` an experiment may see: those ``pass_env`` names, less
+        the runner's option variables, the variables the ``${VAR}`` references of its options
+        name, and those ``scrub_env`` names (patterns match names in any case)."""
+        kept_out = ({name for option in OPTIONS for name in option.env_names}
+                    | set(self.referenced_env))
+        allowed = [p.upper() for p in self.pass_env]
+        scrubbed = [p.upper() for p in self.scrub_env]
+        passed = {}
+        for name, value in environ.items():
+            upper = name.upper()
+            if (upper in kept_out or not any(fnmatchcase(upper, p) for p in allowed)
+                    or any(fnmatchcase(upper, p) for p in scrubbed)):
+                continue
+            passed[name] = value
+        return passed
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
         data = json.loads(text)
-        data["python_dirs"] = tuple(data.get("python_dirs", ()))
+        for name in ("python_dirs", "pass_env", "scrub_env", "referenced_env"):
+            if name in data:
+                data[name] = tuple(data[name])
         return cls(**data)
 
     def with_instance(self, instance: str) -> "Config":
@@ -657,6 +703,7 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Resolved:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     file_values: dict[str, str] = {}
+    referenced: list[str] = []
     options_file = next(o for o in OPTIONS if o.name == "options-file")
     file_name = flags.get("options_file") or _lookup(options_file, ("", environ))[0] or ""
     if file_name:
@@ -680,6 +727,7 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Resolved:
             values[option.attr] = None
             continue
         if option.name in EXPANDED:
+            referenced.extend(_VAR_RE.findall(str(raw)))
             raw, missing = expand_vars(str(raw), {**environ, **file_values})
             if missing:
                 problems.append(f"{source}: ${{{'}, ${'.join(missing)}}} not set in the "
@@ -701,6 +749,7 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Resolved:
     values["max_cores"] = values.get("max_cores") or max(1, os.cpu_count() or 1)
     if values.get("max_mem") is None:
         values["max_mem"] = machine_memory()  # the machine's figure (0 when unknown)
+    values["referenced_env"] = tuple(sorted(set(referenced)))
     if values.get("debug"):
         values["log_level"] = "debug"
     if len(values["runtime_dir"]) > 80:

@@ -203,6 +203,36 @@ def _pep503(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+# ``pip freeze`` on Debian and Ubuntu lists this placeholder of the system's patched pip; no
+# index has it, so installing it can only fail.
+DROPPED_REQUIREMENTS = frozenset({"pkg-resources==0.0.0"})
+
+# ``-e <vcs>+<url>`` (an editable checkout of a repository): pip builds it, uv refuses
+# editables that are not local directories.
+_EDITABLE_VCS_RE = re.compile(r"^(?:-e|--editable)(?:\s+|=)(?P<url>(?:git|hg|svn|bzr)\+\S+)$")
+_EGG_RE = re.compile(r"[#&]egg=(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def dropped_requirements(lines: list[str]) -> list[str]:
+    """The lines of ``lines`` that :func:`normalize_requirements` leaves out as known bogus."""
+    return [str(line).strip() for line in lines
+            if _normalize_line(" ".join(str(line).split())) in DROPPED_REQUIREMENTS]
+
+
+def uv_form(line: str) -> str:
+    """``line`` in a form uv installs: an editable repository line
+    ``-e git+https://host/repo.git@ref#egg=name`` becomes the direct reference
+    ``name @ git+https://host/repo.git@ref`` (built and installed, not editable; without
+    ``#egg=`` the bare URL); any other line is returned unchanged."""
+    match = _EDITABLE_VCS_RE.match(line.strip())
+    if match is None:
+        return line
+    url = match.group("url")
+    egg = _EGG_RE.search(url)
+    base = url.split("#", 1)[0]
+    return f"{egg.group('name')} @ {base}" if egg else base
+
+
 def _normalize_line(line: str) -> str:
     m = _NAME_SPEC_RE.match(line)
     if not m:
@@ -231,14 +261,14 @@ def normalize_requirements(lines: list[str]) -> list[str]:
     ``name>=…``, ``name[extra]==…`` and bare ``name`` forms get a lowercase PEP 503 name (and
     extras), no spaces in the specifier, and ``; marker`` spacing made uniform; URLs, ``-e …``,
     ``git+…``, ``file://…`` and ``name @ url`` lines are kept as written. Requirements are
-    deduplicated and sorted.
+    deduplicated and sorted.  Lines in :data:`DROPPED_REQUIREMENTS` are left out.
     """
     options: list[str] = []
     reqs: set[str] = set()
     for raw in lines:
         line = re.sub(r"(^|\s)#.*$", "", str(raw)).strip()
         line = " ".join(line.split())
-        if not line:
+        if not line or _normalize_line(line) in DROPPED_REQUIREMENTS:
             continue
         if line.startswith("-") and not (line.startswith("-e ") or line.startswith("--editable")):
             if line not in options:
@@ -382,6 +412,10 @@ class EnvironmentStore:
         Records the last use on every call.
         """
         interpreter = Path(interpreter)
+        for line in dropped_requirements(list(requirements)):
+            if log is not None:
+                log(f"left out {line!r} (a placeholder pip freeze writes on Debian/Ubuntu; "
+                    "no index has it)")
         reqs = normalize_requirements(list(requirements))
         key = self.key_for(interpreter, reqs)
         hit = self._hit(key)
@@ -421,7 +455,14 @@ class EnvironmentStore:
                            str(interpreter), str(path)], env, emit, key)
             else:
                 self._run([str(interpreter), "-m", "venv", str(path)], env, emit, key)
-            req_file.write_text("".join(line + "\n" for line in reqs))
+            install = reqs
+            if self.installer == "uv":
+                install = [uv_form(line) for line in reqs]
+                for line, form in zip(reqs, install):
+                    if form != line:
+                        emit(f"installing {_mask(line)!r} as {_mask(form)!r} (uv installs "
+                             "editable lines only from local directories)")
+            req_file.write_text("".join(line + "\n" for line in install))
             if reqs:
                 if self.installer == "uv":
                     cmd = [self._uv, "pip", "install", "--no-config", "--python", str(venv_python),
@@ -484,7 +525,7 @@ class EnvironmentStore:
                 why += f" (killed; build_timeout {self.build_timeout:g}s)"
             raise EnvironmentBuildError(
                 f"building environment {key} failed: `{shown}` ended with {why}; last output:\n"
-                + "\n".join(tail))
+                + "\n".join(tail), log_tail="\n".join(tail))
 
     # -- bookkeeping --------------------------------------------------------------------------
 

@@ -59,7 +59,12 @@ class EnvironmentBuildError(RunnerError):
     """The interpreter or virtualenv for an experiment could not be prepared.
 
     Counted as an attempt of the experiment (its requirements are the experiment's own).
+    ``log_tail`` holds the last lines of the installer's output ("" when none ran).
     """
+
+    def __init__(self, message: str, log_tail: str = ""):
+        super().__init__(message)
+        self.log_tail = log_tail
 
 
 class InterpreterNotFound(EnvironmentBuildError):

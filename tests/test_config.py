@@ -351,3 +351,23 @@ def test_other_commands_suggest_too(command: str, argv: list, meant: str) -> Non
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"did you mean {meant}?" in proc.stderr
+
+
+def test_experiments_never_see_option_variables_or_secrets() -> None:
+    environ = {"AMQP_URL": "amqp://u:${RMQ_PASS}@h:5672/", "RMQ_PASS": "pw", "SLACK_HOOK":
+               "https://hooks.example.invalid/x", "QUEUE_MATCH": ".*", "DB_PASSWORD": "p",
+               "GITHUB_TOKEN": "t", "MY_SECRET_THING": "s", "OPENAI_API_KEY": "k",
+               "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_SESSION_TOKEN": "c",
+               "GOOGLE_APPLICATION_CREDENTIALS": "/k.json", "PATH": "/usr/bin", "HOME": "/h",
+               "AWS_REGION_HINT": "kept", "db_password": "lower case too"}
+    config = load([], environ=environ)
+    assert config.referenced_env == ("RMQ_PASS",)
+    assert config.passed_environment(environ) == {"PATH": "/usr/bin", "HOME": "/h",
+                                                  "AWS_REGION_HINT": "kept"}
+    only = load(["--pass-env", "PATH,AWS_*", "--scrub-env", "AWS_SECRET*"], environ={})
+    assert only.passed_environment(environ) == {
+        "PATH": "/usr/bin", "AWS_ACCESS_KEY_ID": "a", "AWS_SESSION_TOKEN": "c",
+        "AWS_REGION_HINT": "kept"}
+    with pytest.raises(ConfigError) as exc:
+        load(["--scrub-env", "GOOD,bad name"], environ={})
+    assert "--scrub-env" in str(exc.value)

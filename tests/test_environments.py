@@ -369,3 +369,61 @@ def test_script_command():
     assert script_command(py, "train.py", ["--n", "3"]) == [str(py), "train.py", "--n", "3"]
     with pytest.raises(BadRequest):
         script_command(py, "-m", [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Requirement lines pip freeze writes
+# ---------------------------------------------------------------------------------------------
+
+def test_pkg_resources_placeholder_is_dropped_and_said(tmp_path, offline, tiny):
+    lines = ["pkg-resources==0.0.0", "pkg_resources==0.0.0", tiny_req(tiny)]
+    assert normalize_requirements(lines) == [tiny_req(tiny)]
+    assert envs.dropped_requirements(lines) == ["pkg-resources==0.0.0", "pkg_resources==0.0.0"]
+    assert normalize_requirements(["pkg-resources==1.0"]) == ["pkg-resources==1.0"]
+    said: list[str] = []
+    env = EnvironmentStore(tmp_path / "store").ensure(Path(sys.executable), lines,
+                                                      log=said.append)
+    assert _import_value(env) == "1.0"
+    assert any("left out 'pkg-resources==0.0.0'" in line for line in said)
+
+
+@pytest.mark.parametrize("line, form", [
+    ("-e git+https://github.com/o/r.git@v1#egg=rpkg", "rpkg @ git+https://github.com/o/r.git@v1"),
+    ("--editable=git+ssh://git@host/r.git#subdirectory=p&egg=x.y", "x.y @ git+ssh://git@host/r.git"),
+    ("-e git+https://host/r.git", "git+https://host/r.git"),
+    ("-e ./local/dir", "-e ./local/dir"),
+    ("numpy==1.26.4", "numpy==1.26.4"),
+])
+def test_uv_form_of_editable_repository_lines(line, form):
+    assert envs.uv_form(line) == form
+
+
+def _git_repository(project: Path) -> Path:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid",
+           "-c", "init.defaultBranch=main"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "tiny"]):
+        subprocess.run(git + args, cwd=project, check=True, capture_output=True)
+    return project
+
+
+@pytest.mark.skipif(not have_uv(), reason="uv missing")
+def test_editable_git_line_is_built_with_uv(tmp_path, offline, tiny):
+    """SPEC lists ``-e git+…`` lines; uv refuses editable repositories, so the store
+    installs them as direct references (a local repository stands in for a remote one)."""
+    repository = _git_repository(tiny)
+    line = f"-e git+{repository.as_uri()}@main#egg=tinypkg"
+    said: list[str] = []
+    env = EnvironmentStore(tmp_path / "store", installer="uv").ensure(
+        Path(sys.executable), [line], log=said.append)
+    assert _import_value(env) == "1.0"
+    assert any("installing" in text and "tinypkg @ git+file://" in text for text in said)
+    marker = json.loads((env.path / envs.MARKER).read_text())
+    assert marker["requirements"] == [line], "the key and the marker keep the line as written"
+
+
+@pytest.mark.parametrize("installer", INSTALLERS)
+def test_failing_build_carries_the_installer_tail(tmp_path, offline, installer):
+    store = EnvironmentStore(tmp_path / "store", installer=installer)
+    with pytest.raises(EnvironmentBuildError) as exc:
+        store.ensure(Path(sys.executable), [f"nosuchpkg @ {(tmp_path / 'gone').as_uri()}"])
+    assert "gone" in exc.value.log_tail and exc.value.log_tail in str(exc.value)

@@ -38,7 +38,7 @@ from .. import containers, fates, protocol
 from ..archive import tree_digest, unpack
 from ..cache import ArtifactCache
 from ..environments import EnvironmentStore, find_interpreter
-from ..errors import DiskBudgetExceeded, RunnerError, StorageError
+from ..errors import DiskBudgetExceeded, EnvironmentBuildError, RunnerError, StorageError
 from ..storage import ObjectMissing, artifact_url, open_for_request
 from ..units import describe_size
 from .base import Role
@@ -132,7 +132,9 @@ class CacheManager(Role):
             outcome = fates.outcome_for_exception(exc)
             log(f"preparation ended: {outcome.error}: {outcome.message}")
             self.release_image(job.job_id)
-            self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome))
+            facts = ({"build_log_tail": exc.log_tail}
+                     if isinstance(exc, EnvironmentBuildError) and exc.log_tail else {})
+            self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome, facts=facts))
             self.phase(job, "ending")
         finally:
             with self.lock:

@@ -22,7 +22,6 @@ cgroup.
 from __future__ import annotations
 
 import os
-import re
 import select
 import signal
 import subprocess
@@ -33,26 +32,26 @@ from pathlib import Path
 
 from .. import cgroups, containers, fates, protocol, sandbox
 from ..environments import script_command
+from ..config import Config
 from ..errors import BadRequest, RunnerError
 from ..output import Segments, join_pieces
 from ..resources import device_list
+from ..storage import request_env
 from ..units import describe_size
 from .base import Role
 
 READ_SIZE = 64 * 1024
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
-_PERCENT_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 _RUNNER_PRIVATE_VARIABLES = ("RUNNER_ROLE_CONFIG",)
 
 
 def experiment_variables(job: protocol.Job, base: dict, home: str | None = None) -> dict:
     """The variables the runner gives every experiment (SPEC section 5.5): ``config.env``
-    (``%NAME%`` expanded from ``base``), ``STUDIOML_*``, the GPUs and thread counts.
-    ``home`` is the attempt's folder as the run sees it (default: ``job.workdir``)."""
-    env = {}
-    for name, value in (job.request.get("config", {}).get("env") or {}).items():
-        env[str(name)] = _PERCENT_VAR.sub(lambda m: base.get(m.group(1), ""), str(value))
+    (``%NAME%`` replaced where ``base`` has NAME, other ``%…%`` text kept), ``STUDIOML_*``,
+    the GPUs and thread counts. ``home`` is the attempt's folder as the run sees it (default:
+    ``job.workdir``)."""
+    env = request_env(job.request, base)
     env["STUDIOML_EXPERIMENT"] = job.key
     env["STUDIOML_HOME"] = home or job.workdir
     env["PYTHONUNBUFFERED"] = "1"
@@ -64,11 +63,17 @@ def experiment_variables(job: protocol.Job, base: dict, home: str | None = None)
     return env
 
 
-def experiment_environment(job: protocol.Job, env_path: str, base: dict | None = None) -> dict:
-    """The environment of an experiment's process (SPEC section 5.5)."""
+def experiment_environment(job: protocol.Job, env_path: str, base: dict | None = None,
+                           config: Config | None = None) -> dict:
+    """The environment of an experiment's process (SPEC section 5.5): the runner's (``base``,
+    default ``os.environ``) less what ``config`` keeps from experiments
+    (:meth:`Config.passed_environment`), then :func:`experiment_variables` (``%NAME%`` from
+    what is passed), then the prepared virtualenv's."""
     base = dict(os.environ if base is None else base)
+    if config is not None:
+        base = config.passed_environment(base)
     env = {k: v for k, v in base.items() if k not in _RUNNER_PRIVATE_VARIABLES}
-    env.update(experiment_variables(job, base))
+    env.update(experiment_variables(job, env))
     env.pop("PYTHONHOME", None)
     env["VIRTUAL_ENV"] = env_path
     env["PATH"] = os.pathsep.join([str(Path(env_path) / "bin"), env.get("PATH", os.defpath)])
@@ -245,21 +250,23 @@ class Executor(Role):
                     f"container runtime {prepared.container} is not usable here")
             launch = containers.Launch(
                 image=prepared.image, command=command, workdir=job.workdir, devices=devices,
-                variables=experiment_variables(job, sandbox.environment_for_runs(os.environ),
-                                               containers.ATTEMPT_MOUNT),
+                variables=experiment_variables(
+                    job, self.config.passed_environment(sandbox.environment_for_runs(os.environ)),
+                    containers.ATTEMPT_MOUNT),
                 network=self.config.sandbox_network == "on")
             self.runner_log(job.job_id, f"in {runtime.name} image {prepared.image}, the "
                                         f"attempt's folder at {containers.ATTEMPT_MOUNT}")
             return runtime.command(launch, dict(os.environ))
         if self.sandbox is None:
-            return command, experiment_environment(job, prepared.env_path)
+            return command, experiment_environment(job, prepared.env_path, config=self.config)
         python_home = Path(os.path.realpath(prepared.python)).parent.parent
         self.runner_log(job.job_id, f"in the {self.sandbox.describe()}")
         return (self.sandbox.wrap(command, workdir=job.workdir, cwd=str(cwd),
                                   readable=[prepared.env_path, str(python_home)],
                                   devices=devices),
                 experiment_environment(job, prepared.env_path,
-                                       base=sandbox.environment_for_runs(os.environ)))
+                                       base=sandbox.environment_for_runs(os.environ),
+                                       config=self.config))
 
     def read_output(self, run: Run) -> None:
         """Reader thread: whole segments of stdout and stderr (separate pipes, see

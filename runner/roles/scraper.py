@@ -275,7 +275,14 @@ class Scraper(Role):
         try:
             attempt = self.attempts.get(ended.job.job_id) or self.open(ended.job)
             runner = attempt.document["runner"]
-            runner.update(ended.facts)
+            facts = dict(ended.facts)
+            if facts.get("build_log_tail"):
+                # The run never started: the installer's last lines are its output.
+                tail = attempt.masker.mask_text(str(facts["build_log_tail"]))
+                facts["build_log_tail"] = tail
+                self.scrape(attempt, b"environment build failed; the installer's last "
+                            b"lines:\n" + tail.encode() + b"\n", scrape=False)
+            runner.update(facts)
             runner.update({"stop": metadata.iso_utc(time.time()),
                            "exit_code": outcome.exit_code,
                            "error": outcome.error, "message": outcome.message,

@@ -50,13 +50,15 @@ def open_store(url: str, *, credentials: dict | None = None,
 
 
 def request_env(request: dict, base: dict | None = None) -> dict:
-    """The request's ``config.env`` with ``%NAME%`` taken from the runner's environment."""
+    """The request's ``config.env`` with ``%NAME%`` replaced by ``base[NAME]`` (default: the
+    runner's environment) where ``base`` has NAME; any other ``%…%`` text (``%Y%m%d``,
+    ``50%off%sale``) is kept as written."""
     base = os.environ if base is None else base
     config = request.get("config") if isinstance(request, dict) else None
     env = (config or {}).get("env") if isinstance(config, dict) else None
     if not isinstance(env, dict):
         return {}
-    return {str(name): _PERCENT_VAR.sub(lambda m: base.get(m.group(1), ""), str(value))
+    return {str(name): _PERCENT_VAR.sub(lambda m: base.get(m.group(1), m.group(0)), str(value))
             for name, value in env.items()}
 
 
