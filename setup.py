@@ -101,6 +101,7 @@ def simdjson_sources() -> tuple[str, str]:
 
 extensions = [
     Extension("runner._fast._base62", ["runner/_fast/_base62.pyx"], optional=False),
+    Extension("runner._fast._masking", ["runner/_fast/_masking.pyx"], optional=False),
     Extension("runner._fast._hashing", ["runner/_fast/_hashing.pyx", "runner/_fast/filehash.c",
                                           *XXHASH_SOURCES],
               include_dirs=["runner/_fast"], optional=False),

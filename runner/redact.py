@@ -7,10 +7,9 @@ inside a longer encoded text such as an HTTP ``Basic`` header), ``KEY=``/``TOKEN
 ``SECRET=``/``PASSWORD=`` style assignments (also as JSON members) and passwords in URLs.
 
 Masking runs in time linear in the input, whatever its shape: every pattern starts at a
-fixed keyword (``key``, ``token``, ``secret``, ``passw``, ``://``) and scans forward only
-over text that ends at the first delimiter, and a text holding none of the keywords and no
-credential is left untouched after a few ``bytes.find`` scans (see ``docs/operations.md``,
-"Masking").
+fixed keyword (``key``, ``token``, ``secret``, ``passw``, ``://``), found with the credential
+forms in one compiled pass (:func:`runner._fast.mask_hits`), and scans forward only over text
+that ends at the first delimiter (see ``docs/operations.md``, "Masking").
 """
 from __future__ import annotations
 
@@ -18,6 +17,8 @@ import base64
 import copy
 import re
 from typing import Iterable
+
+from . import _fast
 
 MASK = "***"
 _MASK = MASK.encode()
@@ -38,7 +39,6 @@ _JSON_SECRET = re.compile(
 # ``scheme://user:password@host``: starts at ``://`` (a scheme character before it); the
 # password runs to the last ``@`` before the path.
 _URL_PASSWORD = re.compile(rb"(?<=[A-Za-z0-9+.-])(://[^:/@\s]*:)[^\s/]*@")
-_KEYWORDS = (b"key", b"token", b"secret", b"passw")
 _CREDENTIAL_KEYS = ("credentials",)
 _MIN_SECRET_LENGTH = 4
 # Shortest base64 text masked for a secret that sits inside a longer encoded value: shorter
@@ -120,38 +120,31 @@ class Masker:
             value = secret.encode("utf-8", "surrogateescape")
             literals.add(value)
             literals.update(encoded_forms(value))
-        # Longest first: where one form is a prefix of another, the longer one is masked.
-        self._literals = sorted(literals, key=len, reverse=True)
+        # Longest first: where forms start at one place, the longest is masked.
+        self._literals = tuple(sorted(literals, key=len, reverse=True))
 
     def mask(self, data: bytes) -> bytes:
         """``data`` with every secret replaced by ``***``.
 
-        Credential values are replaced with ``bytes.replace``; the other patterns are tried
-        only where their keyword is (found with ``bytes.find``), each anchored there and
-        scanning forward to the end of its value at most (never past a line end), so the
-        time is linear in ``len(data)`` whatever its shape."""
-        for literal in self._literals:
-            data = data.replace(literal, _MASK)
-        hits: list[tuple[int, int]] = []
-        lowered = data.lower()
-        for word in _KEYWORDS:
-            position = lowered.find(word)
-            while position >= 0:
-                hits.append((position, 0))
-                position = lowered.find(word, position + len(word))
-        position = data.find(b"://")
-        while position >= 0:
-            hits.append((position, 1))
-            position = data.find(b"://", position + 3)
+        :func:`runner._fast.mask_hits` finds, in one pass, where a keyword, ``://`` or a
+        credential form is; each pattern is tried only there, anchored, and scans forward to
+        the end of its value at most (never past a line end), so the time is linear in
+        ``len(data)`` whatever its shape, and output without any of them is left as it is."""
+        hits = _fast.mask_hits(data, self._literals)
         if not hits:
             return data
-        hits.sort()
+        literals = self._literals
         pieces: list[bytes] = []
         done = 0  # data[:done] is in pieces
         for position, kind in hits:
             if position < done:
                 continue  # inside a value masked already
-            if kind:
+            if kind >= 2:  # a credential form; the longest of those found here comes first
+                pieces.append(data[done:position])
+                pieces.append(_MASK)
+                done = position + len(literals[kind - 2])
+                continue
+            if kind == 1:
                 match = _URL_PASSWORD.match(data, position)
                 replacement = _MASK + b"@"
             else:

@@ -419,3 +419,39 @@ def test_module_exports():
     for name in ("b62encode", "b62decode", "content_hash", "hash_bytes", "merge_object", "merge_lines"):
         assert callable(getattr(fast, name))
     assert IMPLS["pure"].IMPLEMENTATION == "pure"
+
+
+# ---------------------------------------------------------------------------------------------
+# mask_hits: where runner.redact must look
+# ---------------------------------------------------------------------------------------------
+
+MASK_HITS_CASES = [
+    ("nothing", b"epoch 1 loss=0.5\n", (), []),
+    ("keywords any case", b"KEY Token sEcReT PassW passw", (),
+     [(0, 0), (4, 0), (10, 0), (17, 0), (23, 0)]),
+    ("keyword cut at the end", b"ke tok secre pass", (), []),
+    ("url", b"a://b x:/ ://", (), [(1, 1), (10, 1)]),
+    ("literals overlapping and at one place", b"abab abcd", (b"abab", b"ab", b"ba"),
+     [(0, 2), (0, 3), (1, 4), (2, 3), (5, 3)]),
+    ("one-byte and empty literals", b"xyx", (b"x", b""), [(0, 2), (2, 2)]),
+    ("literal at the very end", b"....zz", (b"zz",), [(4, 2)]),
+    ("keyword inside a literal", b"-monkey-", (b"monkey",), [(1, 2), (4, 0)]),
+]
+
+
+@pytest.mark.parametrize("name,data,literals,expected", MASK_HITS_CASES,
+                         ids=[c[0] for c in MASK_HITS_CASES])
+def test_mask_hits_table(impl, name, data, literals, expected):
+    assert impl.mask_hits(data, literals) == sorted(expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_compiled_and_pure_agree_on_mask_hits(seed):
+    compiled = _compiled_or_fail()
+    rng = random.Random(seed)
+    alphabet = b"keyKEYtokenTOKENsecretpasswPASSW:/ab\n\r\x00\xff"
+    literals = tuple(bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+                     for _ in range(rng.randint(0, 6)))
+    for _ in range(50):
+        data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 400)))
+        assert compiled.mask_hits(data, literals) == IMPLS["pure"].mask_hits(data, literals)
