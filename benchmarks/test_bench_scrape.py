@@ -28,7 +28,7 @@ from runner.roles.scraper import Scraper
 
 from .figures import QUICK, record
 
-SUITE = "scrape"
+SUITE = "masked scrape"
 VOLUME = (8 if QUICK else 32) * 1024 * 1024  # bytes per shape
 CHUNK = 256 * 1024
 LENGTHS = (100_000, 200_000, 400_000)  # past the CPU caches, where growth is what is left
