@@ -15,11 +15,12 @@ otherwise :class:`PatchRejected` is raised with the reason and ``doc`` is left u
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from typing import Any, List, Optional
 
 import orjson
+
+from ._fast.jsonlines_py import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ class PatchRejected(ValueError):
         self.op_index = op_index
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def parse_patch(line: bytes) -> Optional[List[dict]]:
     """Return the ops when ``line`` is a JSON array of objects each with string ``op`` and ``path``.
 
@@ -55,10 +52,8 @@ def parse_patch(line: bytes) -> Optional[List[dict]]:
     try:
         ops = orjson.loads(s)
     except orjson.JSONDecodeError:
-        try:
-            ops = json.loads(s.decode("utf-8"), parse_constant=_reject_constant)
-        except (ValueError, RecursionError):
-            return None
+        ops = parse_json(s)  # the merge's rule: wide ints, 1e400, NaN/Infinity
+
     if not isinstance(ops, list) or not ops:
         return None
     for op in ops:

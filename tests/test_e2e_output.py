@@ -56,3 +56,30 @@ def test_metrics_survive_progress_bars_interleaved_streams_and_long_lines(runner
     assert b"stderr between the halves\n" in output
     assert b"x" * 3_000_000 in output, "the long line is still written"
     assert runner.stop() == 0
+
+
+HEAVY_SCRIPT = """
+    import json, random, sys
+    rng = random.Random(1)
+    dna = "".join(rng.choice("ACGT") for _ in range(2_000_000))
+    for i in range(10):  # 20 MB of long token lines (the shape that took masking minutes)
+        print(dna)
+        print(json.dumps({"experiment": {"line": i}}))
+    sys.stdout.write("a" * 5_000_000)  # and an unterminated 5 MB tail at exit
+"""
+
+
+def test_heavy_output_never_starves_the_scraper(runner):
+    runner.start()
+    before = runner.role_pids()
+    request = runner.request(runner.workspace({"heavy.py": HEAVY_SCRIPT}), "heavy.py")
+    runner.publish(request)
+    record = runner.wait_final(request, timeout=240)
+    assert record["status"] == "completed", runner.log()
+    assert runner.role_pids() == before, "no role was taken for dead and restarted"
+    [document] = runner.scrape_documents(request)
+    assert document["experiment"] == {"line": 9}
+    output = (runner.experiment_dir(request) / "_metadata"
+              / metadata.output_name(record["attempt"])).read_bytes()
+    assert len(output) >= 25_000_000 and output.endswith(b"a" * 1000 + b"\n")
+    assert runner.stop() == 0
