@@ -28,8 +28,8 @@ import json
 import os
 import re
 import socket
-from fnmatch import fnmatchcase
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 

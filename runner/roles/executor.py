@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import cgroups, containers, fates, protocol, sandbox
-from ..environments import script_command
 from ..config import Config
+from ..environments import script_command
 from ..errors import BadRequest, RunnerError
 from ..output import Segments, join_pieces
 from ..resources import device_list
