@@ -44,6 +44,8 @@ _MIN_SECRET_LENGTH = 4
 # Shortest base64 text masked for a secret that sits inside a longer encoded value: shorter
 # ones would hide unrelated text.
 _MIN_ENCODED_CORE = 8
+# Shortest line of a multi-line secret masked on its own.
+_MIN_LINE_OF_SECRET = 16
 
 
 def _secret_values(node, inside_secret: bool = False) -> Iterable[str]:
@@ -109,7 +111,8 @@ class Masker:
     """Masks secrets in bytes of output; build one per attempt from its request.
 
     ``secrets`` are literal values (shorter than 4 characters: ignored); each is masked as
-    written and in its base64 forms (:func:`encoded_forms`).  :meth:`mask` takes time linear
+    written, in its base64 forms (:func:`encoded_forms`) and, for a multi-line value, line by
+    line (lines of 16 characters or more).  :meth:`mask` takes time linear
     in its input."""
 
     def __init__(self, secrets: Iterable[str] = ()):
@@ -120,6 +123,9 @@ class Masker:
             value = secret.encode("utf-8", "surrogateescape")
             literals.add(value)
             literals.update(encoded_forms(value))
+            # A multi-line secret (a PEM private key) may reach the scraper a line at a time.
+            literals.update(line.strip() for line in value.splitlines()
+                            if len(line.strip()) >= _MIN_LINE_OF_SECRET)
         # Longest first: where forms start at one place, the longest is masked.
         self._literals = tuple(sorted(literals, key=len, reverse=True))
 

@@ -209,3 +209,11 @@ def test_masking_time_grows_linearly(unit: bytes) -> None:
     _mask_seconds(masker, small)  # warm up
     ratio = _mask_seconds(masker, large) / max(_mask_seconds(masker, small), 1e-6)
     assert ratio < 24, f"{unit!r}: 8x the input took {ratio:.1f}x the time"
+
+
+def test_lines_of_a_multi_line_secret_are_masked_on_their_own() -> None:
+    body = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7"
+    key = f"-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n"
+    masker = Masker([key])
+    assert masker.mask(f"{body}\n".encode()) == b"***\n"
+    assert masker.mask(b"short\n") == b"short\n"
