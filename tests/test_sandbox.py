@@ -341,8 +341,10 @@ def test_executor_runs_python_mode_experiments_in_the_sandbox(runner, bwrap):
     assert seen["work"] == [request["experiment"]["project"]]  # the path to its attempt only
     assert seen["cache"] == ["envs"] and seen["run"] == []  # no artifact cache, no sockets
     assert seen["pids"] <= 3
-    # the runner's secrets stay out, also through %NAME%; the request's own values stay in
-    assert seen["secret_env"] is False and seen["expanded"] == "[]" and seen["options"] == []
+    # the runner's secrets stay out, also through %NAME% (a name the run does not get is
+    # not replaced: kept as written); the request's own values stay in
+    assert seen["secret_env"] is False and seen["expanded"] == "[%RUNNER_API_TOKEN%]"
+    assert seen["options"] == []
     assert seen["own"] is True and seen["plain"] == "plain"
     modeldir = tar_members(runner.experiment_dir(request) / "modeldir.tar")
     assert modeldir["weights.txt"] == b"w=42"
