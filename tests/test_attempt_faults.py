@@ -68,8 +68,9 @@ def job(root: Path) -> protocol.Job:
                         resources={"cpus": 1, "devices": "-1"}, taken_at=0.0)
 
 
-def ended(messages, kind=protocol.AttemptEnded):
-    found = [m for _, m in messages if isinstance(m, kind)]
+def ended(messages, kind=protocol.AttemptEnded, to=None):
+    """The one message of ``kind`` posted (to the role ``to``, when given)."""
+    found = [m for dest, m in messages if isinstance(m, kind) and to in (None, dest)]
     assert len(found) == 1, messages
     return found[0]
 
@@ -96,7 +97,7 @@ def test_a_fault_while_starting_the_run_ends_the_attempt_and_frees_its_slot(
         messages = posted(role)
         outcome = ended(messages).outcome
         assert outcome.status == fates.FAILED and "injected fault" in outcome.message
-        assert ended(messages, protocol.RunEnded).job_id == "host-1"  # the slot is freed
+        assert ended(messages, protocol.RunEnded, to="fetcher").job_id == "host-1"  # slot freed
         assert not role.runs
     finally:
         role.shutdown()
@@ -116,7 +117,7 @@ def test_a_script_outside_the_workspace_is_refused_at_the_start(root) -> None:
         outcome = ended(messages).outcome
         assert (outcome.error, fates.decide(outcome, 0, 3).action) == ("BadRequest", fates.DEAD)
         assert "inside the workspace" in outcome.message
-        assert ended(messages, protocol.RunEnded)
+        assert ended(messages, protocol.RunEnded, to="fetcher")
     finally:
         role.shutdown()
 
