@@ -15,6 +15,8 @@ end with the final ``studioml.status``, it saves the files and asks the uploader
 artifact with its own ``saveFrequency`` (``Job.artifact_save_frequency``; ``_metadata``
 for the metadata files) is uploaded on its own period instead: each periodic request names
 the labels that are due.
+Every JSON object line is also appended, with its time and attempt, to the metric history
+``<workdir>/_metrics/history.jsonl`` (:mod:`runner.history`), uploaded with ``_metrics``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import _fast, fates, metadata, protocol
+from .. import _fast, fates, history, metadata, protocol
 from ..jsonpatch import PatchRejected, apply_patch, parse_patch
 from ..redact import Masker, redact_request, secrets_of
 from .base import Role
@@ -41,6 +43,7 @@ class Attempt:
     masker: Masker
     output_log: BinaryIO
     output_artifact: BinaryIO | None  # opened at the first output, after inputs are placed
+    history: BinaryIO | None  # _metrics/history.jsonl, opened at the first JSON line
     runner_log: BinaryIO
     scrape_path: Path
     next_save: float  # monotonic time the artifacts without their own period are due
@@ -178,6 +181,7 @@ class Scraper(Role):
             masker=Masker(secrets_of(job.request)),
             output_log=open(folder / metadata.output_name(job.job_id), "ab"),
             output_artifact=None,
+            history=None,
             runner_log=open(folder / metadata.runner_log_name(job.job_id), "ab"),
             scrape_path=folder / metadata.scrape_name(job.job_id),
             next_save=time.monotonic() + job.save_frequency,
@@ -217,6 +221,7 @@ class Scraper(Role):
         metric = last_json_line(data)
         if metric:
             attempt.last_metric = metric
+        self.record_history(attempt, data)
         for line in _fast.merge_lines(attempt.document, data):
             operations = parse_patch(line)
             if operations is None:
@@ -226,10 +231,26 @@ class Scraper(Role):
             except PatchRejected as exc:
                 self.write_runner_log(attempt, f"JSON patch refused: {exc}")
 
+    def record_history(self, attempt: Attempt, data: bytes) -> None:
+        """Append the JSON object lines of ``data`` (already masked) to the metric history."""
+        objects = history.json_objects(data)
+        if not objects:
+            return
+        if attempt.history is None:
+            # Opened only now, like the output artifact: an earlier attempt's history may
+            # have been unpacked into the folder, and this attempt's lines go after it.
+            folder = Path(attempt.job.workdir) / history.HISTORY_LABEL
+            folder.mkdir(parents=True, exist_ok=True)
+            attempt.history = open(folder / history.HISTORY_NAME, "ab")
+        attempt.history.write(history.history_lines(
+            objects, time=time.time(), attempt=attempt.job.job_id,
+            attempt_number=attempt.job.attempts + 1))
+
     def save(self, attempt: Attempt) -> None:
         """Flush the logs, add a ``_metrics`` line and rewrite the scrape document
         (atomically)."""
-        for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
+        for handle in (attempt.output_log, attempt.output_artifact, attempt.history,
+                       attempt.runner_log):
             if handle is not None:
                 handle.flush()
         self.add_metrics_line(attempt)
@@ -287,7 +308,8 @@ class Scraper(Role):
                                ended.job.job_id)
         finally:
             if attempt is not None:
-                for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
+                for handle in (attempt.output_log, attempt.output_artifact,
+                               attempt.history, attempt.runner_log):
                     if handle is not None:
                         handle.close()
             self.attempts.pop(ended.job.job_id, None)

@@ -1,0 +1,94 @@
+"""Metric history: every JSON object line an experiment printed, with its time and attempt.
+
+The scraper merges JSON lines into one scrape document (SPEC section 6), which keeps only
+the latest value of each key.  Curves need every value, so the scraper also appends each
+JSON object line to ``<workdir>/_metrics/history.jsonl``; the ``_metrics`` artifact is
+mutable, so the file is uploaded every save period and at the end like the experiment's
+other outputs, and a retry appends to the history of the earlier attempts (the cache
+manager unpacks the stored ``_metrics`` artifact into the next attempt's folder).
+
+One history line (strict JSON, one object per line)::
+
+    {"time": 1700000000.25, "attempt": "host-1r31eq", "attempt_number": 1,
+     "line": {"experiment": {"epoch": 3, "loss": 0.25}}}
+
+``time`` is float unix seconds when the scraper read the line, ``attempt_number`` counts
+from 1, ``line`` is the object as printed (secrets already masked).
+
+Metric names (:func:`numeric_leaves`) are dotted paths of numeric leaves; the user's own
+``experiment`` section loses its prefix (``experiment.loss`` → ``loss``), other top-level
+keys keep theirs, and the runner's own ``runner``/``studioml``/``asset`` are not metrics.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterator
+
+import orjson
+
+#: File name of the history inside the ``_metrics`` artifact.
+HISTORY_NAME = "history.jsonl"
+#: The artifact label it lives in.
+HISTORY_LABEL = "_metrics"
+
+_SEGMENT = re.compile(rb"[\r\n]")
+_RUNNER_KEYS = frozenset(("runner", "studioml", "asset"))
+
+
+def json_objects(chunk: bytes) -> list[dict]:
+    """The JSON objects among the lines of ``chunk`` (split on ``\\n`` and ``\\r``, white
+    space trimmed), in order.  NaN/Infinity and anything not an object are skipped."""
+    if b"{" not in chunk:
+        return []
+    found = []
+    for segment in _SEGMENT.split(chunk):
+        line = segment.strip()
+        if len(line) < 2 or line[0] != 0x7B or line[-1] != 0x7D:
+            continue
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            found.append(value)
+    return found
+
+
+def history_lines(objects: list[dict], *, time: float, attempt: str, attempt_number: int) -> bytes:
+    """``objects`` as history lines (UTF-8, one ``\\n``-terminated JSON object each)."""
+    return b"".join(orjson.dumps({"time": time, "attempt": attempt,
+                                  "attempt_number": attempt_number, "line": obj}) + b"\n"
+                    for obj in objects)
+
+
+def numeric_leaves(document: dict, *, strip_experiment: bool = True) -> Iterator[tuple[str, float]]:
+    """``(name, value)`` for every finite numeric leaf of ``document`` (booleans excluded),
+    named by dotted path as the module docstring says."""
+    def walk(prefix: str, value) -> Iterator[tuple[str, float]]:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield from walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                yield prefix, value
+    for key, value in document.items():
+        if key in _RUNNER_KEYS:
+            continue
+        if key == "experiment" and strip_experiment:
+            yield from walk("", value)
+        else:
+            yield from walk(str(key), value)
+
+
+def parse_history(data: bytes) -> list[dict]:
+    """History lines from the bytes of a ``history.jsonl``; a torn or foreign line is skipped."""
+    found = []
+    for line in data.splitlines():
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(value, dict) and isinstance(value.get("line"), dict):
+            found.append(value)
+    return found
