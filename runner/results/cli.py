@@ -26,7 +26,7 @@ from ..errors import RunnerError
 from ..submit import add_storage_options, storage_access
 from ..units import UnitError, format_size, parse_duration
 from .catalog import Catalog, NotFound
-from .query import EXPORT_FORMATS, export, rows_of, select
+from .query import EXPORT_FORMATS, export, select
 from .sync import connect, sync
 
 #: rich styles of the statuses.

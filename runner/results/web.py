@@ -42,7 +42,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import metadata
 from ..errors import RunnerError, StorageError
-from .catalog import FINAL_STATUSES, Catalog, NotFound
+from .catalog import FINAL_STATUSES, Catalog
 from .query import rows_of
 from .sync import connect, sync
 

@@ -121,7 +121,10 @@ var Results = (function () {
       document.getElementById("no-charts").hidden = names.length > 0;
       var box = document.getElementById("charts");
       names.forEach(function (name) {
-        var series = history[name];
+        // x: the point's number in the history (points of one run are often printed within
+        // the same millisecond, so time would stack them); its time is in the API reply.
+        var times = history[name][0];
+        var series = [times.map(function (_t, i) { return i + 1; }), history[name][1]];
         var chart = charts[name];
         if (chart) {
           chart.setData(series);
@@ -132,8 +135,9 @@ var Results = (function () {
           box.appendChild(holder);
           chart = new uPlot({
             width: 420, height: 220,
-            scales: {x: {time: true}},
-            series: [{}, {label: name, stroke: "#1f77b4", width: 2, points: {show: true, size: 5}}]
+            scales: {x: {time: false}},
+            axes: [{label: "point"}, {}],
+            series: [{label: "point"}, {label: name, stroke: "#1f77b4", width: 2, points: {show: true, size: 5}}]
           }, series, holder);
           charts[name] = chart;
         }
