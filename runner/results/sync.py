@@ -141,9 +141,11 @@ def sync(catalog: Catalog, connection: duckdb.DuckDBPyConnection, *, with_histor
     """
     report = SyncReport()
     reads_before = catalog.reads
+    # Only what the comparisons need; the JSON texts of an unchanged in-flight experiment
+    # are fetched one by one (finished ones, most of a long-lived store, never).
     known = {(row[0], row[1]): row[2:] for row in connection.execute(
-        "SELECT project, key, final, record_etag, record_size, record, scrape_url, scrape_etag,"
-        " scrape_size, scrape, history_etag FROM experiments").fetchall()}
+        "SELECT project, key, final, record_etag, record_size, scrape_url, scrape_etag,"
+        " scrape_size, history_etag FROM experiments").fetchall()}
     finished = {(name[0], name[1], row[1], row[2]) for name, row in known.items() if row[0]}
     infos = catalog.record_infos()
     report.listed = len(infos)
@@ -158,7 +160,7 @@ def sync(catalog: Catalog, connection: duckdb.DuckDBPyConnection, *, with_histor
             report.skipped += 1
         else:
             try:
-                rows = _refresh(catalog, info, name, known.get(name), with_history)
+                rows = _refresh(catalog, connection, info, name, known.get(name), with_history)
             except (StorageError, ValueError) as exc:
                 log.warning("cannot sync %s/%s: %s", name[0], name[1], exc)
                 report.failed += 1
@@ -192,25 +194,30 @@ def sync(catalog: Catalog, connection: duckdb.DuckDBPyConnection, *, with_histor
     return report
 
 
-def _refresh(catalog: Catalog, info, name: tuple[str, str], old: tuple | None,
-             with_history: bool) -> tuple[dict, list[dict], list[dict] | None] | None:
+def _refresh(catalog: Catalog, connection: duckdb.DuckDBPyConnection, info,
+             name: tuple[str, str], old: tuple | None, with_history: bool
+             ) -> tuple[dict, list[dict], list[dict] | None] | None:
     """New rows for one experiment, or None when nothing of it changed.
 
-    ``old`` is its previous row from ``known`` (``final, record_etag, record_size, record,
-    scrape_url, scrape_etag, scrape_size, scrape, history_etag``), or None.
+    ``old`` is its previous row from ``known`` (``final, record_etag, record_size,
+    scrape_url, scrape_etag, scrape_size, history_etag``), or None.
     """
-    record_changed = old is None or (old[1], old[2]) != (info.etag, info.size)
-    record = catalog.read_json(info.url) if record_changed else json.loads(old[3])
+    stored = None
+    if old is not None:
+        stored = connection.execute("SELECT record, scrape FROM experiments WHERE project = ? "
+                                    "AND key = ?", list(name)).fetchone()
+    record_changed = stored is None or (old[1], old[2]) != (info.etag, info.size)
+    record = catalog.read_json(info.url) if record_changed else json.loads(stored[0])
     experiment = Experiment(project=name[0], key=name[1], record_url=info.url, record=record)
     scrape_info = catalog.newest_scrape_info(record)
     scrape_changed = scrape_info is not None and (
-        old is None or (old[4], old[5], old[6]) != (scrape_info.url, scrape_info.etag,
-                                                     scrape_info.size))
+        stored is None or (old[3], old[4], old[5]) != (scrape_info.url, scrape_info.etag,
+                                                        scrape_info.size))
     if scrape_changed:
         catalog.attach_scrape(experiment, scrape_info.url, catalog.read_json(scrape_info.url))
-    elif scrape_info is not None and old is not None and old[7]:
-        catalog.attach_scrape(experiment, scrape_info.url, json.loads(old[7]))
-    history_lines, history_etag = None, (old[8] if old is not None else None)
+    elif scrape_info is not None and stored is not None and stored[1]:
+        catalog.attach_scrape(experiment, scrape_info.url, json.loads(stored[1]))
+    history_lines, history_etag = None, (old[6] if old is not None else None)
     if with_history:
         metrics_info = catalog.history_info(record)
         etag = metrics_info.etag if metrics_info is not None else None
