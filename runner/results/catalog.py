@@ -248,23 +248,6 @@ class Catalog:
         found.metrics = dict(history.numeric_leaves({"experiment": document.get("experiment")})
                              if isinstance(document.get("experiment"), dict) else ())
 
-    def experiments(self, progress: Callable[[int, int], None] | None = None) -> list[Experiment]:
-        """Every experiment with its newest scrape document, sorted by project and key.
-
-        ``progress(done, total)`` is called after each one.  A record that cannot be read
-        is logged and left out (never the whole listing).
-        """
-        infos = self.record_infos()
-        found = []
-        for number, info in enumerate(infos, 1):
-            try:
-                found.append(self.experiment(info))
-            except StorageError as exc:
-                log.warning("cannot read %s: %s", info.url, exc)
-            if progress:
-                progress(number, len(infos))
-        return sorted(found, key=lambda e: (e.project, e.key))
-
     def output_tail(self, record: dict, lines: int = 20) -> str:
         """The last ``lines`` lines of the newest attempt's output log ("" when none)."""
         info = newest(self.metadata_files(record, "output"))

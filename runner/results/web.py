@@ -157,7 +157,11 @@ def build_app(results: Results) -> Starlette:
         project, key = request.path_params["project"], request.path_params["key"]
         label, _, name = request.path_params["path"].partition("/")
         record = (await asyncio.to_thread(results.record, project, key))["record"]
-        urls = {item[0]: item[1] for item in results.catalog.artifacts(record)}
+        try:
+            listed = await asyncio.to_thread(results.catalog.artifacts, record)
+        except StorageError as exc:
+            raise HTTPException(502, f"cannot read the store: {exc}") from None
+        urls = {item[0]: item[1] for item in listed}
         if label not in urls:
             raise HTTPException(404, f"no artifact {label}")
         if label == "_metadata":
