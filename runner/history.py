@@ -12,7 +12,8 @@ One history line (strict JSON, one object per line)::
     {"time": 1700000000.25, "attempt": "host-1r31eq", "attempt_number": 1,
      "line": {"experiment": {"epoch": 3, "loss": 0.25}}}
 
-``time`` is float unix seconds when the scraper read the line, ``attempt_number`` counts
+``time`` is float unix seconds when the scraper read the chunk holding the line (lines read
+together share it; the file's order is the printed order), ``attempt_number`` counts
 from 1, ``line`` is the object as printed (secrets already masked).
 
 Metric names (:func:`numeric_leaves`) are dotted paths of numeric leaves; the user's own
@@ -22,44 +23,51 @@ keys keep theirs, and the runner's own ``runner``/``studioml``/``asset`` are not
 from __future__ import annotations
 
 import math
-import re
 from typing import Iterator
 
 import orjson
+import simdjson
 
 #: File name of the history inside the ``_metrics`` artifact.
 HISTORY_NAME = "history.jsonl"
 #: The artifact label it lives in.
 HISTORY_LABEL = "_metrics"
 
-_SEGMENT = re.compile(rb"[\r\n]")
 _RUNNER_KEYS = frozenset(("runner", "studioml", "asset"))
 
 
-def json_objects(chunk: bytes) -> list[dict]:
-    """The JSON objects among the lines of ``chunk`` (split on ``\\n`` and ``\\r``, white
-    space trimmed), in order.  NaN/Infinity and anything not an object are skipped."""
+def json_object_lines(chunk: bytes) -> list[bytes]:
+    """The lines of ``chunk`` (split on ``\\n`` and ``\\r``, white space trimmed) that are
+    strict JSON objects, in order, as they were printed.
+
+    Checked with simdjson, which builds no Python objects (the scraper's merge has already
+    built the values it keeps): NaN/Infinity, numbers out of range, invalid UTF-8 and
+    anything not an object are left out.
+    """
     if b"{" not in chunk:
         return []
+    parser = simdjson.Parser()
     found = []
-    for segment in _SEGMENT.split(chunk):
+    for segment in chunk.splitlines():  # \n, \r and \r\n end a line
         line = segment.strip()
         if len(line) < 2 or line[0] != 0x7B or line[-1] != 0x7D:
             continue
         try:
-            value = orjson.loads(line)
-        except orjson.JSONDecodeError:
+            document = parser.parse(line)
+        except (ValueError, RuntimeError):
             continue
-        if isinstance(value, dict):
-            found.append(value)
+        is_object = isinstance(document, simdjson.Object)
+        del document  # the parser is reused: no proxy may outlive this line
+        if is_object:
+            found.append(line)
     return found
 
 
-def history_lines(objects: list[dict], *, time: float, attempt: str, attempt_number: int) -> bytes:
-    """``objects`` as history lines (UTF-8, one ``\\n``-terminated JSON object each)."""
-    return b"".join(orjson.dumps({"time": time, "attempt": attempt,
-                                  "attempt_number": attempt_number, "line": obj}) + b"\n"
-                    for obj in objects)
+def history_lines(lines: list[bytes], *, time: float, attempt: str, attempt_number: int) -> bytes:
+    """History lines (UTF-8, ``\\n``-terminated) around the JSON object ``lines`` as printed."""
+    head = orjson.dumps({"time": time, "attempt": attempt, "attempt_number": attempt_number,
+                         "line": 0})[:-2]  # without the placeholder's "0}"
+    return b"".join(head + line + b"}\n" for line in lines)
 
 
 def numeric_leaves(document: dict, *, strip_experiment: bool = True) -> Iterator[tuple[str, float]]:

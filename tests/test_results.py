@@ -46,12 +46,15 @@ def test_every_json_line_is_kept_in_the_history_with_its_time_and_attempt(sweep)
 def test_history_lines_keep_every_json_object_line_split_on_cr_and_lf():
     chunk = (b'{"experiment": {"loss": 1}}\rprogress 50%\r{"experiment": {"loss": 0.5}}\n'
              b'{"bad": NaN}\n[{"op": "add"}]\nplain {text}\n  {"top": {"x": 2}}  \n')
-    objects = history.json_objects(chunk)
-    assert objects == [{"experiment": {"loss": 1}}, {"experiment": {"loss": 0.5}},
-                       {"top": {"x": 2}}]
+    objects = history.json_object_lines(chunk + b'{"big": 1e400}\n{"utf": "\xff"}\n')
+    assert objects == [b'{"experiment": {"loss": 1}}', b'{"experiment": {"loss": 0.5}}',
+                       b'{"top": {"x": 2}}']
     lines = history.parse_history(history.history_lines(objects, time=5.0, attempt="h-1",
                                                         attempt_number=2) + b'{"torn')
-    assert [line["line"] for line in lines] == objects
+    assert [line["line"] for line in lines] == [{"experiment": {"loss": 1}},
+                                                {"experiment": {"loss": 0.5}}, {"top": {"x": 2}}]
+    assert {(line["time"], line["attempt"], line["attempt_number"]) for line in lines} == \
+        {(5.0, "h-1", 2)}
     assert dict(history.numeric_leaves({"experiment": {"loss": 0.5, "ok": True, "name": "x",
                                                         "nested": {"a": 1}},
                                         "top": {"x": 2}, "runner": {"start": 1}})) == \
@@ -152,7 +155,7 @@ def test_export_writes_one_row_per_experiment_and_per_history_point(sweep, tmp_p
         [str(points)]).fetchone()
     assert count == len(RATES) * EPOCHS * 3 and names == ["accuracy", "epoch", "loss"]
     losses = connection.execute(f"SELECT value FROM {reader}(?) WHERE key = 'lr-0' AND "
-                                "name = 'loss' ORDER BY time", [str(points)]).fetchall()
+                                "name = 'loss' ORDER BY point", [str(points)]).fetchall()
     assert [v for (v,) in losses] == [round(1.0 / (1 + 10 * 0.001 * e), 6)
                                       for e in range(1, EPOCHS + 1)]
     unknown = sweep.results("export", str(tmp_path / "runs.xlsx"), check=False)

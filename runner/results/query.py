@@ -94,7 +94,7 @@ def format_of(path: str, given: str | None) -> str:
 def export(connection: duckdb.DuckDBPyConnection, out: str, fmt: str | None = None,
            history_out: str | None = None) -> tuple[int, int]:
     """Write one row per experiment (row columns and one column per metric) to ``out``,
-    and with ``history_out`` one row per history value (``project, key, attempt,
+    and with ``history_out`` one row per history value (``project, key, point, attempt,
     attempt_number, time, name, value``).  Returns the two row counts.
     Raises :class:`RunnerError` for an unknown format or a file DuckDB cannot write.
     """
@@ -119,8 +119,8 @@ def export(connection: duckdb.DuckDBPyConnection, out: str, fmt: str | None = No
             history_options = EXPORT_FORMATS[format_of(history_out, fmt if not any(
                 history_out.lower().endswith(e) for e in _EXTENSIONS) else None)]
             connection.execute(
-                "COPY (SELECT project, key, attempt, attempt_number, time, name, value FROM "
-                f"history ORDER BY project, key, time, name) TO '{_quoted(history_out)}' "
+                "COPY (SELECT project, key, point, attempt, attempt_number, time, name, value "
+                f"FROM history ORDER BY project, key, point, name) TO '{_quoted(history_out)}' "
                 f"({history_options})")
             history_count = connection.execute("SELECT count(*) FROM history").fetchone()[0]
     except duckdb.Error as exc:

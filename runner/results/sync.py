@@ -9,8 +9,10 @@ Tables (times are float unix seconds):
   ``history_etag``;
 * ``metrics``: ``project``, ``key``, ``name``, ``value`` — the final value of every numeric
   metric of the newest scrape document;
-* ``history``: ``project``, ``key``, ``attempt``, ``attempt_number``, ``time``, ``name``,
-  ``value`` — one row per numeric value of every history line (:mod:`runner.history`).
+* ``history``: ``project``, ``key``, ``point``, ``attempt``, ``attempt_number``, ``time``,
+  ``name``, ``value`` — one row per numeric value of every history line
+  (:mod:`runner.history`); ``point`` numbers the lines of one experiment from 1 in the
+  order they were printed (lines read in one chunk share their ``time``).
 
 What a sync reads (the seed's "long-lived ETL"):
 
@@ -52,8 +54,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     scrape_url VARCHAR, scrape_etag VARCHAR, scrape_size BIGINT, history_etag VARCHAR,
     PRIMARY KEY (project, key));
 CREATE TABLE IF NOT EXISTS metrics (project VARCHAR, key VARCHAR, name VARCHAR, value DOUBLE);
-CREATE TABLE IF NOT EXISTS history (project VARCHAR, key VARCHAR, attempt VARCHAR,
-    attempt_number INTEGER, time DOUBLE, name VARCHAR, value DOUBLE);
+CREATE TABLE IF NOT EXISTS history (project VARCHAR, key VARCHAR, point INTEGER,
+    attempt VARCHAR, attempt_number INTEGER, time DOUBLE, name VARCHAR, value DOUBLE);
 """
 
 _COLUMNS = {
@@ -65,7 +67,7 @@ _COLUMNS = {
                     "record_size": "BIGINT", "scrape_url": "VARCHAR", "scrape_etag": "VARCHAR",
                     "scrape_size": "BIGINT", "history_etag": "VARCHAR"},
     "metrics": {"project": "VARCHAR", "key": "VARCHAR", "name": "VARCHAR", "value": "DOUBLE"},
-    "history": {"project": "VARCHAR", "key": "VARCHAR", "attempt": "VARCHAR",
+    "history": {"project": "VARCHAR", "key": "VARCHAR", "point": "INTEGER", "attempt": "VARCHAR",
                 "attempt_number": "INTEGER", "time": "DOUBLE", "name": "VARCHAR",
                 "value": "DOUBLE"},
 }
@@ -123,9 +125,10 @@ def _delete(connection: duckdb.DuckDBPyConnection, names: list[tuple[str, str]],
 def history_rows(project: str, key: str, lines: list[dict]) -> list[dict]:
     """``history`` rows of an experiment's history lines."""
     rows = []
-    for line in lines:
+    for point, line in enumerate(lines, 1):
         for name, value in history_module.numeric_leaves(line["line"]):
-            rows.append({"project": project, "key": key, "attempt": line.get("attempt"),
+            rows.append({"project": project, "key": key, "point": point,
+                         "attempt": line.get("attempt"),
                          "attempt_number": line.get("attempt_number"),
                          "time": line.get("time"), "name": name, "value": value})
     return rows

@@ -94,7 +94,7 @@ class Results:
         with self.lock:
             points = self.connection.execute(
                 "SELECT name, time, value FROM history WHERE project = ? AND key = ? "
-                "ORDER BY name, time", [project, key]).fetchall()
+                "ORDER BY name, point", [project, key]).fetchall()
         series: dict[str, list[list]] = {}
         for name, time, value in points:
             pair = series.setdefault(name, [[], []])

@@ -233,7 +233,7 @@ class Scraper(Role):
 
     def record_history(self, attempt: Attempt, data: bytes) -> None:
         """Append the JSON object lines of ``data`` (already masked) to the metric history."""
-        objects = history.json_objects(data)
+        objects = history.json_object_lines(data)
         if not objects:
             return
         if attempt.history is None:
