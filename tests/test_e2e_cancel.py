@@ -139,3 +139,34 @@ def test_fates_of_cancel_and_of_failures_no_retry_can_fix():
 ])
 def test_installer_output_that_says_the_requirements_cannot_be_met(output, expected):
     assert unsatisfiable(output) is expected
+
+
+@pytest.mark.integration
+def test_cancel_on_a_rabbitmq_queue_acks_both_the_running_and_the_queued_request(broker, runners):
+    from .rabbitmq_support import unique
+    from .support import Runner, short_tempdir
+
+    stem = unique()
+    runner = Runner(short_tempdir(), queue=stem + "q", executors=1, **{
+        "amqp-url": broker.url, "amqp-mgt-url": broker.mgt_url, "queue-match": f"^{stem}"})
+    runners.append(runner)
+    runner.start()
+    try:
+        flag = runner.root / "never"
+        running = runner.request(runner.workspace({"block.py": BLOCKING}), "block.py",
+                                 key="rmq-running", env={"FLAG": str(flag)})
+        queued = runner.request(runner.workspace({"never.py": "print('ran')"}), "never.py",
+                                key="rmq-queued")
+        broker.publish(runner.queue, running)
+        runner.wait_for(lambda: any(job["key"] == "rmq-running" and job["phase"] == "running"
+                                    for job in runner.status()["jobs"]), timeout=90,
+                        what="the run to start")
+        broker.publish(runner.queue, queued)
+        assert "not running here" in runner.ctl("cancel", "rmq-queued", check=True).stdout
+        assert "stopping rmq-running" in runner.ctl("cancel", "rmq-running", check=True).stdout
+        assert runner.wait_final(running)["status"] == "cancelled"
+        record = runner.wait_final(queued)
+        assert record["status"] == "cancelled" and runner.scrape_documents(queued) == []
+        broker.wait_counts(runner.queue, ready=0, unacked=0)
+    finally:
+        broker.delete(runner.queue)
