@@ -241,3 +241,22 @@ def test_runner_submit_follow_streams_the_output_while_it_runs(sweep):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "second part" in out and out.index("second part") < out.index("status: completed")
+
+
+def test_storage_that_cannot_be_read_is_a_clear_error():
+    import socket
+    import subprocess
+    import sys
+
+    from .support import REPO
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "runner.results", "--storage",
+                           f"s3://127.0.0.1:{port}/bucket", "--access-key", "a", "--secret-key",
+                           "b", "list"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and "cannot list" in done.stderr.splitlines()[-1]
+    done = subprocess.run([sys.executable, "-m", "runner.results", "--storage", "/a/path",
+                           "list"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 2 and "not a storage URL" in done.stderr

@@ -166,8 +166,12 @@ class Catalog:
         with tempfile.TemporaryDirectory(prefix="runner-results-") as tmp:
             target = Path(tmp) / "object"
             self.store(url).get(url, target)
-            self.reads += 1
+            self.count_read()
             return target.read_bytes()
+
+    def count_read(self) -> None:
+        with self._lock:
+            self.reads += 1
 
     def read_json(self, url: str) -> dict:
         """The JSON object at ``url``; :class:`StorageError` when it is not one."""
@@ -293,7 +297,7 @@ class Catalog:
         with tempfile.TemporaryDirectory(prefix="runner-results-") as tmp:
             archive = Path(tmp) / "metrics.tar"
             self.store(url).get(url, archive)
-            self.reads += 1
+            self.count_read()
             try:
                 unpack(archive, Path(tmp) / "metrics")
             except ArchiveError as exc:

@@ -25,6 +25,8 @@ What a sync reads (the seed's "long-lived ETL"):
    only when its etag changed;
 4. rows of experiments whose record is gone are deleted.
 
+Objects are read by :data:`READERS` threads at once (reads are I/O-bound, above all on S3).
+
 Everything one sync changes is written in one transaction: a sync that fails leaves the
 file as the previous sync left it.
 """
@@ -34,6 +36,7 @@ import json
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +48,9 @@ from ..errors import StorageError
 from .catalog import Catalog, Experiment
 
 log = logging.getLogger(__name__)
+
+#: Threads reading objects during one sync.
+READERS = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -144,8 +150,8 @@ def sync(catalog: Catalog, connection: duckdb.DuckDBPyConnection, *, with_histor
     """
     report = SyncReport()
     reads_before = catalog.reads
-    # Only what the comparisons need; the JSON texts of an unchanged in-flight experiment
-    # are fetched one by one (finished ones, most of a long-lived store, never).
+    # Only what the comparisons need; the JSON texts are loaded for the experiments to look
+    # at again only (finished ones, most of a long-lived store, never).
     known = {(row[0], row[1]): row[2:] for row in connection.execute(
         "SELECT project, key, final, record_etag, record_size, scrape_url, scrape_etag,"
         " scrape_size, history_etag FROM experiments").fetchall()}
@@ -153,31 +159,49 @@ def sync(catalog: Catalog, connection: duckdb.DuckDBPyConnection, *, with_histor
     infos = catalog.record_infos()
     report.listed = len(infos)
     seen: set[tuple[str, str]] = set()
-    changed: list[tuple[str, str]] = []
-    experiment_rows, metric_rows, history_out = [], [], []
-    history_replaced: list[tuple[str, str]] = []
-    for number, info in enumerate(infos, 1):
+    todo = []
+    for info in infos:
         name = catalog.name_of(info.url)
         seen.add(name)
         if (name[0], name[1], info.etag, info.size) in finished:
             report.skipped += 1
         else:
-            try:
-                rows = _refresh(catalog, connection, info, name, known.get(name), with_history)
-            except (StorageError, ValueError) as exc:
-                log.warning("cannot sync %s/%s: %s", name[0], name[1], exc)
+            todo.append((info, name))
+    stored = _stored_documents(connection, [name for _, name in todo if name in known])
+
+    def refresh(item):
+        info, name = item
+        try:
+            return name, _refresh(catalog, info, name, known.get(name), stored.get(name),
+                                  with_history)
+        except (StorageError, ValueError) as exc:
+            log.warning("cannot sync %s/%s: %s", name[0], name[1], exc)
+            return name, exc
+
+    changed: list[tuple[str, str]] = []
+    experiment_rows, metric_rows, history_out = [], [], []
+    history_replaced: list[tuple[str, str]] = []
+    done = report.skipped
+    if progress:
+        progress(done, len(infos))
+    # Reads are I/O: a few threads overlap them (the store and the catalog are thread-safe).
+    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="sync") as pool:
+        for name, rows in pool.map(refresh, todo):
+            done += 1
+            if progress:
+                progress(done, len(infos))
+            if isinstance(rows, Exception):
                 report.failed += 1
-                rows = None
-            if rows is not None:
-                experiment_row, metrics, history_lines = rows
-                changed.append(name)
-                experiment_rows.append(experiment_row)
-                metric_rows.extend(metrics)
-                if history_lines is not None:
-                    history_replaced.append(name)
-                    history_out.extend(history_rows(name[0], name[1], history_lines))
-        if progress:
-            progress(number, len(infos))
+                continue
+            if rows is None:
+                continue
+            experiment_row, metrics, history_lines = rows
+            changed.append(name)
+            experiment_rows.append(experiment_row)
+            metric_rows.extend(metrics)
+            if history_lines is not None:
+                history_replaced.append(name)
+                history_out.extend(history_rows(name[0], name[1], history_lines))
     gone = [name for name in known if name not in seen]
     report.refreshed, report.deleted = len(changed), len(gone)
     with tempfile.TemporaryDirectory(prefix="runner-sync-") as folder:
@@ -197,18 +221,30 @@ def sync(catalog: Catalog, connection: duckdb.DuckDBPyConnection, *, with_histor
     return report
 
 
-def _refresh(catalog: Catalog, connection: duckdb.DuckDBPyConnection, info,
-             name: tuple[str, str], old: tuple | None, with_history: bool
+def _stored_documents(connection: duckdb.DuckDBPyConnection, names: list[tuple[str, str]]
+                      ) -> dict[tuple[str, str], tuple[str, str | None]]:
+    """``(record, scrape)`` JSON texts of the experiments ``names`` already in the tables."""
+    if not names:
+        return {}
+    connection.execute("CREATE OR REPLACE TEMP TABLE wanted (project VARCHAR, key VARCHAR)")
+    connection.executemany("INSERT INTO wanted VALUES (?, ?)", names)
+    found = {(row[0], row[1]): (row[2], row[3]) for row in connection.execute(
+        "SELECT e.project, e.key, e.record, e.scrape FROM experiments e "
+        "JOIN wanted w USING (project, key)").fetchall()}
+    connection.execute("DROP TABLE wanted")
+    return found
+
+
+def _refresh(catalog: Catalog, info, name: tuple[str, str], old: tuple | None,
+             stored: tuple[str, str | None] | None, with_history: bool
              ) -> tuple[dict, list[dict], list[dict] | None] | None:
     """New rows for one experiment, or None when nothing of it changed.
 
     ``old`` is its previous row from ``known`` (``final, record_etag, record_size,
-    scrape_url, scrape_etag, scrape_size, history_etag``), or None.
+    scrape_url, scrape_etag, scrape_size, history_etag``) and ``stored`` its record and
+    scrape JSON texts, or None for an experiment not synced before.  Reads only through
+    ``catalog`` (called from several threads).
     """
-    stored = None
-    if old is not None:
-        stored = connection.execute("SELECT record, scrape FROM experiments WHERE project = ? "
-                                    "AND key = ?", list(name)).fetchone()
     record_changed = stored is None or (old[1], old[2]) != (info.etag, info.size)
     record = catalog.read_json(info.url) if record_changed else json.loads(stored[0])
     experiment = Experiment(project=name[0], key=name[1], record_url=info.url, record=record)
