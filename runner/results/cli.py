@@ -147,7 +147,7 @@ def console() -> Console:
     return out if out.is_terminal else Console(width=400, no_color=True)
 
 
-def progress_bar(what: str, out: Console | None = None) -> Progress:
+def progress_bar(what: str) -> Progress:
     """A progress bar on stderr (shown only when stderr is a terminal)."""
     return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=Console(stderr=True), transient=True,
@@ -299,9 +299,6 @@ COMMANDS = {"list": command_list, "show": command_show, "fetch": command_fetch,
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="runner-results: %(message)s")
     args = build_parser().parse_args(argv)
-    for name in ("project", "status", "since"):
-        if not hasattr(args, name):
-            setattr(args, name, None)
     try:
         catalog = open_catalog(args)
         try:
