@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("cancel needs the experiment's KEY")
     if args.command == "watch":
         if args.view not in VIEWS:
-            parser.error(f"watch: no view {args.view!r} (views: {', '.join(VIEWS)})")
+            parser.error(f"argument view: invalid choice: '{args.view}' (choose from "
+                         f"{', '.join(repr(v) for v in VIEWS)})")
         return watch(args, args.view)
     command = args.command if args.command in COMMANDS else "status"
     extra = None

@@ -13,7 +13,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import storage as storage_module
+from ..config import OptionParser, env_value
 from ..errors import RunnerError
 from ..submit import add_storage_options, storage_access
 from ..units import UnitError, format_size, parse_duration
@@ -38,14 +38,14 @@ BASE_COLUMNS = ("key", "project", "status", "attempts", "host", "start", "durati
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
         prog="runner-results",
         description="Look at the experiments a runner finished or is running: list, show, "
                     "compare, fetch, export, sync into DuckDB, serve a web page.")
     add_storage_options(parser)
-    parser.add_argument("--metadata-store", default=os.environ.get("METADATA_STORE", ""),
+    parser.add_argument("--metadata-store", default=env_value("metadata-store"),
                         help="URL of the metadata store when the runner was given one "
-                             "(default: metadata/ under --storage) [env METADATA_STORE]")
+                             "(default: metadata/ under --storage) [env RUNNER_METADATA_STORE]")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def listing_options(sub: argparse.ArgumentParser) -> None:
