@@ -102,13 +102,17 @@ class Experiment:
 
     @property
     def start(self) -> float | None:
-        value = self.runner.get("start")
-        return float(value) if isinstance(value, (int, float)) else None
+        """Unix seconds the newest attempt started (the scrape document's ISO time)."""
+        return metadata.unix_seconds(self.runner.get("start"))
 
     @property
     def stop(self) -> float | None:
-        value = self.runner.get("stop")
-        return float(value) if isinstance(value, (int, float)) else None
+        return metadata.unix_seconds(self.runner.get("stop"))
+
+    @property
+    def updated(self) -> float | None:
+        """Unix seconds the record was last written."""
+        return metadata.unix_seconds(self.record.get("updated"))
 
     @property
     def duration(self) -> float | None:
@@ -116,8 +120,8 @@ class Experiment:
         update while it runs)."""
         if self.start is None:
             return None
-        end = self.stop if self.stop is not None else self.record.get("updated")
-        return max(0.0, float(end) - self.start) if isinstance(end, (int, float)) else None
+        end = self.stop if self.stop is not None else self.updated
+        return max(0.0, end - self.start) if end is not None else None
 
     def row(self) -> dict:
         """The experiment as one flat row (what ``list`` and ``export`` show)."""
@@ -125,7 +129,7 @@ class Experiment:
                 "final": self.final, "attempts": int(self.record.get("attempts") or 0),
                 "attempt": self.record.get("attempt") or "", "host": self.record.get("host") or "",
                 "start": self.start, "stop": self.stop, "duration": self.duration,
-                "updated": self.record.get("updated")}
+                "updated": self.updated}
 
 
 class Catalog:
