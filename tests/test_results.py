@@ -262,3 +262,9 @@ def test_storage_that_cannot_be_read_is_a_clear_error():
     done = subprocess.run([sys.executable, "-m", "runner.results", "--storage", "/a/path",
                            "list"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 2 and "not a storage URL" in done.stderr
+
+
+def test_list_json_gives_times_as_iso_utc(sweep):
+    [row] = sweep.results_json("compare", "lr-1", "--json")
+    assert row["start"].endswith("Z") and row["updated"].endswith("Z")
+    assert row["start"] <= row["stop"] <= row["updated"]

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .. import metadata
 from .. import storage as storage_module
 from ..config import OptionParser, env_value
 from ..errors import RunnerError
@@ -32,6 +33,9 @@ from .sync import connect, sync
 #: rich styles of the statuses.
 STATUS_STYLES = {"completed": "green", "running": "yellow", "failed": "red bold",
                  "expired": "magenta", "cancelled": "bright_black", "queued": "cyan"}
+
+#: Row columns that hold times (unix seconds in the tables, ISO-8601 in --json output).
+TIME_COLUMNS = ("start", "stop", "updated")
 
 #: Columns every listing has before the metric columns.
 BASE_COLUMNS = ("key", "project", "status", "attempts", "host", "start", "duration")
@@ -178,7 +182,10 @@ def format_cell(column: str, value) -> str:
 
 def print_rows(rows: list[dict], metrics: list[str], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(rows, indent=1))
+        # Times as the runner writes them (ISO-8601 UTC), like runner-ctl --json.
+        print(json.dumps([{name: metadata.iso_utc(value) if name in TIME_COLUMNS
+                           and value is not None else value for name, value in row.items()}
+                          for row in rows], indent=1))
         return
     table = Table(show_lines=False)
     for column in (*BASE_COLUMNS, *metrics):
