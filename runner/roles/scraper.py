@@ -43,10 +43,10 @@ class Attempt:
     masker: Masker
     output_log: BinaryIO
     output_artifact: BinaryIO | None  # opened at the first output, after inputs are placed
-    history: BinaryIO | None  # _metrics/history.jsonl, opened at the first JSON line
     runner_log: BinaryIO
     scrape_path: Path
     next_save: float  # monotonic time the artifacts without their own period are due
+    history: BinaryIO | None = None  # _metrics/history.jsonl, opened at the first JSON line
     next_saves: dict = field(default_factory=dict)  # label -> when its own period is due
     json_lines: int = 0
     output_bytes: int = 0
