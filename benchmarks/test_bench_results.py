@@ -2,7 +2,7 @@
 
 A ``file://`` store is filled with what the runner leaves for 10,000 experiments (1,000 with
 ``BENCH_QUICK=1``): the metadata-store record, the scrape document, output and runner logs of
-one attempt, and a ``_metrics`` tar holding a 5-point history.  All but 10 are final; the 10
+one attempt, and its 5-point metric history (``metrics-host-<attempt>.jsonl``).  All but 10 are final; the 10
 are running.  The first sync into a DuckDB file reads everything; then the 10 running ones
 finish (new record, scrape document and history) and a second sync runs.
 
@@ -13,11 +13,8 @@ Run: python3 -m pytest benchmarks/test_bench_results.py -q -s
 """
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -37,16 +34,10 @@ POINTS = 5
 START = 1_700_000_000
 
 
-def _history(key: str, attempt: str, points: int) -> bytes:
-    lines = b"".join(json.dumps({"time": START + n, "attempt": attempt, "attempt_number": 1,
-                                 "line": {"experiment": {"epoch": n, "loss": 1 / (n + 1)}}}
-                                ).encode() + b"\n" for n in range(points))
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        info = tarfile.TarInfo("history.jsonl")
-        info.size = len(lines)
-        tar.addfile(info, io.BytesIO(lines))
-    return buffer.getvalue()
+def _history(attempt: str, points: int) -> bytes:
+    return b"".join(json.dumps({"time": START + n, "attempt": attempt, "attempt_number": 1,
+                                "line": {"experiment": {"epoch": n, "loss": 1 / (n + 1)}}}
+                               ).encode() + b"\n" for n in range(points))
 
 
 def write_experiment(root: Path, number: int, *, final: bool, points: int) -> int:
@@ -69,7 +60,7 @@ def write_experiment(root: Path, number: int, *, final: bool, points: int) -> in
     (folder / "_metadata" / metadata.scrape_name(attempt)).write_text(json.dumps(scrape))
     (folder / "_metadata" / metadata.output_name(attempt)).write_text("epoch\n" * points)
     (folder / "_metadata" / metadata.runner_log_name(attempt)).write_text("request\n")
-    (folder / "_metrics.tar").write_bytes(_history(key, attempt, points))
+    (folder / "_metadata" / metadata.metrics_name(attempt)).write_bytes(_history(attempt, points))
     records = root / "metadata" / "bench"
     records.mkdir(parents=True, exist_ok=True)
     (records / f"{key}.json").write_text(json.dumps({

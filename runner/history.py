@@ -2,10 +2,11 @@
 
 The scraper merges JSON lines into one scrape document (SPEC section 6), which keeps only
 the latest value of each key.  Curves need every value, so the scraper also appends each
-JSON object line to ``<workdir>/_metrics/history.jsonl``; the ``_metrics`` artifact is
-mutable, so the file is uploaded every save period and at the end like the experiment's
-other outputs, and a retry appends to the history of the earlier attempts (the cache
-manager unpacks the stored ``_metrics`` artifact into the next attempt's folder).
+JSON object line to a fourth per-attempt metadata file,
+``<workdir>/_metadata/metrics-host-<attempt>.jsonl`` (:func:`runner.metadata.metrics_name`),
+uploaded with the other ``_metadata`` files every save period and at the end.  It is not
+put in the ``_metrics`` artifact: the StudioML client reads ``_metrics`` as the one file
+the runner writes there (SPEC section 11), and a second file would turn it into a folder.
 
 One history line (strict JSON, one object per line)::
 
@@ -14,7 +15,8 @@ One history line (strict JSON, one object per line)::
 
 ``time`` is float unix seconds when the scraper read the chunk holding the line (lines read
 together share it; the file's order is the printed order), ``attempt_number`` counts
-from 1, ``line`` is the object as printed (secrets already masked).
+from 1, ``line`` is the object as printed (secrets already masked).  An experiment's
+history is its attempts' files in the order of their base62 stamps.
 
 Metric names (:func:`numeric_leaves`) are dotted paths of numeric leaves; the user's own
 ``experiment`` section loses its prefix (``experiment.loss`` → ``loss``), other top-level
@@ -28,10 +30,6 @@ from typing import Iterator
 import orjson
 import simdjson
 
-#: File name of the history inside the ``_metrics`` artifact.
-HISTORY_NAME = "history.jsonl"
-#: The artifact label it lives in.
-HISTORY_LABEL = "_metrics"
 
 _RUNNER_KEYS = frozenset(("runner", "studioml", "asset"))
 
@@ -90,7 +88,7 @@ def numeric_leaves(document: dict, *, strip_experiment: bool = True) -> Iterator
 
 
 def parse_history(data: bytes) -> list[dict]:
-    """History lines from the bytes of a ``history.jsonl``; a torn or foreign line is skipped."""
+    """History lines from the bytes of a history file; a torn or foreign line is skipped."""
     found = []
     for line in data.splitlines():
         try:

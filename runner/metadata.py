@@ -113,6 +113,11 @@ def scrape_name(attempt_id: str) -> str:
     return f"scrape-host-{attempt_id}.json"
 
 
+def metrics_name(attempt_id: str) -> str:
+    """The attempt's metric history (:mod:`runner.history`)."""
+    return f"metrics-host-{attempt_id}.jsonl"
+
+
 def strip_archive_suffix(key_or_url: str) -> str:
     """``experiments/X/_metadata.tar`` → ``experiments/X/_metadata``."""
     return _ARCHIVE_SUFFIX.sub("", key_or_url)

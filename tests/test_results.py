@@ -36,6 +36,9 @@ def test_every_json_line_is_kept_in_the_history_with_its_time_and_attempt(sweep)
         assert [line["line"]["experiment"]["epoch"] for line in lines] == list(range(1, EPOCHS + 1))
         assert {line["attempt"] for line in lines} == {experiment.record["attempt"]}
         assert all(line["attempt_number"] == 1 for line in lines)
+        # Beside the scrape document, not in _metrics: the client reads that as one file.
+        assert catalog.history_infos(experiment.record)[0].url == experiment.scrape_url.replace(
+            "/scrape-host-", "/metrics-host-").replace(".json", ".jsonl")
         times = [line["time"] for line in lines]
         # The document's times are ISO strings cut to milliseconds.
         assert times == sorted(times)
@@ -130,8 +133,11 @@ def test_show_gives_the_record_scrape_output_tail_and_artifacts(sweep):
 def test_fetch_downloads_and_unpacks_the_artifacts(sweep, tmp_path):
     done = sweep.results("fetch", "lr-4", str(tmp_path / "out"))
     assert (tmp_path / "out" / "modeldir" / "model.txt").read_text() == "lr=0.1"
-    assert (tmp_path / "out" / "_metrics" / "history.jsonl").is_file()
-    assert any(p.name.startswith("scrape-host-") for p in (tmp_path / "out" / "_metadata").iterdir())
+    # _metrics keeps the one file the StudioML client reads as a file (SPEC section 11).
+    assert [p.name for p in (tmp_path / "out" / "_metrics").iterdir()] == ["_metrics"]
+    names = [p.name for p in (tmp_path / "out" / "_metadata").iterdir()]
+    assert {name.split("-host-")[0] for name in names} == {"scrape", "output", "runner",
+                                                           "metrics"}, names
     assert "modeldir" in done.stdout
     only = sweep.results("fetch", "lr-5", str(tmp_path / "one"), "--label", "modeldir")
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["modeldir"], only.stdout

@@ -10,8 +10,9 @@ or a metadata store URL.  It holds:
   from the record's request: ``scrape-host-<attempt>.json``, ``output-host-<attempt>.log``,
   ``runner-host-<attempt>.log``; the newest attempt is the one with the highest base62
   stamp (the last ``-`` field of the attempt id: ``<hostname>-<base62 seconds>``);
-* the mutable artifacts (``modeldir``, ``output``, ``_metrics``, …) as tars; the metric
-  history is ``history.jsonl`` inside ``_metrics`` (:mod:`runner.history`).
+* the metric history of each attempt, ``metrics-host-<attempt>.jsonl`` beside them
+  (:mod:`runner.history`);
+* the mutable artifacts (``modeldir``, ``output``, ``_metrics``, …) as tars.
 
 Records carry no credentials (they are redacted), so the catalog reads every URL with the
 credentials it was opened with (artifact-style ``{"aws": {...}}``/``{"gcp": {...}}`` and a
@@ -32,8 +33,8 @@ from typing import Callable, Iterable
 
 from .. import _fast, history, metadata
 from ..archive import unpack
-from ..errors import ArchiveError, RunnerError, StorageError
-from ..storage import ObjectInfo, artifact_url, open_store
+from ..errors import RunnerError, StorageError
+from ..storage import ObjectInfo, ObjectMissing, artifact_url, open_store
 from ..storage.base import Store
 
 log = logging.getLogger(__name__)
@@ -228,12 +229,14 @@ class Catalog:
         return metadata.metadata_prefix_url(request) if isinstance(request, dict) else None
 
     def metadata_files(self, record: dict, kind: str) -> list[ObjectInfo]:
-        """The ``kind`` files (``scrape``, ``output``, ``runner``) of every attempt."""
+        """The ``kind`` files (``scrape``, ``output``, ``runner``, ``metrics``) of every
+        attempt, in the order of their base62 stamps."""
         prefix = self.metadata_prefix(record)
         if not prefix:
             return []
         listing = f"{prefix}/{kind}-host-"
-        return self.store(listing).list_info(listing)
+        return sorted(self.store(listing).list_info(listing),
+                      key=lambda info: (stamp_of(info.url), info.url))
 
     def newest_scrape_info(self, record: dict) -> ObjectInfo | None:
         """The newest attempt's scrape document, by stamp."""
@@ -283,31 +286,23 @@ class Catalog:
         return found
 
     def history(self, record: dict) -> list[dict]:
-        """The metric history (:mod:`runner.history`), oldest first; ``[]`` when none."""
-        info = self.history_info(record)
-        if info is None:
-            return []
-        return self.read_history(info.url)
+        """The metric history (:mod:`runner.history`) of every attempt, oldest first."""
+        return self.read_history(self.history_infos(record))
 
-    def history_info(self, record: dict) -> ObjectInfo | None:
-        """The ``_metrics`` artifact holding the history, or None when not stored."""
-        request = record.get("request") if isinstance(record.get("request"), dict) else {}
-        artifact = ((request.get("experiment") or {}).get("artifacts") or {}).get(history.HISTORY_LABEL)
-        url = artifact_url(artifact) if isinstance(artifact, dict) else None
-        return self.store(url).stat(url) if url else None
+    def history_infos(self, record: dict) -> list[ObjectInfo]:
+        """The history files of the experiment's attempts, oldest attempt first."""
+        return self.metadata_files(record, "metrics")
 
-    def read_history(self, url: str) -> list[dict]:
-        """History lines from the ``_metrics`` tar at ``url``."""
-        with tempfile.TemporaryDirectory(prefix="runner-results-") as tmp:
-            archive = Path(tmp) / "metrics.tar"
-            self.store(url).get(url, archive)
-            self.count_read()
+    def read_history(self, infos: list[ObjectInfo]) -> list[dict]:
+        """History lines of the files ``infos``, in that order; a file gone meanwhile is
+        left out."""
+        lines: list[dict] = []
+        for info in infos:
             try:
-                unpack(archive, Path(tmp) / "metrics")
-            except ArchiveError as exc:
-                raise StorageError(f"{url}: {exc}") from exc
-            path = Path(tmp) / "metrics" / history.HISTORY_NAME
-            return history.parse_history(path.read_bytes()) if path.is_file() else []
+                lines.extend(history.parse_history(self.read_bytes(info.url)))
+            except ObjectMissing:
+                continue
+        return lines
 
     def fetch(self, record: dict, dest: Path, labels: Iterable[str] | None = None,
               progress: Callable[[str, int], None] | None = None) -> list[tuple[str, Path]]:

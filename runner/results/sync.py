@@ -21,8 +21,9 @@ What a sync reads (the seed's "long-lived ETL"):
    without any further call (a set over ``(project, key, etag, size)`` held in memory);
 3. for the others the record is read only when its etag or size changed; the newest
    scrape document (by base62 stamp) is found with one listing and read only when its
-   URL, etag or size changed; the ``_metrics`` artifact is stat'ed and its history read
-   only when its etag changed;
+   URL, etag or size changed; its history files (``metrics-host-*.jsonl``, one per
+   attempt) are listed with one more call and read only when one of them is new or
+   changed;
 4. rows of experiments whose record is gone are deleted.
 
 Objects are read by :data:`READERS` threads at once (reads are I/O-bound, above all on S3).
@@ -258,10 +259,11 @@ def _refresh(catalog: Catalog, info, name: tuple[str, str], old: tuple | None,
         catalog.attach_scrape(experiment, scrape_info.url, json.loads(stored[1]))
     history_lines, history_etag = None, (old[6] if old is not None else None)
     if with_history:
-        metrics_info = catalog.history_info(record)
-        etag = metrics_info.etag if metrics_info is not None else None
+        infos = catalog.history_infos(record)
+        etag = ";".join(f"{info.url.rsplit('/', 1)[-1]}:{info.etag}:{info.size}"
+                        for info in infos) or None
         if etag != history_etag:
-            history_lines = catalog.read_history(metrics_info.url) if metrics_info else []
+            history_lines = catalog.read_history(infos)
             history_etag = etag
     if not (record_changed or scrape_changed or history_lines is not None):
         return None

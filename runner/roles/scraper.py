@@ -16,7 +16,8 @@ artifact with its own ``saveFrequency`` (``Job.artifact_save_frequency``; ``_met
 for the metadata files) is uploaded on its own period instead: each periodic request names
 the labels that are due.
 Every JSON object line is also appended, with its time and attempt, to the metric history
-``<workdir>/_metrics/history.jsonl`` (:mod:`runner.history`), uploaded with ``_metrics``.
+``_metadata/metrics-host-<id>.jsonl`` (:mod:`runner.history`), uploaded with the other
+metadata files.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class Attempt:
     runner_log: BinaryIO
     scrape_path: Path
     next_save: float  # monotonic time the artifacts without their own period are due
-    history: BinaryIO | None = None  # _metrics/history.jsonl, opened at the first JSON line
+    history: BinaryIO | None = None  # metrics-host-<id>.jsonl, opened at the first JSON line
     next_saves: dict = field(default_factory=dict)  # label -> when its own period is due
     json_lines: int = 0
     output_bytes: int = 0
@@ -236,12 +237,9 @@ class Scraper(Role):
         objects = history.json_object_lines(data)
         if not objects:
             return
-        if attempt.history is None:
-            # Opened only now, like the output artifact: an earlier attempt's history may
-            # have been unpacked into the folder, and this attempt's lines go after it.
-            folder = Path(attempt.job.workdir) / history.HISTORY_LABEL
-            folder.mkdir(parents=True, exist_ok=True)
-            attempt.history = open(folder / history.HISTORY_NAME, "ab")
+        if attempt.history is None:  # opened at the first line: no file without a line
+            attempt.history = open(attempt.scrape_path.parent
+                                   / metadata.metrics_name(attempt.job.job_id), "ab")
         attempt.history.write(history.history_lines(
             objects, time=time.time(), attempt=attempt.job.job_id,
             attempt_number=attempt.job.attempts + 1))
