@@ -396,20 +396,31 @@ class Fetcher(Role):
         identity = request_identity(delivery.queue, facts.project, facts.key, request)
         if self.redelivered(backend, delivery, identity, facts.key):
             return
+        if self.cancelled_before_run(backend, delivery, request, facts):
+            return
         if self.expired(backend, delivery, request, facts):
             return
         self.start_or_park(Parked(backend, delivery, request, facts, identity, "", 0.0))
+
+    def cancelled_before_run(self, backend: Queue, delivery: Delivery, request: dict,
+                             facts: RequestFacts) -> bool:
+        """Ack a request ``runner-ctl cancel`` named before it ran (recorded ``cancelled``);
+        True if so."""
+        if not (self.cancel_on_take and self.cancelled_on_take(facts.project, facts.key)):
+            return False
+        self.log.warning("key=%s cancelled by runner-ctl cancel before it ran; acked as "
+                         "cancelled", facts.key)
+        try:
+            self.record(request, fates.CANCELLED, "", delivery.attempts, final=True)
+        except RunnerError as exc:
+            self.log.error("key=%s metadata record not written: %s", facts.key, exc)
+        self.settle_delivery(backend, delivery, fates.ACK, "cancelled", delivery.attempts)
+        return True
 
     def expired(self, backend: Queue, delivery: Delivery, request: dict,
                 facts: RequestFacts) -> bool:
         """Ack a request whose lifetime has ended (recorded ``expired``); True if so."""
         now = time.time()
-        if self.cancel_on_take and self.cancelled_on_take(facts.project, facts.key):
-            self.log.warning("key=%s cancelled by runner-ctl cancel before it ran; acked as "
-                             "cancelled", facts.key)
-            self.record(request, fates.CANCELLED, "", delivery.attempts, final=True)
-            self.settle_delivery(backend, delivery, fates.ACK, "cancelled", delivery.attempts)
-            return
         stale_at = facts.stale_at
         if stale_at is None or stale_at > now:
             return False
