@@ -6,7 +6,7 @@ import sys
 
 from benchmarks.figures import results_path
 
-ORDER = ["scrape", "base62", "hashing", "bus", "environments", "dispatch", "footprint"]
+ORDER = ["scrape", "base62", "hashing", "bus", "environments", "dispatch", "footprint", "results"]
 
 
 def main() -> int:

@@ -16,6 +16,8 @@ Commands (the same code paths as the signals, see :mod:`runner.supervisor`):
 * ``drain [--stay]`` — like SIGTERM: take no new work, let running experiments finish
   within ``--drain-timeout``, hand the rest back, then exit (``--stay``: stay up drained);
 * ``resume`` — undo a ``runner-ctl drain``;
+* ``cancel KEY [--project P]`` — stop experiment KEY (queued or running): it ends
+  ``cancelled``, is acked and is not retried;
 * ``stop`` — like a second SIGTERM: hand everything back now and exit;
 * ``reload`` — like SIGHUP: read the options again and apply the live ones.
 
@@ -63,7 +65,7 @@ class NoSupervisor(TimeoutError):
 
 
 VIEWS = ("status", "roles", "health", "running", "queues", "free")
-COMMANDS = ("drain", "resume", "stop", "reload")
+COMMANDS = ("drain", "resume", "stop", "reload", "cancel")
 
 
 def request(runtime_dir: str, command: str, timeout: float = 5.0,
@@ -230,16 +232,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=0, help="watch: stop after N redraws")
     parser.add_argument("--stay", action="store_true",
                         help="drain: stay up once drained (runner-ctl resume to take work again)")
+    parser.add_argument("--project", default="",
+                        help="cancel: only the experiment KEY of this project")
     parser.add_argument("command", choices=VIEWS + COMMANDS + ("watch",), help="what to ask")
-    parser.add_argument("view", nargs="?", choices=VIEWS, default="status",
-                        help="watch: the view to redraw")
+    parser.add_argument("view", nargs="?", default="status",
+                        help="watch: the view to redraw; cancel: the experiment's KEY")
     args = parser.parse_args(argv)
+    if args.command == "cancel" and args.view == "status":
+        parser.error("cancel needs the experiment's KEY")
     if args.command == "watch":
+        if args.view not in VIEWS:
+            parser.error(f"argument view: invalid choice: '{args.view}' (choose from "
+                         f"{', '.join(repr(v) for v in VIEWS)})")
         return watch(args, args.view)
     command = args.command if args.command in COMMANDS else "status"
+    extra = None
+    if args.command == "drain" and args.stay:
+        extra = {"stay": True}
+    elif args.command == "cancel":
+        extra = {"key": args.view, "project": args.project}
     try:
-        reply = request(args.runtime_dir, command, args.timeout,
-                        args={"stay": True} if args.command == "drain" and args.stay else None)
+        reply = request(args.runtime_dir, command, args.timeout, args=extra)
     except (TimeoutError, ProtocolError, zmq.ZMQError) as exc:
         print(f"runner-ctl: {exc}", file=sys.stderr)
         return 1

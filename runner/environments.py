@@ -28,9 +28,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from .errors import BadRequest, ConfigError, EnvironmentBuildError, InterpreterNotFound
+from .errors import (BadRequest, ConfigError, EnvironmentBuildError, InterpreterNotFound,
+                     RequirementsUnsatisfiable)
 
 logger = logging.getLogger(__name__)
 
@@ -523,7 +524,8 @@ class EnvironmentStore:
             why = f"exit status {rc}"
             if rc < 0 and self.build_timeout is not None:
                 why += f" (killed; build_timeout {self.build_timeout:g}s)"
-            raise EnvironmentBuildError(
+            failure = RequirementsUnsatisfiable if unsatisfiable(tail) else EnvironmentBuildError
+            raise failure(
                 f"building environment {key} failed: `{shown}` ended with {why}; last output:\n"
                 + "\n".join(tail), log_tail="\n".join(tail))
 
@@ -649,6 +651,25 @@ def split_args(args: list[str]) -> list[str]:
     if in_word:
         words.append("".join(cur))
     return words
+
+
+# What uv and pip print when the requirements cannot be met whatever the retry: a
+# requirement that does not exist, or pins that conflict.
+_UNSATISFIABLE = re.compile(
+    r"No solution found when resolving dependencies|requirements are unsatisfiable"
+    r"|Distribution not found at|No matching distribution found|ResolutionImpossible"
+    r"|conflicting dependencies|Could not find a version that satisfies|Invalid requirement")
+# ... unless the host could not reach the index: that may pass.
+_NETWORK = re.compile(r"network was disabled|Failed to fetch|error sending request|dns error"
+                      r"|Connection refused|NewConnectionError|timed out|Temporary failure",
+                      re.IGNORECASE)
+
+
+def unsatisfiable(output: Iterable[str]) -> bool:
+    """True when an installer's output says its requirements cannot be met (and not that
+    the package index was out of reach)."""
+    text = "\n".join(output)
+    return bool(_UNSATISFIABLE.search(text)) and not _NETWORK.search(text)
 
 
 def script_command(python: Path, filename: str, args: list[str]) -> list[str]:

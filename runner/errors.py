@@ -67,6 +67,15 @@ class EnvironmentBuildError(RunnerError):
         self.log_tail = log_tail
 
 
+class RequirementsUnsatisfiable(EnvironmentBuildError):
+    """The installer said the requirements cannot be met: a requirement that does not exist
+    (no such package or version, a missing ``file://`` path) or pins that conflict.
+
+    Retrying cannot help: the request ends ``failed`` after this attempt, whatever
+    ``--max-attempts`` says (:func:`runner.fates.decide`).
+    """
+
+
 class InterpreterNotFound(EnvironmentBuildError):
     """No local interpreter of the requested ``pythonver`` exists."""
 

@@ -33,6 +33,11 @@ class ExperimentFailed(errors.RunnerError):
     """The experiment's process exited non-zero."""
 
 
+class ScriptMissing(ExperimentFailed):
+    """The request's ``filename`` is not in its workspace: no attempt could ever start it,
+    so the request ends ``failed`` at once (not retried)."""
+
+
 class OutOfMemory(ExperimentFailed):
     """The kernel killed the run for exceeding its memory limit (its ``ram``).
 
@@ -55,10 +60,16 @@ class ClientStopped(errors.RunnerError):
     acked ``cancelled`` (final)."""
 
 
+class Cancelled(errors.RunnerError):
+    """``runner-ctl cancel`` stopped the attempt (or the request was taken after it): the
+    request ends ``cancelled``, is acked and is not retried."""
+
+
 STOP_CAUSES: dict[str, type[errors.RunnerError]] = {
     "shutdown": ShutdownRequested,
     "queue_deleted": QueueDeleted,
     "client_stopped": ClientStopped,
+    "cancelled": Cancelled,
 }
 """``StopRuns.cause`` → the exception that ends the stopped attempts."""
 
@@ -82,8 +93,11 @@ _STATUS_BY_ERROR = {
     RoleCrashed: CANCELLED,
     QueueDeleted: CANCELLED,
     ClientStopped: CANCELLED,
+    Cancelled: CANCELLED,
 }
 _DEAD_ERRORS = {"BadRequest"}
+_NOT_RETRIED_ERRORS = {"RequirementsUnsatisfiable", "ScriptMissing"}
+"""Failures of the request's own that no retry can fix: counted, then acked as failed."""
 _UNCOUNTED_ERRORS = {"StorageError", "ObjectMissing", "ResourcesUnavailable",
                      "ShutdownRequested", "RoleCrashed"}
 _PERMANENT_ERRORS = {"PermanentStorageError"}
@@ -131,7 +145,7 @@ def outcome_for_exception(exc: BaseException, exit_code: int | None = None) -> O
     error = type(exc).__name__
     for cls in type(exc).__mro__:  # report the family name the rules are written in
         if cls.__name__ in _UNCOUNTED_ERRORS | _DEAD_ERRORS | _PERMANENT_ERRORS | {
-                "QueueDeleted", "ClientStopped"}:
+                "QueueDeleted", "ClientStopped", "Cancelled"}:
             error = cls.__name__
             break
     return Outcome(status=status, error=error, message=str(exc), exit_code=exit_code)
@@ -154,9 +168,13 @@ class Decision:
 
 def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
            upload_error: str = "", queue_deleted: bool = False,
-           requeues_before: int = 0, max_requeues: int = 0) -> Decision:
+           requeues_before: int = 0, max_requeues: int = 0,
+           cancelled: bool = False) -> Decision:
     """The fate of a request whose attempt ended with ``outcome``.
 
+    * ``runner-ctl cancel`` reached the attempt (``cancelled``, or it was stopped with
+      :class:`Cancelled`): acked, never retried; ``cancelled`` unless it had already
+      completed or expired (then that status stays);
     * the request's queue was deleted while it ran (``queue_deleted``, or the attempt was
       stopped with :class:`QueueDeleted`): a completed or expired attempt is still acked
       (a no-op on a deleted queue, but the record says what happened); anything else is
@@ -172,8 +190,14 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
       after ``max_requeues`` such hand-backs (``requeues_before`` made; 0: no bound) the
       request ends failed;
     * completed and expired attempts are acked, but only once their uploads succeeded;
-    * failures count; they are requeued until ``max_attempts``, then acked as failed.
+    * failures count; they are requeued until ``max_attempts``, then acked as failed;
+      a failure no retry can fix (requirements that cannot be met, a script missing from
+      the workspace) is acked as failed at once.
     """
+    if cancelled or outcome.error == "Cancelled":
+        if outcome.status in (COMPLETED, EXPIRED) and not upload_error:
+            return Decision(ACK, attempts_before, outcome.status, outcome.status)
+        return Decision(ACK, attempts_before, CANCELLED, "cancelled by runner-ctl cancel")
     if queue_deleted or outcome.error == "QueueDeleted":
         if outcome.status in (COMPLETED, EXPIRED) and not upload_error:
             return Decision(ACK, attempts_before, outcome.status, outcome.status)
@@ -209,6 +233,9 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
         return Decision(REQUEUE, attempts, outcome.status,
                         f"handed back ({outcome.error or outcome.status}): {outcome.message}",
                         backoff=backoff)
+    if outcome.error in _NOT_RETRIED_ERRORS:
+        return Decision(ACK, attempts, FAILED, f"failed, not retried ({outcome.error}: "
+                                               f"no retry can fix it)")
     if attempts >= max_attempts:
         return Decision(ACK, attempts, FAILED, f"failed {attempts} of {max_attempts} attempts")
     return Decision(REQUEUE, attempts, FAILED, f"attempt {attempts} of {max_attempts} failed")

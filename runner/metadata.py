@@ -44,6 +44,24 @@ def iso_utc(seconds: float) -> str:
     moment = datetime.fromtimestamp(seconds, timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
+
+def unix_seconds(value) -> float | None:
+    """Unix seconds from a time as the runner writes it (:func:`iso_utc`; older documents
+    hold plain float seconds); None for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value:
+        try:
+            moment = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z")
+                                            else value)
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.timestamp()
+    return None
+
+
 log = logging.getLogger(__name__)
 
 _ARCHIVE_SUFFIX = re.compile(r"\.(tar(\.(gz|bz2|xz|zst))?|tgz|tbz2|txz|tzst)$")
@@ -92,6 +110,11 @@ def runner_log_name(attempt_id: str) -> str:
 
 def scrape_name(attempt_id: str) -> str:
     return f"scrape-host-{attempt_id}.json"
+
+
+def metrics_name(attempt_id: str) -> str:
+    """The attempt's metric history (:mod:`runner.history`)."""
+    return f"metrics-host-{attempt_id}.jsonl"
 
 
 def strip_archive_suffix(key_or_url: str) -> str:

@@ -155,13 +155,25 @@ class StopRuns(Message):
 
     ``cause`` names why, as :func:`runner.fates.stop_exception` understands it
     (``shutdown``: handed back uncounted; ``queue_deleted``: the user aborted the run;
-    ``client_stopped``: the StudioML client marked the record stopped).
+    ``client_stopped``: the StudioML client marked the record stopped; ``cancelled``:
+    ``runner-ctl cancel``).
     """
 
     TYPE: ClassVar[str] = "stop_runs"
     reason: str = "shutdown"
     job_ids: list = field(default_factory=list)
     cause: str = "shutdown"
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    """Supervisor → fetcher (``runner-ctl cancel``): stop the attempts of experiment ``key``
+    (in ``project`` when not empty) and end them ``cancelled``; a request of that key not
+    held here is acked as ``cancelled`` when this runner takes it."""
+
+    TYPE: ClassVar[str] = "cancel"
+    key: str
+    project: str = ""
 
 
 @dataclass(frozen=True)
@@ -321,7 +333,7 @@ class CtlReply(Message):
 _NESTED = {"Job": Job, "Outcome": Outcome, "Job | None": Job, "Outcome | None": Outcome}
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Heartbeat, Shutdown, StopTaking, StartTaking, Reload, StopRuns, Adopt,
+    for cls in (Heartbeat, Shutdown, StopTaking, StartTaking, Reload, StopRuns, Cancel, Adopt,
                 JobAssigned, AttemptOpened, JobPrepared, OutputChunk, RunnerLog, AttemptEnded,
                 UploadRequest, RecordState, JobDone, RunEnded,
                 JobPhase, QueueStats, CtlRequest, CtlReply)

@@ -33,9 +33,6 @@ from . import storage as storage_module
 from .storage import open_store
 from .units import UnitError, parse_duration, parse_size
 
-FINAL_STATUSES = ("completed", "failed", "expired")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OptionParser(
         prog="runner-submit",
@@ -43,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("directory", help="the workspace: the experiment's code")
     parser.add_argument("script", help="script to run, relative to DIRECTORY; '-m' runs "
                                        "module ARGS[0]")
-    parser.add_argument("args", nargs="*",
-                        help="arguments for the script; put them after '--' when any "
-                             "starts with '-'")
+    parser.add_argument("args", nargs=argparse.REMAINDER,
+                        help="arguments for the script: everything after SCRIPT is passed to "
+                             "it untouched (runner-submit's own options go before DIRECTORY; "
+                             "a '--' right after SCRIPT is dropped)")
     env = os.environ.get
     parser.add_argument("--queue", default=env("SUBMIT_QUEUE", "local_default"),
                         help="queue name: local_*, rmq_*, sqs_*, or a Pub/Sub topic as "
@@ -71,6 +69,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-root", default=env_value("queue-root",
                                                           str(default_data_root() / "queues")),
                         help="root of local_* queues [env RUNNER_QUEUE_ROOT, QUEUE_ROOT]")
+    add_storage_options(parser)
+    parser.add_argument("--project", default=None, help="project id (default: directory name)")
+    parser.add_argument("--key", default=None, help="experiment key (default: generated)")
+    parser.add_argument("--pythonenv", default=None,
+                        help="requirements file (default: DIRECTORY/requirements.txt if present)")
+    parser.add_argument("--pip", action="append", default=[], help="extra requirement line")
+    parser.add_argument("--python-version", default=f"{sys.version_info[0]}.{sys.version_info[1]}",
+                        help="pythonver of the experiment (default: this interpreter's)")
+    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--gpus", type=int, default=0)
+    parser.add_argument("--ram", default="1gb", help="memory, e.g. 2gb or 2gib")
+    parser.add_argument("--hdd", default="10gb", help="disk budget for downloads and unpacking")
+    parser.add_argument("--gpu-mem", default="0", help="GPU memory needed on each device")
+    parser.add_argument("--max-duration", default=None, help="wall-clock limit, e.g. 20m")
+    parser.add_argument("--lifetime", default=None, help="experimentLifetime, e.g. 2h")
+    parser.add_argument("--save-frequency", default="1m", help="saveWorkspaceFrequency")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable for the experiment (repeatable)")
+    parser.add_argument("--wait", action="store_true", help="follow the experiment to its end; "
+                        "when it does not complete, print its error and last output lines")
+    parser.add_argument("--follow", action="store_true",
+                        help="with --wait (implied): stream the experiment's output while it "
+                             "runs (in steps of its save period)")
+    parser.add_argument("--wait-timeout", default="1h", help="give up waiting after this long")
+    return parser
+
+
+def add_storage_options(parser: argparse.ArgumentParser) -> None:
+    """The storage options ``runner-submit`` and ``runner-results`` share: ``--storage``
+    and the credentials to reach it (read back by :func:`storage_access`)."""
+    env = os.environ.get
     parser.add_argument("--storage", default=env("SUBMIT_STORAGE",
                                                  (default_data_root() / "storage").as_uri()),
                         help="storage URL for artifacts (default: file:// under the data root) "
@@ -89,26 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--s3-ca", default=env_value("s3-ca"), help="CA bundle for the S3 host")
     parser.add_argument("--s3-cert", default=env_value("s3-cert"), help="client certificate for S3")
     parser.add_argument("--s3-key", default=env_value("s3-key"), help="key of --s3-cert")
-    parser.add_argument("--project", default=None, help="project id (default: directory name)")
-    parser.add_argument("--key", default=None, help="experiment key (default: generated)")
-    parser.add_argument("--pythonenv", default=None,
-                        help="requirements file (default: DIRECTORY/requirements.txt if present)")
-    parser.add_argument("--pip", action="append", default=[], help="extra requirement line")
-    parser.add_argument("--python-version", default=f"{sys.version_info[0]}.{sys.version_info[1]}",
-                        help="pythonver of the experiment (default: this interpreter's)")
-    parser.add_argument("--cpus", type=int, default=1)
-    parser.add_argument("--gpus", type=int, default=0)
-    parser.add_argument("--ram", default="1gb", help="memory, e.g. 2gb or 2gib")
-    parser.add_argument("--hdd", default="10gb", help="disk budget for downloads and unpacking")
-    parser.add_argument("--gpu-mem", default="0", help="GPU memory needed on each device")
-    parser.add_argument("--max-duration", default=None, help="wall-clock limit, e.g. 20m")
-    parser.add_argument("--lifetime", default=None, help="experimentLifetime, e.g. 2h")
-    parser.add_argument("--save-frequency", default="1m", help="saveWorkspaceFrequency")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="environment variable for the experiment (repeatable)")
-    parser.add_argument("--wait", action="store_true", help="follow the experiment to its end")
-    parser.add_argument("--wait-timeout", default="1h", help="give up waiting after this long")
-    return parser
 
 
 def storage_access(args: argparse.Namespace) -> tuple[dict | None, dict]:
@@ -272,12 +281,57 @@ def _store_for(request: dict, url: str):
     return storage_module.open_for_request(url, request, artifact)
 
 
-def wait_for(request: dict, timeout: float) -> int:
-    """Follow the experiment's metadata record until its fate is final; print the result."""
+#: Output lines shown when an experiment does not complete.
+TAIL_LINES = 20
+
+
+class Follower:
+    """Streams the output log of the experiment's current attempt as it is uploaded.
+
+    The runner uploads ``output-host-<attempt>.log`` every save period
+    (``saveWorkspaceFrequency``, at least ``--min-save-interval``) and at the end, so
+    output appears in steps of one save period.  A new attempt starts a new log, which is
+    followed from its beginning.
+    """
+
+    def __init__(self, request: dict, out=None):
+        self.request = request
+        self.prefix = metadata.metadata_prefix_url(request)
+        self.out = out or sys.stdout
+        self.attempt = ""
+        self.offset = 0
+
+    def poll(self, attempt: str, tmp: Path) -> None:
+        """Print what was added to ``attempt``'s output log since the last poll."""
+        if not attempt or not self.prefix:
+            return
+        if attempt != self.attempt:
+            self.attempt, self.offset = attempt, 0
+        url = f"{self.prefix}/{metadata.output_name(attempt)}"
+        store = _store_for(self.request, url)
+        info = store.stat(url)
+        if info is None or info.size <= self.offset:
+            return
+        store.get(url, tmp / "output.log")
+        data = (tmp / "output.log").read_bytes()
+        self.out.write(data[self.offset:].decode("utf-8", "replace"))
+        self.out.flush()
+        self.offset = len(data)
+
+
+def wait_for(request: dict, timeout: float, follow: bool = False) -> int:
+    """Follow the experiment's metadata record until its fate is final; print the result.
+
+    With ``follow`` the output of each attempt is streamed to stdout while it runs
+    (:class:`Follower`).  Returns 0 when it completed, 1 when it ended otherwise, 3 when
+    ``timeout`` seconds passed first.
+    """
     url = metadata.record_url(request)
     store = _store_for(request, url)
     deadline = time.monotonic() + timeout
     shown = None
+    follower = Follower(request) if follow else None
+    interval = 1.0 if follow else 0.2
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "record.json"
         while time.monotonic() < deadline:
@@ -291,38 +345,58 @@ def wait_for(request: dict, timeout: float) -> int:
                 shown = state
                 print(f"status: {state[0]}" + (f" (attempt {state[1]})" if state[1] else "")
                       + (f": {state[2]}" if state[2] else ""), file=sys.stderr, flush=True)
+            if follower is not None and record:
+                follower.poll(record.get("attempt") or "", Path(tmp))
             if record and record.get("final"):
-                return show_result(request, record, Path(tmp))
-            time.sleep(0.2)
+                return show_result(request, record, Path(tmp), follower)
+            time.sleep(interval)
     print(f"runner-submit: gave up waiting after {timeout:.0f}s", file=sys.stderr)
     return 3
 
 
-def show_result(request: dict, record: dict, tmp: Path) -> int:
+def show_result(request: dict, record: dict, tmp: Path, follower: Follower | None = None) -> int:
+    """Print the final status and scrape document; for an experiment that did not complete,
+    one plain line ``<status>: <error>: <message>`` and the last :data:`TAIL_LINES` output
+    lines (unless ``follower`` already printed the output)."""
     prefix = metadata.metadata_prefix_url(request)
-    print(f"status: {record['status']} (last attempt {record.get('attempt') or '-'}; "
+    status = record["status"]
+    print(f"status: {status} (last attempt {record.get('attempt') or '-'}; "
           f"failed attempts counted: {record['attempts']})")
+    document = {}
     if record.get("attempt") and prefix:
         url = f"{prefix}/{metadata.scrape_name(record['attempt'])}"
         store = _store_for(request, url)
         if store.stat(url) is not None:
             store.get(url, tmp / "scrape.json")
+            document = json.loads((tmp / "scrape.json").read_text())
             print(f"scrape document ({url}):")
-            print(json.dumps(json.loads((tmp / "scrape.json").read_text()), indent=2))
+            print(json.dumps(document, indent=2))
     if prefix:
         print(f"metadata files under {prefix}/")
     print(f"outputs under {prefix.rsplit('/', 1)[0] if prefix else '?'}/")
-    return 0 if record["status"] == "completed" else 1
+    if status == "completed":
+        return 0
+    runner = document.get("runner") if isinstance(document.get("runner"), dict) else {}
+    error = runner.get("error") or "no error recorded"
+    message = " ".join(str(runner.get("message") or record.get("reason") or "").split())
+    print(f"{status}: {error}: {message}" if message else f"{status}: {error}")
+    if follower is not None:
+        follower.poll(record.get("attempt") or "", tmp)
+    elif record.get("attempt") and prefix:
+        url = f"{prefix}/{metadata.output_name(record['attempt'])}"
+        store = _store_for(request, url)
+        if store.stat(url) is not None:
+            store.get(url, tmp / "output.log")
+            lines = (tmp / "output.log").read_text(errors="replace").splitlines()[-TAIL_LINES:]
+            print(f"last {len(lines)} output lines:")
+            print("\n".join(lines))
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    script_args = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, script_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
-    args.args = list(args.args) + script_args
+    args.args = list(args.args)
     try:
         for size in (args.ram, args.hdd, args.gpu_mem):
             parse_size(size)
@@ -352,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"submitted experiment {key} (project {project}) to {args.queue} as {name}",
           file=sys.stderr)
     print(key)
-    if args.wait:
-        return wait_for(request, wait_timeout)
+    if args.wait or args.follow:
+        return wait_for(request, wait_timeout, follow=args.follow)
     return 0
 
 

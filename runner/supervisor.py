@@ -700,7 +700,7 @@ class Supervisor:
                 reply = protocol.CtlReply(ok=False, error=str(exc))
             self.control.send_multipart([identity, empty, protocol.encode(reply)])
 
-    CONTROL_COMMANDS = ("status", "drain", "resume", "stop", "reload")
+    CONTROL_COMMANDS = ("status", "drain", "resume", "stop", "reload", "cancel")
 
     def control_command(self, request: protocol.CtlRequest) -> protocol.CtlReply:
         command = request.command
@@ -717,12 +717,32 @@ class Supervisor:
             ok, message = self.request_resume("runner-ctl resume")
             return protocol.CtlReply(ok=ok, data={"message": message},
                                      error="" if ok else message)
+        if command == "cancel":
+            return self.request_cancel(str(request.args.get("key") or ""),
+                                       str(request.args.get("project") or ""))
         if command == "reload":
             ok, message = self.request_reload("runner-ctl reload")
             return protocol.CtlReply(ok=ok, data={"message": message},
                                      error="" if ok else message)
         return protocol.CtlReply(ok=False, error=f"unknown command {command!r} "
                                                  f"(known: {', '.join(self.CONTROL_COMMANDS)})")
+
+    def request_cancel(self, key: str, project: str) -> protocol.CtlReply:
+        """``runner-ctl cancel KEY``: the fetcher stops its attempts (or acks the request as
+        cancelled when it takes it); the reply names the attempts being stopped."""
+        if not key:
+            return protocol.CtlReply(ok=False, error="cancel needs the experiment's key")
+        self.bus.send("fetcher", protocol.Cancel(key=key, project=project))
+        attempts = sorted(job_id for job_id, entry in self.jobs.items()
+                          if entry["job"].key == key
+                          and (not project or entry["job"].project == project))
+        if attempts:
+            message = f"stopping {key}: attempt {', '.join(attempts)} ends cancelled"
+        else:
+            message = (f"{key} is not running here: it is acked as cancelled when this runner "
+                       "takes it from its queue")
+        log.warning("runner-ctl cancel %s%s: %s", f"{project}/" if project else "", key, message)
+        return protocol.CtlReply(ok=True, data={"message": message, "attempts": attempts})
 
     def status(self) -> dict:
         now_mono, now = time.monotonic(), time.time()

@@ -71,8 +71,9 @@ def test_experiment_completes_with_outputs_metadata_and_merged_scrape(runner, ho
     experiment_dir = runner.experiment_dir(request)
     attempt = record["attempt"]
     files = sorted(p.name for p in (experiment_dir / "_metadata").iterdir())
-    assert files == [metadata.output_name(attempt), metadata.runner_log_name(attempt),
-                     metadata.scrape_name(attempt)]
+    # The three files of SPEC section 6, and the metric history (docs/results.md).
+    assert files == [metadata.metrics_name(attempt), metadata.output_name(attempt),
+                     metadata.runner_log_name(attempt), metadata.scrape_name(attempt)]
 
     output = (experiment_dir / "_metadata" / metadata.output_name(attempt)).read_text()
     assert "starting ['two words', 'plain']" in output

@@ -72,8 +72,8 @@ def check_completed_experiment(runner: Runner, request: dict) -> dict:
     attempt = record["attempt"]
     names = sorted(url.rsplit("/", 1)[-1]
                    for url in runner.list(runner.experiment_url(request, "_metadata/")))
-    assert names == [metadata.output_name(attempt), metadata.runner_log_name(attempt),
-                     metadata.scrape_name(attempt)]
+    assert names == [metadata.metrics_name(attempt), metadata.output_name(attempt),
+                     metadata.runner_log_name(attempt), metadata.scrape_name(attempt)]
     output = runner.read(runner.experiment_url(request, f"_metadata/{metadata.output_name(attempt)}"))
     assert b"hello from workspace" in output and b"input: from storage" in output
     assert tar_members(runner.read(runner.experiment_url(request, "modeldir.tar"))) == {

@@ -14,8 +14,8 @@ import zmq
 from runner import protocol
 from runner.bus import Bus, Endpoints
 from runner.errors import ProtocolError
-from runner.protocol import (Adopt, AttemptEnded, AttemptOpened, CtlReply, CtlRequest, Heartbeat,
-                             Job, JobAssigned, JobDone, JobPhase, JobPrepared, Outcome, RunEnded,
+from runner.protocol import (Adopt, AttemptEnded, AttemptOpened, Cancel, CtlReply, CtlRequest,
+                             Heartbeat, Job, JobAssigned, JobDone, JobPhase, JobPrepared, Outcome, RunEnded,
                              OutputChunk, QueueStats, Reload, RunnerLog, Shutdown, StartTaking,
                              StopRuns, StopTaking, UploadRequest)
 
@@ -41,6 +41,7 @@ SAMPLES = {
     "reload": Reload(options={"queue_match": "^local_a$", "limit_tasks": 3,
                               "log_level": "debug"}),
     "stop_runs": StopRuns(reason="limit", job_ids=["host-a", "host-b"]),
+    "cancel": Cancel(key="exp-1", project="p"),
     "adopt": Adopt(jobs=[protocol.to_map(make_job())]),
     "job_assigned": JobAssigned(job=make_job()),
     "attempt_opened": AttemptOpened(job=make_job()),

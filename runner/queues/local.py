@@ -420,6 +420,11 @@ class LocalQueue(Queue):
         if not (self.root / d.token).exists():
             raise QueueError(f"claim {d.token!r} no longer exists")
 
+    def queue_deleted(self, d: Delivery) -> bool:
+        """True when ``d``'s queue folder was deleted (with the claim in it) while held: the
+        user's way to abort, as deleting a RabbitMQ queue is."""
+        return not (self.root / d.queue).is_dir()
+
     def depth(self, queue: str) -> int:
         """Number of waiting (unclaimed) messages; 0 for a queue that does not exist."""
         self._check_open()

@@ -204,7 +204,9 @@ class Executor(Role):
         cwd = Path(job.workdir) / "workspace"
         filename = experiment["filename"]
         if filename != "-m":
-            workspace_script(cwd, filename)  # run as given, once known to be inside
+            script = workspace_script(cwd, filename)  # run as given, once known to be inside
+            if not prepared.container and not script.is_file():
+                raise fates.ScriptMissing(f"no script {filename!r} in the workspace")
         python = prepared.python if not prepared.container else containers.CONTAINER_PYTHON
         command = script_command(Path(python), filename, experiment.get("args") or [])
         self.runner_log(job.job_id, f"starting {command} in {cwd} with devices "

@@ -69,6 +69,7 @@ NOT_NOW_HOLD = 10.0     # a request that does not fit now is held this long, the
 NEVER_HOLD = 30.0       # one that never fits here is held this long, then put back
 REQUEUES_KEPT = 10_000  # hand-back counts remembered per request
 NOT_NOW, NEVER, BACKOFF = "not_now", "never", "backoff"  # why a request is held aside
+CANCEL_TTL = 24 * 3600.0  # how long a cancel of a request not held here waits for it
 
 
 @dataclass
@@ -132,6 +133,9 @@ class Fetcher(Role):
         self.running: dict[tuple, str] = {}             # request identity -> job id
         self.tombstones: dict[tuple, tuple[fates.Decision, float]] = {}
         self.queue_gone: set[str] = set()               # job ids whose queue was deleted
+        self.cancelled: set[str] = set()                # job ids runner-ctl cancel stopped
+        # (project or "", key) -> when a cancel of a request not held here lapses
+        self.cancel_on_take: dict[tuple[str, str], float] = {}
         self.discovered: dict[str, list[str]] = {}      # kind -> last names it listed
         self.owner: dict[str, str] = {}                 # queue -> kind of its back end
         self.queues: list[str] = []
@@ -186,6 +190,37 @@ class Fetcher(Role):
             self.send_stats()
         elif isinstance(message, protocol.Adopt):
             self.adopt(protocol.jobs_from_maps(message.jobs))
+        elif isinstance(message, protocol.Cancel):
+            self.cancel(message.key, message.project)
+
+    def cancel(self, key: str, project: str) -> None:
+        """``runner-ctl cancel``: stop the held attempts of ``key``; when none is held here,
+        ack the request as cancelled when it is taken (for :data:`CANCEL_TTL` seconds)."""
+        matched = [job_id for job_id, (_, _, job) in self.held.items()
+                   if job.key == key and (not project or job.project == project)]
+        for job_id in matched:
+            self.cancelled.add(job_id)
+            self.log.warning("key=%s attempt=%s cancelled by runner-ctl cancel: stopping the run",
+                             key, job_id)
+            self.runner_log(job_id, "cancelled by runner-ctl cancel: stopping the run")
+            stop = protocol.StopRuns(reason="cancelled by runner-ctl cancel", job_ids=[job_id],
+                                     cause="cancelled")
+            self.post("cache_manager", stop)
+            self.post("executor", stop)
+        if not matched:
+            now = time.monotonic()
+            for old in [k for k, until in self.cancel_on_take.items() if until < now]:
+                del self.cancel_on_take[old]
+            self.cancel_on_take[(project, key)] = now + CANCEL_TTL
+            self.log.info("key=%s is not running here: cancelled when taken", key)
+
+    def cancelled_on_take(self, project: str | None, key: str) -> bool:
+        """True (and the cancel used up) when ``runner-ctl cancel`` named this request."""
+        for name in ((project or "", key), ("", key)):
+            until = self.cancel_on_take.pop(name, None)
+            if until is not None and until >= time.monotonic():
+                return True
+        return False
 
     def reload(self, options: dict) -> None:
         super().reload(options)
@@ -361,9 +396,26 @@ class Fetcher(Role):
         identity = request_identity(delivery.queue, facts.project, facts.key, request)
         if self.redelivered(backend, delivery, identity, facts.key):
             return
+        if self.cancelled_before_run(backend, delivery, request, facts):
+            return
         if self.expired(backend, delivery, request, facts):
             return
         self.start_or_park(Parked(backend, delivery, request, facts, identity, "", 0.0))
+
+    def cancelled_before_run(self, backend: Queue, delivery: Delivery, request: dict,
+                             facts: RequestFacts) -> bool:
+        """Ack a request ``runner-ctl cancel`` named before it ran (recorded ``cancelled``);
+        True if so."""
+        if not (self.cancel_on_take and self.cancelled_on_take(facts.project, facts.key)):
+            return False
+        self.log.warning("key=%s cancelled by runner-ctl cancel before it ran; acked as "
+                         "cancelled", facts.key)
+        try:
+            self.record(request, fates.CANCELLED, "", delivery.attempts, final=True)
+        except RunnerError as exc:
+            self.log.error("key=%s metadata record not written: %s", facts.key, exc)
+        self.settle_delivery(backend, delivery, fates.ACK, "cancelled", delivery.attempts)
+        return True
 
     def expired(self, backend: Queue, delivery: Delivery, request: dict,
                 facts: RequestFacts) -> bool:
@@ -603,9 +655,11 @@ class Fetcher(Role):
             del self.running[identity]
         queue_deleted = job.job_id in self.queue_gone
         self.queue_gone.discard(job.job_id)
+        cancelled = job.job_id in self.cancelled
+        self.cancelled.discard(job.job_id)
         try:
             decision = self.decide_and_settle(done, backend, delivery, job, extra, identity,
-                                              queue_deleted)
+                                              queue_deleted, cancelled)
         finally:  # whatever happened above, the attempt's resources are free again
             if not self.ledger.release(job.job_id):
                 self.log.warning("key=%s attempt=%s held no reservation at settle", job.key,
@@ -618,13 +672,13 @@ class Fetcher(Role):
 
     def decide_and_settle(self, done: protocol.JobDone, backend: Queue, delivery: Delivery,
                           job: protocol.Job, extra: list[Delivery], identity: tuple,
-                          queue_deleted: bool) -> fates.Decision:
+                          queue_deleted: bool, cancelled: bool = False) -> fates.Decision:
         """Ask :func:`fates.decide`, record the result and apply it to the deliveries."""
         requeues = self.requeues.get(identity, 0)
         decision = fates.decide(done.outcome, delivery.attempts, self.config.max_attempts,
                                 done.upload_error, queue_deleted=queue_deleted,
                                 requeues_before=requeues,
-                                max_requeues=self.config.max_requeues)
+                                max_requeues=self.config.max_requeues, cancelled=cancelled)
         final = decision.action in (fates.ACK, fates.DEAD, fates.DROP)
         if final:
             self.requeues.pop(identity, None)

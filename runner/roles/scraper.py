@@ -15,6 +15,9 @@ end with the final ``studioml.status``, it saves the files and asks the uploader
 artifact with its own ``saveFrequency`` (``Job.artifact_save_frequency``; ``_metadata``
 for the metadata files) is uploaded on its own period instead: each periodic request names
 the labels that are due.
+Every JSON object line is also appended, with its time and attempt, to the metric history
+``_metadata/metrics-host-<id>.jsonl`` (:mod:`runner.history`), uploaded with the other
+metadata files.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import _fast, fates, metadata, protocol, strict_json
+from .. import _fast, fates, history, metadata, protocol, strict_json
 from ..jsonpatch import PatchRejected, apply_patch, parse_patch
 from ..output import scrape_view
 from ..redact import Masker, redact_request, secrets_of
@@ -44,6 +47,7 @@ class Attempt:
     runner_log: BinaryIO
     scrape_path: Path
     next_save: float  # monotonic time the artifacts without their own period are due
+    history: BinaryIO | None = None  # metrics-host-<id>.jsonl, opened at the first JSON line
     next_saves: dict = field(default_factory=dict)  # label -> when its own period is due
     json_lines: int = 0
     output_bytes: int = 0
@@ -178,6 +182,7 @@ class Scraper(Role):
             masker=Masker(secrets_of(job.request)),
             output_log=open(folder / metadata.output_name(job.job_id), "ab"),
             output_artifact=None,
+            history=None,
             runner_log=open(folder / metadata.runner_log_name(job.job_id), "ab"),
             scrape_path=folder / metadata.scrape_name(job.job_id),
             next_save=time.monotonic() + job.save_frequency,
@@ -221,6 +226,7 @@ class Scraper(Role):
         metric = last_json_line(data)
         if metric:
             attempt.last_metric = metric
+        self.record_history(attempt, data)
         for line in _fast.merge_lines(attempt.document, data):
             operations = parse_patch(line)
             if operations is None:
@@ -230,10 +236,23 @@ class Scraper(Role):
             except PatchRejected as exc:
                 self.write_runner_log(attempt, f"JSON patch refused: {exc}")
 
+    def record_history(self, attempt: Attempt, data: bytes) -> None:
+        """Append the JSON object lines of ``data`` (already masked) to the metric history."""
+        objects = history.json_object_lines(data)
+        if not objects:
+            return
+        if attempt.history is None:  # opened at the first line: no file without a line
+            attempt.history = open(attempt.scrape_path.parent
+                                   / metadata.metrics_name(attempt.job.job_id), "ab")
+        attempt.history.write(history.history_lines(
+            objects, time=time.time(), attempt=attempt.job.job_id,
+            attempt_number=attempt.job.attempts + 1))
+
     def save(self, attempt: Attempt) -> None:
         """Flush the logs, add a ``_metrics`` line and rewrite the scrape document
         (atomically)."""
-        for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
+        for handle in (attempt.output_log, attempt.output_artifact, attempt.history,
+                       attempt.runner_log):
             if handle is not None:
                 handle.flush()
         self.add_metrics_line(attempt)
@@ -298,7 +317,8 @@ class Scraper(Role):
                                ended.job.job_id)
         finally:
             if attempt is not None:
-                for handle in (attempt.output_log, attempt.output_artifact, attempt.runner_log):
+                for handle in (attempt.output_log, attempt.output_artifact,
+                               attempt.history, attempt.runner_log):
                     if handle is not None:
                         handle.close()
             self.attempts.pop(ended.job.job_id, None)

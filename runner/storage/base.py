@@ -260,5 +260,20 @@ class Store(abc.ABC):
         An empty or absent prefix gives ``[]``.  Raises :class:`StorageError` on failure.
         """
 
+    def list_info(self, prefix_url: str) -> list[ObjectInfo]:
+        """:meth:`list` with each object's :class:`ObjectInfo`, sorted by URL.
+
+        The default stats each listed object (cheap for files); back ends whose listing
+        already carries size and etag (S3, GCS) override it to make one listing call.
+        An object deleted between the listing and its stat is left out.
+        Raises :class:`StorageError` on failure.
+        """
+        found = []
+        for url in self.list(prefix_url):
+            info = self.stat(url)
+            if info is not None:
+                found.append(info)
+        return found
+
     def close(self) -> None:
         """Release connections; the default has nothing to release."""

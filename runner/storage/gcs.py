@@ -270,11 +270,16 @@ class GcsStore(Store):
         return self.put_stream(url, lambda out: out.write(data))
 
     def list(self, prefix_url: str) -> list[str]:
+        return [info.url for info in self.list_info(prefix_url)]
+
+    def list_info(self, prefix_url: str) -> list[ObjectInfo]:
         bucket, key = parse_gs_url(prefix_url)
 
         def listing(client):
-            return [f"gs://{bucket}/{blob.name}" for blob in client.list_blobs(bucket, prefix=key)]
+            return [_info(f"gs://{bucket}/{blob.name}", blob)
+                    for blob in client.list_blobs(bucket, prefix=key)]
         try:
-            return sorted(self._call(prefix_url, "list", listing, reading=True))
+            return sorted(self._call(prefix_url, "list", listing, reading=True),
+                          key=lambda info: info.url)
         except ObjectMissing:
             return []

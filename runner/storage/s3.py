@@ -567,14 +567,21 @@ class S3Store(Store):
         return self.put_stream(url, lambda out: out.write(data))
 
     def list(self, prefix_url: str) -> list[str]:
+        return [info.url for info in self.list_info(prefix_url)]
+
+    def list_info(self, prefix_url: str) -> list[ObjectInfo]:
         def listing(client, target):
             found = []
             paginator = client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=target.bucket, Prefix=target.key):
                 for item in page.get("Contents") or []:
-                    found.append(f"{target.root}/{item['Key']}")
+                    modified = item.get("LastModified")
+                    found.append(ObjectInfo(url=f"{target.root}/{item['Key']}",
+                                            size=int(item.get("Size") or 0),
+                                            etag=str(item.get("ETag") or "").strip('"'),
+                                            mtime=modified.timestamp() if modified else 0.0))
             return found
         try:
-            return sorted(self._read(prefix_url, "list", listing))
+            return sorted(self._read(prefix_url, "list", listing), key=lambda info: info.url)
         except ObjectMissing:
             return []

@@ -1,0 +1,1 @@
+"""Reading what runs left behind: the metadata store, scrape documents and metric histories."""
