@@ -94,15 +94,23 @@ def two_attempt_script(flag, mark: str) -> str:
     """
 
 
-def test_sigkilled_supervisor_leaves_no_process_and_the_restart_finishes_its_document(runner):
+def start_two_attempt_run(runner) -> tuple[str, dict, dict]:
+    """A started runner running the first attempt of a two-attempt request, its helper
+    started: (mark, request, the running job as ``runner-ctl status`` shows it)."""
     mark = marker()
     flag = runner.root / "started.flag"
     runner.start()
     request = runner.request(runner.workspace({"main.py": two_attempt_script(flag, mark)}),
                              "main.py", args=[mark])
     runner.publish(request)
-    job_id = running_job(runner)["attempt"]
+    job = running_job(runner)
     runner.wait_for(flag.exists, what="the first attempt to start its helper")
+    return mark, request, job
+
+
+def test_sigkilled_supervisor_leaves_no_process_and_the_restart_finishes_its_document(runner):
+    mark, request, job = start_two_attempt_run(runner)
+    job_id = job["attempt"]
     runtime = str(runner.options["runtime-dir"])
     runner.wait_for(lambda: (registry.read(runtime, job_id, "scraped") or {}).get("offset"),
                     what="a save after the first line")
@@ -124,15 +132,9 @@ def test_sigkilled_supervisor_leaves_no_process_and_the_restart_finishes_its_doc
 
 
 def test_a_run_whose_launcher_could_not_act_is_killed_from_the_registry(runner):
-    mark = marker()
-    flag = runner.root / "started.flag"
-    runner.start()
-    request = runner.request(runner.workspace({"main.py": two_attempt_script(flag, mark)}),
-                             "main.py", args=[mark])
-    runner.publish(request)
-    launcher = running_job(runner)["pid"]
+    mark, request, job = start_two_attempt_run(runner)
+    launcher = job["pid"]
     roles = runner.role_pids()
-    runner.wait_for(flag.exists, what="the first attempt to start its helper")
     # Neither the executor nor the launcher can act: the registry is all that is left.
     os.kill(roles["executor"], signal.SIGSTOP)
     os.kill(launcher, signal.SIGSTOP)
@@ -201,13 +203,18 @@ def restart_role(runner, name: str, signum: int = signal.SIGKILL) -> None:
         runner.status()["roles"][name]), what=f"{name} restart")
 
 
-def test_restarted_scraper_keeps_the_attempt_it_had_saved(runner):
+def start_go_run(runner, save_frequency: str = "1s") -> tuple:
+    """A started runner running a ``go_script`` attempt: (go file, request, attempt id)."""
     go = runner.root / "go"
     runner.start()
     request = runner.request(runner.workspace({"main.py": go_script(go, "before", "after")}),
-                             "main.py", save_frequency="1s")
+                             "main.py", save_frequency=save_frequency)
     runner.publish(request)
-    job_id = running_job(runner)["attempt"]
+    return go, request, running_job(runner)["attempt"]
+
+
+def test_restarted_scraper_keeps_the_attempt_it_had_saved(runner):
+    go, request, job_id = start_go_run(runner)
     runtime = str(runner.options["runtime-dir"])
     runner.wait_for(lambda: (registry.read(runtime, job_id, "scraped") or {}).get("offset"),
                     what="a save after the first line")
@@ -225,12 +232,7 @@ def test_restarted_scraper_keeps_the_attempt_it_had_saved(runner):
 
 
 def test_an_attempt_whose_output_was_lost_with_the_scraper_is_not_completed(runner):
-    go = runner.root / "go"
-    runner.start()
-    request = runner.request(runner.workspace({"main.py": go_script(go, "before", "after")}),
-                             "main.py", save_frequency="60s")
-    runner.publish(request)
-    first = running_job(runner)["attempt"]
+    go, request, first = start_go_run(runner, save_frequency="60s")
     runner.wait_for(lambda: "before" in (runner.status()["jobs"] or [{}])[0]
                     .get("last_metric", ""), what="the scraper to see the first line")
     restart_role(runner, "scraper")  # before any save: that line is gone with it
@@ -248,12 +250,7 @@ def test_an_attempt_whose_output_was_lost_with_the_scraper_is_not_completed(runn
 
 
 def test_restarted_uploader_finishes_the_final_upload_without_a_rerun(runner):
-    go = runner.root / "go"
-    runner.start()
-    request = runner.request(runner.workspace({"main.py": go_script(go, "before", "after")}),
-                             "main.py")
-    runner.publish(request)
-    job_id = running_job(runner)["attempt"]
+    go, request, job_id = start_go_run(runner)
     uploader = runner.status()["roles"]["uploader"]["pid"]
     os.kill(uploader, signal.SIGSTOP)
     try:
