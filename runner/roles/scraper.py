@@ -26,6 +26,7 @@ with the old process shows as a gap: it is marked in the output log, counted in
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
