@@ -46,6 +46,13 @@ class OutOfMemory(ExperimentFailed):
     """
 
 
+class DiskLimitExceeded(ExperimentFailed):
+    """The run's working directory grew past the request's ``hdd`` while it ran.
+
+    Counted like any failure of the experiment's own code.
+    """
+
+
 class QueueDeleted(errors.RunnerError):
     """The request's queue was deleted while the attempt ran: the user's way to abort.
 

@@ -214,12 +214,21 @@ class JobPrepared(Message):
 @dataclass(frozen=True)
 class OutputChunk(Message):
     """Executor → scraper: complete segments (bytes ending in ``\\n`` or ``\\r``) in output
-    order; ``scrape`` is False for pieces of a line too long to scrape (plain output)."""
+    order; ``scrape`` is False for pieces of a line too long to scrape (plain output).
+
+    ``offset`` is the number of bytes of the run's output sent before this chunk (a gap
+    means output was lost), or :data:`RUNNER_NOTE` for a line the runner adds itself.
+    """
 
     TYPE: ClassVar[str] = "output_chunk"
     job_id: str
     data: bytes
     scrape: bool = True
+    offset: int = 0
+
+
+RUNNER_NOTE = -1
+"""``OutputChunk.offset`` of a line written by the runner, not by the run."""
 
 
 @dataclass(frozen=True)

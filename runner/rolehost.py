@@ -1,22 +1,29 @@
 """Hosts one role in its own process: ``python -m runner.rolehost <role>``.
 
 The supervisor passes the validated configuration as JSON in ``RUNNER_ROLE_CONFIG``.
-The process dies with its parent (``PR_SET_PDEATHSIG`` plus a parent check each
-heartbeat), ignores the terminal's SIGINT (the supervisor decides), and treats SIGTERM
-as a request to stop.  Its first heartbeat, sent right after ``initialize()``, tells the
+The supervisor starts it with ``-P`` (nothing is imported from the working directory,
+which is the runtime directory) in a session (and process group) of its own, so that a signal sent to
+the supervisor's group (a terminal's Ctrl-C, a container runtime's SIGTERM) reaches the
+supervisor alone, which drains once.  The process dies with its parent
+(``PR_SET_PDEATHSIG`` plus a parent check each heartbeat); SIGINT and SIGTERM while the
+supervisor lives are left to it (it sends ``Shutdown``).  Once the supervisor is gone
+(SIGTERM from the parent-death signal, or the parent check) the role does no more work at
+all: it kills every process it started (runs, environment builds) and exits at once
+(after :meth:`~runner.roles.base.Role.abandon`: local state only),
+without finishing what it had in hand, so that nothing it does races the next
+supervisor's recovery (a final upload of an attempt that is about to be run again).  Its first heartbeat, sent right after ``initialize()``, tells the
 supervisor it has booted; an exception before that exits with status 3 and the reason on
 stderr.
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import logging
 import os
 import signal
 import sys
 
-from . import storage
+from . import proctree, storage
 from .bus import Bus, Endpoints
 from .config import Config
 from .logs import setup_logging
@@ -29,20 +36,13 @@ ROLE_CLASSES = {
     "uploader": "runner.roles.uploader:Uploader",
 }
 EXIT_BOOT_FAILED = 3
-PR_SET_PDEATHSIG = 1
+EXIT_ORPHANED = 6
+SUPERVISOR_PID_VARIABLE = "RUNNER_SUPERVISOR_PID"
 
 
 def role_class(name: str):
     module_name, class_name = ROLE_CLASSES[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m runner.rolehost {{{','.join(ROLE_CLASSES)}}}", file=sys.stderr)
         return 2
     name = argv[0]
-    parent = os.getppid()
-    _die_with_parent()
+    # The supervisor's pid from the supervisor itself: one that died before the line below
+    # asked for the parent-death signal is noticed at the first tick.
+    parent = int(os.environ.get(SUPERVISOR_PID_VARIABLE) or os.getppid())
+    proctree.die_with_parent(signal.SIGTERM)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = Config.from_json(os.environ["RUNNER_ROLE_CONFIG"])
     setup_logging(config, role=name)
@@ -61,22 +63,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bus = Bus(Endpoints(config.runtime_dir), name)
         role = role_class(name)(config, bus)
+        role.own_process = True
         role.initialize()
     except Exception as exc:
         log.exception("failed to boot")
         print(f"role {name} failed to boot: {exc}", file=sys.stderr, flush=True)
         return EXIT_BOOT_FAILED
 
+    def orphaned() -> None:
+        log.error("supervisor is gone; killing what this role started and exiting now")
+        try:
+            role.abandon()
+            proctree.kill_descendants(os.getpid())
+        finally:
+            os._exit(EXIT_ORPHANED)
+
     def on_term(signum, frame):
-        role.request_stop()
+        if os.getppid() != parent:  # the supervisor is gone (PR_SET_PDEATHSIG)
+            orphaned()
+        # else: a signal for the whole group or cgroup; the supervisor decides and tells us
 
     signal.signal(signal.SIGTERM, on_term)
     original_tick = role.tick
 
     def tick_with_parent_check():
         if os.getppid() != parent:
-            log.error("supervisor is gone; stopping")
-            role.request_stop()
+            orphaned()
         original_tick()
 
     role.tick = tick_with_parent_check

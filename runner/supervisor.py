@@ -7,6 +7,13 @@
   is restarted (exit 4 if it keeps crashing), and the jobs it held are recovered: the
   fetcher gets them back with ``Adopt``; attempts held by another role end as cancelled
   (``RoleCrashed``) so that their request goes back to its queue, not counted.
+* Roles start with ``python -P`` in the runtime directory, each in a session of its
+  own: they import the installed package only, and a signal sent to the supervisor's
+  process group reaches the supervisor alone.  ``runner-ctl status`` shows the hot path
+  every role reports from its own process.
+* Attempts a dead runner left in the attempt registry (:mod:`runner.registry`) are found
+  at start-up: what is left of their runs is killed and each ends ``cancelled`` through the
+  scraper and the uploader, so that its scrape document gets a final status.
 * Signals only record; the loop acts, through the same methods as ``runner-ctl``:
 
   - SIGTERM/SIGINT (and ``runner-ctl drain``): :meth:`Supervisor.request_drain` — take no
@@ -33,6 +40,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -45,7 +53,7 @@ from pathlib import Path
 import zmq
 
 from . import (__version__, _fast, cgroups, config as config_module, fates, metadata,
-               protocol, slack as slack_module)
+               proctree, protocol, registry, slack as slack_module)
 from .bus import ROLES, Bus, Endpoints, control_server, poll_ms
 from .errors import ConfigError, ProtocolError
 from .logs import set_level, setup_logging
@@ -62,13 +70,19 @@ HEALTHY_HEARTBEAT_AGE = 10.0
 LOOP_WAIT = 1.0  # idle wait of the loop; messages, ctl requests and signals (SIGCHLD: a
 # role exited) end it at once
 STOP_RUNS_EVERY = 1.0
+ROLES_FILE = "roles.json"  # in the runtime directory: the roles' pids, for the next supervisor
 STATUS_EVERY = 2.0
+# Roles never import from their working directory (``-P``, Python 3.11+; before that their
+# working directory, the runtime directory, holds no package).
+SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 # Never passed to roles (and so never to experiments): systemd's and Slack's.
 PRIVATE_VARIABLES = NOTIFY_VARIABLES + ("SLACK_HOOK", "RUNNER_SLACK_HOOK")
 
 # Which role holds a job in each phase (for recovery when that role dies).
 PHASE_OWNER = {"taken": "cache_manager", "preparing": "cache_manager", "running": "executor",
                "ending": "scraper", "uploading": "uploader"}
+PHASE_RANK = {name: rank for rank, name in enumerate(
+    ("taken", "preparing", "running", "ending", "uploading", "settling"))}
 
 
 @dataclass
@@ -155,11 +169,38 @@ class Supervisor:
     def spawn(self, role: RoleProcess) -> None:
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
         env["RUNNER_ROLE_CONFIG"] = self.config.to_json()
-        role.process = subprocess.Popen([sys.executable, "-m", "runner.rolehost", role.name],
-                                        env=env, stdin=subprocess.DEVNULL)
+        env["RUNNER_SUPERVISOR_PID"] = str(os.getpid())
+        role.process = subprocess.Popen(
+            [sys.executable, *SAFE_PATH, "-m", "runner.rolehost", role.name], env=env,
+            stdin=subprocess.DEVNULL, cwd=self.config.runtime_dir, start_new_session=True)
         role.ready = False
         role.started = role.last_heartbeat = time.monotonic()
         log.debug("started %s (pid %d)", role.name, role.process.pid)
+        self.save_role_pids()
+
+    def save_role_pids(self) -> None:
+        """Write the roles' pids (and start times) to ``<runtime-dir>/roles.json``."""
+        roles = {r.name: {"pid": r.process.pid, "ticks": proctree.start_ticks(r.process.pid)}
+                 for r in self.roles.values() if r.process is not None}
+        path = Path(self.config.runtime_dir) / ROLES_FILE
+        temporary = path.with_name(f".{ROLES_FILE}.tmp")
+        temporary.write_text(json.dumps(roles, sort_keys=True))
+        os.replace(temporary, path)
+
+    def kill_previous_roles(self) -> None:
+        """Kill the role processes of a previous supervisor still alive (a role busy when
+        its supervisor was SIGKILLed may still hold the caches' locks), with what they
+        started (environment builds, runs)."""
+        try:
+            previous = json.loads((Path(self.config.runtime_dir) / ROLES_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        for name, entry in sorted(previous.items() if isinstance(previous, dict) else ()):
+            pid, ticks = (entry or {}).get("pid"), (entry or {}).get("ticks")
+            if isinstance(pid, int) and pid > 1 and proctree.is_running(pid, ticks):
+                proctree.kill_tree(pid, ticks)
+                log.warning("role %s (pid %d) of the previous runner was still running; "
+                            "killed it and what it had started", name, pid)
 
     def boot(self) -> None:
         """Start every role and wait until each has sent its first heartbeat.
@@ -200,6 +241,32 @@ class Supervisor:
                      signal_name(stops[0]))
             raise FatalError(0, "stopped while booting")
 
+    def find_leftovers(self) -> list[registry.Leftover]:
+        """Kill the runs a dead runner left (before any role starts)."""
+        leftovers = registry.recover(self.config.runtime_dir)
+        for leftover in leftovers:
+            log.warning("attempt %s was in flight when the previous runner stopped; %d of its "
+                        "processes were still alive and were killed; ending it as cancelled",
+                        leftover.job_id, leftover.killed)
+        return [leftover for leftover in leftovers if leftover.job is not None]
+
+    def end_leftovers(self, leftovers: list[registry.Leftover]) -> None:
+        """End each attempt a dead runner left as cancelled (its request is back in its
+        queue or with another runner), through the scraper and the uploader."""
+        for leftover in leftovers:
+            job = leftover.job
+            # A copy the dead runner closed (maybe ``completed``) is closed again as
+            # cancelled: its request will run again, and only that run's result stands.
+            registry.forget_kind(self.config.runtime_dir, job.job_id, "ended")
+            outcome = fates.outcome_for_exception(fates.RoleCrashed(
+                "the runner stopped while this attempt was in flight; its request went back "
+                "to its queue"))
+            self.jobs[job.job_id] = {"job": job, "phase": "ending", "since": time.time(),
+                                     "detail": {"recovered": True}, "times": {}}
+            self.bus.send("scraper", protocol.AttemptEnded(
+                job=job, outcome=outcome,
+                facts={"recovered": True, "processes_killed": leftover.killed}))
+
     # -- the loop -------------------------------------------------------------------
     def run(self) -> int:
         try:
@@ -219,7 +286,10 @@ class Supervisor:
                 done = cgroups.delegate_v2()
                 if done:
                     log.info("cgroups: %s", done)
+            self.kill_previous_roles()
+            leftovers = self.find_leftovers()
             self.boot()
+            self.end_leftovers(leftovers)
             self.state = "running"
             self.idle_since = time.time()
             log.info("all roles up; serving queues matching %s", self.config.queue_match)
@@ -560,7 +630,10 @@ class Supervisor:
             return
         new = job_id not in self.jobs
         entry = self.jobs.setdefault(job_id, {"job": phase.job, "detail": {}, "times": {}})
-        entry.update(phase=phase.phase, since=phase.at)
+        # Phases come from several roles over separate sockets: the executor's "ending" may
+        # arrive after the scraper's "uploading".  A phase never goes back.
+        if PHASE_RANK.get(phase.phase, 0) >= PHASE_RANK.get(entry.get("phase"), -1):
+            entry.update(phase=phase.phase, since=phase.at)
         entry["detail"].update(phase.detail)
         if new and phase.phase == "taken":
             self.tasks_taken += 1
@@ -648,15 +721,26 @@ class Supervisor:
             if PHASE_OWNER.get(entry["phase"]) != name:
                 continue
             job = entry["job"]
+            if name == "uploader":  # its final upload again, with the outcome the scraper kept
+                outcome = registry.read_ended(self.config.runtime_dir, job.job_id)
+                if outcome is not None:
+                    log.warning("key=%s attempt=%s was being uploaded by the uploader; "
+                                "uploading it again", job.key, job.job_id)
+                    self.bus.send("uploader", protocol.UploadRequest(job=job, final=True,
+                                                                     outcome=outcome))
+                    continue
+            if name == "scraper":
+                if registry.read(self.config.runtime_dir, job.job_id, "ended") is not None:
+                    entry["phase"] = "uploading"  # closed: the uploader has its final request
+                    continue
+                log.warning("key=%s attempt=%s was being closed by the scraper; ending it as "
+                            "cancelled", job.key, job.job_id)
+                self.bus.send("scraper", protocol.AttemptEnded(job=job, outcome=crashed))
+                continue
             log.warning("key=%s attempt=%s was held by %s; ending it as cancelled", job.key,
                         job.job_id, name)
             if name in ("cache_manager", "executor"):
-                pid = entry["detail"].get("pid")
-                if pid:
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+                registry.kill_run(self.config.runtime_dir, job.job_id)
                 self.bus.send("scraper", protocol.AttemptEnded(job=job, outcome=crashed))
                 entry["phase"] = "ending"
             else:
@@ -744,6 +828,19 @@ class Supervisor:
         log.warning("runner-ctl cancel %s%s: %s", f"{project}/" if project else "", key, message)
         return protocol.CtlReply(ok=True, data={"message": message, "attempts": attempts})
 
+    def hot_path(self) -> str:
+        """The hot path the roles report running (each from its own process): one name
+        when they agree, ``mixed: role=name, …`` when not; the supervisor's own before any
+        role has reported."""
+        found = {name: role.stats.get("hot_path") for name, role in self.roles.items()
+                 if role.stats.get("hot_path")}
+        kinds = set(found.values())
+        if not kinds:
+            return _fast.IMPLEMENTATION
+        if len(kinds) == 1:
+            return kinds.pop()
+        return "mixed: " + ", ".join(f"{n}={k}" for n, k in sorted(found.items()))
+
     def status(self) -> dict:
         now_mono, now = time.monotonic(), time.time()
         roles = {}
@@ -753,6 +850,7 @@ class Supervisor:
                                 "alive": alive, "ready": role.ready,
                                 "restarts": len(role.crashes),
                                 "heartbeat_age": round(now_mono - role.last_heartbeat, 1),
+                                "hot_path": role.stats.get("hot_path", ""),
                                 "stats": role.stats}
         jobs = []
         last_metric = self.roles["scraper"].stats.get("last_metric") or {}
@@ -779,7 +877,7 @@ class Supervisor:
                                "host": self.config.hostname,
                                "state": self.state, "started": metadata.iso_utc(self.started),
                                "uptime": round(now - self.started, 1),
-                               "version": __version__, "hot_path": _fast.IMPLEMENTATION,
+                               "version": __version__, "hot_path": self.hot_path(),
                                "taking": self.fetcher_taking, "healthy": healthy,
                                "health": reason, "drain": drain,
                                "limits": {"tasks": self.config.limit_tasks,

@@ -19,7 +19,7 @@ status=0
 "$PY" -m pytest -q -p no:cacheprovider --benchmark-columns=min,median,rounds \
     benchmarks/test_bench_fast.py benchmarks/test_bench_scrape.py benchmarks/test_bench_bus.py \
     benchmarks/test_bench_env.py benchmarks/test_bench_e2e.py benchmarks/test_bench_results.py \
-    "$@" || status=$?
+    benchmarks/test_bench_launcher.py "$@" || status=$?
 echo
 echo "Figures (${BENCH_QUICK:+quick mode, }$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)):"
 "$PY" -m benchmarks.table

@@ -371,15 +371,21 @@ class Runner:
         return f"{self.store_root}/experiments/{request['experiment']['key']}/{name}".rstrip("/")
 
     # -- the process ------------------------------------------------------------------
-    def start(self, wait: bool = True, new_session: bool = False) -> "Runner":
-        """Start the supervisor; ``new_session``: in a process group of its own (with its
-        roles), so that a test may signal the whole group as a terminal or systemd does."""
-        argv = [sys.executable, "-m", "runner.supervisor"]
+    def start(self, wait: bool = True, *, cwd: Path | None = None, new_session: bool = False,
+              console_script: bool = False) -> "Runner":
+        """Start the supervisor (``python -m runner.supervisor`` in the repository, or the
+        installed ``runner-supervisor`` script); ``new_session`` puts it in a session and
+        process group of its own (for tests that signal that group)."""
+        if console_script:
+            argv = [str(Path(sys.executable).parent / "runner-supervisor")]
+        else:
+            argv = [sys.executable, "-m", "runner.supervisor"]
         for name, value in self.options.items():
             argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=self.env, cwd=REPO, start_new_session=new_session)
+                                        env=self.env, cwd=cwd or REPO,
+                                        start_new_session=new_session)
         if wait:
             self.wait_ready()
         return self
@@ -644,3 +650,29 @@ def take_soon(backend, queue: str, timeout: float = 10.0):
             return delivery
         time.sleep(0.05)
     return None
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids of the live (not zombie) processes whose command line holds ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                state = handle.read().rsplit(b")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def running_job(runner: "Runner", timeout: float = 90.0) -> dict:
+    """The first attempt ``runner-ctl status`` shows in the ``running`` phase."""
+    def find():
+        jobs = [j for j in runner.status()["jobs"] if j["phase"] == "running" and j["pid"]]
+        return jobs[0] if jobs else None
+    return runner.wait_for(find, timeout=timeout, what="a running attempt")

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import ClassVar
 
-from .. import protocol
+from .. import _fast, protocol
 from ..bus import SUPERVISOR, Bus
 from ..config import Config
 from ..logs import set_level
@@ -48,6 +48,10 @@ class Role:
     HEARTBEAT: ClassVar[float] = 1.0
     IDLE_HEARTBEAT: ClassVar[float] = 1.0  # stats in runner-ctl status stay fresh (tests)
     IDLE_TICK: ClassVar[float] = 2.0  # a role with nothing in hand (see tick_interval)
+    #: True when the role has a process of its own (set by :mod:`runner.rolehost` before
+    #: ``initialize()``): only then may it change process-wide state (the executor becomes
+    #: the child subreaper of its runs).  A role hosted in a thread of a test leaves it.
+    own_process: bool = False
 
     def __init__(self, config: Config, bus: Bus):
         self.config = config
@@ -84,6 +88,10 @@ class Role:
 
     def shutdown(self) -> None:
         """Release what ``initialize()`` opened."""
+
+    def abandon(self) -> None:
+        """The supervisor is gone and the process exits now: keep what a next runner can
+        use (local files only; no message, no upload, nothing that waits)."""
 
     def reload(self, options: dict) -> None:
         """Take the supervisor's new live options (SIGHUP); subclasses extend, calling this."""
@@ -182,8 +190,10 @@ class Role:
             self._last_heartbeat = now
             self._idle_beat = not self._active
             self._active = False
+            stats = self.stats()
+            stats["hot_path"] = _fast.IMPLEMENTATION  # what this process really runs
             self.bus.post(SUPERVISOR, protocol.Heartbeat(role=self.name, pid=os.getpid(),
-                                                         stats=self.stats()))
+                                                         stats=stats))
 
     def loop(self) -> None:
         """Serve the inbox until told to stop."""

@@ -25,12 +25,13 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import cgroups, containers, fates, protocol, sandbox
+from .. import cgroups, containers, fates, launcher, proctree, protocol, registry, sandbox
 from ..config import Config
 from ..environments import script_command
 from ..errors import BadRequest, RunnerError
@@ -41,9 +42,10 @@ from ..units import describe_size
 from .base import Role
 
 READ_SIZE = 64 * 1024
+DISK_CHECK_EVERY = 1.0  # seconds between two measures of the runs' working directories
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
-_RUNNER_PRIVATE_VARIABLES = ("RUNNER_ROLE_CONFIG",)
+_RUNNER_PRIVATE_VARIABLES = ("RUNNER_ROLE_CONFIG", "RUNNER_SUPERVISOR_PID")
 
 
 def experiment_variables(job: protocol.Job, base: dict, home: str | None = None) -> dict:
@@ -90,6 +92,39 @@ def workspace_script(workspace: Path, filename: str) -> Path:
     return script
 
 
+def disk_allocated(path: str) -> int:
+    """Bytes of disk allocated to the files under ``path`` (``st_blocks``, as ``du``
+    counts them; symbolic links are not followed, hard links counted once)."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [path]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def launched(command: list[str]) -> list[str]:
+    """``command`` started through the run launcher (:mod:`runner.launcher`) by this
+    process (its pid is the launcher's expected parent)."""
+    return [sys.executable, "-I", "-S", launcher.__file__, str(os.getpid()), "--", *command]
+
+
 @dataclass
 class Run:
     """One running attempt."""
@@ -106,6 +141,7 @@ class Run:
     killed: bool = False
     leftovers_killed: bool = False
     cgroup: cgroups.RunCgroup | None = None
+    output_sent: int = 0  # bytes of output handed to the scraper (OutputChunk.offset)
 
 
 class Executor(Role):
@@ -138,6 +174,14 @@ class Executor(Role):
             self.log.warning("sandbox: %s", why)
         usable, _ = containers.runtimes_for(self.config.container_runtime)
         self.runtimes = {runtime.name: runtime for runtime in usable}
+        self.disk_over: dict[str, tuple[int, int]] = {}  # job id -> (bytes used, hdd)
+        self._disk_watcher: threading.Thread | None = None
+        # Orphans of a run whose launcher was killed come here, not to init (reap_orphans):
+        # only in a process of its own, where every child is a run's launcher or an orphan.
+        self.subreaper = self.own_process and proctree.become_subreaper()
+        if self.own_process and not self.subreaper:
+            self.log.warning("cannot become the child subreaper of runs: processes that "
+                             "leave a run killed with SIGKILL may outlive it")
 
     def limits_of(self, job: protocol.Job) -> cgroups.Limits:
         return cgroups.Limits(cpus=float(job.resources.get("cpus") or 0),
@@ -212,7 +256,7 @@ class Executor(Role):
         self.runner_log(job.job_id, f"starting {command} in {cwd} with devices "
                                     f"{job.resources.get('devices') or '-1'}")
         command, environment = self.isolate(prepared, command, cwd)  # start() ends it on error
-        started_command, cgroup = self.enforce(job, command)
+        started_command, cgroup = self.enforce(job, launched(command))
         try:
             process = subprocess.Popen(
                 started_command, cwd=cwd, env=environment,
@@ -231,10 +275,18 @@ class Executor(Role):
         stop_at, limit = min(limits) if limits else (None, "")
         run = Run(job=job, process=process, started=now, stop_at=stop_at, limit=limit,
                   cgroup=cgroup)
+        registry.write(self.config.runtime_dir, job.job_id, "run", {
+            "pid": process.pid, "ticks": proctree.start_ticks(process.pid),
+            "cgroup": [str(d) for d in cgroup.dirs.values()] if cgroup else [],
+            "job": protocol.to_map(job)})
         run.reader = threading.Thread(target=self.read_output, args=(run,), daemon=True,
                                       name=f"output-{job.job_id}")
         run.reader.start()
         self.runs[job.job_id] = run
+        if int(job.resources.get("hdd") or 0) > 0 and self._disk_watcher is None:
+            self._disk_watcher = threading.Thread(target=self.watch_disk, daemon=True,
+                                                  name="disk-watcher")
+            self._disk_watcher.start()
         self.wake(tick=True)  # from now on tick every TICK (deadlines), not IDLE_TICK
         self.log.info("key=%s attempt=%s started pid %d", job.key, job.job_id, process.pid)
         self.phase(job, "running", pid=process.pid)
@@ -301,9 +353,38 @@ class Executor(Role):
             self.wake(tick=True)
 
     def post_output(self, run: Run, pieces: list[tuple[bytes, bool]]) -> None:
+        """Reader thread: the run's output to the scraper, each chunk with its offset."""
         for data, scrape in join_pieces(pieces):
             self.post("scraper", protocol.OutputChunk(job_id=run.job.job_id, data=data,
-                                                      scrape=scrape))
+                                                      scrape=scrape, offset=run.output_sent))
+            run.output_sent += len(data)
+
+    def watch_disk(self) -> None:
+        """Thread: every ``DISK_CHECK_EVERY`` seconds, measure the working directory of
+        each run with an ``hdd`` budget; the loop stops a run found over it."""
+        while not self.stopping:
+            for run in list(self.runs.values()):
+                budget = int(run.job.resources.get("hdd") or 0)
+                if budget <= 0 or run.stop_reason is not None or run.process.poll() is not None:
+                    continue
+                used = disk_allocated(run.job.workdir)
+                if used > budget:
+                    self.disk_over[run.job.job_id] = (used, budget)
+                    self.wake(tick=True)
+            self._stop.wait(DISK_CHECK_EVERY)
+
+    def stop_over_disk(self) -> None:
+        """Stop the runs the disk watcher found over their ``hdd`` (a counted failure)."""
+        for job_id in list(self.disk_over):
+            used, budget = self.disk_over.pop(job_id)
+            run = self.runs.get(job_id)
+            if run is None or run.stop_reason is not None:
+                continue
+            reason = (f"disk limit exceeded: the working directory holds {describe_size(used)}"
+                      f", over the request's hdd of {describe_size(budget)}")
+            self.post("scraper", protocol.OutputChunk(job_id=job_id, data=f"{reason}\n".encode(),
+                                                      offset=protocol.RUNNER_NOTE))
+            self.stop(run, fates.DiskLimitExceeded(reason))
 
     def stop(self, run: Run, reason: BaseException) -> None:
         """Begin stopping ``run``: SIGTERM to its group now, SIGKILL after the grace."""
@@ -315,13 +396,38 @@ class Executor(Role):
             self._signal_group(run, signal.SIGTERM)
 
     def _signal_group(self, run: Run, signum: int) -> None:
+        """``signum`` to the run's process group; SIGKILL reaches its whole tree (what
+        left the group too, through the launcher, which is its subreaper)."""
+        if signum == signal.SIGKILL and run.process.poll() is None:
+            proctree.kill_tree(run.process.pid)
         try:
             os.killpg(run.process.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
 
+    def reap_orphans(self) -> None:
+        """Kill and reap processes re-parented to the executor (the subreaper): they were
+        left by a run whose launcher was killed, so their run is over."""
+        launchers = {run.process.pid for run in self.runs.values()}
+        for pid in proctree.children(os.getpid()):
+            if pid in launchers:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                self.log.warning("killed pid %d, left behind by a run that ended", pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
     def tick(self) -> None:
         self.leftover_cgroups = [c for c in self.leftover_cgroups if not c.remove()]
+        if self.subreaper:
+            self.reap_orphans()
+        if self.disk_over:
+            self.stop_over_disk()
         now = time.time()
         for job_id, run in list(self.runs.items()):
             if run.stop_at is not None and now >= run.stop_at and run.stop_reason is None:
@@ -353,7 +459,8 @@ class Executor(Role):
     def finish(self, run: Run, exit_code: int) -> None:
         duration = time.time() - run.started
         facts = {"exit_code": exit_code, "pid": run.process.pid, "duration": round(duration, 3),
-                 "devices": run.job.resources.get("devices") or "-1"}
+                 "devices": run.job.resources.get("devices") or "-1",
+                 "output_sent": run.output_sent}
         oom_kills = 0
         if run.cgroup is not None:
             usage = run.cgroup.usage()
@@ -366,7 +473,7 @@ class Executor(Role):
         if oom_kills and exit_code != 0 and run.stop_reason is None:
             reason = f"out of memory: limit {describe_size(run.cgroup.limits.ram)}"
             self.post("scraper", protocol.OutputChunk(
-                job_id=run.job.job_id,
+                job_id=run.job.job_id, offset=protocol.RUNNER_NOTE,
                 data=f"{reason} (the kernel killed the run at its memory limit)\n".encode()))
             outcome = fates.outcome_for_exception(fates.OutOfMemory(reason), exit_code)
         elif run.stop_reason is not None:
@@ -397,7 +504,10 @@ class Executor(Role):
         for run in self.runs.values():
             self._signal_group(run, signal.SIGKILL)
             if run.cgroup is not None:
+                run.cgroup.kill_all()
                 self.leftover_cgroups.append(run.cgroup)
+        if self.subreaper:
+            self.reap_orphans()
         for cgroup in self.leftover_cgroups:
             cgroups.wait_removed(cgroup, timeout=1.0)
         if self.cgroups is not None:

@@ -47,7 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import containers, envelope, fates, gpus, metadata, protocol, studio_db
+from .. import (containers, envelope, fates, gpus, metadata, protocol, registry,
+               studio_db)
 from ..errors import BadRequest, DeliveryLost, QueueError, RunnerError
 from ..queues import Delivery, Queue, build_backends, kind_of, matches
 from ..requests import MAX_BODY_BYTES, RequestFacts, parse_request, safe_path_part
@@ -646,7 +647,12 @@ class Fetcher(Role):
     def settle(self, done: protocol.JobDone) -> None:
         entry = self.held.pop(done.job.job_id, None)
         if entry is None:
+            # An attempt left by a runner that died (the supervisor ended it on recovery):
+            # its request is in its queue again or with another runner; nothing to settle.
             self.log.warning("attempt %s finished but is not held here", done.job.job_id)
+            registry.forget(self.config.runtime_dir, done.job.job_id)
+            self.phase(done.job, "finished", fate=fates.DROP, status=done.outcome.status,
+                       reason="not held by this runner: nothing to settle")
             return
         backend, delivery, job = entry
         extra = self.extra.pop(job.job_id, [])
@@ -660,6 +666,7 @@ class Fetcher(Role):
         try:
             decision = self.decide_and_settle(done, backend, delivery, job, extra, identity,
                                               queue_deleted, cancelled)
+            registry.forget(self.config.runtime_dir, job.job_id)  # settled: nothing to recover
         finally:  # whatever happened above, the attempt's resources are free again
             if not self.ledger.release(job.job_id):
                 self.log.warning("key=%s attempt=%s held no reservation at settle", job.key,

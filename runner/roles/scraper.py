@@ -18,16 +18,25 @@ the labels that are due.
 Every JSON object line is also appended, with its time and attempt, to the metric history
 ``_metadata/metrics-host-<id>.jsonl`` (:mod:`runner.history`), uploaded with the other
 metadata files.
+
+A restarted scraper finds its attempts again in the attempt registry
+(:mod:`runner.registry`): the first message about an attempt it does not hold reopens it
+from its last save (the scrape document on disk, the logs cut back to their size at that
+save).  Output chunks carry their offset in the run's output, so output that went down
+with the old process shows as a gap: it is marked in the output log, counted in
+``runner.output_lost``, and an attempt that lost output is never ``completed`` (it ends
+``cancelled``, handed back uncounted).  An attempt already closed is not closed twice.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import _fast, fates, history, metadata, protocol, strict_json
+from .. import _fast, fates, history, metadata, protocol, registry, strict_json
 from ..jsonpatch import PatchRejected, apply_patch, parse_patch
 from ..output import scrape_view
 from ..redact import Masker, redact_request, secrets_of
@@ -52,6 +61,8 @@ class Attempt:
     json_lines: int = 0
     output_bytes: int = 0
     last_metric: str = ""
+    received: int = 0  # bytes of the run's output scraped so far (OutputChunk.offset)
+    lost: int = 0  # bytes of the run's output that never reached this scraper
 
 
 def disk_use(path: str) -> int:
@@ -154,11 +165,11 @@ class Scraper(Role):
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.OutputChunk):
-            attempt = self.attempts.get(message.job_id)
+            attempt = self.attempt_of(message.job_id)
             if attempt is not None:
-                self.scrape(attempt, message.data, message.scrape)
+                self.scrape(attempt, message.data, message.scrape, message.offset)
         elif isinstance(message, protocol.RunnerLog):
-            attempt = self.attempts.get(message.job_id)
+            attempt = self.attempt_of(message.job_id)
             if attempt is not None:
                 self.write_runner_log(attempt, message.text)
         elif isinstance(message, protocol.RecordState):
@@ -170,27 +181,62 @@ class Scraper(Role):
         elif isinstance(message, protocol.AttemptEnded):
             self.close(message)
 
+    def attempt_of(self, job_id: str, job: protocol.Job | None = None) -> Attempt | None:
+        """The attempt ``job_id``, reopened from the registry when this process does not
+        hold it (a restarted scraper); None when it is unknown, already closed, or was
+        opened before and its working directory is gone (uploaded and removed)."""
+        attempt = self.attempts.get(job_id)
+        if attempt is not None:
+            return attempt
+        runtime = self.config.runtime_dir
+        if registry.read(runtime, job_id, "ended") is not None:
+            return None
+        job = job or registry.read_job(runtime, job_id)
+        if job is None:
+            return None
+        if not Path(job.workdir).is_dir() and registry.read(runtime, job_id, "job"):
+            return None
+        return self.open(job)
+
     def open(self, job: protocol.Job) -> Attempt:
         if job.job_id in self.attempts:
             return self.attempts[job.job_id]
         folder = Path(job.workdir) / "_metadata"
+        runtime = self.config.runtime_dir
+        saved = registry.read(runtime, job.job_id, "scraped")
+        scrape_path = folder / metadata.scrape_name(job.job_id)
+        document = None
+        if saved is not None or scrape_path.exists():
+            document = self.restore(job.job_id, folder, scrape_path, saved or {})
         folder.mkdir(parents=True, exist_ok=True)
         (Path(job.workdir) / "output").mkdir(parents=True, exist_ok=True)
         attempt = Attempt(
             job=job,
-            document=metadata.new_scrape_document(job, self.config.hostname),
+            document=document or metadata.new_scrape_document(job, self.config.hostname),
             masker=Masker(secrets_of(job.request)),
             output_log=open(folder / metadata.output_name(job.job_id), "ab"),
             output_artifact=None,
             history=None,
             runner_log=open(folder / metadata.runner_log_name(job.job_id), "ab"),
-            scrape_path=folder / metadata.scrape_name(job.job_id),
+            scrape_path=scrape_path,
             next_save=time.monotonic() + job.save_frequency,
             next_saves={label: time.monotonic() + seconds
                         for label, seconds in (job.artifact_save_frequency or {}).items()},
+            received=int(saved.get("offset") or 0) if saved else 0,
+            lost=int(saved.get("lost") or 0) if saved else 0,
+            output_bytes=int(saved.get("output_bytes") or 0) if saved else 0,
         )
+        if saved is not None and saved.get("artifact") is not None:
+            attempt.output_artifact = open(Path(job.workdir) / "output" / "output", "ab")
+        if saved is not None and saved.get("history") is not None:
+            attempt.history = open(folder / metadata.metrics_name(job.job_id), "ab")
         self.attempts[job.job_id] = attempt
         self.wake(tick=True)  # from now on tick every TICK (periodic saves), not IDLE_TICK
+        if document is not None:
+            self.write_runner_log(attempt, "scraper restarted: attempt reopened from its "
+                                           "last save")
+            return attempt
+        registry.write_job(runtime, job)
         request_text = strict_json.dumps(redact_request(job.request), indent=1, sort_keys=True)
         attempt.runner_log.write(b"request (credentials redacted):\n")
         attempt.runner_log.write(attempt.masker.mask(request_text.encode()) + b"\n")
@@ -201,14 +247,46 @@ class Scraper(Role):
         self.post("uploader", protocol.UploadRequest(job=job, final=False, record_only=True))
         return attempt
 
+    def restore(self, job_id: str, folder: Path, scrape_path: Path, saved: dict
+                ) -> dict | None:
+        """The scrape document of an attempt a previous scraper process held, with its
+        files cut back to their sizes at that process's last save (``saved``)."""
+        sizes = {folder / metadata.output_name(job_id): saved.get("output_log"),
+                 folder / metadata.runner_log_name(job_id): saved.get("runner_log"),
+                 folder.parent / "output" / "output": saved.get("artifact"),
+                 folder / metadata.metrics_name(job_id): saved.get("history")}
+        for path, size in sizes.items():
+            if isinstance(size, int):
+                try:
+                    os.truncate(path, size)
+                except OSError:
+                    pass
+        try:
+            document = json.loads(scrape_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return document if isinstance(document, dict) and "runner" in document else None
+
     def write_runner_log(self, attempt: Attempt, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         line = f"{stamp}Z {text}\n".encode("utf-8", "replace")
         attempt.runner_log.write(attempt.masker.mask(line))
 
-    def scrape(self, attempt: Attempt, data: bytes, scrape: bool = True) -> None:
-        """Mask and log one chunk of whole output segments; unless it is a piece of an
-        overlong line (``scrape`` False), merge its JSON lines (``\\r`` ends a line too)."""
+    def scrape(self, attempt: Attempt, data: bytes, scrape: bool = True,
+               offset: int = protocol.RUNNER_NOTE) -> None:
+        """Mask and log one chunk of whole output segments starting at ``offset`` in the
+        run's output (:data:`~runner.protocol.RUNNER_NOTE`: a line of the runner's); unless
+        it is a piece of an overlong line (``scrape`` False), merge its JSON lines (``\\r``
+        ends a line too)."""
+        if offset >= 0:
+            if offset > attempt.received:
+                self.output_lost(attempt, offset - attempt.received)
+            elif offset < attempt.received:  # already scraped (sent again): skip that part
+                data = data[attempt.received - offset:]
+                offset = attempt.received
+            attempt.received = offset + len(data)
+            if not data:
+                return
         if not attempt.output_bytes and data:
             # When the scraper saw the run's first output (publish-to-start benchmarks).
             attempt.document["runner"]["first_output"] = metadata.iso_utc(time.time())
@@ -248,9 +326,20 @@ class Scraper(Role):
             objects, time=time.time(), attempt=attempt.job.job_id,
             attempt_number=attempt.job.attempts + 1))
 
+    def output_lost(self, attempt: Attempt, size: int) -> None:
+        """``size`` bytes of the run's output never arrived (they went down with a
+        previous scraper process): say so where they belonged."""
+        attempt.lost += size
+        attempt.document["runner"]["output_lost"] = attempt.lost
+        note = (f"[runner: {size} bytes of output were lost here: the scraper restarted]\n"
+                ).encode()
+        attempt.output_log.write(note)
+        self.write_runner_log(attempt, note.decode().strip())
+
     def save(self, attempt: Attempt) -> None:
-        """Flush the logs, add a ``_metrics`` line and rewrite the scrape document
-        (atomically)."""
+        """Flush the logs, add a ``_metrics`` line, rewrite the scrape document
+        (atomically), and note in the registry how far this save got (for a restarted
+        scraper)."""
         for handle in (attempt.output_log, attempt.output_artifact, attempt.history,
                        attempt.runner_log):
             if handle is not None:
@@ -259,6 +348,13 @@ class Scraper(Role):
         temporary = attempt.scrape_path.with_suffix(".json.tmp")
         temporary.write_text(strict_json.dumps(attempt.document, indent=1, sort_keys=True))
         os.replace(temporary, attempt.scrape_path)
+        artifact = attempt.output_artifact
+        registry.write(self.config.runtime_dir, attempt.job.job_id, "scraped", {
+            "offset": attempt.received, "lost": attempt.lost,
+            "output_bytes": attempt.output_bytes,
+            "output_log": attempt.output_log.tell(), "runner_log": attempt.runner_log.tell(),
+            "artifact": artifact.tell() if artifact is not None else None,
+            "history": attempt.history.tell() if attempt.history is not None else None})
 
     def add_metrics_line(self, attempt: Attempt) -> None:
         """Append one line in the reference worker's format to ``_metrics/_metrics``, once
@@ -288,11 +384,36 @@ class Scraper(Role):
         attempt must reach the fetcher to free its slot).  An attempt handed back for the
         host's fault before its run started adds no metadata files to storage
         (``metadata=False``): retries of a request that cannot start leave no trail of
-        empty attempts."""
+        empty attempts.  An attempt already closed (``<id>.ended`` in the registry) is not
+        closed twice; one whose working directory the uploader already removed is reported
+        without files; one that lost output is not ``completed`` (module doc)."""
         outcome = ended.outcome
+        runtime = self.config.runtime_dir
         attempt = None
         try:
-            attempt = self.attempts.get(ended.job.job_id) or self.open(ended.job)
+            attempt = self.attempt_of(ended.job.job_id, ended.job)
+            if attempt is None:
+                if registry.read(runtime, ended.job.job_id, "ended") is not None:
+                    self.log.warning("key=%s attempt=%s already closed; %s ignored",
+                                     ended.job.key, ended.job.job_id, outcome.status)
+                    return
+                # Its working directory is gone: the uploader finished it (the runner died
+                # before the request was settled).  Nothing is left to write; the uploader
+                # uploads nothing and reports, so that the attempt is settled.
+                self.log.warning("key=%s attempt=%s has no working directory any more; "
+                                 "ending it %s without files", ended.job.key,
+                                 ended.job.job_id, outcome.status)
+                registry.write_ended(runtime, ended.job.job_id, outcome)
+                self.post("uploader", protocol.UploadRequest(job=ended.job, final=True,
+                                                             outcome=outcome, metadata=False))
+                return
+            sent = ended.facts.get("output_sent")
+            if isinstance(sent, int) and sent > attempt.received:
+                self.output_lost(attempt, sent - attempt.received)
+            if attempt.lost and outcome.status == fates.COMPLETED:
+                outcome = fates.outcome_for_exception(fates.RoleCrashed(
+                    f"{attempt.lost} bytes of the run's output were lost when the scraper "
+                    f"restarted; not called completed"), outcome.exit_code)
             runner = attempt.document["runner"]
             facts = dict(ended.facts)
             if facts.get("build_log_tail"):
@@ -315,18 +436,24 @@ class Scraper(Role):
         except Exception:  # noqa: BLE001 - the attempt still ends
             self.log.exception("key=%s attempt=%s metadata not finished", ended.job.key,
                                ended.job.job_id)
-        finally:
-            if attempt is not None:
-                for handle in (attempt.output_log, attempt.output_artifact,
-                               attempt.history, attempt.runner_log):
-                    if handle is not None:
-                        handle.close()
-            self.attempts.pop(ended.job.job_id, None)
-            self.post("uploader", protocol.UploadRequest(
-                job=ended.job, final=True, outcome=outcome,
-                metadata=not fates.leaves_no_trail(outcome, started="pid" in ended.facts)))
-            self.phase(ended.job, "uploading", status=outcome.status,
-                       tail=output_tail(attempt.output_log.name) if attempt else "")
+        if attempt is None and registry.read(runtime, ended.job.job_id, "ended") is not None:
+            return  # closed before, or reported without files just above
+        for handle in ((attempt.output_log, attempt.output_artifact, attempt.history,
+                        attempt.runner_log)
+                       if attempt is not None else ()):
+            if handle is not None:
+                handle.close()
+        self.attempts.pop(ended.job.job_id, None)
+        try:
+            registry.write_ended(runtime, ended.job.job_id, outcome)
+        except OSError as exc:
+            self.log.error("key=%s attempt=%s not marked closed in the registry: %s",
+                           ended.job.key, ended.job.job_id, exc)
+        self.post("uploader", protocol.UploadRequest(
+            job=ended.job, final=True, outcome=outcome,
+            metadata=not fates.leaves_no_trail(outcome, started="pid" in ended.facts)))
+        self.phase(ended.job, "uploading", status=outcome.status,
+                   tail=output_tail(attempt.output_log.name) if attempt else "")
 
     def stats(self) -> dict:
         return {"attempts": len(self.attempts),
@@ -336,3 +463,11 @@ class Scraper(Role):
     def shutdown(self) -> None:
         for attempt in self.attempts.values():
             self.save(attempt)
+
+    def abandon(self) -> None:
+        """Save every attempt (the next runner's recovery reopens them from here)."""
+        for attempt in list(self.attempts.values()):
+            try:
+                self.save(attempt)
+            except (OSError, ValueError):
+                pass
