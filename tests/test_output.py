@@ -58,7 +58,8 @@ def test_join_and_scrape_view() -> None:
 
 @pytest.fixture
 def scraper(tmp_path: Path):
-    config = load(["--working-dir", str(tmp_path / "work"), "--debug"], environ={})
+    config = load(["--working-dir", str(tmp_path / "work"), "--runtime-dir", str(tmp_path / "run"),
+                   "--debug"], environ={})
     role = Scraper(config, bus=None)
     role.initialize()
     workdir = tmp_path / "work" / "host-1r31eq"
@@ -100,9 +101,10 @@ def test_non_finite_numbers_are_written_as_strings(scraper) -> None:
 
 def test_pieces_of_an_overlong_line_are_written_not_scraped(scraper) -> None:
     role, job = scraper
-    role.handle(protocol.OutputChunk(job_id=job.job_id, data=b'{"experiment": {"x": 1}}',
-                                     scrape=False))
-    role.handle(protocol.OutputChunk(job_id=job.job_id, data=b'{"experiment": {"y": 2}}\n'))
+    piece = b'{"experiment": {"x": 1}}'
+    role.handle(protocol.OutputChunk(job_id=job.job_id, data=piece, scrape=False))
+    role.handle(protocol.OutputChunk(job_id=job.job_id, data=b'{"experiment": {"y": 2}}\n',
+                                     offset=len(piece)))
     document, output = _end(role, job)
     assert document["experiment"] == {"y": 2}
     assert output == b'{"experiment": {"x": 1}}{"experiment": {"y": 2}}\n'
@@ -140,7 +142,8 @@ def test_a_role_kept_busy_by_its_inbox_still_sends_heartbeats(tmp_path: Path) ->
             time.sleep(0.01)  # each message takes a while; the inbox never empties
 
     bus = _BusyBus()
-    role = Slow(load(["--working-dir", str(tmp_path)], environ={}), bus)
+    role = Slow(load(["--working-dir", str(tmp_path), "--runtime-dir", str(tmp_path / "run")],
+                     environ={}), bus)
     thread = threading.Thread(target=role.loop, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

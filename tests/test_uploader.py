@@ -42,7 +42,8 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     job = protocol.Job(job_id="host-1r31eq", queue="local_q", token="t", attempts=0,
                        key="exp-1", project="proj", request=request, workdir=str(workdir),
                        resources={}, taken_at=time.time())
-    config = load(["--working-dir", str(tmp_path / "work"), "--debug"], environ={})
+    config = load(["--working-dir", str(tmp_path / "work"), "--runtime-dir", str(tmp_path / "run"),
+                   "--debug"], environ={})
     role = Uploader(config, bus=None)
     role.initialize()
     puts: list[str] = []
