@@ -142,7 +142,8 @@ class Sandbox:
             if os.path.exists(path) and any(_inside(path, c) for c in covering):
                 args += ["--ro-bind", path, path]
         args += gpu_args(devices, self.gpu_info)
-        args += ["--chdir", cwd, "--"]
+        # Real path: a link on the way may lie in a folder that the sandbox covers.
+        args += ["--chdir", os.path.realpath(cwd), "--"]
         return handing_over_sigterm(args, self.reset_term, command)
 
 

@@ -2,8 +2,9 @@
 
 Every test runs a real Python script under real ``bwrap`` with the command line the
 executor uses.  The runner's folders are laid out under the ``tests/.data``
-folder, not under ``/tmp``, so that each hidden folder is proven hidden by its own rule and
-not by the sandbox's private ``/tmp``.
+folder (or, when the checkout itself lies under ``/tmp`` or another folder the sandbox makes
+private, under ``/var/cache``), so that each hidden folder is proven hidden by its own rule
+and not by the sandbox's private ``/tmp``.
 """
 from __future__ import annotations
 
@@ -38,10 +39,24 @@ def bwrap() -> str:
     return found
 
 
+def layout_base() -> Path:
+    """Where the test lays out a runner's folders: outside every folder the sandbox makes
+    private (a write there would land in the sandbox's own tmpfs, not be refused)."""
+    for base in (REPO / "tests" / ".data", Path("/var/cache/studioml-runner-tests")):
+        real = os.path.realpath(base)
+        if not any(real == f or real.startswith(f + "/") for f in sandbox.PRIVATE_FOLDERS):
+            try:
+                base.mkdir(parents=True, exist_ok=True)
+                return base
+            except OSError:
+                continue
+    server_unavailable("no writable folder outside /tmp for the sandbox's layout")
+
+
 @pytest.fixture()
 def layout(bwrap):
     """A runner's folders (work, cache with an environment, runtime, certs, home)."""
-    root = REPO / "tests" / ".data" / f"sb-{uuid.uuid4().hex[:8]}"
+    root = layout_base() / f"sb-{uuid.uuid4().hex[:8]}"
     dirs = {name: root / name for name in ("work", "cache", "run", "certs", "home")}
     for folder in dirs.values():
         folder.mkdir(parents=True)
