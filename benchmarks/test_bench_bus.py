@@ -33,7 +33,7 @@ ROUND_TRIPS = 2_000 if QUICK else 10_000
 WINDOW = 1000  # messages in flight at once in the rate test
 LINE = (b'{"experiment": {"epoch": 3, "loss": 0.1234, "acc": 0.98}}\n'
         + b"2024-01-01 12:00:00 INFO step 1234 loss=0.123456 lr=1.00e-03 log\n" * 3)
-MESSAGE = protocol.OutputChunk(job_id="host-1r31eq", data=LINE)
+MESSAGE = protocol.OutputChunk(attempt_id="host-1r31eq", data=LINE)
 RESULTS: dict[str, float] = {}
 
 

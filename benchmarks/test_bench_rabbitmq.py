@@ -107,7 +107,7 @@ def test_publish_to_start(benchmark, setup, via):
     def make():
         mark = marks / uuid.uuid4().hex
         request = runner.request(setup["workspace"], "start.py", env={"MARK": str(mark)})
-        runner.wait_for(lambda: not runner.status()["jobs"], what="an idle runner")
+        runner.wait_for(lambda: not runner.status()["attempts"], what="an idle runner")
         return (request, mark), {}
 
     def run(request, mark):

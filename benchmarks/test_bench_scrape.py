@@ -76,7 +76,7 @@ def _chunks(block: bytes, volume: int) -> list[bytes]:
     return [chunk] * max(1, volume // len(chunk))
 
 
-def _scraper(root: Path) -> tuple[Scraper, protocol.Job]:
+def _scraper(root: Path) -> tuple[Scraper, protocol.Attempt]:
     config = load(["--working-dir", str(root / "work")], environ={})
     role = Scraper(config, bus=None)
     role.initialize()
@@ -84,22 +84,22 @@ def _scraper(root: Path) -> tuple[Scraper, protocol.Job]:
                                "credentials": CREDENTIALS}}
     request = {"experiment": {"key": "bench", "project": "p", "filename": "x.py",
                               "artifacts": artifacts}, "config": {"env": {}}}
-    job = protocol.Job(job_id=f"bench-{time.monotonic_ns()}", queue="local_q", token="t",
+    attempt = protocol.Attempt(attempt_id=f"bench-{time.monotonic_ns()}", queue="local_q", token="t",
                        attempts=0, key="bench", project="p", request=request,
                        workdir=str(root / "work" / "attempt"), resources={},
                        taken_at=time.time(), save_frequency=3600.0)
-    role.open(job)
-    return role, job
+    role.open(attempt)
+    return role, attempt
 
 
-def _seconds(role: Scraper, job: protocol.Job, chunks: list[bytes]) -> float:
+def _seconds(role: Scraper, attempt: protocol.Attempt, chunks: list[bytes]) -> float:
     """CPU seconds the scraper spends on ``chunks`` (its own cost: on a shared machine the
     wall clock also counts other processes)."""
-    attempt = role.attempts[job.job_id]
+    state = role.attempts[attempt.attempt_id]
     started = time.process_time()
     for chunk in chunks:
-        role.scrape(attempt, chunk)
-    attempt.output_log.flush()
+        role.scrape(state, chunk)
+    state.output_log.flush()
     return time.process_time() - started
 
 
@@ -108,9 +108,9 @@ def test_scraper_throughput(tmp_path, shape):
     make, bar, floor = SHAPES[shape]
     block = make(random.Random(7))
     chunks = _chunks(block, VOLUME)
-    role, job = _scraper(tmp_path)
-    _seconds(role, job, chunks[:2])  # warm up
-    best = min(_seconds(role, job, chunks) for _ in range(3))
+    role, attempt = _scraper(tmp_path)
+    _seconds(role, attempt, chunks[:2])  # warm up
+    best = min(_seconds(role, attempt, chunks) for _ in range(3))
     rate = sum(map(len, chunks)) / best / 1e6
     record(SUITE, f"throughput {shape}", rate, "MB/s", bar=bar, met=rate >= floor,
            note=f"{sum(map(len, chunks)) >> 20} MiB in {CHUNK >> 10} KiB chunks, masking on")
@@ -119,7 +119,7 @@ def test_scraper_throughput(tmp_path, shape):
 def test_doubling_line_length_at_most_doubles_time(tmp_path):
     """Time per line at 2L over time per line at L, for lines of one token (the shape the
     quadratic masking choked on), measured over the same volume at each length."""
-    role, job = _scraper(tmp_path)
+    role, attempt = _scraper(tmp_path)
     rng = random.Random(3)
     volume = (4 if QUICK else 16) * 1024 * 1024
     ratios = []
@@ -129,7 +129,7 @@ def test_doubling_line_length_at_most_doubles_time(tmp_path):
         best = {size: float("inf") for size in lines}
         for _ in range(5):  # interleaved, so that a busy moment hits both lengths alike
             for size, some in lines.items():
-                best[size] = min(best[size], _seconds(role, job, some) / len(some))
+                best[size] = min(best[size], _seconds(role, attempt, some) / len(some))
         ratios.append(best[2 * length] / best[length])
     worst = max(ratios)
     record(SUITE, "time(2L) / time(L) per line, token lines", worst, "x",

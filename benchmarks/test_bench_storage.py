@@ -81,10 +81,10 @@ def start_experiment(cache: ArtifactCache, root: Path, request: dict) -> None:
     manager = CacheManager.__new__(CacheManager)  # no bus needed for download_artifacts
     manager.cache = cache
     workdir = root / f"w-{uuid.uuid4().hex[:6]}"
-    job = protocol.Job(job_id="bench-1", queue="local_bench", token="t", attempts=0,
+    attempt = protocol.Attempt(attempt_id="bench-1", queue="local_bench", token="t", attempts=0,
                        key="bench", project="", request=request, workdir=str(workdir),
                        resources={"hdd": 0}, taken_at=0.0)
-    manager.download_artifacts(job, lambda text: None)
+    manager.download_artifacts(attempt, lambda text: None)
     shutil.rmtree(workdir)
 
 

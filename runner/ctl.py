@@ -137,16 +137,16 @@ def render_roles(data: dict) -> list[str]:
 
 
 def render_running(data: dict) -> list[str]:
-    lines = [f"running ({len(data['jobs'])}):"]
-    for job in data["jobs"]:
-        lines.append(f"  {job['key']}  project={job['project'] or '-'}  queue={job['queue']}  "
-                     f"attempt={job['attempt']} (#{job['attempt_number']})  {job['phase']}  "
-                     f"{job['elapsed']:.0f}s"
-                     + (f"  gpus={job['devices']}" if job.get("devices", "-1") not in ("", "-1")
+    lines = [f"running ({len(data['attempts'])}):"]
+    for attempt in data["attempts"]:
+        lines.append(f"  {attempt['key']}  project={attempt['project'] or '-'}  queue={attempt['queue']}  "
+                     f"attempt={attempt['attempt']} (#{attempt['attempt_number']})  {attempt['phase']}  "
+                     f"{attempt['elapsed']:.0f}s"
+                     + (f"  gpus={attempt['devices']}" if attempt.get("devices", "-1") not in ("", "-1")
                         else "")
-                     + (f"  pid {job['pid']}" if job.get("pid") else ""))
-        if job.get("last_metric"):
-            lines.append(f"      last metric: {job['last_metric']}")
+                     + (f"  pid {attempt['pid']}" if attempt.get("pid") else ""))
+        if attempt.get("last_metric"):
+            lines.append(f"      last metric: {attempt['last_metric']}")
     return lines
 
 
@@ -187,7 +187,7 @@ def view(data: dict, name: str) -> tuple[object, str]:
                            for n, r in data["roles"].items()}},
                 render_health(data))
     if name == "running":
-        return data["jobs"], "\n".join(render_running(data))
+        return data["attempts"], "\n".join(render_running(data))
     if name == "queues":
         return data["queues"], "\n".join(render_queues(data))
     if name == "free":

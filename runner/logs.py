@@ -8,7 +8,7 @@ Two formats (``--log-format``):
   ``attempt``; an exception adds ``exception``.
 
 Lines about an attempt carry ``key=<key> attempt=<attempt id>`` in the message itself
-(see :func:`job_tag`); in JSON those two are also lifted into their own fields, so a log
+(see :func:`attempt_tag`); in JSON those two are also lifted into their own fields, so a log
 pipeline can select every line of one attempt.  The level changes live with
 :func:`set_level` (SIGHUP / ``Reload``).
 """
@@ -78,6 +78,6 @@ def set_level(level: str) -> None:
     logging.getLogger("pika").setLevel(logging.WARNING if level == "debug" else logging.CRITICAL)
 
 
-def job_tag(key: str, job_id: str) -> str:
+def attempt_tag(key: str, attempt_id: str) -> str:
     """The prefix every log line about one attempt carries."""
-    return f"key={key} attempt={job_id}"
+    return f"key={key} attempt={attempt_id}"

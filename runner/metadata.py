@@ -129,15 +129,15 @@ def metadata_prefix_url(request: dict) -> str | None:
     return strip_archive_suffix(url) if url else None
 
 
-def new_scrape_document(job, hostname: str) -> dict:
+def new_scrape_document(attempt, hostname: str) -> dict:
     """The scrape document at the start of an attempt (status ``running``)."""
-    experiment = job.request.get("experiment", {})
+    experiment = attempt.request.get("experiment", {})
     return {
         "runner": {"start": iso_utc(time.time()), "stop": None, "host": hostname,
-                   "attempt": job.job_id, "attempt_number": job.attempts + 1,
-                   "queue": job.queue},
+                   "attempt": attempt.attempt_id, "attempt_number": attempt.attempts + 1,
+                   "queue": attempt.queue},
         "experiment": {},
-        "studioml": {"status": "running", "experiment": job.key, "project": job.project,
+        "studioml": {"status": "running", "experiment": attempt.key, "project": attempt.project,
                      "owner": experiment.get("owner"), "time_added": experiment.get("time_added")},
         "asset": str(uuid.uuid4()),
     }

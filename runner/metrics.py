@@ -160,16 +160,16 @@ class Metrics:
         self._lock = threading.Lock()
         self._completed: dict[tuple, float] = {}
 
-    def job_labels(self, job) -> tuple:
-        queue_type = getattr(job, "queue_type", "") or kind_of(job.queue)
-        return (self.host, queue_type, job.queue, job.project or "")
+    def attempt_labels(self, attempt) -> tuple:
+        queue_type = getattr(attempt, "queue_type", "") or kind_of(attempt.queue)
+        return (self.host, queue_type, attempt.queue, attempt.project or "")
 
-    def job_started(self, job) -> None:
-        self.running.labels(*self.job_labels(job)).inc()
+    def attempt_started(self, attempt) -> None:
+        self.running.labels(*self.attempt_labels(attempt)).inc()
 
-    def job_finished(self, job, status: str, started: bool = True) -> None:
-        """An attempt ended; ``started``: it was counted by :meth:`job_started`."""
-        labels = self.job_labels(job)
+    def attempt_finished(self, attempt, status: str, started: bool = True) -> None:
+        """An attempt ended; ``started``: it was counted by :meth:`attempt_started`."""
+        labels = self.attempt_labels(attempt)
         with self._lock:
             if started:
                 self.running.labels(*labels).dec()

@@ -15,7 +15,7 @@ version drops every frame of this one, loudly, rather than some of them silently
 
 The fields follow in the order the dataclass declares them (positional: no field names
 on the wire, which keeps encoding and decoding cheap on the output path); a field typed
-as another protocol dataclass (``Job``, ``Outcome``) is itself an array of its fields in
+as another protocol dataclass (``Attempt``, ``Outcome``) is itself an array of its fields in
 declaration order.  New fields are only ever appended, with defaults: a frame with more
 fields than this version knows (a newer sender) has the extra ones ignored, and one with
 fewer (an older sender) gets the defaults.  Packing uses ``use_bin_type=True``; unpacking
@@ -23,18 +23,18 @@ uses ``raw=False`` and refuses frames larger than ``MAX_FRAME_BYTES``.  A frame 
 another version, an unknown type or missing required fields raises
 :class:`runner.errors.ProtocolError`; in a batch, such an entry is skipped and reported
 while the others are delivered.  ``to_map``/``from_map`` give the named form, used
-where a message carries jobs as data (``Adopt.jobs``).
+where a message carries attempts as data (``Adopt.attempts``).
 
 Who sends what (role inboxes are PULL sockets, see :mod:`runner.bus`)::
 
-    fetcher        --JobAssigned-->   cache manager
-    cache manager  --AttemptOpened--> scraper, --JobPrepared--> executor,
+    fetcher        --AttemptAssigned-->   cache manager
+    cache manager  --AttemptOpened--> scraper, --AttemptPrepared--> executor,
                    --AttemptEnded-->  scraper (preparation failed)
     executor       --OutputChunk-->   scraper, --AttemptEnded--> scraper,
                    --RunEnded-->      fetcher, cache manager (releases a container image)
     scraper        --UploadRequest--> uploader
-    uploader       --JobDone-->       fetcher
-    any role       --RunnerLog-->     scraper, --JobPhase--> supervisor,
+    uploader       --AttemptDone-->       fetcher
+    any role       --RunnerLog-->     scraper, --AttemptPhase--> supervisor,
                    --Heartbeat-->     supervisor
     supervisor     --Shutdown/StopTaking/StartTaking/StopRuns/Adopt/Reload--> roles
     runner-ctl     --CtlRequest-->    supervisor (REQ/ROUTER) --CtlReply-->
@@ -52,22 +52,22 @@ import msgpack
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 BATCH = "batch"  # the type name of a batch frame (no message class)
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class Job:
+class Attempt:
     """One attempt of one request, as it travels through the pipeline.
 
-    ``job_id`` is the attempt id ``<hostname>-<base62 seconds>`` and is unique on a host.
+    ``attempt_id`` is the attempt id ``<hostname>-<base62 seconds>`` and is unique on a host.
     ``attempts`` counts attempts of the experiment's own code made *before* this one.
     Times are unix seconds (float); ``deadline`` is the earliest absolute stop time
     from ``experimentLifetime`` (None when unbounded); ``max_duration`` is seconds.
     """
 
-    job_id: str
+    attempt_id: str
     queue: str
     token: str
     attempts: int
@@ -151,7 +151,7 @@ class Reload(Message):
 
 @dataclass(frozen=True)
 class StopRuns(Message):
-    """Supervisor or fetcher → cache manager and executor: end every attempt (or ``job_ids``).
+    """Supervisor or fetcher → cache manager and executor: end every attempt (or ``attempt_ids``).
 
     ``cause`` names why, as :func:`runner.fates.stop_exception` understands it
     (``shutdown``: handed back uncounted; ``queue_deleted``: the user aborted the run;
@@ -161,7 +161,7 @@ class StopRuns(Message):
 
     TYPE: ClassVar[str] = "stop_runs"
     reason: str = "shutdown"
-    job_ids: list = field(default_factory=list)
+    attempt_ids: list = field(default_factory=list)
     cause: str = "shutdown"
 
 
@@ -178,33 +178,33 @@ class Cancel(Message):
 
 @dataclass(frozen=True)
 class Adopt(Message):
-    """Supervisor → restarted fetcher: these jobs are in flight; hold them again."""
+    """Supervisor → restarted fetcher: these attempts are in flight; hold them again."""
 
     TYPE: ClassVar[str] = "adopt"
-    jobs: list = field(default_factory=list)  # list of Job maps
+    attempts: list = field(default_factory=list)  # list of Attempt maps
 
 
 @dataclass(frozen=True)
-class JobAssigned(Message):
-    TYPE: ClassVar[str] = "job_assigned"
-    job: Job
+class AttemptAssigned(Message):
+    TYPE: ClassVar[str] = "attempt_assigned"
+    attempt: Attempt
 
 
 @dataclass(frozen=True)
 class AttemptOpened(Message):
     TYPE: ClassVar[str] = "attempt_opened"
-    job: Job
+    attempt: Attempt
 
 
 @dataclass(frozen=True)
-class JobPrepared(Message):
+class AttemptPrepared(Message):
     """Cache manager → executor: inputs in place.  Python mode: ``python`` and ``env_path``
     of the run's environment.  Container mode (:mod:`runner.containers`): ``container`` names
     the runtime and ``image`` is what it runs (a local image file, a reference, or an
     unpacked image folder); ``python`` and ``env_path`` are empty."""
 
-    TYPE: ClassVar[str] = "job_prepared"
-    job: Job
+    TYPE: ClassVar[str] = "attempt_prepared"
+    attempt: Attempt
     python: str
     env_path: str
     container: str = ""
@@ -221,7 +221,7 @@ class OutputChunk(Message):
     """
 
     TYPE: ClassVar[str] = "output_chunk"
-    job_id: str
+    attempt_id: str
     data: bytes
     scrape: bool = True
     offset: int = 0
@@ -234,14 +234,14 @@ RUNNER_NOTE = -1
 @dataclass(frozen=True)
 class RunnerLog(Message):
     TYPE: ClassVar[str] = "runner_log"
-    job_id: str
+    attempt_id: str
     text: str
 
 
 @dataclass(frozen=True)
 class AttemptEnded(Message):
     TYPE: ClassVar[str] = "attempt_ended"
-    job: Job
+    attempt: Attempt
     outcome: Outcome
     facts: dict = field(default_factory=dict)
 
@@ -250,7 +250,7 @@ class AttemptEnded(Message):
 class UploadRequest(Message):
     """Scraper → uploader: upload the attempt's mutable artifacts and metadata files.
 
-    ``final`` uploads everything and is followed by a ``JobDone``; a periodic request
+    ``final`` uploads everything and is followed by a ``AttemptDone``; a periodic request
     skips unchanged artifacts and reports nothing; ``record_only`` (sent when the attempt
     opens) writes the metadata-store record and uploads nothing.  ``labels`` limits a
     periodic request to the artifacts whose save period is due (``_metadata``: the
@@ -259,7 +259,7 @@ class UploadRequest(Message):
     """
 
     TYPE: ClassVar[str] = "upload_request"
-    job: Job
+    attempt: Attempt
     final: bool
     outcome: Outcome | None = None
     record_only: bool = False
@@ -273,16 +273,16 @@ class RecordState(Message):
     (:mod:`runner.studio_db`); shown in the scrape document as ``runner.studio_record``."""
 
     TYPE: ClassVar[str] = "record_state"
-    job_id: str
+    attempt_id: str
     state: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class JobDone(Message):
+class AttemptDone(Message):
     """Uploader → fetcher: the attempt is over and its uploads are done (or failed)."""
 
-    TYPE: ClassVar[str] = "job_done"
-    job: Job
+    TYPE: ClassVar[str] = "attempt_done"
+    attempt: Attempt
     outcome: Outcome
     upload_error: str = ""
 
@@ -294,12 +294,12 @@ class RunEnded(Message):
     cache manager: the container image the run used may be evicted again."""
 
     TYPE: ClassVar[str] = "run_ended"
-    job_id: str
+    attempt_id: str
 
 
 @dataclass(frozen=True)
-class JobPhase(Message):
-    """Any role → supervisor: where a job is now (for status, restarts and metrics).
+class AttemptPhase(Message):
+    """Any role → supervisor: where an attempt is now (for status, restarts and metrics).
 
     ``phase`` is one of taken, preparing, running, ending, uploading, finished.
     ``detail`` carries phase facts: ``step`` while preparing (``download`` then
@@ -307,8 +307,8 @@ class JobPhase(Message):
     masked output) when uploading, ``fate``/``status``/``reason`` when finished.
     """
 
-    TYPE: ClassVar[str] = "job_phase"
-    job: Job
+    TYPE: ClassVar[str] = "attempt_phase"
+    attempt: Attempt
     phase: str
     role: str
     at: float
@@ -339,13 +339,13 @@ class CtlReply(Message):
     error: str = ""
 
 
-_NESTED = {"Job": Job, "Outcome": Outcome, "Job | None": Job, "Outcome | None": Outcome}
+_NESTED = {"Attempt": Attempt, "Outcome": Outcome, "Attempt | None": Attempt, "Outcome | None": Outcome}
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (Heartbeat, Shutdown, StopTaking, StartTaking, Reload, StopRuns, Cancel, Adopt,
-                JobAssigned, AttemptOpened, JobPrepared, OutputChunk, RunnerLog, AttemptEnded,
-                UploadRequest, RecordState, JobDone, RunEnded,
-                JobPhase, QueueStats, CtlRequest, CtlReply)
+                AttemptAssigned, AttemptOpened, AttemptPrepared, OutputChunk, RunnerLog, AttemptEnded,
+                UploadRequest, RecordState, AttemptDone, RunEnded,
+                AttemptPhase, QueueStats, CtlRequest, CtlReply)
 }
 
 
@@ -548,6 +548,6 @@ def _array_header(length: int) -> bytes:
 _BATCH_PREFIX = msgpack.packb(PROTOCOL_VERSION) + msgpack.packb(BATCH)
 
 
-def jobs_from_maps(maps: typing.Iterable[dict]) -> list[Job]:
-    """``Adopt.jobs`` back into ``Job`` objects."""
-    return [from_map(Job, m) for m in maps]
+def attempts_from_maps(maps: typing.Iterable[dict]) -> list[Attempt]:
+    """``Adopt.attempts`` back into ``Attempt`` objects."""
+    return [from_map(Attempt, m) for m in maps]

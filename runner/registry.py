@@ -3,9 +3,9 @@
 One folder, ``<runtime-dir>/attempts/``, with small JSON files per attempt id (each
 written whole, then renamed in, by the one role that owns it):
 
-* ``<id>.job`` — the attempt's ``Job``; written by the scraper when it opens the attempt;
+* ``<id>.attempt`` — the attempt's ``Attempt``; written by the scraper when it opens the attempt;
 * ``<id>.run`` — the run's launcher: ``{"pid", "ticks", "cgroup": [folders]}``, written by
-  the executor when the run starts (with the ``Job`` too, for a run whose ``.job`` is late);
+  the executor when the run starts (with the ``Attempt`` too, for a run whose ``.attempt`` is late);
 * ``<id>.scraped`` — what the scraper had saved at its last save: the run's output bytes
   consumed (``offset``) and the sizes of the files written so far (for a restarted scraper);
 * ``<id>.ended`` — the attempt's ``Outcome``, written by the scraper when it closed it (a
@@ -30,80 +30,80 @@ from . import proctree, protocol
 
 log = logging.getLogger("runner.registry")
 FOLDER = "attempts"
-KINDS = ("job", "run", "scraped", "ended")
+KINDS = ("attempt", "run", "scraped", "ended")
 
 
 def folder(runtime_dir: str) -> Path:
     return Path(runtime_dir) / FOLDER
 
 
-def _path(runtime_dir: str, job_id: str, kind: str) -> Path:
-    if "/" in job_id or job_id.startswith("."):
-        raise ValueError(f"not an attempt id: {job_id!r}")
-    return folder(runtime_dir) / f"{job_id}.{kind}"
+def _path(runtime_dir: str, attempt_id: str, kind: str) -> Path:
+    if "/" in attempt_id or attempt_id.startswith("."):
+        raise ValueError(f"not an attempt id: {attempt_id!r}")
+    return folder(runtime_dir) / f"{attempt_id}.{kind}"
 
 
-def write(runtime_dir: str, job_id: str, kind: str, value: dict) -> None:
+def write(runtime_dir: str, attempt_id: str, kind: str, value: dict) -> None:
     """Write ``<id>.<kind>`` atomically (a crash leaves the old file or the new one)."""
-    target = _path(runtime_dir, job_id, kind)
+    target = _path(runtime_dir, attempt_id, kind)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(value, sort_keys=True))
     os.replace(temporary, target)
 
 
-def read(runtime_dir: str, job_id: str, kind: str) -> dict | None:
+def read(runtime_dir: str, attempt_id: str, kind: str) -> dict | None:
     """The content of ``<id>.<kind>``, or None when it is absent or unreadable."""
     try:
-        value = json.loads(_path(runtime_dir, job_id, kind).read_text())
+        value = json.loads(_path(runtime_dir, attempt_id, kind).read_text())
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
 
 
-def write_job(runtime_dir: str, job: protocol.Job) -> None:
-    write(runtime_dir, job.job_id, "job", protocol.to_map(job))
+def write_attempt(runtime_dir: str, attempt: protocol.Attempt) -> None:
+    write(runtime_dir, attempt.attempt_id, "attempt", protocol.to_map(attempt))
 
 
-def read_job(runtime_dir: str, job_id: str) -> protocol.Job | None:
-    """The attempt's ``Job`` from ``.job`` (or the copy in ``.run``), or None."""
-    value = read(runtime_dir, job_id, "job") or (read(runtime_dir, job_id, "run") or {}).get("job")
+def read_attempt(runtime_dir: str, attempt_id: str) -> protocol.Attempt | None:
+    """The attempt's ``Attempt`` from ``.attempt`` (or the copy in ``.run``), or None."""
+    value = read(runtime_dir, attempt_id, "attempt") or (read(runtime_dir, attempt_id, "run") or {}).get("attempt")
     if not isinstance(value, dict):
         return None
     try:
-        return protocol.from_map(protocol.Job, value)
+        return protocol.from_map(protocol.Attempt, value)
     except Exception:  # noqa: BLE001 - a damaged file must not stop the recovery
-        log.warning("attempt %s: unreadable registry entry", job_id)
+        log.warning("attempt %s: unreadable registry entry", attempt_id)
         return None
 
 
-def write_ended(runtime_dir: str, job_id: str, outcome: protocol.Outcome) -> None:
-    write(runtime_dir, job_id, "ended", protocol.to_map(outcome))
+def write_ended(runtime_dir: str, attempt_id: str, outcome: protocol.Outcome) -> None:
+    write(runtime_dir, attempt_id, "ended", protocol.to_map(outcome))
 
 
-def read_ended(runtime_dir: str, job_id: str) -> protocol.Outcome | None:
-    value = read(runtime_dir, job_id, "ended")
+def read_ended(runtime_dir: str, attempt_id: str) -> protocol.Outcome | None:
+    value = read(runtime_dir, attempt_id, "ended")
     try:
         return protocol.from_map(protocol.Outcome, value) if value else None
     except Exception:  # noqa: BLE001
         return None
 
 
-def forget(runtime_dir: str, job_id: str) -> None:
+def forget(runtime_dir: str, attempt_id: str) -> None:
     """Remove every file of the attempt (its request is settled)."""
     for kind in KINDS:
         try:
-            _path(runtime_dir, job_id, kind).unlink()
+            _path(runtime_dir, attempt_id, kind).unlink()
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as exc:
-            log.warning("attempt %s: cannot remove its %s entry: %s", job_id, kind, exc)
+            log.warning("attempt %s: cannot remove its %s entry: %s", attempt_id, kind, exc)
 
 
-def forget_kind(runtime_dir: str, job_id: str, kind: str) -> None:
+def forget_kind(runtime_dir: str, attempt_id: str, kind: str) -> None:
     """Remove ``<id>.<kind>`` only."""
     try:
-        _path(runtime_dir, job_id, kind).unlink()
+        _path(runtime_dir, attempt_id, kind).unlink()
     except FileNotFoundError:
         pass
 
@@ -122,15 +122,15 @@ def attempt_ids(runtime_dir: str) -> list[str]:
 class Leftover:
     """An attempt a dead runner left in the registry."""
 
-    job_id: str
-    job: protocol.Job | None
+    attempt_id: str
+    attempt: protocol.Attempt | None
     killed: int  # processes of its run that were still alive and were killed
 
 
-def kill_run(runtime_dir: str, job_id: str) -> int:
+def kill_run(runtime_dir: str, attempt_id: str) -> int:
     """Kill what is left of the attempt's run: its launcher's tree and group, and every
     process in its cgroup; returns how many processes were signalled."""
-    run = read(runtime_dir, job_id, "run") or {}
+    run = read(runtime_dir, attempt_id, "run") or {}
     killed = 0
     pid, ticks = run.get("pid"), run.get("ticks")
     if isinstance(pid, int) and pid > 1:
@@ -149,10 +149,10 @@ def kill_run(runtime_dir: str, job_id: str) -> int:
     return killed
 
 
-def remove_cgroups(runtime_dir: str, job_id: str, wait: float = 2.0) -> None:
+def remove_cgroups(runtime_dir: str, attempt_id: str, wait: float = 2.0) -> None:
     """Remove the (emptied) cgroup folders of the attempt's run, and their parent folder
     (``studioml-runs-<instance>`` of the dead runner) once it is empty."""
-    folders = [Path(p) for p in (read(runtime_dir, job_id, "run") or {}).get("cgroup") or []]
+    folders = [Path(p) for p in (read(runtime_dir, attempt_id, "run") or {}).get("cgroup") or []]
     deadline = time.monotonic() + wait
     for folder in folders:
         while True:
@@ -163,7 +163,7 @@ def remove_cgroups(runtime_dir: str, job_id: str, wait: float = 2.0) -> None:
                 break
             except OSError:  # its last processes are still exiting
                 if time.monotonic() >= deadline:
-                    log.warning("attempt %s: cannot remove cgroup %s", job_id, folder)
+                    log.warning("attempt %s: cannot remove cgroup %s", attempt_id, folder)
                     break
                 time.sleep(0.05)
         try:
@@ -177,13 +177,13 @@ def recover(runtime_dir: str) -> list[Leftover]:
 
     Call it only while holding the runtime directory's lock (no live runner uses these
     entries).  Entries are kept: the caller ends each attempt, and the fetcher forgets it
-    once settled.  An entry without a readable ``Job`` is removed here."""
+    once settled.  An entry without a readable ``Attempt`` is removed here."""
     found = []
-    for job_id in attempt_ids(runtime_dir):
-        killed = kill_run(runtime_dir, job_id)
-        remove_cgroups(runtime_dir, job_id)
-        job = read_job(runtime_dir, job_id)
-        if job is None:
-            forget(runtime_dir, job_id)
-        found.append(Leftover(job_id=job_id, job=job, killed=killed))
+    for attempt_id in attempt_ids(runtime_dir):
+        killed = kill_run(runtime_dir, attempt_id)
+        remove_cgroups(runtime_dir, attempt_id)
+        attempt = read_attempt(runtime_dir, attempt_id)
+        if attempt is None:
+            forget(runtime_dir, attempt_id)
+        found.append(Leftover(attempt_id=attempt_id, attempt=attempt, killed=killed))
     return found

@@ -23,8 +23,8 @@ allocator never talks to NVML, so it is tested against devices described as data
   memory used by processes the runner did not start is respected too.
 * Devices with ECC errors are never given out.
 * Choice wastes least: the devices that fit with the least memory left over (in sharing
-  mode that means devices already shared come first), so a one-GPU job does not take a
-  card that a later bigger job needs while a smaller one fits.
+  mode that means devices already shared come first), so a one-GPU attempt does not take a
+  card that a later bigger attempt needs while a smaller one fits.
 
 Disk: ``disk_keep`` bytes of the working directory's file system are kept free; a request
 fits when its ``hdd`` fits in ``free space - disk_keep - hdd reserved by running

@@ -86,15 +86,15 @@ def started_notice(host: str, instance: str, version: str, queues: list[str]) ->
             f"serving {', '.join(queues) or 'no queues yet'}")
 
 
-def experiment_notice(host: str, job, status: str, reason: str, tail: str,
+def experiment_notice(host: str, attempt, status: str, reason: str, tail: str,
                       final: bool = True) -> str:
     """The notice for an attempt that ended ``status``, with its masked output ``tail``."""
     icon = {"completed": ":white_check_mark:", "expired": ":hourglass:"}.get(status, ":x:")
-    text = (f"{icon} experiment *{job.key}* (project {job.project or '-'}, queue {job.queue}) "
-            f"{status} on {host}, attempt {job.job_id} (#{job.attempts + 1})"
+    text = (f"{icon} experiment *{attempt.key}* (project {attempt.project or '-'}, queue {attempt.queue}) "
+            f"{status} on {host}, attempt {attempt.attempt_id} (#{attempt.attempts + 1})"
             + ("" if final else ", will be retried") + (f": {reason}" if reason else ""))
     if tail:
-        tail = Masker(secrets_of(job.request)).mask_text(tail)
+        tail = Masker(secrets_of(attempt.request)).mask_text(tail)
         if len(tail) > TAIL_LIMIT:
             tail = "…" + tail[-TAIL_LIMIT:]
         text += "\n```\n" + tail.replace("```", "'''") + "\n```"

@@ -231,9 +231,9 @@ class _Pending:
 class RecordUpdater:
     """Writes record changes on its own thread (module doc).
 
-    ``on_state(job_id, state)`` gets ``{"state", "url", "status", "error", "updated"}``
-    whenever the state of a job's record changes; ``on_stopped(job_id)`` is called (once
-    per job) when the record says the client stopped the experiment.  Both are called on
+    ``on_state(attempt_id, state)`` gets ``{"state", "url", "status", "error", "updated"}``
+    whenever the state of an attempt's record changes; ``on_stopped(attempt_id)`` is called (once
+    per attempt) when the record says the client stopped the experiment.  Both are called on
     the updater's thread.
     """
 
@@ -249,7 +249,7 @@ class RecordUpdater:
         self.thread = threading.Thread(target=self._run, name="studio-record", daemon=True)
         self.thread.start()
 
-    def submit(self, job_id: str, request: dict, changes: dict) -> bool:
+    def submit(self, attempt_id: str, request: dict, changes: dict) -> bool:
         """Queue ``changes`` for the record of ``request`` (merged with any waiting ones).
 
         False when the request names no database (or one this runner cannot write: that
@@ -258,24 +258,24 @@ class RecordUpdater:
         try:
             location = locate(request)
         except (NoDatabase, BadRequest) as exc:
-            self._report(job_id, {"state": "unsupported", "error": str(exc)})
+            self._report(attempt_id, {"state": "unsupported", "error": str(exc)})
             return False
         if location is None:
             return False
         with self.condition:
-            waiting = self.pending.get(job_id)
+            waiting = self.pending.get(attempt_id)
             if waiting is None:
-                self.pending[job_id] = _Pending(location, dict(changes), time.monotonic())
+                self.pending[attempt_id] = _Pending(location, dict(changes), time.monotonic())
             else:
                 waiting.changes.update(changes)
             self.condition.notify()
         return True
 
-    def forget(self, job_id: str) -> None:
-        """Drop what is kept for ``job_id`` once nothing of it is waiting."""
+    def forget(self, attempt_id: str) -> None:
+        """Drop what is kept for ``attempt_id`` once nothing of it is waiting."""
         with self.condition:
-            if job_id not in self.pending:
-                self.stopped_reported.discard(job_id)
+            if attempt_id not in self.pending:
+                self.stopped_reported.discard(attempt_id)
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every waiting update to be written or given
@@ -293,9 +293,9 @@ class RecordUpdater:
             self.condition.notify_all()
         self.thread.join(timeout)
 
-    def _report(self, job_id: str, state: dict) -> None:
+    def _report(self, attempt_id: str, state: dict) -> None:
         try:
-            self.on_state(job_id, dict(state, updated=time.time()))
+            self.on_state(attempt_id, dict(state, updated=time.time()))
         except Exception:  # a callback must never end the updater
             log.exception("studio record state callback failed")
 
@@ -303,13 +303,13 @@ class RecordUpdater:
         with self.condition:
             while not self.closed:
                 now = time.monotonic()
-                due = [(p.due, job_id) for job_id, p in self.pending.items()]
+                due = [(p.due, attempt_id) for attempt_id, p in self.pending.items()]
                 if due:
-                    when, job_id = min(due)
+                    when, attempt_id = min(due)
                     if when <= now:
-                        entry = self.pending[job_id]
+                        entry = self.pending[attempt_id]
                         changes, entry.changes = entry.changes, {}
-                        return job_id, entry, changes
+                        return attempt_id, entry, changes
                     self.condition.wait(when - now)
                 else:
                     self.condition.wait(1.0)
@@ -320,10 +320,10 @@ class RecordUpdater:
             taken = self._next()
             if taken is None:
                 return
-            job_id, entry, changes = taken
-            self._write(job_id, entry, changes)
+            attempt_id, entry, changes = taken
+            self._write(attempt_id, entry, changes)
 
-    def _write(self, job_id: str, entry: _Pending, changes: dict) -> None:
+    def _write(self, attempt_id: str, entry: _Pending, changes: dict) -> None:
         url = entry.location.url
         entry.tries += 1
         try:
@@ -336,7 +336,7 @@ class RecordUpdater:
             with self.condition:
                 entry.changes = {**changes, **entry.changes}  # newer changes win
                 if now - entry.first_failure >= self.retry_for:
-                    del self.pending[job_id]
+                    del self.pending[attempt_id]
                     self.condition.notify_all()
                     state = "gave up"
                 else:
@@ -344,22 +344,22 @@ class RecordUpdater:
                     entry.delay = min(entry.delay * 2, MAX_DELAY)
                     state = "retrying"
             log.warning("studio record %s: %s (try %d, %s)", url, exc, entry.tries, state)
-            self._report(job_id, {"state": state, "url": url, "error": str(exc),
+            self._report(attempt_id, {"state": state, "url": url, "error": str(exc),
                                   "tries": entry.tries})
             return
         with self.condition:
             if not entry.changes:
-                del self.pending[job_id]
+                del self.pending[attempt_id]
             else:
                 entry.due = time.monotonic()
             entry.first_failure, entry.delay = None, FIRST_DELAY
             self.condition.notify_all()
         if record is None:
             log.info("studio record %s does not exist: left alone", url)
-            self._report(job_id, {"state": "no record", "url": url})
+            self._report(attempt_id, {"state": "no record", "url": url})
             return
-        self._report(job_id, {"state": "ok", "url": url, "status": record.get("status"),
+        self._report(attempt_id, {"state": "ok", "url": url, "status": record.get("status"),
                               "tries": entry.tries})
-        if record.get("status") == STOPPED and job_id not in self.stopped_reported:
-            self.stopped_reported.add(job_id)
-            self.on_stopped(job_id)
+        if record.get("status") == STOPPED and attempt_id not in self.stopped_reported:
+            self.stopped_reported.add(attempt_id)
+            self.on_stopped(attempt_id)

@@ -4,7 +4,7 @@
 * One supervisor per ``--runtime-dir`` (a lock file; exit 5 when another one holds it).
 * Each role runs as ``python -m runner.rolehost <role>``; a role that exits before its first
   heartbeat stops the runner with exit 3 and the role's reason.  A role that crashes later
-  is restarted (exit 4 if it keeps crashing), and the jobs it held are recovered: the
+  is restarted (exit 4 if it keeps crashing), and the attempts it held are recovered: the
   fetcher gets them back with ``Adopt``; attempts held by another role end as cancelled
   (``RoleCrashed``) so that their request goes back to its queue, not counted.
 * Roles start with ``python -P`` in the runtime directory, each in a session of its
@@ -78,7 +78,7 @@ SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 # Never passed to roles (and so never to experiments): systemd's and Slack's.
 PRIVATE_VARIABLES = NOTIFY_VARIABLES + ("SLACK_HOOK", "RUNNER_SLACK_HOOK")
 
-# Which role holds a job in each phase (for recovery when that role dies).
+# Which role holds an attempt in each phase (for recovery when that role dies).
 PHASE_OWNER = {"taken": "cache_manager", "preparing": "cache_manager", "running": "executor",
                "ending": "scraper", "uploading": "uploader"}
 PHASE_RANK = {name: rank for rank, name in enumerate(
@@ -129,7 +129,7 @@ class Supervisor:
             f"{config.hostname}-{os.getpid()}-{_fast.b62encode(int(self.started))}")
         self.endpoints = Endpoints(self.config.runtime_dir)
         self.roles = {name: RoleProcess(name) for name in ROLES}
-        self.jobs: dict[str, dict] = {}
+        self.attempts: dict[str, dict] = {}
         self.queues: dict = {}
         self.queues_listed = False
         self.fetcher_taking = True
@@ -247,24 +247,24 @@ class Supervisor:
         for leftover in leftovers:
             log.warning("attempt %s was in flight when the previous runner stopped; %d of its "
                         "processes were still alive and were killed; ending it as cancelled",
-                        leftover.job_id, leftover.killed)
-        return [leftover for leftover in leftovers if leftover.job is not None]
+                        leftover.attempt_id, leftover.killed)
+        return [leftover for leftover in leftovers if leftover.attempt is not None]
 
     def end_leftovers(self, leftovers: list[registry.Leftover]) -> None:
         """End each attempt a dead runner left as cancelled (its request is back in its
         queue or with another runner), through the scraper and the uploader."""
         for leftover in leftovers:
-            job = leftover.job
+            attempt = leftover.attempt
             # A copy the dead runner closed (maybe ``completed``) is closed again as
             # cancelled: its request will run again, and only that run's result stands.
-            registry.forget_kind(self.config.runtime_dir, job.job_id, "ended")
+            registry.forget_kind(self.config.runtime_dir, attempt.attempt_id, "ended")
             outcome = fates.outcome_for_exception(fates.RoleCrashed(
                 "the runner stopped while this attempt was in flight; its request went back "
                 "to its queue"))
-            self.jobs[job.job_id] = {"job": job, "phase": "ending", "since": time.time(),
+            self.attempts[attempt.attempt_id] = {"attempt": attempt, "phase": "ending", "since": time.time(),
                                      "detail": {"recovered": True}, "times": {}}
             self.bus.send("scraper", protocol.AttemptEnded(
-                job=job, outcome=outcome,
+                attempt=attempt, outcome=outcome,
                 facts={"recovered": True, "processes_killed": leftover.killed}))
 
     # -- the loop -------------------------------------------------------------------
@@ -387,7 +387,7 @@ class Supervisor:
             drain = self.drain = Drain(why=why, origin=origin, since=time.time(), exit=exit)
             log.info("%s: draining: taking no new work; %d attempts in flight may finish "
                      "within %.0fs (--drain-timeout), then are handed back", why,
-                     len(self.jobs), self.config.drain_timeout)
+                     len(self.attempts), self.config.drain_timeout)
             self.state = "draining"
             self.bus.send("fetcher", protocol.StopTaking())
         else:
@@ -398,10 +398,10 @@ class Supervisor:
                 drain.origin, drain.why = origin, why
         if drain.exit and drain.origin != "ctl" and not drain.stopping_sent:
             drain.stopping_sent = True
-            self.notifier.stopping(f"draining ({why}): {len(self.jobs)} in flight")
+            self.notifier.stopping(f"draining ({why}): {len(self.attempts)} in flight")
         if self.metrics is not None:
             self.metrics.draining.set(1)
-        return f"draining: {len(self.jobs)} attempts in flight"
+        return f"draining: {len(self.attempts)} attempts in flight"
 
     def request_stop_now(self, why: str) -> str:
         """End every attempt now (cancelled, handed back uncounted), then exit."""
@@ -414,13 +414,13 @@ class Supervisor:
             self.notifier.stopping(f"stopping now ({why})")
         if not drain.stop_now:
             log.warning("%s: stopping now; handing %d attempts back to their queues", why,
-                        len(self.jobs))
+                        len(self.attempts))
             drain.stop_now = True
             drain.handing_back_since = time.time()
             self.state = "stopping"
             for name in ("cache_manager", "executor"):
                 self.bus.send(name, protocol.StopRuns(reason=why))
-        return f"stopping now: handing {len(self.jobs)} attempts back"
+        return f"stopping now: handing {len(self.attempts)} attempts back"
 
     def request_resume(self, why: str) -> tuple[bool, str]:
         """Undo a drain started by ``runner-ctl drain``; take work again."""
@@ -482,7 +482,7 @@ class Supervisor:
         if drain is None:
             return False
         now = time.time()
-        if not self.jobs and not self.fetcher_taking:
+        if not self.attempts and not self.fetcher_taking:
             if drain.exit:
                 log.info("drained (%s): nothing in flight; stopping", drain.why)
                 if not drain.stopping_sent:
@@ -493,21 +493,21 @@ class Supervisor:
             return False
         if drain.handing_back_since is None and now - drain.since >= self.config.drain_timeout:
             log.warning("--drain-timeout (%.0fs) passed with %d attempts in flight; handing "
-                        "them back to their queues", self.config.drain_timeout, len(self.jobs))
+                        "them back to their queues", self.config.drain_timeout, len(self.attempts))
             drain.handing_back_since = now
             self.state = "handing back"
         if drain.handing_back_since is None:
             return False
-        if not drain.stop_now and self.jobs and now - drain.last_stop_runs >= STOP_RUNS_EVERY:
+        if not drain.stop_now and self.attempts and now - drain.last_stop_runs >= STOP_RUNS_EVERY:
             # Named attempts only (so a resume leaves the roles able to run new ones); sent
             # again while any is left, for attempts that were between two roles.
             drain.last_stop_runs = now
-            ids = sorted(self.jobs)
+            ids = sorted(self.attempts)
             for name in ("cache_manager", "executor"):
-                self.bus.send(name, protocol.StopRuns(reason=f"drain: {drain.why}", job_ids=ids))
+                self.bus.send(name, protocol.StopRuns(reason=f"drain: {drain.why}", attempt_ids=ids))
         if drain.exit and now - drain.handing_back_since > self.config.shutdown_timeout:
             log.warning("--shutdown-timeout passed with %d attempts in flight; stopping anyway",
-                        len(self.jobs))
+                        len(self.attempts))
             return True
         return False
 
@@ -516,12 +516,12 @@ class Supervisor:
         if self.drain is not None:
             return
         now = time.time()
-        if self.jobs:
+        if self.attempts:
             self.idle_since = now
         limit = self.config.limit_tasks
-        if limit and self.tasks_taken >= limit and not self.jobs:
+        if limit and self.tasks_taken >= limit and not self.attempts:
             self.request_drain(f"--limit-tasks {limit} reached", origin="limit")
-        elif (self.config.limit_idle_duration and not self.jobs
+        elif (self.config.limit_idle_duration and not self.attempts
               and now - self.idle_since >= self.config.limit_idle_duration):
             self.request_drain(f"idle for {now - self.idle_since:.0f}s "
                                "(--limit-idle-duration)", origin="limit")
@@ -545,7 +545,7 @@ class Supervisor:
         return (not problems, "; ".join(problems) or "ok")
 
     def summary(self) -> str:
-        running = len(self.jobs)
+        running = len(self.attempts)
         finished = sum(self.finished.values())
         served = len(self.queues)
         head = {"running": "serving", "starting": "starting"}.get(self.state, self.state)
@@ -604,19 +604,19 @@ class Supervisor:
                 if role.needs_adopt:
                     role.needs_adopt = False
                     self.bus.send("fetcher", protocol.Adopt(
-                        jobs=[protocol.to_map(e["job"]) for e in self.jobs.values()]))
-        elif isinstance(message, protocol.JobPhase):
+                        attempts=[protocol.to_map(e["attempt"]) for e in self.attempts.values()]))
+        elif isinstance(message, protocol.AttemptPhase):
             self.track(message)
         elif isinstance(message, protocol.QueueStats):
             self.queues = message.queues
             self.fetcher_taking = message.taking
             self.queues_listed = True
 
-    def track(self, phase: protocol.JobPhase) -> None:
-        job_id = phase.job.job_id
+    def track(self, phase: protocol.AttemptPhase) -> None:
+        attempt_id = phase.attempt.attempt_id
         if phase.phase == "finished":
-            started = job_id in self.jobs  # counted in runner_project_running
-            entry = self.jobs.pop(job_id, None) or {"job": phase.job, "detail": {}, "times": {}}
+            started = attempt_id in self.attempts  # counted in runner_project_running
+            entry = self.attempts.pop(attempt_id, None) or {"attempt": phase.attempt, "detail": {}, "times": {}}
             fate = phase.detail.get("fate")
             status = phase.detail.get("status")
             key = {"ack": status, "requeue": "requeued", "dead": "dead",
@@ -625,11 +625,11 @@ class Supervisor:
                 self.finished[key] += 1
             self.observe(entry, "finished", phase.at)
             if self.metrics is not None:
-                self.metrics.job_finished(phase.job, key or "unknown", started=started)
+                self.metrics.attempt_finished(phase.attempt, key or "unknown", started=started)
             self.notify_finished(entry, phase)
             return
-        new = job_id not in self.jobs
-        entry = self.jobs.setdefault(job_id, {"job": phase.job, "detail": {}, "times": {}})
+        new = attempt_id not in self.attempts
+        entry = self.attempts.setdefault(attempt_id, {"attempt": phase.attempt, "detail": {}, "times": {}})
         # Phases come from several roles over separate sockets: the executor's "ending" may
         # arrive after the scraper's "uploading".  A phase never goes back.
         if PHASE_RANK.get(phase.phase, 0) >= PHASE_RANK.get(entry.get("phase"), -1):
@@ -644,7 +644,7 @@ class Supervisor:
                          "done", limit, self.tasks_taken)
                 self.bus.send("fetcher", protocol.StopTaking())
             if self.metrics is not None:
-                self.metrics.job_started(phase.job)
+                self.metrics.attempt_started(phase.attempt)
         step = phase.detail.get("step")
         self.observe(entry, f"{phase.phase}:{step}" if step else phase.phase, phase.at)
 
@@ -664,14 +664,14 @@ class Supervisor:
             return
         name, start_boundary = span
         if start_boundary is None:  # queue wait: from the request's time_added
-            added = entry["job"].request.get("experiment", {}).get("time_added")
+            added = entry["attempt"].request.get("experiment", {}).get("time_added")
             start = float(added) if isinstance(added, (int, float)) and added > 0 else None
         else:
             start = times.get(start_boundary)
         if start is not None:
             self.metrics.observe(name, at - start)
 
-    def notify_finished(self, entry: dict, phase: protocol.JobPhase) -> None:
+    def notify_finished(self, entry: dict, phase: protocol.AttemptPhase) -> None:
         """Slack: final failures and expiries (with the output tail), completions if asked."""
         if self.slack is None:
             return
@@ -683,7 +683,7 @@ class Supervisor:
             status == fates.COMPLETED and self.config.slack_completed)
         if wanted:
             self.slack.post(slack_module.experiment_notice(
-                self.config.hostname, phase.job, status, phase.detail.get("reason", ""),
+                self.config.hostname, phase.attempt, status, phase.detail.get("reason", ""),
                 entry["detail"].get("tail", "") if status != fates.COMPLETED else "",
                 final=final))
 
@@ -708,43 +708,43 @@ class Supervisor:
             if len(role.crashes) > CRASH_LIMIT:
                 raise FatalError(EXIT_CRASH_LOOP, f"role {role.name} crashed {len(role.crashes)} "
                                                   f"times within {CRASH_WINDOW:.0f}s")
-            self.recover_jobs_of(role.name)
+            self.recover_attempts_of(role.name)
             self.spawn(role)
 
-    def recover_jobs_of(self, name: str) -> None:
-        """Hand the jobs a dead role held to the next step, so none is lost."""
+    def recover_attempts_of(self, name: str) -> None:
+        """Hand the attempts a dead role held to the next step, so none is lost."""
         if name == "fetcher":
             self.roles["fetcher"].needs_adopt = True
             return
         crashed = fates.outcome_for_exception(fates.RoleCrashed(f"role {name} crashed"))
-        for entry in list(self.jobs.values()):
+        for entry in list(self.attempts.values()):
             if PHASE_OWNER.get(entry["phase"]) != name:
                 continue
-            job = entry["job"]
+            attempt = entry["attempt"]
             if name == "uploader":  # its final upload again, with the outcome the scraper kept
-                outcome = registry.read_ended(self.config.runtime_dir, job.job_id)
+                outcome = registry.read_ended(self.config.runtime_dir, attempt.attempt_id)
                 if outcome is not None:
                     log.warning("key=%s attempt=%s was being uploaded by the uploader; "
-                                "uploading it again", job.key, job.job_id)
-                    self.bus.send("uploader", protocol.UploadRequest(job=job, final=True,
+                                "uploading it again", attempt.key, attempt.attempt_id)
+                    self.bus.send("uploader", protocol.UploadRequest(attempt=attempt, final=True,
                                                                      outcome=outcome))
                     continue
             if name == "scraper":
-                if registry.read(self.config.runtime_dir, job.job_id, "ended") is not None:
+                if registry.read(self.config.runtime_dir, attempt.attempt_id, "ended") is not None:
                     entry["phase"] = "uploading"  # closed: the uploader has its final request
                     continue
                 log.warning("key=%s attempt=%s was being closed by the scraper; ending it as "
-                            "cancelled", job.key, job.job_id)
-                self.bus.send("scraper", protocol.AttemptEnded(job=job, outcome=crashed))
+                            "cancelled", attempt.key, attempt.attempt_id)
+                self.bus.send("scraper", protocol.AttemptEnded(attempt=attempt, outcome=crashed))
                 continue
-            log.warning("key=%s attempt=%s was held by %s; ending it as cancelled", job.key,
-                        job.job_id, name)
+            log.warning("key=%s attempt=%s was held by %s; ending it as cancelled", attempt.key,
+                        attempt.attempt_id, name)
             if name in ("cache_manager", "executor"):
-                registry.kill_run(self.config.runtime_dir, job.job_id)
-                self.bus.send("scraper", protocol.AttemptEnded(job=job, outcome=crashed))
+                registry.kill_run(self.config.runtime_dir, attempt.attempt_id)
+                self.bus.send("scraper", protocol.AttemptEnded(attempt=attempt, outcome=crashed))
                 entry["phase"] = "ending"
             else:
-                self.bus.send("fetcher", protocol.JobDone(job=job, outcome=crashed,
+                self.bus.send("fetcher", protocol.AttemptDone(attempt=attempt, outcome=crashed,
                                                           upload_error=""))
                 entry["phase"] = "settling"
 
@@ -817,9 +817,9 @@ class Supervisor:
         if not key:
             return protocol.CtlReply(ok=False, error="cancel needs the experiment's key")
         self.bus.send("fetcher", protocol.Cancel(key=key, project=project))
-        attempts = sorted(job_id for job_id, entry in self.jobs.items()
-                          if entry["job"].key == key
-                          and (not project or entry["job"].project == project))
+        attempts = sorted(attempt_id for attempt_id, entry in self.attempts.items()
+                          if entry["attempt"].key == key
+                          and (not project or entry["attempt"].project == project))
         if attempts:
             message = f"stopping {key}: attempt {', '.join(attempts)} ends cancelled"
         else:
@@ -852,17 +852,17 @@ class Supervisor:
                                 "heartbeat_age": round(now_mono - role.last_heartbeat, 1),
                                 "hot_path": role.stats.get("hot_path", ""),
                                 "stats": role.stats}
-        jobs = []
+        attempts = []
         last_metric = self.roles["scraper"].stats.get("last_metric") or {}
-        for job_id, entry in sorted(self.jobs.items()):
-            job = entry["job"]
-            jobs.append({"attempt": job_id, "key": job.key, "project": job.project,
-                         "queue": job.queue, "attempt_number": job.attempts + 1,
+        for attempt_id, entry in sorted(self.attempts.items()):
+            attempt = entry["attempt"]
+            attempts.append({"attempt": attempt_id, "key": attempt.key, "project": attempt.project,
+                         "queue": attempt.queue, "attempt_number": attempt.attempts + 1,
                          "phase": entry["phase"], "pid": entry["detail"].get("pid"),
-                         "devices": (job.resources or {}).get("devices") or "-1",
-                         "started": metadata.iso_utc(job.taken_at),
-                         "elapsed": round(now - job.taken_at, 1),
-                         "last_metric": last_metric.get(job_id, "")})
+                         "devices": (attempt.resources or {}).get("devices") or "-1",
+                         "started": metadata.iso_utc(attempt.taken_at),
+                         "elapsed": round(now - attempt.taken_at, 1),
+                         "last_metric": last_metric.get(attempt_id, "")})
         drain = None
         if self.drain is not None:
             drain = {"why": self.drain.why, "origin": self.drain.origin,
@@ -883,7 +883,7 @@ class Supervisor:
                                "limits": {"tasks": self.config.limit_tasks,
                                           "tasks_taken": self.tasks_taken,
                                           "idle_duration": self.config.limit_idle_duration,
-                                          "idle_for": 0.0 if self.jobs
+                                          "idle_for": 0.0 if self.attempts
                                           else round(now - self.idle_since, 1)},
                                "queue_match": self.config.queue_match,
                                "queue_mismatch": self.config.queue_mismatch,
@@ -892,7 +892,7 @@ class Supervisor:
                                                 if self.metrics_server else ""),
                                "systemd": self.notifier.enabled,
                                "slack": self.slack.stats() if self.slack else None},
-                "roles": roles, "jobs": jobs, "queues": self.queues,
+                "roles": roles, "attempts": attempts, "queues": self.queues,
                 "free": fetcher.get("free") or {}, "finished": self.finished}
 
 

@@ -670,9 +670,9 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
-def running_job(runner: "Runner", timeout: float = 90.0) -> dict:
+def running_attempt(runner: "Runner", timeout: float = 90.0) -> dict:
     """The first attempt ``runner-ctl status`` shows in the ``running`` phase."""
     def find():
-        jobs = [j for j in runner.status()["jobs"] if j["phase"] == "running" and j["pid"]]
-        return jobs[0] if jobs else None
+        attempts = [j for j in runner.status()["attempts"] if j["phase"] == "running" and j["pid"]]
+        return attempts[0] if attempts else None
     return runner.wait_for(find, timeout=timeout, what="a running attempt")

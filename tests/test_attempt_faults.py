@@ -57,13 +57,13 @@ def posted(role) -> list[tuple[str, protocol.Message]]:
     return out
 
 
-def job(root: Path) -> protocol.Job:
+def new_attempt(root: Path) -> protocol.Attempt:
     workdir = root / "w" / "attempt"
     (workdir / "workspace").mkdir(parents=True, exist_ok=True)
     (workdir / "workspace" / "train.py").write_text("print('hi')\n")
     request = {"experiment": {"key": "k1", "filename": "train.py", "artifacts": {}},
                "config": {}}
-    return protocol.Job(job_id="host-1", queue="local_q", token="t", attempts=0, key="k1",
+    return protocol.Attempt(attempt_id="host-1", queue="local_q", token="t", attempts=0, key="k1",
                         project="", request=request, workdir=str(workdir),
                         resources={"cpus": 1, "devices": "-1"}, taken_at=0.0)
 
@@ -79,7 +79,7 @@ def test_a_fault_while_preparing_ends_the_attempt(root, monkeypatch) -> None:
     role = make_role(cache_manager_module.CacheManager, root)
     try:
         monkeypatch.setattr(cache_manager_module, "find_interpreter", boom)
-        role.prepare(job(root))
+        role.prepare(new_attempt(root))
         outcome = ended(posted(role)).outcome
         assert outcome.status == fates.FAILED and "injected fault" in outcome.message
         assert not role.preparing
@@ -92,12 +92,12 @@ def test_a_fault_while_starting_the_run_ends_the_attempt_and_frees_its_slot(
     role = make_role(executor_module.Executor, root)
     try:
         monkeypatch.setattr(executor_module, "experiment_environment", boom)
-        role.start(protocol.JobPrepared(job=job(root), python=sys.executable,
+        role.start(protocol.AttemptPrepared(attempt=new_attempt(root), python=sys.executable,
                                         env_path=str(Path(sys.executable).parent.parent)))
         messages = posted(role)
         outcome = ended(messages).outcome
         assert outcome.status == fates.FAILED and "injected fault" in outcome.message
-        assert ended(messages, protocol.RunEnded, to="fetcher").job_id == "host-1"  # slot freed
+        assert ended(messages, protocol.RunEnded, to="fetcher").attempt_id == "host-1"  # slot freed
         assert not role.runs
     finally:
         role.shutdown()
@@ -106,12 +106,12 @@ def test_a_fault_while_starting_the_run_ends_the_attempt_and_frees_its_slot(
 def test_a_script_outside_the_workspace_is_refused_at_the_start(root) -> None:
     role = make_role(executor_module.Executor, root)
     try:
-        attempt = job(root)
+        attempt = new_attempt(root)
         (Path(attempt.workdir) / "workspace" / "link.py").symlink_to("/bin/true")
         request = dict(attempt.request, experiment=dict(attempt.request["experiment"],
                                                         filename="link.py"))
-        attempt = protocol.Job(**{**attempt.__dict__, "request": request})
-        role.start(protocol.JobPrepared(job=attempt, python=sys.executable,
+        attempt = protocol.Attempt(**{**attempt.__dict__, "request": request})
+        role.start(protocol.AttemptPrepared(attempt=attempt, python=sys.executable,
                                         env_path=str(Path(sys.executable).parent.parent)))
         messages = posted(role)
         outcome = ended(messages).outcome
@@ -126,12 +126,12 @@ def test_a_fault_while_closing_the_metadata_still_asks_for_the_final_upload(
         root, monkeypatch) -> None:
     role = make_role(scraper_module.Scraper, root)
     try:
-        attempt = job(root)
+        attempt = new_attempt(root)
         role.open(attempt)
         posted(role)
         monkeypatch.setattr(scraper_module, "disk_use", boom)
         outcome = protocol.Outcome(status=fates.COMPLETED, exit_code=0)
-        role.close(protocol.AttemptEnded(job=attempt, outcome=outcome, facts={"pid": 1}))
+        role.close(protocol.AttemptEnded(attempt=attempt, outcome=outcome, facts={"pid": 1}))
         final = ended(posted(role), protocol.UploadRequest)
         assert final.final and final.outcome == outcome and final.metadata
         assert not role.attempts
@@ -142,11 +142,11 @@ def test_a_fault_while_closing_the_metadata_still_asks_for_the_final_upload(
 def test_a_hand_back_before_the_run_started_uploads_no_metadata_files(root) -> None:
     role = make_role(scraper_module.Scraper, root)
     try:
-        attempt = job(root)
+        attempt = new_attempt(root)
         role.open(attempt)
         posted(role)
         outcome = fates.outcome_for_exception(fates.errors.StorageError("store unreachable"))
-        role.close(protocol.AttemptEnded(job=attempt, outcome=outcome, facts={}))
+        role.close(protocol.AttemptEnded(attempt=attempt, outcome=outcome, facts={}))
         final = ended(posted(role), protocol.UploadRequest)
         assert final.final and not final.metadata
     finally:
@@ -157,11 +157,11 @@ def test_a_fault_while_uploading_still_reports_the_attempt_done(root, monkeypatc
     role = make_role(uploader_module.Uploader, root)
     try:
         monkeypatch.setattr(role, "upload_artifacts", boom)
-        attempt = job(root)
+        attempt = new_attempt(root)
         outcome = protocol.Outcome(status=fates.COMPLETED, exit_code=0)
-        role.upload(protocol.UploadRequest(job=attempt, final=True, outcome=outcome),
+        role.upload(protocol.UploadRequest(attempt=attempt, final=True, outcome=outcome),
                     __import__("threading").Lock())
-        done = ended(posted(role), protocol.JobDone)
+        done = ended(posted(role), protocol.AttemptDone)
         assert "injected fault" in done.upload_error
         assert fates.decide(done.outcome, 0, 3, done.upload_error).action == fates.REQUEUE
     finally:

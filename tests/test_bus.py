@@ -21,14 +21,14 @@ from runner.supervisor import Supervisor
 from .support import short_tempdir
 
 
-def lines(count: int, job_id: str = "j") -> list[protocol.Message]:
-    return [RunnerLog(job_id=job_id, text=f"line {i}") for i in range(count)]
+def lines(count: int, attempt_id: str = "j") -> list[protocol.Message]:
+    return [RunnerLog(attempt_id=attempt_id, text=f"line {i}") for i in range(count)]
 
 
 # --------------------------------------------------------------------------- frames
 
 def test_batch_frame_round_trips_in_order() -> None:
-    sent = lines(5) + [OutputChunk(job_id="j", data=b"out\n"), Heartbeat(role="x", pid=7)]
+    sent = lines(5) + [OutputChunk(attempt_id="j", data=b"out\n"), Heartbeat(role="x", pid=7)]
     frame = protocol.batch([protocol.encode(m) for m in sent])
     values = msgpack.unpackb(frame, raw=False)
     assert values[:2] == [protocol.PROTOCOL_VERSION, protocol.BATCH]
@@ -132,7 +132,7 @@ def test_order_is_kept_per_destination(endpoints, context) -> None:
     try:
         to_scraper, to_supervisor = [], []
         for i in range(300):  # crosses the cap several times, interleaved with send()
-            message = RunnerLog(job_id="j", text=f"{i}")
+            message = RunnerLog(attempt_id="j", text=f"{i}")
             if i % 7 == 0:
                 sender.send("scraper", message)
             else:
@@ -153,14 +153,14 @@ def test_order_is_kept_per_destination(endpoints, context) -> None:
 def test_pending_messages_go_before_recv_waits(endpoints, context, raw_inbox) -> None:
     sender = Bus(endpoints, "executor", context)
     try:
-        sender.post("scraper", RunnerLog(job_id="j", text="before the wait"))
+        sender.post("scraper", RunnerLog(attempt_id="j", text="before the wait"))
         started = time.monotonic()
         assert sender.recv(0.3, drained=True) is None  # drained: no look at the inbox first
         assert time.monotonic() - started >= 0.2
         frames = frames_in(raw_inbox, 0.1)
-        assert [protocol.decode(f) for f in frames] == [RunnerLog(job_id="j",
+        assert [protocol.decode(f) for f in frames] == [RunnerLog(attempt_id="j",
                                                                   text="before the wait")]
-        sender.post("scraper", RunnerLog(job_id="j", text="inbox empty"))
+        sender.post("scraper", RunnerLog(attempt_id="j", text="inbox empty"))
         assert sender.recv_nowait() is None  # the inbox was seen empty: sent
         assert len(frames_in(raw_inbox, 0.2)) == 1
     finally:
@@ -190,7 +190,7 @@ def test_the_caps_send_without_a_flush(endpoints, context, raw_inbox, monkeypatc
         sender.flush()
         frames_in(raw_inbox)
 
-        big = OutputChunk(job_id="j", data=b"x" * (BATCH_BYTES // 3))
+        big = OutputChunk(attempt_id="j", data=b"x" * (BATCH_BYTES // 3))
         for _ in range(3):
             sender.post("scraper", big)
         frames = frames_in(raw_inbox)
@@ -198,7 +198,7 @@ def test_the_caps_send_without_a_flush(endpoints, context, raw_inbox, monkeypatc
         assert sender.pending == 0
 
         sender.post("scraper", lines(1)[0])
-        huge = OutputChunk(job_id="j", data=b"y" * BATCH_BYTES)
+        huge = OutputChunk(attempt_id="j", data=b"y" * BATCH_BYTES)
         sender.post("scraper", huge)  # goes alone, after what waited before it
         frames = frames_in(raw_inbox)
         assert [protocol.decode(f) for f in frames] == [lines(1)[0], huge]
@@ -250,7 +250,7 @@ def test_a_corrupt_batch_is_dropped_with_a_log(endpoints, context, caplog) -> No
                 if message is not None:
                     received.append(message)
             assert receiver.recv(0.05) is None
-        assert received == [RunnerLog(job_id="j", text="kept")] + good
+        assert received == [RunnerLog(attempt_id="j", text="kept")] + good
         text = caplog.text
         assert "dropped a frame" in text and text.count("dropped a message") == 2
     finally:
@@ -291,9 +291,9 @@ class Relay(Role):
     name = "relay"
 
     def handle(self, message: protocol.Message) -> None:
-        self.post("scraper", RunnerLog(job_id="loop", text=message.text))
+        self.post("scraper", RunnerLog(attempt_id="loop", text=message.text))
         worker = threading.Thread(target=self.post, args=(
-            "scraper", RunnerLog(job_id="worker", text=message.text)))
+            "scraper", RunnerLog(attempt_id="worker", text=message.text)))
         worker.start()
         worker.join()
 
@@ -306,14 +306,14 @@ def test_a_roles_posted_messages_arrive(endpoints, context) -> None:
     thread.start()
     try:
         for i in range(200):
-            scraper.send("relay", RunnerLog(job_id="in", text=str(i)))
+            scraper.send("relay", RunnerLog(attempt_id="in", text=str(i)))
         got = [scraper.recv(2.0) for _ in range(400)]
-        assert [m.text for m in got if m.job_id == "loop"] == [str(i) for i in range(200)]
-        assert [m.text for m in got if m.job_id == "worker"] == [str(i) for i in range(200)]
+        assert [m.text for m in got if m.attempt_id == "loop"] == [str(i) for i in range(200)]
+        assert [m.text for m in got if m.attempt_id == "worker"] == [str(i) for i in range(200)]
         # one at a time, nothing is held back while the role waits
         for i in range(3):
             started = time.monotonic()
-            scraper.send("relay", RunnerLog(job_id="in", text=f"single {i}"))
+            scraper.send("relay", RunnerLog(attempt_id="in", text=f"single {i}"))
             assert scraper.recv(2.0).text == f"single {i}"
             assert scraper.recv(2.0).text == f"single {i}"
             assert time.monotonic() - started < 0.5
@@ -345,7 +345,7 @@ def test_a_post_racing_the_wake_drain_never_leaves_later_posts_silent(endpoints,
         if not raced:  # another thread posts just as the loop reads the pipe
             raced.append(True)
             worker = threading.Thread(target=role.post, args=(
-                "scraper", RunnerLog(job_id="worker", text="raced")))
+                "scraper", RunnerLog(attempt_id="worker", text="raced")))
             worker.start()
             worker.join()
         return real_read(fd, n)

@@ -37,7 +37,7 @@ def wait(predicate, timeout: float, what: str, runner):
 
 def phase_is(runner, name: str) -> bool:
     try:
-        return any(job["phase"] == name for job in runner.status()["jobs"])
+        return any(attempt["phase"] == name for attempt in runner.status()["attempts"])
     except (AssertionError, TimeoutError, Exception):  # noqa: BLE001 - status while busy
         return False
 

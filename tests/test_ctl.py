@@ -40,7 +40,7 @@ def test_status_shows_free_resources_and_run_devices() -> None:
                                   "heartbeat_age": 0.5, "stats": {"held": 1}}},
             "free": {"slots": 0, "cpus": 0, "ram": 0, "disk": 5, "gpus": 0, "gpu_mem": 0,
                      "devices": []},
-            "jobs": [{"key": "k", "project": "", "queue": "local_q", "attempt": "h-1",
+            "attempts": [{"key": "k", "project": "", "queue": "local_q", "attempt": "h-1",
                       "attempt_number": 1, "phase": "running", "elapsed": 2, "pid": 9,
                       "devices": "GPU-a,GPU-b"}],
             "queues": {}, "finished": {}}

@@ -187,7 +187,7 @@ def test_sigterm_hands_running_work_back_and_a_new_supervisor_completes_it(runne
     request = runner.request(runner.workspace({"job.py": script}), "job.py")
     runner.publish(request)
     runner.wait_for(lambda: marker.exists() and any(
-        j["phase"] == "running" for j in runner.status()["jobs"]), what="the run to start")
+        j["phase"] == "running" for j in runner.status()["attempts"]), what="the run to start")
 
     assert runner.stop(signal.SIGTERM) == 0
     queue_dir = runner.root / "q" / runner.queue
@@ -241,7 +241,7 @@ def test_runner_ctl_status_lists_running_and_queued(runner):
     second = runner.request(runner.workspace({"b.py": script}), "b.py", key="second-exp")
     runner.publish(first)
     runner.wait_for(lambda: any(j["key"] == "first-exp" and j["phase"] == "running"
-                                for j in runner.status()["jobs"]), what="first to run")
+                                for j in runner.status()["attempts"]), what="first to run")
     runner.publish(second)
     status = runner.wait_for(lambda: (lambda s: s if s["queues"].get(runner.queue, {})
                                       .get("depth") == 1 else None)(runner.status()),

@@ -185,7 +185,7 @@ def test_a_request_that_does_not_fit_now_lets_smaller_ones_pass_then_runs(runner
     big["experiment"]["resources_needed"]["cpus"] = 2
     small = runner.request(workspace, "ok.py")
     runner.publish(blocking)
-    runner.wait_for(lambda: any(j["phase"] == "running" for j in runner.status()["jobs"]),
+    runner.wait_for(lambda: any(j["phase"] == "running" for j in runner.status()["attempts"]),
                     what="the blocking run")
     runner.publish(big)    # 1 CPU free: does not fit now, and must not block ...
     runner.publish(small)  # ... this one

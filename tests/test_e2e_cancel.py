@@ -32,8 +32,8 @@ def start_blocking(runner, key: str):
     request = runner.request(runner.workspace({"block.py": BLOCKING}), "block.py", key=key,
                              env={"FLAG": str(flag)})
     runner.publish(request)
-    runner.wait_for(lambda: any(job["key"] == key and job["phase"] == "running"
-                                for job in runner.status()["jobs"]), timeout=90,
+    runner.wait_for(lambda: any(attempt["key"] == key and attempt["phase"] == "running"
+                                for attempt in runner.status()["attempts"]), timeout=90,
                     what=f"{key} running")
     return request, flag
 
@@ -158,8 +158,8 @@ def test_cancel_on_a_rabbitmq_queue_acks_both_the_running_and_the_queued_request
         queued = runner.request(runner.workspace({"never.py": "print('ran')"}), "never.py",
                                 key="rmq-queued")
         broker.publish(runner.queue, running)
-        runner.wait_for(lambda: any(job["key"] == "rmq-running" and job["phase"] == "running"
-                                    for job in runner.status()["jobs"]), timeout=90,
+        runner.wait_for(lambda: any(attempt["key"] == "rmq-running" and attempt["phase"] == "running"
+                                    for attempt in runner.status()["attempts"]), timeout=90,
                         what="the run to start")
         broker.publish(runner.queue, queued)
         assert "not running here" in runner.ctl("cancel", "rmq-queued", check=True).stdout

@@ -115,8 +115,8 @@ def make_runner(project, emulator, stem, **options) -> Runner:
     return runner
 
 
-def running_jobs(runner):
-    return [j for j in runner.status()["jobs"] if j["phase"] == "running"]
+def running_attempts(runner):
+    return [j for j in runner.status()["attempts"] if j["phase"] == "running"]
 
 
 def log_lines(runner, pattern):
@@ -135,7 +135,7 @@ def test_e2e_ack_deadline_extended_past_10s_without_redelivery(project, emulator
     request = runner.request(runner.workspace({"job.py": BLOCKING}), "job.py",
                              env={"FLAG": str(flag)})
     project.send(runner.queue, request)
-    runner.wait_for(lambda: running_jobs(runner), what="the run to start")
+    runner.wait_for(lambda: running_attempts(runner), what="the run to start")
     time.sleep(16)  # beyond the subscription's 10 s deadline, and one extension more
     assert project.pull(runner.queue) == []  # not redelivered
     assert not log_lines(runner, "redelivered")
@@ -170,7 +170,7 @@ def test_e2e_shortfall_retry_bound_dead_letter_and_deletion(project, emulator, r
                          env={"FLAG": str(flag)})
     big["experiment"]["resources_needed"]["cpus"] = cpus
     project.send(runner.queue, big)
-    runner.wait_for(lambda: running_jobs(runner), what="the big run to start")
+    runner.wait_for(lambda: running_attempts(runner), what="the big run to start")
     small = runner.request(runner.workspace({"s.py": "print('small')"}), "s.py")
     project.send(runner.queue, small)
     runner.wait_for(lambda: log_lines(runner, "not free now; held aside"), what="holding")
@@ -194,7 +194,7 @@ def test_e2e_shortfall_retry_bound_dead_letter_and_deletion(project, emulator, r
     doomed = runner.request(runner.workspace({"job.py": BLOCKING}), "job.py",
                             env={"FLAG": str(runner.root / "never")})
     project.send(stem + "gone", doomed)
-    runner.wait_for(lambda: running_jobs(runner), what="the doomed run to start")
+    runner.wait_for(lambda: running_attempts(runner), what="the doomed run to start")
     project.subscriber.delete_subscription(request={"subscription": project.sub(stem + "gone")})
     assert runner.wait_final(doomed, timeout=60)["status"] == "cancelled"
     assert runner.stop() == 0

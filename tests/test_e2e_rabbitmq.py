@@ -45,8 +45,8 @@ def blocking_request(runner: Runner, flag, **kw) -> dict:
                           env={"FLAG": str(flag)}, **kw)
 
 
-def running_jobs(runner: Runner) -> list[dict]:
-    return [j for j in runner.status()["jobs"] if j["phase"] == "running"]
+def running_attempts(runner: Runner) -> list[dict]:
+    return [j for j in runner.status()["attempts"] if j["phase"] == "running"]
 
 
 def log_lines(runner: Runner, pattern: str) -> list[str]:
@@ -55,15 +55,15 @@ def log_lines(runner: Runner, pattern: str) -> list[str]:
 
 def blocked_run_on(node: PrivateBroker, stem: str, runners: list, **options):
     """A runner on ``node`` running one blocking request published durably: (runner, flag
-    that lets it finish, request, the running job's status entry)."""
+    that lets it finish, request, the running attempt's status entry)."""
     runner = make_runner(node, stem, **options)
     runners.append(runner)
     runner.start()
     flag = runner.root / "flag"
     request = blocking_request(runner, flag)
     node.publish(runner.queue, request, durable=True)
-    [job] = runner.wait_for(lambda: running_jobs(runner), what="the run to start")
-    return runner, flag, request, job
+    [attempt] = runner.wait_for(lambda: running_attempts(runner), what="the run to start")
+    return runner, flag, request, attempt
 
 
 def test_studioml_request_runs_and_is_acked_only_after_its_uploads(broker, stem, runners):
@@ -74,7 +74,7 @@ def test_studioml_request_runs_and_is_acked_only_after_its_uploads(broker, stem,
     request = blocking_request(runner, flag)
     broker.publish(runner.queue, request)  # exactly as the StudioML client publishes
 
-    runner.wait_for(lambda: running_jobs(runner), what="the run to start")
+    runner.wait_for(lambda: running_attempts(runner), what="the run to start")
     broker.wait_counts(runner.queue, ready=0, unacked=1)  # held, unacked, while it runs
     time.sleep(1.0)
     assert broker.counts(runner.queue) == (0, 1)
@@ -121,7 +121,7 @@ def test_request_that_does_not_fit_now_is_held_aside_untouched(broker, stem, run
     big = blocking_request(runner, flag)
     big["experiment"]["resources_needed"]["cpus"] = cpus  # takes every CPU
     broker.publish(runner.queue, big)
-    runner.wait_for(lambda: running_jobs(runner), what="the big run to start")
+    runner.wait_for(lambda: running_attempts(runner), what="the big run to start")
     small = runner.request(runner.workspace({"s.py": "print('small')"}), "s.py")
     broker.publish(runner.queue, small)
     huge = runner.request(runner.workspace({"h.py": "print('never')"}), "h.py")
@@ -191,8 +191,8 @@ def test_deleting_the_queue_during_a_run_stops_the_run(broker, stem, runners):
     runner.start()
     request = blocking_request(runner, runner.root / "never")
     broker.publish(runner.queue, request)
-    [job] = runner.wait_for(lambda: running_jobs(runner), what="the run to start")
-    pid = job["pid"]
+    [attempt] = runner.wait_for(lambda: running_attempts(runner), what="the run to start")
+    pid = attempt["pid"]
     broker.delete(runner.queue)  # the user's way to abort
 
     record = runner.wait_final(request, timeout=60)
@@ -215,18 +215,18 @@ def test_runner_killed_during_a_run_its_request_is_redelivered_to_a_second_runne
     flag = first.root / "flag"
     request = blocking_request(first, flag)
     broker.publish(first.queue, request)
-    [job] = first.wait_for(lambda: running_jobs(first), what="the first run to start")
+    [attempt] = first.wait_for(lambda: running_attempts(first), what="the first run to start")
     broker.wait_counts(first.queue, ready=0, unacked=1)
 
     first.process.send_signal(signal.SIGKILL)  # the supervisor dies without a word
     first.process.wait()
-    orphan = job["pid"]
+    orphan = attempt["pid"]
     second.start()
-    second.wait_for(lambda: running_jobs(second), what="the redelivered request to run")
+    second.wait_for(lambda: running_attempts(second), what="the redelivered request to run")
     flag.write_text("go")
     record = second.wait_final(request)
     assert record["status"] == "completed"
-    assert record["attempt"] != job["attempt"]
+    assert record["attempt"] != attempt["attempt"]
     documents = first.scrape_documents(request)  # the request names the first store
     assert [d["studioml"]["status"] for d in documents if d["studioml"]["status"]
             == "completed"] == ["completed"]
@@ -241,7 +241,7 @@ def test_runner_killed_during_a_run_its_request_is_redelivered_to_a_second_runne
 def test_broker_restart_during_a_run_completes_the_experiment_once(runners):
     node = PrivateBroker().start()
     try:
-        runner, flag, request, job = blocked_run_on(node, "rmq_restart_", runners)
+        runner, flag, request, attempt = blocked_run_on(node, "rmq_restart_", runners)
 
         node.restart()
         runner.wait_for(lambda: log_lines(runner, "reconnected to RabbitMQ"), timeout=60,
@@ -249,7 +249,7 @@ def test_broker_restart_during_a_run_completes_the_experiment_once(runners):
         # The broker redelivers the request; the runner holds it with the running attempt.
         runner.wait_for(lambda: log_lines(runner, "redelivered by .* while it runs here"),
                         timeout=30, what="the redelivery to be attached")
-        assert [j["attempt"] for j in running_jobs(runner)] == [job["attempt"]]
+        assert [j["attempt"] for j in running_attempts(runner)] == [attempt["attempt"]]
         flag.write_text("go")
         record = runner.wait_final(request)
         assert record["status"] == "completed" and record["attempts"] == 0
@@ -266,7 +266,7 @@ def test_broker_restart_during_a_run_completes_the_experiment_once(runners):
 def test_broker_restart_while_the_runner_is_full_settles_the_redelivered_copy(runners):
     node = PrivateBroker().start()
     try:
-        runner, flag, request, _job = blocked_run_on(node, "rmq_full_", runners, executors=1)
+        runner, flag, request, _attempt = blocked_run_on(node, "rmq_full_", runners, executors=1)
         node.restart()
         runner.wait_for(lambda: log_lines(runner, "reconnected to RabbitMQ"), timeout=60,
                         what="the runner to reconnect")
@@ -293,13 +293,13 @@ def test_delivery_ack_timeout_closing_the_channel_loses_no_result_and_runs_once(
     node = PrivateBroker(conf="consumer_timeout = 3000\n",
                          advanced="[{rabbit, [{channel_tick_interval, 1000}]}].\n").start()
     try:
-        runner, flag, request, job = blocked_run_on(node, "rmq_acktimeout_", runners)
+        runner, flag, request, attempt = blocked_run_on(node, "rmq_acktimeout_", runners)
         runner.wait_for(lambda: log_lines(runner, "delivery acknowledgement .* timed out"),
                         timeout=30, what="the broker to time the delivery out")
         runner.wait_for(lambda: log_lines(runner, "redelivered by .* while it runs here"),
                         timeout=30, what="the redelivery to be attached")
         time.sleep(3)
-        assert [j["attempt"] for j in running_jobs(runner)] == [job["attempt"]]
+        assert [j["attempt"] for j in running_attempts(runner)] == [attempt["attempt"]]
         flag.write_text("go")
         record = runner.wait_final(request)
         assert record["status"] == "completed"

@@ -104,12 +104,12 @@ def test_concurrent_experiments_receive_disjoint_devices(runner):
 
     def both_running():  # heartbeats carry the fetcher's figures about once a second
         status = runner.status()
-        running = [j for j in status["jobs"] if j["phase"] == "running"]
+        running = [j for j in status["attempts"] if j["phase"] == "running"]
         free = status["roles"]["fetcher"]["stats"]["free"]
         return status if len(running) == 2 and free["gpus"] == 0 else None
 
     status = runner.wait_for(both_running, what="two runs at once, no GPU left")
-    assert sorted(j["devices"] for j in status["jobs"]) == ["GPU-aaaaaaaa-0000",
+    assert sorted(j["devices"] for j in status["attempts"]) == ["GPU-aaaaaaaa-0000",
                                                             "GPU-cccccccc-2222"]
     text = ctl.render_status(status)
     assert "free resources:" in text and "0 whole GPUs" in text
@@ -309,7 +309,7 @@ def test_ledger_is_released_after_every_kind_of_ending(runner):
     # a role crash while the run holds its reservation: handed back, then run again
     runner.publish(crash)
     runner.wait_for(lambda: marker.exists() and any(
-        j["phase"] == "running" for j in runner.status()["jobs"]), what="the run to start")
+        j["phase"] == "running" for j in runner.status()["attempts"]), what="the run to start")
     executor_pid = runner.status()["roles"]["executor"]["pid"]
     os.kill(executor_pid, signal.SIGKILL)
     assert runner.wait_final(crash)["status"] == "completed"

@@ -168,8 +168,8 @@ def make_runner(moto, certs, stem, **options) -> Runner:
     return Runner(short_tempdir(), queue=stem + "q", **options)
 
 
-def running_jobs(runner):
-    return [j for j in runner.status()["jobs"] if j["phase"] == "running"]
+def running_attempts(runner):
+    return [j for j in runner.status()["attempts"] if j["phase"] == "running"]
 
 
 def log_lines(runner, pattern):
@@ -203,7 +203,7 @@ def test_e2e_runs_extends_visibility_and_deletes_only_after_uploads(moto, certs,
                              env={"FLAG": str(flag)})
     send(client, runner.queue, request)
     runner.wait_for(lambda: log_lines(runner, "taken from"), what="the request to be taken")
-    runner.wait_for(lambda: running_jobs(runner), what="the run to start")
+    runner.wait_for(lambda: running_attempts(runner), what="the run to start")
     # Held well past the 2 s visibility: never visible again, never delivered twice.
     for _ in range(12):
         assert counts(client, runner.queue) == (0, 1)
@@ -241,7 +241,7 @@ def test_e2e_resource_shortfall_retry_bound_dead_letter_and_hot_account(moto, ce
                          env={"FLAG": str(flag)})
     big["experiment"]["resources_needed"]["cpus"] = cpus
     send(client, runner.queue, big)
-    runner.wait_for(lambda: running_jobs(runner), what="the big run to start")
+    runner.wait_for(lambda: running_attempts(runner), what="the big run to start")
     small = runner.request(runner.workspace({"s.py": "print('small')"}), "s.py")
     send(client, runner.queue, small)
     runner.wait_for(lambda: log_lines(runner, "not free now; held aside"), what="holding")
@@ -289,7 +289,7 @@ def test_e2e_deleting_the_queue_stops_the_run(moto, certs, sqs_env, runners):
     request = runner.request(runner.workspace({"job.py": BLOCKING}), "job.py",
                              env={"FLAG": str(runner.root / "never")})
     send(client, runner.queue, request)
-    runner.wait_for(lambda: running_jobs(runner), what="the run to start")
+    runner.wait_for(lambda: running_attempts(runner), what="the run to start")
     client.delete_queue(QueueUrl=url_of(client, runner.queue))
     record = runner.wait_final(request, timeout=60)
     assert record["status"] == "cancelled"

@@ -167,12 +167,12 @@ def test_storage_outage_during_the_final_upload_delays_the_ack_until_uploads_suc
         server.stop()                     # storage goes away ...
         go.write_text("go")               # ... and the experiment ends: the final upload meets it
         queue_dir = runner.root / "q" / runner.queue
-        runner.wait_for(lambda: any(j["phase"] == "uploading" for j in runner.status()["jobs"]),
+        runner.wait_for(lambda: any(j["phase"] == "uploading" for j in runner.status()["attempts"]),
                         what="the final upload to start")
         time.sleep(3)                     # several failed tries
         claimed = [p for p in (queue_dir / ".claimed").rglob("*") if p.is_file()]
         assert len(claimed) == 1, "not acked (nor requeued) while the uploads fail"
-        assert [j["phase"] for j in runner.status()["jobs"]] == ["uploading"]
+        assert [j["phase"] for j in runner.status()["attempts"]] == ["uploading"]
 
         server.start()                    # storage is back (empty: moto keeps state in memory)
         server.create_bucket(bucket)

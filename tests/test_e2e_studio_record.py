@@ -68,7 +68,7 @@ def test_a_record_marked_stopped_stops_the_run_within_a_save_period(runner):
         runner.workspace({"job.py": BLOCKING}), "job.py", env={"FLAG": str(flag)}))
     runner.publish(request)
     runner.wait_for(lambda: json.loads(record_path.read_text())["status"] == "running"
-                    and any(j["phase"] == "running" for j in runner.status()["jobs"]),
+                    and any(j["phase"] == "running" for j in runner.status()["attempts"]),
                     what="the run to start")
     record = json.loads(record_path.read_text())
     record["status"] = "stopped"  # what the client's stop_experiment writes
@@ -92,7 +92,7 @@ def test_an_unreachable_database_neither_fails_nor_blocks_the_run(runner):
     runner.publish(request)
     runner.wait_for(lambda: "retrying" in runner.log() and "studio record" in runner.log(),
                     what="the record write to fail and be retried")
-    assert any(j["phase"] == "running" for j in runner.status()["jobs"]), "not blocked"
+    assert any(j["phase"] == "running" for j in runner.status()["attempts"]), "not blocked"
     flag.write_text("go")
     assert runner.wait_final(request)["status"] == "completed"
     [document] = runner.scrape_documents(request)

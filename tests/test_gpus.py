@@ -27,7 +27,7 @@ def dev(index: int, memory_gb: int = 80, free_gb: int | None = None, ecc: int = 
                   memory_total=memory_gb * GB, memory_free=free * GB, ecc_errors=ecc)
 
 
-def job(gpus: int = 1, gpu_mem: int = 0, cpus: int = 1, ram: int = 0, hdd: int = 0) -> dict:
+def attempt(gpus: int = 1, gpu_mem: int = 0, cpus: int = 1, ram: int = 0, hdd: int = 0) -> dict:
     return {"cpus": cpus, "gpus": gpus, "ram": ram, "hdd": hdd, "gpuMem": gpu_mem}
 
 
@@ -47,110 +47,110 @@ def uuids(reservation: dict | None) -> list[str]:
 
 def test_whole_devices_are_given_out_disjoint_until_none_is_left() -> None:
     book = ledger([dev(0), dev(1), dev(2)])
-    a, b = uuids(book.try_reserve("a", job(1))), uuids(book.try_reserve("b", job(2)))
+    a, b = uuids(book.try_reserve("a", attempt(1))), uuids(book.try_reserve("b", attempt(2)))
     assert len(a) == 1 and len(b) == 2 and not set(a) & set(b)
-    assert book.try_reserve("c", job(1)) is None            # all three taken
+    assert book.try_reserve("c", attempt(1)) is None            # all three taken
     assert book.free()["gpus"] == 0
     book.release("b")
-    c = uuids(book.try_reserve("c", job(1)))
+    c = uuids(book.try_reserve("c", attempt(1)))
     assert not set(c) & set(a)
 
 
 def test_no_gpu_requested_gets_minus_one() -> None:
     book = ledger([dev(0)])
-    assert book.try_reserve("a", job(0))["devices"] == "-1"
+    assert book.try_reserve("a", attempt(0))["devices"] == "-1"
     assert book.free()["gpus"] == 1
 
 
-def test_one_gpu_job_takes_the_card_that_wastes_least() -> None:
-    # Two big cards and a small one: a small one-GPU job must leave both big ones free
-    # for a later two-GPU job that needs big cards.
+def test_one_gpu_attempt_takes_the_card_that_wastes_least() -> None:
+    # Two big cards and a small one: a small one-GPU attempt must leave both big ones free
+    # for a later two-GPU attempt that needs big cards.
     book = ledger([dev(0, 80), dev(1, 24, name="NVIDIA L4"), dev(2, 80)])
-    assert uuids(book.try_reserve("small", job(1, 10 * GB))) == ["GPU-0001-aaaa"]
-    assert sorted(uuids(book.try_reserve("big", job(2, 70 * GB)))) == ["GPU-0000-aaaa",
+    assert uuids(book.try_reserve("small", attempt(1, 10 * GB))) == ["GPU-0001-aaaa"]
+    assert sorted(uuids(book.try_reserve("big", attempt(2, 70 * GB)))) == ["GPU-0000-aaaa",
                                                                       "GPU-0002-aaaa"]
 
 
 def test_gpu_memory_must_fit_each_device() -> None:
     book = ledger([dev(0, 24), dev(1, 80)])
-    assert uuids(book.try_reserve("a", job(1, 40 * GB))) == ["GPU-0001-aaaa"]
-    assert book.try_reserve("b", job(1, 40 * GB)) is None
-    assert book.why_never(job(2, 40 * GB)).startswith("needs 2 GPUs")   # only one card is big enough
-    assert book.could_ever_fit(job(1, 80 * GB))
-    assert not book.could_ever_fit(job(1, 81 * GB))
+    assert uuids(book.try_reserve("a", attempt(1, 40 * GB))) == ["GPU-0001-aaaa"]
+    assert book.try_reserve("b", attempt(1, 40 * GB)) is None
+    assert book.why_never(attempt(2, 40 * GB)).startswith("needs 2 GPUs")   # only one card is big enough
+    assert book.could_ever_fit(attempt(1, 80 * GB))
+    assert not book.could_ever_fit(attempt(1, 81 * GB))
 
 
 def test_nvml_free_memory_is_respected() -> None:
     # Something the runner did not start uses 70 GB of device 0.
     book = ledger([dev(0, 80, free_gb=10), dev(1, 80)])
-    assert uuids(book.try_reserve("a", job(1, 20 * GB))) == ["GPU-0001-aaaa"]
+    assert uuids(book.try_reserve("a", attempt(1, 20 * GB))) == ["GPU-0001-aaaa"]
 
 
 def test_devices_with_ecc_errors_are_never_given_out() -> None:
     book = ledger([dev(0, ecc=3), dev(1)])
-    assert uuids(book.try_reserve("a", job(1))) == ["GPU-0001-aaaa"]
-    assert book.try_reserve("b", job(1)) is None
-    assert not book.could_ever_fit(job(2))
+    assert uuids(book.try_reserve("a", attempt(1))) == ["GPU-0001-aaaa"]
+    assert book.try_reserve("b", attempt(1)) is None
+    assert not book.could_ever_fit(attempt(2))
     assert book.free()["devices"][0]["ecc_errors"] == 3
     book.release("a")
     # a device that gets ECC errors later (NVML refresh) stops being given out
     book.update_devices([dev(0, ecc=3), dev(1, ecc=1)])
-    assert book.try_reserve("c", job(1)) is None
+    assert book.try_reserve("c", attempt(1)) is None
 
 
 def test_sharing_by_memory() -> None:
     book = ledger([dev(0, 40), dev(1, 40)], gpu_share=True)
-    a = uuids(book.try_reserve("a", job(1, 15 * GB)))
-    b = uuids(book.try_reserve("b", job(1, 15 * GB)))
+    a = uuids(book.try_reserve("a", attempt(1, 15 * GB)))
+    b = uuids(book.try_reserve("b", attempt(1, 15 * GB)))
     assert a == b                                    # the shared card first: least waste
-    c = uuids(book.try_reserve("c", job(1, 15 * GB)))
+    c = uuids(book.try_reserve("c", attempt(1, 15 * GB)))
     assert c != a                                    # 10 GB left on the first: does not fit
     assert book.free()["gpus"] == 0
     assert book.free()["gpu_mem"] == 10 * GB + 25 * GB
     # no gpuMem given: it gets a card of its own, never a shared one
-    assert book.try_reserve("d", job(1, 0)) is None
+    assert book.try_reserve("d", attempt(1, 0)) is None
     book.release("c")
-    d = uuids(book.try_reserve("d", job(1, 0)))
+    d = uuids(book.try_reserve("d", attempt(1, 0)))
     assert d == c
-    assert book.try_reserve("e", job(1, 1 * GB)) is not None   # fits beside a and b
+    assert book.try_reserve("e", attempt(1, 1 * GB)) is not None   # fits beside a and b
     assert uuids(book.held["e"]) == a
-    assert book.try_reserve("f", job(1, 8 * GB)) is not None   # 1 GB left on a's card
-    assert book.try_reserve("g", job(1, 2 * GB)) is None       # d holds the other whole
+    assert book.try_reserve("f", attempt(1, 8 * GB)) is not None   # 1 GB left on a's card
+    assert book.try_reserve("g", attempt(1, 2 * GB)) is None       # d holds the other whole
 
 
 def test_whole_mode_never_shares_even_with_gpu_mem() -> None:
     book = ledger([dev(0, 80)])
-    assert book.try_reserve("a", job(1, 1 * GB))
-    assert book.try_reserve("b", job(1, 1 * GB)) is None
+    assert book.try_reserve("a", attempt(1, 1 * GB))
+    assert book.try_reserve("b", attempt(1, 1 * GB)) is None
 
 
 def test_cpu_only_refuses_gpu_requests() -> None:
     book = ledger([dev(0)], cpu_only=True)
-    assert "cpu-only" in book.why_never(job(1))
-    assert book.try_reserve("a", job(1)) is None
-    assert book.try_reserve("b", job(0))["devices"] == "-1"
+    assert "cpu-only" in book.why_never(attempt(1))
+    assert book.try_reserve("a", attempt(1)) is None
+    assert book.try_reserve("b", attempt(0))["devices"] == "-1"
     assert book.free()["gpus"] == 0
 
 
 def test_cpu_only_host_cannot_ever_fit_a_gpu_request() -> None:
     book = ledger([])
-    assert not book.could_ever_fit(job(1))
-    assert book.could_ever_fit(job(0))
+    assert not book.could_ever_fit(attempt(1))
+    assert book.could_ever_fit(attempt(0))
 
 
 def test_adopted_reservation_keeps_its_devices_and_is_released_once() -> None:
     book = ledger([dev(0), dev(1)])
-    book.hold("x", dict(job(1), devices="GPU-0001-aaaa"))
-    assert uuids(book.try_reserve("y", job(1))) == ["GPU-0000-aaaa"]
-    assert book.try_reserve("z", job(1)) is None
+    book.hold("x", dict(attempt(1), devices="GPU-0001-aaaa"))
+    assert uuids(book.try_reserve("y", attempt(1))) == ["GPU-0000-aaaa"]
+    assert book.try_reserve("z", attempt(1)) is None
     assert book.release("x") and not book.release("x")
-    assert uuids(book.try_reserve("z", job(1))) == ["GPU-0001-aaaa"]
+    assert uuids(book.try_reserve("z", attempt(1))) == ["GPU-0001-aaaa"]
     assert book.releases == 1
 
 
 def test_refresh_keeps_reservations() -> None:
     book = ledger([dev(0), dev(1)])
-    held = uuids(book.try_reserve("a", job(1)))
+    held = uuids(book.try_reserve("a", attempt(1)))
     book.update_devices([dev(1, free_gb=5), dev(0, free_gb=5)])
     assert [d.index for d in book.devices] == [0, 1]
     assert uuids(book.held["a"]) == held
@@ -162,15 +162,15 @@ def test_disk_budget_keeps_free_space() -> None:
     book = ledger([], disk_path="/work", disk_keep=20 * GB,
                   disk_probe=lambda path: (space["free"], 500 * GB))
     assert book.free()["disk"] == 80 * GB
-    assert book.try_reserve("a", job(0, hdd=50 * GB))
+    assert book.try_reserve("a", attempt(0, hdd=50 * GB))
     assert book.free()["disk"] == 30 * GB
-    assert book.try_reserve("b", job(0, hdd=40 * GB)) is None
+    assert book.try_reserve("b", attempt(0, hdd=40 * GB)) is None
     space["free"] = 60 * GB                                  # someone else wrote 40 GB
-    assert book.try_reserve("c", job(0, hdd=1 * GB)) is None
+    assert book.try_reserve("c", attempt(0, hdd=1 * GB)) is None
     book.release("a")
-    assert book.try_reserve("c", job(0, hdd=40 * GB))
-    assert not book.could_ever_fit(job(0, hdd=481 * GB))
-    assert book.could_ever_fit(job(0, hdd=480 * GB))
+    assert book.try_reserve("c", attempt(0, hdd=40 * GB))
+    assert not book.could_ever_fit(attempt(0, hdd=481 * GB))
+    assert book.could_ever_fit(attempt(0, hdd=480 * GB))
 
 
 def test_disk_not_accounted_without_a_path() -> None:
@@ -274,11 +274,11 @@ def test_device_maps_round_trip() -> None:
 
 def test_a_run_over_gives_its_gpus_to_the_next_request() -> None:
     led = ledger([dev(0)], slots=2)
-    first = led.try_reserve("a", job(gpus=1))
+    first = led.try_reserve("a", attempt(gpus=1))
     assert first and first["devices"] == "GPU-0000-aaaa"
-    assert led.try_reserve("b", job(gpus=1)) is None  # whole device held
+    assert led.try_reserve("b", attempt(gpus=1)) is None  # whole device held
     led.run_over("a")  # a's process ended; its uploads still run
-    second = led.try_reserve("b", job(gpus=1))
+    second = led.try_reserve("b", attempt(gpus=1))
     assert second and second["devices"] == "GPU-0000-aaaa"
     led.release("a")
     assert led.held.keys() == {"b"}

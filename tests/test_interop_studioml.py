@@ -203,7 +203,7 @@ def test_a_stop_from_the_client_stops_the_run_and_acks_it_cancelled(studio, stem
     """})
     client.run(ws, "long.py", queue=stem + "q", key=key)
     wait_status(client, key, ("running",), runner)
-    runner.wait_for(lambda: [j for j in runner.status()["jobs"] if j["phase"] == "running"],
+    runner.wait_for(lambda: [j for j in runner.status()["attempts"] if j["phase"] == "running"],
                     timeout=ENVIRONMENT_TIMEOUT, what="the run to start")
     client.stop(key)
     assert client.experiment(key)["status"] in ("stopped", "finished")  # the runner is quick

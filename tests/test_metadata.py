@@ -14,7 +14,7 @@ from runner.errors import BadRequest
 from runner.metadata import (AttemptIds, metadata_prefix_url, output_name, record_url,
                              runner_log_name, scrape_name, store_root_url, strip_archive_suffix,
                              write_record)
-from runner.protocol import Job
+from runner.protocol import Attempt
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -214,11 +214,11 @@ def test_write_record_without_storage_writes_nothing(monkeypatch: pytest.MonkeyP
 
 
 def test_new_scrape_document() -> None:
-    job = Job(job_id="host-1r31eq", queue="local_q", token="t", attempts=1, key="exp-1",
+    attempt = Attempt(attempt_id="host-1r31eq", queue="local_q", token="t", attempts=1, key="exp-1",
               project="proj", request={"experiment": {"owner": "alice", "time_added": 1.5}},
               workdir="/w", resources={}, taken_at=1.0)
     before = time.time()
-    doc = metadata.new_scrape_document(job, "host")
+    doc = metadata.new_scrape_document(attempt, "host")
     assert set(doc) == {"runner", "experiment", "studioml", "asset"}
     assert doc["studioml"]["status"] == "running"
     assert doc["studioml"]["experiment"] == "exp-1"
@@ -230,7 +230,7 @@ def test_new_scrape_document() -> None:
     assert parse_iso(doc["runner"]["start"]) >= before - 0.001
     assert doc["experiment"] == {}
     assert len(doc["asset"]) == 36
-    assert metadata.new_scrape_document(job, "host")["asset"] != doc["asset"]
+    assert metadata.new_scrape_document(attempt, "host")["asset"] != doc["asset"]
 
 
 def test_attempt_ids_do_not_repeat_across_restarts(tmp_path) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from runner import config, metrics, slack, systemd
 from runner.logs import JsonFormatter
-from runner.protocol import Job
+from runner.protocol import Attempt
 from runner.roles.scraper import last_json_line, output_tail
 
 from .support import REPO, SilentServer, SlackServer, short_tempdir
@@ -28,13 +28,13 @@ def tmp(request):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def make_job(**changes) -> Job:
-    fields = dict(job_id="vm-1a2b3c", queue="local_q", token="t", attempts=0, key="exp-1",
+def make_attempt(**changes) -> Attempt:
+    fields = dict(attempt_id="vm-1a2b3c", queue="local_q", token="t", attempts=0, key="exp-1",
                   project="proj", request={"experiment": {"key": "exp-1"}, "config": {
                       "env": {"HF_TOKEN": "tok-abcdefgh-1234"}}},
                   workdir="/nonexistent", resources={}, taken_at=1.0)
     fields.update(changes)
-    return Job(**fields)
+    return Attempt(**fields)
 
 
 # -- sd_notify -------------------------------------------------------------------------------
@@ -170,8 +170,8 @@ def test_exposition_keeps_the_classic_names_and_escapes_labels():
                          "free": {"slots": 1}},
              "cache_manager": {"hits": 5, "misses": 2}}
     m = metrics.Metrics('host"1', lambda: stats)
-    job = make_job(project='p\\"q')
-    m.job_started(job)
+    attempt = make_attempt(project='p\\"q')
+    m.attempt_started(attempt)
     m.observe("run", 1.5)
     text = m.exposition().decode()
     assert ('runner_project_running{host="host\\"1",project="p\\\\\\"q",'
@@ -182,7 +182,7 @@ def test_exposition_keeps_the_classic_names_and_escapes_labels():
     assert 'runner_cache_misses{host="host\\"1",cache="cache"} 2.0' in text
     assert "# TYPE runner_project_completed counter" in text
     assert 'runner_phase_seconds_count{phase="run"} 1.0' in text
-    m.job_finished(job, "completed")
+    m.attempt_finished(attempt, "completed")
     text = m.exposition().decode()
     assert 'queue_name="local_q",project="p\\\\\\"q"} 1.0' in text  # runner_project_completed
     assert 'runner_experiments_total{status="completed"} 1.0' in text
@@ -192,16 +192,16 @@ def test_exposition_keeps_the_classic_names_and_escapes_labels():
 
 def test_metrics_carry_no_experiment_label_and_count_per_project():
     m = metrics.Metrics("vm", dict)
-    jobs = [make_job(job_id=f"vm-{n}", key=f"exp-{n}") for n in range(3)]
-    for job in jobs:
-        m.job_started(job)
+    attempts = [make_attempt(attempt_id=f"vm-{n}", key=f"exp-{n}") for n in range(3)]
+    for attempt in attempts:
+        m.attempt_started(attempt)
     text = m.exposition().decode()
     assert "experiment=" not in text and "exp-0" not in text
     assert 'runner_project_running{host="vm",project="proj",queue_name="local_q",' \
            'queue_type="local"} 3.0' in text
-    for job in jobs:
-        m.job_finished(job, "completed")
-    m.job_finished(make_job(job_id="vm-9", key="exp-9"), "dead", started=False)
+    for attempt in attempts:
+        m.attempt_finished(attempt, "completed")
+    m.attempt_finished(make_attempt(attempt_id="vm-9", key="exp-9"), "dead", started=False)
     text = m.exposition().decode()
     assert "experiment=" not in text
     completed = [line for line in text.splitlines() if line.startswith("runner_project_completed{")]
@@ -270,9 +270,9 @@ def test_slack_post_returns_at_once_when_slack_hangs_and_drops_when_full():
 
 
 def test_experiment_notice_masks_secrets_and_cuts_the_tail():
-    job = make_job()
+    attempt = make_attempt()
     tail = "x" * 5000 + "\ntoken tok-abcdefgh-1234 leaked\nPASSWORD=pw123456\n"
-    text = slack.experiment_notice("vm", job, "failed", "exit 3", tail)
+    text = slack.experiment_notice("vm", attempt, "failed", "exit 3", tail)
     assert "tok-abcdefgh-1234" not in text and "pw123456" not in text
     assert "exp-1" in text and "vm-1a2b3c" in text and "exit 3" in text
     assert len(text) < slack.TAIL_LIMIT + 500

@@ -19,7 +19,7 @@ from .support import Runner, SilentServer, SlackServer
 
 
 def running(runner: Runner, key: str) -> bool:
-    return any(j["key"] == key and j["phase"] == "running" for j in runner.status()["jobs"])
+    return any(j["key"] == key and j["phase"] == "running" for j in runner.status()["attempts"])
 
 
 def waiting_files(runner: Runner, queue: str | None = None) -> list[str]:
@@ -64,7 +64,7 @@ def test_sigterm_drain_lets_a_running_experiment_finish_and_takes_no_new_one(run
                              what="the second request to be seen waiting")
     assert status["supervisor"]["taking"] is False
     assert status["supervisor"]["drain"]["resumable"] is False
-    assert [j["key"] for j in status["jobs"]] == ["drain-first"]
+    assert [j["key"] for j in status["attempts"]] == ["drain-first"]
     assert runner.ctl("resume").returncode == 1, "a drain started by SIGTERM is not resumable"
 
     gate.write_text("open")
@@ -456,19 +456,19 @@ def test_runner_ctl_views_and_status_json_during_a_run(runner):
     """ % str(runner.root / "gate")
     request = runner.request(runner.workspace({"job.py": script}), "job.py", key="ctl-json")
     runner.publish(request)
-    runner.wait_for(lambda: any(j["last_metric"] for j in runner.status()["jobs"]),
+    runner.wait_for(lambda: any(j["last_metric"] for j in runner.status()["attempts"]),
                     what="the first metric line")
     result = runner.ctl("--json", "status", check=True)
     data = json.loads(result.stdout)
-    [job] = data["jobs"]
-    assert job["key"] == "ctl-json" and job["phase"] == "running" and job["project"] == "e2e"
+    [attempt] = data["attempts"]
+    assert attempt["key"] == "ctl-json" and attempt["phase"] == "running" and attempt["project"] == "e2e"
     # Times are ISO-8601 UTC with milliseconds, as in the metadata documents.
     iso = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
-    assert re.fullmatch(iso, job["started"]) and re.fullmatch(iso, data["supervisor"]["started"])
-    assert job["started"] >= data["supervisor"]["started"]
-    assert job["queue"] == runner.queue and job["attempt_number"] == 1
-    assert json.loads(job["last_metric"]) == {"experiment": {"loss": 0.25, "step": 7}}
-    assert job["devices"] == "-1" and job["elapsed"] >= 0
+    assert re.fullmatch(iso, attempt["started"]) and re.fullmatch(iso, data["supervisor"]["started"])
+    assert attempt["started"] >= data["supervisor"]["started"]
+    assert attempt["queue"] == runner.queue and attempt["attempt_number"] == 1
+    assert json.loads(attempt["last_metric"]) == {"experiment": {"loss": 0.25, "step": 7}}
+    assert attempt["devices"] == "-1" and attempt["elapsed"] >= 0
     assert set(data["roles"]) == {"fetcher", "cache_manager", "executor", "scraper", "uploader"}
     assert data["supervisor"]["healthy"] is True and data["free"]["slots"] == 1
 

@@ -65,47 +65,47 @@ def scraper(tmp_path: Path):
     workdir = tmp_path / "work" / "host-1r31eq"
     request = {"experiment": {"key": "exp-1", "project": "p", "filename": "x.py",
                               "artifacts": {}}, "config": {"env": {}}}
-    job = protocol.Job(job_id="host-1r31eq", queue="local_q", token="t", attempts=0,
+    attempt = protocol.Attempt(attempt_id="host-1r31eq", queue="local_q", token="t", attempts=0,
                        key="exp-1", project="p", request=request, workdir=str(workdir),
                        resources={}, taken_at=time.time(), save_frequency=60.0)
-    role.open(job)
-    return role, job
+    role.open(attempt)
+    return role, attempt
 
 
-def _end(role: Scraper, job: protocol.Job) -> tuple[dict, bytes]:
-    role.close(protocol.AttemptEnded(job=job, outcome=protocol.Outcome(
+def _end(role: Scraper, attempt: protocol.Attempt) -> tuple[dict, bytes]:
+    role.close(protocol.AttemptEnded(attempt=attempt, outcome=protocol.Outcome(
         status="completed", error="", message="", exit_code=0), facts={}))
-    folder = Path(job.workdir) / "_metadata"
-    text = (folder / metadata.scrape_name(job.job_id)).read_text()
+    folder = Path(attempt.workdir) / "_metadata"
+    text = (folder / metadata.scrape_name(attempt.attempt_id)).read_text()
     document = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written"))
-    return document, (folder / metadata.output_name(job.job_id)).read_bytes()
+    return document, (folder / metadata.output_name(attempt.attempt_id)).read_bytes()
 
 
 def test_json_behind_a_progress_bar_segment_is_scraped(scraper) -> None:
-    role, job = scraper
+    role, attempt = scraper
     chunk = b'  5%|#   | 1/20\r{"experiment": {"epoch_1": 0.5}}\n 10%|##  | 2/20\r'
-    role.handle(protocol.OutputChunk(job_id=job.job_id, data=chunk))
-    document, output = _end(role, job)
+    role.handle(protocol.OutputChunk(attempt_id=attempt.attempt_id, data=chunk))
+    document, output = _end(role, attempt)
     assert document["experiment"] == {"epoch_1": 0.5}
     assert output == chunk, "the output log keeps the bytes as they came"
 
 
 def test_non_finite_numbers_are_written_as_strings(scraper) -> None:
-    role, job = scraper
-    role.handle(protocol.OutputChunk(job_id=job.job_id, data=(
+    role, attempt = scraper
+    role.handle(protocol.OutputChunk(attempt_id=attempt.attempt_id, data=(
         b'{"experiment": {"loss": NaN, "big": 1e400, "low": -Infinity, "ok": 1.5}}\n')))
-    document, _output = _end(role, job)
+    document, _output = _end(role, attempt)
     assert document["experiment"] == {"loss": "NaN", "big": "Infinity", "low": "-Infinity",
                                       "ok": 1.5}
 
 
 def test_pieces_of_an_overlong_line_are_written_not_scraped(scraper) -> None:
-    role, job = scraper
+    role, attempt = scraper
     piece = b'{"experiment": {"x": 1}}'
-    role.handle(protocol.OutputChunk(job_id=job.job_id, data=piece, scrape=False))
-    role.handle(protocol.OutputChunk(job_id=job.job_id, data=b'{"experiment": {"y": 2}}\n',
+    role.handle(protocol.OutputChunk(attempt_id=attempt.attempt_id, data=piece, scrape=False))
+    role.handle(protocol.OutputChunk(attempt_id=attempt.attempt_id, data=b'{"experiment": {"y": 2}}\n',
                                      offset=len(piece)))
-    document, output = _end(role, job)
+    document, output = _end(role, attempt)
     assert document["experiment"] == {"y": 2}
     assert output == b'{"experiment": {"x": 1}}{"experiment": {"y": 2}}\n'
 
@@ -122,7 +122,7 @@ class _BusyBus:
         pass
 
     def recv(self, timeout=0.0, drained=False):
-        return None if self.empty else protocol.RunnerLog(job_id="j", text="x")
+        return None if self.empty else protocol.RunnerLog(attempt_id="j", text="x")
 
     recv_nowait = recv
 

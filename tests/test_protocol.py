@@ -15,13 +15,13 @@ from runner import protocol
 from runner.bus import Bus, Endpoints
 from runner.errors import ProtocolError
 from runner.protocol import (Adopt, AttemptEnded, AttemptOpened, Cancel, CtlReply, CtlRequest,
-                             Heartbeat, Job, JobAssigned, JobDone, JobPhase, JobPrepared, Outcome, RunEnded,
+                             Heartbeat, Attempt, AttemptAssigned, AttemptDone, AttemptPhase, AttemptPrepared, Outcome, RunEnded,
                              OutputChunk, QueueStats, Reload, RunnerLog, Shutdown, StartTaking,
                              StopRuns, StopTaking, UploadRequest)
 
 
-def make_job(job_id: str = "host-1r31eq") -> Job:
-    return Job(job_id=job_id, queue="local_q", token="tok-1", attempts=1, key="exp-1",
+def make_attempt(attempt_id: str = "host-1r31eq") -> Attempt:
+    return Attempt(attempt_id=attempt_id, queue="local_q", token="tok-1", attempts=1, key="exp-1",
                project="proj",
                request={"experiment": {"key": "exp-1", "filename": "train.py",
                                        "args": ["'two words'"]}, "config": {"env": {}}},
@@ -40,25 +40,25 @@ SAMPLES = {
     "start_taking": StartTaking(),
     "reload": Reload(options={"queue_match": "^local_a$", "limit_tasks": 3,
                               "log_level": "debug"}),
-    "stop_runs": StopRuns(reason="limit", job_ids=["host-a", "host-b"]),
+    "stop_runs": StopRuns(reason="limit", attempt_ids=["host-a", "host-b"]),
     "cancel": Cancel(key="exp-1", project="p"),
-    "adopt": Adopt(jobs=[protocol.to_map(make_job())]),
-    "job_assigned": JobAssigned(job=make_job()),
-    "attempt_opened": AttemptOpened(job=make_job()),
-    "job_prepared": JobPrepared(job=make_job(), python="/usr/bin/python3.11", env_path="/envs/x"),
-    "output_chunk": OutputChunk(job_id="host-1r31eq", data=b"line one\n\xff\x00binary\n"),
-    "runner_log": RunnerLog(job_id="host-1r31eq", text="downloaded workspace"),
-    "attempt_ended": AttemptEnded(job=make_job(), outcome=OUTCOME, facts={"exit_code": 3}),
-    "upload_request": UploadRequest(job=make_job(), final=True, outcome=OUTCOME),
-    "job_done": JobDone(job=make_job(), outcome=OUTCOME, upload_error="bucket gone"),
-    "run_ended": RunEnded(job_id="host-1r31eq"),
-    "record_state": protocol.RecordState(job_id="host-1r31eq", state={"state": "ok", "tries": 1}),
-    "job_phase": JobPhase(job=make_job(), phase="running", role="executor", at=1700000001.25,
+    "adopt": Adopt(attempts=[protocol.to_map(make_attempt())]),
+    "attempt_assigned": AttemptAssigned(attempt=make_attempt()),
+    "attempt_opened": AttemptOpened(attempt=make_attempt()),
+    "attempt_prepared": AttemptPrepared(attempt=make_attempt(), python="/usr/bin/python3.11", env_path="/envs/x"),
+    "output_chunk": OutputChunk(attempt_id="host-1r31eq", data=b"line one\n\xff\x00binary\n"),
+    "runner_log": RunnerLog(attempt_id="host-1r31eq", text="downloaded workspace"),
+    "attempt_ended": AttemptEnded(attempt=make_attempt(), outcome=OUTCOME, facts={"exit_code": 3}),
+    "upload_request": UploadRequest(attempt=make_attempt(), final=True, outcome=OUTCOME),
+    "attempt_done": AttemptDone(attempt=make_attempt(), outcome=OUTCOME, upload_error="bucket gone"),
+    "run_ended": RunEnded(attempt_id="host-1r31eq"),
+    "record_state": protocol.RecordState(attempt_id="host-1r31eq", state={"state": "ok", "tries": 1}),
+    "attempt_phase": AttemptPhase(attempt=make_attempt(), phase="running", role="executor", at=1700000001.25,
                           detail={"pid": 99}),
     "queue_stats": QueueStats(queues={"local_q": {"depth": 3, "waiting": [
         {"key": "k1", "project": "p"}]}}, taking=True),
     "ctl_request": CtlRequest(command="status", args={"verbose": True}),
-    "ctl_reply": CtlReply(ok=False, data={"x": [1, 2]}, error="no such job"),
+    "ctl_reply": CtlReply(ok=False, data={"x": [1, 2]}, error="no such attempt"),
 }
 
 
@@ -79,34 +79,34 @@ def test_round_trip_every_type(name: str) -> None:
     for f in dataclasses.fields(back):
         value = getattr(back, f.name)
         original = getattr(message, f.name)
-        if isinstance(original, (Job, Outcome)):
+        if isinstance(original, (Attempt, Outcome)):
             assert type(value) is type(original), f"{name}.{f.name} came back as {type(value)}"
 
 
 def test_nested_dataclasses_and_bytes_keep_their_types() -> None:
-    done = protocol.decode(protocol.encode(SAMPLES["job_done"]))
-    assert isinstance(done.job, Job) and isinstance(done.outcome, Outcome)
-    assert done.job.request["experiment"]["args"] == ["'two words'"]
+    done = protocol.decode(protocol.encode(SAMPLES["attempt_done"]))
+    assert isinstance(done.attempt, Attempt) and isinstance(done.outcome, Outcome)
+    assert done.attempt.request["experiment"]["args"] == ["'two words'"]
     assert done.outcome.exit_code == 3
     chunk = protocol.decode(protocol.encode(SAMPLES["output_chunk"]))
     assert isinstance(chunk.data, bytes)
     assert chunk.data == b"line one\n\xff\x00binary\n"
-    upload = protocol.decode(protocol.encode(UploadRequest(job=make_job(), final=False)))
+    upload = protocol.decode(protocol.encode(UploadRequest(attempt=make_attempt(), final=False)))
     assert upload.outcome is None and upload.final is False
 
 
-def test_adopt_jobs_come_back_as_jobs() -> None:
+def test_adopt_attempts_come_back_as_attempts() -> None:
     adopt = protocol.decode(protocol.encode(SAMPLES["adopt"]))
-    assert protocol.jobs_from_maps(adopt.jobs) == [make_job()]
+    assert protocol.attempts_from_maps(adopt.attempts) == [make_attempt()]
 
 
 def test_frame_layout() -> None:
     frame = msgpack.unpackb(protocol.encode(Shutdown(reason="x")), raw=False)
     assert frame == [protocol.PROTOCOL_VERSION, "shutdown", "x"]
-    done = JobDone(job=make_job(), outcome=Outcome(status="completed", exit_code=0))
+    done = AttemptDone(attempt=make_attempt(), outcome=Outcome(status="completed", exit_code=0))
     frame = msgpack.unpackb(protocol.encode(done), raw=False)
-    assert frame[:2] == [protocol.PROTOCOL_VERSION, "job_done"]
-    assert frame[2] == list(protocol.to_map(make_job()).values())  # declaration order
+    assert frame[:2] == [protocol.PROTOCOL_VERSION, "attempt_done"]
+    assert frame[2] == list(protocol.to_map(make_attempt()).values())  # declaration order
     assert frame[3] == ["completed", "", "", 0] and frame[4] == ""
 
 
@@ -142,19 +142,19 @@ def test_garbage_is_a_protocol_error(frame: bytes) -> None:
 
 
 def test_oversize_frame_is_a_protocol_error() -> None:
-    frame = protocol.encode(OutputChunk(job_id="j", data=b"x" * protocol.MAX_FRAME_BYTES))
+    frame = protocol.encode(OutputChunk(attempt_id="j", data=b"x" * protocol.MAX_FRAME_BYTES))
     assert len(frame) > protocol.MAX_FRAME_BYTES
     with pytest.raises(ProtocolError, match="exceeds"):
         protocol.decode(frame)
 
 
 def test_fields_appended_by_a_newer_sender_are_ignored() -> None:
-    job = list(protocol.to_map(make_job()).values()) + [{"added": "later"}]
-    frame = msgpack.packb([protocol.PROTOCOL_VERSION, "job_done", job,
+    attempt = list(protocol.to_map(make_attempt()).values()) + [{"added": "later"}]
+    frame = msgpack.packb([protocol.PROTOCOL_VERSION, "attempt_done", attempt,
                            ["completed", "", "", None, "a future field"], "", [1, 2, 3]],
                           use_bin_type=True)
     done = protocol.decode(frame)
-    assert done == JobDone(job=make_job(), outcome=Outcome(status="completed"))
+    assert done == AttemptDone(attempt=make_attempt(), outcome=Outcome(status="completed"))
 
 
 def test_fields_missing_from_an_older_sender_take_their_defaults() -> None:
@@ -187,13 +187,13 @@ def test_two_buses_exchange_messages_in_order(runtime_dir: Path, context: zmq.Co
     scraper = Bus(endpoints, "scraper", context)
     try:
         assert endpoints.inbox_path("scraper").exists()
-        sent = [RunnerLog(job_id="j", text=f"line {i}") for i in range(50)]
-        sent.append(SAMPLES["job_done"])
+        sent = [RunnerLog(attempt_id="j", text=f"line {i}") for i in range(50)]
+        sent.append(SAMPLES["attempt_done"])
         for message in sent:
             assert fetcher.send("scraper", message) is True
         received = [wait_for(scraper) for _ in sent]
         assert received == sent
-        assert isinstance(received[-1].job, Job)
+        assert isinstance(received[-1].attempt, Attempt)
         # and back the other way
         assert scraper.send("fetcher", Heartbeat(role="scraper", pid=1)) is True
         assert wait_for(fetcher) == Heartbeat(role="scraper", pid=1)

@@ -16,7 +16,7 @@ from runner.queues import QUEUE_KINDS, Delivery, LocalQueue, kind_of, matches
 from runner.queues.local import CLAIMED, DEAD, OWNERS
 
 REPO = Path(__file__).resolve().parents[1]
-Q = "local_jobs"
+Q = "local_attempts"
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def q(root: Path):
 def test_registry_and_kind_of() -> None:
     assert QUEUE_KINDS["local"] is LocalQueue
     assert LocalQueue.kind == "local"
-    assert kind_of("local_jobs") == "local"
+    assert kind_of("local_attempts") == "local"
     assert kind_of("rmq_a_b") == "rmq"
     assert kind_of("plainname") == ""
 
@@ -176,17 +176,17 @@ def test_bad_queue_names(q: LocalQueue) -> None:
 
 
 @pytest.mark.parametrize("name, match, mismatch, expected", [
-    ("local_jobs", None, None, True),
-    ("rmq_jobs", None, None, True),
-    ("sqs_jobs", None, None, True),
-    ("pubsub_jobs", None, None, False),
-    ("jobs", None, None, False),
-    ("local_jobs_response", None, None, False),
-    ("local_jobs_dead", None, None, False),
-    ("rmq_jobs", "", "", True),
-    ("local_jobs", None, "^local_", False),
-    ("local_jobs", r"^local_", r"_test$", True),
-    ("local_jobs_test", r"^local_", r"_test$", False),
+    ("local_attempts", None, None, True),
+    ("rmq_attempts", None, None, True),
+    ("sqs_attempts", None, None, True),
+    ("pubsub_attempts", None, None, False),
+    ("attempts", None, None, False),
+    ("local_attempts_response", None, None, False),
+    ("local_attempts_dead", None, None, False),
+    ("rmq_attempts", "", "", True),
+    ("local_attempts", None, "^local_", False),
+    ("local_attempts", r"^local_", r"_test$", True),
+    ("local_attempts_test", r"^local_", r"_test$", False),
     ("my-subscription", r"^my-", None, True),
     ("my-subscription_response", r".*", None, False),
 ])

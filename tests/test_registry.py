@@ -15,41 +15,41 @@ from runner.supervisor import Supervisor
 from .support import processes_with
 
 
-def make_job(job_id: str = "host-1r31eq", workdir: str = "/tmp/nowhere") -> protocol.Job:
-    return protocol.Job(job_id=job_id, queue="local_q", token="tok", attempts=0, key="exp-1",
+def make_attempt(attempt_id: str = "host-1r31eq", workdir: str = "/tmp/nowhere") -> protocol.Attempt:
+    return protocol.Attempt(attempt_id=attempt_id, queue="local_q", token="tok", attempts=0, key="exp-1",
                         project="proj", request={"experiment": {"key": "exp-1"}},
                         workdir=workdir, resources={"cpus": 1}, taken_at=1700000000.0)
 
 
 def test_registry_round_trip_and_forget(tmp_path):
     runtime = str(tmp_path)
-    job = make_job()
-    registry.write_job(runtime, job)
-    registry.write_ended(runtime, job.job_id, protocol.Outcome(status="completed", exit_code=0))
-    assert registry.attempt_ids(runtime) == [job.job_id]
-    assert registry.read_job(runtime, job.job_id) == job
-    assert registry.read_ended(runtime, job.job_id).status == "completed"
-    registry.forget(runtime, job.job_id)
+    attempt = make_attempt()
+    registry.write_attempt(runtime, attempt)
+    registry.write_ended(runtime, attempt.attempt_id, protocol.Outcome(status="completed", exit_code=0))
+    assert registry.attempt_ids(runtime) == [attempt.attempt_id]
+    assert registry.read_attempt(runtime, attempt.attempt_id) == attempt
+    assert registry.read_ended(runtime, attempt.attempt_id).status == "completed"
+    registry.forget(runtime, attempt.attempt_id)
     assert registry.attempt_ids(runtime) == []
-    assert registry.read_job(runtime, job.job_id) is None
+    assert registry.read_attempt(runtime, attempt.attempt_id) is None
 
 
 def test_registry_refuses_a_path_as_attempt_id(tmp_path):
     try:
-        registry.write(str(tmp_path), "../escape", "job", {})
+        registry.write(str(tmp_path), "../escape", "attempt", {})
     except ValueError:
         pass
     else:
         raise AssertionError("an attempt id with a slash was accepted")
-    assert not (tmp_path.parent / "escape.job").exists()
+    assert not (tmp_path.parent / "escape.attempt").exists()
 
 
 def test_a_damaged_entry_is_dropped_on_recovery(tmp_path):
     runtime = str(tmp_path)
     registry.folder(runtime).mkdir()
-    (registry.folder(runtime) / "host-1.job").write_text("{not json")
+    (registry.folder(runtime) / "host-1.attempt").write_text("{not json")
     [leftover] = registry.recover(runtime)
-    assert leftover.job is None and leftover.job_id == "host-1"
+    assert leftover.attempt is None and leftover.attempt_id == "host-1"
     assert registry.attempt_ids(runtime) == []
 
 
@@ -68,11 +68,11 @@ def test_recover_kills_a_run_tree_and_spares_a_reused_pid(tmp_path):
             time.sleep(0.05)
         registry.write(runtime, "host-1", "run", {"pid": run.pid,
                                                   "ticks": proctree.start_ticks(run.pid),
-                                                  "job": protocol.to_map(make_job("host-1"))})
+                                                  "attempt": protocol.to_map(make_attempt("host-1"))})
         # the same pid number with another start time is another process: left alone
         registry.write(runtime, "host-2", "run", {"pid": other.pid, "ticks": 1,
-                                                  "job": protocol.to_map(make_job("host-2"))})
-        leftovers = {entry.job_id: entry for entry in registry.recover(runtime)}
+                                                  "attempt": protocol.to_map(make_attempt("host-2"))})
+        leftovers = {entry.attempt_id: entry for entry in registry.recover(runtime)}
         assert leftovers["host-1"].killed >= 2 and leftovers["host-2"].killed == 0
         assert run.wait(10) == -signal.SIGKILL
         deadline = time.monotonic() + 10
@@ -80,7 +80,7 @@ def test_recover_kills_a_run_tree_and_spares_a_reused_pid(tmp_path):
             assert time.monotonic() < deadline, "the run's helper survived"
             time.sleep(0.05)
         assert other.poll() is None
-        assert leftovers["host-1"].job == make_job("host-1")
+        assert leftovers["host-1"].attempt == make_attempt("host-1")
     finally:
         for process in (run, other):
             process.kill()
@@ -91,15 +91,15 @@ def test_a_phase_never_goes_back(tmp_path):
     config = load(["--runtime-dir", str(tmp_path / "run"), "--working-dir", str(tmp_path / "w")],
                   environ={})
     supervisor = Supervisor(config)
-    job = make_job()
+    attempt = make_attempt()
 
     def track(phase: str) -> None:
-        supervisor.track(protocol.JobPhase(job=job, phase=phase, role="x", at=time.time(),
+        supervisor.track(protocol.AttemptPhase(attempt=attempt, phase=phase, role="x", at=time.time(),
                                            detail={"seen": phase}))
 
     track("taken")
     track("running")
     track("uploading")  # the scraper's, before ...
     track("ending")  # ... the executor's, which came late
-    assert supervisor.jobs[job.job_id]["phase"] == "uploading"
-    assert supervisor.jobs[job.job_id]["detail"]["seen"] == "ending"
+    assert supervisor.attempts[attempt.attempt_id]["phase"] == "uploading"
+    assert supervisor.attempts[attempt.attempt_id]["detail"]["seen"] == "ending"

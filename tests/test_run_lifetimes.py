@@ -17,7 +17,7 @@ import pytest
 from runner import registry
 from runner.supervisor import Supervisor
 
-from .support import processes_with, running_job
+from .support import processes_with, running_attempt
 
 
 def alive(pid: int) -> bool:
@@ -96,23 +96,23 @@ def two_attempt_script(flag, mark: str) -> str:
 
 def start_two_attempt_run(runner) -> tuple[str, dict, dict]:
     """A started runner running the first attempt of a two-attempt request, its helper
-    started: (mark, request, the running job as ``runner-ctl status`` shows it)."""
+    started: (mark, request, the running attempt as ``runner-ctl status`` shows it)."""
     mark = marker()
     flag = runner.root / "started.flag"
     runner.start()
     request = runner.request(runner.workspace({"main.py": two_attempt_script(flag, mark)}),
                              "main.py", args=[mark])
     runner.publish(request)
-    job = running_job(runner)
+    attempt = running_attempt(runner)
     runner.wait_for(flag.exists, what="the first attempt to start its helper")
-    return mark, request, job
+    return mark, request, attempt
 
 
 def test_sigkilled_supervisor_leaves_no_process_and_the_restart_finishes_its_document(runner):
-    mark, request, job = start_two_attempt_run(runner)
-    job_id = job["attempt"]
+    mark, request, attempt = start_two_attempt_run(runner)
+    attempt_id = attempt["attempt"]
     runtime = str(runner.options["runtime-dir"])
-    runner.wait_for(lambda: (registry.read(runtime, job_id, "scraped") or {}).get("offset"),
+    runner.wait_for(lambda: (registry.read(runtime, attempt_id, "scraped") or {}).get("offset"),
                     what="a save after the first line")
     assert len(processes_with(mark)) >= 2  # the experiment and its helper
     runner.kill()  # SIGKILL: no drain, no clean-up of its own
@@ -132,8 +132,8 @@ def test_sigkilled_supervisor_leaves_no_process_and_the_restart_finishes_its_doc
 
 
 def test_a_run_whose_launcher_could_not_act_is_killed_from_the_registry(runner):
-    mark, request, job = start_two_attempt_run(runner)
-    launcher = job["pid"]
+    mark, request, attempt = start_two_attempt_run(runner)
+    launcher = attempt["pid"]
     roles = runner.role_pids()
     # Neither the executor nor the launcher can act: the registry is all that is left.
     os.kill(roles["executor"], signal.SIGSTOP)
@@ -210,13 +210,13 @@ def start_go_run(runner, save_frequency: str = "1s") -> tuple:
     request = runner.request(runner.workspace({"main.py": go_script(go, "before", "after")}),
                              "main.py", save_frequency=save_frequency)
     runner.publish(request)
-    return go, request, running_job(runner)["attempt"]
+    return go, request, running_attempt(runner)["attempt"]
 
 
 def test_restarted_scraper_keeps_the_attempt_it_had_saved(runner):
-    go, request, job_id = start_go_run(runner)
+    go, request, attempt_id = start_go_run(runner)
     runtime = str(runner.options["runtime-dir"])
-    runner.wait_for(lambda: (registry.read(runtime, job_id, "scraped") or {}).get("offset"),
+    runner.wait_for(lambda: (registry.read(runtime, attempt_id, "scraped") or {}).get("offset"),
                     what="a save after the first line")
     restart_role(runner, "scraper")
     go.write_text("go")
@@ -233,7 +233,7 @@ def test_restarted_scraper_keeps_the_attempt_it_had_saved(runner):
 
 def test_an_attempt_whose_output_was_lost_with_the_scraper_is_not_completed(runner):
     go, request, first = start_go_run(runner, save_frequency="60s")
-    runner.wait_for(lambda: "before" in (runner.status()["jobs"] or [{}])[0]
+    runner.wait_for(lambda: "before" in (runner.status()["attempts"] or [{}])[0]
                     .get("last_metric", ""), what="the scraper to see the first line")
     restart_role(runner, "scraper")  # before any save: that line is gone with it
     go.write_text("go")
@@ -250,13 +250,13 @@ def test_an_attempt_whose_output_was_lost_with_the_scraper_is_not_completed(runn
 
 
 def test_restarted_uploader_finishes_the_final_upload_without_a_rerun(runner):
-    go, request, job_id = start_go_run(runner)
+    go, request, attempt_id = start_go_run(runner)
     uploader = runner.status()["roles"]["uploader"]["pid"]
     os.kill(uploader, signal.SIGSTOP)
     try:
         go.write_text("go")
-        runner.wait_for(lambda: any(j["phase"] == "uploading" and j["attempt"] == job_id
-                                    for j in runner.status()["jobs"]),
+        runner.wait_for(lambda: any(j["phase"] == "uploading" and j["attempt"] == attempt_id
+                                    for j in runner.status()["attempts"]),
                         what="the attempt to wait on the stopped uploader")
     finally:
         try:
@@ -265,7 +265,7 @@ def test_restarted_uploader_finishes_the_final_upload_without_a_rerun(runner):
             pass  # already killed by the supervisor (no heartbeat): the log says why
     record = runner.wait_final(request)
     assert record["status"] == "completed"
-    assert record["attempt"] == job_id  # finished by the new uploader, not run again
+    assert record["attempt"] == attempt_id  # finished by the new uploader, not run again
     [document] = runner.scrape_documents(request)
     assert document["studioml"]["status"] == "completed"
     assert document["experiment"] == {"before": 1, "after": 2}
@@ -277,7 +277,7 @@ def test_sigterm_to_the_whole_process_group_is_one_orderly_drain(runner):
     request = runner.request(runner.workspace({"main.py": "import time; time.sleep(300)"}),
                              "main.py")
     runner.publish(request)
-    running_job(runner)
+    running_attempt(runner)
     os.killpg(runner.process.pid, signal.SIGTERM)
     assert runner.wait_exit(90) == 0
     log = runner.log()

@@ -151,14 +151,14 @@ class Recorder:
         self.stopped: list[str] = []
         self.changed = threading.Condition()
 
-    def on_state(self, job_id, state):
+    def on_state(self, attempt_id, state):
         with self.changed:
-            self.states.append((job_id, state))
+            self.states.append((attempt_id, state))
             self.changed.notify_all()
 
-    def on_stopped(self, job_id):
+    def on_stopped(self, attempt_id):
         with self.changed:
-            self.stopped.append(job_id)
+            self.stopped.append(attempt_id)
             self.changed.notify_all()
 
     def wait(self, predicate, timeout=30.0):
@@ -177,7 +177,7 @@ def test_an_unreachable_database_is_retried_in_the_background_without_blocking(m
             "credentials": CREDENTIALS}
     try:
         started = time.monotonic()
-        assert updater.submit("job-1", request_for(dead), studio_db.started(request_for(dead)))
+        assert updater.submit("attempt-1", request_for(dead), studio_db.started(request_for(dead)))
         assert time.monotonic() - started < 1.0  # submit never waits for the database
         recorder.wait(lambda: any(s["state"] == "retrying" for _, s in recorder.states))
         assert not updater.flush(0.1)  # still waiting, not dropped
@@ -194,11 +194,11 @@ def test_the_updater_reports_a_client_stop_once(moto):
     request = request_for({"type": "s3", "endpoint": moto.endpoint, "bucket": bucket,
                            "credentials": CREDENTIALS})
     try:
-        updater.submit("job-1", request, studio_db.started(request))
-        recorder.wait(lambda: recorder.stopped == ["job-1"])
-        updater.submit("job-1", request, studio_db.checkpointed())
+        updater.submit("attempt-1", request, studio_db.started(request))
+        recorder.wait(lambda: recorder.stopped == ["attempt-1"])
+        updater.submit("attempt-1", request, studio_db.checkpointed())
         assert updater.flush(30)
-        assert recorder.stopped == ["job-1"]
+        assert recorder.stopped == ["attempt-1"]
         assert [s["state"] for _, s in recorder.states] == ["ok", "ok"]
     finally:
         updater.close()

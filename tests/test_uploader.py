@@ -39,7 +39,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
                               "artifacts": {"_metadata": artifact("_metadata"),
                                             "output": artifact("output")}},
                "config": {"env": {}}}
-    job = protocol.Job(job_id="host-1r31eq", queue="local_q", token="t", attempts=0,
+    attempt = protocol.Attempt(attempt_id="host-1r31eq", queue="local_q", token="t", attempts=0,
                        key="exp-1", project="proj", request=request, workdir=str(workdir),
                        resources={}, taken_at=time.time())
     config = load(["--working-dir", str(tmp_path / "work"), "--runtime-dir", str(tmp_path / "run"),
@@ -76,12 +76,12 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def send(final=False, record_only=False, labels=None):
         puts.clear()
         hashed.clear()
-        role.upload(protocol.UploadRequest(job=job, final=final, record_only=record_only,
+        role.upload(protocol.UploadRequest(attempt=attempt, final=final, record_only=record_only,
                                            outcome=OUTCOME if final else None,
                                            labels=labels), lock)
         return sorted(puts), sorted(hashed)
 
-    yield {"role": role, "job": job, "workdir": workdir, "send": send, "store": store_root,
+    yield {"role": role, "attempt": attempt, "workdir": workdir, "send": send, "store": store_root,
            "request": request}
     role.pool.shutdown(wait=True)
 
@@ -145,7 +145,7 @@ def test_final_request_uploads_every_file_without_hashing_and_no_running_record(
     assert hashed == []
     assert not Path(metadata.record_url(setup["request"])[len("file://"):]).exists()
     done = setup["role"]._outbox.get_nowait()
-    assert done[0] == "fetcher" and isinstance(done[1], protocol.JobDone)
+    assert done[0] == "fetcher" and isinstance(done[1], protocol.AttemptDone)
     assert done[1].upload_error == ""
 
 
@@ -172,10 +172,10 @@ def record_path(setup) -> Path:
 
 
 def test_running_record_is_held_and_dropped_when_the_attempt_ends_first(setup):
-    role, job = setup["role"], setup["job"]
-    role.handle(protocol.UploadRequest(job=job, final=False, record_only=True))
+    role, attempt = setup["role"], setup["attempt"]
+    role.handle(protocol.UploadRequest(attempt=attempt, final=False, record_only=True))
     role.tick()  # not due yet
-    role.handle(protocol.UploadRequest(job=job, final=True, outcome=OUTCOME))
+    role.handle(protocol.UploadRequest(attempt=attempt, final=True, outcome=OUTCOME))
     role.pool.shutdown(wait=True)
     assert role.held_records == {}
     assert not record_path(setup).exists()  # the fetcher writes the settled record
@@ -183,8 +183,8 @@ def test_running_record_is_held_and_dropped_when_the_attempt_ends_first(setup):
 
 def test_running_record_is_written_once_due(setup, monkeypatch):
     monkeypatch.setattr(uploader_module, "RECORD_AFTER", 0.0)
-    role, job = setup["role"], setup["job"]
-    role.handle(protocol.UploadRequest(job=job, final=False, record_only=True))
+    role, attempt = setup["role"], setup["attempt"]
+    role.handle(protocol.UploadRequest(attempt=attempt, final=False, record_only=True))
     assert role.tick_interval() == 0.0
     role.tick()
     role.pool.shutdown(wait=True)

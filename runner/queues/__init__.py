@@ -44,7 +44,7 @@ def kind_of(queue_name: str) -> str:
     """The kind prefix of ``queue_name``: the text before its first ``_`` ("" if it has none).
 
     The result need not be a key of :data:`QUEUE_KINDS` (Pub/Sub names carry no prefix:
-    the fetcher knows a queue's back end from discovery, and jobs carry ``queue_type``).
+    the fetcher knows a queue's back end from discovery, and attempts carry ``queue_type``).
     """
     head, sep, _ = queue_name.partition("_")
     return head if sep else ""

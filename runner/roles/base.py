@@ -138,14 +138,14 @@ class Role:
             pass
         self._wake_pending = False
 
-    def phase(self, job: protocol.Job, phase: str, **detail) -> None:
-        """Tell the supervisor where ``job`` is now (thread-safe)."""
-        self.post(SUPERVISOR, protocol.JobPhase(job=job, phase=phase, role=self.name,
+    def phase(self, attempt: protocol.Attempt, phase: str, **detail) -> None:
+        """Tell the supervisor where ``attempt`` is now (thread-safe)."""
+        self.post(SUPERVISOR, protocol.AttemptPhase(attempt=attempt, phase=phase, role=self.name,
                                                 at=time.time(), detail=detail))
 
-    def runner_log(self, job_id: str, text: str) -> None:
+    def runner_log(self, attempt_id: str, text: str) -> None:
         """Add a line to the attempt's runner log (thread-safe)."""
-        self.post("scraper", protocol.RunnerLog(job_id=job_id, text=text))
+        self.post("scraper", protocol.RunnerLog(attempt_id=attempt_id, text=text))
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -1,12 +1,12 @@
 """The cache manager: makes an attempt's working directory and its Python environment.
 
-For each ``JobAssigned`` it opens the attempt with the scraper, then, on a worker
+For each ``AttemptAssigned`` it opens the attempt with the scraper, then, on a worker
 thread, creates one folder per artifact label, fetches the artifacts that have a source
 through the :class:`~runner.cache.ArtifactCache` (one download per object however many
 attempts want it) and unpacks or copies them, finds the interpreter for ``pythonver`` and
 gets the virtualenv for the requirement set from the
 :class:`~runner.environments.EnvironmentStore` (built once per set, however many attempts
-want it).  Success goes to the executor as ``JobPrepared``; any failure ends the attempt
+want it).  Success goes to the executor as ``AttemptPrepared``; any failure ends the attempt
 with the outcome :mod:`runner.fates` gives its exception.
 
 Container mode (:mod:`runner.containers`): instead of an environment it gets the image
@@ -63,93 +63,93 @@ class CacheManager(Role):
         self.log.info("container runtimes: %s%s",
                       ", ".join(r.name for r in self.runtimes) or "none",
                       f" ({'; '.join(self.runtime_problems)})" if self.runtime_problems else "")
-        self.held_images: dict[str, contextlib.ExitStack] = {}  # job id -> image lease
+        self.held_images: dict[str, contextlib.ExitStack] = {}  # attempt id -> image lease
         self.pool = ThreadPoolExecutor(max_workers=max(2, self.config.executors * 2),
                                        thread_name_prefix="prepare")
-        self.preparing: dict[str, protocol.Job] = {}
-        self.stopped: dict[str, Exception] = {}  # job id -> what stops it
+        self.preparing: dict[str, protocol.Attempt] = {}
+        self.stopped: dict[str, Exception] = {}  # attempt id -> what stops it
         self.stop_all: Exception | None = None
         self.lock = threading.Lock()
 
     def handle(self, message: protocol.Message) -> None:
-        if isinstance(message, protocol.JobAssigned):
-            job = message.job
-            self.post("scraper", protocol.AttemptOpened(job=job))
+        if isinstance(message, protocol.AttemptAssigned):
+            attempt = message.attempt
+            self.post("scraper", protocol.AttemptOpened(attempt=attempt))
             with self.lock:
-                self.preparing[job.job_id] = job
-            self.phase(job, "preparing", step="download")
-            self.pool.submit(self.prepare, job)
+                self.preparing[attempt.attempt_id] = attempt
+            self.phase(attempt, "preparing", step="download")
+            self.pool.submit(self.prepare, attempt)
         elif isinstance(message, protocol.StopRuns):
             reason = fates.stop_exception(message.cause, message.reason)
             with self.lock:
-                if message.job_ids:
-                    for job_id in message.job_ids:
-                        if job_id in self.preparing:
-                            self.stopped[job_id] = reason
+                if message.attempt_ids:
+                    for attempt_id in message.attempt_ids:
+                        if attempt_id in self.preparing:
+                            self.stopped[attempt_id] = reason
                 else:
                     self.stop_all = reason
         elif isinstance(message, protocol.RunEnded):
-            self.release_image(message.job_id)
+            self.release_image(message.attempt_id)
 
-    def _cancelled(self, job_id: str) -> Exception | None:
+    def _cancelled(self, attempt_id: str) -> Exception | None:
         with self.lock:
-            return self.stop_all or self.stopped.get(job_id)
+            return self.stop_all or self.stopped.get(attempt_id)
 
-    def prepare(self, job: protocol.Job) -> None:
+    def prepare(self, attempt: protocol.Attempt) -> None:
         """Worker thread: working directory, artifacts, environment → executor."""
-        log = lambda text: self.runner_log(job.job_id, text)  # noqa: E731
+        log = lambda text: self.runner_log(attempt.attempt_id, text)  # noqa: E731
         try:
-            self.check_cancelled(job)
-            image = containers.image_of(job.request)
+            self.check_cancelled(attempt)
+            image = containers.image_of(attempt.request)
             runtime = (containers.choose(self.runtimes, image, self.runtime_problems)
                        if image is not None else None)
-            self.download_artifacts(job, log)
+            self.download_artifacts(attempt, log)
             if image is not None:
-                self.phase(job, "preparing", step="image")
-                self.check_cancelled(job)
-                prepared = self.hold_image(job, runtime, image, log)
-                self.check_cancelled(job)
-                self.post("executor", protocol.JobPrepared(job=job, python="", env_path="",
+                self.phase(attempt, "preparing", step="image")
+                self.check_cancelled(attempt)
+                prepared = self.hold_image(attempt, runtime, image, log)
+                self.check_cancelled(attempt)
+                self.post("executor", protocol.AttemptPrepared(attempt=attempt, python="", env_path="",
                                                            container=runtime.name,
                                                            image=prepared))
                 return
-            self.phase(job, "preparing", step="environment")
-            self.check_cancelled(job)
-            experiment = job.request.get("experiment", {})
+            self.phase(attempt, "preparing", step="environment")
+            self.check_cancelled(attempt)
+            experiment = attempt.request.get("experiment", {})
             interpreter = find_interpreter(experiment.get("pythonver"),
                                            list(self.config.python_dirs))
             log(f"interpreter {interpreter} for pythonver {experiment.get('pythonver')!r}")
             requirements = list(experiment.get("pythonenv") or [])
-            requirements += list(job.request.get("config", {}).get("pip") or [])
+            requirements += list(attempt.request.get("config", {}).get("pip") or [])
             env = self.environments.ensure(interpreter, requirements, log=log)
             log(f"environment {env.key} {'built' if env.built else 'reused from the store'}")
-            self.check_cancelled(job)
-            self.post("executor", protocol.JobPrepared(job=job, python=str(env.python),
+            self.check_cancelled(attempt)
+            self.post("executor", protocol.AttemptPrepared(attempt=attempt, python=str(env.python),
                                                        env_path=str(env.path)))
         except Exception as exc:  # every failure ends the attempt with its fate
             if not isinstance(exc, RunnerError):
-                self.log.exception("key=%s attempt=%s preparation crashed", job.key, job.job_id)
+                self.log.exception("key=%s attempt=%s preparation crashed", attempt.key, attempt.attempt_id)
             outcome = fates.outcome_for_exception(exc)
             log(f"preparation ended: {outcome.error}: {outcome.message}")
-            self.release_image(job.job_id)
+            self.release_image(attempt.attempt_id)
             facts = ({"build_log_tail": exc.log_tail}
                      if isinstance(exc, EnvironmentBuildError) and exc.log_tail else {})
-            self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome, facts=facts))
-            self.phase(job, "ending")
+            self.post("scraper", protocol.AttemptEnded(attempt=attempt, outcome=outcome, facts=facts))
+            self.phase(attempt, "ending")
         finally:
             with self.lock:
-                self.preparing.pop(job.job_id, None)
-                self.stopped.pop(job.job_id, None)
+                self.preparing.pop(attempt.attempt_id, None)
+                self.stopped.pop(attempt.attempt_id, None)
 
-    def hold_image(self, job: protocol.Job, runtime: containers.ContainerRuntime,
+    def hold_image(self, attempt: protocol.Attempt, runtime: containers.ContainerRuntime,
                    image: containers.ImageRef, log) -> str:
         """The image ready for ``runtime``, its cache entry leased until ``RunEnded``."""
         stack = contextlib.ExitStack()
         try:
             registry = runtime.registry() if image.reference else None
             if image.storage_url:
-                artifact = job.request["experiment"]["artifacts"]["_singularity"]
-                store = open_for_request(image.storage_url, job.request, artifact)
+                artifact = attempt.request["experiment"]["artifacts"]["_singularity"]
+                store = open_for_request(image.storage_url, attempt.request, artifact)
                 lease = stack.enter_context(self.cache.lease(store, image.storage_url))
                 log(f"image {image}: {lease.info.size} bytes from the "
                     f"{'cache' if lease.hit else 'storage'}")
@@ -164,27 +164,27 @@ class CacheManager(Role):
             stack.close()
             raise
         with self.lock:
-            self.held_images[job.job_id] = stack
+            self.held_images[attempt.attempt_id] = stack
         return str(lease.path)
 
-    def release_image(self, job_id: str) -> None:
+    def release_image(self, attempt_id: str) -> None:
         with self.lock:
-            stack = self.held_images.pop(job_id, None)
+            stack = self.held_images.pop(attempt_id, None)
         if stack is not None:
             stack.close()
 
-    def check_cancelled(self, job: protocol.Job) -> None:
-        reason = self._cancelled(job.job_id)
+    def check_cancelled(self, attempt: protocol.Attempt) -> None:
+        reason = self._cancelled(attempt.attempt_id)
         if reason is not None:
             raise reason
 
-    def download_artifacts(self, job: protocol.Job, log) -> None:
+    def download_artifacts(self, attempt: protocol.Attempt, log) -> None:
         """One folder per label; fetch and unpack what has a source (SPEC section 5.3)."""
-        workdir = Path(job.workdir)
+        workdir = Path(attempt.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "workspace").mkdir(exist_ok=True)  # the run's cwd, also in container mode
-        budget = int(job.resources.get("hdd") or 0) or None
-        artifacts = job.request.get("experiment", {}).get("artifacts") or {}
+        budget = int(attempt.resources.get("hdd") or 0) or None
+        artifacts = attempt.request.get("experiment", {}).get("artifacts") or {}
         digests: dict[str, str] = {}
         for label, artifact in artifacts.items():
             folder = workdir / label
@@ -192,7 +192,7 @@ class CacheManager(Role):
             url = artifact_url(artifact)
             if url is None or label in ("_metadata", "_singularity"):  # images: hold_image
                 continue
-            store = open_for_request(url, job.request, artifact)
+            store = open_for_request(url, attempt.request, artifact)
             try:
                 with self.cache.lease(store, url) as lease:
                     source = "cache" if lease.hit else "storage"
@@ -238,7 +238,7 @@ class CacheManager(Role):
         with self.lock:
             self.stop_all = fates.ShutdownRequested("the runner is stopping")
         self.pool.shutdown(wait=True, cancel_futures=False)
-        for job_id in list(self.held_images):
-            self.release_image(job_id)
+        for attempt_id in list(self.held_images):
+            self.release_image(attempt_id)
         self.cache.close()
         self.images.close()

@@ -1,6 +1,6 @@
 """The executor pool: starts experiment processes and watches them to the end.
 
-Each ``JobPrepared`` becomes one child process in its own session (so the experiment and
+Each ``AttemptPrepared`` becomes one child process in its own session (so the experiment and
 every process it starts form one process group, killed together) and, where the host
 allows it, its own cgroup (:mod:`runner.cgroups`: CPU quota from ``cpus``, memory limit
 from ``ram``, ``--run-pids`` processes), with the working directory, environment and
@@ -48,24 +48,24 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 _RUNNER_PRIVATE_VARIABLES = ("RUNNER_ROLE_CONFIG", "RUNNER_SUPERVISOR_PID")
 
 
-def experiment_variables(job: protocol.Job, base: dict, home: str | None = None) -> dict:
+def experiment_variables(attempt: protocol.Attempt, base: dict, home: str | None = None) -> dict:
     """The variables the runner gives every experiment (SPEC section 5.5): ``config.env``
     (``%NAME%`` replaced where ``base`` has NAME, other ``%…%`` text kept), ``STUDIOML_*``,
     the GPUs and thread counts. ``home`` is the attempt's folder as the run sees it (default:
-    ``job.workdir``)."""
-    env = request_env(job.request, base)
-    env["STUDIOML_EXPERIMENT"] = job.key
-    env["STUDIOML_HOME"] = home or job.workdir
+    ``attempt.workdir``)."""
+    env = request_env(attempt.request, base)
+    env["STUDIOML_EXPERIMENT"] = attempt.key
+    env["STUDIOML_HOME"] = home or attempt.workdir
     env["PYTHONUNBUFFERED"] = "1"
-    devices = job.resources.get("devices") or "-1"
+    devices = attempt.resources.get("devices") or "-1"
     env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = devices
-    threads = str(max(1, int(job.resources.get("cpus") or 1)))
+    threads = str(max(1, int(attempt.resources.get("cpus") or 1)))
     for name in THREAD_VARIABLES:
         env[name] = threads
     return env
 
 
-def experiment_environment(job: protocol.Job, env_path: str, base: dict | None = None,
+def experiment_environment(attempt: protocol.Attempt, env_path: str, base: dict | None = None,
                            config: Config | None = None) -> dict:
     """The environment of an experiment's process (SPEC section 5.5): the runner's (``base``,
     default ``os.environ``) less what ``config`` keeps from experiments
@@ -75,7 +75,7 @@ def experiment_environment(job: protocol.Job, env_path: str, base: dict | None =
     if config is not None:
         base = config.passed_environment(base)
     env = {k: v for k, v in base.items() if k not in _RUNNER_PRIVATE_VARIABLES}
-    env.update(experiment_variables(job, env))
+    env.update(experiment_variables(attempt, env))
     env.pop("PYTHONHOME", None)
     env["VIRTUAL_ENV"] = env_path
     env["PATH"] = os.pathsep.join([str(Path(env_path) / "bin"), env.get("PATH", os.defpath)])
@@ -129,7 +129,7 @@ def launched(command: list[str]) -> list[str]:
 class Run:
     """One running attempt."""
 
-    job: protocol.Job
+    attempt: protocol.Attempt
     process: subprocess.Popen
     started: float
     stop_at: float | None
@@ -174,7 +174,7 @@ class Executor(Role):
             self.log.warning("sandbox: %s", why)
         usable, _ = containers.runtimes_for(self.config.container_runtime)
         self.runtimes = {runtime.name: runtime for runtime in usable}
-        self.disk_over: dict[str, tuple[int, int]] = {}  # job id -> (bytes used, hdd)
+        self.disk_over: dict[str, tuple[int, int]] = {}  # attempt id -> (bytes used, hdd)
         self._disk_watcher: threading.Thread | None = None
         # Orphans of a run whose launcher was killed come here, not to init (reap_orphans):
         # only in a process of its own, where every child is a run's launcher or an orphan.
@@ -183,69 +183,69 @@ class Executor(Role):
             self.log.warning("cannot become the child subreaper of runs: processes that "
                              "leave a run killed with SIGKILL may outlive it")
 
-    def limits_of(self, job: protocol.Job) -> cgroups.Limits:
-        return cgroups.Limits(cpus=float(job.resources.get("cpus") or 0),
-                              ram=int(job.resources.get("ram") or 0),
+    def limits_of(self, attempt: protocol.Attempt) -> cgroups.Limits:
+        return cgroups.Limits(cpus=float(attempt.resources.get("cpus") or 0),
+                              ram=int(attempt.resources.get("ram") or 0),
                               pids=self.config.run_pids)
 
-    def enforce(self, job: protocol.Job, command: list[str]
+    def enforce(self, attempt: protocol.Attempt, command: list[str]
                 ) -> tuple[list[str], cgroups.RunCgroup | None]:
-        """``command`` wrapped to start inside a new cgroup with the job's limits."""
+        """``command`` wrapped to start inside a new cgroup with the attempt's limits."""
         if self.cgroups is None:
             return command, None
-        limits = self.limits_of(job)
+        limits = self.limits_of(attempt)
         try:
-            cgroup = self.cgroups.create(job.job_id, limits)
+            cgroup = self.cgroups.create(attempt.attempt_id, limits)
         except cgroups.CgroupError as exc:
-            self.log.warning("key=%s attempt=%s %s; limits not enforced for it", job.key,
-                             job.job_id, exc)
-            self.runner_log(job.job_id, f"{exc}; limits accounted, not enforced")
+            self.log.warning("key=%s attempt=%s %s; limits not enforced for it", attempt.key,
+                             attempt.attempt_id, exc)
+            self.runner_log(attempt.attempt_id, f"{exc}; limits accounted, not enforced")
             return command, None
-        self.runner_log(job.job_id, "cgroup v%d: %s CPUs, memory %s, at most %d processes"
+        self.runner_log(attempt.attempt_id, "cgroup v%d: %s CPUs, memory %s, at most %d processes"
                         % (cgroup.version, f"{limits.cpus:g}" if limits.cpus else "unlimited",
                            describe_size(limits.ram) if limits.ram else "unlimited",
                            limits.pids))
         return cgroup.wrap(command), cgroup
 
     def handle(self, message: protocol.Message) -> None:
-        if isinstance(message, protocol.JobPrepared):
+        if isinstance(message, protocol.AttemptPrepared):
             self.start(message)
         elif isinstance(message, protocol.StopRuns):
             reason = fates.stop_exception(message.cause, message.reason)
-            if not message.job_ids:
+            if not message.attempt_ids:
                 self.stop_all = reason
-            for job_id in message.job_ids:
-                if job_id not in self.runs:  # still being prepared: stop it when it arrives
-                    self.stop_pending[job_id] = reason
+            for attempt_id in message.attempt_ids:
+                if attempt_id not in self.runs:  # still being prepared: stop it when it arrives
+                    self.stop_pending[attempt_id] = reason
                     while len(self.stop_pending) > 1000:
                         self.stop_pending.pop(next(iter(self.stop_pending)))
-            for job_id, run in self.runs.items():
-                if not message.job_ids or job_id in message.job_ids:
+            for attempt_id, run in self.runs.items():
+                if not message.attempt_ids or attempt_id in message.attempt_ids:
                     self.stop(run, reason)
 
-    def start(self, prepared: protocol.JobPrepared) -> None:
+    def start(self, prepared: protocol.AttemptPrepared) -> None:
         """Start the run of ``prepared``; whatever fails ends the attempt with its fate."""
-        job = prepared.job
+        attempt = prepared.attempt
         try:
             self.launch(prepared)
         except Exception as exc:  # noqa: BLE001 - an attempt never leaks its slot
-            if job.job_id in self.runs:
+            if attempt.attempt_id in self.runs:
                 raise  # started: its end is watched like any other run's
             if not isinstance(exc, RunnerError):
-                self.log.exception("key=%s attempt=%s could not be started", job.key,
-                                   job.job_id)
+                self.log.exception("key=%s attempt=%s could not be started", attempt.key,
+                                   attempt.attempt_id)
                 exc = fates.ExperimentFailed(f"the run could not be started: "
                                              f"{type(exc).__name__}: {exc}")
-            self.end(job, fates.outcome_for_exception(exc), {})
+            self.end(attempt, fates.outcome_for_exception(exc), {})
 
-    def launch(self, prepared: protocol.JobPrepared) -> None:
-        job = prepared.job
-        stopped = self.stop_all or self.stop_pending.pop(job.job_id, None)
+    def launch(self, prepared: protocol.AttemptPrepared) -> None:
+        attempt = prepared.attempt
+        stopped = self.stop_all or self.stop_pending.pop(attempt.attempt_id, None)
         if stopped is not None:
-            self.end(job, fates.outcome_for_exception(stopped), {})
+            self.end(attempt, fates.outcome_for_exception(stopped), {})
             return
-        experiment = job.request.get("experiment", {})
-        cwd = Path(job.workdir) / "workspace"
+        experiment = attempt.request.get("experiment", {})
+        cwd = Path(attempt.workdir) / "workspace"
         filename = experiment["filename"]
         if filename != "-m":
             script = workspace_script(cwd, filename)  # run as given, once known to be inside
@@ -253,10 +253,10 @@ class Executor(Role):
                 raise fates.ScriptMissing(f"no script {filename!r} in the workspace")
         python = prepared.python if not prepared.container else containers.CONTAINER_PYTHON
         command = script_command(Path(python), filename, experiment.get("args") or [])
-        self.runner_log(job.job_id, f"starting {command} in {cwd} with devices "
-                                    f"{job.resources.get('devices') or '-1'}")
+        self.runner_log(attempt.attempt_id, f"starting {command} in {cwd} with devices "
+                                    f"{attempt.resources.get('devices') or '-1'}")
         command, environment = self.isolate(prepared, command, cwd)  # start() ends it on error
-        started_command, cgroup = self.enforce(job, launched(command))
+        started_command, cgroup = self.enforce(attempt, launched(command))
         try:
             process = subprocess.Popen(
                 started_command, cwd=cwd, env=environment,
@@ -265,60 +265,60 @@ class Executor(Role):
         except OSError as exc:
             if cgroup is not None:
                 cgroups.wait_removed(cgroup)
-            self.end(job, fates.outcome_for_exception(fates.ExperimentFailed(
+            self.end(attempt, fates.outcome_for_exception(fates.ExperimentFailed(
                 f"cannot start {command[0]}: {exc}")), {})
             return
         now = time.time()
-        limits = [(t, name) for t, name in ((job.deadline, "experimentLifetime"),
-                                             (job.max_duration and now + job.max_duration,
+        limits = [(t, name) for t, name in ((attempt.deadline, "experimentLifetime"),
+                                             (attempt.max_duration and now + attempt.max_duration,
                                               "max_duration")) if t]
         stop_at, limit = min(limits) if limits else (None, "")
-        run = Run(job=job, process=process, started=now, stop_at=stop_at, limit=limit,
+        run = Run(attempt=attempt, process=process, started=now, stop_at=stop_at, limit=limit,
                   cgroup=cgroup)
-        registry.write(self.config.runtime_dir, job.job_id, "run", {
+        registry.write(self.config.runtime_dir, attempt.attempt_id, "run", {
             "pid": process.pid, "ticks": proctree.start_ticks(process.pid),
             "cgroup": [str(d) for d in cgroup.dirs.values()] if cgroup else [],
-            "job": protocol.to_map(job)})
+            "attempt": protocol.to_map(attempt)})
         run.reader = threading.Thread(target=self.read_output, args=(run,), daemon=True,
-                                      name=f"output-{job.job_id}")
+                                      name=f"output-{attempt.attempt_id}")
         run.reader.start()
-        self.runs[job.job_id] = run
-        if int(job.resources.get("hdd") or 0) > 0 and self._disk_watcher is None:
+        self.runs[attempt.attempt_id] = run
+        if int(attempt.resources.get("hdd") or 0) > 0 and self._disk_watcher is None:
             self._disk_watcher = threading.Thread(target=self.watch_disk, daemon=True,
                                                   name="disk-watcher")
             self._disk_watcher.start()
         self.wake(tick=True)  # from now on tick every TICK (deadlines), not IDLE_TICK
-        self.log.info("key=%s attempt=%s started pid %d", job.key, job.job_id, process.pid)
-        self.phase(job, "running", pid=process.pid)
+        self.log.info("key=%s attempt=%s started pid %d", attempt.key, attempt.attempt_id, process.pid)
+        self.phase(attempt, "running", pid=process.pid)
 
-    def isolate(self, prepared: protocol.JobPrepared, command: list[str], cwd: Path
+    def isolate(self, prepared: protocol.AttemptPrepared, command: list[str], cwd: Path
                 ) -> tuple[list[str], dict]:
         """(command line, environment) of the run: in its container runtime (container
         mode), in the sandbox (python mode with ``--sandbox``), or as it is."""
-        job = prepared.job
-        devices = device_list(job.resources.get("devices"))
+        attempt = prepared.attempt
+        devices = device_list(attempt.resources.get("devices"))
         if prepared.container:
             runtime = self.runtimes.get(prepared.container)
             if runtime is None:
                 raise containers.ContainerUnavailable(
                     f"container runtime {prepared.container} is not usable here")
             launch = containers.Launch(
-                image=prepared.image, command=command, workdir=job.workdir, devices=devices,
+                image=prepared.image, command=command, workdir=attempt.workdir, devices=devices,
                 variables=experiment_variables(
-                    job, self.config.passed_environment(sandbox.environment_for_runs(os.environ)),
+                    attempt, self.config.passed_environment(sandbox.environment_for_runs(os.environ)),
                     containers.ATTEMPT_MOUNT),
                 network=self.config.sandbox_network == "on")
-            self.runner_log(job.job_id, f"in {runtime.name} image {prepared.image}, the "
+            self.runner_log(attempt.attempt_id, f"in {runtime.name} image {prepared.image}, the "
                                         f"attempt's folder at {containers.ATTEMPT_MOUNT}")
             return runtime.command(launch, dict(os.environ))
         if self.sandbox is None:
-            return command, experiment_environment(job, prepared.env_path, config=self.config)
+            return command, experiment_environment(attempt, prepared.env_path, config=self.config)
         python_home = Path(os.path.realpath(prepared.python)).parent.parent
-        self.runner_log(job.job_id, f"in the {self.sandbox.describe()}")
-        return (self.sandbox.wrap(command, workdir=job.workdir, cwd=str(cwd),
+        self.runner_log(attempt.attempt_id, f"in the {self.sandbox.describe()}")
+        return (self.sandbox.wrap(command, workdir=attempt.workdir, cwd=str(cwd),
                                   readable=[prepared.env_path, str(python_home)],
                                   devices=devices),
-                experiment_environment(job, prepared.env_path,
+                experiment_environment(attempt, prepared.env_path,
                                        base=sandbox.environment_for_runs(os.environ),
                                        config=self.config))
 
@@ -355,7 +355,7 @@ class Executor(Role):
     def post_output(self, run: Run, pieces: list[tuple[bytes, bool]]) -> None:
         """Reader thread: the run's output to the scraper, each chunk with its offset."""
         for data, scrape in join_pieces(pieces):
-            self.post("scraper", protocol.OutputChunk(job_id=run.job.job_id, data=data,
+            self.post("scraper", protocol.OutputChunk(attempt_id=run.attempt.attempt_id, data=data,
                                                       scrape=scrape, offset=run.output_sent))
             run.output_sent += len(data)
 
@@ -364,25 +364,25 @@ class Executor(Role):
         each run with an ``hdd`` budget; the loop stops a run found over it."""
         while not self.stopping:
             for run in list(self.runs.values()):
-                budget = int(run.job.resources.get("hdd") or 0)
+                budget = int(run.attempt.resources.get("hdd") or 0)
                 if budget <= 0 or run.stop_reason is not None or run.process.poll() is not None:
                     continue
-                used = disk_allocated(run.job.workdir)
+                used = disk_allocated(run.attempt.workdir)
                 if used > budget:
-                    self.disk_over[run.job.job_id] = (used, budget)
+                    self.disk_over[run.attempt.attempt_id] = (used, budget)
                     self.wake(tick=True)
             self._stop.wait(DISK_CHECK_EVERY)
 
     def stop_over_disk(self) -> None:
         """Stop the runs the disk watcher found over their ``hdd`` (a counted failure)."""
-        for job_id in list(self.disk_over):
-            used, budget = self.disk_over.pop(job_id)
-            run = self.runs.get(job_id)
+        for attempt_id in list(self.disk_over):
+            used, budget = self.disk_over.pop(attempt_id)
+            run = self.runs.get(attempt_id)
             if run is None or run.stop_reason is not None:
                 continue
             reason = (f"disk limit exceeded: the working directory holds {describe_size(used)}"
                       f", over the request's hdd of {describe_size(budget)}")
-            self.post("scraper", protocol.OutputChunk(job_id=job_id, data=f"{reason}\n".encode(),
+            self.post("scraper", protocol.OutputChunk(attempt_id=attempt_id, data=f"{reason}\n".encode(),
                                                       offset=protocol.RUNNER_NOTE))
             self.stop(run, fates.DiskLimitExceeded(reason))
 
@@ -390,7 +390,7 @@ class Executor(Role):
         """Begin stopping ``run``: SIGTERM to its group now, SIGKILL after the grace."""
         if run.stop_reason is None:
             run.stop_reason = reason
-            self.runner_log(run.job.job_id, f"stopping: {reason}")
+            self.runner_log(run.attempt.attempt_id, f"stopping: {reason}")
         if run.term_sent is None:
             run.term_sent = time.monotonic()
             self._signal_group(run, signal.SIGTERM)
@@ -429,14 +429,14 @@ class Executor(Role):
         if self.disk_over:
             self.stop_over_disk()
         now = time.time()
-        for job_id, run in list(self.runs.items()):
+        for attempt_id, run in list(self.runs.items()):
             if run.stop_at is not None and now >= run.stop_at and run.stop_reason is None:
                 self.stop(run, fates.LimitReached(f"{run.limit} reached after "
                                                   f"{now - run.started:.1f}s"))
             if (run.term_sent is not None and not run.killed
                     and time.monotonic() - run.term_sent >= self.config.kill_grace):
                 run.killed = True
-                self.runner_log(job_id, "grace period over: SIGKILL")
+                self.runner_log(attempt_id, "grace period over: SIGKILL")
                 self._signal_group(run, signal.SIGKILL)
             exit_code = run.process.poll()
             if exit_code is None:
@@ -447,19 +447,19 @@ class Executor(Role):
                 if run.cgroup is not None:  # also what left the group (setsid, daemons)
                     run.cgroup.kill_all()
             if run.output_done.is_set():
-                del self.runs[job_id]
+                del self.runs[attempt_id]
                 try:
                     self.finish(run, exit_code)
                 except Exception as exc:  # noqa: BLE001 - the attempt still ends
-                    self.log.exception("key=%s attempt=%s could not be closed", run.job.key,
-                                       job_id)
-                    self.end(run.job, fates.outcome_for_exception(fates.ExperimentFailed(
+                    self.log.exception("key=%s attempt=%s could not be closed", run.attempt.key,
+                                       attempt_id)
+                    self.end(run.attempt, fates.outcome_for_exception(fates.ExperimentFailed(
                         f"exit {exit_code}; closing the run failed: {exc}"), exit_code), {})
 
     def finish(self, run: Run, exit_code: int) -> None:
         duration = time.time() - run.started
         facts = {"exit_code": exit_code, "pid": run.process.pid, "duration": round(duration, 3),
-                 "devices": run.job.resources.get("devices") or "-1",
+                 "devices": run.attempt.resources.get("devices") or "-1",
                  "output_sent": run.output_sent}
         oom_kills = 0
         if run.cgroup is not None:
@@ -473,7 +473,7 @@ class Executor(Role):
         if oom_kills and exit_code != 0 and run.stop_reason is None:
             reason = f"out of memory: limit {describe_size(run.cgroup.limits.ram)}"
             self.post("scraper", protocol.OutputChunk(
-                job_id=run.job.job_id, offset=protocol.RUNNER_NOTE,
+                attempt_id=run.attempt.attempt_id, offset=protocol.RUNNER_NOTE,
                 data=f"{reason} (the kernel killed the run at its memory limit)\n".encode()))
             outcome = fates.outcome_for_exception(fates.OutOfMemory(reason), exit_code)
         elif run.stop_reason is not None:
@@ -484,17 +484,17 @@ class Executor(Role):
             how = (f"killed by signal {-exit_code}" if exit_code < 0
                    else f"exited with status {exit_code}")
             outcome = fates.outcome_for_exception(fates.ExperimentFailed(how), exit_code)
-        self.log.info("key=%s attempt=%s ended %s (exit %s) after %.1fs", run.job.key,
-                      run.job.job_id, outcome.status, exit_code, duration)
-        self.end(run.job, outcome, facts)
+        self.log.info("key=%s attempt=%s ended %s (exit %s) after %.1fs", run.attempt.key,
+                      run.attempt.attempt_id, outcome.status, exit_code, duration)
+        self.end(run.attempt, outcome, facts)
 
-    def end(self, job: protocol.Job, outcome: protocol.Outcome, facts: dict) -> None:
-        """No process of ``job`` runs any more: the scraper closes the attempt, the fetcher
+    def end(self, attempt: protocol.Attempt, outcome: protocol.Outcome, facts: dict) -> None:
+        """No process of ``attempt`` runs any more: the scraper closes the attempt, the fetcher
         may give the run's slot, CPUs, RAM and GPUs to the next request."""
-        self.post("scraper", protocol.AttemptEnded(job=job, outcome=outcome, facts=facts))
-        self.post("fetcher", protocol.RunEnded(job_id=job.job_id))
-        self.post("cache_manager", protocol.RunEnded(job_id=job.job_id))  # image lease
-        self.phase(job, "ending")
+        self.post("scraper", protocol.AttemptEnded(attempt=attempt, outcome=outcome, facts=facts))
+        self.post("fetcher", protocol.RunEnded(attempt_id=attempt.attempt_id))
+        self.post("cache_manager", protocol.RunEnded(attempt_id=attempt.attempt_id))  # image lease
+        self.phase(attempt, "ending")
 
     def stats(self) -> dict:
         return {"running": len(self.runs),

@@ -8,10 +8,10 @@ envelopes that cannot be opened are dead-lettered), checked for staleness (acked
 recorded ``expired``),
 reserved (or put straight back when it does not fit, or names a container image no runtime
 here runs: :mod:`runner.containers`), and handed to the cache manager.
-When the uploader reports ``JobDone`` the fetcher asks :func:`runner.fates.decide` what to
+When the uploader reports ``AttemptDone`` the fetcher asks :func:`runner.fates.decide` what to
 do and acks, requeues or dead-letters the delivery, then releases the reservation.
 
-Admission never throws: whatever goes wrong between a body and the ``JobAssigned`` it
+Admission never throws: whatever goes wrong between a body and the ``AttemptAssigned`` it
 becomes dead-letters that delivery with the reason.  A request that does not fit now, or
 never fits this host, is *held aside* (:class:`Parked`) instead of going back to the head of
 its queue, so the requests behind it are taken; a request handed back for the host's fault
@@ -110,8 +110,8 @@ class Fetcher(Role):
                 self.log.info("returned %d unfinished claims of stopped runners to their "
                               "%s queues", recovered, backend.kind)
         self.keys = envelope.Keys.from_config(self.config)  # envelopes (rescanned on use)
-        self.studio_records = studio_db.RecordUpdater(lambda job_id, state: None,
-                                                      lambda job_id: None)
+        self.studio_records = studio_db.RecordUpdater(lambda attempt_id, state: None,
+                                                      lambda attempt_id: None)
         self.discovery = gpus.discover(os.environ)
         self.log.info("%s", gpus.describe(self.discovery))  # said once: CPU-only is no error
         if self.config.cpu_only and self.discovery.devices:
@@ -129,12 +129,12 @@ class Fetcher(Role):
                       describe_size(self.config.max_disk), len(self.ledger.devices),
                       " (shared by gpuMem)" if self.config.gpu_share else "")
         self._next_gpu_refresh = time.monotonic() + self.config.gpu_refresh
-        self.held: dict[str, tuple[Queue, Delivery, protocol.Job]] = {}
-        self.extra: dict[str, list[Delivery]] = {}      # job id -> redeliveries attached
-        self.running: dict[tuple, str] = {}             # request identity -> job id
+        self.held: dict[str, tuple[Queue, Delivery, protocol.Attempt]] = {}
+        self.extra: dict[str, list[Delivery]] = {}      # attempt id -> redeliveries attached
+        self.running: dict[tuple, str] = {}             # request identity -> attempt id
         self.tombstones: dict[tuple, tuple[fates.Decision, float]] = {}
-        self.queue_gone: set[str] = set()               # job ids whose queue was deleted
-        self.cancelled: set[str] = set()                # job ids runner-ctl cancel stopped
+        self.queue_gone: set[str] = set()               # attempt ids whose queue was deleted
+        self.cancelled: set[str] = set()                # attempt ids runner-ctl cancel stopped
         # (project or "", key) -> when a cancel of a request not held here lapses
         self.cancel_on_take: dict[tuple[str, str], float] = {}
         self.discovered: dict[str, list[str]] = {}      # kind -> last names it listed
@@ -174,11 +174,11 @@ class Fetcher(Role):
 
     def handle(self, message: protocol.Message) -> None:
         self._stats_dirty = True
-        if isinstance(message, protocol.JobDone):
+        if isinstance(message, protocol.AttemptDone):
             self.settle(message)
             self.wake(tick=True)  # a slot is free: take the next request now
         elif isinstance(message, protocol.RunEnded):
-            if self.ledger.run_over(message.job_id):
+            if self.ledger.run_over(message.attempt_id):
                 self.wake(tick=True)  # the run's slot, CPUs and GPUs are free: take now
         elif isinstance(message, protocol.StopTaking):
             self.log.info("taking no new requests")
@@ -190,21 +190,21 @@ class Fetcher(Role):
             self.taking = True
             self.send_stats()
         elif isinstance(message, protocol.Adopt):
-            self.adopt(protocol.jobs_from_maps(message.jobs))
+            self.adopt(protocol.attempts_from_maps(message.attempts))
         elif isinstance(message, protocol.Cancel):
             self.cancel(message.key, message.project)
 
     def cancel(self, key: str, project: str) -> None:
         """``runner-ctl cancel``: stop the held attempts of ``key``; when none is held here,
         ack the request as cancelled when it is taken (for :data:`CANCEL_TTL` seconds)."""
-        matched = [job_id for job_id, (_, _, job) in self.held.items()
-                   if job.key == key and (not project or job.project == project)]
-        for job_id in matched:
-            self.cancelled.add(job_id)
+        matched = [attempt_id for attempt_id, (_, _, attempt) in self.held.items()
+                   if attempt.key == key and (not project or attempt.project == project)]
+        for attempt_id in matched:
+            self.cancelled.add(attempt_id)
             self.log.warning("key=%s attempt=%s cancelled by runner-ctl cancel: stopping the run",
-                             key, job_id)
-            self.runner_log(job_id, "cancelled by runner-ctl cancel: stopping the run")
-            stop = protocol.StopRuns(reason="cancelled by runner-ctl cancel", job_ids=[job_id],
+                             key, attempt_id)
+            self.runner_log(attempt_id, "cancelled by runner-ctl cancel: stopping the run")
+            stop = protocol.StopRuns(reason="cancelled by runner-ctl cancel", attempt_ids=[attempt_id],
                                      cause="cancelled")
             self.post("cache_manager", stop)
             self.post("executor", stop)
@@ -227,18 +227,18 @@ class Fetcher(Role):
         super().reload(options)
         self._next_discover = 0.0  # apply a new queue match/mismatch at once
 
-    def adopt(self, jobs: list[protocol.Job]) -> None:
-        """Hold again the jobs a previous fetcher process had handed out."""
-        for job in jobs:
-            backend = self.backends.get(job.queue_type or kind_of(job.queue))
-            if backend is None or job.job_id in self.held:
+    def adopt(self, attempts: list[protocol.Attempt]) -> None:
+        """Hold again the attempts a previous fetcher process had handed out."""
+        for attempt in attempts:
+            backend = self.backends.get(attempt.queue_type or kind_of(attempt.queue))
+            if backend is None or attempt.attempt_id in self.held:
                 continue
-            delivery = Delivery(queue=job.queue, token=job.token, body=b"", attempts=job.attempts)
-            self.held[job.job_id] = (backend, delivery, job)
-            self.running[request_identity(job.queue, job.project, job.key, job.request)] = \
-                job.job_id
-            self.ledger.hold(job.job_id, job.resources)
-        self.log.info("adopted %d jobs in flight", len(jobs))
+            delivery = Delivery(queue=attempt.queue, token=attempt.token, body=b"", attempts=attempt.attempts)
+            self.held[attempt.attempt_id] = (backend, delivery, attempt)
+            self.running[request_identity(attempt.queue, attempt.project, attempt.key, attempt.request)] = \
+                attempt.attempt_id
+            self.ledger.hold(attempt.attempt_id, attempt.resources)
+        self.log.info("adopted %d attempts in flight", len(attempts))
 
     # -- periodic -------------------------------------------------------------------
     def tick(self) -> None:
@@ -286,7 +286,7 @@ class Fetcher(Role):
     def discover(self) -> None:
         """Refresh the served queues; a back end that cannot list keeps its last list.
 
-        Held jobs whose queue disappeared from a successful listing are checked with the
+        Held attempts whose queue disappeared from a successful listing are checked with the
         back end: a queue deleted while its request runs stops the run (``QueueDeleted``).
         """
         listed_ok = set()
@@ -321,11 +321,11 @@ class Fetcher(Role):
 
     def check_deleted_queues(self, listed_ok: set) -> None:
         served = set(self.queues)
-        for job_id, (backend, delivery, job) in list(self.held.items()):
-            if (job_id in self.queue_gone or delivery.queue in served
+        for attempt_id, (backend, delivery, attempt) in list(self.held.items()):
+            if (attempt_id in self.queue_gone or delivery.queue in served
                     or backend.kind not in listed_ok):
                 continue
-            deliveries = [delivery] + self.extra.get(job_id, [])
+            deliveries = [delivery] + self.extra.get(attempt_id, [])
             try:
                 deleted = any(backend.queue_deleted(d) for d in deliveries)
             except (QueueError, OSError) as exc:
@@ -333,12 +333,12 @@ class Fetcher(Role):
                 continue
             if not deleted:
                 continue
-            self.queue_gone.add(job_id)
+            self.queue_gone.add(attempt_id)
             reason = f"queue {delivery.queue} was deleted"
             self.log.warning("key=%s attempt=%s %s while its request was held: stopping the "
-                             "run", job.key, job_id, reason)
-            self.runner_log(job_id, f"{reason}: stopping the run (the user's abort)")
-            stop = protocol.StopRuns(reason=reason, job_ids=[job_id], cause="queue_deleted")
+                             "run", attempt.key, attempt_id, reason)
+            self.runner_log(attempt_id, f"{reason}: stopping the run (the user's abort)")
+            stop = protocol.StopRuns(reason=reason, attempt_ids=[attempt_id], cause="queue_deleted")
             self.post("cache_manager", stop)
             self.post("executor", stop)
 
@@ -482,30 +482,30 @@ class Fetcher(Role):
         reservation = self.ledger.try_reserve(provisional, facts.resources)
         if reservation is None:
             return False, False, "does not fit now"
-        job_id = self.attempt_ids.next()
-        self.ledger.rename(provisional, job_id)
+        attempt_id = self.attempt_ids.next()
+        self.ledger.rename(provisional, attempt_id)
         workdir = os.path.join(self.config.working_dir, safe_path_part(facts.project or "_default"),
-                               safe_path_part(facts.key), job_id)
-        job = protocol.Job(
-            job_id=job_id, queue=delivery.queue, token=delivery.token,
+                               safe_path_part(facts.key), attempt_id)
+        attempt = protocol.Attempt(
+            attempt_id=attempt_id, queue=delivery.queue, token=delivery.token,
             attempts=delivery.attempts, key=facts.key, project=facts.project, request=request,
             workdir=workdir, resources=reservation, taken_at=time.time(),
             deadline=facts.stale_at, max_duration=facts.max_duration,
             save_frequency=facts.save_frequency, queue_type=item.backend.kind,
             artifact_save_frequency=facts.artifact_save_frequency)
         try:
-            protocol.encode(protocol.JobAssigned(job=job))  # it must cross the bus
+            protocol.encode(protocol.AttemptAssigned(attempt=attempt))  # it must cross the bus
         except Exception as exc:
-            self.ledger.release(job_id)
+            self.ledger.release(attempt_id)
             raise BadRequest(f"the request cannot cross the runner's bus: {exc}") from exc
-        self.held[job_id] = (item.backend, delivery, job)
-        self.running[item.identity] = job_id
+        self.held[attempt_id] = (item.backend, delivery, attempt)
+        self.running[item.identity] = attempt_id
         self.said_never.pop((delivery.queue, facts.key), None)
         self.taken_total += 1
-        self.log.info("key=%s attempt=%s taken from %s (attempt %d), devices %s", job.key,
-                      job_id, delivery.queue, delivery.attempts + 1, reservation["devices"])
-        self.phase(job, "taken")
-        self.post("cache_manager", protocol.JobAssigned(job=job))
+        self.log.info("key=%s attempt=%s taken from %s (attempt %d), devices %s", attempt.key,
+                      attempt_id, delivery.queue, delivery.attempts + 1, reservation["devices"])
+        self.phase(attempt, "taken")
+        self.post("cache_manager", protocol.AttemptAssigned(attempt=attempt))
         self.heartbeat(force=True)  # free resources changed: status shows them at once
         return True, False, ""
 
@@ -575,13 +575,13 @@ class Fetcher(Role):
     def redelivered(self, backend: Queue, delivery: Delivery, identity: tuple,
                     key: str) -> bool:
         """Handle a delivery of a request this runner runs or has just finished; True if so."""
-        job_id = self.running.get(identity)
-        if job_id is not None and job_id in self.held:
-            self.extra.setdefault(job_id, []).append(delivery)
+        attempt_id = self.running.get(identity)
+        if attempt_id is not None and attempt_id in self.held:
+            self.extra.setdefault(attempt_id, []).append(delivery)
             self.log.warning("key=%s attempt=%s redelivered by %s while it runs here: holding "
                              "the new delivery with the running attempt, not starting a "
-                             "second copy", key, job_id, delivery.queue)
-            self.runner_log(job_id, f"the broker redelivered this request ({delivery.queue}); "
+                             "second copy", key, attempt_id, delivery.queue)
+            self.runner_log(attempt_id, f"the broker redelivered this request ({delivery.queue}); "
                                     "the new delivery is held with this attempt")
             return True
         entry = self.tombstones.pop(identity, None)
@@ -630,55 +630,55 @@ class Fetcher(Role):
                 self.log.warning("key=%s held aside lost its delivery: %s", item.facts.key,
                                  exc)
                 self.parked.pop(token, None)
-        for job_id, (backend, delivery, job) in list(self.held.items()):
+        for attempt_id, (backend, delivery, attempt) in list(self.held.items()):
             if only is not None and backend is not only:
                 continue
-            for d in [delivery] + self.extra.get(job_id, []):
+            for d in [delivery] + self.extra.get(attempt_id, []):
                 try:
                     backend.keep_alive(d)
                 except DeliveryLost as exc:
-                    self.log.warning("key=%s attempt=%s: %s (the run goes on)", job.key,
-                                     job.job_id, exc)
+                    self.log.warning("key=%s attempt=%s: %s (the run goes on)", attempt.key,
+                                     attempt.attempt_id, exc)
                 except (QueueError, OSError) as exc:
-                    self.log.error("key=%s attempt=%s lost its delivery: %s", job.key,
-                                   job.job_id, exc)
+                    self.log.error("key=%s attempt=%s lost its delivery: %s", attempt.key,
+                                   attempt.attempt_id, exc)
 
     # -- the end of an attempt ------------------------------------------------------
-    def settle(self, done: protocol.JobDone) -> None:
-        entry = self.held.pop(done.job.job_id, None)
+    def settle(self, done: protocol.AttemptDone) -> None:
+        entry = self.held.pop(done.attempt.attempt_id, None)
         if entry is None:
             # An attempt left by a runner that died (the supervisor ended it on recovery):
             # its request is in its queue again or with another runner; nothing to settle.
-            self.log.warning("attempt %s finished but is not held here", done.job.job_id)
-            registry.forget(self.config.runtime_dir, done.job.job_id)
-            self.phase(done.job, "finished", fate=fates.DROP, status=done.outcome.status,
+            self.log.warning("attempt %s finished but is not held here", done.attempt.attempt_id)
+            registry.forget(self.config.runtime_dir, done.attempt.attempt_id)
+            self.phase(done.attempt, "finished", fate=fates.DROP, status=done.outcome.status,
                        reason="not held by this runner: nothing to settle")
             return
-        backend, delivery, job = entry
-        extra = self.extra.pop(job.job_id, [])
-        identity = request_identity(job.queue, job.project, job.key, job.request)
-        if self.running.get(identity) == job.job_id:
+        backend, delivery, attempt = entry
+        extra = self.extra.pop(attempt.attempt_id, [])
+        identity = request_identity(attempt.queue, attempt.project, attempt.key, attempt.request)
+        if self.running.get(identity) == attempt.attempt_id:
             del self.running[identity]
-        queue_deleted = job.job_id in self.queue_gone
-        self.queue_gone.discard(job.job_id)
-        cancelled = job.job_id in self.cancelled
-        self.cancelled.discard(job.job_id)
+        queue_deleted = attempt.attempt_id in self.queue_gone
+        self.queue_gone.discard(attempt.attempt_id)
+        cancelled = attempt.attempt_id in self.cancelled
+        self.cancelled.discard(attempt.attempt_id)
         try:
-            decision = self.decide_and_settle(done, backend, delivery, job, extra, identity,
+            decision = self.decide_and_settle(done, backend, delivery, attempt, extra, identity,
                                               queue_deleted, cancelled)
-            registry.forget(self.config.runtime_dir, job.job_id)  # settled: nothing to recover
+            registry.forget(self.config.runtime_dir, attempt.attempt_id)  # settled: nothing to recover
         finally:  # whatever happened above, the attempt's resources are free again
-            if not self.ledger.release(job.job_id):
-                self.log.warning("key=%s attempt=%s held no reservation at settle", job.key,
-                                 job.job_id)
+            if not self.ledger.release(attempt.attempt_id):
+                self.log.warning("key=%s attempt=%s held no reservation at settle", attempt.key,
+                                 attempt.attempt_id)
             self.heartbeat(force=True)  # free resources changed: status shows them at once
-        self.log.info("key=%s attempt=%s %s: %s", job.key, job.job_id, decision.action,
+        self.log.info("key=%s attempt=%s %s: %s", attempt.key, attempt.attempt_id, decision.action,
                       decision.reason)
-        self.phase(job, "finished", fate=decision.action, status=decision.final_status,
+        self.phase(attempt, "finished", fate=decision.action, status=decision.final_status,
                    reason=decision.reason)
 
-    def decide_and_settle(self, done: protocol.JobDone, backend: Queue, delivery: Delivery,
-                          job: protocol.Job, extra: list[Delivery], identity: tuple,
+    def decide_and_settle(self, done: protocol.AttemptDone, backend: Queue, delivery: Delivery,
+                          attempt: protocol.Attempt, extra: list[Delivery], identity: tuple,
                           queue_deleted: bool, cancelled: bool = False) -> fates.Decision:
         """Ask :func:`fates.decide`, record the result and apply it to the deliveries."""
         requeues = self.requeues.get(identity, 0)
@@ -694,23 +694,23 @@ class Fetcher(Role):
                 self.requeues.pop(next(iter(self.requeues)))
             self.requeues[identity] = requeues + 1
         try:
-            self.record(job.request, decision.final_status, job.job_id, decision.attempts, final)
+            self.record(attempt.request, decision.final_status, attempt.attempt_id, decision.attempts, final)
         except RunnerError as exc:
-            self.log.error("key=%s metadata record not written: %s", job.key, exc)
+            self.log.error("key=%s metadata record not written: %s", attempt.key, exc)
         if (decision.backoff and self.taking and not extra
                 and len(self.parked) < PARK_MAX):
-            self.hold_for_backoff(backend, delivery, job, identity, decision, requeues + 1)
+            self.hold_for_backoff(backend, delivery, attempt, identity, decision, requeues + 1)
         elif decision.action != fates.DROP:
             settled = [self.settle_delivery(backend, d, decision.action, decision.reason,
                                             decision.attempts)
                        for d in [delivery] + extra]
             if not any(settled):
-                self.remember(identity, decision, job)
+                self.remember(identity, decision, attempt)
             if decision.backoff:  # too many held aside: rest the queue instead
                 self.backoff[delivery.queue] = time.monotonic() + NO_FIT_BACKOFF
         return decision
 
-    def hold_for_backoff(self, backend: Queue, delivery: Delivery, job: protocol.Job,
+    def hold_for_backoff(self, backend: Queue, delivery: Delivery, attempt: protocol.Attempt,
                          identity: tuple, decision: fates.Decision, requeues: int) -> None:
         """Keep a request handed back for the host's fault aside for its back-off delay,
         then try it again (the delivery stays held: no other runner takes it meanwhile,
@@ -719,23 +719,23 @@ class Fetcher(Role):
         moved = Delivery(queue=delivery.queue, token=delivery.token, body=delivery.body,
                          attempts=decision.attempts)
         try:
-            _, facts = parse_request(json_body(job.request),
+            _, facts = parse_request(json_body(attempt.request),
                                      min_save_interval=self.config.min_save_interval)
         except BadRequest:  # it was admitted once; cannot happen, but never lose it
             self.settle_delivery(backend, delivery, decision.action, decision.reason,
                                  decision.attempts)
             return
-        self.parked[delivery.token] = Parked(backend, moved, job.request, facts, identity,
+        self.parked[delivery.token] = Parked(backend, moved, attempt.request, facts, identity,
                                              BACKOFF, time.monotonic() + delay,
                                              decision.reason)
-        self.log.info("key=%s hand-back %d of at most %d: tried again in %.1fs", job.key,
+        self.log.info("key=%s hand-back %d of at most %d: tried again in %.1fs", attempt.key,
                       requeues, self.config.max_requeues, delay)
 
-    def remember(self, identity: tuple, decision: fates.Decision, job: protocol.Job) -> None:
+    def remember(self, identity: tuple, decision: fates.Decision, attempt: protocol.Attempt) -> None:
         """Keep ``decision`` for the redelivered copy of a request whose delivery was lost."""
         self.log.warning("key=%s attempt=%s ended but its delivery was lost with the broker "
                          "connection or channel; its result is kept and the redelivered copy "
-                         "will be settled as %s", job.key, job.job_id, decision.action)
+                         "will be settled as %s", attempt.key, attempt.attempt_id, decision.action)
         now = time.monotonic()
         for old in [k for k, (_, expires) in self.tombstones.items() if expires < now]:
             del self.tombstones[old]

@@ -12,7 +12,7 @@ add-only rule under ``/studioml``.  When an attempt opens it asks the uploader f
 metadata-store record only; every ``save_frequency`` seconds from then on, and once at the
 end with the final ``studioml.status``, it saves the files and asks the uploader to upload
 (an experiment shorter than one save period is uploaded once, at its end).  A mutable
-artifact with its own ``saveFrequency`` (``Job.artifact_save_frequency``; ``_metadata``
+artifact with its own ``saveFrequency`` (``Attempt.artifact_save_frequency``; ``_metadata``
 for the metadata files) is uploaded on its own period instead: each periodic request names
 the labels that are due.
 Every JSON object line is also appended, with its time and attempt, to the metric history
@@ -45,10 +45,10 @@ from .cache_manager import DOWNLOADED_DIGESTS
 
 
 @dataclass
-class Attempt:
+class AttemptState:
     """What the scraper keeps for one attempt in progress."""
 
-    job: protocol.Job
+    attempt: protocol.Attempt
     document: dict
     masker: Masker
     output_log: BinaryIO
@@ -132,23 +132,23 @@ def output_tail(path: str, size: int = TAIL_BYTES) -> str:
     return data.decode("utf-8", "replace")
 
 
-def due_labels(attempt: Attempt, now: float) -> tuple | None:
+def due_labels(state: AttemptState, now: float) -> tuple | None:
     """The labels whose periodic upload is due at ``now`` (monotonic), their next times
     moved on; None when none is (and the common period is not due either: an empty tuple
     still asks for the metadata-store record)."""
-    job = attempt.job
-    own = job.artifact_save_frequency or {}
+    attempt = state.attempt
+    own = attempt.artifact_save_frequency or {}
     due: set[str] = set()
-    common = now >= attempt.next_save
+    common = now >= state.next_save
     if common:
-        attempt.next_save = now + job.save_frequency
-        artifacts = job.request.get("experiment", {}).get("artifacts") or {}
+        state.next_save = now + attempt.save_frequency
+        artifacts = attempt.request.get("experiment", {}).get("artifacts") or {}
         due.update(label for label, artifact in artifacts.items()
                    if isinstance(artifact, dict) and label not in own
                    and (artifact.get("mutable") or label == "_metadata"))
-    for label, at in attempt.next_saves.items():
+    for label, at in state.next_saves.items():
         if now >= at:
-            attempt.next_saves[label] = now + own[label]
+            state.next_saves[label] = now + own[label]
             due.add(label)
     return tuple(sorted(due)) if common or due else None
 
@@ -161,100 +161,100 @@ class Scraper(Role):
         return self.TICK if self.attempts else self.IDLE_TICK
 
     def initialize(self) -> None:
-        self.attempts: dict[str, Attempt] = {}
+        self.attempts: dict[str, AttemptState] = {}
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.OutputChunk):
-            attempt = self.attempt_of(message.job_id)
-            if attempt is not None:
-                self.scrape(attempt, message.data, message.scrape, message.offset)
+            state = self.state_of(message.attempt_id)
+            if state is not None:
+                self.scrape(state, message.data, message.scrape, message.offset)
         elif isinstance(message, protocol.RunnerLog):
-            attempt = self.attempt_of(message.job_id)
-            if attempt is not None:
-                self.write_runner_log(attempt, message.text)
+            state = self.state_of(message.attempt_id)
+            if state is not None:
+                self.write_runner_log(state, message.text)
         elif isinstance(message, protocol.RecordState):
-            attempt = self.attempts.get(message.job_id)
-            if attempt is not None:
-                attempt.document["runner"]["studio_record"] = message.state
+            state = self.attempts.get(message.attempt_id)
+            if state is not None:
+                state.document["runner"]["studio_record"] = message.state
         elif isinstance(message, protocol.AttemptOpened):
-            self.open(message.job)
+            self.open(message.attempt)
         elif isinstance(message, protocol.AttemptEnded):
             self.close(message)
 
-    def attempt_of(self, job_id: str, job: protocol.Job | None = None) -> Attempt | None:
-        """The attempt ``job_id``, reopened from the registry when this process does not
+    def state_of(self, attempt_id: str, attempt: protocol.Attempt | None = None) -> AttemptState | None:
+        """The attempt ``attempt_id``, reopened from the registry when this process does not
         hold it (a restarted scraper); None when it is unknown, already closed, or was
         opened before and its working directory is gone (uploaded and removed)."""
-        attempt = self.attempts.get(job_id)
-        if attempt is not None:
-            return attempt
+        state = self.attempts.get(attempt_id)
+        if state is not None:
+            return state
         runtime = self.config.runtime_dir
-        if registry.read(runtime, job_id, "ended") is not None:
+        if registry.read(runtime, attempt_id, "ended") is not None:
             return None
-        job = job or registry.read_job(runtime, job_id)
-        if job is None:
+        attempt = attempt or registry.read_attempt(runtime, attempt_id)
+        if attempt is None:
             return None
-        if not Path(job.workdir).is_dir() and registry.read(runtime, job_id, "job"):
+        if not Path(attempt.workdir).is_dir() and registry.read(runtime, attempt_id, "attempt"):
             return None
-        return self.open(job)
+        return self.open(attempt)
 
-    def open(self, job: protocol.Job) -> Attempt:
-        if job.job_id in self.attempts:
-            return self.attempts[job.job_id]
-        folder = Path(job.workdir) / "_metadata"
+    def open(self, attempt: protocol.Attempt) -> AttemptState:
+        if attempt.attempt_id in self.attempts:
+            return self.attempts[attempt.attempt_id]
+        folder = Path(attempt.workdir) / "_metadata"
         runtime = self.config.runtime_dir
-        saved = registry.read(runtime, job.job_id, "scraped")
-        scrape_path = folder / metadata.scrape_name(job.job_id)
+        saved = registry.read(runtime, attempt.attempt_id, "scraped")
+        scrape_path = folder / metadata.scrape_name(attempt.attempt_id)
         document = None
         if saved is not None or scrape_path.exists():
-            document = self.restore(job.job_id, folder, scrape_path, saved or {})
+            document = self.restore(attempt.attempt_id, folder, scrape_path, saved or {})
         folder.mkdir(parents=True, exist_ok=True)
-        (Path(job.workdir) / "output").mkdir(parents=True, exist_ok=True)
-        attempt = Attempt(
-            job=job,
-            document=document or metadata.new_scrape_document(job, self.config.hostname),
-            masker=Masker(secrets_of(job.request)),
-            output_log=open(folder / metadata.output_name(job.job_id), "ab"),
+        (Path(attempt.workdir) / "output").mkdir(parents=True, exist_ok=True)
+        state = AttemptState(
+            attempt=attempt,
+            document=document or metadata.new_scrape_document(attempt, self.config.hostname),
+            masker=Masker(secrets_of(attempt.request)),
+            output_log=open(folder / metadata.output_name(attempt.attempt_id), "ab"),
             output_artifact=None,
             history=None,
-            runner_log=open(folder / metadata.runner_log_name(job.job_id), "ab"),
+            runner_log=open(folder / metadata.runner_log_name(attempt.attempt_id), "ab"),
             scrape_path=scrape_path,
-            next_save=time.monotonic() + job.save_frequency,
+            next_save=time.monotonic() + attempt.save_frequency,
             next_saves={label: time.monotonic() + seconds
-                        for label, seconds in (job.artifact_save_frequency or {}).items()},
+                        for label, seconds in (attempt.artifact_save_frequency or {}).items()},
             received=int(saved.get("offset") or 0) if saved else 0,
             lost=int(saved.get("lost") or 0) if saved else 0,
             output_bytes=int(saved.get("output_bytes") or 0) if saved else 0,
         )
         if saved is not None and saved.get("artifact") is not None:
-            attempt.output_artifact = open(Path(job.workdir) / "output" / "output", "ab")
+            state.output_artifact = open(Path(attempt.workdir) / "output" / "output", "ab")
         if saved is not None and saved.get("history") is not None:
-            attempt.history = open(folder / metadata.metrics_name(job.job_id), "ab")
-        self.attempts[job.job_id] = attempt
+            state.history = open(folder / metadata.metrics_name(attempt.attempt_id), "ab")
+        self.attempts[attempt.attempt_id] = state
         self.wake(tick=True)  # from now on tick every TICK (periodic saves), not IDLE_TICK
         if document is not None:
-            self.write_runner_log(attempt, "scraper restarted: attempt reopened from its "
+            self.write_runner_log(state, "scraper restarted: attempt reopened from its "
                                            "last save")
-            return attempt
-        registry.write_job(runtime, job)
-        request_text = strict_json.dumps(redact_request(job.request), indent=1, sort_keys=True)
-        attempt.runner_log.write(b"request (credentials redacted):\n")
-        attempt.runner_log.write(attempt.masker.mask(request_text.encode()) + b"\n")
-        self.write_runner_log(attempt, f"attempt {job.job_id} ({job.attempts + 1}) on "
-                                       f"{self.config.hostname} from queue {job.queue}")
+            return state
+        registry.write_attempt(runtime, attempt)
+        request_text = strict_json.dumps(redact_request(attempt.request), indent=1, sort_keys=True)
+        state.runner_log.write(b"request (credentials redacted):\n")
+        state.runner_log.write(state.masker.mask(request_text.encode()) + b"\n")
+        self.write_runner_log(state, f"attempt {attempt.attempt_id} ({attempt.attempts + 1}) on "
+                                       f"{self.config.hostname} from queue {attempt.queue}")
         # The metadata files are first saved and uploaded one save period from now (or at
         # the end); only the metadata-store record is written at once.
-        self.post("uploader", protocol.UploadRequest(job=job, final=False, record_only=True))
-        return attempt
+        self.post("uploader", protocol.UploadRequest(attempt=attempt, final=False, record_only=True))
+        return state
 
-    def restore(self, job_id: str, folder: Path, scrape_path: Path, saved: dict
+    def restore(self, attempt_id: str, folder: Path, scrape_path: Path, saved: dict
                 ) -> dict | None:
         """The scrape document of an attempt a previous scraper process held, with its
         files cut back to their sizes at that process's last save (``saved``)."""
-        sizes = {folder / metadata.output_name(job_id): saved.get("output_log"),
-                 folder / metadata.runner_log_name(job_id): saved.get("runner_log"),
+        sizes = {folder / metadata.output_name(attempt_id): saved.get("output_log"),
+                 folder / metadata.runner_log_name(attempt_id): saved.get("runner_log"),
                  folder.parent / "output" / "output": saved.get("artifact"),
-                 folder / metadata.metrics_name(job_id): saved.get("history")}
+                 folder / metadata.metrics_name(attempt_id): saved.get("history")}
         for path, size in sizes.items():
             if isinstance(size, int):
                 try:
@@ -267,114 +267,114 @@ class Scraper(Role):
             return None
         return document if isinstance(document, dict) and "runner" in document else None
 
-    def write_runner_log(self, attempt: Attempt, text: str) -> None:
+    def write_runner_log(self, state: AttemptState, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         line = f"{stamp}Z {text}\n".encode("utf-8", "replace")
-        attempt.runner_log.write(attempt.masker.mask(line))
+        state.runner_log.write(state.masker.mask(line))
 
-    def scrape(self, attempt: Attempt, data: bytes, scrape: bool = True,
+    def scrape(self, state: AttemptState, data: bytes, scrape: bool = True,
                offset: int = protocol.RUNNER_NOTE) -> None:
         """Mask and log one chunk of whole output segments starting at ``offset`` in the
         run's output (:data:`~runner.protocol.RUNNER_NOTE`: a line of the runner's); unless
         it is a piece of an overlong line (``scrape`` False), merge its JSON lines (``\\r``
         ends a line too)."""
         if offset >= 0:
-            if offset > attempt.received:
-                self.output_lost(attempt, offset - attempt.received)
-            elif offset < attempt.received:  # already scraped (sent again): skip that part
-                data = data[attempt.received - offset:]
-                offset = attempt.received
-            attempt.received = offset + len(data)
+            if offset > state.received:
+                self.output_lost(state, offset - state.received)
+            elif offset < state.received:  # already scraped (sent again): skip that part
+                data = data[state.received - offset:]
+                offset = state.received
+            state.received = offset + len(data)
             if not data:
                 return
-        if not attempt.output_bytes and data:
+        if not state.output_bytes and data:
             # When the scraper saw the run's first output (publish-to-start benchmarks).
-            attempt.document["runner"]["first_output"] = metadata.iso_utc(time.time())
-        data = attempt.masker.mask(data)
-        attempt.output_log.write(data)
-        if attempt.output_artifact is None:
+            state.document["runner"]["first_output"] = metadata.iso_utc(time.time())
+        data = state.masker.mask(data)
+        state.output_log.write(data)
+        if state.output_artifact is None:
             # Opened only now: the cache manager may have unpacked an earlier attempt's
             # ``output`` artifact into the folder, and this attempt's output goes after it.
-            attempt.output_artifact = open(Path(attempt.job.workdir) / "output" / "output", "ab")
-        attempt.output_artifact.write(data)
-        attempt.output_bytes += len(data)
+            state.output_artifact = open(Path(state.attempt.workdir) / "output" / "output", "ab")
+        state.output_artifact.write(data)
+        state.output_bytes += len(data)
         if not scrape:
             return
         data = scrape_view(data)
         metric = last_json_line(data)
         if metric:
-            attempt.last_metric = metric
-        self.record_history(attempt, data)
-        for line in _fast.merge_lines(attempt.document, data):
+            state.last_metric = metric
+        self.record_history(state, data)
+        for line in _fast.merge_lines(state.document, data):
             operations = parse_patch(line)
             if operations is None:
                 continue
             try:
-                apply_patch(attempt.document, operations)
+                apply_patch(state.document, operations)
             except PatchRejected as exc:
-                self.write_runner_log(attempt, f"JSON patch refused: {exc}")
+                self.write_runner_log(state, f"JSON patch refused: {exc}")
 
-    def record_history(self, attempt: Attempt, data: bytes) -> None:
+    def record_history(self, state: AttemptState, data: bytes) -> None:
         """Append the JSON object lines of ``data`` (already masked) to the metric history."""
         objects = history.json_object_lines(data)
         if not objects:
             return
-        if attempt.history is None:  # opened at the first line: no file without a line
-            attempt.history = open(attempt.scrape_path.parent
-                                   / metadata.metrics_name(attempt.job.job_id), "ab")
-        attempt.history.write(history.history_lines(
-            objects, time=time.time(), attempt=attempt.job.job_id,
-            attempt_number=attempt.job.attempts + 1))
+        if state.history is None:  # opened at the first line: no file without a line
+            state.history = open(state.scrape_path.parent
+                                   / metadata.metrics_name(state.attempt.attempt_id), "ab")
+        state.history.write(history.history_lines(
+            objects, time=time.time(), attempt=state.attempt.attempt_id,
+            attempt_number=state.attempt.attempts + 1))
 
-    def output_lost(self, attempt: Attempt, size: int) -> None:
+    def output_lost(self, state: AttemptState, size: int) -> None:
         """``size`` bytes of the run's output never arrived (they went down with a
         previous scraper process): say so where they belonged."""
-        attempt.lost += size
-        attempt.document["runner"]["output_lost"] = attempt.lost
+        state.lost += size
+        state.document["runner"]["output_lost"] = state.lost
         note = (f"[runner: {size} bytes of output were lost here: the scraper restarted]\n"
                 ).encode()
-        attempt.output_log.write(note)
-        self.write_runner_log(attempt, note.decode().strip())
+        state.output_log.write(note)
+        self.write_runner_log(state, note.decode().strip())
 
-    def save(self, attempt: Attempt) -> None:
+    def save(self, state: AttemptState) -> None:
         """Flush the logs, add a ``_metrics`` line, rewrite the scrape document
         (atomically), and note in the registry how far this save got (for a restarted
         scraper)."""
-        for handle in (attempt.output_log, attempt.output_artifact, attempt.history,
-                       attempt.runner_log):
+        for handle in (state.output_log, state.output_artifact, state.history,
+                       state.runner_log):
             if handle is not None:
                 handle.flush()
-        self.add_metrics_line(attempt)
-        temporary = attempt.scrape_path.with_suffix(".json.tmp")
-        temporary.write_text(strict_json.dumps(attempt.document, indent=1, sort_keys=True))
-        os.replace(temporary, attempt.scrape_path)
-        artifact = attempt.output_artifact
-        registry.write(self.config.runtime_dir, attempt.job.job_id, "scraped", {
-            "offset": attempt.received, "lost": attempt.lost,
-            "output_bytes": attempt.output_bytes,
-            "output_log": attempt.output_log.tell(), "runner_log": attempt.runner_log.tell(),
+        self.add_metrics_line(state)
+        temporary = state.scrape_path.with_suffix(".json.tmp")
+        temporary.write_text(strict_json.dumps(state.document, indent=1, sort_keys=True))
+        os.replace(temporary, state.scrape_path)
+        artifact = state.output_artifact
+        registry.write(self.config.runtime_dir, state.attempt.attempt_id, "scraped", {
+            "offset": state.received, "lost": state.lost,
+            "output_bytes": state.output_bytes,
+            "output_log": state.output_log.tell(), "runner_log": state.runner_log.tell(),
             "artifact": artifact.tell() if artifact is not None else None,
-            "history": attempt.history.tell() if attempt.history is not None else None})
+            "history": state.history.tell() if state.history is not None else None})
 
-    def add_metrics_line(self, attempt: Attempt) -> None:
+    def add_metrics_line(self, state: AttemptState) -> None:
         """Append one line in the reference worker's format to ``_metrics/_metrics``, once
         the cache manager has placed the inputs (an earlier attempt's file is kept)."""
-        workdir = Path(attempt.job.workdir)
+        workdir = Path(state.attempt.workdir)
         if not (workdir / DOWNLOADED_DIGESTS).exists() or not (workdir / "_metrics").is_dir():
             return
         try:
             with open(workdir / "_metrics" / "_metrics", "a") as handle:
                 handle.write(host_metrics_line() + "\n")
         except OSError as exc:
-            self.write_runner_log(attempt, f"_metrics not written: {exc}")
+            self.write_runner_log(state, f"_metrics not written: {exc}")
 
     def tick(self) -> None:
         now = time.monotonic()
-        for attempt in self.attempts.values():
-            due = due_labels(attempt, now)
+        for state in self.attempts.values():
+            due = due_labels(state, now)
             if due is not None:
-                self.save(attempt)
-                self.post("uploader", protocol.UploadRequest(job=attempt.job, final=False,
+                self.save(state)
+                self.post("uploader", protocol.UploadRequest(attempt=state.attempt, final=False,
                                                              labels=due))
 
     def close(self, ended: protocol.AttemptEnded) -> None:
@@ -389,85 +389,85 @@ class Scraper(Role):
         without files; one that lost output is not ``completed`` (module doc)."""
         outcome = ended.outcome
         runtime = self.config.runtime_dir
-        attempt = None
+        state = None
         try:
-            attempt = self.attempt_of(ended.job.job_id, ended.job)
-            if attempt is None:
-                if registry.read(runtime, ended.job.job_id, "ended") is not None:
+            state = self.state_of(ended.attempt.attempt_id, ended.attempt)
+            if state is None:
+                if registry.read(runtime, ended.attempt.attempt_id, "ended") is not None:
                     self.log.warning("key=%s attempt=%s already closed; %s ignored",
-                                     ended.job.key, ended.job.job_id, outcome.status)
+                                     ended.attempt.key, ended.attempt.attempt_id, outcome.status)
                     return
                 # Its working directory is gone: the uploader finished it (the runner died
                 # before the request was settled).  Nothing is left to write; the uploader
                 # uploads nothing and reports, so that the attempt is settled.
                 self.log.warning("key=%s attempt=%s has no working directory any more; "
-                                 "ending it %s without files", ended.job.key,
-                                 ended.job.job_id, outcome.status)
-                registry.write_ended(runtime, ended.job.job_id, outcome)
-                self.post("uploader", protocol.UploadRequest(job=ended.job, final=True,
+                                 "ending it %s without files", ended.attempt.key,
+                                 ended.attempt.attempt_id, outcome.status)
+                registry.write_ended(runtime, ended.attempt.attempt_id, outcome)
+                self.post("uploader", protocol.UploadRequest(attempt=ended.attempt, final=True,
                                                              outcome=outcome, metadata=False))
                 return
             sent = ended.facts.get("output_sent")
-            if isinstance(sent, int) and sent > attempt.received:
-                self.output_lost(attempt, sent - attempt.received)
-            if attempt.lost and outcome.status == fates.COMPLETED:
+            if isinstance(sent, int) and sent > state.received:
+                self.output_lost(state, sent - state.received)
+            if state.lost and outcome.status == fates.COMPLETED:
                 outcome = fates.outcome_for_exception(fates.RoleCrashed(
-                    f"{attempt.lost} bytes of the run's output were lost when the scraper "
+                    f"{state.lost} bytes of the run's output were lost when the scraper "
                     f"restarted; not called completed"), outcome.exit_code)
-            runner = attempt.document["runner"]
+            runner = state.document["runner"]
             facts = dict(ended.facts)
             if facts.get("build_log_tail"):
                 # The run never started: the installer's last lines are its output.
-                tail = attempt.masker.mask_text(str(facts["build_log_tail"]))
+                tail = state.masker.mask_text(str(facts["build_log_tail"]))
                 facts["build_log_tail"] = tail
-                self.scrape(attempt, b"environment build failed; the installer's last "
+                self.scrape(state, b"environment build failed; the installer's last "
                             b"lines:\n" + tail.encode() + b"\n", scrape=False)
             runner.update(facts)
             runner.update({"stop": metadata.iso_utc(time.time()),
                            "exit_code": outcome.exit_code,
                            "error": outcome.error, "message": outcome.message,
-                           "output_bytes": attempt.output_bytes,
-                           "disk_use": disk_use(attempt.job.workdir)})
-            attempt.document["studioml"]["status"] = outcome.status
-            self.write_runner_log(attempt, f"attempt ended {outcome.status}"
+                           "output_bytes": state.output_bytes,
+                           "disk_use": disk_use(state.attempt.workdir)})
+            state.document["studioml"]["status"] = outcome.status
+            self.write_runner_log(state, f"attempt ended {outcome.status}"
                                            + (f" ({outcome.error}: {outcome.message})"
                                               if outcome.error else ""))
-            self.save(attempt)
+            self.save(state)
         except Exception:  # noqa: BLE001 - the attempt still ends
-            self.log.exception("key=%s attempt=%s metadata not finished", ended.job.key,
-                               ended.job.job_id)
-        if attempt is None and registry.read(runtime, ended.job.job_id, "ended") is not None:
+            self.log.exception("key=%s attempt=%s metadata not finished", ended.attempt.key,
+                               ended.attempt.attempt_id)
+        if state is None and registry.read(runtime, ended.attempt.attempt_id, "ended") is not None:
             return  # closed before, or reported without files just above
-        for handle in ((attempt.output_log, attempt.output_artifact, attempt.history,
-                        attempt.runner_log)
-                       if attempt is not None else ()):
+        for handle in ((state.output_log, state.output_artifact, state.history,
+                        state.runner_log)
+                       if state is not None else ()):
             if handle is not None:
                 handle.close()
-        self.attempts.pop(ended.job.job_id, None)
+        self.attempts.pop(ended.attempt.attempt_id, None)
         try:
-            registry.write_ended(runtime, ended.job.job_id, outcome)
+            registry.write_ended(runtime, ended.attempt.attempt_id, outcome)
         except OSError as exc:
             self.log.error("key=%s attempt=%s not marked closed in the registry: %s",
-                           ended.job.key, ended.job.job_id, exc)
+                           ended.attempt.key, ended.attempt.attempt_id, exc)
         self.post("uploader", protocol.UploadRequest(
-            job=ended.job, final=True, outcome=outcome,
+            attempt=ended.attempt, final=True, outcome=outcome,
             metadata=not fates.leaves_no_trail(outcome, started="pid" in ended.facts)))
-        self.phase(ended.job, "uploading", status=outcome.status,
-                   tail=output_tail(attempt.output_log.name) if attempt else "")
+        self.phase(ended.attempt, "uploading", status=outcome.status,
+                   tail=output_tail(state.output_log.name) if state else "")
 
     def stats(self) -> dict:
         return {"attempts": len(self.attempts),
-                "last_metric": {job_id: a.last_metric for job_id, a in self.attempts.items()
+                "last_metric": {attempt_id: a.last_metric for attempt_id, a in self.attempts.items()
                                 if a.last_metric}}
 
     def shutdown(self) -> None:
-        for attempt in self.attempts.values():
-            self.save(attempt)
+        for state in self.attempts.values():
+            self.save(state)
 
     def abandon(self) -> None:
         """Save every attempt (the next runner's recovery reopens them from here)."""
-        for attempt in list(self.attempts.values()):
+        for state in list(self.attempts.values()):
             try:
-                self.save(attempt)
+                self.save(state)
             except (OSError, ValueError):
                 pass

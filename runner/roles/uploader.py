@@ -35,12 +35,12 @@ per artifact per experiment (no object is made for it).
 In a final upload, storage errors are retried with exponential backoff (0.5 s doubling,
 at most 15 s apart) for ``--storage-retry`` (default 5 minutes); errors that retrying
 cannot fix (access denied) are not retried.  A periodic upload tries once (beyond the
-back end's own retries): the next period tries again.  A final request ends with ``JobDone`` to the fetcher
+back end's own retries): the next period tries again.  A final request ends with ``AttemptDone`` to the fetcher
 (carrying the upload error, if any; the fetcher acks only when there is none) and
 removes the working directory unless ``--debug``.
 
 The StudioML client's own database record (:mod:`runner.studio_db`) is updated beside
-this, on the record updater's thread so that it never delays an upload or a ``JobDone``:
+this, on the record updater's thread so that it never delays an upload or a ``AttemptDone``:
 ``running`` when the attempt opens, ``time_last_checkpoint`` after each periodic upload,
 ``finished`` (or ``waiting`` when the request is requeued) after the final one.  A record
 the client marked ``stopped`` stops the run (``StopRuns`` to the executor, cause
@@ -104,9 +104,9 @@ def with_retries(action, what: str, log, retry_for: float = DEFAULT_RETRY_FOR,
     """
     deadline = time.monotonic() + retry_for
     delay = FIRST_DELAY
-    attempt = 0
+    tries = 0
     while True:
-        attempt += 1
+        tries += 1
         try:
             action()
             return
@@ -117,7 +117,7 @@ def with_retries(action, what: str, log, retry_for: float = DEFAULT_RETRY_FOR,
             if left <= 0 or stopping():
                 raise
             wait = min(delay, left)
-            text = f"{what} failed (try {attempt}): {exc}; retrying in {wait:.1f}s"
+            text = f"{what} failed (try {tries}): {exc}; retrying in {wait:.1f}s"
             log(text)
             _log.warning("%s", text)
             time.sleep(wait)
@@ -140,7 +140,7 @@ class Uploader(Role):
     def initialize(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=max(2, self.config.executors),
                                        thread_name_prefix="upload")
-        self.job_locks: dict[str, threading.Lock] = {}
+        self.attempt_locks: dict[str, threading.Lock] = {}
         self.uploaded: dict[tuple[str, str], str] = {}  # (attempt id, label) -> digest
         self.sent: dict[tuple[str, str], Sent] = {}  # (attempt id, metadata file name) -> ...
         self.recorded: set[str] = set()
@@ -150,125 +150,125 @@ class Uploader(Role):
         self.lock = threading.Lock()
         self.records = studio_db.RecordUpdater(self.record_state, self.client_stopped)
 
-    def record_state(self, job_id: str, state: dict) -> None:
-        """The StudioML record of ``job_id`` changed state: into its scrape document."""
+    def record_state(self, attempt_id: str, state: dict) -> None:
+        """The StudioML record of ``attempt_id`` changed state: into its scrape document."""
         state = dict(state, updated=metadata.iso_utc(state.get("updated") or time.time()))
-        self.post("scraper", protocol.RecordState(job_id=job_id, state=state))
+        self.post("scraper", protocol.RecordState(attempt_id=attempt_id, state=state))
         if state.get("state") in ("retrying", "gave up"):
-            self.runner_log(job_id, f"StudioML record {state.get('url')}: {state.get('state')} "
+            self.runner_log(attempt_id, f"StudioML record {state.get('url')}: {state.get('state')} "
                                     f"({state.get('error')})")
 
-    def client_stopped(self, job_id: str) -> None:
+    def client_stopped(self, attempt_id: str) -> None:
         """The client marked the record ``stopped``: stop the run (``ClientStopped``)."""
-        self.log.info("attempt=%s: the client stopped the experiment", job_id)
-        self.runner_log(job_id, "the StudioML record says stopped: stopping the run")
+        self.log.info("attempt=%s: the client stopped the experiment", attempt_id)
+        self.runner_log(attempt_id, "the StudioML record says stopped: stopping the run")
         self.post("executor", protocol.StopRuns(reason="the client stopped the experiment",
-                                                job_ids=[job_id], cause="client_stopped"))
+                                                attempt_ids=[attempt_id], cause="client_stopped"))
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.UploadRequest):
             if message.record_only:
-                self.records.submit(message.job.job_id, message.job.request,
-                                    studio_db.started(message.job.request))
-                self.held_records[message.job.job_id] = (time.monotonic() + RECORD_AFTER,
+                self.records.submit(message.attempt.attempt_id, message.attempt.request,
+                                    studio_db.started(message.attempt.request))
+                self.held_records[message.attempt.attempt_id] = (time.monotonic() + RECORD_AFTER,
                                                          message)
                 self.wake(tick=True)  # the next tick comes when it is due
                 return
-            self.held_records.pop(message.job.job_id, None)
+            self.held_records.pop(message.attempt.attempt_id, None)
             self.submit(message)
 
     def submit(self, message: protocol.UploadRequest) -> None:
         """Have a worker thread serve ``message`` (in order with the attempt's others)."""
         with self.lock:
             self.in_flight += 1
-            job_lock = self.job_locks.setdefault(message.job.job_id, threading.Lock())
-        self.pool.submit(self.upload, message, job_lock)
+            attempt_lock = self.attempt_locks.setdefault(message.attempt.attempt_id, threading.Lock())
+        self.pool.submit(self.upload, message, attempt_lock)
 
-    def upload(self, request: protocol.UploadRequest, job_lock: threading.Lock) -> None:
-        job = request.job
-        log = lambda text: self.runner_log(job.job_id, text)  # noqa: E731
+    def upload(self, request: protocol.UploadRequest, attempt_lock: threading.Lock) -> None:
+        attempt = request.attempt
+        log = lambda text: self.runner_log(attempt.attempt_id, text)  # noqa: E731
         error = ""
         try:
-            with job_lock:
+            with attempt_lock:
                 with self.lock:
-                    if job.job_id in self.finalized:
+                    if attempt.attempt_id in self.finalized:
                         return  # a periodic request that lost the race to the final one
                     if request.final:
-                        self.finalized[job.job_id] = time.monotonic()
+                        self.finalized[attempt.attempt_id] = time.monotonic()
                 retry_for = self.config.storage_retry if request.final else 0.0
-                if job.job_id not in self.recorded and not request.final:
-                    with_retries(lambda: self.write_record(job), "metadata record", log, retry_for)
-                    self.recorded.add(job.job_id)
+                if attempt.attempt_id not in self.recorded and not request.final:
+                    with_retries(lambda: self.write_record(attempt), "metadata record", log, retry_for)
+                    self.recorded.add(attempt.attempt_id)
                 if not request.record_only:
                     labels = None if request.final else request.labels
-                    self.upload_artifacts(job, log, retry_for, request.final, labels)
+                    self.upload_artifacts(attempt, log, retry_for, request.final, labels)
                     if (labels is None or "_metadata" in labels) and request.metadata:
-                        self.upload_metadata_files(job, log, retry_for, request.final)
+                        self.upload_metadata_files(attempt, log, retry_for, request.final)
                     if not request.final:
-                        self.records.submit(job.job_id, job.request, studio_db.checkpointed())
+                        self.records.submit(attempt.attempt_id, attempt.request, studio_db.checkpointed())
             if request.final:
-                self.log.info("key=%s attempt=%s final uploads done", job.key, job.job_id)
+                self.log.info("key=%s attempt=%s final uploads done", attempt.key, attempt.attempt_id)
         except (RunnerError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-            self.log.error("key=%s attempt=%s upload failed: %s", job.key, job.job_id, error)
-        except Exception as exc:  # never lose the JobDone of a final request
+            self.log.error("key=%s attempt=%s upload failed: %s", attempt.key, attempt.attempt_id, error)
+        except Exception as exc:  # never lose the AttemptDone of a final request
             error = f"{type(exc).__name__}: {exc}"
-            self.log.exception("key=%s attempt=%s upload crashed", job.key, job.job_id)
+            self.log.exception("key=%s attempt=%s upload crashed", attempt.key, attempt.attempt_id)
         finally:
             with self.lock:
                 self.in_flight -= 1
         if request.final:
             outcome = request.outcome or protocol.Outcome(status=fates.FAILED)
-            decision = fates.decide(outcome, job.attempts, self.config.max_attempts, error)
-            self.records.submit(job.job_id, job.request, studio_db.ended(
+            decision = fates.decide(outcome, attempt.attempts, self.config.max_attempts, error)
+            self.records.submit(attempt.attempt_id, attempt.request, studio_db.ended(
                 decision.action in (fates.ACK, fates.DEAD, fates.DROP)))
-            self.records.forget(job.job_id)
-            self.post("fetcher", protocol.JobDone(job=job, outcome=request.outcome,
+            self.records.forget(attempt.attempt_id)
+            self.post("fetcher", protocol.AttemptDone(attempt=attempt, outcome=request.outcome,
                                                   upload_error=error))
-            self.forget(job)  # after the JobDone: the fetcher need not wait for the removal
+            self.forget(attempt)  # after the AttemptDone: the fetcher need not wait for the removal
 
-    def write_record(self, job: protocol.Job) -> None:
-        metadata.write_record(job.request, status="running", attempt_id=job.job_id,
-                              attempts=job.attempts, final=False, hostname=self.config.hostname,
+    def write_record(self, attempt: protocol.Attempt) -> None:
+        metadata.write_record(attempt.request, status="running", attempt_id=attempt.attempt_id,
+                              attempts=attempt.attempts, final=False, hostname=self.config.hostname,
                               override=self.config.metadata_store)
 
-    def seed_digests(self, job: protocol.Job) -> bool:
+    def seed_digests(self, attempt: protocol.Attempt) -> bool:
         """Take the digests of what the cache manager downloaded as already uploaded.
 
         False while the cache manager has not finished placing the inputs (then no
         mutable folder may be uploaded: it could overwrite its own source half-read).
         """
-        path = Path(job.workdir) / DOWNLOADED_DIGESTS
+        path = Path(attempt.workdir) / DOWNLOADED_DIGESTS
         try:
             seeds = json.loads(path.read_text())
         except (OSError, ValueError):
             return False
         with self.lock:
             for label, digest in (seeds.items() if isinstance(seeds, dict) else ()):
-                self.uploaded.setdefault((job.job_id, str(label)), str(digest))
+                self.uploaded.setdefault((attempt.attempt_id, str(label)), str(digest))
         return True
 
-    def upload_artifacts(self, job: protocol.Job, log, retry_for: float = 0.0,
+    def upload_artifacts(self, attempt: protocol.Attempt, log, retry_for: float = 0.0,
                          final: bool = False, labels=None) -> None:
         """Each mutable artifact that changed (of ``labels`` only, when given)."""
-        artifacts = job.request.get("experiment", {}).get("artifacts") or {}
-        if not self.seed_digests(job):
+        artifacts = attempt.request.get("experiment", {}).get("artifacts") or {}
+        if not self.seed_digests(attempt):
             if final:
                 log("inputs were never all in place: mutable artifacts left as they are in storage")
             return
         for label, artifact in sorted(artifacts.items()):
             url = artifact_url(artifact)
-            folder = Path(job.workdir) / label
+            folder = Path(attempt.workdir) / label
             if label == "_metadata" or not artifact.get("mutable") or not url or not folder.is_dir():
                 continue
             if labels is not None and label not in labels:
                 continue  # its own saveFrequency is not due yet
-            if (job.job_id, label) not in self.uploaded and is_empty(folder):
+            if (attempt.attempt_id, label) not in self.uploaded and is_empty(folder):
                 continue  # nothing to save, and nothing stored before to replace
             digest = tree_digest(folder)
-            if self.uploaded.get((job.job_id, label)) == digest:
+            if self.uploaded.get((attempt.attempt_id, label)) == digest:
                 continue
-            store = open_for_request(url, job.request, artifact)
+            store = open_for_request(url, attempt.request, artifact)
             compression = compression_for_key(artifact.get("key") or url)
             sizes = []
 
@@ -278,14 +278,14 @@ class Uploader(Role):
                 sizes.append(info.size)
             with_retries(upload, f"upload of {label}", log, retry_for)
             with self.lock:  # forget() may be iterating over it for another attempt
-                self.uploaded[(job.job_id, label)] = digest
+                self.uploaded[(attempt.attempt_id, label)] = digest
             log(f"{label}: uploaded {sizes[-1]} bytes to {url}")
 
-    def upload_metadata_files(self, job: protocol.Job, log, retry_for: float = 0.0,
+    def upload_metadata_files(self, attempt: protocol.Attempt, log, retry_for: float = 0.0,
                               final: bool = False) -> None:
         """Each file of ``_metadata`` that changed since its last upload (module doc)."""
-        prefix = metadata.metadata_prefix_url(job.request)
-        folder = Path(job.workdir) / "_metadata"
+        prefix = metadata.metadata_prefix_url(attempt.request)
+        folder = Path(attempt.workdir) / "_metadata"
         if prefix is None:
             return
         try:
@@ -303,7 +303,7 @@ class Uploader(Role):
                 signature = signature_of(entry.stat(follow_symlinks=False))
             except OSError:
                 continue  # gone since the scan
-            key = (job.job_id, entry.name)
+            key = (attempt.attempt_id, entry.name)
             path = Path(entry.path)
             with self.lock:
                 known = self.sent.get(key)
@@ -317,24 +317,24 @@ class Uploader(Role):
                         self.sent[key] = Sent(signature, looked, digest)
                     continue
             if store is None:
-                artifact = job.request["experiment"]["artifacts"]["_metadata"]
-                store = open_for_request(prefix, job.request, artifact)
+                artifact = attempt.request["experiment"]["artifacts"]["_metadata"]
+                store = open_for_request(prefix, attempt.request, artifact)
             url = f"{prefix}/{entry.name}"
             with_retries(lambda: store.put(url, path), f"upload of {entry.name}", log, retry_for)
             with self.lock:
                 self.sent[key] = Sent(signature, looked, digest)
 
-    def forget(self, job: protocol.Job) -> None:
+    def forget(self, attempt: protocol.Attempt) -> None:
         """Drop what was kept for a finished attempt; remove its working directory."""
         with self.lock:
-            self.job_locks.pop(job.job_id, None)
-            self.recorded.discard(job.job_id)
-            for key in [k for k in self.uploaded if k[0] == job.job_id]:
+            self.attempt_locks.pop(attempt.attempt_id, None)
+            self.recorded.discard(attempt.attempt_id)
+            for key in [k for k in self.uploaded if k[0] == attempt.attempt_id]:
                 del self.uploaded[key]
-            for key in [k for k in self.sent if k[0] == job.job_id]:
+            for key in [k for k in self.sent if k[0] == attempt.attempt_id]:
                 del self.sent[key]
         if not self.config.debug:
-            shutil.rmtree(job.workdir, ignore_errors=True)
+            shutil.rmtree(attempt.workdir, ignore_errors=True)
 
     def tick_interval(self) -> float:
         if not self.held_records:
@@ -344,14 +344,14 @@ class Uploader(Role):
 
     def tick(self) -> None:
         now = time.monotonic()
-        for job_id, (due, request) in list(self.held_records.items()):
+        for attempt_id, (due, request) in list(self.held_records.items()):
             if due <= now:
-                del self.held_records[job_id]
+                del self.held_records[attempt_id]
                 self.submit(request)
         cutoff = now - FORGET_FINALIZED_AFTER
         with self.lock:
-            for job_id in [j for j, t in self.finalized.items() if t < cutoff]:
-                del self.finalized[job_id]
+            for attempt_id in [j for j, t in self.finalized.items() if t < cutoff]:
+                del self.finalized[attempt_id]
 
     def stats(self) -> dict:
         with self.lock:
