@@ -4,6 +4,7 @@ roles would, and checks what it sends them and what it did to the deliveries."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -79,6 +80,29 @@ def test_a_bad_request_is_dead_lettered_and_never_handed_on(rig) -> None:
     dead = rig.broker.dead("memory_q")
     assert len(dead) == 1 and dead[0].body == b'{"experiment": "not an object"}'
     assert dead[0].reason
+    assert rig.probe("cache_manager").quiet(protocol.AttemptAssigned, 0.3) == []
+
+
+def test_a_stale_request_is_acked_as_expired_without_running(rig) -> None:
+    request = rig.request()
+    request["config"]["experimentLifetime"] = "1m"
+    request["experiment"]["time_added"] = time.time() - 3600
+    rig.publish(request)
+    assert eventually(lambda: rig.broker.messages("memory_q") == [] and not rig.broker.held()
+                      and metadata.record_url(request) in rig.objects.urls())
+    assert record(rig, request)["status"] == "expired"
+    assert rig.broker.dead("memory_q") == []
+    assert rig.probe("cache_manager").quiet(protocol.AttemptAssigned, 0.3) == []
+
+
+def test_a_request_cancelled_before_it_is_taken_is_acked_without_running(rig) -> None:
+    request = rig.request()
+    rig.probe("supervisor").send("fetcher", protocol.Cancel(key=request["experiment"]["key"],
+                                                            project="p"))
+    rig.publish(request)  # after the Cancel reached the inbox: handled before the next take
+    assert eventually(lambda: metadata.record_url(request) in rig.objects.urls())
+    assert record(rig, request)["status"] == "cancelled" and record(rig, request)["attempt"] == ""
+    assert rig.broker.messages("memory_q") == [] and rig.broker.held() == []
     assert rig.probe("cache_manager").quiet(protocol.AttemptAssigned, 0.3) == []
 
 
