@@ -83,7 +83,7 @@ class MemoryHub:
                 inbox = self._inboxes[name] = MemoryInbox()
             return inbox
 
-    def bus(self, name: str) -> "MemoryBus":
+    def bus(self, name: str) -> MemoryBus:
         """A bus reading ``name``'s inbox (frames sent to it before are kept)."""
         return MemoryBus(self, name)
 

@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Self
 
 from . import proctree, storage
 from .bus import BatchingBus, Bus, Endpoints
@@ -130,7 +131,7 @@ class ThreadHost:
             finally:
                 self.booted.set()
             serve(self.role, self.bus)
-        except BaseException as exc:  # handed to the caller of run_in_thread or stop()
+        except BaseException as exc:  # noqa: BLE001 - handed to run_in_thread's or stop()'s caller
             self.error = exc
 
     @property
@@ -150,7 +151,7 @@ class ThreadHost:
             error, self.error = self.error, None
             raise error
 
-    def __enter__(self) -> "ThreadHost":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,6 @@ import sys
 import tarfile
 import time
 import uuid
-from pathlib import Path
 
 from runner import protocol
 from runner.bus_memory import MemoryHub
@@ -150,11 +149,11 @@ class RoleRig:
         """An attempt of ``request`` as the fetcher would hand it out."""
         attempt_id = attempt_id or f"host-{uuid.uuid4().hex[:6]}"
         experiment = request["experiment"]
-        values = dict(attempt_id=attempt_id, queue="memory_q", token="t", attempts=0,
-                      key=experiment["key"], project=experiment.get("project") or "",
-                      request=request, workdir=str(self.root / "w" / attempt_id),
-                      resources={"cpus": 1, "devices": "-1"}, taken_at=time.time(),
-                      save_frequency=3600.0, queue_type="memory")
+        values = {"attempt_id": attempt_id, "queue": "memory_q", "token": "t", "attempts": 0,
+                  "key": experiment["key"], "project": experiment.get("project") or "",
+                  "request": request, "workdir": str(self.root / "w" / attempt_id),
+                  "resources": {"cpus": 1, "devices": "-1"}, "taken_at": time.time(),
+                  "save_frequency": 3600.0, "queue_type": "memory"}
         values.update(fields)
         return protocol.Attempt(**values)
 

@@ -51,8 +51,10 @@ def test_a_run_streams_its_output_and_ends_completed(rig) -> None:
     assert ended.facts["output_sent"] == len(output)
     for role in ("fetcher", "cache_manager"):  # the slot and the image lease are free
         assert rig.probe(role).expect(protocol.RunEnded).attempt_id == attempt.attempt_id
-    phases = [m.phase for m in rig.probe("supervisor").quiet(protocol.AttemptPhase, 0.1)]
-    assert phases == ["running", "ending"]
+    supervisor = rig.probe("supervisor")
+    running = supervisor.expect(protocol.AttemptPhase, lambda m: m.phase == "running")
+    assert running.detail["pid"] == ended.facts["pid"]
+    supervisor.expect(protocol.AttemptPhase, lambda m: m.phase == "ending")
 
 
 def test_a_failing_run_ends_failed_with_its_exit_status(rig) -> None:

@@ -196,7 +196,7 @@ class MemoryQueue(Queue):
         self.broker = broker
 
     @classmethod
-    def from_config(cls, config) -> "MemoryQueue | None":
+    def from_config(cls, config) -> MemoryQueue | None:
         """A queue on the installed broker; None when no test installed one."""
         return cls(_installed) if _installed is not None else None
 
