@@ -106,6 +106,21 @@ def test_a_request_cancelled_before_it_is_taken_is_acked_without_running(rig) ->
     assert rig.probe("cache_manager").quiet(protocol.AttemptAssigned, 0.3) == []
 
 
+def test_a_request_that_never_fits_is_held_aside_and_the_one_behind_it_taken(rig) -> None:
+    gpu = rig.request(key="needs-a-gpu")
+    gpu["experiment"]["resources_needed"]["gpus"] = 1
+    good = rig.request()
+    rig.publish(gpu)
+    rig.publish(good)
+    assigned(rig, good["experiment"]["key"])
+    stats = rig.probe("supervisor").expect(protocol.QueueStats, lambda m: any(
+        entry.get("held") == "never" for entry in m.queues.get("memory_q", {}).get("waiting", [])))
+    held = [e for e in stats.queues["memory_q"]["waiting"] if e.get("held")]
+    assert held[0]["key"] == "needs-a-gpu" and "needs 1 GPU" in held[0]["reason"]
+    assert record(rig, gpu)["status"] == "waiting" and "needs 1 GPU" in record(rig, gpu)["reason"]
+    assert rig.broker.held() == ["memory_q", "memory_q"]  # held aside, not put back yet
+
+
 def test_a_redelivery_joins_the_running_attempt_and_is_settled_with_it(rig) -> None:
     request = rig.request()
     rig.publish(request)
