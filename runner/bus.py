@@ -1,5 +1,8 @@
 """Every ZeroMQ endpoint of the runner, and the one way roles talk over them.
 
+(:mod:`runner.bus_memory` carries the same frames in memory, for tests that host a role
+in a thread: both are a :class:`BatchingBus`.)
+
 Each role (and the supervisor) binds one PULL *inbox* at ``ipc://<runtime-dir>/<name>.in``;
 anyone who needs to reach it connects a PUSH socket to that address.  ``runner-ctl``
 talks to the supervisor over REQ → ROUTER at ``ipc://<runtime-dir>/control``.  Frames are
@@ -78,40 +81,42 @@ class Endpoints:
         return self.runtime_dir / (name + ".in")
 
 
-class Bus:
-    """One participant's inbox plus lazily connected PUSH sockets to the others."""
+class BatchingBus:
+    """What every bus shares: posting, batching into frames, and decoding frames in order.
 
-    def __init__(self, endpoints: Endpoints, name: str, context: zmq.Context | None = None):
-        self.endpoints = endpoints
+    A subclass carries frames: it implements ``_send_frame(destination, frame, messages)``
+    (True when sent), :meth:`recv`, :meth:`recv_nowait`, :meth:`watch_fd` and
+    :meth:`close`, and hands each frame it receives to :meth:`_decode`.  :class:`Bus`
+    carries them over ZeroMQ; :class:`runner.bus_memory.MemoryBus` in memory (tests).
+    """
+
+    def __init__(self, name: str):
         self.name = name
-        self.context = context or zmq.Context.instance()
-        self.inbox = self.context.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.LINGER, 0)
-        self.inbox.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-        path = endpoints.inbox_path(name)
-        if path.exists():
-            path.unlink()
-        self.inbox.bind(endpoints.inbox(name))
-        self._outboxes: dict[str, zmq.Socket] = {}
         self._pending: dict[str, list] = {}  # destination -> [bytes, frame, frame...]
         self._oldest = 0.0  # monotonic time of the oldest pending message (about)
         self._ready: deque[protocol.Message] = deque()  # the rest of a batch received
-        self._streak = False  # the last recv_nowait found a frame
-        self.poller = zmq.Poller()
-        self.poller.register(self.inbox, zmq.POLLIN)
+
+    def _send_frame(self, destination: str, frame: bytes, messages: int) -> bool:
+        """Carry one encoded frame (``messages`` messages) to ``destination``; False (and a
+        log line) when it cannot be sent."""
+        raise NotImplementedError
 
     def watch_fd(self, fd: int) -> None:
         """Also end :meth:`recv`'s wait when ``fd`` is readable (a role's wake-up pipe)."""
-        self.poller.register(fd, zmq.POLLIN)
+        raise NotImplementedError
 
-    def _outbox(self, destination: str) -> zmq.Socket:
-        socket = self.context.socket(zmq.PUSH)
-        socket.setsockopt(zmq.LINGER, LINGER_MS)
-        socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-        socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-        socket.connect(self.endpoints.inbox(destination))
-        self._outboxes[destination] = socket
-        return socket
+    def recv(self, timeout: float, *, drained: bool = False) -> protocol.Message | None:
+        """The next message, waiting at most ``timeout`` seconds (sending what is posted
+        first); None when none came or a watched descriptor ended the wait."""
+        raise NotImplementedError
+
+    def recv_nowait(self) -> protocol.Message | None:
+        """The next waiting message, or None when none is left (then what is posted goes)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Send what is posted and release the inbox."""
+        raise NotImplementedError
 
     def send(self, destination: str, message: protocol.Message) -> bool:
         """Send ``message`` to ``destination`` now (after anything posted to it before).
@@ -168,6 +173,55 @@ class Bus:
         if len(pending) == 2:
             return self._send_frame(destination, pending[1], 1)
         return self._send_frame(destination, protocol.batch(pending[1:]), len(pending) - 1)
+
+    def _decode(self, frame: bytes) -> protocol.Message | None:
+        """The first message of ``frame``; the others wait in order for the next calls."""
+        try:
+            messages, problems = protocol.decode_many(frame)
+        except ProtocolError as exc:
+            log.error("%s: dropped a frame: %s", self.name, exc)
+            return None
+        for problem in problems:
+            log.error("%s: dropped a message: %s", self.name, problem)
+        if len(messages) == 1:
+            return messages[0]
+        if not messages:
+            return None
+        self._ready.extend(messages)
+        return self._ready.popleft()
+
+
+class Bus(BatchingBus):
+    """One participant's inbox plus lazily connected PUSH sockets to the others."""
+
+    def __init__(self, endpoints: Endpoints, name: str, context: zmq.Context | None = None):
+        super().__init__(name)
+        self.endpoints = endpoints
+        self.context = context or zmq.Context.instance()
+        self.inbox = self.context.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        path = endpoints.inbox_path(name)
+        if path.exists():
+            path.unlink()
+        self.inbox.bind(endpoints.inbox(name))
+        self._outboxes: dict[str, zmq.Socket] = {}
+        self._streak = False  # the last recv_nowait found a frame
+        self.poller = zmq.Poller()
+        self.poller.register(self.inbox, zmq.POLLIN)
+
+    def watch_fd(self, fd: int) -> None:
+        """Also end :meth:`recv`'s wait when ``fd`` is readable (a role's wake-up pipe)."""
+        self.poller.register(fd, zmq.POLLIN)
+
+    def _outbox(self, destination: str) -> zmq.Socket:
+        socket = self.context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, LINGER_MS)
+        socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        socket.connect(self.endpoints.inbox(destination))
+        self._outboxes[destination] = socket
+        return socket
 
     def _send_frame(self, destination: str, frame: bytes, messages: int) -> bool:
         socket = self._outboxes.get(destination) or self._outbox(destination)
@@ -242,22 +296,6 @@ class Bus:
         except zmq.Again:
             return None
         return self._decode(frame)
-
-    def _decode(self, frame: bytes) -> protocol.Message | None:
-        """The first message of ``frame``; the others wait in order for the next calls."""
-        try:
-            messages, problems = protocol.decode_many(frame)
-        except ProtocolError as exc:
-            log.error("%s: dropped a frame: %s", self.name, exc)
-            return None
-        for problem in problems:
-            log.error("%s: dropped a message: %s", self.name, problem)
-        if len(messages) == 1:
-            return messages[0]
-        if not messages:
-            return None
-        self._ready.extend(messages)
-        return self._ready.popleft()
 
     def close(self) -> None:
         """Send what is posted (each socket then lingers up to ``LINGER_MS``) and close."""

@@ -6,7 +6,11 @@
 * the metadata store: one redacted record per experiment at ``metadata/<project>/<key>.json``
   beside the request's storage, or under ``--metadata-store``;
 * :func:`check_object_names`: at admission, a request whose record or metadata files would
-  have object names too long for their store is a bad request (never run, dead-lettered).
+  have object names too long for their store is a bad request (never run, dead-lettered);
+* the hand-over from the cache manager to the uploader and the scraper:
+  ``<workdir>/.runner/downloaded.json`` (:data:`DOWNLOADED_DIGESTS`), the content digest of
+  each mutable artifact as it was downloaded, written once every input is in place
+  (:func:`write_downloaded_digests`, :func:`read_downloaded_digests`, :func:`inputs_placed`).
 
 Times the runner writes into these documents (``runner.start``, ``runner.stop``,
 ``runner.first_output``, the record's ``updated``) are ISO-8601 UTC strings with
@@ -16,6 +20,7 @@ them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -276,3 +281,38 @@ def check_object_names(request: dict, hostname: str, override: str = "") -> None
             shown = url if len(url) <= 160 else f"{url[:120]}...{url[-30:]}"
             raise BadRequest(f"the {what} {shown} would need {problem}: "
                              "use a shorter experiment key or project")
+
+
+#: Where the cache manager leaves the digests of the mutable artifacts it downloaded,
+#: relative to the attempt's working directory.
+DOWNLOADED_DIGESTS = Path(".runner") / "downloaded.json"
+
+
+def write_downloaded_digests(workdir: str | os.PathLike, digests: dict[str, str]) -> None:
+    """Record ``digests`` (artifact label -> content digest, :func:`runner.archive.tree_digest`)
+    of what was downloaded into ``workdir``: written last, atomically, also when empty, since
+    the file's presence says every input is in place.  Raises OSError when it cannot be
+    written."""
+    target = Path(workdir) / DOWNLOADED_DIGESTS
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(digests))
+    os.replace(tmp, target)
+
+
+def read_downloaded_digests(workdir: str | os.PathLike) -> dict[str, str] | None:
+    """The digests :func:`write_downloaded_digests` left in ``workdir``, or None while the
+    inputs are not all in place (no file yet, or one that cannot be read as a JSON object's
+    worth of labels; entries are strings)."""
+    try:
+        seeds = json.loads((Path(workdir) / DOWNLOADED_DIGESTS).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(seeds, dict):
+        return {}
+    return {str(label): str(digest) for label, digest in seeds.items()}
+
+
+def inputs_placed(workdir: str | os.PathLike) -> bool:
+    """True once the cache manager has placed every input in ``workdir`` (module doc)."""
+    return (Path(workdir) / DOWNLOADED_DIGESTS).exists()

@@ -144,16 +144,6 @@ def test_experiment_over_max_duration_is_killed_with_its_children(runner):
     runner.wait_for(lambda: not pid_alive(child), timeout=10, what="the child to be killed")
 
 
-def test_stale_request_is_acked_as_expired_without_running(runner):
-    runner.start()
-    workspace = runner.workspace({"never.py": "raise SystemExit('must not run')"})
-    request = runner.request(workspace, "never.py", lifetime="1m", time_added=time.time() - 3600)
-    runner.publish(request)
-    record = runner.wait_final(request)
-    assert record["status"] == "expired"
-    assert runner.scrape_documents(request) == []
-
-
 def test_malformed_request_goes_to_dead_folder_and_runner_keeps_serving(runner):
     runner.start()
     runner.publish(b"{this is not json")

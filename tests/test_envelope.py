@@ -142,13 +142,18 @@ def test_without_signing_keys_configured_signatures_are_not_checked(tmp_path, rs
     assert json.loads(opened) == REQUEST
 
 
-def test_a_runner_without_keys_dead_letters_envelopes_with_the_reason(runner, rsa_key):
-    runner.start()
-    runner.publish(json.dumps(make_envelope(rsa_key.public_key())).encode())
-    dead = runner.root / "q" / runner.queue / ".dead"
-    reasons = runner.wait_for(lambda: sorted(p.read_text() for p in dead.glob("*.reason.txt")),
-                              what="the envelope to be dead-lettered")
-    assert "no decryption key configured" in reasons[0]
+def test_a_runner_without_keys_dead_letters_envelopes_with_the_reason(rsa_key):
+    """The fetcher alone (in a thread, on the stub broker): admission refuses the envelope."""
+    from .roles_support import RoleRig, eventually
+
+    rig = RoleRig()
+    try:
+        rig.host("fetcher")
+        rig.broker.publish("memory_q", json.dumps(make_envelope(rsa_key.public_key())).encode())
+        assert eventually(lambda: rig.broker.dead("memory_q"))
+        assert "no decryption key configured" in rig.broker.dead("memory_q")[0].reason
+    finally:
+        rig.close()
 
 
 def test_a_body_that_only_looks_like_an_envelope_is_left_to_parse_request() -> None:

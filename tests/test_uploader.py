@@ -13,7 +13,6 @@ import pytest
 from runner import _fast, metadata, protocol
 from runner.config import load
 from runner.roles import uploader as uploader_module
-from runner.roles.cache_manager import DOWNLOADED_DIGESTS
 from runner.roles.uploader import Uploader
 from runner.storage.file import FileStore
 
@@ -27,8 +26,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     workdir = tmp_path / "work" / "host-1r31eq"
     (workdir / "_metadata").mkdir(parents=True)
     (workdir / "output").mkdir()
-    (workdir / DOWNLOADED_DIGESTS).parent.mkdir()
-    (workdir / DOWNLOADED_DIGESTS).write_text("{}")
+    metadata.write_downloaded_digests(workdir, {})
 
     def artifact(label: str) -> dict:
         key = f"experiments/exp-1/{label}.tar"

@@ -2,6 +2,9 @@
 
 Adding a back end: write ``runner/queues/<kind>.py`` with a :class:`Queue` subclass whose
 ``kind`` is the prefix, and add one line to :data:`QUEUE_KINDS`.
+
+``memory`` (:mod:`runner.queues.memory`) is the stub back end for tests: it builds nothing
+until a test installs a broker in its process.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import logging
 
 from .base import DEFAULT_QUEUE_MATCH, Delivery, Queue, is_reserved, matches
 from .local import LocalQueue
+from .memory import MemoryQueue
 from .pubsub import PubSubQueue
 from .rabbitmq import RabbitMQQueue
 from .sqs import SQSQueue
@@ -20,6 +24,7 @@ QUEUE_KINDS: dict[str, type[Queue]] = {
     "rmq": RabbitMQQueue,
     "sqs": SQSQueue,
     "pubsub": PubSubQueue,
+    "memory": MemoryQueue,
 }
 """Queue-name prefix → back-end class."""
 
@@ -50,5 +55,5 @@ def kind_of(queue_name: str) -> str:
     return head if sep else ""
 
 
-__all__ = ["DEFAULT_QUEUE_MATCH", "Delivery", "LocalQueue", "PubSubQueue", "QUEUE_KINDS",
+__all__ = ["DEFAULT_QUEUE_MATCH", "Delivery", "LocalQueue", "MemoryQueue", "PubSubQueue", "QUEUE_KINDS",
            "Queue", "RabbitMQQueue", "SQSQueue", "build_backends", "is_reserved", "kind_of", "matches"]

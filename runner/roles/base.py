@@ -23,6 +23,11 @@ wakes the loop at once (a byte on a pipe the loop polls next to its inbox), so `
 paces periodic work and never adds latency to a hand-over; :meth:`wake` with ``tick=True``
 also runs ``tick()`` right away (an executor whose run just ended, a fetcher with a slot just
 freed).
+
+A role hosted in a process of its own dies with its parent: :meth:`die_with` names the
+parent's pid, and the loop checks before each ``tick()`` that it is still this process's
+parent, calling the host's ``orphaned`` callback when it is not.  A role hosted in a thread
+(:func:`runner.rolehost.run_in_thread`) has no such check.
 """
 from __future__ import annotations
 
@@ -32,10 +37,10 @@ import queue
 import select
 import threading
 import time
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from .. import _fast, protocol
-from ..bus import SUPERVISOR, Bus
+from ..bus import SUPERVISOR, BatchingBus
 from ..config import Config
 from ..logs import set_level
 
@@ -53,7 +58,7 @@ class Role:
     #: the child subreaper of its runs).  A role hosted in a thread of a test leaves it.
     own_process: bool = False
 
-    def __init__(self, config: Config, bus: Bus):
+    def __init__(self, config: Config, bus: BatchingBus):
         self.config = config
         self.bus = bus
         self.log = logging.getLogger(f"runner.{self.name}")
@@ -67,6 +72,8 @@ class Role:
         self._active = True  # handled or posted something since the last heartbeat
         self._idle_beat = False  # the last heartbeat followed an idle period
         self._watched: dict[int, object] = {}  # extra descriptors -> callback
+        self._parent: int | None = None  # the pid this role dies with (die_with)
+        self._orphaned: Callable[[], None] | None = None
 
     # -- for subclasses -------------------------------------------------------------
     def initialize(self) -> None:
@@ -148,7 +155,20 @@ class Role:
         self.post("scraper", protocol.RunnerLog(attempt_id=attempt_id, text=text))
 
     def request_stop(self) -> None:
+        """Thread-safe: end the loop (after the message or tick in hand)."""
         self._stop.set()
+        self.wake()
+
+    def die_with(self, parent: int, orphaned: Callable[[], None]) -> None:
+        """Check before each ``tick()`` that ``parent`` is still this process's parent; when
+        it is not, call ``orphaned()`` (the process host's way out: it normally does not
+        return; if it does, the tick runs as usual)."""
+        self._parent = parent
+        self._orphaned = orphaned
+
+    def parent_gone(self) -> bool:
+        """True when :meth:`die_with` named a parent and this process has another one now."""
+        return self._parent is not None and os.getppid() != self._parent
 
     @property
     def stopping(self) -> bool:
@@ -234,6 +254,8 @@ class Role:
                 self._tick_now = False
                 self.flush_outbox()
                 self.bus.flush()  # a tick may take a while: nothing waits behind it
+                if self._orphaned is not None and self.parent_gone():
+                    self._orphaned()
                 try:
                     self.tick()
                 except Exception:  # periodic work that fails must not kill the role

@@ -19,22 +19,20 @@ evicted) until the executor's ``RunEnded`` for the attempt.  A host without a ru
 the image hands the request back (:class:`~runner.containers.ContainerUnavailable`).
 
 When every input is in place it writes ``<workdir>/.runner/downloaded.json``
-(:data:`DOWNLOADED_DIGESTS`) with the content digest of each mutable artifact it
-unpacked.  The uploader uploads no mutable folder before that file exists (a folder
+(:func:`runner.metadata.write_downloaded_digests`) with the content digest of each mutable
+artifact it unpacked.  The uploader uploads no mutable folder before that file exists (a folder
 half-way through its download must never overwrite the object it came from) and does
 not upload a folder that is still what was downloaded.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .. import containers, fates, protocol
+from .. import containers, fates, metadata, protocol
 from ..archive import tree_digest, unpack
 from ..cache import ArtifactCache
 from ..environments import EnvironmentStore, find_interpreter
@@ -42,9 +40,6 @@ from ..errors import DiskBudgetExceeded, EnvironmentBuildError, RunnerError, Sto
 from ..storage import ObjectMissing, artifact_url, open_for_request
 from ..units import describe_size
 from .base import Role
-
-#: Where the digests of downloaded mutable artifacts are left for the uploader.
-DOWNLOADED_DIGESTS = Path(".runner") / "downloaded.json"
 
 
 class CacheManager(Role):
@@ -222,11 +217,7 @@ class CacheManager(Role):
                 digests[label] = tree_digest(folder)
         # Written last, also when empty: its presence tells the uploader that the inputs
         # are in place, so mutable folders may be uploaded from now on.
-        target = workdir / DOWNLOADED_DIGESTS
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(digests))
-        os.replace(tmp, target)
+        metadata.write_downloaded_digests(workdir, digests)
 
     def stats(self) -> dict:
         with self.lock:

@@ -41,7 +41,6 @@ from ..jsonpatch import PatchRejected, apply_patch, parse_patch
 from ..output import scrape_view
 from ..redact import Masker, redact_request, secrets_of
 from .base import Role
-from .cache_manager import DOWNLOADED_DIGESTS
 
 
 @dataclass
@@ -360,7 +359,7 @@ class Scraper(Role):
         """Append one line in the reference worker's format to ``_metrics/_metrics``, once
         the cache manager has placed the inputs (an earlier attempt's file is kept)."""
         workdir = Path(state.attempt.workdir)
-        if not (workdir / DOWNLOADED_DIGESTS).exists() or not (workdir / "_metrics").is_dir():
+        if not metadata.inputs_placed(workdir) or not (workdir / "_metrics").is_dir():
             return
         try:
             with open(workdir / "_metrics" / "_metrics", "a") as handle:

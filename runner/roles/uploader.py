@@ -26,7 +26,7 @@ is no later request to compare it with.
 
 A folder is "unchanged" when its content digest equals the one of its last upload in
 this attempt, or the one the cache manager recorded when it unpacked the artifact
-(``.runner/downloaded.json``): an output downloaded from a previous attempt and left
+(``.runner/downloaded.json``, :func:`runner.metadata.read_downloaded_digests`): an output downloaded from a previous attempt and left
 alone is not uploaded again.  A folder that is empty and has no object from before (the
 cache manager placed nothing there, nothing was uploaded in this attempt) is not uploaded
 either: there is nothing to save, and an empty archive would only cost a pack and a put
@@ -48,7 +48,6 @@ the client marked ``stopped`` stops the run (``StopRuns`` to the executor, cause
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -64,7 +63,6 @@ from ..errors import RunnerError, StorageError
 from ..requests import SINGLE_FILE_LABELS
 from ..storage import PermanentStorageError, artifact_url, open_for_request
 from .base import Role
-from .cache_manager import DOWNLOADED_DIGESTS
 
 _log = logging.getLogger("runner.uploader")
 FIRST_DELAY = 0.5
@@ -238,14 +236,12 @@ class Uploader(Role):
         False while the cache manager has not finished placing the inputs (then no
         mutable folder may be uploaded: it could overwrite its own source half-read).
         """
-        path = Path(attempt.workdir) / DOWNLOADED_DIGESTS
-        try:
-            seeds = json.loads(path.read_text())
-        except (OSError, ValueError):
+        seeds = metadata.read_downloaded_digests(attempt.workdir)
+        if seeds is None:
             return False
         with self.lock:
-            for label, digest in (seeds.items() if isinstance(seeds, dict) else ()):
-                self.uploaded.setdefault((attempt.attempt_id, str(label)), str(digest))
+            for label, digest in seeds.items():
+                self.uploaded.setdefault((attempt.attempt_id, label), digest)
         return True
 
     def upload_artifacts(self, attempt: protocol.Attempt, log, retry_for: float = 0.0,

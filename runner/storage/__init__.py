@@ -1,6 +1,8 @@
 """Storage back ends, chosen by URL scheme (SPEC section 4, DESIGN convention 7).
 
 Adding a back end means one new module here and one line in :data:`STORES`.
+(:mod:`runner.storage.memory`, the stub store for tests, adds its ``memory`` line only
+while a test has installed it.)
 """
 from __future__ import annotations
 

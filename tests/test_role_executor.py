@@ -1,0 +1,78 @@
+"""The executor alone: hosted in a thread on the in-memory bus, it really runs a tiny
+Python script (this interpreter) and reports its output and end to the other roles."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner import protocol
+
+from .roles_support import RoleRig
+
+
+@pytest.fixture()
+def rig():
+    rig = RoleRig()
+    rig.host("executor")
+    yield rig
+    rig.close()
+
+
+def prepared(rig: RoleRig, script: str) -> protocol.AttemptPrepared:
+    attempt = rig.attempt(rig.request(mutable=()))
+    workspace = Path(attempt.workdir) / "workspace"
+    workspace.mkdir(parents=True)
+    (workspace / "train.py").write_text(script)
+    return protocol.AttemptPrepared(attempt=attempt, python=sys.executable,
+                                    env_path=sys.prefix)
+
+
+def ended_with_output(rig: RoleRig, attempt_id: str) -> tuple[protocol.AttemptEnded, bytes]:
+    """The attempt's ``AttemptEnded`` to the scraper, and the run's output sent before it."""
+    scraper = rig.probe("scraper")
+    ended = scraper.expect(protocol.AttemptEnded, lambda m: m.attempt.attempt_id == attempt_id,
+                           timeout=60)
+    chunks = [m for m in scraper.seen if isinstance(m, protocol.OutputChunk)
+              and m.attempt_id == attempt_id and m.offset >= 0]
+    return ended, b"".join(m.data for m in sorted(chunks, key=lambda m: m.offset))
+
+
+def test_a_run_streams_its_output_and_ends_completed(rig) -> None:
+    message = prepared(rig, "import os\nprint('hello', os.environ['STUDIOML_EXPERIMENT'])\n")
+    attempt = message.attempt
+    rig.probe("cache_manager").send("executor", message)
+
+    ended, output = ended_with_output(rig, attempt.attempt_id)
+    assert ended.outcome.status == "completed" and ended.outcome.exit_code == 0
+    assert ended.facts["exit_code"] == 0 and ended.facts["pid"] > 0
+    assert output == f"hello {attempt.key}\n".encode()
+    assert ended.facts["output_sent"] == len(output)
+    for role in ("fetcher", "cache_manager"):  # the slot and the image lease are free
+        assert rig.probe(role).expect(protocol.RunEnded).attempt_id == attempt.attempt_id
+    supervisor = rig.probe("supervisor")
+    running = supervisor.expect(protocol.AttemptPhase, lambda m: m.phase == "running")
+    assert running.detail["pid"] == ended.facts["pid"]
+    supervisor.expect(protocol.AttemptPhase, lambda m: m.phase == "ending")
+
+
+def test_a_failing_run_ends_failed_with_its_exit_status(rig) -> None:
+    message = prepared(rig, "import sys\nprint('bad', file=sys.stderr)\nsys.exit(3)\n")
+    rig.probe("cache_manager").send("executor", message)
+    ended, output = ended_with_output(rig, message.attempt.attempt_id)
+    assert output == b"bad\n"
+    assert ended.outcome.status == "failed" and ended.outcome.exit_code == 3
+    assert ended.outcome.error == "ExperimentFailed"
+    assert rig.probe("fetcher").expect(protocol.RunEnded).attempt_id == message.attempt.attempt_id
+
+
+def test_stop_runs_ends_a_running_attempt(rig) -> None:
+    message = prepared(rig, "import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    rig.probe("cache_manager").send("executor", message)
+    rig.probe("scraper").expect(protocol.OutputChunk, lambda m: b"started" in m.data, timeout=60)
+    rig.probe("fetcher").send("executor", protocol.StopRuns(
+        reason="cancelled by runner-ctl cancel", attempt_ids=[message.attempt.attempt_id],
+        cause="cancelled"))
+    ended = rig.probe("scraper").expect(protocol.AttemptEnded, timeout=60)
+    assert ended.outcome.status != "completed" and ended.outcome.error == "Cancelled"
