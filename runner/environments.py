@@ -1,4 +1,4 @@
-"""Interpreters, virtualenvs and the experiment's command line (SPEC sections 2 and 5.4).
+"""Interpreters and virtualenvs (SPEC sections 2 and 5.4).
 
 * :func:`find_interpreter` picks a local interpreter of a requested ``pythonver`` minor
   version, verifying every candidate by running it (a broken pyenv shim is not an interpreter).
@@ -7,8 +7,8 @@
 * :class:`EnvironmentStore` builds each environment once, shared by threads, processes and
   runner restarts, under a per-key ``flock``; a directory is served only once its marker file
   ``.studioml-env.json`` exists (the marker is written last).
-* :func:`split_args` / :func:`script_command` turn the client's already shell-quoted ``args``
-  into an argv without a shell ever running.
+
+The experiment's command line is :mod:`runner.argv`'s.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import (BadRequest, ConfigError, EnvironmentBuildError, InterpreterNotFound,
                      RequirementsUnsatisfiable)
+from .redact import safe_url
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ __all__ = [
     "find_interpreter",
     "interpreter_version",
     "normalize_requirements",
-    "script_command",
-    "split_args",
 ]
 
 MARKER = ".studioml-env.json"
@@ -315,14 +314,6 @@ def _find_uv() -> str | None:
         return found
 
 
-_URL_PASSWORD_RE = re.compile(r"(://[^/\s:@]+:)[^@\s/]+@")
-
-
-def _mask(text: str) -> str:
-    """Hide passwords in URLs (``https://user:secret@host`` -> ``https://user:****@host``)."""
-    return _URL_PASSWORD_RE.sub(r"\1****@", text)
-
-
 @dataclass(frozen=True)
 class Environment:
     """A finished environment: ``python`` is its interpreter; ``built`` is True only for the
@@ -461,7 +452,7 @@ class EnvironmentStore:
                 install = [uv_form(line) for line in reqs]
                 for line, form in zip(reqs, install):
                     if form != line:
-                        emit(f"installing {_mask(line)!r} as {_mask(form)!r} (uv installs "
+                        emit(f"installing {safe_url(line)!r} as {safe_url(form)!r} (uv installs "
                              "editable lines only from local directories)")
             req_file.write_text("".join(line + "\n" for line in install))
             if reqs:
@@ -493,7 +484,7 @@ class EnvironmentStore:
     def _run(self, cmd: list[str], env: dict[str, str], emit: Callable[[str], None],
              key: str) -> None:
         """Run one installer step, streaming its output to ``emit``; raise on failure."""
-        shown = _mask(" ".join(cmd))
+        shown = safe_url(" ".join(cmd))
         emit(f"$ {shown}")
         tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         try:
@@ -510,7 +501,7 @@ class EnvironmentStore:
         try:
             assert proc.stdout is not None
             for raw in proc.stdout:
-                line = _mask(raw.rstrip("\r\n"))
+                line = safe_url(raw.rstrip("\r\n"))
                 tail.append(line)
                 emit(line)
             rc = proc.wait()
@@ -585,74 +576,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-# --------------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------------
-
-_DQ_ESCAPABLE = "$`\"\\\n"
-
-
-def split_args(args: list[str]) -> list[str]:
-    """Return the words a POSIX shell would make of ``" ".join(args)``, running no shell.
-
-    Only word splitting (on space, tab, newline) and quote removal happen: ``'…'`` is literal,
-    ``"…"`` is literal except that backslash escapes ``$ ` " \\`` and newline, and an unquoted
-    backslash escapes the next character (backslash-newline is removed). Nothing is expanded:
-    ``$HOME``, ``*.py``, ``~``, ``$(…)`` and operators like ``;`` or ``|`` stay literal text.
-    ``''`` gives an empty word. Unbalanced quotes or a trailing backslash raise
-    :class:`BadRequest`.
-    """
-    text = " ".join(str(a) for a in args)
-    words: list[str] = []
-    cur: list[str] = []
-    in_word = False
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c in " \t\n":
-            if in_word:
-                words.append("".join(cur))
-                cur, in_word = [], False
-            i += 1
-        elif c == "'":
-            end = text.find("'", i + 1)
-            if end < 0:
-                raise BadRequest(f"unbalanced single quote in args: {text!r}")
-            cur.append(text[i + 1:end])
-            in_word, i = True, end + 1
-        elif c == '"':
-            i += 1
-            while True:
-                if i >= n:
-                    raise BadRequest(f"unbalanced double quote in args: {text!r}")
-                c = text[i]
-                if c == '"':
-                    i += 1
-                    break
-                if c == "\\" and i + 1 < n and text[i + 1] in _DQ_ESCAPABLE:
-                    if text[i + 1] != "\n":
-                        cur.append(text[i + 1])
-                    i += 2
-                else:
-                    cur.append(c)
-                    i += 1
-            in_word = True
-        elif c == "\\":
-            if i + 1 >= n:
-                raise BadRequest(f"trailing backslash in args: {text!r}")
-            if text[i + 1] != "\n":
-                cur.append(text[i + 1])
-                in_word = True
-            i += 2
-        else:
-            cur.append(c)
-            in_word = True
-            i += 1
-    if in_word:
-        words.append("".join(cur))
-    return words
-
-
 # What uv and pip print when the requirements cannot be met whatever the retry: a
 # requirement that does not exist, or pins that conflict.
 _UNSATISFIABLE = re.compile(
@@ -670,17 +593,3 @@ def unsatisfiable(output: Iterable[str]) -> bool:
     the package index was out of reach)."""
     text = "\n".join(output)
     return bool(_UNSATISFIABLE.search(text)) and not _NETWORK.search(text)
-
-
-def script_command(python: Path, filename: str, args: list[str]) -> list[str]:
-    """Return the argv that runs the experiment: ``[python, filename, *words]``, or for
-    ``filename == "-m"`` ``[python, "-m", module, *rest]`` where ``module`` is the first word of
-    ``args`` (:class:`BadRequest` if there is none). ``words`` come from :func:`split_args`."""
-    words = split_args(list(args or []))
-    if filename == "-m":
-        if not words or not words[0]:
-            raise BadRequest("filename '-m' needs the module name as the first argument")
-        return [str(python), "-m", words[0], *words[1:]]
-    if not filename:
-        raise BadRequest("experiment filename is empty")
-    return [str(python), filename, *words]

@@ -86,31 +86,59 @@ def stop_exception(cause: str, reason: str) -> errors.RunnerError:
     return STOP_CAUSES.get(cause, ShutdownRequested)(f"stopped: {reason}")
 
 
-# Exception class name -> final studioml.status of the attempt.
-_STATUS_BY_ERROR = {
-    errors.BadRequest: FAILED,
-    errors.EnvironmentBuildError: FAILED,
-    ExperimentFailed: FAILED,
-    LimitReached: EXPIRED,
-    errors.PermanentStorageError: FAILED,
-    errors.StorageError: CANCELLED,
-    errors.ArchiveError: FAILED,
-    errors.ResourcesUnavailable: CANCELLED,
-    ShutdownRequested: CANCELLED,
-    RoleCrashed: CANCELLED,
-    QueueDeleted: CANCELLED,
-    ClientStopped: CANCELLED,
-    Cancelled: CANCELLED,
+# Outcome kinds: what ended an attempt, as :attr:`Outcome.kind` carries it on the wire.  The
+# fate is decided by kind only, never by an exception's class name (``Outcome.error`` is for
+# people), so renaming an exception class cannot change whether a failure is counted.
+NONE = ""                         # the run ended by itself (completed, or exit code only)
+FAILURE = "failure"               # the experiment's own failure: counted, retried
+NOT_RETRIED = "not_retried"       # its own failure that no retry can fix: counted, acked failed
+BAD_REQUEST = "bad_request"       # the request can never run: dead-lettered
+PERMANENT = "permanent"           # a fault of the request retrying cannot fix: acked failed
+STORAGE = "storage"               # storage trouble (transient): handed back uncounted
+RESOURCES = "resources"           # did not fit after all: handed back uncounted
+SHUTDOWN = "shutdown"             # the runner is stopping: handed back at once
+ROLE_CRASHED = "role_crashed"     # a role died holding it: handed back uncounted
+LIMIT = "limit"                   # max_duration / experimentLifetime: expired
+QUEUE_DELETED = "queue_deleted"   # the user deleted its queue: cancelled, final
+CLIENT_STOPPED = "client_stopped"  # the client marked the record stopped: cancelled, final
+CANCEL = "cancel"                 # runner-ctl cancel: cancelled, final
+
+_KIND_BY_ERROR: dict[type, str] = {
+    errors.BadRequest: BAD_REQUEST,
+    errors.PermanentStorageError: PERMANENT,
+    errors.StorageError: STORAGE,
+    errors.ResourcesUnavailable: RESOURCES,
+    errors.RequirementsUnsatisfiable: NOT_RETRIED,
+    ScriptMissing: NOT_RETRIED,
+    LimitReached: LIMIT,
+    ShutdownRequested: SHUTDOWN,
+    RoleCrashed: ROLE_CRASHED,
+    QueueDeleted: QUEUE_DELETED,
+    ClientStopped: CLIENT_STOPPED,
+    Cancelled: CANCEL,
 }
-_DEAD_ERRORS = {"BadRequest"}
-_NOT_RETRIED_ERRORS = {"RequirementsUnsatisfiable", "ScriptMissing"}
-"""Failures of the request's own that no retry can fix: counted, then acked as failed."""
-_UNCOUNTED_ERRORS = {"StorageError", "ObjectMissing", "ResourcesUnavailable",
-                     "ShutdownRequested", "RoleCrashed"}
-_PERMANENT_ERRORS = {"PermanentStorageError"}
-"""Faults of the request that retrying cannot fix: the request ends failed at once."""
-_NO_BACKOFF_ERRORS = {"ShutdownRequested"}
-"""Hand-backs that go back at once (another runner should take the request now)."""
+"""Exception class (or its nearest listed base) → outcome kind; any other is :data:`FAILURE`."""
+
+STATUS_BY_KIND = {
+    NONE: FAILED, FAILURE: FAILED, NOT_RETRIED: FAILED, BAD_REQUEST: FAILED, PERMANENT: FAILED,
+    STORAGE: CANCELLED, RESOURCES: CANCELLED, SHUTDOWN: CANCELLED, ROLE_CRASHED: CANCELLED,
+    LIMIT: EXPIRED, QUEUE_DELETED: CANCELLED, CLIENT_STOPPED: CANCELLED, CANCEL: CANCELLED,
+}
+"""Outcome kind → the attempt's final ``studioml.status`` when an exception ended it."""
+
+_UNCOUNTED = {STORAGE, RESOURCES, SHUTDOWN, ROLE_CRASHED}
+"""The runner's own trouble: never counted against ``--max-attempts``."""
+_PREPARATION = {STORAGE, RESOURCES}
+"""Faults met while preparing: an attempt that never started leaves no metadata files."""
+
+
+def kind_of(exc: BaseException) -> str:
+    """The outcome kind of an attempt (or an upload) ended by ``exc``."""
+    for cls in type(exc).__mro__:
+        if cls in _KIND_BY_ERROR:
+            return _KIND_BY_ERROR[cls]
+    return FAILURE
+
 
 FIRST_BACKOFF = 2.0
 MAX_BACKOFF = 300.0
@@ -127,35 +155,19 @@ def backoff_delay(requeues: int, rng=None) -> float:
     return ceiling * (0.5 + 0.5 * (rng or random).random())
 
 
-_PREPARATION_ERRORS = {"StorageError", "ObjectMissing", "ResourcesUnavailable"}
-
-
 def leaves_no_trail(outcome: Outcome, started: bool) -> bool:
     """True when an attempt ended by ``outcome`` adds no metadata files to storage: it was
     handed back for a storage or resource fault met while preparing, before any run
     (``started`` False).  Retries of a request that cannot start leave nothing behind."""
-    return not started and outcome.error in _PREPARATION_ERRORS
-
-
-def permanent_upload_error(upload_error: str) -> bool:
-    """True when the uploader's ``"<ErrorType>: <message>"`` names a permanent fault."""
-    return upload_error.split(":", 1)[0] in _PERMANENT_ERRORS
+    return not started and outcome.kind in _PREPARATION
 
 
 def outcome_for_exception(exc: BaseException, exit_code: int | None = None) -> Outcome:
-    """The outcome of an attempt ended by ``exc``; unknown exceptions count as failures."""
-    status = FAILED
-    for cls in type(exc).__mro__:
-        if cls in _STATUS_BY_ERROR:
-            status = _STATUS_BY_ERROR[cls]
-            break
-    error = type(exc).__name__
-    for cls in type(exc).__mro__:  # report the family name the rules are written in
-        if cls.__name__ in _UNCOUNTED_ERRORS | _DEAD_ERRORS | _PERMANENT_ERRORS | {
-                "QueueDeleted", "ClientStopped", "Cancelled"}:
-            error = cls.__name__
-            break
-    return Outcome(status=status, error=error, message=str(exc), exit_code=exit_code)
+    """The outcome of an attempt ended by ``exc``: its kind (:func:`kind_of`), the status
+    that kind gives, and the class name and message for people."""
+    kind = kind_of(exc)
+    return Outcome(status=STATUS_BY_KIND[kind], error=type(exc).__name__, message=str(exc),
+                   exit_code=exit_code, kind=kind)
 
 
 @dataclass(frozen=True)
@@ -174,10 +186,12 @@ class Decision:
 
 
 def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
-           upload_error: str = "", queue_deleted: bool = False,
+           upload_error: str = "", upload_error_kind: str = "", queue_deleted: bool = False,
            requeues_before: int = 0, max_requeues: int = 0,
            cancelled: bool = False) -> Decision:
-    """The fate of a request whose attempt ended with ``outcome``.
+    """The fate of a request whose attempt ended with ``outcome`` (decided by its ``kind``
+    and ``status``; ``upload_error`` is the uploads' failure for people, ``upload_error_kind``
+    its outcome kind).
 
     * ``runner-ctl cancel`` reached the attempt (``cancelled``, or it was stopped with
       :class:`Cancelled`): acked, never retried; ``cancelled`` unless it had already
@@ -201,26 +215,26 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
       a failure no retry can fix (requirements that cannot be met, a script missing from
       the workspace) is acked as failed at once.
     """
-    if cancelled or outcome.error == "Cancelled":
+    if cancelled or outcome.kind == CANCEL:
         if outcome.status in (COMPLETED, EXPIRED) and not upload_error:
             return Decision(ACK, attempts_before, outcome.status, outcome.status)
         return Decision(ACK, attempts_before, CANCELLED, "cancelled by runner-ctl cancel")
-    if queue_deleted or outcome.error == "QueueDeleted":
+    if queue_deleted or outcome.kind == QUEUE_DELETED:
         if outcome.status in (COMPLETED, EXPIRED) and not upload_error:
             return Decision(ACK, attempts_before, outcome.status, outcome.status)
         return Decision(DROP, attempts_before, CANCELLED,
                         "its queue was deleted: the run was aborted")
-    if outcome.error == "ClientStopped" and not upload_error:
+    if outcome.kind == CLIENT_STOPPED and not upload_error:
         return Decision(ACK, attempts_before, CANCELLED, "stopped by the client")
-    if outcome.error in _DEAD_ERRORS:
+    if outcome.kind == BAD_REQUEST:
         return Decision(DEAD, attempts_before, FAILED, f"bad request: {outcome.message}")
-    if outcome.error in _PERMANENT_ERRORS:
+    if outcome.kind == PERMANENT:
         return Decision(ACK, attempts_before, FAILED,
                         f"failed, retrying cannot fix it: {outcome.message}")
-    if upload_error and permanent_upload_error(upload_error):
+    if upload_error and upload_error_kind == PERMANENT:
         return Decision(ACK, attempts_before, FAILED,
                         f"uploads failed, retrying cannot fix it: {upload_error}")
-    counted = outcome.status == FAILED and outcome.error not in _UNCOUNTED_ERRORS
+    counted = outcome.status == FAILED and outcome.kind not in _UNCOUNTED
     attempts = attempts_before + (1 if counted else 0)
     handed_back = bool(upload_error) or (outcome.status not in (COMPLETED, EXPIRED)
                                          and not counted)
@@ -230,7 +244,7 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
         return Decision(ACK, attempts, FAILED,
                         f"handed back {requeues_before} times (--max-requeues "
                         f"{max_requeues}); last: {why}")
-    backoff = outcome.error not in _NO_BACKOFF_ERRORS
+    backoff = outcome.kind != SHUTDOWN
     if upload_error:
         return Decision(REQUEUE, attempts, outcome.status, f"uploads failed: {upload_error}",
                         backoff=backoff)
@@ -240,7 +254,7 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
         return Decision(REQUEUE, attempts, outcome.status,
                         f"handed back ({outcome.error or outcome.status}): {outcome.message}",
                         backoff=backoff)
-    if outcome.error in _NOT_RETRIED_ERRORS:
+    if outcome.kind == NOT_RETRIED:
         return Decision(ACK, attempts, FAILED, f"failed, not retried ({outcome.error}: "
                                                f"no retry can fix it)")
     if attempts >= max_attempts:

@@ -52,7 +52,7 @@ import msgpack
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 BATCH = "batch"  # the type name of a batch frame (no message class)
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -91,13 +91,16 @@ class Outcome:
     """How an attempt ended, before its fate is decided.
 
     ``status`` is the scrape document's final ``studioml.status`` (completed, failed,
-    expired, cancelled); ``error`` names the exception class that ended it, if any.
+    expired, cancelled); ``kind`` is what ended it (one of :mod:`runner.fates`' outcome
+    kinds; the fate is decided by it); ``error`` names the exception class that ended it,
+    if any, for people only.
     """
 
     status: str
     error: str = ""
     message: str = ""
     exit_code: int | None = None
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,8 @@ class AttemptDone(Message):
     TYPE: ClassVar[str] = "attempt_done"
     attempt: Attempt
     outcome: Outcome
-    upload_error: str = ""
+    upload_error: str = ""       # "<ErrorType>: <message>" when the uploads failed, for people
+    upload_error_kind: str = ""  # its outcome kind (runner.fates), which decides
 
 
 @dataclass(frozen=True)

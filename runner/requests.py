@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from .containers.base import image_of
-from .environments import split_args
+from .argv import split_args
 from .errors import BadRequest
 from .storage import STORES, artifact_url
 from .units import UnitError, parse_duration, parse_size

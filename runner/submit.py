@@ -24,10 +24,9 @@ from pathlib import Path
 
 from . import metadata
 from .archive import pack
-from .config import OptionParser, default_data_root, env_value, expand_vars
+from .config import OptionParser, default_data_root, env_value
 from .errors import RunnerError
-from .queues import LocalQueue, PubSubQueue, RabbitMQQueue, SQSQueue, kind_of
-from .redact import safe_url
+from .queues import kind_of, publishing_class
 from .requests import MUTABLE_LABELS
 from . import storage as storage_module
 from .storage import open_store
@@ -194,28 +193,11 @@ def build_request(args: argparse.Namespace, key: str, project: str, storage_root
             "saveWorkspaceFrequency": args.save_frequency,
             "experimentLifetime": args.lifetime or "",
             "resources_needed": resources,
-            "cloud": {"queue": cloud_queue(args)},
+            "cloud": {"queue": publishing_class(args.queue).client_queue(args)},
             "storage": storage,
             "database": {"type": "studioml-runner", "bucket": bucket},
         },
     }
-
-
-def cloud_queue(args: argparse.Namespace) -> dict:
-    """``config.cloud.queue``: how the client reached the queue (credentials masked)."""
-    if kind_of(args.queue) == "rmq":
-        return {"rmq": safe_url(args.amqp_url or "")}
-    if kind_of(args.queue) == "sqs":
-        return {"sqs": {"region": args.aws_region, "endpoint": args.sqs_endpoint}}
-    if is_topic(args.queue):
-        return {"pubsub": args.queue}
-    return {"local": {"root": args.queue_root}}
-
-
-def is_topic(queue: str) -> bool:
-    """A Pub/Sub topic, named in full: ``projects/<project>/topics/<topic>``."""
-    parts = queue.split("/")
-    return len(parts) == 4 and parts[0] == "projects" and parts[2] == "topics"
 
 
 def upload_workspace(directory: Path, storage_root: str, credentials: dict | None = None,
@@ -237,42 +219,15 @@ def upload_workspace(directory: Path, storage_root: str, credentials: dict | Non
 
 
 def publish(args: argparse.Namespace, body: bytes) -> str:
-    """Publish ``body`` to ``args.queue``: local_*, rmq_*, sqs_* or a Pub/Sub topic.
+    """Publish ``body`` to ``args.queue`` with its back end's publisher (local_*, rmq_*,
+    sqs_* or a Pub/Sub topic; :func:`runner.queues.publishing_class`).
 
     rmq_* queues are published to the way the StudioML client does it: topic exchange
     ``StudioML.topic``, routing key ``StudioML.<queue>``, the queue declared and bound,
     publisher confirms, ``app_id studioml``, ``content_type application/json``.
     """
-    kind = kind_of(args.queue)
-    if kind == "local":
-        owner = f"submit-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        with LocalQueue(args.queue_root, owner=owner) as q:
-            return q.publish(args.queue, body)
-    if kind == "rmq":
-        url, missing = expand_vars(args.amqp_url or "", os.environ)
-        if missing:
-            raise RunnerError(f"--amqp-url: ${{{'}, ${'.join(missing)}}} not set in the "
-                              "environment")
-        if not url:
-            raise RunnerError(f"queue {args.queue!r}: rmq_* queues need --amqp-url (or AMQP_URL)")
-        with RabbitMQQueue(url, name=f"runner-submit {os.getpid()}") as q:
-            return q.publish(args.queue, body, durable=args.durable)
-    if kind == "sqs":
-        if not (args.sqs_certs or args.aws_region or args.sqs_endpoint):
-            raise RunnerError(f"queue {args.queue!r}: sqs_* queues need --sqs-certs, "
-                              "--aws-region or --sqs-endpoint")
-        with SQSQueue(args.sqs_certs, region=args.aws_region,
-                      endpoint=args.sqs_endpoint) as q:
-            return q.publish(args.queue, body)
-    if is_topic(args.queue):
-        adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
-        if not (args.google_certs or adc):
-            raise RunnerError(f"topic {args.queue!r}: Pub/Sub needs --google-certs or "
-                              "GOOGLE_APPLICATION_CREDENTIALS")
-        with PubSubQueue([adc] if adc else [], args.google_certs) as q:
-            return q.publish(args.queue, body)
-    raise RunnerError(f"queue {args.queue!r}: runner-submit publishes to local_*, rmq_* and "
-                      "sqs_* queues and Pub/Sub topics (projects/P/topics/T) only")
+    with publishing_class(args.queue).publisher(args) as queue:
+        return queue.publish(args.queue, body)
 
 
 def _store_for(request: dict, url: str):
@@ -409,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RunnerError(f"{directory}: not a directory")
         if args.script != "-m" and not (directory / args.script).is_file():
             raise RunnerError(f"{directory / args.script}: no such script")
+        publishing_class(args.queue)  # an unknown kind of queue fails before any upload
         if kind_of(args.queue) == "rmq" and not args.amqp_url:
             raise RunnerError(f"queue {args.queue!r}: rmq_* queues need --amqp-url (or AMQP_URL)")
         project = args.project or directory.absolute().name

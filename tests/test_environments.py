@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from runner import environments as envs
+from runner.argv import script_command, split_args
 from runner.environments import (Environment, EnvironmentStore, find_interpreter,
-                                 normalize_requirements, script_command, split_args)
+                                 normalize_requirements)
 from runner.errors import BadRequest, EnvironmentBuildError, InterpreterNotFound
 
 from .support import make_tiny_package

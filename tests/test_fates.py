@@ -11,38 +11,39 @@ from runner.protocol import Outcome
 from runner.storage import ObjectMissing
 
 
-def out(status: str, error: str = "", message: str = "", exit_code=None) -> Outcome:
-    return Outcome(status=status, error=error, message=message, exit_code=exit_code)
+def out(status: str, kind: str = "", message: str = "", exit_code=None) -> Outcome:
+    """An outcome of ``kind``; its ``error`` (for people) is deliberately left empty."""
+    return Outcome(status=status, message=message, exit_code=exit_code, kind=kind)
 
 
 @pytest.mark.parametrize("outcome, before, action, attempts, final", [
     # completed / expired are acked; they do not add failed attempts
     (out(COMPLETED, exit_code=0), 0, ACK, 0, COMPLETED),
     (out(COMPLETED, exit_code=0), 2, ACK, 2, COMPLETED),
-    (out(EXPIRED, "LimitReached"), 0, ACK, 0, EXPIRED),
+    (out(EXPIRED, fates.LIMIT), 0, ACK, 0, EXPIRED),
     (out(EXPIRED), 1, ACK, 1, EXPIRED),
     # failures count and requeue until max_attempts (3), then ack failed
-    (out(FAILED, "ExperimentFailed", exit_code=1), 0, REQUEUE, 1, FAILED),
-    (out(FAILED, "ExperimentFailed", exit_code=1), 1, REQUEUE, 2, FAILED),
-    (out(FAILED, "ExperimentFailed", exit_code=1), 2, ACK, 3, FAILED),
-    (out(FAILED, "EnvironmentBuildError"), 2, ACK, 3, FAILED),
-    (out(FAILED, "InterpreterNotFound"), 0, REQUEUE, 1, FAILED),
-    (out(FAILED, "DiskBudgetExceeded"), 1, REQUEUE, 2, FAILED),
-    (out(FAILED, ""), 5, ACK, 6, FAILED),
+    (out(FAILED, fates.FAILURE, exit_code=1), 0, REQUEUE, 1, FAILED),
+    (out(FAILED, fates.FAILURE, exit_code=1), 1, REQUEUE, 2, FAILED),
+    (out(FAILED, fates.FAILURE, exit_code=1), 2, ACK, 3, FAILED),
+    (out(FAILED, fates.FAILURE), 2, ACK, 3, FAILED),
+    (out(FAILED, fates.FAILURE), 0, REQUEUE, 1, FAILED),
+    (out(FAILED, fates.FAILURE), 1, REQUEUE, 2, FAILED),
+    (out(FAILED, fates.NONE), 5, ACK, 6, FAILED),
     # bad requests are dead-lettered, never counted
-    (out(FAILED, "BadRequest", "no workspace"), 0, DEAD, 0, FAILED),
-    (out(FAILED, "BadRequest"), 2, DEAD, 2, FAILED),
+    (out(FAILED, fates.BAD_REQUEST, "no workspace"), 0, DEAD, 0, FAILED),
+    (out(FAILED, fates.BAD_REQUEST), 2, DEAD, 2, FAILED),
     # the runner's own trouble: requeued, not counted, whatever the count
-    (out(CANCELLED, "ShutdownRequested"), 0, REQUEUE, 0, CANCELLED),
-    (out(CANCELLED, "ShutdownRequested"), 2, REQUEUE, 2, CANCELLED),
-    (out(CANCELLED, "RoleCrashed"), 2, REQUEUE, 2, CANCELLED),
-    (out(CANCELLED, "StorageError"), 2, REQUEUE, 2, CANCELLED),
-    (out(CANCELLED, "ObjectMissing"), 1, REQUEUE, 1, CANCELLED),
-    (out(CANCELLED, "ResourcesUnavailable"), 0, REQUEUE, 0, CANCELLED),
+    (out(CANCELLED, fates.SHUTDOWN), 0, REQUEUE, 0, CANCELLED),
+    (out(CANCELLED, fates.SHUTDOWN), 2, REQUEUE, 2, CANCELLED),
+    (out(CANCELLED, fates.ROLE_CRASHED), 2, REQUEUE, 2, CANCELLED),
+    (out(CANCELLED, fates.STORAGE), 2, REQUEUE, 2, CANCELLED),
+    (out(CANCELLED, fates.STORAGE), 1, REQUEUE, 1, CANCELLED),
+    (out(CANCELLED, fates.RESOURCES), 0, REQUEUE, 0, CANCELLED),
     # even if a producer labels them failed, these errors are not counted
-    (out(FAILED, "StorageError"), 2, REQUEUE, 2, FAILED),
-    (out(FAILED, "RoleCrashed"), 2, REQUEUE, 2, FAILED),
-    (out(FAILED, "ShutdownRequested"), 2, REQUEUE, 2, FAILED),
+    (out(FAILED, fates.STORAGE), 2, REQUEUE, 2, FAILED),
+    (out(FAILED, fates.ROLE_CRASHED), 2, REQUEUE, 2, FAILED),
+    (out(FAILED, fates.SHUTDOWN), 2, REQUEUE, 2, FAILED),
 ])
 def test_decide_table(outcome, before, action, attempts, final) -> None:
     decision = decide(outcome, before, max_attempts=3)
@@ -67,13 +68,13 @@ def test_failing_run_is_requeued_until_max_then_acked() -> None:
 
 
 def test_max_attempts_one_acks_the_first_failure() -> None:
-    decision = decide(out(FAILED, "ExperimentFailed"), 0, max_attempts=1)
+    decision = decide(out(FAILED, fates.FAILURE), 0, max_attempts=1)
     assert (decision.action, decision.attempts) == (ACK, 1)
 
 
 @pytest.mark.parametrize("outcome", [
-    out(COMPLETED, exit_code=0), out(EXPIRED), out(FAILED, "ExperimentFailed"),
-    out(CANCELLED, "ShutdownRequested"),
+    out(COMPLETED, exit_code=0), out(EXPIRED), out(FAILED, fates.FAILURE),
+    out(CANCELLED, fates.SHUTDOWN),
 ])
 @pytest.mark.parametrize("before", [0, 2, 10])
 def test_upload_error_requeues_and_never_acks(outcome, before) -> None:
@@ -83,7 +84,7 @@ def test_upload_error_requeues_and_never_acks(outcome, before) -> None:
 
 
 def test_upload_error_still_counts_a_failed_attempt() -> None:
-    decision = decide(out(FAILED, "ExperimentFailed"), 1, 3, upload_error="boom")
+    decision = decide(out(FAILED, fates.FAILURE), 1, 3, upload_error="boom")
     assert (decision.action, decision.attempts) == (REQUEUE, 2)
     completed = decide(out(COMPLETED), 1, 3, upload_error="boom")
     assert (completed.action, completed.attempts, completed.final_status) == \
@@ -91,7 +92,7 @@ def test_upload_error_still_counts_a_failed_attempt() -> None:
 
 
 def test_bad_request_is_dead_even_with_upload_error() -> None:
-    decision = decide(out(FAILED, "BadRequest", "not JSON"), 0, 3, upload_error="boom")
+    decision = decide(out(FAILED, fates.BAD_REQUEST, "not JSON"), 0, 3, upload_error="boom")
     assert decision.action == DEAD
     assert "not JSON" in decision.reason
 
@@ -104,26 +105,33 @@ class FlakyStorage(errors.StorageError):
     pass
 
 
-@pytest.mark.parametrize("exc, status, error", [
-    (errors.BadRequest("missing key"), FAILED, "BadRequest"),
-    (MyBadRequest("subclass"), FAILED, "BadRequest"),
-    (errors.EnvironmentBuildError("pip failed"), FAILED, "EnvironmentBuildError"),
-    (errors.InterpreterNotFound("python3.7"), FAILED, "InterpreterNotFound"),
-    (ExperimentFailed("exit 2"), FAILED, "ExperimentFailed"),
-    (LimitReached("max_duration"), EXPIRED, "LimitReached"),
-    (errors.StorageError("503"), CANCELLED, "StorageError"),
-    (FlakyStorage("flaky"), CANCELLED, "StorageError"),
-    (errors.ArchiveError("../evil"), FAILED, "ArchiveError"),
-    (errors.DiskBudgetExceeded("hdd"), FAILED, "DiskBudgetExceeded"),
-    (errors.ResourcesUnavailable("no gpu"), CANCELLED, "ResourcesUnavailable"),
-    (ShutdownRequested("SIGTERM"), CANCELLED, "ShutdownRequested"),
-    (RoleCrashed("executor died"), CANCELLED, "RoleCrashed"),
-    (RuntimeError("bug"), FAILED, "RuntimeError"),
-    (KeyError("x"), FAILED, "KeyError"),
+@pytest.mark.parametrize("exc, status, kind", [
+    (errors.BadRequest("missing key"), FAILED, fates.BAD_REQUEST),
+    (MyBadRequest("subclass"), FAILED, fates.BAD_REQUEST),
+    (errors.EnvironmentBuildError("pip failed"), FAILED, fates.FAILURE),
+    (errors.RequirementsUnsatisfiable("no such package"), FAILED, fates.NOT_RETRIED),
+    (fates.ScriptMissing("nope.py"), FAILED, fates.NOT_RETRIED),
+    (errors.InterpreterNotFound("python3.7"), FAILED, fates.FAILURE),
+    (ExperimentFailed("exit 2"), FAILED, fates.FAILURE),
+    (fates.OutOfMemory("ram"), FAILED, fates.FAILURE),
+    (LimitReached("max_duration"), EXPIRED, fates.LIMIT),
+    (errors.StorageError("503"), CANCELLED, fates.STORAGE),
+    (FlakyStorage("flaky"), CANCELLED, fates.STORAGE),
+    (errors.PermanentStorageError("403"), FAILED, fates.PERMANENT),
+    (errors.ArchiveError("../evil"), FAILED, fates.FAILURE),
+    (errors.DiskBudgetExceeded("hdd"), FAILED, fates.FAILURE),
+    (errors.ResourcesUnavailable("no gpu"), CANCELLED, fates.RESOURCES),
+    (ShutdownRequested("SIGTERM"), CANCELLED, fates.SHUTDOWN),
+    (RoleCrashed("executor died"), CANCELLED, fates.ROLE_CRASHED),
+    (fates.QueueDeleted("gone"), CANCELLED, fates.QUEUE_DELETED),
+    (fates.ClientStopped("stop"), CANCELLED, fates.CLIENT_STOPPED),
+    (fates.Cancelled("ctl"), CANCELLED, fates.CANCEL),
+    (RuntimeError("bug"), FAILED, fates.FAILURE),
+    (KeyError("x"), FAILED, fates.FAILURE),
 ])
-def test_outcome_for_exception(exc, status, error) -> None:
+def test_outcome_for_exception(exc, status, kind) -> None:
     outcome = outcome_for_exception(exc, exit_code=7)
-    assert (outcome.status, outcome.error) == (status, error)
+    assert (outcome.status, outcome.kind, outcome.error) == (status, kind, type(exc).__name__)
     assert outcome.message == str(exc)
     assert outcome.exit_code == 7
 
@@ -131,7 +139,7 @@ def test_outcome_for_exception(exc, status, error) -> None:
 def test_object_missing_is_storage_trouble_not_counted() -> None:
     outcome = outcome_for_exception(ObjectMissing("file:///nope/workspace.tar"))
     assert outcome.status == CANCELLED
-    assert outcome.error in ("ObjectMissing", "StorageError")
+    assert (outcome.error, outcome.kind) == ("ObjectMissing", fates.STORAGE)
     assert "file:///nope/workspace.tar" in outcome.message
     decision = decide(outcome, 2, max_attempts=3)
     assert (decision.action, decision.attempts) == (REQUEUE, 2)
@@ -203,10 +211,12 @@ def test_permanent_storage_errors_end_the_request_failed_not_retried() -> None:
 
 def test_a_permanent_upload_error_ends_the_request_failed() -> None:
     decision = decide(out(COMPLETED, exit_code=0), 0, 3,
-                      upload_error="PermanentStorageError: cannot write s3://x/y: 403")
+                      upload_error="PermanentStorageError: cannot write s3://x/y: 403",
+                      upload_error_kind=fates.PERMANENT)
     assert (decision.action, decision.final_status) == (ACK, FAILED)
     transient = decide(out(COMPLETED, exit_code=0), 0, 3,
-                       upload_error="StorageError: connection refused")
+                       upload_error="StorageError: connection refused",
+                       upload_error_kind=fates.STORAGE)
     assert (transient.action, transient.backoff) == (REQUEUE, True)
 
 
@@ -221,10 +231,9 @@ def test_file_system_errors_are_classified_by_errno() -> None:
         assert type(error) is errors.StorageError, code
 
 
-@pytest.mark.parametrize("error", ["StorageError", "ObjectMissing", "RoleCrashed",
-                                   "ResourcesUnavailable"])
-def test_hand_backs_back_off_and_are_bounded_by_max_requeues(error: str) -> None:
-    outcome = out(CANCELLED, error, "store unreachable")
+@pytest.mark.parametrize("kind", [fates.STORAGE, fates.ROLE_CRASHED, fates.RESOURCES])
+def test_hand_backs_back_off_and_are_bounded_by_max_requeues(kind: str) -> None:
+    outcome = out(CANCELLED, kind, "store unreachable")
     for before in range(4):
         decision = decide(outcome, 1, 3, requeues_before=before, max_requeues=4)
         assert (decision.action, decision.attempts, decision.backoff) == (REQUEUE, 1, True)
@@ -234,7 +243,7 @@ def test_hand_backs_back_off_and_are_bounded_by_max_requeues(error: str) -> None
 
 
 def test_a_shutdown_hands_back_at_once_and_counts_no_requeue_bound() -> None:
-    decision = decide(out(CANCELLED, "ShutdownRequested"), 0, 3, requeues_before=0,
+    decision = decide(out(CANCELLED, fates.SHUTDOWN), 0, 3, requeues_before=0,
                       max_requeues=5)
     assert (decision.action, decision.backoff) == (REQUEUE, False)
 
@@ -250,3 +259,39 @@ def test_backoff_grows_exponentially_is_jittered_and_capped() -> None:
         assert len(set(delays)) > 1  # jittered: runners do not retry in step
     assert fates.backoff_delay(1, rng) <= fates.FIRST_BACKOFF
     assert fates.backoff_delay(100, rng) <= fates.MAX_BACKOFF
+
+
+# -- the fate follows the outcome kind, never an exception's class name ---------------------
+
+def test_the_kind_decides_and_the_error_name_is_only_for_people() -> None:
+    misleading = Outcome(status=FAILED, error="StorageError", message="exit 1",
+                         kind=fates.FAILURE)
+    assert decide(misleading, 0, 3).attempts == 1  # counted: the name says storage, the kind not
+    handed_back = Outcome(status=CANCELLED, error="SomethingRenamed", kind=fates.STORAGE)
+    assert (decide(handed_back, 0, 3).action, decide(handed_back, 0, 3).attempts) == (REQUEUE, 0)
+    dead = Outcome(status=FAILED, error="NotCalledBadRequest", kind=fates.BAD_REQUEST)
+    assert decide(dead, 0, 3).action == DEAD
+
+
+def test_a_permanent_upload_error_is_known_by_its_kind_not_its_text() -> None:
+    named_only = decide(out(COMPLETED, exit_code=0), 0, 3,
+                        upload_error="PermanentStorageError: 403")
+    assert named_only.action == REQUEUE  # the text alone decides nothing
+    by_kind = decide(out(COMPLETED, exit_code=0), 0, 3, upload_error="Renamed: 403",
+                     upload_error_kind=fates.PERMANENT)
+    assert (by_kind.action, by_kind.final_status) == (ACK, FAILED)
+
+
+def test_every_kind_has_a_status_and_travels_on_the_wire() -> None:
+    from runner import protocol
+
+    for kind, status in fates.STATUS_BY_KIND.items():
+        assert status in (COMPLETED, FAILED, EXPIRED, CANCELLED)
+        outcome = Outcome(status=status, kind=kind)
+        attempt = protocol.Attempt(attempt_id="h-1", queue="q", token="t", attempts=0, key="k",
+                                   project="p", request={}, workdir="/w", resources={},
+                                   taken_at=0.0)
+        done = protocol.AttemptDone(attempt=attempt, outcome=outcome, upload_error="x",
+                                    upload_error_kind=kind)
+        back = protocol.decode(protocol.encode(done))
+        assert (back.outcome.kind, back.upload_error_kind) == (kind, kind)

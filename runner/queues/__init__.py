@@ -8,25 +8,42 @@ until a test installs a broker in its process.
 """
 from __future__ import annotations
 
+import importlib
 import logging
+from collections.abc import Iterator, Mapping
 
 from .base import DEFAULT_QUEUE_MATCH, Delivery, Queue, is_reserved, matches
-from .local import LocalQueue
-from .memory import MemoryQueue
-from .pubsub import PubSubQueue
-from .rabbitmq import RabbitMQQueue
-from .sqs import SQSQueue
 
 logger = logging.getLogger(__name__)
 
-QUEUE_KINDS: dict[str, type[Queue]] = {
-    "local": LocalQueue,
-    "rmq": RabbitMQQueue,
-    "sqs": SQSQueue,
-    "pubsub": PubSubQueue,
-    "memory": MemoryQueue,
-}
-"""Queue-name prefix → back-end class."""
+_MODULES = {"local": ("local", "LocalQueue"), "rmq": ("rabbitmq", "RabbitMQQueue"),
+            "sqs": ("sqs", "SQSQueue"), "pubsub": ("pubsub", "PubSubQueue"),
+            "memory": ("memory", "MemoryQueue")}
+"""Queue-name prefix → (module, class); a module is imported when its class is first asked
+for, so a command that uses one back end does not pay for the others' client libraries."""
+
+
+class _LazyKinds(Mapping):
+    def __getitem__(self, kind: str) -> type[Queue]:
+        module, name = _MODULES[kind]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_MODULES)
+
+    def __len__(self) -> int:
+        return len(_MODULES)
+
+
+QUEUE_KINDS: Mapping[str, type[Queue]] = _LazyKinds()
+"""Queue-name prefix → back-end class (imported on first use)."""
+
+
+def __getattr__(name: str):
+    for kind, (_, cls_name) in _MODULES.items():
+        if cls_name == name:
+            return QUEUE_KINDS[kind]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_backends(config) -> dict[str, Queue]:
@@ -55,5 +72,23 @@ def kind_of(queue_name: str) -> str:
     return head if sep else ""
 
 
+def publishing_class(queue_name: str) -> type[Queue]:
+    """The back end ``runner-submit`` publishes ``queue_name`` with: by its prefix, or
+    Pub/Sub for a topic named in full (``projects/P/topics/T``).
+
+    Raises :class:`~runner.errors.QueueError` for any other name."""
+    from ..errors import QueueError
+
+    kind = kind_of(queue_name)
+    if kind in _MODULES and kind != "pubsub":
+        return QUEUE_KINDS[kind]
+    pubsub = QUEUE_KINDS["pubsub"]
+    if pubsub.is_topic(queue_name):
+        return pubsub
+    raise QueueError(f"queue {queue_name!r}: runner-submit publishes to local_*, rmq_* and "
+                     "sqs_* queues and Pub/Sub topics (projects/P/topics/T) only")
+
+
 __all__ = ["DEFAULT_QUEUE_MATCH", "Delivery", "LocalQueue", "MemoryQueue", "PubSubQueue", "QUEUE_KINDS",
-           "Queue", "RabbitMQQueue", "SQSQueue", "build_backends", "is_reserved", "kind_of", "matches"]
+           "Queue", "RabbitMQQueue", "SQSQueue", "build_backends", "is_reserved", "kind_of", "matches",
+           "publishing_class"]

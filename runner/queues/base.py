@@ -168,6 +168,22 @@ class Queue(abc.ABC):
     def publish(self, queue: str, body: bytes, *, attempts: int = 0) -> str:
         """Add ``body`` to ``queue`` atomically; returns an id of the new message."""
 
+    @classmethod
+    @abc.abstractmethod
+    def publisher(cls, options: Any) -> Queue:
+        """A connection for ``runner-submit`` to publish with, made from its options (an
+        object with ``queue``, ``amqp_url``, ``durable``, ``sqs_certs``, ``aws_region``,
+        ``sqs_endpoint``, ``google_certs`` and ``queue_root``).
+
+        Raises :class:`~runner.errors.RunnerError` naming the option this back end needs
+        when ``options`` lacks it."""
+
+    @classmethod
+    @abc.abstractmethod
+    def client_queue(cls, options: Any) -> dict:
+        """The request's ``config.cloud.queue`` for a request published with ``options``,
+        as the StudioML client writes it (credentials masked)."""
+
     def close(self) -> None:
         """Release connections and locks; the instance is unusable afterwards."""
 

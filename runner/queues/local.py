@@ -94,6 +94,14 @@ class LocalQueue(Queue):
         """The embedded default: always on, rooted at ``--queue-root``."""
         return cls(config.queue_root, owner=config.instance)
 
+    @classmethod
+    def publisher(cls, options) -> "LocalQueue":
+        return cls(options.queue_root, owner=f"submit-{os.getpid()}-{secrets.token_hex(3)}")
+
+    @classmethod
+    def client_queue(cls, options) -> dict:
+        return {"local": {"root": str(options.queue_root)}}
+
     def __init__(self, root: Path | str, owner: str, *, durable: bool = True,
                  lock_timeout_s: float = 5.0) -> None:
         if not _OWNER_RE.match(owner):

@@ -200,6 +200,19 @@ class MemoryQueue(Queue):
         """A queue on the installed broker; None when no test installed one."""
         return cls(_installed) if _installed is not None else None
 
+    @classmethod
+    def publisher(cls, options) -> MemoryQueue:
+        """The installed broker's queue (:class:`QueueError` when no test installed one)."""
+        queue = cls.from_config(options)
+        if queue is None:
+            raise QueueError(f"queue {options.queue!r}: memory_* queues exist only inside a "
+                             "test that installed a MemoryBroker")
+        return queue
+
+    @classmethod
+    def client_queue(cls, options) -> dict:
+        return {"memory": options.queue}
+
     def discover(self) -> list[str]:
         return [name for name in self.broker.queues() if not is_reserved(name)]
 

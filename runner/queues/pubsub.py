@@ -178,6 +178,24 @@ class PubSubQueue(BackgroundDiscovery, Queue):
                    book_path=os.path.join(config.working_dir, ".pubsub-attempts.json"),
                    hostname=config.hostname)
 
+    @staticmethod
+    def is_topic(name: str) -> bool:
+        """A Pub/Sub topic named in full: ``projects/<project>/topics/<topic>``."""
+        parts = name.split("/")
+        return len(parts) == 4 and parts[0] == "projects" and parts[2] == "topics"
+
+    @classmethod
+    def publisher(cls, options) -> "PubSubQueue":
+        adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
+        if not (options.google_certs or adc):
+            raise QueueError(f"topic {options.queue!r}: Pub/Sub needs --google-certs or "
+                             "GOOGLE_APPLICATION_CREDENTIALS")
+        return cls([adc] if adc else [], options.google_certs)
+
+    @classmethod
+    def client_queue(cls, options) -> dict:
+        return {"pubsub": options.queue}
+
     # ------------------------------------------------------------------ projects
     def _sources(self) -> list[str]:
         sources = [f for f in self.files if f]

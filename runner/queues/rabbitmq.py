@@ -31,6 +31,7 @@ import base64
 import itertools
 import json
 import logging
+import os
 import random
 import socket
 import threading
@@ -221,6 +222,27 @@ class RabbitMQQueue(Queue):
         return cls(config.amqp_url, config.amqp_mgt_url,
                    name=f"studioml-runner {config.instance or config.hostname}",
                    hostname=config.hostname)
+
+    @classmethod
+    def publisher(cls, options) -> "RabbitMQQueue":
+        """See :meth:`Queue.publisher`; ``options.durable`` makes :meth:`publish` declare a
+        missing queue durable and send persistent messages."""
+        from ..config import expand_vars
+
+        url, missing = expand_vars(options.amqp_url or "", os.environ)
+        if missing:
+            raise QueueError(f"--amqp-url: ${{{'}, ${'.join(missing)}}} not set in the "
+                             "environment")
+        if not url:
+            raise QueueError(f"queue {options.queue!r}: rmq_* queues need --amqp-url "
+                             "(or AMQP_URL)")
+        queue = cls(url, name=f"runner-submit {os.getpid()}")
+        queue.publish_durable = bool(options.durable)
+        return queue
+
+    @classmethod
+    def client_queue(cls, options) -> dict:
+        return {"rmq": safe_url(options.amqp_url or "")}
 
     # ------------------------------------------------------------------ connection
 
@@ -537,8 +559,10 @@ class RabbitMQQueue(Queue):
 
     # ------------------------------------------------------------------ publishing
 
+    publish_durable = False  # the default of publish()'s ``durable`` (see publisher())
+
     def publish(self, queue: str, body: bytes, *, attempts: int = 0,
-                durable: bool = False) -> str:
+                durable: bool | None = None) -> str:
         """Publish as the StudioML client does; returns the message id.
 
         Declares the topic exchange ``StudioML.topic`` (durable, auto-delete, like the
@@ -549,6 +573,7 @@ class RabbitMQQueue(Queue):
         """
         if attempts < 0:
             raise QueueError(f"attempts must be >= 0, got {attempts}")
+        durable = self.publish_durable if durable is None else durable
         self._ensure(wait=True)
         info = self._channel("_info_ch")
         try:

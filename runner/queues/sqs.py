@@ -232,6 +232,17 @@ class SQSQueue(BackgroundDiscovery, Queue):
                    visibility=getattr(config, "sqs_visibility", DEFAULT_VISIBILITY),
                    hostname=config.hostname)
 
+    @classmethod
+    def publisher(cls, options) -> "SQSQueue":
+        if not (options.sqs_certs or options.aws_region or options.sqs_endpoint):
+            raise QueueError(f"queue {options.queue!r}: sqs_* queues need --sqs-certs, "
+                             "--aws-region or --sqs-endpoint")
+        return cls(options.sqs_certs, region=options.aws_region, endpoint=options.sqs_endpoint)
+
+    @classmethod
+    def client_queue(cls, options) -> dict:
+        return {"sqs": {"region": options.aws_region, "endpoint": options.sqs_endpoint}}
+
     # ------------------------------------------------------------------ accounts
     def _rescan(self) -> None:
         """Add, replace or drop accounts after the ``--sqs-certs`` directory."""

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .. import cgroups, containers, fates, launcher, proctree, protocol, registry, sandbox
 from ..config import Config
-from ..environments import script_command
+from ..argv import script_command
 from ..errors import BadRequest, RunnerError
 from ..output import Segments, join_pieces
 from ..resources import device_list

@@ -683,7 +683,7 @@ class Fetcher(Role):
         """Ask :func:`fates.decide`, record the result and apply it to the deliveries."""
         requeues = self.requeues.get(identity, 0)
         decision = fates.decide(done.outcome, delivery.attempts, self.config.max_attempts,
-                                done.upload_error, queue_deleted=queue_deleted,
+                                done.upload_error, done.upload_error_kind, queue_deleted=queue_deleted,
                                 requeues_before=requeues,
                                 max_requeues=self.config.max_requeues, cancelled=cancelled)
         final = decision.action in (fates.ACK, fates.DEAD, fates.DROP)

@@ -185,7 +185,7 @@ class Uploader(Role):
     def upload(self, request: protocol.UploadRequest, attempt_lock: threading.Lock) -> None:
         attempt = request.attempt
         log = lambda text: self.runner_log(attempt.attempt_id, text)  # noqa: E731
-        error = ""
+        error, error_kind = "", ""
         try:
             with attempt_lock:
                 with self.lock:
@@ -207,22 +207,24 @@ class Uploader(Role):
             if request.final:
                 self.log.info("key=%s attempt=%s final uploads done", attempt.key, attempt.attempt_id)
         except (RunnerError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error, error_kind = f"{type(exc).__name__}: {exc}", fates.kind_of(exc)
             self.log.error("key=%s attempt=%s upload failed: %s", attempt.key, attempt.attempt_id, error)
         except Exception as exc:  # never lose the AttemptDone of a final request
-            error = f"{type(exc).__name__}: {exc}"
+            error, error_kind = f"{type(exc).__name__}: {exc}", fates.kind_of(exc)
             self.log.exception("key=%s attempt=%s upload crashed", attempt.key, attempt.attempt_id)
         finally:
             with self.lock:
                 self.in_flight -= 1
         if request.final:
             outcome = request.outcome or protocol.Outcome(status=fates.FAILED)
-            decision = fates.decide(outcome, attempt.attempts, self.config.max_attempts, error)
+            decision = fates.decide(outcome, attempt.attempts, self.config.max_attempts, error,
+                                    error_kind)
             self.records.submit(attempt.attempt_id, attempt.request, studio_db.ended(
                 decision.action in (fates.ACK, fates.DEAD, fates.DROP)))
             self.records.forget(attempt.attempt_id)
             self.post("fetcher", protocol.AttemptDone(attempt=attempt, outcome=request.outcome,
-                                                  upload_error=error))
+                                                  upload_error=error,
+                                                  upload_error_kind=error_kind))
             self.forget(attempt)  # after the AttemptDone: the fetcher need not wait for the removal
 
     def write_record(self, attempt: protocol.Attempt) -> None:
