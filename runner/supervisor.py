@@ -11,7 +11,7 @@
   own: they import the installed package only, and a signal sent to the supervisor's
   process group reaches the supervisor alone.  ``runner-ctl status`` shows the hot path
   every role reports from its own process.
-* Attempts a dead runner left in the attempt registry (:mod:`runner.registry`) are found
+* Attempts a dead runner left in the attempt files (:mod:`runner.attempt_files`) are found
   at start-up: what is left of their runs is killed and each ends ``cancelled`` through the
   scraper and the uploader, so that its scrape document gets a final status.
 * Signals only record; the loop acts, through the same methods as ``runner-ctl``:
@@ -53,7 +53,7 @@ from pathlib import Path
 import zmq
 
 from . import (__version__, _fast, cgroups, config as config_module, fates, metadata,
-               proctree, protocol, registry, slack as slack_module)
+               proctree, protocol, attempt_files, slack as slack_module)
 from .bus import ROLES, Bus, Endpoints, control_server, poll_ms
 from .errors import ConfigError, ProtocolError
 from .logs import set_level, setup_logging
@@ -241,23 +241,23 @@ class Supervisor:
                      signal_name(stops[0]))
             raise FatalError(0, "stopped while booting")
 
-    def find_leftovers(self) -> list[registry.Leftover]:
+    def find_leftovers(self) -> list[attempt_files.Leftover]:
         """Kill the runs a dead runner left (before any role starts)."""
-        leftovers = registry.recover(self.config.runtime_dir)
+        leftovers = attempt_files.recover(self.config.runtime_dir)
         for leftover in leftovers:
             log.warning("attempt %s was in flight when the previous runner stopped; %d of its "
                         "processes were still alive and were killed; ending it as cancelled",
                         leftover.attempt_id, leftover.killed)
         return [leftover for leftover in leftovers if leftover.attempt is not None]
 
-    def end_leftovers(self, leftovers: list[registry.Leftover]) -> None:
+    def end_leftovers(self, leftovers: list[attempt_files.Leftover]) -> None:
         """End each attempt a dead runner left as cancelled (its request is back in its
         queue or with another runner), through the scraper and the uploader."""
         for leftover in leftovers:
             attempt = leftover.attempt
             # A copy the dead runner closed (maybe ``completed``) is closed again as
             # cancelled: its request will run again, and only that run's result stands.
-            registry.forget_kind(self.config.runtime_dir, attempt.attempt_id, "ended")
+            attempt_files.forget_kind(self.config.runtime_dir, attempt.attempt_id, "ended")
             outcome = fates.outcome_for_exception(fates.RoleCrashed(
                 "the runner stopped while this attempt was in flight; its request went back "
                 "to its queue"))
@@ -722,7 +722,7 @@ class Supervisor:
                 continue
             attempt = entry["attempt"]
             if name == "uploader":  # its final upload again, with the outcome the scraper kept
-                outcome = registry.read_ended(self.config.runtime_dir, attempt.attempt_id)
+                outcome = attempt_files.read_ended(self.config.runtime_dir, attempt.attempt_id)
                 if outcome is not None:
                     log.warning("key=%s attempt=%s was being uploaded by the uploader; "
                                 "uploading it again", attempt.key, attempt.attempt_id)
@@ -730,7 +730,7 @@ class Supervisor:
                                                                      outcome=outcome))
                     continue
             if name == "scraper":
-                if registry.read(self.config.runtime_dir, attempt.attempt_id, "ended") is not None:
+                if attempt_files.read(self.config.runtime_dir, attempt.attempt_id, "ended") is not None:
                     entry["phase"] = "uploading"  # closed: the uploader has its final request
                     continue
                 log.warning("key=%s attempt=%s was being closed by the scraper; ending it as "
@@ -740,7 +740,7 @@ class Supervisor:
             log.warning("key=%s attempt=%s was held by %s; ending it as cancelled", attempt.key,
                         attempt.attempt_id, name)
             if name in ("cache_manager", "executor"):
-                registry.kill_run(self.config.runtime_dir, attempt.attempt_id)
+                attempt_files.kill_run(self.config.runtime_dir, attempt.attempt_id)
                 self.bus.send("scraper", protocol.AttemptEnded(attempt=attempt, outcome=crashed))
                 entry["phase"] = "ending"
             else:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import cgroups, containers, fates, launcher, proctree, protocol, registry, sandbox
+from .. import attempt_files, cgroups, containers, fates, launcher, proctree, protocol, sandbox
 from ..config import Config
 from ..argv import script_command
 from ..errors import BadRequest, RunnerError
@@ -275,7 +275,7 @@ class Executor(Role):
         stop_at, limit = min(limits) if limits else (None, "")
         run = Run(attempt=attempt, process=process, started=now, stop_at=stop_at, limit=limit,
                   cgroup=cgroup)
-        registry.write(self.config.runtime_dir, attempt.attempt_id, "run", {
+        attempt_files.write(self.config.runtime_dir, attempt.attempt_id, "run", {
             "pid": process.pid, "ticks": proctree.start_ticks(process.pid),
             "cgroup": [str(d) for d in cgroup.dirs.values()] if cgroup else [],
             "attempt": protocol.to_map(attempt)})

@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import (containers, envelope, fates, gpus, metadata, protocol, registry,
+from .. import (attempt_files, containers, envelope, fates, gpus, metadata, protocol,
                studio_db)
 from ..errors import BadRequest, DeliveryLost, QueueError, RunnerError
 from ..queues import Delivery, Queue, build_backends, kind_of, matches
@@ -650,7 +650,7 @@ class Fetcher(Role):
             # An attempt left by a runner that died (the supervisor ended it on recovery):
             # its request is in its queue again or with another runner; nothing to settle.
             self.log.warning("attempt %s finished but is not held here", done.attempt.attempt_id)
-            registry.forget(self.config.runtime_dir, done.attempt.attempt_id)
+            attempt_files.forget(self.config.runtime_dir, done.attempt.attempt_id)
             self.phase(done.attempt, "finished", fate=fates.DROP, status=done.outcome.status,
                        reason="not held by this runner: nothing to settle")
             return
@@ -666,7 +666,7 @@ class Fetcher(Role):
         try:
             decision = self.decide_and_settle(done, backend, delivery, attempt, extra, identity,
                                               queue_deleted, cancelled)
-            registry.forget(self.config.runtime_dir, attempt.attempt_id)  # settled: nothing to recover
+            attempt_files.forget(self.config.runtime_dir, attempt.attempt_id)  # settled: nothing to recover
         finally:  # whatever happened above, the attempt's resources are free again
             if not self.ledger.release(attempt.attempt_id):
                 self.log.warning("key=%s attempt=%s held no reservation at settle", attempt.key,

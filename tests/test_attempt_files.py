@@ -1,4 +1,4 @@
-"""The attempt registry, the process-tree helpers and the supervisor's phase ordering,
+"""The attempt files, the process-tree helpers and the supervisor's phase ordering,
 with real files and real processes."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from runner import proctree, protocol, registry
+from runner import attempt_files, proctree, protocol
 from runner.config import load
 from runner.supervisor import Supervisor
 
@@ -21,22 +21,22 @@ def make_attempt(attempt_id: str = "host-1r31eq", workdir: str = "/tmp/nowhere")
                         workdir=workdir, resources={"cpus": 1}, taken_at=1700000000.0)
 
 
-def test_registry_round_trip_and_forget(tmp_path):
+def test_attempt_files_round_trip_and_forget(tmp_path):
     runtime = str(tmp_path)
     attempt = make_attempt()
-    registry.write_attempt(runtime, attempt)
-    registry.write_ended(runtime, attempt.attempt_id, protocol.Outcome(status="completed", exit_code=0))
-    assert registry.attempt_ids(runtime) == [attempt.attempt_id]
-    assert registry.read_attempt(runtime, attempt.attempt_id) == attempt
-    assert registry.read_ended(runtime, attempt.attempt_id).status == "completed"
-    registry.forget(runtime, attempt.attempt_id)
-    assert registry.attempt_ids(runtime) == []
-    assert registry.read_attempt(runtime, attempt.attempt_id) is None
+    attempt_files.write_attempt(runtime, attempt)
+    attempt_files.write_ended(runtime, attempt.attempt_id, protocol.Outcome(status="completed", exit_code=0))
+    assert attempt_files.attempt_ids(runtime) == [attempt.attempt_id]
+    assert attempt_files.read_attempt(runtime, attempt.attempt_id) == attempt
+    assert attempt_files.read_ended(runtime, attempt.attempt_id).status == "completed"
+    attempt_files.forget(runtime, attempt.attempt_id)
+    assert attempt_files.attempt_ids(runtime) == []
+    assert attempt_files.read_attempt(runtime, attempt.attempt_id) is None
 
 
-def test_registry_refuses_a_path_as_attempt_id(tmp_path):
+def test_attempt_files_refuse_a_path_as_attempt_id(tmp_path):
     try:
-        registry.write(str(tmp_path), "../escape", "attempt", {})
+        attempt_files.write(str(tmp_path), "../escape", "attempt", {})
     except ValueError:
         pass
     else:
@@ -46,11 +46,11 @@ def test_registry_refuses_a_path_as_attempt_id(tmp_path):
 
 def test_a_damaged_entry_is_dropped_on_recovery(tmp_path):
     runtime = str(tmp_path)
-    registry.folder(runtime).mkdir()
-    (registry.folder(runtime) / "host-1.attempt").write_text("{not json")
-    [leftover] = registry.recover(runtime)
+    attempt_files.folder(runtime).mkdir()
+    (attempt_files.folder(runtime) / "host-1.attempt").write_text("{not json")
+    [leftover] = attempt_files.recover(runtime)
     assert leftover.attempt is None and leftover.attempt_id == "host-1"
-    assert registry.attempt_ids(runtime) == []
+    assert attempt_files.attempt_ids(runtime) == []
 
 
 def test_recover_kills_a_run_tree_and_spares_a_reused_pid(tmp_path):
@@ -66,13 +66,13 @@ def test_recover_kills_a_run_tree_and_spares_a_reused_pid(tmp_path):
         while len(processes_with(mark)) < 2:
             assert time.monotonic() < deadline, "the run did not start its helper"
             time.sleep(0.05)
-        registry.write(runtime, "host-1", "run", {"pid": run.pid,
+        attempt_files.write(runtime, "host-1", "run", {"pid": run.pid,
                                                   "ticks": proctree.start_ticks(run.pid),
                                                   "attempt": protocol.to_map(make_attempt("host-1"))})
         # the same pid number with another start time is another process: left alone
-        registry.write(runtime, "host-2", "run", {"pid": other.pid, "ticks": 1,
+        attempt_files.write(runtime, "host-2", "run", {"pid": other.pid, "ticks": 1,
                                                   "attempt": protocol.to_map(make_attempt("host-2"))})
-        leftovers = {entry.attempt_id: entry for entry in registry.recover(runtime)}
+        leftovers = {entry.attempt_id: entry for entry in attempt_files.recover(runtime)}
         assert leftovers["host-1"].killed >= 2 and leftovers["host-2"].killed == 0
         assert run.wait(10) == -signal.SIGKILL
         deadline = time.monotonic() + 10

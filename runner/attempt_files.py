@@ -1,4 +1,4 @@
-"""The attempt registry: what is in flight, on disk, so that a new runner finds it again.
+"""The attempt files: what is in flight, on disk, so that a new runner finds it again.
 
 One folder, ``<runtime-dir>/attempts/``, with small JSON files per attempt id (each
 written whole, then renamed in, by the one role that owns it):
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import proctree, protocol
 
-log = logging.getLogger("runner.registry")
+log = logging.getLogger("runner.attempt_files")
 FOLDER = "attempts"
 KINDS = ("attempt", "run", "scraped", "ended")
 
@@ -73,7 +73,7 @@ def read_attempt(runtime_dir: str, attempt_id: str) -> protocol.Attempt | None:
     try:
         return protocol.from_map(protocol.Attempt, value)
     except Exception:  # noqa: BLE001 - a damaged file must not stop the recovery
-        log.warning("attempt %s: unreadable registry entry", attempt_id)
+        log.warning("attempt %s: unreadable attempt file", attempt_id)
         return None
 
 
@@ -109,7 +109,7 @@ def forget_kind(runtime_dir: str, attempt_id: str, kind: str) -> None:
 
 
 def attempt_ids(runtime_dir: str) -> list[str]:
-    """Ids of the attempts that have any file in the registry, sorted."""
+    """Ids of the attempts that have any attempt file, sorted."""
     try:
         names = os.listdir(folder(runtime_dir))
     except FileNotFoundError:
@@ -120,7 +120,7 @@ def attempt_ids(runtime_dir: str) -> list[str]:
 
 @dataclass
 class Leftover:
-    """An attempt a dead runner left in the registry."""
+    """An attempt a dead runner left in the attempt files."""
 
     attempt_id: str
     attempt: protocol.Attempt | None
@@ -173,7 +173,7 @@ def remove_cgroups(runtime_dir: str, attempt_id: str, wait: float = 2.0) -> None
 
 
 def recover(runtime_dir: str) -> list[Leftover]:
-    """Kill the runs of every attempt left in the registry by a runner that is gone.
+    """Kill the runs of every attempt left in the attempt files by a runner that is gone.
 
     Call it only while holding the runtime directory's lock (no live runner uses these
     entries).  Entries are kept: the caller ends each attempt, and the fetcher forgets it
