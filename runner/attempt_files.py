@@ -183,6 +183,9 @@ def recover(runtime_dir: str) -> list[Leftover]:
         killed = kill_run(runtime_dir, attempt_id)
         remove_cgroups(runtime_dir, attempt_id)
         attempt = read_attempt(runtime_dir, attempt_id)
+        log.warning("attempt %s was in flight when the previous runner stopped; %d of its "
+                    "processes were still alive and were killed; ending it as cancelled",
+                    attempt_id, killed)
         if attempt is None:
             forget(runtime_dir, attempt_id)
         found.append(Leftover(attempt_id=attempt_id, attempt=attempt, killed=killed))

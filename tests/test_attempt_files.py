@@ -1,4 +1,4 @@
-"""The attempt files, the process-tree helpers and the supervisor's phase ordering,
+"""The attempt files and the process-tree helpers,
 with real files and real processes."""
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import sys
 import time
 
 from runner import attempt_files, proctree, protocol
-from runner.config import load
-from runner.supervisor import Supervisor
 
 from .support import processes_with
 
@@ -85,21 +83,3 @@ def test_recover_kills_a_run_tree_and_spares_a_reused_pid(tmp_path):
         for process in (run, other):
             process.kill()
             process.wait()
-
-
-def test_a_phase_never_goes_back(tmp_path):
-    config = load(["--runtime-dir", str(tmp_path / "run"), "--working-dir", str(tmp_path / "w")],
-                  environ={})
-    supervisor = Supervisor(config)
-    attempt = make_attempt()
-
-    def track(phase: str) -> None:
-        supervisor.track(protocol.AttemptPhase(attempt=attempt, phase=phase, role="x", at=time.time(),
-                                           detail={"seen": phase}))
-
-    track("taken")
-    track("running")
-    track("uploading")  # the scraper's, before ...
-    track("ending")  # ... the executor's, which came late
-    assert supervisor.attempts[attempt.attempt_id]["phase"] == "uploading"
-    assert supervisor.attempts[attempt.attempt_id]["detail"]["seen"] == "ending"

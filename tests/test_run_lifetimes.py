@@ -10,12 +10,11 @@ import json
 import os
 import signal
 import uuid
-from types import SimpleNamespace
 
 import pytest
 
 from runner import attempt_files
-from runner.supervisor import Supervisor
+from runner.role_processes import RoleProcesses
 
 from .support import processes_with, running_attempt
 
@@ -302,11 +301,10 @@ def test_roles_import_the_installed_package_whatever_the_working_directory(runne
     assert runner.wait_final(request)["status"] == "completed"
 
 
-def test_status_names_each_role_when_their_hot_paths_differ():
-    roles = {"fetcher": SimpleNamespace(stats={"hot_path": "compiled"}),
-             "scraper": SimpleNamespace(stats={"hot_path": "pure"}),
-             "uploader": SimpleNamespace(stats={})}
-    assert Supervisor.hot_path(SimpleNamespace(roles=roles)) == \
-        "mixed: fetcher=compiled, scraper=pure"
+def test_status_names_each_role_when_their_hot_paths_differ(tmp_path):
+    roles = RoleProcesses(str(tmp_path))
+    roles["fetcher"].stats = {"hot_path": "compiled"}
+    roles["scraper"].stats = {"hot_path": "pure"}
+    assert roles.hot_path() == "mixed: fetcher=compiled, scraper=pure"
     roles["scraper"].stats["hot_path"] = "compiled"
-    assert Supervisor.hot_path(SimpleNamespace(roles=roles)) == "compiled"
+    assert roles.hot_path() == "compiled"

@@ -289,7 +289,7 @@ class Executor(Role):
             self._disk_watcher.start()
         self.wake(tick=True)  # from now on tick every TICK (deadlines), not IDLE_TICK
         self.log.info("key=%s attempt=%s started pid %d", attempt.key, attempt.attempt_id, process.pid)
-        self.phase(attempt, "running", pid=process.pid)
+        self.phase(attempt, protocol.PHASE_RUNNING, pid=process.pid)
 
     def isolate(self, prepared: protocol.AttemptPrepared, command: list[str], cwd: Path
                 ) -> tuple[list[str], dict]:
@@ -494,7 +494,7 @@ class Executor(Role):
         self.post("scraper", protocol.AttemptEnded(attempt=attempt, outcome=outcome, facts=facts))
         self.post("fetcher", protocol.RunEnded(attempt_id=attempt.attempt_id))
         self.post("cache_manager", protocol.RunEnded(attempt_id=attempt.attempt_id))  # image lease
-        self.phase(attempt, "ending")
+        self.phase(attempt, protocol.PHASE_ENDING)
 
     def stats(self) -> dict:
         return {"running": len(self.runs),

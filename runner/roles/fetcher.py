@@ -504,7 +504,7 @@ class Fetcher(Role):
         self.taken_total += 1
         self.log.info("key=%s attempt=%s taken from %s (attempt %d), devices %s", attempt.key,
                       attempt_id, delivery.queue, delivery.attempts + 1, reservation["devices"])
-        self.phase(attempt, "taken")
+        self.phase(attempt, protocol.PHASE_TAKEN)
         self.post("cache_manager", protocol.AttemptAssigned(attempt=attempt))
         self.heartbeat(force=True)  # free resources changed: status shows them at once
         return True, False, ""
@@ -651,7 +651,7 @@ class Fetcher(Role):
             # its request is in its queue again or with another runner; nothing to settle.
             self.log.warning("attempt %s finished but is not held here", done.attempt.attempt_id)
             attempt_files.forget(self.config.runtime_dir, done.attempt.attempt_id)
-            self.phase(done.attempt, "finished", fate=fates.DROP, status=done.outcome.status,
+            self.phase(done.attempt, protocol.PHASE_FINISHED, fate=fates.DROP, status=done.outcome.status,
                        reason="not held by this runner: nothing to settle")
             return
         backend, delivery, attempt = entry
@@ -674,7 +674,7 @@ class Fetcher(Role):
             self.heartbeat(force=True)  # free resources changed: status shows them at once
         self.log.info("key=%s attempt=%s %s: %s", attempt.key, attempt.attempt_id, decision.action,
                       decision.reason)
-        self.phase(attempt, "finished", fate=decision.action, status=decision.final_status,
+        self.phase(attempt, protocol.PHASE_FINISHED, fate=decision.action, status=decision.final_status,
                    reason=decision.reason)
 
     def decide_and_settle(self, done: protocol.AttemptDone, backend: Queue, delivery: Delivery,

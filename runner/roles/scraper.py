@@ -451,7 +451,7 @@ class Scraper(Role):
         self.post("uploader", protocol.UploadRequest(
             attempt=ended.attempt, final=True, outcome=outcome,
             metadata=not fates.leaves_no_trail(outcome, started="pid" in ended.facts)))
-        self.phase(ended.attempt, "uploading", status=outcome.status,
+        self.phase(ended.attempt, protocol.PHASE_UPLOADING, status=outcome.status,
                    tail=output_tail(state.output_log.name) if state else "")
 
     def stats(self) -> dict:
