@@ -149,6 +149,7 @@ class Drain:
         if self.current is None:
             actions += self.request(why, SIGNAL, now, in_flight)[1]
         drain = self.current
+        assert drain is not None  # started just above
         drain.exit = True
         actions += self._stopping(f"stopping now ({why})")
         if not drain.stop_now:
@@ -211,10 +212,10 @@ class Drain:
         """One turn of the loop: move a drain along, or start one at a limit."""
         if self.current is None:
             return self._check_limits(now, in_flight, taken)
-        return self._progress(now, in_flight, fetcher_taking)
+        return self._progress(self.current, now, in_flight, fetcher_taking)
 
-    def _progress(self, now: float, in_flight: list[str], fetcher_taking: bool) -> list:
-        drain = self.current
+    def _progress(self, drain: Draining, now: float, in_flight: list[str],
+                  fetcher_taking: bool) -> list:
         if not in_flight and not fetcher_taking:
             if not drain.exit:
                 self.state = "drained"
