@@ -31,8 +31,8 @@ bound on a long-lived runner (``runner-ctl running`` and the logs name experimen
 Counters that come from a role's stats restart from 0 when that role restarts (Prometheus
 treats that as a counter reset).  Newer metrics use the Python client's conventions:
 ``runner_phase_seconds`` (histogram by ``phase``: queue_wait, download, environment, run,
-upload), ``runner_experiments_total`` (by final ``status``), ``runner_role_up`` (by
-``role``), ``runner_draining`` and ``runner_healthy``.
+upload: :data:`runner.registry.SPANS`), ``runner_experiments_total`` (by final ``status``),
+``runner_role_up`` (by ``role``), ``runner_draining`` and ``runner_healthy``.
 """
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .queues import kind_of
+from .registry import SPANS
 
 log = logging.getLogger(__name__)
 
-PHASES = ("queue_wait", "download", "environment", "run", "upload")
 PHASE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400,
                  43200, 86400, 259200)
 JOB_LABELS = ("host", "queue_type", "queue_name", "project")
@@ -155,7 +155,7 @@ class Metrics:
                               registry=self.registry)
         self.healthy = Gauge("runner_healthy", "1 while every role is healthy",
                              registry=self.registry)
-        for phase in PHASES:
+        for phase in SPANS:
             self.phase_seconds.labels(phase)
         self._lock = threading.Lock()
         self._completed: dict[tuple, float] = {}

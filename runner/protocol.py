@@ -301,13 +301,29 @@ class RunEnded(Message):
     attempt_id: str
 
 
+# An attempt's phases (``AttemptPhase.phase``), in the order they follow each other, with
+# the role that announces each.
+PHASE_TAKEN = "taken"          # fetcher: taken from its queue, its resources reserved
+PHASE_PREPARING = "preparing"  # cache manager: downloads, image, environment ("step")
+PHASE_RUNNING = "running"      # executor: the run's process started
+PHASE_ENDING = "ending"        # executor or cache manager: ended; the scraper closes it
+PHASE_UPLOADING = "uploading"  # scraper: closed; the uploader's final upload
+PHASE_SETTLING = "settling"    # never sent: the supervisor's own, for an attempt it handed
+#                                to the fetcher to settle after the role holding it died
+PHASE_FINISHED = "finished"    # fetcher: the request's fate is settled
+PHASES = (PHASE_TAKEN, PHASE_PREPARING, PHASE_RUNNING, PHASE_ENDING, PHASE_UPLOADING,
+          PHASE_SETTLING, PHASE_FINISHED)
+# The steps of PHASE_PREPARING (``AttemptPhase.detail["step"]``), in order.
+STEP_DOWNLOAD, STEP_IMAGE, STEP_ENVIRONMENT = "download", "image", "environment"
+
+
 @dataclass(frozen=True)
 class AttemptPhase(Message):
     """Any role → supervisor: where an attempt is now (for status, restarts and metrics).
 
-    ``phase`` is one of taken, preparing, running, ending, uploading, finished.
-    ``detail`` carries phase facts: ``step`` while preparing (``download`` then
-    ``environment``), ``pid`` when running, ``status`` and ``tail`` (the last KB of the
+    ``phase`` is one of the ``PHASE_*`` names above (never ``settling``).
+    ``detail`` carries phase facts: ``step`` while preparing (``download``, ``image`` for a
+    container, then ``environment``), ``pid`` when running, ``status`` and ``tail`` (the last KB of the
     masked output) when uploading, ``fate``/``status``/``reason`` when finished.
     """
 

@@ -1,189 +1,218 @@
-"""The attempt registry: what is in flight, on disk, so that a new runner finds it again.
+"""The supervisor's registry of attempts in flight, fed by the roles' ``AttemptPhase``.
 
-One folder, ``<runtime-dir>/attempts/``, with small JSON files per attempt id (each
-written whole, then renamed in, by the one role that owns it):
+* :class:`AttemptEntry` — one attempt: its ``Attempt``, its phase (a ``protocol.PHASE_*``
+  name) and since when, the facts the roles reported (``detail``: ``pid``, ``tail``,
+  ``status``…) and when it crossed each phase boundary (``times``, unix seconds).
+* :class:`Registry` — the entries by attempt id, the counts a drain and the status need
+  (in flight, taken, finished by status), the phase-owner table (which role holds an
+  attempt in each phase) and the timing spans (how long an attempt spent in each phase,
+  for ``runner_phase_seconds``).
 
-* ``<id>.attempt`` — the attempt's ``Attempt``; written by the scraper when it opens the attempt;
-* ``<id>.run`` — the run's launcher: ``{"pid", "ticks", "cgroup": [folders]}``, written by
-  the executor when the run starts (with the ``Attempt`` too, for a run whose ``.attempt`` is late);
-* ``<id>.scraped`` — what the scraper had saved at its last save: the run's output bytes
-  consumed (``offset``) and the sizes of the files written so far (for a restarted scraper);
-* ``<id>.ended`` — the attempt's ``Outcome``, written by the scraper when it closed it (a
-  restarted uploader gets its final upload again with it).
-
-The fetcher removes every file of an attempt once its request is settled (after the ack or
-requeue).  Whatever a runner finds here at start-up was left by a runner that died: its
-processes are killed and each attempt is ended ``cancelled`` through the scraper and the
-uploader, so that its scrape document gets a final status (see ``docs/architecture.md``).
+Phases come from several roles over separate sockets, so the executor's ``ending`` may
+arrive after the scraper's ``uploading``: a phase never goes back.  When a role dies,
+:meth:`Registry.hand_over` says what becomes of each attempt it held (see
+``docs/architecture.md``, recovery when a role dies) and moves their phases on; carrying
+that out (messages, killing runs) is the supervisor's.  Nothing here sends, sleeps or reads
+the clock: times come in with the messages.
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
-import signal
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
-from . import proctree, protocol
+from . import fates, protocol
+from .protocol import (PHASE_ENDING, PHASE_FINISHED, PHASE_PREPARING, PHASE_RUNNING,
+                       PHASE_SETTLING, PHASE_TAKEN, PHASE_UPLOADING, STEP_DOWNLOAD,
+                       STEP_ENVIRONMENT)
 
-log = logging.getLogger("runner.registry")
-FOLDER = "attempts"
-KINDS = ("attempt", "run", "scraped", "ended")
+#: The role that holds an attempt in each phase (the one whose death strands it).  An
+#: attempt that is ``settling`` is the fetcher's, whose replacement gets it with ``Adopt``.
+PHASE_OWNER = {PHASE_TAKEN: "cache_manager", PHASE_PREPARING: "cache_manager",
+               PHASE_RUNNING: "executor", PHASE_ENDING: "scraper",
+               PHASE_UPLOADING: "uploader"}
+PHASE_RANK = {name: rank for rank, name in enumerate(protocol.PHASES)}
 
+#: The timing spans (``runner_phase_seconds``'s ``phase`` label), in order.
+SPANS = ("queue_wait", "download", "environment", "run", "upload")
+#: Which boundary ends which span: boundary -> (span, the boundary that started it; None:
+#: the request's ``time_added``).  A boundary is a phase, or ``phase:step`` while preparing.
+SPAN_ENDS = {PHASE_TAKEN: ("queue_wait", None),
+             f"{PHASE_PREPARING}:{STEP_ENVIRONMENT}": (
+                 "download", f"{PHASE_PREPARING}:{STEP_DOWNLOAD}"),
+             PHASE_RUNNING: ("environment", f"{PHASE_PREPARING}:{STEP_ENVIRONMENT}"),
+             PHASE_ENDING: ("run", PHASE_RUNNING),
+             PHASE_FINISHED: ("upload", PHASE_UPLOADING)}
 
-def folder(runtime_dir: str) -> Path:
-    return Path(runtime_dir) / FOLDER
-
-
-def _path(runtime_dir: str, attempt_id: str, kind: str) -> Path:
-    if "/" in attempt_id or attempt_id.startswith("."):
-        raise ValueError(f"not an attempt id: {attempt_id!r}")
-    return folder(runtime_dir) / f"{attempt_id}.{kind}"
-
-
-def write(runtime_dir: str, attempt_id: str, kind: str, value: dict) -> None:
-    """Write ``<id>.<kind>`` atomically (a crash leaves the old file or the new one)."""
-    target = _path(runtime_dir, attempt_id, kind)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(value, sort_keys=True))
-    os.replace(temporary, target)
-
-
-def read(runtime_dir: str, attempt_id: str, kind: str) -> dict | None:
-    """The content of ``<id>.<kind>``, or None when it is absent or unreadable."""
-    try:
-        value = json.loads(_path(runtime_dir, attempt_id, kind).read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def write_attempt(runtime_dir: str, attempt: protocol.Attempt) -> None:
-    write(runtime_dir, attempt.attempt_id, "attempt", protocol.to_map(attempt))
-
-
-def read_attempt(runtime_dir: str, attempt_id: str) -> protocol.Attempt | None:
-    """The attempt's ``Attempt`` from ``.attempt`` (or the copy in ``.run``), or None."""
-    value = read(runtime_dir, attempt_id, "attempt") or (read(runtime_dir, attempt_id, "run") or {}).get("attempt")
-    if not isinstance(value, dict):
-        return None
-    try:
-        return protocol.from_map(protocol.Attempt, value)
-    except Exception:  # noqa: BLE001 - a damaged file must not stop the recovery
-        log.warning("attempt %s: unreadable registry entry", attempt_id)
-        return None
-
-
-def write_ended(runtime_dir: str, attempt_id: str, outcome: protocol.Outcome) -> None:
-    write(runtime_dir, attempt_id, "ended", protocol.to_map(outcome))
-
-
-def read_ended(runtime_dir: str, attempt_id: str) -> protocol.Outcome | None:
-    value = read(runtime_dir, attempt_id, "ended")
-    try:
-        return protocol.from_map(protocol.Outcome, value) if value else None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def forget(runtime_dir: str, attempt_id: str) -> None:
-    """Remove every file of the attempt (its request is settled)."""
-    for kind in KINDS:
-        try:
-            _path(runtime_dir, attempt_id, kind).unlink()
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            log.warning("attempt %s: cannot remove its %s entry: %s", attempt_id, kind, exc)
-
-
-def forget_kind(runtime_dir: str, attempt_id: str, kind: str) -> None:
-    """Remove ``<id>.<kind>`` only."""
-    try:
-        _path(runtime_dir, attempt_id, kind).unlink()
-    except FileNotFoundError:
-        pass
-
-
-def attempt_ids(runtime_dir: str) -> list[str]:
-    """Ids of the attempts that have any file in the registry, sorted."""
-    try:
-        names = os.listdir(folder(runtime_dir))
-    except FileNotFoundError:
-        return []
-    return sorted({name.rsplit(".", 1)[0] for name in names
-                   if not name.startswith(".") and name.rsplit(".", 1)[-1] in KINDS})
+#: What :meth:`Registry.hand_over` asks of the supervisor for an attempt of a dead role.
+END = "end"        # kill what is left of its run; AttemptEnded (RoleCrashed) to the scraper
+CLOSE = "close"    # AttemptEnded (RoleCrashed) to the scraper again: it was being closed
+UPLOAD = "upload"  # the final UploadRequest again, with the outcome the scraper kept
+SETTLE = "settle"  # AttemptDone (RoleCrashed) to the fetcher: nothing else can end it
+#: Fate keys of AttemptPhase(finished).detail["fate"] -> the count they go to (an ``ack``
+#: counts under its final status).
+FATE_COUNTS = {fates.REQUEUE: "requeued", fates.DEAD: "dead", fates.DROP: "cancelled"}
+FINISHED_COUNTS = (fates.COMPLETED, fates.FAILED, fates.EXPIRED, fates.CANCELLED,
+                   "requeued", "dead")
 
 
 @dataclass
-class Leftover:
-    """An attempt a dead runner left in the registry."""
+class AttemptEntry:
+    """One attempt in flight as the supervisor knows it."""
 
-    attempt_id: str
-    attempt: protocol.Attempt | None
-    killed: int  # processes of its run that were still alive and were killed
+    attempt: protocol.Attempt
+    phase: str = ""                # a protocol.PHASE_* name; "" until the first phase
+    since: float = 0.0             # when it entered ``phase`` (unix seconds)
+    detail: dict = field(default_factory=dict)     # facts the roles reported, merged
+    times: dict[str, float] = field(default_factory=dict)  # boundary -> first crossed at
 
-
-def kill_run(runtime_dir: str, attempt_id: str) -> int:
-    """Kill what is left of the attempt's run: its launcher's tree and group, and every
-    process in its cgroup; returns how many processes were signalled."""
-    run = read(runtime_dir, attempt_id, "run") or {}
-    killed = 0
-    pid, ticks = run.get("pid"), run.get("ticks")
-    if isinstance(pid, int) and pid > 1:
-        killed += proctree.kill_tree(pid, ticks)
-    for cgroup in run.get("cgroup") or []:
-        try:
-            pids = [int(p) for p in (Path(cgroup) / "cgroup.procs").read_text().split()]
-        except (OSError, ValueError):
-            continue
-        for target in pids:
-            try:
-                os.kill(target, signal.SIGKILL)
-                killed += 1
-            except (ProcessLookupError, PermissionError):
-                pass
-    return killed
+    @property
+    def attempt_id(self) -> str:
+        return self.attempt.attempt_id
 
 
-def remove_cgroups(runtime_dir: str, attempt_id: str, wait: float = 2.0) -> None:
-    """Remove the (emptied) cgroup folders of the attempt's run, and their parent folder
-    (``studioml-runs-<instance>`` of the dead runner) once it is empty."""
-    folders = [Path(p) for p in (read(runtime_dir, attempt_id, "run") or {}).get("cgroup") or []]
-    deadline = time.monotonic() + wait
-    for folder in folders:
-        while True:
-            try:
-                folder.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:  # its last processes are still exiting
-                if time.monotonic() >= deadline:
-                    log.warning("attempt %s: cannot remove cgroup %s", attempt_id, folder)
-                    break
-                time.sleep(0.05)
-        try:
-            folder.parent.rmdir()
-        except OSError:
-            pass  # other runs of that runner, or not ours to remove
+@dataclass(frozen=True)
+class Tracked:
+    """What one ``AttemptPhase`` changed.
+
+    ``entry`` is the attempt's entry (removed from the registry when ``finished``);
+    ``taken`` is True for an attempt newly taken (counted in ``Registry.taken``); ``started``
+    for a finished attempt the registry held (so it was counted as running); ``status`` its
+    final status (``requeued``, ``dead`` or an acked status; None when not finished or the
+    fate is unknown); ``spans`` the timing
+    spans it closed, as ``(span, seconds)``."""
+
+    entry: AttemptEntry
+    taken: bool = False
+    finished: bool = False
+    started: bool = False
+    status: str | None = None
+    spans: tuple[tuple[str, float], ...] = ()
 
 
-def recover(runtime_dir: str) -> list[Leftover]:
-    """Kill the runs of every attempt left in the registry by a runner that is gone.
+@dataclass(frozen=True)
+class HandOver:
+    """What becomes of one attempt of a dead role: ``action`` is one of END, CLOSE, UPLOAD,
+    SETTLE; ``outcome`` is the outcome the scraper kept (UPLOAD only)."""
 
-    Call it only while holding the runtime directory's lock (no live runner uses these
-    entries).  Entries are kept: the caller ends each attempt, and the fetcher forgets it
-    once settled.  An entry without a readable ``Attempt`` is removed here."""
-    found = []
-    for attempt_id in attempt_ids(runtime_dir):
-        killed = kill_run(runtime_dir, attempt_id)
-        remove_cgroups(runtime_dir, attempt_id)
-        attempt = read_attempt(runtime_dir, attempt_id)
-        if attempt is None:
-            forget(runtime_dir, attempt_id)
-        found.append(Leftover(attempt_id=attempt_id, attempt=attempt, killed=killed))
-    return found
+    attempt: protocol.Attempt
+    action: str
+    outcome: protocol.Outcome | None = None
+
+
+class Registry:
+    """The attempts in flight by attempt id, with their counts."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, AttemptEntry] = {}
+        self.taken = 0  # attempts taken since the supervisor started
+        self.finished = {name: 0 for name in FINISHED_COUNTS}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, attempt_id: str) -> bool:
+        return attempt_id in self.entries
+
+    def __iter__(self) -> Iterator[AttemptEntry]:
+        """The entries, sorted by attempt id."""
+        return iter([self.entries[attempt_id] for attempt_id in sorted(self.entries)])
+
+    def get(self, attempt_id: str) -> AttemptEntry | None:
+        return self.entries.get(attempt_id)
+
+    def ids(self) -> list[str]:
+        return sorted(self.entries)
+
+    def of_key(self, key: str, project: str = "") -> list[str]:
+        """Ids of the attempts of experiment ``key`` (of ``project`` when given), sorted."""
+        return [entry.attempt_id for entry in self if entry.attempt.key == key
+                and (not project or entry.attempt.project == project)]
+
+    def track(self, phase: protocol.AttemptPhase) -> Tracked:
+        """Record one phase report; a ``finished`` one removes the entry and counts it.
+
+        A phase never goes back (a later-ranked phase already recorded stays); the detail
+        is merged whatever the rank."""
+        attempt_id = phase.attempt.attempt_id
+        if phase.phase == PHASE_FINISHED:
+            return self._finish(phase)
+        entry = self.entries.get(attempt_id)
+        new = entry is None
+        if entry is None:
+            entry = self.entries[attempt_id] = AttemptEntry(attempt=phase.attempt)
+        if PHASE_RANK.get(phase.phase, 0) >= PHASE_RANK.get(entry.phase, -1):
+            entry.phase, entry.since = phase.phase, phase.at
+        entry.detail.update(phase.detail)
+        taken = new and phase.phase == PHASE_TAKEN
+        if taken:
+            self.taken += 1
+        step = phase.detail.get("step")
+        spans = self.observe(entry, f"{phase.phase}:{step}" if step else phase.phase, phase.at)
+        return Tracked(entry=entry, taken=taken, spans=spans)
+
+    def _finish(self, phase: protocol.AttemptPhase) -> Tracked:
+        entry = self.entries.pop(phase.attempt.attempt_id, None)
+        started = entry is not None
+        if entry is None:
+            entry = AttemptEntry(attempt=phase.attempt)
+        entry.detail.update(phase.detail)
+        fate, status = phase.detail.get("fate"), phase.detail.get("status")
+        key = status if fate == fates.ACK else FATE_COUNTS.get(fate)
+        if key in self.finished:
+            self.finished[key] += 1
+        spans = self.observe(entry, PHASE_FINISHED, phase.at)
+        return Tracked(entry=entry, finished=True, started=started, status=key, spans=spans)
+
+    def add(self, attempt: protocol.Attempt, phase: str, at: float, **detail) -> AttemptEntry:
+        """Enter an attempt the supervisor itself hands on (one a dead runner left)."""
+        entry = self.entries[attempt.attempt_id] = AttemptEntry(
+            attempt=attempt, phase=phase, since=at, detail=dict(detail))
+        return entry
+
+    @staticmethod
+    def observe(entry: AttemptEntry, boundary: str, at: float) -> tuple[tuple[str, float], ...]:
+        """Record when ``boundary`` was first crossed; the span it ends as ``((span,
+        seconds),)``, or ``()`` when it ends none or its start is unknown."""
+        entry.times.setdefault(boundary, at)
+        span = SPAN_ENDS.get(boundary)
+        if span is None:
+            return ()
+        name, start_boundary = span
+        if start_boundary is None:  # queue wait: from the request's time_added
+            added = entry.attempt.request.get("experiment", {}).get("time_added")
+            start = float(added) if isinstance(added, (int, float)) and added > 0 else None
+        else:
+            start = entry.times.get(start_boundary)
+        return () if start is None else ((name, at - start),)
+
+    def held_by(self, role: str) -> list[AttemptEntry]:
+        """The entries whose phase ``role`` owns (:data:`PHASE_OWNER`), sorted by id."""
+        return [entry for entry in self if PHASE_OWNER.get(entry.phase) == role]
+
+    def hand_over(self, role: str,
+                  ended: Callable[[str], protocol.Outcome | None]) -> list[HandOver]:
+        """What becomes of each attempt the dead ``role`` held; moves their phases on.
+
+        ``ended(attempt_id)`` is the outcome the scraper kept for a closed attempt (its
+        ``<id>.ended`` file), None when it was not closed.  The cache manager's and the
+        executor's attempts END (phase ``ending``); the scraper's CLOSE again, or, when
+        closed, go to ``uploading`` with nothing to do (the uploader has their final
+        request); the uploader's UPLOAD again when closed, else SETTLE (phase
+        ``settling``).  The fetcher's attempts are all adopted by its replacement: [].
+        """
+        actions = []
+        for entry in self.held_by(role):
+            outcome = ended(entry.attempt_id) if role in ("scraper", "uploader") else None
+            if role in ("cache_manager", "executor"):
+                entry.phase = PHASE_ENDING
+                actions.append(HandOver(entry.attempt, END))
+            elif role == "scraper" and outcome is not None:
+                entry.phase = PHASE_UPLOADING
+            elif role == "scraper":
+                actions.append(HandOver(entry.attempt, CLOSE))
+            elif outcome is not None:
+                actions.append(HandOver(entry.attempt, UPLOAD, outcome))
+            else:
+                entry.phase = PHASE_SETTLING
+                actions.append(HandOver(entry.attempt, SETTLE))
+        return actions

@@ -4,7 +4,7 @@ For each phase, a real ``runner-supervisor`` takes one request; it is SIGKILLed 
 attempt is being prepared, while it runs (with a helper that left the run's session), and
 just after the experiment exited.  Then: no process of the killed attempt is left, and once
 a new supervisor has run the request again it has exactly one final scrape document that
-says ``completed``, any other is ``cancelled`` (never ``running``), and the attempt registry
+says ``completed``, any other is ``cancelled`` (never ``running``), and the attempt files
 is empty.  Three kills, each bounded by generous timeouts.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from runner import registry
+from runner import attempt_files
 
 from .support import make_tiny_package, processes_with, tiny_requirement
 
@@ -80,5 +80,5 @@ def test_sigkilled_supervisor_at_each_phase_gives_one_final_document(runner, pha
 
     wait(settled, 60, "exactly one completed document and no running one", runner)
     runtime = str(runner.options["runtime-dir"])
-    wait(lambda: not registry.attempt_ids(runtime), 60, "an empty attempt registry", runner)
+    wait(lambda: not attempt_files.attempt_ids(runtime), 60, "no attempt files left", runner)
     wait(lambda: not processes_with(mark), 30, "no process of the re-run left", runner)

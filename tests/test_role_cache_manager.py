@@ -39,9 +39,9 @@ def test_an_assigned_attempt_is_opened_placed_and_handed_to_the_executor(rig) ->
     assert (workdir / "output" / "model.txt").read_text() == "from the last attempt\n"
     # the hand-over to the uploader: the mutable artifact's digest as it was downloaded
     assert metadata.read_downloaded_digests(workdir) == {"output": tree_digest(workdir / "output")}
-    for step in ("download", "environment"):
+    for step in (protocol.STEP_DOWNLOAD, protocol.STEP_ENVIRONMENT):
         rig.probe("supervisor").expect(protocol.AttemptPhase, lambda m, step=step: m.phase
-                                       == "preparing" and m.detail.get("step") == step)
+                                       == protocol.PHASE_PREPARING and m.detail.get("step") == step)
 
 
 def test_a_missing_input_ends_the_attempt_without_reaching_the_executor(rig) -> None:

@@ -52,9 +52,9 @@ def test_a_run_streams_its_output_and_ends_completed(rig) -> None:
     for role in ("fetcher", "cache_manager"):  # the slot and the image lease are free
         assert rig.probe(role).expect(protocol.RunEnded).attempt_id == attempt.attempt_id
     supervisor = rig.probe("supervisor")
-    running = supervisor.expect(protocol.AttemptPhase, lambda m: m.phase == "running")
+    running = supervisor.expect(protocol.AttemptPhase, lambda m: m.phase == protocol.PHASE_RUNNING)
     assert running.detail["pid"] == ended.facts["pid"]
-    supervisor.expect(protocol.AttemptPhase, lambda m: m.phase == "ending")
+    supervisor.expect(protocol.AttemptPhase, lambda m: m.phase == protocol.PHASE_ENDING)
 
 
 def test_a_failing_run_ends_failed_with_its_exit_status(rig) -> None:

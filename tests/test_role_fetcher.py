@@ -37,7 +37,7 @@ def finished(rig: RoleRig, attempt_id: str) -> dict:
     """The detail of the ``finished`` phase the fetcher reported for ``attempt_id``."""
     phase = rig.probe("supervisor").expect(
         protocol.AttemptPhase, lambda m: m.attempt.attempt_id == attempt_id
-        and m.phase == "finished")
+        and m.phase == protocol.PHASE_FINISHED)
     return phase.detail
 
 

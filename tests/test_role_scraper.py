@@ -36,7 +36,8 @@ def test_an_attempt_is_opened_scraped_and_closed_with_a_final_upload(rig) -> Non
                                                           "output_sent": len(line)}))
     final = rig.probe("uploader").expect(protocol.UploadRequest, lambda m: m.final)
     assert final.outcome.status == "completed" and final.metadata
-    phase = rig.probe("supervisor").expect(protocol.AttemptPhase, lambda m: m.phase == "uploading")
+    phase = rig.probe("supervisor").expect(
+        protocol.AttemptPhase, lambda m: m.phase == protocol.PHASE_UPLOADING)
     assert phase.detail["status"] == "completed"
 
     folder = Path(attempt.workdir) / "_metadata"

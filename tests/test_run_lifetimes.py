@@ -10,12 +10,11 @@ import json
 import os
 import signal
 import uuid
-from types import SimpleNamespace
 
 import pytest
 
-from runner import registry
-from runner.supervisor import Supervisor
+from runner import attempt_files
+from runner.role_processes import RoleProcesses
 
 from .support import processes_with, running_attempt
 
@@ -112,7 +111,7 @@ def test_sigkilled_supervisor_leaves_no_process_and_the_restart_finishes_its_doc
     mark, request, attempt = start_two_attempt_run(runner)
     attempt_id = attempt["attempt"]
     runtime = str(runner.options["runtime-dir"])
-    runner.wait_for(lambda: (registry.read(runtime, attempt_id, "scraped") or {}).get("offset"),
+    runner.wait_for(lambda: (attempt_files.read(runtime, attempt_id, "scraped") or {}).get("offset"),
                     what="a save after the first line")
     assert len(processes_with(mark)) >= 2  # the experiment and its helper
     runner.kill()  # SIGKILL: no drain, no clean-up of its own
@@ -128,14 +127,14 @@ def test_sigkilled_supervisor_leaves_no_process_and_the_restart_finishes_its_doc
              if d["studioml"]["status"] == "cancelled"]
     assert old["runner"]["recovered"] is True
     assert old["experiment"] == {"attempt_flag": False}  # its scraped lines were kept
-    runner.wait_for(lambda: not registry.attempt_ids(runtime), what="an empty registry")
+    runner.wait_for(lambda: not attempt_files.attempt_ids(runtime), what="no attempt files left")
 
 
-def test_a_run_whose_launcher_could_not_act_is_killed_from_the_registry(runner):
+def test_a_run_whose_launcher_could_not_act_is_killed_from_the_attempt_files(runner):
     mark, request, attempt = start_two_attempt_run(runner)
     launcher = attempt["pid"]
     roles = runner.role_pids()
-    # Neither the executor nor the launcher can act: the registry is all that is left.
+    # Neither the executor nor the launcher can act: the attempt files are all that is left.
     os.kill(roles["executor"], signal.SIGSTOP)
     os.kill(launcher, signal.SIGSTOP)
     try:
@@ -216,7 +215,7 @@ def start_go_run(runner, save_frequency: str = "1s") -> tuple:
 def test_restarted_scraper_keeps_the_attempt_it_had_saved(runner):
     go, request, attempt_id = start_go_run(runner)
     runtime = str(runner.options["runtime-dir"])
-    runner.wait_for(lambda: (registry.read(runtime, attempt_id, "scraped") or {}).get("offset"),
+    runner.wait_for(lambda: (attempt_files.read(runtime, attempt_id, "scraped") or {}).get("offset"),
                     what="a save after the first line")
     restart_role(runner, "scraper")
     go.write_text("go")
@@ -302,11 +301,10 @@ def test_roles_import_the_installed_package_whatever_the_working_directory(runne
     assert runner.wait_final(request)["status"] == "completed"
 
 
-def test_status_names_each_role_when_their_hot_paths_differ():
-    roles = {"fetcher": SimpleNamespace(stats={"hot_path": "compiled"}),
-             "scraper": SimpleNamespace(stats={"hot_path": "pure"}),
-             "uploader": SimpleNamespace(stats={})}
-    assert Supervisor.hot_path(SimpleNamespace(roles=roles)) == \
-        "mixed: fetcher=compiled, scraper=pure"
+def test_status_names_each_role_when_their_hot_paths_differ(tmp_path):
+    roles = RoleProcesses(str(tmp_path))
+    roles["fetcher"].stats = {"hot_path": "compiled"}
+    roles["scraper"].stats = {"hot_path": "pure"}
+    assert roles.hot_path() == "mixed: fetcher=compiled, scraper=pure"
     roles["scraper"].stats["hot_path"] = "compiled"
-    assert Supervisor.hot_path(SimpleNamespace(roles=roles)) == "compiled"
+    assert roles.hot_path() == "compiled"

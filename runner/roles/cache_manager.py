@@ -72,7 +72,7 @@ class CacheManager(Role):
             self.post("scraper", protocol.AttemptOpened(attempt=attempt))
             with self.lock:
                 self.preparing[attempt.attempt_id] = attempt
-            self.phase(attempt, "preparing", step="download")
+            self.phase(attempt, protocol.PHASE_PREPARING, step=protocol.STEP_DOWNLOAD)
             self.pool.submit(self.prepare, attempt)
         elif isinstance(message, protocol.StopRuns):
             reason = fates.stop_exception(message.cause, message.reason)
@@ -100,7 +100,7 @@ class CacheManager(Role):
                        if image is not None else None)
             self.download_artifacts(attempt, log)
             if image is not None:
-                self.phase(attempt, "preparing", step="image")
+                self.phase(attempt, protocol.PHASE_PREPARING, step=protocol.STEP_IMAGE)
                 self.check_cancelled(attempt)
                 prepared = self.hold_image(attempt, runtime, image, log)
                 self.check_cancelled(attempt)
@@ -108,7 +108,7 @@ class CacheManager(Role):
                                                            container=runtime.name,
                                                            image=prepared))
                 return
-            self.phase(attempt, "preparing", step="environment")
+            self.phase(attempt, protocol.PHASE_PREPARING, step=protocol.STEP_ENVIRONMENT)
             self.check_cancelled(attempt)
             experiment = attempt.request.get("experiment", {})
             interpreter = find_interpreter(experiment.get("pythonver"),
@@ -130,7 +130,7 @@ class CacheManager(Role):
             facts = ({"build_log_tail": exc.log_tail}
                      if isinstance(exc, EnvironmentBuildError) and exc.log_tail else {})
             self.post("scraper", protocol.AttemptEnded(attempt=attempt, outcome=outcome, facts=facts))
-            self.phase(attempt, "ending")
+            self.phase(attempt, protocol.PHASE_ENDING)
         finally:
             with self.lock:
                 self.preparing.pop(attempt.attempt_id, None)

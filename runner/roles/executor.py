@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import cgroups, containers, fates, launcher, proctree, protocol, registry, sandbox
+from .. import attempt_files, cgroups, containers, fates, launcher, proctree, protocol, sandbox
 from ..config import Config
 from ..argv import script_command
 from ..errors import BadRequest, RunnerError
@@ -275,7 +275,7 @@ class Executor(Role):
         stop_at, limit = min(limits) if limits else (None, "")
         run = Run(attempt=attempt, process=process, started=now, stop_at=stop_at, limit=limit,
                   cgroup=cgroup)
-        registry.write(self.config.runtime_dir, attempt.attempt_id, "run", {
+        attempt_files.write(self.config.runtime_dir, attempt.attempt_id, "run", {
             "pid": process.pid, "ticks": proctree.start_ticks(process.pid),
             "cgroup": [str(d) for d in cgroup.dirs.values()] if cgroup else [],
             "attempt": protocol.to_map(attempt)})
@@ -289,7 +289,7 @@ class Executor(Role):
             self._disk_watcher.start()
         self.wake(tick=True)  # from now on tick every TICK (deadlines), not IDLE_TICK
         self.log.info("key=%s attempt=%s started pid %d", attempt.key, attempt.attempt_id, process.pid)
-        self.phase(attempt, "running", pid=process.pid)
+        self.phase(attempt, protocol.PHASE_RUNNING, pid=process.pid)
 
     def isolate(self, prepared: protocol.AttemptPrepared, command: list[str], cwd: Path
                 ) -> tuple[list[str], dict]:
@@ -494,7 +494,7 @@ class Executor(Role):
         self.post("scraper", protocol.AttemptEnded(attempt=attempt, outcome=outcome, facts=facts))
         self.post("fetcher", protocol.RunEnded(attempt_id=attempt.attempt_id))
         self.post("cache_manager", protocol.RunEnded(attempt_id=attempt.attempt_id))  # image lease
-        self.phase(attempt, "ending")
+        self.phase(attempt, protocol.PHASE_ENDING)
 
     def stats(self) -> dict:
         return {"running": len(self.runs),

@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import (containers, envelope, fates, gpus, metadata, protocol, registry,
+from .. import (attempt_files, containers, envelope, fates, gpus, metadata, protocol,
                studio_db)
 from ..errors import BadRequest, DeliveryLost, QueueError, RunnerError
 from ..queues import Delivery, Queue, build_backends, kind_of, matches
@@ -504,7 +504,7 @@ class Fetcher(Role):
         self.taken_total += 1
         self.log.info("key=%s attempt=%s taken from %s (attempt %d), devices %s", attempt.key,
                       attempt_id, delivery.queue, delivery.attempts + 1, reservation["devices"])
-        self.phase(attempt, "taken")
+        self.phase(attempt, protocol.PHASE_TAKEN)
         self.post("cache_manager", protocol.AttemptAssigned(attempt=attempt))
         self.heartbeat(force=True)  # free resources changed: status shows them at once
         return True, False, ""
@@ -650,8 +650,8 @@ class Fetcher(Role):
             # An attempt left by a runner that died (the supervisor ended it on recovery):
             # its request is in its queue again or with another runner; nothing to settle.
             self.log.warning("attempt %s finished but is not held here", done.attempt.attempt_id)
-            registry.forget(self.config.runtime_dir, done.attempt.attempt_id)
-            self.phase(done.attempt, "finished", fate=fates.DROP, status=done.outcome.status,
+            attempt_files.forget(self.config.runtime_dir, done.attempt.attempt_id)
+            self.phase(done.attempt, protocol.PHASE_FINISHED, fate=fates.DROP, status=done.outcome.status,
                        reason="not held by this runner: nothing to settle")
             return
         backend, delivery, attempt = entry
@@ -666,7 +666,7 @@ class Fetcher(Role):
         try:
             decision = self.decide_and_settle(done, backend, delivery, attempt, extra, identity,
                                               queue_deleted, cancelled)
-            registry.forget(self.config.runtime_dir, attempt.attempt_id)  # settled: nothing to recover
+            attempt_files.forget(self.config.runtime_dir, attempt.attempt_id)  # settled: nothing to recover
         finally:  # whatever happened above, the attempt's resources are free again
             if not self.ledger.release(attempt.attempt_id):
                 self.log.warning("key=%s attempt=%s held no reservation at settle", attempt.key,
@@ -674,7 +674,7 @@ class Fetcher(Role):
             self.heartbeat(force=True)  # free resources changed: status shows them at once
         self.log.info("key=%s attempt=%s %s: %s", attempt.key, attempt.attempt_id, decision.action,
                       decision.reason)
-        self.phase(attempt, "finished", fate=decision.action, status=decision.final_status,
+        self.phase(attempt, protocol.PHASE_FINISHED, fate=decision.action, status=decision.final_status,
                    reason=decision.reason)
 
     def decide_and_settle(self, done: protocol.AttemptDone, backend: Queue, delivery: Delivery,

@@ -19,8 +19,8 @@ Every JSON object line is also appended, with its time and attempt, to the metri
 ``_metadata/metrics-host-<id>.jsonl`` (:mod:`runner.history`), uploaded with the other
 metadata files.
 
-A restarted scraper finds its attempts again in the attempt registry
-(:mod:`runner.registry`): the first message about an attempt it does not hold reopens it
+A restarted scraper finds its attempts again in the attempt files
+(:mod:`runner.attempt_files`): the first message about an attempt it does not hold reopens it
 from its last save (the scrape document on disk, the logs cut back to their size at that
 save).  Output chunks carry their offset in the run's output, so output that went down
 with the old process shows as a gap: it is marked in the output log, counted in
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import _fast, fates, history, metadata, protocol, registry, strict_json
+from .. import _fast, attempt_files, fates, history, metadata, protocol, strict_json
 from ..jsonpatch import PatchRejected, apply_patch, parse_patch
 from ..output import scrape_view
 from ..redact import Masker, redact_request, secrets_of
@@ -181,19 +181,19 @@ class Scraper(Role):
             self.close(message)
 
     def state_of(self, attempt_id: str, attempt: protocol.Attempt | None = None) -> AttemptState | None:
-        """The attempt ``attempt_id``, reopened from the registry when this process does not
+        """The attempt ``attempt_id``, reopened from the attempt files when this process does not
         hold it (a restarted scraper); None when it is unknown, already closed, or was
         opened before and its working directory is gone (uploaded and removed)."""
         state = self.attempts.get(attempt_id)
         if state is not None:
             return state
         runtime = self.config.runtime_dir
-        if registry.read(runtime, attempt_id, "ended") is not None:
+        if attempt_files.read(runtime, attempt_id, "ended") is not None:
             return None
-        attempt = attempt or registry.read_attempt(runtime, attempt_id)
+        attempt = attempt or attempt_files.read_attempt(runtime, attempt_id)
         if attempt is None:
             return None
-        if not Path(attempt.workdir).is_dir() and registry.read(runtime, attempt_id, "attempt"):
+        if not Path(attempt.workdir).is_dir() and attempt_files.read(runtime, attempt_id, "attempt"):
             return None
         return self.open(attempt)
 
@@ -202,7 +202,7 @@ class Scraper(Role):
             return self.attempts[attempt.attempt_id]
         folder = Path(attempt.workdir) / "_metadata"
         runtime = self.config.runtime_dir
-        saved = registry.read(runtime, attempt.attempt_id, "scraped")
+        saved = attempt_files.read(runtime, attempt.attempt_id, "scraped")
         scrape_path = folder / metadata.scrape_name(attempt.attempt_id)
         document = None
         if saved is not None or scrape_path.exists():
@@ -235,7 +235,7 @@ class Scraper(Role):
             self.write_runner_log(state, "scraper restarted: attempt reopened from its "
                                            "last save")
             return state
-        registry.write_attempt(runtime, attempt)
+        attempt_files.write_attempt(runtime, attempt)
         request_text = strict_json.dumps(redact_request(attempt.request), indent=1, sort_keys=True)
         state.runner_log.write(b"request (credentials redacted):\n")
         state.runner_log.write(state.masker.mask(request_text.encode()) + b"\n")
@@ -337,7 +337,7 @@ class Scraper(Role):
 
     def save(self, state: AttemptState) -> None:
         """Flush the logs, add a ``_metrics`` line, rewrite the scrape document
-        (atomically), and note in the registry how far this save got (for a restarted
+        (atomically), and note in the attempt files how far this save got (for a restarted
         scraper)."""
         for handle in (state.output_log, state.output_artifact, state.history,
                        state.runner_log):
@@ -348,7 +348,7 @@ class Scraper(Role):
         temporary.write_text(strict_json.dumps(state.document, indent=1, sort_keys=True))
         os.replace(temporary, state.scrape_path)
         artifact = state.output_artifact
-        registry.write(self.config.runtime_dir, state.attempt.attempt_id, "scraped", {
+        attempt_files.write(self.config.runtime_dir, state.attempt.attempt_id, "scraped", {
             "offset": state.received, "lost": state.lost,
             "output_bytes": state.output_bytes,
             "output_log": state.output_log.tell(), "runner_log": state.runner_log.tell(),
@@ -383,7 +383,7 @@ class Scraper(Role):
         attempt must reach the fetcher to free its slot).  An attempt handed back for the
         host's fault before its run started adds no metadata files to storage
         (``metadata=False``): retries of a request that cannot start leave no trail of
-        empty attempts.  An attempt already closed (``<id>.ended`` in the registry) is not
+        empty attempts.  An attempt already closed (``<id>.ended`` in the attempt files) is not
         closed twice; one whose working directory the uploader already removed is reported
         without files; one that lost output is not ``completed`` (module doc)."""
         outcome = ended.outcome
@@ -392,7 +392,7 @@ class Scraper(Role):
         try:
             state = self.state_of(ended.attempt.attempt_id, ended.attempt)
             if state is None:
-                if registry.read(runtime, ended.attempt.attempt_id, "ended") is not None:
+                if attempt_files.read(runtime, ended.attempt.attempt_id, "ended") is not None:
                     self.log.warning("key=%s attempt=%s already closed; %s ignored",
                                      ended.attempt.key, ended.attempt.attempt_id, outcome.status)
                     return
@@ -402,7 +402,7 @@ class Scraper(Role):
                 self.log.warning("key=%s attempt=%s has no working directory any more; "
                                  "ending it %s without files", ended.attempt.key,
                                  ended.attempt.attempt_id, outcome.status)
-                registry.write_ended(runtime, ended.attempt.attempt_id, outcome)
+                attempt_files.write_ended(runtime, ended.attempt.attempt_id, outcome)
                 self.post("uploader", protocol.UploadRequest(attempt=ended.attempt, final=True,
                                                              outcome=outcome, metadata=False))
                 return
@@ -435,7 +435,7 @@ class Scraper(Role):
         except Exception:  # noqa: BLE001 - the attempt still ends
             self.log.exception("key=%s attempt=%s metadata not finished", ended.attempt.key,
                                ended.attempt.attempt_id)
-        if state is None and registry.read(runtime, ended.attempt.attempt_id, "ended") is not None:
+        if state is None and attempt_files.read(runtime, ended.attempt.attempt_id, "ended") is not None:
             return  # closed before, or reported without files just above
         for handle in ((state.output_log, state.output_artifact, state.history,
                         state.runner_log)
@@ -444,14 +444,14 @@ class Scraper(Role):
                 handle.close()
         self.attempts.pop(ended.attempt.attempt_id, None)
         try:
-            registry.write_ended(runtime, ended.attempt.attempt_id, outcome)
+            attempt_files.write_ended(runtime, ended.attempt.attempt_id, outcome)
         except OSError as exc:
-            self.log.error("key=%s attempt=%s not marked closed in the registry: %s",
+            self.log.error("key=%s attempt=%s not marked closed in the attempt files: %s",
                            ended.attempt.key, ended.attempt.attempt_id, exc)
         self.post("uploader", protocol.UploadRequest(
             attempt=ended.attempt, final=True, outcome=outcome,
             metadata=not fates.leaves_no_trail(outcome, started="pid" in ended.facts)))
-        self.phase(ended.attempt, "uploading", status=outcome.status,
+        self.phase(ended.attempt, protocol.PHASE_UPLOADING, status=outcome.status,
                    tail=output_tail(state.output_log.name) if state else "")
 
     def stats(self) -> dict:
