@@ -302,7 +302,7 @@ def waiting_summary(body: bytes) -> dict:
 
 
 def describe_needs(resources: dict) -> str:
-    """``resources`` for a log line: "2 CPUs, 100.00 MB RAM, 1 GPU"."""
+    """``resources`` for a log line: "2 CPUs, 100 MB RAM, 1 GPUs"."""
     parts = [f"{resources.get('cpus', 0)} CPUs"]
     if resources.get("ram"):
         parts.append(f"{describe_size(resources['ram'])} RAM")
