@@ -6,7 +6,8 @@ checked; then, in this order:
 
 * a redelivery of a request running here is attached to its attempt, one whose attempt
   ended while its delivery was lost is settled as decided then (:mod:`runner.deliveries`);
-* a request ``runner-ctl cancel`` named is acked ``cancelled`` without running;
+* a request ``runner-ctl cancel`` named is acked ``cancelled`` without running (also one
+  held aside when the cancel came);
 * a stale request is acked and recorded ``expired``;
 * a request that fits is reserved in the ledger, given an attempt id and started; one that
   does not fit now, never fits this host, or names a container image no runtime here runs
@@ -218,13 +219,14 @@ class Admission:
 
     def serve_held_aside(self, taking: bool) -> None:
         """Start held-aside requests that fit now (oldest first); put back those whose
-        hold is over; apply lifetimes.  A failure with one never stops the others."""
+        hold is over; apply cancels and lifetimes.  A failure with one never stops the
+        others."""
         now = time.monotonic()
         for token, item in list(self.aside.items.items()):
             if token not in self.aside.items or self.aside.resting(item, now):
                 continue
             try:
-                if self.expired(item):
+                if self.cancelled_before_run(item) or self.expired(item):
                     self.aside.remove(token)
                     continue
                 step = self.aside.step(item, now, taking and self.ledger.has_slot())

@@ -140,6 +140,18 @@ def test_a_request_cancelled_before_it_was_taken_is_acked_cancelled(admission):
     assert admission.effects.of("start") == []
 
 
+def test_a_held_aside_request_that_is_cancelled_is_acked_cancelled_not_started(admission):
+    admission.accept(LOCAL, delivery("running"))
+    admission.accept(LOCAL, delivery("waiting", body("later")))
+    assert admission.book.cancel("later", "", time.monotonic()) == []  # not held: a promise
+    [running] = admission.book.held
+    admission.ledger.release(running)  # room for it now
+    admission.serve_held_aside(taking=True)
+    assert [call[1] for call in admission.effects.of("start")] == ["exp-1"]
+    assert admission.effects.of("settle") == [("settle", "waiting", fates.ACK, "cancelled")]
+    assert len(admission.aside) == 0
+
+
 def test_a_stale_request_is_acked_expired_and_its_client_record_ended(admission):
     stale = body(time_added=1.0, config={"experimentLifetime": "1m"})
     admission.accept(LOCAL, delivery(data=stale))
