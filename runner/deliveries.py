@@ -21,8 +21,9 @@ The back end a delivery came from is kept as an opaque handle (only its ``kind``
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from . import fates, protocol
 from .queues.base import Delivery

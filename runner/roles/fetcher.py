@@ -282,7 +282,6 @@ class Fetcher(Role):
             idle_rounds = 0
             self.admission.accept(backend, delivery)
 
-
     # -- effects (what admission asks of the fetcher, runner.admission.Effects) ---------
     def settle_delivery(self, settle: Settle) -> bool:
         """Apply ``settle`` to its back end; False when the back end had lost the delivery."""
