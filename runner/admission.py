@@ -277,6 +277,20 @@ class Admission:
                       requeues, self.config.max_requeues, delay)
         return True
 
+    def queue_view(self, queue: str, bodies: list[bytes]) -> tuple[list[dict], int]:
+        """What ``runner-ctl queues`` shows of ``queue``: its waiting ``bodies`` (key,
+        project, and why one never fits here), then its requests held aside here; and how
+        many are held aside (not in the queue's depth)."""
+        waiting = []
+        for body in bodies:
+            experiment = waiting_summary(body)
+            reason = self.aside.said_never.get((queue, experiment["key"]))
+            if reason:
+                experiment["reason"] = f"cannot run on {self.config.hostname}: {reason}"
+            waiting.append(experiment)
+        held = self.aside.waiting(queue, self.config.hostname, self.book.requeues_of)
+        return waiting + held, len(held)
+
     def why_no_runtime(self, request: dict) -> str:
         """Why no container runtime here runs the request's image ("" when one does, or
         when the request is in python mode)."""

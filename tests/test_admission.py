@@ -213,6 +213,20 @@ def test_a_hand_back_is_held_aside_for_its_back_off_with_its_new_count(admission
     assert len(admission.effects.of("start")) == 2 and len(admission.aside) == 0
 
 
+def test_the_queue_view_shows_waiting_bodies_then_the_requests_held_aside(admission):
+    """runner-ctl queues (test_runner_submit_wait_says_why_a_request_cannot_run)."""
+    admission.accept(LOCAL, delivery("t1", body("huge", cpus=64)))
+    never = "cannot run on host1: needs 64 CPUs; this runner has 2"
+    waiting, held = admission.queue_view("local_q", [body("huge", cpus=64), body("next"),
+                                                     b"\xff"])
+    assert held == 1
+    assert waiting == [{"key": "huge", "project": "", "reason": never},
+                       {"key": "next", "project": ""},
+                       {"key": "?", "project": ""},
+                       {"key": "huge", "project": "", "held": NEVER, "reason": never}]
+    assert admission.queue_view("local_other", []) == ([], 0)
+
+
 def test_waiting_summaries_never_raise_and_needs_read_as_words():
     assert waiting_summary(body("k", project="p")) == {"key": "k", "project": "p"}
     assert waiting_summary(b"\xff") == {"key": "?", "project": ""}

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .. import attempt_files, fates, gpus, metadata, protocol, studio_db
-from ..admission import Admission, waiting_summary
+from ..admission import Admission
 from ..deliveries import DeliveryBook, Held, Settle
 from ..errors import DeliveryLost, QueueError, RunnerError
 from ..held_aside import HeldAside
@@ -419,16 +419,8 @@ class Fetcher(Role):
             if backend is None:
                 continue
             try:
-                waiting = []
-                for body in backend.peek(queue, 20):
-                    experiment = waiting_summary(body)
-                    reason = self.aside.said_never.get((queue, experiment["key"]))
-                    if reason:
-                        experiment["reason"] = f"cannot run on {self.config.hostname}: {reason}"
-                    waiting.append(experiment)
-                held = self.aside.waiting(queue, self.config.hostname, self.book.requeues_of)
-                stats[queue] = {"depth": backend.depth(queue) + len(held),
-                                "waiting": waiting + held}
+                waiting, held = self.admission.queue_view(queue, backend.peek(queue, 20))
+                stats[queue] = {"depth": backend.depth(queue) + held, "waiting": waiting}
             except (QueueError, OSError) as exc:
                 stats[queue] = {"depth": -1, "waiting": [], "error": str(exc)}
         self.post("supervisor", protocol.QueueStats(queues=stats, taking=self.taking))
