@@ -4,6 +4,7 @@ roles would, and checks what it sends them and what it did to the deliveries."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -95,11 +96,14 @@ def test_a_stale_request_is_acked_as_expired_without_running(rig) -> None:
     assert rig.probe("cache_manager").quiet(protocol.AttemptAssigned, 0.3) == []
 
 
-def test_a_request_cancelled_before_it_is_taken_is_acked_without_running(rig) -> None:
+def test_a_request_cancelled_before_it_is_taken_is_acked_without_running(rig, caplog) -> None:
     request = rig.request()
-    rig.probe("supervisor").send("fetcher", protocol.Cancel(key=request["experiment"]["key"],
-                                                            project="p"))
-    rig.publish(request)  # after the Cancel reached the inbox: handled before the next take
+    with caplog.at_level(logging.INFO, logger="runner.fetcher"):
+        rig.probe("supervisor").send("fetcher", protocol.Cancel(
+            key=request["experiment"]["key"], project="p"))
+        # Published once the Cancel was handled: a tick running meanwhile would take it first.
+        assert eventually(lambda: "is not running here: cancelled when taken" in caplog.text)
+    rig.publish(request)
     assert eventually(lambda: metadata.record_url(request) in rig.objects.urls())
     assert record(rig, request)["status"] == "cancelled" and record(rig, request)["attempt"] == ""
     assert rig.broker.messages("memory_q") == [] and rig.broker.held() == []
