@@ -15,6 +15,7 @@ import pytest
 
 from runner import fates
 from runner.environments import unsatisfiable
+from runner.errors import EnvironmentBuildError, RequirementsUnsatisfiable
 from runner.fates import ACK, CANCELLED, COMPLETED, FAILED, decide, outcome_for_exception
 from runner.protocol import Outcome
 
@@ -119,10 +120,10 @@ def test_fates_of_cancel_and_of_failures_no_retry_can_fix():
     assert decide(failed, 0, 3, cancelled=True).final_status == CANCELLED
     assert decide(Outcome(status=COMPLETED, exit_code=0), 0, 3, cancelled=True).final_status \
         == COMPLETED
-    for error in ("RequirementsUnsatisfiable", "ScriptMissing"):
-        decision = decide(Outcome(status=FAILED, error=error), 0, 3)
+    for exc in (RequirementsUnsatisfiable("no such package"), fates.ScriptMissing("nope.py")):
+        decision = decide(outcome_for_exception(exc), 0, 3)
         assert (decision.action, decision.attempts, decision.final_status) == (ACK, 1, FAILED)
-    assert decide(Outcome(status=FAILED, error="EnvironmentBuildError"), 0, 3).action == \
+    assert decide(outcome_for_exception(EnvironmentBuildError("pip failed")), 0, 3).action == \
         fates.REQUEUE
 
 
