@@ -573,10 +573,12 @@ class EnvironmentStore:
         """The cheapest way to build ``requirements`` from a stored environment, or None.
 
         A source qualifies when it was built by uv relocatable (its marker says so), with the
-        same interpreter (real path and version) and the same option lines, when at least half
-        of the two sets' requirement lines together are shared (Jaccard ≥ 0.5), and when every
-        line of it that the set lacks names its package (so it can be uninstalled).  Of those,
-        the one with the fewest added plus removed lines wins; ties go to the latest used.
+        same interpreter (real path and version) and the same option lines, when it shares a
+        requirement line with the set and the lines to add plus the lines to drop are no more
+        than the set's own lines (building from it is no more work than building from
+        nothing), and when every line of it that the set lacks names its package (so it can
+        be uninstalled).  Of those, the one with the fewest added plus dropped lines wins; ties
+        go to the latest used.
         """
         reqs = normalize_requirements(list(requirements))
         real = os.path.realpath(interpreter)
@@ -596,9 +598,9 @@ class EnvironmentStore:
                 continue
             have = set(theirs) - set(options)
             shared = len(wanted & have)
-            if not (wanted | have) or 2 * shared < len(wanted | have):
-                continue
             removed = sorted(have - wanted)
+            if not shared or len(wanted - have) + len(removed) > len(wanted):
+                continue
             removed_names = {requirement_name(line) for line in removed}
             if None in removed_names:
                 continue
