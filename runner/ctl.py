@@ -79,7 +79,8 @@ def store_line(store: dict) -> str:
         return "  environment store: not known yet (the cache manager has not reported)"
     cap = f"of {describe_size(store['cap'])}" if store.get("cap") else "(no cap)"
     if store.get("bytes") is None:
-        return f"  environment store: not measured yet, {cap}"
+        return ("  environment store: not measured yet "
+                + (f"(cap {describe_size(store['cap'])})" if store.get("cap") else "(no cap)"))
     count = store.get("environments")
     return (f"  environment store: {describe_size(store['bytes'])} {cap}"
             + (f" ({count} environment{'s' if count != 1 else ''})" if count is not None else ""))
