@@ -27,6 +27,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ LAST_USED = ".last-used"
 REQUIREMENTS_FILE = ".studioml-requirements.txt"
 DELTA_FILE = ".studioml-delta.txt"
 CONSTRAINTS_FILE = ".studioml-constraints.txt"
+SPARE_SUFFIX = ".spare"
 _PROBE_TIMEOUT_S = 10.0
 _TAIL_LINES = 40
 _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -618,8 +620,9 @@ class EnvironmentStore:
         """Build ``<root>/<key>`` in place, from the nearest stored environment when there is
         one (else, or when that fails, from nothing); the caller holds the key's lock."""
         path = self.root / key
-        for leftover in self.root.glob(f"{key}.building-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        for pattern in (f"{key}.building-*", f"{key}.delta-*", f"{key}{SPARE_SUFFIX}*"):
+            for leftover in self.root.glob(pattern):  # a spare of an earlier build is stale
+                shutil.rmtree(leftover, ignore_errors=True)
         if path.exists() or path.is_symlink():
             logger.warning("removing incomplete environment %s (no marker)", path)
             _remove_path(path)
@@ -706,35 +709,64 @@ class EnvironmentStore:
         emit(f"building from environment {delta.source}: {delta.shared} lines shared, "
              f"{len(delta.added)} to add, {len(delta.removed)} to drop"
              + (f" ({', '.join(delta.uninstall)} uninstalled)" if delta.uninstall else ""))
-        with self._locked(delta.source, shared=True):
-            if not (source / MARKER).is_file():
-                raise EnvironmentBuildError(f"environment {delta.source} was removed meanwhile")
-            copied = _link_tree(source, path, skip=_OWN_FILES)
-            try:
-                os.utime(source / LAST_USED)
-            except OSError:
-                pass
-        emit(f"linked {copied} entries of {delta.source}")
-        venv_python = str(path / "bin" / "python")
-        full = path / REQUIREMENTS_FILE
-        full.write_text("".join(line + "\n" for line in self._install_lines(path, reqs, emit)))
-        if delta.uninstall:
-            self._run([self._uv, "pip", "uninstall", "--no-config", "--python", venv_python,
-                       *delta.uninstall], env, emit, key)
-        if delta.added:
+        staging = Path(tempfile.mkdtemp(prefix=f"{key}.delta-", dir=self.root))
+        try:
+            added = staging / DELTA_FILE
+            constraints = staging / CONSTRAINTS_FILE
             options = [line for line in reqs if is_option(line)]
-            added = path / DELTA_FILE
             added.write_text("".join(line + "\n" for line in
                                      options + self._install_lines(path, list(delta.added),
                                                                    lambda _line: None)))
-            constraints = path / CONSTRAINTS_FILE
             constraints.write_text("".join(pin + "\n" for pin in
                                            filter(None, (pinned(line) for line in reqs))))
-            self._run([self._uv, "pip", "install", "--no-config", "--python", venv_python,
-                       "-r", str(added), "-c", str(constraints)], env, emit, key)
+            install = ["pip", "install", "--no-config", "-r", str(added), "-c", str(constraints)]
+            with self._locked(delta.source, shared=True):
+                if not (source / MARKER).is_file():
+                    raise EnvironmentBuildError(f"environment {delta.source} was removed meanwhile")
+                try:
+                    os.rename(self.root / f"{delta.source}{SPARE_SUFFIX}", path)
+                    emit(f"took the spare copy of {delta.source}")
+                except OSError:  # none made (yet), or another build took it
+                    # While the files are linked, a dry run against the source asks the
+                    # index what the install will ask (uv keeps the answers): they overlap.
+                    ahead = (self._start_quiet([self._uv, *install, "--dry-run", "--python",
+                                                str(source / "bin" / "python")], env)
+                             if delta.added else None)
+                    try:
+                        copied = _link_tree(source, path, skip=_OWN_FILES)
+                    finally:
+                        if ahead is not None:
+                            _finish_quiet(ahead, self.build_timeout)
+                    emit(f"linked {copied} entries of {delta.source}")
+                try:
+                    os.utime(source / LAST_USED)
+                except OSError:
+                    pass
+            venv_python = str(path / "bin" / "python")
+            full = path / REQUIREMENTS_FILE
+            full.write_text("".join(line + "\n" for line in self._install_lines(path, reqs, emit)))
+            if delta.uninstall:
+                self._run([self._uv, "pip", "uninstall", "--no-config", "--python", venv_python,
+                           *delta.uninstall], env, emit, key)
+            if delta.added:
+                shutil.copyfile(added, path / DELTA_FILE)
+                shutil.copyfile(constraints, path / CONSTRAINTS_FILE)
+                self._run([self._uv, *install, "--python", venv_python], env, emit, key)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         if delta.uninstall:
             self._run([self._uv, "pip", "install", "--no-config", "--python", venv_python,
                        "-r", str(full)], env, emit, key)
+
+    def _start_quiet(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen | None:
+        """Start a helper step whose output and outcome do not matter (None if it cannot)."""
+        try:
+            return subprocess.Popen(cmd, env=env, cwd=str(self.root), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as exc:
+            logger.debug("cannot start %s: %s", cmd[:3], exc)
+            return None
 
     def _finish(self, key: str, interpreter: Path, reqs: list[str], started: float,
                 built_from: Delta | None) -> None:
@@ -839,9 +871,40 @@ class EnvironmentStore:
         except FileNotFoundError:
             pass
         _remove_path(path)
-        for leftover in self.root.glob(f"{key}.building-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        for pattern in (f"{key}.building-*", f"{key}.delta-*", f"{key}{SPARE_SUFFIX}*"):
+            for leftover in self.root.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
         return existed
+
+    def make_spare(self, key: str) -> bool:
+        """Lay a hard-linked copy of environment ``key`` aside (``<key>.spare``), so that the
+        next delta build from it only renames it into place: the copying is done here, off
+        an experiment's path (the cache manager calls this after each build).  Returns
+        whether a spare is there now; False for an environment that cannot be a source.
+        The copy is made under the key's shared lock; :meth:`remove` deletes it too."""
+        if not _KEY_RE.match(key):
+            raise ValueError(f"not an environment key: {key!r}")
+        spare = self.root / f"{key}{SPARE_SUFFIX}"
+        if spare.is_dir():
+            return True
+        with self._locked(key, shared=True):
+            try:
+                info = json.loads((self.root / key / MARKER).read_text())
+            except (OSError, ValueError):
+                return False
+            if not (self.delta and info.get("installer") == "uv" and info.get("relocatable")):
+                return False
+            staging = self.root / f"{key}{SPARE_SUFFIX}-{os.getpid()}-{threading.get_ident()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                _link_tree(self.root / key, staging, skip=_OWN_FILES)
+                os.rename(staging, spare)
+            except OSError as exc:  # another spare won the rename, or the disk is full
+                shutil.rmtree(staging, ignore_errors=True)
+                if not spare.is_dir():
+                    logger.warning("no spare copy of environment %s: %s", key, exc)
+                    return False
+        return True
 
     def usage(self) -> StoreUsage:
         """Measure the store now (a walk over every file; see :class:`StoreUsage`)."""
@@ -853,7 +916,7 @@ class EnvironmentStore:
     def _scan(self) -> tuple[dict[tuple[int, int], int], dict[str, list[tuple[int, int]]],
                              dict[tuple[int, int], int]]:
         """(per inode of the store its disk use, each inode once; per environment key the
-        inodes in it; per inode the number of environments it is in)."""
+        inodes in it and in its spare copy; per inode the number of environments it is in)."""
         sizes: dict[tuple[int, int], int] = {}
         per_key: dict[str, list[tuple[int, int]]] = {}
         owners: dict[tuple[int, int], int] = {}
@@ -863,11 +926,13 @@ class EnvironmentStore:
             return sizes, per_key, owners
         for entry in top:
             inodes = _inodes_under(entry, sizes)
-            if _KEY_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
-                unique = list(dict.fromkeys(inodes))
-                per_key[entry.name] = unique
-                for inode in unique:
-                    owners[inode] = owners.get(inode, 0) + 1
+            key = entry.name[:-len(SPARE_SUFFIX)] if entry.name.endswith(SPARE_SUFFIX) else entry.name
+            if _KEY_RE.match(key) and entry.is_dir(follow_symlinks=False):
+                per_key.setdefault(key, []).extend(inodes)
+        for key, inodes in per_key.items():
+            per_key[key] = unique = list(dict.fromkeys(inodes))
+            for inode in unique:
+                owners[inode] = owners.get(inode, 0) + 1
         return sizes, per_key, owners
 
     def evict(self, cap_bytes: int | None = None,
@@ -985,6 +1050,18 @@ def _remove_path(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
+
+
+def _finish_quiet(proc: subprocess.Popen, timeout: float | None) -> None:
+    """Wait for a helper step (at most ``timeout`` seconds, default 60), then kill it."""
+    try:
+        proc.wait(timeout=timeout or 60.0)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+            proc.wait()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -537,9 +537,38 @@ def test_delta_build_from_the_nearest_leaves_the_source_untouched(tmp_path, pypi
     assert _version_in(base, "tomli") == "2.0.1"
     assert _tree(base.path) == before
 
-    # A set sharing less than half of its lines with every stored one is built from nothing.
+    # A set sharing no line with any stored one is built from nothing.
     far = _ensure_or_skip(store, ["six==1.15.0"])
     assert json.loads((far.path / envs.MARKER).read_text())["built_from"] is None
+
+
+def test_a_spare_copy_is_taken_by_the_next_delta_build(tmp_path, pypi):
+    store = EnvironmentStore(tmp_path / "store", installer="uv")
+    base = _ensure_or_skip(store, ["six==1.16.0", "tomli==2.0.1", "pip"])
+    spare = store.root / f"{base.key}{envs.SPARE_SUFFIX}"
+    assert store.make_spare(base.key) is True and spare.is_dir()
+    assert store.make_spare(base.key) is True  # one spare per environment
+    assert not (spare / envs.MARKER).exists(), "a spare is never served"
+    before = _tree(base.path)
+    said: list[str] = []
+    changed = _ensure_or_skip(store, ["six==1.17.0", "tomli==2.0.1", "pip"], log=said.append)
+    assert f"took the spare copy of {base.key}" in said and not spare.exists()
+    assert _version_in(changed, "six") == "1.17.0" and _version_in(base, "six") == "1.16.0"
+    assert _tree(base.path) == before
+    pip_version = subprocess.run([str(changed.path / "bin" / "pip"), "--version"],
+                                 capture_output=True, text=True)
+    assert str(changed.path) in pip_version.stdout, "the spare's scripts run where it was moved"
+    # The spare counts with its environment, and goes with it.
+    assert store.make_spare(changed.key) and store.remove(changed.key)
+    assert not (store.root / f"{changed.key}{envs.SPARE_SUFFIX}").exists()
+    with pytest.raises(ValueError):
+        store.make_spare("../x")
+
+
+def test_no_spare_of_an_environment_pip_built(tmp_path, offline):
+    store = EnvironmentStore(tmp_path / "store", installer="pip")
+    env = store.ensure(Path(sys.executable), [])
+    assert store.make_spare(env.key) is False and store.make_spare("0" * 32) is False
 
 
 def test_nearest_needs_the_same_options_and_nameable_lines(tmp_path, pypi):

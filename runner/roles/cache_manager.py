@@ -7,9 +7,10 @@ attempts want it) and unpacks or copies them, finds the interpreter for ``python
 gets the virtualenv for the requirement set from the
 :class:`~runner.environments.EnvironmentStore` (built once per set, however many attempts
 want it; a set close to a stored one is built from it, see ``docs/environments.md``).  The
-environment is held for the attempt (never evicted) until the executor's ``RunEnded``; after
-each preparation the store is brought back under ``--env-cache-size`` (least recently used
-environments first), off the attempt's path.  Success goes to the executor as
+environment is held for the attempt (never evicted) until the executor's ``RunEnded``.  After
+each build, off the attempt's path, a spare hard-linked copy of the new environment is laid
+aside for the next set near it and the store is brought back under ``--env-cache-size``
+(least recently used environments first).  Success goes to the executor as
 ``AttemptPrepared``; any failure ends the attempt with the outcome :mod:`runner.fates` gives
 its exception.
 
@@ -72,10 +73,14 @@ class CacheManager(Role):
         self.lock = threading.Lock()
         self.pool.submit(self.tidy_environments, True)
 
-    def tidy_environments(self, prune: bool = False) -> None:
+    def tidy_environments(self, prune: bool = False, built: str | None = None) -> None:
         """Pool thread: (at start, ``prune``) drop the holds of attempts a runner that died
-        left, then evict past ``--env-cache-size`` and measure the store (for stats)."""
+        left; (after a build) lay a spare copy of the ``built`` environment aside for the
+        next set near it; then evict past ``--env-cache-size`` and measure the store (for
+        stats)."""
         try:
+            if built is not None:
+                self.environments.make_spare(built)
             if prune:
                 runtime = attempt_files.folder(self.config.runtime_dir)
 
@@ -149,7 +154,7 @@ class CacheManager(Role):
             self.post("executor", protocol.AttemptPrepared(attempt=attempt, python=str(env.python),
                                                        env_path=str(env.path)))
             if env.built:
-                self.tidy_environments()
+                self.tidy_environments(built=env.key)
         except Exception as exc:  # every failure ends the attempt with its fate
             if not isinstance(exc, RunnerError):
                 self.log.exception("key=%s attempt=%s preparation crashed", attempt.key, attempt.attempt_id)
