@@ -27,7 +27,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -57,6 +56,7 @@ REQUIREMENTS_FILE = ".studioml-requirements.txt"
 DELTA_FILE = ".studioml-delta.txt"
 CONSTRAINTS_FILE = ".studioml-constraints.txt"
 SPARE_SUFFIX = ".spare"
+_BENCH_PREFIX = ".bench-"
 _PROBE_TIMEOUT_S = 10.0
 _TAIL_LINES = 40
 _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -620,7 +620,7 @@ class EnvironmentStore:
         """Build ``<root>/<key>`` in place, from the nearest stored environment when there is
         one (else, or when that fails, from nothing); the caller holds the key's lock."""
         path = self.root / key
-        for pattern in (f"{key}.building-*", f"{key}.delta-*", f"{key}{SPARE_SUFFIX}*"):
+        for pattern in (f"{key}.building-*", f"{key}{SPARE_SUFFIX}*"):
             for leftover in self.root.glob(pattern):  # a spare of an earlier build is stale
                 shutil.rmtree(leftover, ignore_errors=True)
         if path.exists() or path.is_symlink():
@@ -635,7 +635,7 @@ class EnvironmentStore:
         if delta is not None:
             started = time.monotonic()
             try:
-                self._build_delta(key, reqs, delta, env, emit)
+                self._build_delta(key, interpreter, reqs, delta, env, emit)
             except (EnvironmentBuildError, OSError) as exc:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 emit(f"building from environment {delta.source} failed ({first}); "
@@ -691,31 +691,31 @@ class EnvironmentStore:
                 cmd = [str(venv_python), "-m", "pip", "install", "-r", str(req_file)]
             self._run(cmd, env, emit, key)  # type: ignore[arg-type]
 
-    def _build_delta(self, key: str, reqs: list[str], delta: Delta, env: dict[str, str],
-                     emit: Callable[[str], None]) -> None:
-        """A hard-linked copy of ``delta.source`` (held under its shared lock while copied, so
-        it is not removed meanwhile), then: uninstall what no line installs any more, install
-        the added lines constrained to the set's pins, and when something was uninstalled
-        check the whole set (uv only installs what a removed line had provided to others).
+    def _build_delta(self, key: str, interpreter: Path, reqs: list[str], delta: Delta,
+                     env: dict[str, str], emit: Callable[[str], None]) -> None:
+        """A hard-linked copy of ``delta.source`` (its spare, else linked under the source's
+        shared lock, so it is not removed meanwhile), then: uninstall what no line installs
+        any more, install the added lines constrained to the set's pins, and when something
+        was uninstalled check the whole set (uv installs what a removed line had provided to
+        others).  All of it in a workbench folder of a path uv has seen before (uv probes the
+        interpreter of a path it does not know), renamed to ``<root>/<key>`` when done.
 
         Safe for the source: ``bin/`` and top-level files are copied, not linked (installers
         rewrite scripts), and uv replaces files (unlink, then link or rename) rather than
         writing into them, so no file the two share is ever written."""
         assert self._uv is not None
-        path = self.root / key
         source = self.root / delta.source
         logger.info("building environment %s from %s (+%d -%d lines)", key, delta.source,
                     len(delta.added), len(delta.removed))
         emit(f"building from environment {delta.source}: {delta.shared} lines shared, "
              f"{len(delta.added)} to add, {len(delta.removed)} to drop"
              + (f" ({', '.join(delta.uninstall)} uninstalled)" if delta.uninstall else ""))
-        staging = Path(tempfile.mkdtemp(prefix=f"{key}.delta-", dir=self.root))
-        try:
-            added = staging / DELTA_FILE
-            constraints = staging / CONSTRAINTS_FILE
+        with self._workbench(interpreter) as bench:
+            added = bench.with_name(bench.name + DELTA_FILE)
+            constraints = bench.with_name(bench.name + CONSTRAINTS_FILE)
             options = [line for line in reqs if is_option(line)]
             added.write_text("".join(line + "\n" for line in
-                                     options + self._install_lines(path, list(delta.added),
+                                     options + self._install_lines(bench, list(delta.added),
                                                                    lambda _line: None)))
             constraints.write_text("".join(pin + "\n" for pin in
                                            filter(None, (pinned(line) for line in reqs))))
@@ -724,7 +724,7 @@ class EnvironmentStore:
                 if not (source / MARKER).is_file():
                     raise EnvironmentBuildError(f"environment {delta.source} was removed meanwhile")
                 try:
-                    os.rename(self.root / f"{delta.source}{SPARE_SUFFIX}", path)
+                    os.rename(self.root / f"{delta.source}{SPARE_SUFFIX}", bench)
                     emit(f"took the spare copy of {delta.source}")
                 except OSError:  # none made (yet), or another build took it
                     # While the files are linked, a dry run against the source asks the
@@ -733,7 +733,7 @@ class EnvironmentStore:
                                                 str(source / "bin" / "python")], env)
                              if delta.added else None)
                     try:
-                        copied = _link_tree(source, path, skip=_OWN_FILES)
+                        copied = _link_tree(source, bench, skip=_OWN_FILES)
                     finally:
                         if ahead is not None:
                             _finish_quiet(ahead, self.build_timeout)
@@ -742,21 +742,54 @@ class EnvironmentStore:
                     os.utime(source / LAST_USED)
                 except OSError:
                     pass
-            venv_python = str(path / "bin" / "python")
-            full = path / REQUIREMENTS_FILE
-            full.write_text("".join(line + "\n" for line in self._install_lines(path, reqs, emit)))
+            venv_python = str(bench / "bin" / "python")
+            full = bench / REQUIREMENTS_FILE
+            full.write_text("".join(line + "\n" for line in self._install_lines(bench, reqs, emit)))
             if delta.uninstall:
                 self._run([self._uv, "pip", "uninstall", "--no-config", "--python", venv_python,
                            *delta.uninstall], env, emit, key)
             if delta.added:
-                shutil.copyfile(added, path / DELTA_FILE)
-                shutil.copyfile(constraints, path / CONSTRAINTS_FILE)
                 self._run([self._uv, *install, "--python", venv_python], env, emit, key)
+                os.replace(added, bench / DELTA_FILE)
+                os.replace(constraints, bench / CONSTRAINTS_FILE)
+            if delta.uninstall:
+                self._run([self._uv, "pip", "install", "--no-config", "--python", venv_python,
+                           "-r", str(full)], env, emit, key)
+            os.rename(bench, self.root / key)
+
+    @contextmanager
+    def _workbench(self, interpreter: Path) -> Iterator[Path]:
+        """A free workbench path for a delta build with ``interpreter`` (held under its own
+        flock; one per build at a time, the same few paths reused), empty on entry and on
+        exit.  uv remembers what it learnt of a path's interpreter, so a reused path saves
+        it a probe; one per interpreter, so what it remembers stays true."""
+        tag = hashlib.sha256(os.path.realpath(interpreter).encode()).hexdigest()[:8]
+        number = 0
+        while True:
+            bench = self.root / f"{_BENCH_PREFIX}{tag}-{number}"
+            fd = os.open(bench.with_name(bench.name + ".lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                number += 1
+                continue
+            break
+        try:
+            for leftover in (bench, bench.with_name(bench.name + DELTA_FILE),
+                             bench.with_name(bench.name + CONSTRAINTS_FILE)):
+                if leftover.exists() or leftover.is_symlink():
+                    _remove_path(leftover)
+            yield bench
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if delta.uninstall:
-            self._run([self._uv, "pip", "install", "--no-config", "--python", venv_python,
-                       "-r", str(full)], env, emit, key)
+            try:
+                for leftover in (bench, bench.with_name(bench.name + DELTA_FILE),
+                                 bench.with_name(bench.name + CONSTRAINTS_FILE)):
+                    if leftover.exists() or leftover.is_symlink():
+                        _remove_path(leftover)
+            finally:
+                os.close(fd)
 
     def _start_quiet(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen | None:
         """Start a helper step whose output and outcome do not matter (None if it cannot)."""
@@ -871,7 +904,7 @@ class EnvironmentStore:
         except FileNotFoundError:
             pass
         _remove_path(path)
-        for pattern in (f"{key}.building-*", f"{key}.delta-*", f"{key}{SPARE_SUFFIX}*"):
+        for pattern in (f"{key}.building-*", f"{key}{SPARE_SUFFIX}*"):
             for leftover in self.root.glob(pattern):
                 shutil.rmtree(leftover, ignore_errors=True)
         return existed
