@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Iterator
 from .errors import (BadRequest, ConfigError, EnvironmentBuildError, InterpreterNotFound,
                      RequirementsUnsatisfiable)
 from .redact import safe_url
+from .units import describe_size
 
 logger = logging.getLogger(__name__)
 
@@ -636,6 +637,8 @@ class EnvironmentStore:
             started = time.monotonic()
             try:
                 self._build_delta(key, interpreter, reqs, delta, env, emit)
+                self._finish(key, interpreter, reqs, started, built_from=delta)
+                return
             except (EnvironmentBuildError, OSError) as exc:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 emit(f"building from environment {delta.source} failed ({first}); "
@@ -646,9 +649,6 @@ class EnvironmentStore:
             except BaseException:
                 _remove_path(path)
                 raise
-            else:
-                self._finish(key, interpreter, reqs, started, built_from=delta)
-                return
         started = time.monotonic()
         try:
             self._build_full(key, interpreter, reqs, env, emit)
@@ -657,7 +657,7 @@ class EnvironmentStore:
             _remove_path(path)
             raise
 
-    def _install_lines(self, path: Path, reqs: list[str], emit: Callable[[str], None]) -> list[str]:
+    def _install_lines(self, reqs: list[str], emit: Callable[[str], None]) -> list[str]:
         """``reqs`` in the form the installer takes (uv: :func:`uv_form`), saying each change."""
         if self.installer != "uv":
             return list(reqs)
@@ -681,7 +681,7 @@ class EnvironmentStore:
         else:
             self._run([str(interpreter), "-m", "venv", str(path)], env, emit, key)
         req_file = path / REQUIREMENTS_FILE
-        req_file.write_text("".join(line + "\n" for line in self._install_lines(path, reqs, emit)))
+        req_file.write_text("".join(line + "\n" for line in self._install_lines(reqs, emit)))
         if reqs:
             venv_python = path / "bin" / "python"
             if self.installer == "uv":
@@ -715,7 +715,7 @@ class EnvironmentStore:
             constraints = bench.with_name(bench.name + CONSTRAINTS_FILE)
             options = [line for line in reqs if is_option(line)]
             added.write_text("".join(line + "\n" for line in
-                                     options + self._install_lines(bench, list(delta.added),
+                                     options + self._install_lines(list(delta.added),
                                                                    lambda _line: None)))
             constraints.write_text("".join(pin + "\n" for pin in
                                            filter(None, (pinned(line) for line in reqs))))
@@ -744,7 +744,7 @@ class EnvironmentStore:
                     pass
             venv_python = str(bench / "bin" / "python")
             full = bench / REQUIREMENTS_FILE
-            full.write_text("".join(line + "\n" for line in self._install_lines(bench, reqs, emit)))
+            full.write_text("".join(line + "\n" for line in self._install_lines(reqs, emit)))
             if delta.uninstall:
                 self._run([self._uv, "pip", "uninstall", "--no-config", "--python", venv_python,
                            *delta.uninstall], env, emit, key)
@@ -1006,7 +1006,8 @@ class EnvironmentStore:
                 removed.append(key)
                 message = (f"evicted environment {key} (last used "
                            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['last_used']))}"
-                           f", {freed} bytes freed); the store holds {total} bytes, cap {cap}")
+                           f", {describe_size(freed)} freed); the store holds "
+                           f"{describe_size(total)}, cap {describe_size(cap)}")
                 logger.info("%s", message)
                 if log is not None:
                     log(message)
