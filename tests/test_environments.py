@@ -650,3 +650,43 @@ def test_holds_of_dead_attempts_are_pruned(tmp_path, offline):
     assert pruned == [(env.key, "host-gone")] and store.holders(env.key) == ["host-live"]
     with pytest.raises(ValueError):
         store.ensure(Path(sys.executable), [], holder="a/b")
+
+
+def test_concurrent_delta_builds_from_one_source(tmp_path, pypi):
+    """Two sets near one source built at once (one takes the spare, the other links the
+    source) while the source is held by a run: both right, the source untouched."""
+    store = EnvironmentStore(tmp_path / "store", installer="uv")
+    base = _ensure_or_skip(store, ["six==1.16.0", "tomli==2.0.1", "pip"], holder="host-run")
+    store.make_spare(base.key)
+    before = _tree(base.path)
+    sets = [["six==1.17.0", "tomli==2.0.1", "pip"], ["six==1.16.0", "tomli==2.0.0", "pip"]]
+    results: dict[int, Environment] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def build(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = store.ensure(Path(sys.executable), sets[index])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    if errors and any(envs._NETWORK.search(str(e)) for e in errors) \
+            and os.environ.get("CI", "").lower() != "true":
+        pytest.skip(f"the package index is out of reach: {errors[0]}")
+    assert not errors, errors
+    assert _version_in(results[0], "six") == "1.17.0" and _version_in(results[0], "tomli") == "2.0.1"
+    assert _version_in(results[1], "six") == "1.16.0" and _version_in(results[1], "tomli") == "2.0.0"
+    for env in results.values():
+        assert json.loads((env.path / envs.MARKER).read_text())["built_from"] == base.key
+    assert _tree(base.path) == before and _version_in(base, "tomli") == "2.0.1"
+    assert store.holders(base.key) == ["host-run"]
+    assert sorted(store.evict(1)) == sorted([results[0].key, results[1].key]), \
+        "the held source is never evicted"
+    assert base.path.is_dir() and store.holders(base.key) == ["host-run"]
+    assert list(store.root.glob(".bench-*/")) == [], "workbenches are left empty"
