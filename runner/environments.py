@@ -693,8 +693,8 @@ class EnvironmentStore:
 
     def _build_delta(self, key: str, interpreter: Path, reqs: list[str], delta: Delta,
                      env: dict[str, str], emit: Callable[[str], None]) -> None:
-        """A hard-linked copy of ``delta.source`` (its spare, else linked under the source's
-        shared lock, so it is not removed meanwhile), then: uninstall what no line installs
+        """A hard-linked copy of ``delta.source`` (its spare, else linked now; either under the
+        source's shared lock, so it is not removed meanwhile), then: uninstall what no line installs
         any more, install the added lines constrained to the set's pins, and when something
         was uninstalled check the whole set (uv installs what a removed line had provided to
         others).  All of it in a workbench folder of a path uv has seen before (uv probes the
@@ -727,16 +727,7 @@ class EnvironmentStore:
                     os.rename(self.root / f"{delta.source}{SPARE_SUFFIX}", bench)
                     emit(f"took the spare copy of {delta.source}")
                 except OSError:  # none made (yet), or another build took it
-                    # While the files are linked, a dry run against the source asks the
-                    # index what the install will ask (uv keeps the answers): they overlap.
-                    ahead = (self._start_quiet([self._uv, *install, "--dry-run", "--python",
-                                                str(source / "bin" / "python")], env)
-                             if delta.added else None)
-                    try:
-                        copied = _link_tree(source, bench, skip=_OWN_FILES)
-                    finally:
-                        if ahead is not None:
-                            _finish_quiet(ahead, self.build_timeout)
+                    copied = _link_tree(source, bench, skip=_OWN_FILES)
                     emit(f"linked {copied} entries of {delta.source}")
                 try:
                     os.utime(source / LAST_USED)
@@ -790,16 +781,6 @@ class EnvironmentStore:
                         _remove_path(leftover)
             finally:
                 os.close(fd)
-
-    def _start_quiet(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen | None:
-        """Start a helper step whose output and outcome do not matter (None if it cannot)."""
-        try:
-            return subprocess.Popen(cmd, env=env, cwd=str(self.root), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
-        except OSError as exc:
-            logger.debug("cannot start %s: %s", cmd[:3], exc)
-            return None
 
     def _finish(self, key: str, interpreter: Path, reqs: list[str], started: float,
                 built_from: Delta | None) -> None:
@@ -1084,18 +1065,6 @@ def _remove_path(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
-
-
-def _finish_quiet(proc: subprocess.Popen, timeout: float | None) -> None:
-    """Wait for a helper step (at most ``timeout`` seconds, default 60), then kill it."""
-    try:
-        proc.wait(timeout=timeout or 60.0)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-            proc.wait()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
