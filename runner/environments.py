@@ -400,7 +400,6 @@ class Delta:
 # Files of the store's own in an environment's folder; never copied into another.
 _OWN_FILES = frozenset({MARKER, MARKER + ".tmp", LAST_USED, REQUIREMENTS_FILE, DELTA_FILE,
                         CONSTRAINTS_FILE})
-_HOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,200}$")
 _HOLDS_SUFFIX = ".holds"
 
 
@@ -490,13 +489,13 @@ class EnvironmentStore:
         """Drop every hold of ``holder``; return the keys it held (none: nothing to do)."""
         _check_holder(holder)
         released = []
-        for hold in self.root.glob(f"*{_HOLDS_SUFFIX}/{holder}"):
+        for folder in self.root.glob(f"*{_HOLDS_SUFFIX}"):
             try:
-                hold.unlink()
-                released.append(hold.parent.name[:-len(_HOLDS_SUFFIX)])
+                (folder / holder).unlink()
+                released.append(folder.name[:-len(_HOLDS_SUFFIX)])
             except FileNotFoundError:
                 pass
-        return released
+        return sorted(released)
 
     def prune_holds(self, live: Callable[[str, float], bool]) -> list[tuple[str, str]]:
         """Drop the holds for which ``live(holder, age_seconds)`` is False (a runner that
@@ -1000,7 +999,10 @@ class EnvironmentStore:
 
 
 def _check_holder(holder: str) -> None:
-    if not isinstance(holder, str) or not _HOLDER_RE.match(holder):
+    """A holder names a file: a non-empty name of at most 200 characters, without ``/`` or
+    NUL, not starting with a dot (attempt ids ``<hostname>-<base62>`` are such names)."""
+    if (not isinstance(holder, str) or not holder or len(holder) > 200 or "/" in holder
+            or "\0" in holder or holder.startswith(".")):
         raise ValueError(f"not a holder name (an attempt id): {holder!r}")
 
 

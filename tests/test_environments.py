@@ -650,6 +650,9 @@ def test_holds_of_dead_attempts_are_pruned(tmp_path, offline):
     assert pruned == [(env.key, "host-gone")] and store.holders(env.key) == ["host-live"]
     with pytest.raises(ValueError):
         store.ensure(Path(sys.executable), [], holder="a/b")
+    odd = "my_host[1]*-1a"  # any host name makes an attempt id
+    assert store.ensure(Path(sys.executable), [], holder=odd).built is False
+    assert store.holders(env.key) == ["host-live", odd] and store.release(odd) == [env.key]
 
 
 def test_concurrent_delta_builds_from_one_source(tmp_path, pypi):

@@ -154,7 +154,7 @@ class CacheManager(Role):
             self.post("executor", protocol.AttemptPrepared(attempt=attempt, python=str(env.python),
                                                        env_path=str(env.path)))
             if env.built:
-                self.tidy_environments(built=env.key)
+                self.pool.submit(self.tidy_environments, built=env.key)
         except Exception as exc:  # every failure ends the attempt with its fate
             if not isinstance(exc, RunnerError):
                 self.log.exception("key=%s attempt=%s preparation crashed", attempt.key, attempt.attempt_id)
