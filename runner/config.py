@@ -332,6 +332,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache-dir", _path, None, "environment store and caches (default: DATA_ROOT/cache)"),
     Option("cache-size", _size, "10GiB",
            "artifact cache size (10GiB, 500mb, bytes); entries in use are never evicted"),
+    Option("env-cache-size", _size, "20GiB",
+           "environment store size (du-like: hard links counted once); past it the least "
+           "recently used environments are removed, never one in use (0: no limit)"),
     Option("s3-ca", _optional_file, "", "CA bundle (PEM) to verify non-AWS S3 hosts; turns on https"),
     Option("s3-cert", _optional_file, "", "client certificate (PEM) for non-AWS S3 hosts; turns on https"),
     Option("s3-key", _optional_file, "", "private key (PEM) of --s3-cert"),
@@ -467,6 +470,7 @@ class Config:
     sandbox: str = "auto"
     sandbox_network: str = "on"
     container_runtime: str = "auto"
+    env_cache_size: int = 20 * 2**30
     pass_env: tuple = ("*",)
     scrub_env: tuple = _name_patterns(DEFAULT_SCRUB_ENV)
     referenced_env: tuple = ()  # variables named by ${VAR} in the EXPANDED options

@@ -8,7 +8,8 @@ Views (each one ``status`` request, shown in part; ``--json`` prints that part a
 * ``running`` — experiments in flight: key, project, queue, attempt, devices, phase,
   elapsed, last metric (JSON) line;
 * ``queues`` — queues seen and the experiments waiting in each;
-* ``free`` — free resources as the fetcher's ledger sees them;
+* ``free`` — free resources as the fetcher's ledger sees them, and the environment store's
+  size against ``--env-cache-size``;
 * ``watch [VIEW]`` — redraw a view in place every ``--interval`` seconds (Ctrl-C ends it).
 
 Commands (the same code paths as the signals, see :mod:`runner.supervisor`):
@@ -58,6 +59,31 @@ def free_lines(free: dict) -> list[str]:
                      f"{size(device['available'])} of {size(device['memory_total'])} "
                      f"available, {state}")
     return lines
+
+
+def environment_store(data: dict) -> dict:
+    """The environment store's figures from the cache manager's stats in a status reply:
+    ``bytes`` (None until measured), ``environments``, ``cap`` (0: no cap); {} when the cache
+    manager has not reported."""
+    stats = ((data.get("roles") or {}).get("cache_manager") or {}).get("stats") or {}
+    if "env_store_cap" not in stats:
+        return {}
+    return {"bytes": stats.get("env_store_bytes"),
+            "environments": stats.get("env_store_environments"),
+            "cap": stats["env_store_cap"]}
+
+
+def store_line(store: dict) -> str:
+    """``environment store: 1.2 GiB of 20 GiB (3 environments)`` for :func:`environment_store`."""
+    if not store:
+        return "  environment store: not known yet (the cache manager has not reported)"
+    cap = f"of {describe_size(store['cap'])}" if store.get("cap") else "(no cap)"
+    if store.get("bytes") is None:
+        return ("  environment store: not measured yet "
+                + (f"(cap {describe_size(store['cap'])})" if store.get("cap") else "(no cap)"))
+    count = store.get("environments")
+    return (f"  environment store: {describe_size(store['bytes'])} {cap}"
+            + (f" ({count} environment{'s' if count != 1 else ''})" if count is not None else ""))
 
 
 class NoSupervisor(TimeoutError):
@@ -163,7 +189,8 @@ def render_queues(data: dict) -> list[str]:
 
 
 def render_free(data: dict) -> list[str]:
-    return ["free resources:"] + free_lines(data.get("free") or {})
+    return (["free resources:"] + free_lines(data.get("free") or {})
+            + [store_line(environment_store(data))])
 
 
 def render_status(data: dict) -> str:
@@ -191,7 +218,8 @@ def view(data: dict, name: str) -> tuple[object, str]:
     if name == "queues":
         return data["queues"], "\n".join(render_queues(data))
     if name == "free":
-        return data.get("free") or {}, "\n".join(render_free(data))
+        return ({**(data.get("free") or {}), "environment_store": environment_store(data)},
+                "\n".join(render_free(data)))
     return data, render_status(data)
 
 

@@ -73,3 +73,23 @@ def test_no_waiting_when_the_runtime_directory_does_not_exist(tmp_path: Path) ->
 def test_no_waiting_when_no_control_socket_is_there(tmp_path: Path) -> None:
     with pytest.raises(NoSupervisor, match="no control socket"):
         ctl.request(str(tmp_path), "status", timeout=3600)
+
+
+def test_free_shows_the_environment_store_against_its_cap() -> None:
+    def data(stats: dict) -> dict:
+        return {"free": {"slots": 1, "cpus": 1, "ram": 1, "disk": 1, "gpus": 0},
+                "roles": {"cache_manager": {"stats": stats}}}
+
+    measured = data({"env_store_bytes": 3 * 2**30, "env_store_environments": 2,
+                     "env_store_cap": 20 * 2**30, "cache_hits": 0})
+    json_part, text = ctl.view(measured, "free")
+    assert text.splitlines()[-1] == "  environment store: 3 GiB of 20 GiB (2 environments)"
+    assert json_part["environment_store"] == {"bytes": 3 * 2**30, "environments": 2,
+                                              "cap": 20 * 2**30}
+    assert json_part["slots"] == 1
+    assert ctl.view(data({"env_store_cap": 0}), "free")[1].splitlines()[-1] == \
+        "  environment store: not measured yet (no cap)"
+    assert ctl.view(data({"env_store_bytes": 10, "env_store_environments": 1,
+                          "env_store_cap": 0}), "free")[1].endswith(
+        "environment store: 10 B (no cap) (1 environment)")
+    assert "not known yet" in ctl.view({"free": {}}, "free")[1].splitlines()[-1]

@@ -4,6 +4,7 @@ the runner's environment passes on (an allow-list less the scrubbed names), ``%N
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -71,4 +72,54 @@ def test_a_failed_build_leaves_the_installer_tail_in_output_and_scrape(runner, t
     document = json.loads((folder / metadata.scrape_name(record["attempt"])).read_text())
     assert "no-such-project-dir" in document["runner"]["build_log_tail"]
     assert document["studioml"]["status"] == "failed"
+    assert runner.stop() == 0
+
+
+HOLD_SCRIPT = """
+    import time
+    time.sleep(3)
+    print('{"experiment": {"done": true}}')
+"""
+
+
+@pytest.mark.runner_options(env_cache_size="1")
+def test_environments_are_held_while_used_and_evicted_least_recently_used(runner, tmp_path):
+    """A one-byte cap: every environment not in use goes at the next build, the one a run
+    uses stays until its run ends; ``runner-ctl free`` shows the store against its cap."""
+    runner.start()
+    store = runner.root / "c" / "envs"
+    first = runner.request(runner.workspace({"hold.py": HOLD_SCRIPT}), "hold.py",
+                           pythonenv=[tiny_requirement(make_tiny_package(tmp_path / "a"))])
+    runner.publish(first)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(store.glob("*.holds/*")):
+        time.sleep(0.1)
+    [hold] = list(store.glob("*.holds/*"))
+    first_key = hold.parent.name.split(".")[0]
+    assert runner.wait_final(first, timeout=180)["status"] == "completed", runner.log()
+    assert list(store.glob("*.holds/*")) == [], "the run ended: its hold is released"
+    assert (store / first_key).is_dir(), "nothing built since: nothing evicted"
+
+    second = runner.request(runner.workspace({"hold.py": HOLD_SCRIPT}), "hold.py",
+                            pythonenv=[tiny_requirement(make_tiny_package(tmp_path / "b",
+                                                                          name="tinytwo"))])
+    runner.publish(second)
+    assert runner.wait_final(second, timeout=180)["status"] == "completed", runner.log()
+    assert not (store / first_key).exists(), "the least recently used one went past the cap"
+    [kept] = [p for p in store.iterdir() if p.is_dir() and len(p.name) == 32]
+    assert "evicted environment " + first_key in runner.log()
+
+    deadline = time.monotonic() + 30
+    while True:
+        shown = runner.ctl("free")
+        line = shown.stdout.strip().splitlines()[-1]
+        if "1 environment)" in line or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert shown.returncode == 0 and line.startswith("  environment store: ")
+    assert line.endswith("of 1 B (1 environment)"), shown.stdout
+    as_json = json.loads(runner.ctl("--json", "free").stdout)
+    assert as_json["environment_store"]["cap"] == 1
+    assert as_json["environment_store"]["environments"] == 1
+    assert kept.name != first_key
     assert runner.stop() == 0

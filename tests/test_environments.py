@@ -428,3 +428,268 @@ def test_failing_build_carries_the_installer_tail(tmp_path, offline, installer):
     with pytest.raises(EnvironmentBuildError) as exc:
         store.ensure(Path(sys.executable), [f"nosuchpkg @ {(tmp_path / 'gone').as_uri()}"])
     assert "gone" in exc.value.log_tail and exc.value.log_tail in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Installer tools in a client's freeze
+# ---------------------------------------------------------------------------------------------
+
+def test_installer_tool_pins_do_not_make_a_new_set(tmp_path):
+    assert normalize_requirements(["pip==23.2.1", "SetupTools==65.5.0", "wheel>=0.40",
+                                   "studioml==0.0.49"]) == \
+        ["pip", "setuptools", "studioml==0.0.49", "wheel"]
+    store = EnvironmentStore(tmp_path / "store", installer="pip")
+    py = Path(sys.executable)
+    assert store.key_for(py, ["six==1.16.0", "pip==23.2.1", "setuptools==65.5.0"]) == \
+        store.key_for(py, ["six==1.16.0", "pip==24.0", "setuptools==70.0.0"])
+    assert store.key_for(py, ["six==1.16.0", "pip==23.2.1"]) != store.key_for(py, ["six==1.16.0"])
+    assert envs.requirement_name("pip") == "pip" and envs.pinned("pip") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Delta builds, holds and eviction (real packages from PyPI, through the host's uv cache)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def pypi(monkeypatch):
+    """The package index reachable by uv (the host's uv cache is kept: the files of these
+    small pinned releases are linked from it); skipped locally, failed under CI, when not."""
+    if not have_uv():
+        pytest.skip("uv missing")
+    for name in ("UV_OFFLINE", "PIP_NO_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _ensure_or_skip(store: EnvironmentStore, requirements: list[str], **kwargs) -> Environment:
+    try:
+        return store.ensure(Path(sys.executable), requirements, **kwargs)
+    except EnvironmentBuildError as exc:
+        if os.environ.get("CI", "").lower() != "true" and envs._NETWORK.search(str(exc)):
+            pytest.skip(f"the package index is out of reach: {str(exc).splitlines()[0]}")
+        raise
+
+
+def _tree(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root``: content hash, mode and mtime of files, link texts, folders
+    (less the store's record of the last use, which a use as a source updates)."""
+    import hashlib
+    out: dict[str, tuple] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if rel == envs.LAST_USED:
+            continue
+        if path.is_symlink():
+            out[rel] = ("link", os.readlink(path))
+        elif path.is_dir():
+            out[rel] = ("dir",)
+        else:
+            st = path.stat()
+            out[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mode,
+                        st.st_mtime_ns)
+    return out
+
+
+def _version_in(env: Environment, module: str) -> str:
+    out = subprocess.run([str(env.python), "-c",
+                          f"import importlib.metadata as m; print(m.version({module!r}))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else "absent"
+
+
+def test_delta_build_from_the_nearest_leaves_the_source_untouched(tmp_path, pypi):
+    store = EnvironmentStore(tmp_path / "store", installer="uv")
+    base = _ensure_or_skip(store, ["six==1.16.0", "tomli==2.0.1", "pip==23.2.1"])
+    assert base.built and json.loads((base.path / envs.MARKER).read_text())["built_from"] is None
+    before = _tree(base.path)
+    usage_one = store.usage()
+
+    said: list[str] = []
+    changed = _ensure_or_skip(store, ["six==1.17.0", "tomli==2.0.1", "pip==24.0"],
+                              log=said.append)
+    marker = json.loads((changed.path / envs.MARKER).read_text())
+    assert changed.built and marker["built_from"] == base.key
+    assert marker["delta"] == {"added": ["six==1.17.0"], "removed": ["six==1.16.0"]}
+    assert any(line.startswith(f"building from environment {base.key}") for line in said)
+    assert not any(" venv " in line for line in said if line.startswith("$ ")), \
+        "no new virtualenv: the copy is the venv"
+    assert _version_in(changed, "six") == "1.17.0" and _version_in(changed, "tomli") == "2.0.1"
+    assert _version_in(base, "six") == "1.16.0"
+    assert _tree(base.path) == before, "building from it changed the source"
+    # The copy shares the unchanged files (hard links), not its scripts.
+    tomli_init = next(base.path.glob("lib/python*/site-packages/tomli/__init__.py"))
+    twin = changed.path / tomli_init.relative_to(base.path)
+    assert tomli_init.stat().st_ino == twin.stat().st_ino
+    assert (base.path / "bin" / "pip").stat().st_ino != (changed.path / "bin" / "pip").stat().st_ino
+    # The copy's scripts run its own interpreter (relocatable), not the source's.
+    pip_version = subprocess.run([str(changed.path / "bin" / "pip"), "--version"],
+                                 capture_output=True, text=True)
+    assert pip_version.returncode == 0 and str(changed.path) in pip_version.stdout
+    # Hard links are counted once: the copy adds far less than a second environment.
+    usage_two = store.usage()
+    assert usage_two.environments == 2
+    assert usage_two.bytes - usage_one.bytes < usage_one.bytes / 2
+
+    # A line dropped: its package is uninstalled from the copy, kept in the source.
+    fewer = _ensure_or_skip(store, ["six==1.16.0", "pip"], log=said.append)
+    marker = json.loads((fewer.path / envs.MARKER).read_text())
+    assert marker["built_from"] == base.key and marker["delta"]["removed"] == ["tomli==2.0.1"]
+    assert _version_in(fewer, "tomli") == "absent" and _version_in(fewer, "six") == "1.16.0"
+    assert _version_in(base, "tomli") == "2.0.1"
+    assert _tree(base.path) == before
+
+    # A set sharing no line with any stored one is built from nothing.
+    far = _ensure_or_skip(store, ["six==1.15.0"])
+    assert json.loads((far.path / envs.MARKER).read_text())["built_from"] is None
+
+
+def test_a_spare_copy_is_taken_by_the_next_delta_build(tmp_path, pypi):
+    store = EnvironmentStore(tmp_path / "store", installer="uv")
+    base = _ensure_or_skip(store, ["six==1.16.0", "tomli==2.0.1", "pip"])
+    spare = store.root / f"{base.key}{envs.SPARE_SUFFIX}"
+    assert store.make_spare(base.key) is True and spare.is_dir()
+    assert store.make_spare(base.key) is True  # one spare per environment
+    assert not (spare / envs.MARKER).exists(), "a spare is never served"
+    before = _tree(base.path)
+    said: list[str] = []
+    changed = _ensure_or_skip(store, ["six==1.17.0", "tomli==2.0.1", "pip"], log=said.append)
+    assert f"took the spare copy of {base.key}" in said and not spare.exists()
+    assert _version_in(changed, "six") == "1.17.0" and _version_in(base, "six") == "1.16.0"
+    assert _tree(base.path) == before
+    pip_version = subprocess.run([str(changed.path / "bin" / "pip"), "--version"],
+                                 capture_output=True, text=True)
+    assert str(changed.path) in pip_version.stdout, "the spare's scripts run where it was moved"
+    # The spare counts with its environment, and goes with it.
+    assert store.make_spare(changed.key) and store.remove(changed.key)
+    assert not (store.root / f"{changed.key}{envs.SPARE_SUFFIX}").exists()
+    with pytest.raises(ValueError):
+        store.make_spare("../x")
+
+
+def test_no_spare_of_an_environment_pip_built(tmp_path, offline):
+    store = EnvironmentStore(tmp_path / "store", installer="pip")
+    env = store.ensure(Path(sys.executable), [])
+    assert store.make_spare(env.key) is False and store.make_spare("0" * 32) is False
+
+
+def test_nearest_needs_the_same_options_and_nameable_lines(tmp_path, pypi):
+    store = EnvironmentStore(tmp_path / "store", installer="uv")
+    base = _ensure_or_skip(store, ["six==1.16.0", "tomli==2.0.1"])
+    py = Path(sys.executable)
+    delta = store.nearest(py, ["six==1.16.0", "tomli==2.0.1", "typing-extensions==4.12.2"])
+    assert delta is not None and delta.source == base.key
+    assert delta.added == ("typing-extensions==4.12.2",) and delta.uninstall == ()
+    assert store.nearest(py, ["--index-url https://example.invalid/simple", "six==1.16.0",
+                              "tomli==2.0.1"]) is None
+    assert store.nearest(py, ["six==1.16.0"]).uninstall == ("tomli",)
+    # A source built before environments were relocatable is not copied.
+    marker_path = base.path / envs.MARKER
+    marker = json.loads(marker_path.read_text())
+    marker_path.write_text(json.dumps(dict(marker, relocatable=False)))
+    assert store.nearest(py, ["six==1.17.0", "tomli==2.0.1"]) is None
+
+
+def test_a_source_removed_while_chosen_falls_back_to_a_full_build(tmp_path, pypi):
+    store = EnvironmentStore(tmp_path / "store", installer="uv")
+    base = _ensure_or_skip(store, ["six==1.16.0", "tomli==2.0.1"])
+    delta = store.nearest(Path(sys.executable), ["six==1.17.0", "tomli==2.0.1"])
+    store.remove(base.key)
+    said: list[str] = []
+    store.nearest = lambda *_args: delta  # chosen just before the removal
+    env = _ensure_or_skip(store, ["six==1.17.0", "tomli==2.0.1"], log=said.append)
+    assert any("was removed meanwhile" in line and "building from nothing" in line
+               for line in said), said
+    assert _version_in(env, "six") == "1.17.0"
+    assert json.loads((env.path / envs.MARKER).read_text())["built_from"] is None
+
+
+def _tiny_env(store: EnvironmentStore, where: Path, name: str, **kwargs) -> Environment:
+    project = make_tiny_package(where, name=name)
+    return store.ensure(Path(sys.executable), [tiny_req(project)], **kwargs)
+
+
+def _age(env: Environment, seconds_ago: float) -> None:
+    when = time.time() - seconds_ago
+    os.utime(env.path / envs.LAST_USED, (when, when))
+
+
+def test_eviction_least_recently_used_first_never_held_or_locked(tmp_path, offline):
+    store = EnvironmentStore(tmp_path / "store", installer="uv" if have_uv() else "pip")
+    made = [_tiny_env(store, tmp_path / "src", f"tiny{i}") for i in range(4)]
+    for age, env in zip((400, 300, 200, 100), made):  # made[0] is the least recently used
+        _age(env, age)
+    total = store.usage().bytes
+    assert store.usage().environments == 4 and total > 0
+
+    assert store.evict(0) == [] and store.evict(total) == []  # no cap / under the cap
+    assert store.evict(total - 1) == [made[0].key]
+    assert not made[0].path.exists() and made[1].path.exists()
+
+    # Held (a run uses it) or locked (the source of a delta build): passed over.
+    assert store.ensure(Path(sys.executable), [tiny_req(tmp_path / "src" / "tiny1")],
+                        holder="host-1a").built is False
+    assert store.holders(made[1].key) == ["host-1a"]
+    _age(made[1], 300)  # ensure() counted as a use; make it the oldest again
+    with store._locked(made[2].key, shared=True):
+        assert store.evict(1) == [made[3].key]
+    assert made[1].path.exists() and made[2].path.exists()
+    assert store.last_usage.environments == 2
+
+    assert store.release("host-1a") == [made[1].key] and store.holders(made[1].key) == []
+    assert store.evict(1) == [made[1].key, made[2].key]
+    assert store.list() == [] and store.last_usage.environments == 0
+    with pytest.raises(ValueError):
+        store.release("../x")
+
+
+def test_holds_of_dead_attempts_are_pruned(tmp_path, offline):
+    store = EnvironmentStore(tmp_path / "store")
+    env = store.ensure(Path(sys.executable), [], holder="host-live")
+    store.ensure(Path(sys.executable), [], holder="host-gone")
+    assert store.holders(env.key) == ["host-gone", "host-live"]
+    pruned = store.prune_holds(lambda holder, age: holder == "host-live" and age < 60)
+    assert pruned == [(env.key, "host-gone")] and store.holders(env.key) == ["host-live"]
+    with pytest.raises(ValueError):
+        store.ensure(Path(sys.executable), [], holder="a/b")
+    odd = "my_host[1]*-1a"  # any host name makes an attempt id
+    assert store.ensure(Path(sys.executable), [], holder=odd).built is False
+    assert store.holders(env.key) == ["host-live", odd] and store.release(odd) == [env.key]
+
+
+def test_concurrent_delta_builds_from_one_source(tmp_path, pypi):
+    """Two sets near one source built at once (one takes the spare, the other links the
+    source) while the source is held by a run: both right, the source untouched."""
+    store = EnvironmentStore(tmp_path / "store", installer="uv")
+    base = _ensure_or_skip(store, ["six==1.16.0", "tomli==2.0.1", "pip"], holder="host-run")
+    store.make_spare(base.key)
+    before = _tree(base.path)
+    sets = [["six==1.17.0", "tomli==2.0.1", "pip"], ["six==1.16.0", "tomli==2.0.0", "pip"]]
+    results: dict[int, Environment] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def build(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = store.ensure(Path(sys.executable), sets[index])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    if errors and any(envs._NETWORK.search(str(e)) for e in errors) \
+            and os.environ.get("CI", "").lower() != "true":
+        pytest.skip(f"the package index is out of reach: {errors[0]}")
+    assert not errors, errors
+    assert _version_in(results[0], "six") == "1.17.0" and _version_in(results[0], "tomli") == "2.0.1"
+    assert _version_in(results[1], "six") == "1.16.0" and _version_in(results[1], "tomli") == "2.0.0"
+    for env in results.values():
+        assert json.loads((env.path / envs.MARKER).read_text())["built_from"] == base.key
+    assert _tree(base.path) == before and _version_in(base, "tomli") == "2.0.1"
+    assert store.holders(base.key) == ["host-run"]
+    assert sorted(store.evict(1)) == sorted([results[0].key, results[1].key]), \
+        "the held source is never evicted"
+    assert base.path.is_dir() and store.holders(base.key) == ["host-run"]
+    assert list(store.root.glob(".bench-*/")) == [], "workbenches are left empty"

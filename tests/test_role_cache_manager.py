@@ -55,3 +55,16 @@ def test_a_missing_input_ends_the_attempt_without_reaching_the_executor(rig) -> 
     assert ended.outcome.status != "completed" and ended.outcome.error
     assert rig.probe("executor").quiet(protocol.AttemptPrepared, 0.3) == []
     assert metadata.read_downloaded_digests(attempt.workdir) is None  # inputs never placed
+
+
+def test_the_environment_is_held_for_the_attempt_until_its_run_ends(rig) -> None:
+    from .roles_support import eventually
+    request = rig.request(workspace={"train.py": "print('hi')\n"})
+    attempt = rig.attempt(request)
+    rig.probe("fetcher").send("cache_manager", protocol.AttemptAssigned(attempt=attempt))
+    prepared = rig.probe("executor").expect(protocol.AttemptPrepared, timeout=300)
+    store = Path(rig.config.env_dir)
+    key = Path(prepared.env_path).name
+    assert (store / f"{key}.holds" / attempt.attempt_id).is_file()
+    rig.probe("executor").send("cache_manager", protocol.RunEnded(attempt_id=attempt.attempt_id))
+    assert eventually(lambda: not (store / f"{key}.holds" / attempt.attempt_id).exists())

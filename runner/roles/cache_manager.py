@@ -6,8 +6,13 @@ through the :class:`~runner.cache.ArtifactCache` (one download per object howeve
 attempts want it) and unpacks or copies them, finds the interpreter for ``pythonver`` and
 gets the virtualenv for the requirement set from the
 :class:`~runner.environments.EnvironmentStore` (built once per set, however many attempts
-want it).  Success goes to the executor as ``AttemptPrepared``; any failure ends the attempt
-with the outcome :mod:`runner.fates` gives its exception.
+want it; a set close to a stored one is built from it, see ``docs/environments.md``).  The
+environment is held for the attempt (never evicted) until the executor's ``RunEnded``.  After
+each build, off the attempt's path, a spare hard-linked copy of the new environment is laid
+aside for the next set near it and the store is brought back under ``--env-cache-size``
+(least recently used environments first).  Success goes to the executor as
+``AttemptPrepared``; any failure ends the attempt with the outcome :mod:`runner.fates` gives
+its exception.
 
 Container mode (:mod:`runner.containers`): instead of an environment it gets the image
 the request names ready for the runtime this host uses: a ``.sif`` from storage through
@@ -32,7 +37,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .. import containers, fates, metadata, protocol
+from .. import attempt_files, containers, fates, metadata, protocol
 from ..archive import tree_digest, unpack
 from ..cache import ArtifactCache
 from ..environments import EnvironmentStore, find_interpreter
@@ -49,7 +54,8 @@ class CacheManager(Role):
     def initialize(self) -> None:
         Path(self.config.working_dir).mkdir(parents=True, exist_ok=True)
         self.environments = EnvironmentStore(Path(self.config.env_dir),
-                                             installer=self.config.installer)
+                                             installer=self.config.installer,
+                                             cap_bytes=self.config.env_cache_size)
         self.cache = ArtifactCache(Path(self.config.artifact_cache_dir), self.config.cache_size)
         self.images = ArtifactCache(Path(self.config.cache_dir) / "images", self.config.cache_size,
                                     name="image cache")
@@ -65,6 +71,30 @@ class CacheManager(Role):
         self.stopped: dict[str, Exception] = {}  # attempt id -> what stops it
         self.stop_all: Exception | None = None
         self.lock = threading.Lock()
+        self.pool.submit(self.tidy_environments, True)
+
+    def tidy_environments(self, prune: bool = False, built: str | None = None) -> None:
+        """Pool thread: (at start, ``prune``) drop the holds of attempts a runner that died
+        left; (after a build) lay a spare copy of the ``built`` environment aside for the
+        next set near it; then evict past ``--env-cache-size`` and measure the store (for
+        stats)."""
+        try:
+            if built is not None:
+                self.environments.make_spare(built)
+            if prune:
+                runtime = attempt_files.folder(self.config.runtime_dir)
+
+                def live(attempt_id: str, age: float) -> bool:
+                    # Registry files live from the attempt's opening to its settling; a hold
+                    # younger than a minute may be ahead of the scraper's first write.
+                    return age < 60 or any(runtime.glob(f"{attempt_id}.*"))
+
+                for key, holder in self.environments.prune_holds(live):
+                    self.log.info("environment %s: dropped the hold of %s (no such attempt)",
+                                  key, holder)
+            self.environments.evict()
+        except Exception:  # noqa: BLE001 - housekeeping; the next preparation tries again
+            self.log.exception("environment store housekeeping failed")
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.AttemptAssigned):
@@ -85,6 +115,7 @@ class CacheManager(Role):
                     self.stop_all = reason
         elif isinstance(message, protocol.RunEnded):
             self.release_image(message.attempt_id)
+            self.environments.release(message.attempt_id)
 
     def _cancelled(self, attempt_id: str) -> Exception | None:
         with self.lock:
@@ -116,17 +147,21 @@ class CacheManager(Role):
             log(f"interpreter {interpreter} for pythonver {experiment.get('pythonver')!r}")
             requirements = list(experiment.get("pythonenv") or [])
             requirements += list(attempt.request.get("config", {}).get("pip") or [])
-            env = self.environments.ensure(interpreter, requirements, log=log)
+            env = self.environments.ensure(interpreter, requirements, log=log,
+                                           holder=attempt.attempt_id)
             log(f"environment {env.key} {'built' if env.built else 'reused from the store'}")
             self.check_cancelled(attempt)
             self.post("executor", protocol.AttemptPrepared(attempt=attempt, python=str(env.python),
                                                        env_path=str(env.path)))
+            if env.built:
+                self.pool.submit(self.tidy_environments, built=env.key)
         except Exception as exc:  # every failure ends the attempt with its fate
             if not isinstance(exc, RunnerError):
                 self.log.exception("key=%s attempt=%s preparation crashed", attempt.key, attempt.attempt_id)
             outcome = fates.outcome_for_exception(exc)
             log(f"preparation ended: {outcome.error}: {outcome.message}")
             self.release_image(attempt.attempt_id)
+            self.environments.release(attempt.attempt_id)
             facts = ({"build_log_tail": exc.log_tail}
                      if isinstance(exc, EnvironmentBuildError) and exc.log_tail else {})
             self.post("scraper", protocol.AttemptEnded(attempt=attempt, outcome=outcome, facts=facts))
@@ -223,7 +258,11 @@ class CacheManager(Role):
         with self.lock:
             preparing = len(self.preparing)
         images = {f"image_{name}": value for name, value in self.images.stats().items()}
-        return {"preparing": preparing, **self.cache.stats(), **images}
+        usage = self.environments.last_usage
+        store = {"env_store_cap": self.environments.cap_bytes}
+        if usage is not None:  # measured at start and after each build
+            store.update(env_store_bytes=usage.bytes, env_store_environments=usage.environments)
+        return {"preparing": preparing, **self.cache.stats(), **images, **store}
 
     def shutdown(self) -> None:
         with self.lock:
