@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BadRequest, RunnerError
-from .storage import open_store, request_env
+from .storage import ObjectMissing, open_store, request_env
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +143,26 @@ def add_output_artifact(request: dict) -> dict | None:
     return None
 
 
-def read_record(location: RecordLocation) -> dict | None:
-    """The record as stored, or None when there is none.
+def read_record(location: RecordLocation, store=None) -> dict | None:
+    """The record as stored, or None when there is none (one GET; ``store``: an open store
+    for ``location.url`` to use, else one is opened and closed here).
 
     Raises :class:`~runner.errors.StorageError` when the store cannot be read and
     :class:`ValueError` when the object is not a JSON object.
     """
-    store = location.store()
+    own = store is None
+    store = location.store() if own else store
     try:
-        if store.stat(location.url) is None:
-            return None
         with tempfile.TemporaryDirectory(prefix="studio-record-") as tmp:
             path = Path(tmp) / "record.json"
-            store.get(location.url, path)
+            try:
+                store.get(location.url, path)
+            except ObjectMissing:
+                return None
             record = json.loads(path.read_bytes())
     finally:
-        store.close()
+        if own:
+            store.close()
     if not isinstance(record, dict):
         raise ValueError(f"{location.url} is not a JSON object")
     return record
@@ -172,7 +176,15 @@ def update_record(location: RecordLocation, changes: dict) -> dict | None:
     None when there is no record (nothing is written then).  Raises what
     :func:`read_record` raises, and :class:`~runner.errors.StorageError` on a failed write.
     """
-    record = read_record(location)
+    store = location.store()
+    try:
+        return _update(location, store, changes)
+    finally:
+        store.close()
+
+
+def _update(location: RecordLocation, store, changes: dict) -> dict | None:
+    record = read_record(location, store)
     if record is None:
         return None
     changes = dict(changes)
@@ -185,11 +197,7 @@ def update_record(location: RecordLocation, changes: dict) -> dict | None:
             for label, artifact in added.items():
                 artifacts.setdefault(label, artifact)
     record.update(changes)
-    store = location.store()
-    try:
-        store.put_bytes(location.url, json.dumps(record).encode())
-    finally:
-        store.close()
+    store.put_bytes(location.url, json.dumps(record).encode())
     return record
 
 
