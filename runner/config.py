@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, NoReturn, Sequence
 from .errors import ConfigError
 from .redact import safe_url
 from .resources import machine_memory
-from .units import UnitError, parse_duration, parse_size
+from .units import UnitError, parse_duration_with_unit, parse_size
 
 DEFAULT_QUEUE_MATCH = r"^(rmq|sqs|local)_.*$"
 ENV_PREFIX = "RUNNER_"
@@ -116,10 +116,7 @@ def _positive_int(text: str) -> int:
 
 def _duration(text: str) -> float:
     """A duration with its unit (``90s``, ``20m``); a bare number other than 0 is refused."""
-    stripped = str(text).strip()
-    if re.fullmatch(r"[0-9]+(\.[0-9]*)?", stripped) and float(stripped) != 0:
-        raise ValueError(f"a duration needs a unit: {stripped}s, {stripped}m or {stripped}h")
-    return parse_duration(text)
+    return parse_duration_with_unit(text)
 
 
 def _size(text: str) -> int:

@@ -1,0 +1,87 @@
+"""runner-submit refuses, before uploading anything, what the runner would refuse later.
+
+Each case runs the real ``runner-submit`` against a ``file://`` storage and a local queue
+folder, and checks that it exits 2 with a message naming the problem, and that nothing
+was uploaded or published.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner import requests as requests_module
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def submit(tmp_path: Path, *argv: str, workspace: Path | None = None):
+    if workspace is None:
+        workspace = tmp_path / "project"
+        workspace.mkdir(exist_ok=True)
+        (workspace / "train.py").write_text("print('hi')\n")
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"), PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "runner.submit", "--storage", (tmp_path / "store").as_uri(),
+         "--queue-root", str(tmp_path / "queues"), "--queue", "local_checks", *argv,
+         str(workspace), "train.py"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def nothing_sent(tmp_path: Path) -> bool:
+    """No object in the storage and no message in the queue folder."""
+    return not any((tmp_path / "store").rglob("*.tar")) and not any(
+        p.is_file() for p in (tmp_path / "queues").rglob("*"))
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--cpus", "-1"], "counts cannot be negative"),
+    (["--gpus", "-1"], "counts cannot be negative"),
+    (["--key", "../x"], "experiment.key '../x' is not usable in storage paths"),
+    pytest.param(["--project", "a/b"], "experiment.project 'a/b'",
+                 marks=pytest.mark.skipif(
+                     not hasattr(requests_module, "check_name"),
+                     reason="the runner's admission accepts '/' in a project here; "
+                            "runner-submit refuses exactly what admission refuses")),
+    (["--save-frequency", "0"], "--save-frequency 0: must be more than 0"),
+    (["--max-duration", "5"], "--max-duration 5: a duration needs a unit: 5s, 5m or 5h"),
+    (["--lifetime", "5"], "--lifetime 5: a duration needs a unit"),
+    (["--wait-timeout", "5"], "--wait-timeout 5: a duration needs a unit"),
+    (["--ram", "lots"], "--ram lots: not a size"),
+])
+def test_what_the_runner_refuses_is_refused_before_upload(tmp_path: Path, argv, said) -> None:
+    proc = submit(tmp_path, *argv)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert said in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert nothing_sent(tmp_path)
+
+
+def test_a_workspace_with_a_symlink_leaving_it_is_refused_naming_the_link(tmp_path: Path) -> None:
+    workspace = tmp_path / "project"
+    (workspace / "sub").mkdir(parents=True)
+    (workspace / "train.py").write_text("print('hi')\n")
+    os.symlink("/datasets", workspace / "data")
+    os.symlink("../../elsewhere", workspace / "sub" / "up")
+    os.symlink("../train.py", workspace / "sub" / "fine")  # inside: kept
+    proc = submit(tmp_path, workspace=workspace)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "data -> /datasets: a symlink to an absolute path" in proc.stderr
+    assert "sub/up -> ../../elsewhere: a symlink pointing outside" in proc.stderr
+    assert "sub/fine" not in proc.stderr
+    assert nothing_sent(tmp_path)
+
+
+def test_durations_with_units_and_links_inside_the_workspace_are_sent(tmp_path: Path) -> None:
+    workspace = tmp_path / "project"
+    workspace.mkdir()
+    (workspace / "train.py").write_text("print('hi')\n")
+    os.symlink("train.py", workspace / "main.py")
+    proc = submit(tmp_path, "--max-duration", "5m", "--save-frequency", "10s",
+                  "--wait-timeout", "0", "--key", "fine", workspace=workspace)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "fine"
+    assert not nothing_sent(tmp_path)
