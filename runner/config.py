@@ -347,6 +347,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("hostname", str, None, "host name in attempt ids and metadata (default: this host's)"),
     Option("min-save-interval", _duration, "10s",
            "lower clamp of an experiment's saveWorkspaceFrequency"),
+    Option("max-history", _positive_size, "64MiB",
+           "most bytes of one attempt's metric history (_metadata/metrics-host-*.jsonl); "
+           "JSON lines past it are left out and a truncated line says so"),
     Option("kill-grace", _duration, "10s", "time between SIGTERM and SIGKILL when stopping a run"),
     Option("shutdown-timeout", _duration, "60s",
            "on SIGTERM, how long to wait for running work to be handed back"),
@@ -471,6 +474,7 @@ class Config:
     pass_env: tuple = ("*",)
     scrub_env: tuple = _name_patterns(DEFAULT_SCRUB_ENV)
     referenced_env: tuple = ()  # variables named by ${VAR} in the EXPANDED options
+    max_history: int = 64 * 1024 * 1024
 
     @property
     def env_dir(self) -> str:

@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import metadata
+from . import metadata, studio_db
 from .archive import pack, refused_symlinks
 from .config import OptionParser, default_data_root, env_value
 from .errors import BadRequest, RunnerError
@@ -198,7 +198,7 @@ def build_request(args: argparse.Namespace, key: str, project: str, storage_root
             "resources_needed": resources,
             "cloud": {"queue": publishing_class(args.queue).client_queue(args)},
             "storage": storage,
-            "database": {"type": "studioml-runner", "bucket": bucket},
+            "database": {"type": studio_db.NO_DATABASE, "bucket": bucket},
         },
     }
 
@@ -317,12 +317,12 @@ def wait_for(request: dict, timeout: float, follow: bool = False) -> int:
                 record = json.loads(target.read_text())
             state = ((record["status"], record["attempt"], record.get("reason", ""))
                      if record else ("queued", "", ""))
-            if state != shown:
+            if follower is not None and record:  # the output first, then what it led to
+                follower.poll(record.get("attempt") or "", Path(tmp))
+            if state != shown and not (record and record.get("final")):
                 shown = state
                 print(f"status: {state[0]}" + (f" (attempt {state[1]})" if state[1] else "")
                       + (f": {state[2]}" if state[2] else ""), file=sys.stderr, flush=True)
-            if follower is not None and record:
-                follower.poll(record.get("attempt") or "", Path(tmp))
             if record and record.get("final"):
                 return show_result(request, record, Path(tmp), follower)
             time.sleep(interval)
@@ -336,29 +336,31 @@ def show_result(request: dict, record: dict, tmp: Path, follower: Follower | Non
     lines (unless ``follower`` already printed the output)."""
     prefix = metadata.metadata_prefix_url(request)
     status = record["status"]
-    print(f"status: {status} (last attempt {record.get('attempt') or '-'}; "
-          f"failed attempts counted: {record['attempts']})")
-    document = {}
+    if follower is not None:  # what was written after the last poll comes before the end
+        follower.poll(record.get("attempt") or "", tmp)
+    document, url = {}, ""
     if record.get("attempt") and prefix:
         url = f"{prefix}/{metadata.scrape_name(record['attempt'])}"
         store = _store_for(request, url)
         if store.stat(url) is not None:
             store.get(url, tmp / "scrape.json")
             document = json.loads((tmp / "scrape.json").read_text())
-            print(f"scrape document ({url}):")
-            print(json.dumps(document, indent=2))
+    runner = document.get("runner") if isinstance(document.get("runner"), dict) else {}
+    # How many attempts ran (runner-results list's "attempts"): the newest one's number.
+    number = runner.get("attempt_number") or record.get("attempts") or 0
+    print(f"status: {status} (attempt {number}: {record.get('attempt') or '-'})")
+    if document:
+        print(f"scrape document ({url}):")
+        print(json.dumps(document, indent=2))
     if prefix:
         print(f"metadata files under {prefix}/")
     print(f"outputs under {prefix.rsplit('/', 1)[0] if prefix else '?'}/")
     if status == "completed":
         return 0
-    runner = document.get("runner") if isinstance(document.get("runner"), dict) else {}
     error = runner.get("error") or "no error recorded"
     message = " ".join(str(runner.get("message") or record.get("reason") or "").split())
     print(f"{status}: {error}: {message}" if message else f"{status}: {error}")
-    if follower is not None:
-        follower.poll(record.get("attempt") or "", tmp)
-    elif record.get("attempt") and prefix:
+    if follower is None and record.get("attempt") and prefix:
         url = f"{prefix}/{metadata.output_name(record['attempt'])}"
         store = _store_for(request, url)
         if store.stat(url) is not None:

@@ -6,6 +6,7 @@ was uploaded or published.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,33 @@ def test_durations_with_units_and_links_inside_the_workspace_are_sent(tmp_path: 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "fine"
     assert not nothing_sent(tmp_path)
+
+
+def test_follow_prints_the_output_before_the_end_and_no_database_error(runner) -> None:
+    """A short run with ``--follow`` (stdout and stderr in one stream, as in a terminal):
+    the streamed output comes before ``completed``; runner-submit's own requests name no
+    StudioML database, so no ``studio_record`` error is shown or kept."""
+    runner.start()
+    workspace = runner.workspace({"quick.py": """
+        import time
+        print("streamed line", flush=True)
+        time.sleep(1.5)
+        print("last line", flush=True)
+    """})
+    done = subprocess.run(
+        [sys.executable, "-m", "runner.submit", "--queue", runner.queue,
+         "--queue-root", str(runner.options["queue-root"]), "--storage", runner.store_root,
+         "--project", "cli", "--key", "quick", "--save-frequency", "1s", "--follow",
+         "--wait-timeout", "90s", str(workspace), "quick.py"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+        env=runner.env, cwd=REPO)
+    out = done.stdout
+    assert done.returncode == 0, out + runner.log()
+    assert out.index("streamed line") < out.index("last line") < out.index("completed"), out
+    assert out.count("status: completed") == 1
+    assert "status: completed (attempt 1: " in out
+    assert "studio_record" not in out and "not supported" not in out, out
+    record = json.loads((runner.store_path(runner.store_root) / "metadata" / "cli"
+                         / "quick.json").read_text())
+    [document] = runner.scrape_documents(record["request"])
+    assert "studio_record" not in document["runner"]
