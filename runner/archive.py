@@ -88,6 +88,36 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def symlink_problem(target: str, parent: str, root: str) -> str | None:
+    """Why :func:`unpack` refuses a symlink to ``target`` in folder ``parent`` under
+    ``root`` (real paths), or None when it keeps it: an empty target, an absolute path,
+    or a path resolving outside ``root``.  The text completes "<link> is ..."."""
+    if not target or "\x00" in target:
+        return "a symlink with an empty target"
+    if target.startswith("/"):
+        return f"a symlink to an absolute path {target!r}"
+    if not _within(os.path.realpath(os.path.join(parent, target)), root):
+        return f"a symlink pointing outside the destination ({target!r})"
+    return None
+
+
+def refused_symlinks(src_dir: Path) -> list[str]:
+    """``"<relative path> -> <target>: <why>"`` for each symlink under ``src_dir`` that
+    :func:`unpack` would refuse once packed (:func:`symlink_problem`): a folder holding
+    one cannot be sent as an artifact.  Links are not followed."""
+    root = os.path.realpath(src_dir)
+    found = []
+    for rel in _entries(Path(src_dir)):
+        full = os.path.join(root, rel)
+        if not os.path.islink(full):
+            continue
+        target = os.readlink(full)
+        problem = symlink_problem(target, os.path.dirname(full), root)
+        if problem:
+            found.append(f"{rel} -> {target}: {problem}")
+    return found
+
+
 def _member_parts(name: str) -> list[str]:
     """Path components of a member name; raises ArchiveError for absolute or ``..`` names."""
     if not name or "\x00" in name:
@@ -205,16 +235,9 @@ class _Unpacker:
             self._file(tar, info, leaf)
 
     def _symlink(self, name: str, target: str, parent: str, leaf: str) -> None:
-        if not target or "\x00" in target:
-            raise ArchiveError(f"archive member {name!r} is a symlink with an empty target")
-        if target.startswith("/"):
-            raise ArchiveError(
-                f"archive member {name!r} is a symlink to an absolute path {target!r}")
-        resolved = os.path.realpath(os.path.join(parent, target))
-        if not _within(resolved, self.root):
-            raise ArchiveError(
-                f"archive member {name!r} is a symlink pointing outside the destination "
-                f"({target!r})")
+        problem = symlink_problem(target, parent, self.root)
+        if problem:
+            raise ArchiveError(f"archive member {name!r} is {problem}")
         self._clear_leaf(name, leaf)
         os.symlink(target, leaf)
 

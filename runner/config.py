@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, NoReturn, Sequence
 from .errors import ConfigError
 from .redact import safe_url
 from .resources import machine_memory
-from .units import UnitError, parse_duration, parse_size
+from .units import UnitError, parse_duration_with_unit, parse_size
 
 DEFAULT_QUEUE_MATCH = r"^(rmq|sqs|local)_.*$"
 ENV_PREFIX = "RUNNER_"
@@ -116,10 +116,7 @@ def _positive_int(text: str) -> int:
 
 def _duration(text: str) -> float:
     """A duration with its unit (``90s``, ``20m``); a bare number other than 0 is refused."""
-    stripped = str(text).strip()
-    if re.fullmatch(r"[0-9]+(\.[0-9]*)?", stripped) and float(stripped) != 0:
-        raise ValueError(f"a duration needs a unit: {stripped}s, {stripped}m or {stripped}h")
-    return parse_duration(text)
+    return parse_duration_with_unit(text)
 
 
 def _size(text: str) -> int:
@@ -350,6 +347,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("hostname", str, None, "host name in attempt ids and metadata (default: this host's)"),
     Option("min-save-interval", _duration, "10s",
            "lower clamp of an experiment's saveWorkspaceFrequency"),
+    Option("max-history", _positive_size, "64MiB",
+           "most bytes of one attempt's metric history (_metadata/metrics-host-*.jsonl); "
+           "JSON lines past it are left out and a truncated line says so"),
     Option("kill-grace", _duration, "10s", "time between SIGTERM and SIGKILL when stopping a run"),
     Option("shutdown-timeout", _duration, "60s",
            "on SIGTERM, how long to wait for running work to be handed back"),
@@ -474,6 +474,7 @@ class Config:
     pass_env: tuple = ("*",)
     scrub_env: tuple = _name_patterns(DEFAULT_SCRUB_ENV)
     referenced_env: tuple = ()  # variables named by ${VAR} in the EXPANDED options
+    max_history: int = 64 * 1024 * 1024
 
     @property
     def env_dir(self) -> str:
@@ -600,9 +601,23 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def read_options_file(path: str) -> dict[str, str]:
-    """``NAME=VALUE`` lines of a systemd ``EnvironmentFile``: ``#``/``;`` comments, blank
-    lines, optional ``export``, values optionally in single or double quotes."""
+    """The values of :func:`parse_options_file`; raises :class:`ConfigError` listing every
+    malformed line, OSError when the file cannot be read."""
+    values, problems = parse_options_file(path)
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def parse_options_file(path: str) -> tuple[dict[str, str], list[str]]:
+    """(values, problems) of the ``NAME=VALUE`` lines of a systemd ``EnvironmentFile``:
+    ``#``/``;`` comments, blank lines, optional ``export``, values optionally in single
+    or double quotes.  ``problems`` has one ``path:N: expected NAME=VALUE`` per malformed
+    line; the other lines are read all the same.  Raises OSError when the file cannot
+    be read.  Names are not checked here (:func:`unknown_names` does).
+    """
     values: dict[str, str] = {}
+    problems: list[str] = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             line = line.strip()
@@ -613,11 +628,35 @@ def read_options_file(path: str) -> dict[str, str]:
             name, sep, value = line.partition("=")
             name, value = name.strip(), value.strip()
             if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError(f"{path}:{number}: expected NAME=VALUE")
+                problems.append(f"{path}:{number}: expected NAME=VALUE")
+                continue
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
                 value = value[1:-1]
             values[name] = value
-    return values
+    return values, problems
+
+
+#: Variables the runner reads besides its options' names (the go runner's logging ones).
+OTHER_KNOWN_NAMES = ("LOGXI", "LOGXI_FORMAT")
+
+
+def unknown_names(names: Sequence[str], referenced: Sequence[str] = ()) -> list[str]:
+    """One line per ``RUNNER_*`` name in ``names`` that no option has, with the closest
+    known name: ``$RUNNER_EXECTUORS is not an option of runner-supervisor: did you mean
+    RUNNER_EXECUTORS?``.  Other names, and ``referenced`` ones (named by a ``${VAR}`` in
+    an option's value), are left alone: the environment holds everything else too.
+    """
+    known = {n for option in OPTIONS for n in option.env_names} | set(OTHER_KNOWN_NAMES)
+    lines = []
+    for name in sorted(names):
+        if name in known or name in referenced:
+            continue
+        if not name.startswith(ENV_PREFIX):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        lines.append(f"${name} is not an option of runner-supervisor"
+                     + (f": did you mean {close[0]}?" if close else ""))
+    return lines
 
 
 _LOGXI_LEVELS = {"all": "debug", "trc": "debug", "dbg": "debug", "inf": "info",
@@ -712,10 +751,21 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Resolved:
     file_name = flags.get("options_file") or _lookup(options_file, ("", environ))[0] or ""
     if file_name:
         try:
-            file_values = read_options_file(_optional_path(file_name))
+            file_values, malformed = parse_options_file(_optional_path(file_name))
+            problems.extend(f"--options-file {line}" for line in malformed)
         except (OSError, ValueError) as exc:
             problems.append(f"--options-file={file_name!r}: {exc}")
     logxi, notes = logxi_options({**environ, **file_values})
+    # A RUNNER_* name no option has is a typo, as an unknown flag is (other names in the
+    # file are the process's environment under systemd's EnvironmentFile, and are fine),
+    # unless a ${VAR} in an option's value names it.
+    named = _VAR_RE.findall(" ".join(str(v) for v in (*flags.values(), *file_values.values(),
+                                                       *environ.values())))
+    problems.extend(f"--options-file {file_name}: {line}" for line in
+                    unknown_names(list(file_values), referenced=named))
+    notes = list(notes) + [f"{line} (set in the environment: ignored)" for line in
+                           unknown_names([n for n in environ if n not in file_values],
+                                         referenced=named)]
     for option in OPTIONS:
         raw = flags.get(option.attr)
         source = f"--{option.name}"

@@ -23,12 +23,19 @@ Commands (the same code paths as the signals, see :mod:`runner.supervisor`):
 * ``reload`` — like SIGHUP: read the options again and apply the live ones.
 
 Exit status 1 when no supervisor answers within ``--timeout`` seconds or it refuses, and at
-once when none runs under ``--runtime-dir`` (no such directory, or no control socket in it).
+once when none runs under ``--runtime-dir`` (no such directory, no control socket in it, or
+one nobody listens on: left by a supervisor that was killed).  Words after a view or a
+command other than ``cancel KEY`` and ``watch VIEW`` are a usage error (exit 2), so a
+mistyped line never acts; ``cancel`` always reads the next word as the KEY, so a key named
+like a view (``runner-ctl cancel status``) can be cancelled.  Output cut short by a closed
+pipe (``runner-ctl status | head -1``) ends quietly with exit status 141.
 Times in ``--json`` output are ISO-8601 UTC strings.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import socket as socket_module
 import sys
 import time
 
@@ -110,6 +117,10 @@ def request(runtime_dir: str, command: str, timeout: float = 5.0,
     if not os.path.exists(control_path):
         raise NoSupervisor(f"no runner-supervisor runs with --runtime-dir {runtime_dir}: "
                            f"no control socket {control_path}")
+    if not listening(control_path):
+        raise NoSupervisor(f"no runner-supervisor runs with --runtime-dir {runtime_dir}: "
+                           f"nothing listens on the control socket {control_path} (left "
+                           "by a supervisor that was killed)")
     socket = control_client(endpoints)
     try:
         socket.send(protocol.encode(protocol.CtlRequest(command=command, args=args or {})))
@@ -122,6 +133,23 @@ def request(runtime_dir: str, command: str, timeout: float = 5.0,
     if not isinstance(reply, protocol.CtlReply):
         raise ProtocolError(f"unexpected reply {reply.TYPE}")
     return reply
+
+
+def listening(path: os.PathLike | str) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path``: a connection is
+    refused at once when the file is left from a process that is gone.  Anything other
+    than a refusal (a slow or busy listener) counts as listening."""
+    probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return True
 
 
 def render_supervisor(data: dict) -> list[str]:
@@ -247,28 +275,67 @@ def watch(args, name: str) -> int:
         return 0
 
 
+def _positive_seconds(text: str) -> float:
+    """``--timeout``/``--interval``: seconds, a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """``--count``: 0 (no limit) or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, not {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one view or command; a pipe closed early ends quietly (exit status 141)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that it is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     parser = OptionParser(
         prog="runner-ctl", description="Talk to a running runner-supervisor.",
         epilog=f"views: {', '.join(VIEWS)}; watch [VIEW]; commands: {', '.join(COMMANDS)}")
     parser.add_argument("--runtime-dir", default=env_value("runtime-dir", str(default_runtime_dir())),
                         help="the supervisor's --runtime-dir [env RUNNER_RUNTIME_DIR]")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    parser.add_argument("--timeout", type=_positive_seconds, default=5.0,
+                        help="seconds to wait for a reply (more than 0)")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
-    parser.add_argument("--interval", type=float, default=2.0,
-                        help="watch: seconds between redraws")
-    parser.add_argument("--count", type=int, default=0, help="watch: stop after N redraws")
+    parser.add_argument("--interval", type=_positive_seconds, default=2.0,
+                        help="watch: seconds between redraws (more than 0)")
+    parser.add_argument("--count", type=_count, default=0,
+                        help="watch: stop after N redraws (0: never)")
     parser.add_argument("--stay", action="store_true",
                         help="drain: stay up once drained (runner-ctl resume to take work again)")
     parser.add_argument("--project", default="",
                         help="cancel: only the experiment KEY of this project")
     parser.add_argument("command", choices=VIEWS + COMMANDS + ("watch",), help="what to ask")
-    parser.add_argument("view", nargs="?", default="status",
-                        help="watch: the view to redraw; cancel: the experiment's KEY")
+    parser.add_argument("view", nargs="?", default=None,
+                        help="watch: the view to redraw (default status); cancel: the "
+                             "experiment's KEY (any text, also a view's name)")
     args = parser.parse_args(argv)
-    if args.command == "cancel" and args.view == "status":
+    if args.command == "cancel" and args.view is None:
         parser.error("cancel needs the experiment's KEY")
+    if args.command not in ("cancel", "watch") and args.view is not None:
+        parser.error(f"{args.command} takes no further words, not {args.view!r}")
     if args.command == "watch":
+        args.view = args.view or "status"
         if args.view not in VIEWS:
             parser.error(f"argument view: invalid choice: '{args.view}' (choose from "
                          f"{', '.join(repr(v) for v in VIEWS)})")

@@ -8,15 +8,25 @@ uploaded with the other ``_metadata`` files every save period and at the end.  I
 put in the ``_metrics`` artifact: the StudioML client reads ``_metrics`` as the one file
 the runner writes there (SPEC section 11), and a second file would turn it into a folder.
 
-One history line (strict JSON, one object per line)::
+The file is JSON lines (UTF-8, ``\n``-terminated); the runner's own lines are arrays, so
+they never look like a printed line, which is always an object::
 
-    {"time": 1700000000.25, "attempt": "host-1r31eq", "attempt_number": 1,
-     "line": {"experiment": {"epoch": 3, "loss": 0.25}}}
+    ["attempt", "host-1r31eq", 1]                      first line: attempt id and number
+    ["time", 1700000000.25]                            the lines below were read then
+    {"experiment": {"epoch": 3, "loss": 0.25}}         each JSON object line as printed
+    {"experiment": {"epoch": 4, "loss": 0.2}}
+    ["truncated", 1700000100.5, 67108864]              the cap was reached: nothing after
 
-``time`` is float unix seconds when the scraper read the chunk holding the line (lines read
-together share it; the file's order is the printed order), ``attempt_number`` counts
-from 1, ``line`` is the object as printed (secrets already masked).  An experiment's
-history is its attempts' files in the order of their base62 stamps.
+The attempt is written once and the time once per chunk the scraper read (lines read
+together share it; the file's order is the printed order), so the file is about the size
+of the JSON lines themselves.  ``time`` is float unix seconds, the attempt number counts
+from 1, printed lines keep their bytes (secrets already masked).  A file stops growing at
+the runner's ``--max-history`` (default :data:`MAX_HISTORY_BYTES`): the lines that do not
+fit are left out and a ``truncated`` line (time, the cap in bytes) says so; the scrape document keeps the latest values and
+the output log keeps every line.  :func:`parse_history` gives each printed line as
+``{"time", "attempt", "attempt_number", "line"}`` and also reads the older form of one
+such object per line.  An experiment's history is its attempts' files in the order of
+their base62 stamps.
 
 Metric names (:func:`numeric_leaves`) are dotted paths of numeric leaves; the user's own
 ``experiment`` section loses its prefix (``experiment.loss`` → ``loss``), other top-level
@@ -25,7 +35,7 @@ keys keep theirs, and the runner's own ``runner``/``studioml``/``asset`` are not
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import orjson
 import simdjson
@@ -61,11 +71,37 @@ def json_object_lines(chunk: bytes) -> list[bytes]:
     return found
 
 
-def history_lines(lines: list[bytes], *, time: float, attempt: str, attempt_number: int) -> bytes:
-    """History lines (UTF-8, ``\\n``-terminated) around the JSON object ``lines`` as printed."""
-    head = orjson.dumps({"time": time, "attempt": attempt, "attempt_number": attempt_number,
-                         "line": 0})[:-2]  # without the placeholder's "0}"
-    return b"".join(head + line + b"}\n" for line in lines)
+MAX_HISTORY_BYTES = 64 * 1024 * 1024
+"""The default cap of one attempt's history file (``--max-history``), the ``truncated``
+line included."""
+_TRUNCATION_ROOM = 64  # bytes kept free for the ``truncated`` line
+
+
+def history_header(attempt: str, attempt_number: int) -> bytes:
+    """The first line of an attempt's history file."""
+    return orjson.dumps(["attempt", attempt, attempt_number]) + b"\n"
+
+
+def history_lines(lines: list[bytes], *, time: float, room: int,
+                  cap: int = MAX_HISTORY_BYTES) -> tuple[bytes, bool]:
+    """(bytes to append, whether lines were left out) for the JSON object ``lines`` as
+    printed, read at ``time``, when the file has ``room`` bytes left below its ``cap``.
+
+    The bytes are a ``time`` line and every line that fits; when one does not fit, it and
+    the rest are left out and a ``truncated`` line ends the bytes (append nothing more).
+    """
+    marker = orjson.dumps(["time", time]) + b"\n"
+    room -= _TRUNCATION_ROOM
+    parts, used = [marker], len(marker)
+    for line in lines:
+        if used + len(line) + 1 > room:
+            if used == len(marker):
+                parts = []
+            parts.append(orjson.dumps(["truncated", time, cap]) + b"\n")
+            return b"".join(parts), True
+        parts += (line, b"\n")
+        used += len(line) + 1
+    return b"".join(parts), False
 
 
 def numeric_leaves(document: dict, *, strip_experiment: bool = True) -> Iterator[tuple[str, float]]:
@@ -88,13 +124,37 @@ def numeric_leaves(document: dict, *, strip_experiment: bool = True) -> Iterator
 
 
 def parse_history(data: bytes) -> list[dict]:
-    """History lines from the bytes of a history file; a torn or foreign line is skipped."""
+    """``{"time", "attempt", "attempt_number", "line"}`` for each printed line in the bytes
+    of a history file (either form, module docstring); a torn or foreign line is skipped."""
     found = []
-    for line in data.splitlines():
+    attempt, number, when = "", 0, None
+    compact = data[:1] == b"["
+    for raw in data.splitlines():
         try:
-            value = orjson.loads(line)
+            value = orjson.loads(raw)
         except orjson.JSONDecodeError:
             continue
-        if isinstance(value, dict) and isinstance(value.get("line"), dict):
-            found.append(value)
+        if not compact:  # the older form: one object with its time and attempt per line
+            if isinstance(value, dict) and isinstance(value.get("line"), dict):
+                found.append(value)
+        elif isinstance(value, dict):
+            found.append({"time": when, "attempt": attempt, "attempt_number": number,
+                          "line": value})
+        elif isinstance(value, list) and len(value) == 3 and value[0] == "attempt":
+            attempt, number = str(value[1]), value[2]
+        elif isinstance(value, list) and len(value) == 2 and value[0] == "time":
+            when = value[1]
     return found
+
+
+def truncated(data: bytes) -> bool:
+    """Whether the history ``data`` (a whole file or its end) ends with a ``truncated``
+    line: it reached its cap."""
+    return data.rstrip(b"\n").rsplit(b"\n", 1)[-1].startswith(b'["truncated"')
+
+
+def file_truncated(handle: BinaryIO) -> bool:
+    """:func:`truncated` for the history file open (for appending) as ``handle``."""
+    with open(handle.name, "rb") as reader:
+        reader.seek(max(0, handle.tell() - 128))
+        return truncated(reader.read(128))

@@ -34,6 +34,7 @@ from . import proctree, storage
 from .bus import BatchingBus, Bus, Endpoints
 from .bus_memory import MemoryHub
 from .config import Config
+from .errors import RunnerError
 from .logs import setup_logging
 
 ROLE_CLASSES = {
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         role = role_class(name)(config, bus)
         role.own_process = True
         role.initialize()
+    except RunnerError as exc:  # a cause a person can act on: its message, no traceback
+        log.error("failed to boot: %s", exc)
+        return EXIT_BOOT_FAILED
     except Exception as exc:
         log.exception("failed to boot")
         print(f"role {name} failed to boot: {exc}", file=sys.stderr, flush=True)

@@ -32,7 +32,10 @@ Database types (``config.database.type``): ``s3`` (``bucket``, ``endpoint``,
 ``credentials: {"aws": {...}}`` as in ``config.storage``), ``gs``/``gcloud``
 (``bucket``; credentials as for ``gs://`` artifacts), and ``local`` (``endpoint`` a
 folder, ``bucket`` a folder inside it: for a client and runner sharing a file system).
-``bucket`` defaults to ``studioml-meta`` as in the client.
+``bucket`` defaults to ``studioml-meta`` as in the client.  Type ``studioml-runner``
+(:data:`NO_DATABASE`, what ``runner-submit`` writes) says there is no StudioML database:
+the runner's own metadata store is the only record, so nothing is written and nothing is
+reported.
 
 :class:`RecordUpdater` does the writes on a thread of its own, so that a database that
 cannot be reached never fails or blocks a run: updates for one experiment are merged
@@ -64,6 +67,11 @@ MAX_DELAY = 60.0
 DEFAULT_RETRY_FOR = 3600.0
 
 
+NO_DATABASE = "studioml-runner"
+"""``config.database.type`` of a request with no StudioML database record to keep (one
+made by ``runner-submit``: the runner's metadata store is its record)."""
+
+
 class NoDatabase(RunnerError):
     """``config.database`` names no database this runner can reach (a type it lacks)."""
 
@@ -83,7 +91,8 @@ class RecordLocation:
 
 
 def locate(request: dict) -> RecordLocation | None:
-    """The record of ``request``'s experiment, or None when it names no database.
+    """The record of ``request``'s experiment, or None when it names no database (none at
+    all, or type :data:`NO_DATABASE`).
 
     Raises :class:`NoDatabase` for a database type this runner cannot write.
     """
@@ -93,6 +102,8 @@ def locate(request: dict) -> RecordLocation | None:
     if not isinstance(database, dict) or not database or not key:
         return None
     kind = str(database.get("type") or "").lower()
+    if kind == NO_DATABASE:
+        return None
     bucket = str(database.get("bucket") or DEFAULT_BUCKET).strip("/")
     credentials = database.get("credentials")
     credentials = credentials if isinstance(credentials, dict) else None

@@ -22,20 +22,23 @@ import time
 import uuid
 from pathlib import Path
 
-from . import metadata
-from .archive import pack
+from . import metadata, studio_db
+from .archive import pack, refused_symlinks
 from .config import OptionParser, default_data_root, env_value
-from .errors import RunnerError
+from .errors import BadRequest, RunnerError
 from .queues import kind_of, publishing_class
-from .requests import MUTABLE_LABELS
+from .requests import MUTABLE_LABELS, parse_request
 from . import storage as storage_module
 from .storage import open_store
-from .units import UnitError, parse_duration, parse_size
+from .units import UnitError, parse_duration_with_unit, parse_size
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OptionParser(
         prog="runner-submit",
-        description="Submit DIRECTORY as a StudioML experiment running SCRIPT with ARGS.")
+        description="Submit DIRECTORY as a StudioML experiment running SCRIPT with ARGS.",
+        epilog="Durations need a unit (90s, 20m, 1h30m), as the runner's own options do. "
+               "What the runner would refuse (a negative count, a key that is no storage "
+               "path, a symlink leaving DIRECTORY) is refused here, before any upload.")
     parser.add_argument("directory", help="the workspace: the experiment's code")
     parser.add_argument("script", help="script to run, relative to DIRECTORY; '-m' runs "
                                        "module ARGS[0]")
@@ -195,9 +198,27 @@ def build_request(args: argparse.Namespace, key: str, project: str, storage_root
             "resources_needed": resources,
             "cloud": {"queue": publishing_class(args.queue).client_queue(args)},
             "storage": storage,
-            "database": {"type": "studioml-runner", "bucket": bucket},
+            "database": {"type": studio_db.NO_DATABASE, "bucket": bucket},
         },
     }
+
+
+def _check(flag: str, parse, value):
+    """``parse(value)``; a :class:`UnitError` names the flag."""
+    try:
+        return parse(value)
+    except UnitError as exc:
+        raise UnitError(f"{flag} {value}: {exc}") from exc
+
+
+def check_request(request: dict) -> None:
+    """Raise :class:`RunnerError` when the runner would refuse ``request`` as a bad request:
+    the runner's own admission check (:func:`runner.requests.parse_request`), run here so
+    that nothing is uploaded or published for a request that can never run."""
+    try:
+        parse_request(json.dumps(request).encode())
+    except BadRequest as exc:
+        raise RunnerError(f"the runner would refuse this experiment: {exc}") from exc
 
 
 def upload_workspace(directory: Path, storage_root: str, credentials: dict | None = None,
@@ -296,12 +317,12 @@ def wait_for(request: dict, timeout: float, follow: bool = False) -> int:
                 record = json.loads(target.read_text())
             state = ((record["status"], record["attempt"], record.get("reason", ""))
                      if record else ("queued", "", ""))
-            if state != shown:
+            if follower is not None and record:  # the output first, then what it led to
+                follower.poll(record.get("attempt") or "", Path(tmp))
+            if state != shown and not (record and record.get("final")):
                 shown = state
                 print(f"status: {state[0]}" + (f" (attempt {state[1]})" if state[1] else "")
                       + (f": {state[2]}" if state[2] else ""), file=sys.stderr, flush=True)
-            if follower is not None and record:
-                follower.poll(record.get("attempt") or "", Path(tmp))
             if record and record.get("final"):
                 return show_result(request, record, Path(tmp), follower)
             time.sleep(interval)
@@ -315,29 +336,31 @@ def show_result(request: dict, record: dict, tmp: Path, follower: Follower | Non
     lines (unless ``follower`` already printed the output)."""
     prefix = metadata.metadata_prefix_url(request)
     status = record["status"]
-    print(f"status: {status} (last attempt {record.get('attempt') or '-'}; "
-          f"failed attempts counted: {record['attempts']})")
-    document = {}
+    if follower is not None:  # what was written after the last poll comes before the end
+        follower.poll(record.get("attempt") or "", tmp)
+    document, url = {}, ""
     if record.get("attempt") and prefix:
         url = f"{prefix}/{metadata.scrape_name(record['attempt'])}"
         store = _store_for(request, url)
         if store.stat(url) is not None:
             store.get(url, tmp / "scrape.json")
             document = json.loads((tmp / "scrape.json").read_text())
-            print(f"scrape document ({url}):")
-            print(json.dumps(document, indent=2))
+    runner = document.get("runner") if isinstance(document.get("runner"), dict) else {}
+    # How many attempts ran (runner-results list's "attempts"): the newest one's number.
+    number = runner.get("attempt_number") or record.get("attempts") or 0
+    print(f"status: {status} (attempt {number}: {record.get('attempt') or '-'})")
+    if document:
+        print(f"scrape document ({url}):")
+        print(json.dumps(document, indent=2))
     if prefix:
         print(f"metadata files under {prefix}/")
     print(f"outputs under {prefix.rsplit('/', 1)[0] if prefix else '?'}/")
     if status == "completed":
         return 0
-    runner = document.get("runner") if isinstance(document.get("runner"), dict) else {}
     error = runner.get("error") or "no error recorded"
     message = " ".join(str(runner.get("message") or record.get("reason") or "").split())
     print(f"{status}: {error}: {message}" if message else f"{status}: {error}")
-    if follower is not None:
-        follower.poll(record.get("attempt") or "", tmp)
-    elif record.get("attempt") and prefix:
+    if follower is None and record.get("attempt") and prefix:
         url = f"{prefix}/{metadata.output_name(record['attempt'])}"
         store = _store_for(request, url)
         if store.stat(url) is not None:
@@ -353,17 +376,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.args = list(args.args)
     try:
-        for size in (args.ram, args.hdd, args.gpu_mem):
-            parse_size(size)
-        for duration in (args.max_duration, args.lifetime, args.save_frequency):
+        for flag, size in (("--ram", args.ram), ("--hdd", args.hdd), ("--gpu-mem", args.gpu_mem)):
+            _check(flag, parse_size, size)
+        for flag, duration in (("--max-duration", args.max_duration),
+                               ("--lifetime", args.lifetime)):
             if duration:
-                parse_duration(duration)
-        wait_timeout = parse_duration(args.wait_timeout)
+                _check(flag, parse_duration_with_unit, duration)
+        if _check("--save-frequency", parse_duration_with_unit, args.save_frequency) <= 0:
+            raise RunnerError(f"--save-frequency {args.save_frequency}: must be more than 0 "
+                              "(the runner saves at most every --min-save-interval anyway)")
+        wait_timeout = _check("--wait-timeout", parse_duration_with_unit, args.wait_timeout)
         directory = Path(args.directory)
         if not directory.is_dir():
             raise RunnerError(f"{directory}: not a directory")
         if args.script != "-m" and not (directory / args.script).is_file():
             raise RunnerError(f"{directory / args.script}: no such script")
+        refused = refused_symlinks(directory)
+        if refused:
+            raise RunnerError(
+                f"{directory}: the runner refuses a workspace with these symlinks (it unpacks "
+                "only links that stay inside the workspace): " + "; ".join(refused)
+                + ". Make each link relative and inside the folder, or copy the data in, "
+                "or send the data as an artifact of its own")
         publishing_class(args.queue)  # an unknown kind of queue fails before any upload
         if kind_of(args.queue) == "rmq" and not args.amqp_url:
             raise RunnerError(f"queue {args.queue!r}: rmq_* queues need --amqp-url (or AMQP_URL)")
@@ -373,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RunnerError("--s3-key needs --s3-cert")
         storage_module.configure(s3_ca=args.s3_ca, s3_cert=args.s3_cert, s3_key=args.s3_key)
         credentials, storage = storage_access(args)
+        check_request(build_request(args, key, project, args.storage, "blobstore/unsent.tar"))
         workspace_key = upload_workspace(directory, args.storage, credentials, storage)
         request = build_request(args, key, project, args.storage, workspace_key)
         name = publish(args, json.dumps(request).encode())

@@ -88,6 +88,16 @@ def parse_duration(value: str | int | float | None) -> float:
     return total
 
 
+def parse_duration_with_unit(value: str) -> float:
+    """Seconds in ``value`` as a person types it on a command line or in an options file:
+    like :func:`parse_duration`, but a bare number other than 0 is refused (is ``5`` five
+    seconds or five minutes?).  Raises :class:`UnitError`."""
+    stripped = str(value).strip()
+    if re.fullmatch(r"[0-9]+(\.[0-9]*)?", stripped) and float(stripped) != 0:
+        raise UnitError(f"a duration needs a unit: {stripped}s, {stripped}m or {stripped}h")
+    return parse_duration(value)
+
+
 def format_size(n: int) -> str:
     """Human form of a byte count (``1.5 GiB``), for messages only."""
     size = float(n)

@@ -1,6 +1,7 @@
 """Tests of the local (directory) queue back end and the queue-name filter."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -430,7 +431,8 @@ def test_a_file_renamed_in_under_its_own_name_is_taken_in_at_the_back(
 
 
 def test_entries_that_cannot_be_messages_are_dead_lettered_not_skipped(
-        q: LocalQueue, root: Path) -> None:
+        q: LocalQueue, root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="runner.queues.local")
     q.publish(Q, b"placeholder")
     os.mkfifo(root / Q / "a-pipe")
     os.symlink("/etc/hostname", root / Q / "a-link")
@@ -441,6 +443,9 @@ def test_entries_that_cannot_be_messages_are_dead_lettered_not_skipped(
     reasons = sorted(p.read_text() for p in (root / Q / DEAD).glob("*.reason.txt"))
     assert len(reasons) == 2 and all("not a regular file" in r for r in reasons)
     assert (root / Q / "a-folder").is_dir()
+    assert q.take(Q) is None and q.depth(Q) == 0  # looked at again: warned about once
+    folder_lines = [r.getMessage() for r in caplog.records if "a-folder" in r.getMessage()]
+    assert len(folder_lines) == 1 and "is a folder in queue local_" in folder_lines[0]
 
 
 def test_a_message_that_cannot_be_read_is_dead_lettered_and_the_next_is_taken(

@@ -54,8 +54,9 @@ def test_history_lines_keep_every_json_object_line_split_on_cr_and_lf():
     objects = history.json_object_lines(chunk + b'{"big": 1e400}\n{"utf": "\xff"}\n')
     assert objects == [b'{"experiment": {"loss": 1}}', b'{"experiment": {"loss": 0.5}}',
                        b'{"top": {"x": 2}}']
-    lines = history.parse_history(history.history_lines(objects, time=5.0, attempt="h-1",
-                                                        attempt_number=2) + b'{"torn')
+    data, cut = history.history_lines(objects, time=5.0, room=history.MAX_HISTORY_BYTES)
+    assert not cut
+    lines = history.parse_history(history.history_header("h-1", 2) + data + b'{"torn')
     assert [line["line"] for line in lines] == [{"experiment": {"loss": 1}},
                                                 {"experiment": {"loss": 0.5}}, {"top": {"x": 2}}]
     assert {(line["time"], line["attempt"], line["attempt_number"]) for line in lines} == \
@@ -64,6 +65,60 @@ def test_history_lines_keep_every_json_object_line_split_on_cr_and_lf():
                                                         "nested": {"a": 1}},
                                         "top": {"x": 2}, "runner": {"start": 1}})) == \
         {"loss": 0.5, "nested.a": 1, "top.x": 2}
+
+
+def test_the_history_file_is_about_the_size_of_the_lines_it_keeps():
+    printed = [b'{"i": %d}' % n for n in range(10000)]
+    data = history.history_header("host-1r31eq", 1)
+    for start in range(0, len(printed), 100):  # the scraper reads chunks of lines
+        data += history.history_lines(printed[start:start + 100], time=1700000000.25 + start,
+                                      room=history.MAX_HISTORY_BYTES)[0]
+    own = sum(len(line) + 1 for line in printed)
+    assert len(data) < 1.25 * own  # the first form took about 6 times
+    lines = history.parse_history(data)
+    assert [line["line"]["i"] for line in lines] == list(range(10000))
+    assert lines[150]["time"] == 1700000100.25 and lines[-1]["attempt"] == "host-1r31eq"
+
+
+def test_a_full_history_ends_with_a_truncated_line_and_keeps_what_fit():
+    printed = [b'{"loss": %d}' % n for n in range(100)]
+    cap = 400
+    data = history.history_header("h-1", 1)
+    data += history.history_lines(printed, time=5.0, room=cap - len(data), cap=cap)[0]
+    more, cut = history.history_lines(printed, time=6.0, room=cap - len(data), cap=cap)
+    assert cut and more.startswith(b'["truncated"')  # the scraper stops at the first
+    assert len(data) <= cap and history.truncated(data)
+    assert data.endswith(b'["truncated",5.0,400]\n')
+    kept = [line["line"]["loss"] for line in history.parse_history(data)]
+    assert kept == list(range(len(kept))) and 0 < len(kept) < 100
+
+
+def test_history_files_of_the_first_form_are_still_read():
+    old = (b'{"time": 5.0, "attempt": "h-1", "attempt_number": 2, "line": {"x": 1}}\n'
+           b'{"time": 6.0, "attempt": "h-1", "attempt_number": 2, "line": {"x": 2}}\n')
+    assert [(line["time"], line["line"]) for line in history.parse_history(old)] == \
+        [(5.0, {"x": 1}), (6.0, {"x": 2})]
+
+
+@pytest.mark.runner_options(max_history="4kb")
+def test_the_runner_caps_the_history_and_says_so(runner):
+    runner.start()
+    request = runner.request(runner.workspace({"chatty.py": """
+        for n in range(2000):
+            print('{"experiment": {"step": %d}}' % n, flush=n % 100 == 0)
+    """}), "chatty.py")
+    runner.publish(request)
+    record = runner.wait_final(request)
+    assert record["status"] == "completed", runner.log()
+    folder = runner.experiment_dir(request) / "_metadata"
+    data = (folder / f"metrics-host-{record['attempt']}.jsonl").read_bytes()
+    assert len(data) <= 4000 and history.truncated(data)
+    kept = [line["line"]["experiment"]["step"] for line in history.parse_history(data)]
+    assert kept == list(range(len(kept))) and 0 < len(kept) < 2000  # as many as fit
+    runner_log = (folder / f"runner-host-{record['attempt']}.log").read_text()
+    assert "metric history reached its cap (--max-history 4000 bytes)" in runner_log
+    [document] = runner.scrape_documents(request)
+    assert document["experiment"]["step"] == 1999  # the latest value is still kept
 
 
 def test_attempts_are_ordered_by_their_base62_stamp_not_by_name():
@@ -81,9 +136,12 @@ def test_list_shows_every_run_of_the_sweep_with_its_final_metrics(sweep):
     for row in rows:
         rate = RATES[int(row["key"].split("-")[1])]
         assert row["project"] == "sweep" and row["status"] == "completed"
-        assert row["attempts"] == 0 and row["host"] and row["duration"] >= 0
+        assert row["attempts"] == 1 and row["host"] and row["duration"] >= 0  # ran once
         assert row["metrics"] == {"epoch": EPOCHS, "accuracy": round(1 - 1.0 / (1 + EPOCHS), 6),
                                   "loss": round(1.0 / (1 + 10 * rate * EPOCHS), 6)}
+    every = sweep.results("list", "--project", "sweep").stdout  # metrics without asking
+    header = next(line for line in every.splitlines() if "key" in line)
+    assert all(name in header for name in ("attempts", "loss", "accuracy", "epoch")), every
     table = sweep.results("list", "--metrics", "loss,accuracy").stdout
     header = next(line for line in table.splitlines() if "key" in line and "loss" in line)
     assert "accuracy" in header and "epoch" not in header

@@ -143,6 +143,8 @@ def test_requests_without_a_database_or_with_an_unknown_type():
     assert studio_db.locate({"experiment": {"key": "k"}, "config": {}}) is None
     with pytest.raises(studio_db.NoDatabase, match="firebase"):
         studio_db.locate(request_for({"type": "firebase"}))
+    # runner-submit's own requests: the runner's metadata store is the only record.
+    assert studio_db.locate(request_for({"type": "studioml-runner", "bucket": "b"})) is None
 
 
 class Recorder:

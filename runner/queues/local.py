@@ -19,7 +19,9 @@ the claims of owners whose lock it can take.
 Other tools may publish by renaming any regular file into ``<queue>/`` under a name of
 their own (names starting with ``.`` are left alone): it is renamed to the naming above
 (0 attempts, at the back of the queue).  Entries that cannot be messages (links, pipes)
-and messages that cannot be read are dead-lettered with the reason, never skipped.
+and messages that cannot be read are dead-lettered with the reason, never skipped.  A
+folder (not starting with ``.``) is not a message either, but may hold someone's files: it
+is left where it is, with one warning per folder that names it.
 
 A token is the claim file's path relative to ``root`` (``<queue>/.claimed/<owner>/<name>``),
 so any instance on the same root, in any process, can settle it.
@@ -112,6 +114,7 @@ class LocalQueue(Queue):
         self._mutex = threading.Lock()
         self._last_ns = 0
         self._claim_dirs: set[str] = set()
+        self._folders_reported: set[tuple[str, str]] = set()  # (queue, folder) warned about
         self._closed = False
         try:
             for sub in (OWNERS, INCOMING):
@@ -192,7 +195,8 @@ class LocalQueue(Queue):
         A file another tool renamed into the queue under a name of its own (not starting
         with ``.``) is taken in: renamed to this queue's naming (at the back of the queue,
         0 attempts).  Anything else there that is not a folder (a link, a pipe) cannot be
-        a message and is dead-lettered with the reason."""
+        a message and is dead-lettered with the reason; a folder is left alone with one
+        warning."""
         qdir = self._qdir(queue)
         names, foreign = [], []
         try:
@@ -219,8 +223,13 @@ class LocalQueue(Queue):
             folder = not regular and entry.is_dir(follow_symlinks=False)
         except OSError:
             return None
-        if folder:
-            return None  # not ours to judge; never taken as a message
+        if folder:  # not ours to judge or move; never taken as a message
+            if (qdir.name, entry.name) not in self._folders_reported:
+                self._folders_reported.add((qdir.name, entry.name))
+                logger.warning("%s is a folder in queue %s: not a message, left alone "
+                               "(publish files; folders starting with '.' are not looked at)",
+                               qdir / entry.name, qdir.name)
+            return None
         name = _msg_name(self._next_base(), 0)
         if not regular:
             self._dead_letter_file(qdir, entry.name, name, "not a regular file (a link, a "

@@ -124,10 +124,20 @@ class Experiment:
         end = self.stop if self.stop is not None else self.updated
         return max(0.0, end - self.start) if end is not None else None
 
+    @property
+    def attempts(self) -> int:
+        """How many attempts ran: the newest attempt's number (1 for a run that went
+        through at once), else the record's count of failed attempts (0 before any ran).
+        Hand-backs (a drain, a full host) are not attempts."""
+        number = self.runner.get("attempt_number")
+        if isinstance(number, int) and not isinstance(number, bool) and number > 0:
+            return number
+        return int(self.record.get("attempts") or 0)
+
     def row(self) -> dict:
         """The experiment as one flat row (what ``list`` and ``export`` show)."""
         return {"project": self.project, "key": self.key, "status": self.status,
-                "final": self.final, "attempts": int(self.record.get("attempts") or 0),
+                "final": self.final, "attempts": self.attempts,
                 "attempt": self.record.get("attempt") or "", "host": self.record.get("host") or "",
                 "start": self.start, "stop": self.stop, "duration": self.duration,
                 "updated": self.updated}

@@ -41,7 +41,7 @@ from .. import attempt_files, containers, fates, metadata, protocol
 from ..archive import tree_digest, unpack
 from ..cache import ArtifactCache
 from ..environments import EnvironmentStore, find_interpreter
-from ..errors import DiskBudgetExceeded, EnvironmentBuildError, RunnerError, StorageError
+from ..errors import ArchiveError, DiskBudgetExceeded, EnvironmentBuildError, RunnerError, StorageError
 from ..storage import ObjectMissing, artifact_url, open_for_request
 from ..units import describe_size
 from .base import Role
@@ -227,7 +227,10 @@ class CacheManager(Role):
                 with self.cache.lease(store, url) as lease:
                     source = "cache" if lease.hit else "storage"
                     if artifact.get("unpack"):
-                        written = unpack(lease.path, folder, budget=budget)
+                        try:
+                            written = unpack(lease.path, folder, budget=budget)
+                        except ArchiveError as exc:  # name the artifact, not the cache file
+                            raise type(exc)(f"artifact {label!r} ({url}): {exc}") from exc
                         budget = None if budget is None else budget - written
                         log(f"{label}: unpacked {lease.info.size} bytes from {url} "
                             f"({written} written, from the {source})")

@@ -17,7 +17,7 @@ for the metadata files) is uploaded on its own period instead: each periodic req
 the labels that are due.
 Every JSON object line is also appended, with its time and attempt, to the metric history
 ``_metadata/metrics-host-<id>.jsonl`` (:mod:`runner.history`), uploaded with the other
-metadata files.
+metadata files, up to ``--max-history`` bytes per attempt.
 
 A restarted scraper finds its attempts again in the attempt files
 (:mod:`runner.attempt_files`): the first message about an attempt it does not hold reopens it
@@ -56,6 +56,7 @@ class AttemptState:
     scrape_path: Path
     next_save: float  # monotonic time the artifacts without their own period are due
     history: BinaryIO | None = None  # metrics-host-<id>.jsonl, opened at the first JSON line
+    history_full: bool = False  # the history reached --max-history (a truncated line)
     next_saves: dict = field(default_factory=dict)  # label -> when its own period is due
     json_lines: int = 0
     output_bytes: int = 0
@@ -229,6 +230,7 @@ class Scraper(Role):
             state.output_artifact = open(Path(attempt.workdir) / "output" / "output", "ab")
         if saved is not None and saved.get("history") is not None:
             state.history = open(folder / metadata.metrics_name(attempt.attempt_id), "ab")
+            state.history_full = history.file_truncated(state.history)
         self.attempts[attempt.attempt_id] = state
         self.wake(tick=True)  # from now on tick every TICK (periodic saves), not IDLE_TICK
         if document is not None:
@@ -321,9 +323,20 @@ class Scraper(Role):
         if state.history is None:  # opened at the first line: no file without a line
             state.history = open(state.scrape_path.parent
                                    / metadata.metrics_name(state.attempt.attempt_id), "ab")
-        state.history.write(history.history_lines(
-            objects, time=time.time(), attempt=state.attempt.attempt_id,
-            attempt_number=state.attempt.attempts + 1))
+            if state.history.tell() == 0:
+                state.history.write(history.history_header(state.attempt.attempt_id,
+                                                           state.attempt.attempts + 1))
+        cap = self.config.max_history
+        room = cap - state.history.tell()
+        if state.history_full or room <= 0:
+            return
+        data, state.history_full = history.history_lines(objects, time=time.time(), room=room,
+                                                         cap=cap)
+        state.history.write(data)
+        if state.history_full:
+            self.write_runner_log(state, f"metric history reached its cap (--max-history "
+                                  f"{cap} bytes): later JSON lines are only in the output "
+                                  "log, and their latest values in the scrape document")
 
     def output_lost(self, state: AttemptState, size: int) -> None:
         """``size`` bytes of the run's output never arrived (they went down with a
