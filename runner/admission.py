@@ -63,6 +63,18 @@ class Effects(Protocol):
         """What ``runner-ctl queues`` shows changed."""
 
 
+def key_for_log(body: bytes) -> str:
+    """The experiment key a refused body names, for log lines only: ``experiment.key`` when
+    the body is a plain JSON request of at most 1 MiB naming a short string key, else "?"."""
+    if not isinstance(body, (bytes, bytearray)) or len(body) > 1 << 20:
+        return "?"
+    try:
+        key = json.loads(body)["experiment"]["key"]
+    except Exception:  # noqa: BLE001 - any body: not JSON, an envelope, another shape
+        return "?"
+    return key if isinstance(key, str) and 0 < len(key) <= 200 else "?"
+
+
 class Admission:
     """Admits deliveries for one fetcher: reserves in ``ledger``, holds attempts in ``book``
     and held-aside requests in ``aside`` (see the module doc)."""
@@ -90,7 +102,8 @@ class Admission:
 
     def dead_letter(self, backend: Any, delivery: Delivery, exc: Exception) -> None:
         reason = f"request could not be admitted: {type(exc).__name__}: {exc}"
-        self.log.exception("%s (%s); dead-lettered", reason, delivery.queue)
+        self.log.exception("key=%s %s (%s); dead-lettered", key_for_log(delivery.body), reason,
+                           delivery.queue)
         self.effects.settle_delivery(Settle(backend, delivery, fates.DEAD, reason[:2000], 0))
 
     def admit(self, backend: Any, delivery: Delivery) -> None:
@@ -100,7 +113,8 @@ class Admission:
             metadata.check_object_names(request, self.config.hostname,
                                         self.config.metadata_store)
         except BadRequest as exc:
-            self.log.error("bad request in %s: %s; dead-lettered", delivery.queue, exc)
+            self.log.error("key=%s bad request in %s: %s; dead-lettered",
+                           key_for_log(delivery.body), delivery.queue, exc)
             self.effects.settle_delivery(Settle(backend, delivery, fates.DEAD, str(exc), 0))
             return
         studio_db.add_output_artifact(request)  # CompletionService tasks have none

@@ -231,3 +231,21 @@ def test_waiting_summaries_never_raise_and_needs_read_as_words():
     assert waiting_summary(body("k", project="p")) == {"key": "k", "project": "p"}
     assert waiting_summary(b"\xff") == {"key": "?", "project": ""}
     assert describe_needs({"cpus": 2, "ram": 10**8, "gpus": 1}) == "2 CPUs, 100 MB RAM, 1 GPUs"
+
+
+def test_dead_letter_log_lines_name_the_key_when_the_body_gives_one(admission, monkeypatch,
+                                                                    caplog):
+    refused = json.loads(body())
+    refused["experiment"]["filename"] = "../escape.py"  # refused by admission
+    with caplog.at_level(logging.ERROR):
+        admission.accept(LOCAL, delivery(data=json.dumps(refused).encode()))
+        admission.accept(LOCAL, delivery("t2", data=b"{not json"))
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug")
+        monkeypatch.setattr(admission.ledger, "try_reserve", broken)
+        admission.accept(LOCAL, delivery("t3"))
+    dead = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(dead) == 3, dead
+    assert dead[0].startswith("key=exp-1 ") and dead[1].startswith("key=? ")
+    assert dead[2].startswith("key=exp-1 ")
