@@ -40,7 +40,7 @@ def test_an_attempt_is_opened_scraped_and_closed_with_a_final_upload(rig) -> Non
         protocol.AttemptPhase, lambda m: m.phase == protocol.PHASE_UPLOADING)
     assert phase.detail["status"] == "completed"
 
-    folder = Path(attempt.workdir) / "_metadata"
+    folder = metadata.metadata_folder(attempt.workdir)
     document = json.loads((folder / metadata.scrape_name(attempt.attempt_id)).read_text())
     assert document["experiment"] == {"loss": 0.25}
     assert document["studioml"]["status"] == "completed"

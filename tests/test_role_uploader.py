@@ -29,14 +29,14 @@ def placed(rig: RoleRig, request: dict, output: dict[str, str] | None) -> protoc
     attempt = rig.attempt(request)
     workdir = Path(attempt.workdir)
     (workdir / "output").mkdir(parents=True)
-    (workdir / "_metadata").mkdir()
+    metadata.metadata_folder(workdir).mkdir(parents=True)
     digests = {}
     for name, text in (output or {}).items():
         (workdir / "output" / name).write_text(text)
     if output is not None:
         digests["output"] = tree_digest(workdir / "output")
     metadata.write_downloaded_digests(workdir, digests)
-    (workdir / "_metadata" / metadata.output_name(attempt.attempt_id)).write_text("hi\n")
+    (metadata.metadata_folder(workdir) / metadata.output_name(attempt.attempt_id)).write_text("hi\n")
     return attempt
 
 
