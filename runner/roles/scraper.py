@@ -73,6 +73,7 @@ class AttemptState:
     write_error: str = ""  # why the attempt's files could not be written; "" while they can
     no_space: bool = False  # write_error was for want of space
     ended_status: str = ""  # the status the runner log last said the attempt ended with
+    closing: bool = False  # its run has ended (AttemptEnded): nothing left to stop
 
 
 def disk_use(path: str) -> int:
@@ -326,8 +327,10 @@ class Scraper(Role):
         state.no_space = exc.errno in fates.NO_SPACE
         state.document["runner"]["files_error"] = state.write_error
         attempt = state.attempt
-        self.log.error("key=%s attempt=%s cannot write the attempt's files: %s; its run is "
-                       "stopped", attempt.key, attempt.attempt_id, exc)
+        self.log.error("key=%s attempt=%s cannot write the attempt's files: %s", attempt.key,
+                       attempt.attempt_id, exc)
+        if state.closing:
+            return
         self.post("executor", protocol.StopRuns(
             reason=state.write_error, attempt_ids=[attempt.attempt_id],
             cause="disk_full" if state.no_space else "files_unwritable"))
@@ -498,6 +501,7 @@ class Scraper(Role):
                 self.post("uploader", protocol.UploadRequest(attempt=ended.attempt, final=True,
                                                              outcome=outcome, metadata=False))
                 return
+            state.closing = True
             sent = ended.facts.get("output_sent")
             if isinstance(sent, int) and sent > state.received:
                 self.output_lost(state, sent - state.received)
