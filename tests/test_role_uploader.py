@@ -36,7 +36,8 @@ def placed(rig: RoleRig, request: dict, output: dict[str, str] | None) -> protoc
     if output is not None:
         digests["output"] = tree_digest(workdir / "output")
     metadata.write_downloaded_digests(workdir, digests)
-    (metadata.metadata_folder(workdir) / metadata.output_name(attempt.attempt_id)).write_text("hi\n")
+    folder = metadata.metadata_folder(workdir)
+    (folder / metadata.output_name(attempt.attempt_id)).write_text("hi\n")
     return attempt
 
 

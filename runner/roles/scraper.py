@@ -240,9 +240,9 @@ class Scraper(Role):
             (Path(attempt.workdir) / "output").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             self.files_failed(state, exc)
-        state.output_log = self.open_appending(state, folder / metadata.output_name(attempt.attempt_id))
-        state.runner_log = self.open_appending(state,
-                                               folder / metadata.runner_log_name(attempt.attempt_id))
+        attempt_id = attempt.attempt_id
+        state.output_log = self.open_appending(state, folder / metadata.output_name(attempt_id))
+        state.runner_log = self.open_appending(state, folder / metadata.runner_log_name(attempt_id))
         if saved is not None and saved.get("artifact") is not None:
             state.output_artifact = self.open_appending(
                 state, Path(attempt.workdir) / "output" / "output")
