@@ -9,7 +9,12 @@ written whole, then renamed in, by the one role that owns it):
 * ``<id>.scraped`` — what the scraper had saved at its last save: the run's output bytes
   consumed (``offset``) and the sizes of the files written so far (for a restarted scraper);
 * ``<id>.ended`` — the attempt's ``Outcome``, written by the scraper when it closed it (a
-  restarted uploader gets its final upload again with it).
+  restarted uploader gets its final upload again with it);
+* ``<id>.released`` — written at start-up for an attempt a dead runner left: its request
+  was released when that runner died (back in its queue, or redelivered to another runner),
+  so the attempt no longer holds it.  The uploader then uploads only the attempt's own
+  metadata files: never the request's mutable artifacts or records, which a newer attempt
+  of the same request may have written already (:func:`is_released`).
 
 The fetcher removes every file of an attempt once its request is settled (after the ack or
 requeue).  Whatever a runner finds here at start-up was left by a runner that died: its
@@ -30,7 +35,7 @@ from . import proctree, protocol
 
 log = logging.getLogger("runner.attempt_files")
 FOLDER = "attempts"
-KINDS = ("attempt", "run", "scraped", "ended")
+KINDS = ("attempt", "run", "scraped", "ended", "released")
 
 
 def folder(runtime_dir: str) -> Path:
@@ -87,6 +92,12 @@ def read_ended(runtime_dir: str, attempt_id: str) -> protocol.Outcome | None:
         return protocol.from_map(protocol.Outcome, value) if value else None
     except Exception:  # noqa: BLE001
         return None
+
+
+def is_released(runtime_dir: str, attempt_id: str) -> bool:
+    """True when the attempt no longer holds its request (``<id>.released``, see the
+    module doc)."""
+    return _path(runtime_dir, attempt_id, "released").exists()
 
 
 def forget(runtime_dir: str, attempt_id: str) -> None:
@@ -177,7 +188,8 @@ def recover(runtime_dir: str) -> list[Leftover]:
 
     Call it only while holding the runtime directory's lock (no live runner uses these
     entries).  Entries are kept: the caller ends each attempt, and the fetcher forgets it
-    once settled.  An entry without a readable ``Attempt`` is removed here."""
+    once settled.  Each attempt found is marked released (``<id>.released``: its request
+    left with the dead runner).  An entry without a readable ``Attempt`` is removed here."""
     found = []
     for attempt_id in attempt_ids(runtime_dir):
         killed = kill_run(runtime_dir, attempt_id)
@@ -188,5 +200,7 @@ def recover(runtime_dir: str) -> list[Leftover]:
                     attempt_id, killed)
         if attempt is None:
             forget(runtime_dir, attempt_id)
+        else:
+            write(runtime_dir, attempt_id, "released", {"since": time.time()})
         found.append(Leftover(attempt_id=attempt_id, attempt=attempt, killed=killed))
     return found

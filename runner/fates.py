@@ -7,10 +7,12 @@ dead-letter.
 """
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from . import errors
 from .protocol import Outcome
+from .units import describe_size
 
 COMPLETED, FAILED, EXPIRED, CANCELLED = "completed", "failed", "expired", "cancelled"
 ACK, REQUEUE, DEAD, DROP = "ack", "requeue", "dead", "drop"
@@ -51,6 +53,47 @@ class DiskLimitExceeded(ExperimentFailed):
 
     Counted like any failure of the experiment's own code.
     """
+
+
+class DiskFull(ExperimentFailed):
+    """The file system of the attempt's working directory filled up (the runner could not
+    write the attempt's files) while the run's working directory held more than the
+    request's ``hdd``, or the request declared none: the experiment filled it.
+
+    Counted like any failure of the experiment's own code (see :func:`files_fault`).
+    """
+
+
+class AttemptFilesUnwritable(errors.RunnerError):
+    """The runner could not write an attempt's files for a fault of the host: a disk that
+    filled up while the run stayed within its ``hdd``, an I/O error, a file system gone
+    read-only.  Handed back uncounted, with back-off (see :func:`files_fault`)."""
+
+
+#: ``StopRuns.cause`` of a run whose files the scraper could no longer write → whether
+#: it was for want of space; the executor ends such a run with :func:`files_fault`,
+#: measuring the run's working directory when it stops it.
+FILES_FAULT_CAUSES = {"disk_full": True, "files_unwritable": False}
+#: Errors that mean "no space left" (a full file system, a quota).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def files_fault(detail: str, no_space: bool, used: int, budget: int) -> errors.RunnerError:
+    """What ends an attempt whose files could not be written (``detail``: the error, for
+    people): :class:`DiskFull` when there was no space left (``no_space``) and the run's
+    working directory held ``used`` bytes, more than its ``hdd`` of ``budget`` bytes (or no
+    ``hdd`` was declared, ``budget`` 0); else :class:`AttemptFilesUnwritable`, the host's
+    fault."""
+    if no_space and (budget <= 0 or used > budget):
+        within = (f"over the request's hdd of {describe_size(budget)}" if budget > 0
+                  else "and the request declares no hdd")
+        return DiskFull(f"disk full: {detail}; the run's working directory holds "
+                        f"{describe_size(used)}, {within}")
+    what = "disk full" if no_space else "cannot write the attempt's files"
+    return AttemptFilesUnwritable(
+        f"{what}: {detail}; the run's working directory holds {describe_size(used)}, "
+        f"within its hdd of {describe_size(budget)}: the host's fault" if budget > 0 else
+        f"{what}: {detail}: the host's fault")
 
 
 class QueueDeleted(errors.RunnerError):
@@ -113,6 +156,7 @@ _KIND_BY_ERROR: dict[type, str] = {
     LimitReached: LIMIT,
     ShutdownRequested: SHUTDOWN,
     RoleCrashed: ROLE_CRASHED,
+    AttemptFilesUnwritable: STORAGE,
     QueueDeleted: QUEUE_DELETED,
     ClientStopped: CLIENT_STOPPED,
     Cancelled: CANCEL,

@@ -3,7 +3,7 @@
 The scraper merges JSON lines into one scrape document (SPEC section 6), which keeps only
 the latest value of each key.  Curves need every value, so the scraper also appends each
 JSON object line to a fourth per-attempt metadata file,
-``<workdir>/_metadata/metrics-host-<attempt>.jsonl`` (:func:`runner.metadata.metrics_name`),
+``<workdir>.runner/_metadata/metrics-host-<attempt>.jsonl`` (:func:`runner.metadata.metrics_name`),
 uploaded with the other ``_metadata`` files every save period and at the end.  It is not
 put in the ``_metrics`` artifact: the StudioML client reads ``_metrics`` as the one file
 the runner writes there (SPEC section 11), and a second file would turn it into a folder.

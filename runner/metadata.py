@@ -122,6 +122,33 @@ def metrics_name(attempt_id: str) -> str:
     return f"metrics-host-{attempt_id}.jsonl"
 
 
+def attempt_file_names(attempt_id: str) -> tuple[str, ...]:
+    """The names of the metadata files an attempt may add (SPEC section 6, and its metric
+    history): the only names the uploader uploads for it."""
+    return (output_name(attempt_id), runner_log_name(attempt_id), scrape_name(attempt_id),
+            metrics_name(attempt_id))
+
+
+#: The suffix of the runner's private folder beside an attempt's working directory.
+RUNNER_FOLDER_SUFFIX = ".runner"
+
+
+def runner_folder(workdir: str | os.PathLike) -> Path:
+    """``<workdir>.runner``: the runner's private folder beside the attempt's working
+    directory.  The run is given ``workdir`` only (the sandbox binds that folder and hides
+    the rest of the working directory), so what the runner keeps here is out of its reach:
+    the attempt's metadata files (:func:`metadata_folder`).  Removed with the working
+    directory once the attempt's uploads are done."""
+    return Path(os.fspath(workdir).rstrip("/") + RUNNER_FOLDER_SUFFIX)
+
+
+def metadata_folder(workdir: str | os.PathLike) -> Path:
+    """Where the scraper writes the attempt's metadata files and the uploader reads them:
+    ``<workdir>.runner/_metadata`` (never the ``_metadata`` folder inside the working
+    directory, which the run can write)."""
+    return runner_folder(workdir) / "_metadata"
+
+
 def strip_archive_suffix(key_or_url: str) -> str:
     """``experiments/X/_metadata.tar`` → ``experiments/X/_metadata``."""
     return _ARCHIVE_SUFFIX.sub("", key_or_url)

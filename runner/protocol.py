@@ -159,7 +159,9 @@ class StopRuns(Message):
     ``cause`` names why, as :func:`runner.fates.stop_exception` understands it
     (``shutdown``: handed back uncounted; ``queue_deleted``: the user aborted the run;
     ``client_stopped``: the StudioML client marked the record stopped; ``cancelled``:
-    ``runner-ctl cancel``).
+    ``runner-ctl cancel``; ``disk_full``, ``files_unwritable``: the scraper could not write
+    the attempt's files, for want of space or another error, and
+    :func:`runner.fates.files_fault` decides).
     """
 
     TYPE: ClassVar[str] = "stop_runs"
@@ -259,6 +261,9 @@ class UploadRequest(Message):
     periodic request to the artifacts whose save period is due (``_metadata``: the
     metadata files); None means every one.  ``metadata`` False (an attempt handed back
     before its run started) leaves the metadata files out of a final upload.
+    ``scrape_document`` (JSON text; "" when none) is the attempt's final scrape document
+    when the scraper could not write it to disk (a full disk): the uploader uploads it in
+    place of the file.
     """
 
     TYPE: ClassVar[str] = "upload_request"
@@ -268,6 +273,7 @@ class UploadRequest(Message):
     record_only: bool = False
     labels: tuple | None = None
     metadata: bool = True
+    scrape_document: str = ""
 
 
 @dataclass(frozen=True)

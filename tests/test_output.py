@@ -75,7 +75,7 @@ def scraper(tmp_path: Path):
 def _end(role: Scraper, attempt: protocol.Attempt) -> tuple[dict, bytes]:
     role.close(protocol.AttemptEnded(attempt=attempt, outcome=protocol.Outcome(
         status="completed", error="", message="", exit_code=0), facts={}))
-    folder = Path(attempt.workdir) / "_metadata"
+    folder = metadata.metadata_folder(attempt.workdir)
     text = (folder / metadata.scrape_name(attempt.attempt_id)).read_text()
     document = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written"))
     return document, (folder / metadata.output_name(attempt.attempt_id)).read_bytes()

@@ -76,3 +76,48 @@ def test_stop_runs_ends_a_running_attempt(rig) -> None:
         cause="cancelled"))
     ended = rig.probe("scraper").expect(protocol.AttemptEnded, timeout=60)
     assert ended.outcome.status != "completed" and ended.outcome.error == "Cancelled"
+
+
+@pytest.mark.parametrize("used, hdd, status, error", [
+    (2_000_000, 0, "failed", "DiskFull"),  # no hdd declared (over one, the disk watcher acts)
+    (0, 100_000_000, "cancelled", "AttemptFilesUnwritable"),
+])
+def test_a_run_whose_files_cannot_be_written_is_stopped_with_its_fate(rig, used, hdd, status,
+                                                                      error) -> None:
+    """The scraper's ``StopRuns`` (cause ``disk_full``): the executor measures the run's
+    working directory against its ``hdd`` (over it, or none declared: the run filled the
+    disk)."""
+    message = prepared(rig, "import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    attempt = message.attempt
+    attempt = protocol.Attempt(**{**protocol.to_map(attempt),
+                                  "resources": {"cpus": 1, "devices": "-1", "hdd": hdd}})
+    (Path(attempt.workdir) / "modeldir").mkdir()
+    (Path(attempt.workdir) / "modeldir" / "weights").write_bytes(b"w" * used)
+    rig.probe("cache_manager").send("executor", protocol.AttemptPrepared(
+        attempt=attempt, python=message.python, env_path=message.env_path))
+    rig.probe("scraper").expect(protocol.OutputChunk, lambda m: b"started" in m.data, timeout=60)
+    rig.probe("scraper").send("executor", protocol.StopRuns(
+        reason="[Errno 28] No space left on device", attempt_ids=[attempt.attempt_id],
+        cause="disk_full"))
+    ended = rig.probe("scraper").expect(protocol.AttemptEnded, timeout=60)
+    assert ended.outcome.status == status and ended.outcome.error == error
+    assert ended.outcome.message.startswith("disk full: [Errno 28] No space left on device")
+
+
+def test_a_run_whose_attempt_file_cannot_be_written_is_killed(rig) -> None:
+    """Without its ``<id>.run`` file a runner that died could not find the run again: the
+    executor kills it and ends the attempt as the host's fault (here the file's place is
+    taken by a folder, so the real rename fails)."""
+    marker = Path(rig.root) / "pid"
+    message = prepared(rig, f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))"
+                            "\ntime.sleep(600)\n")
+    (Path(rig.config.runtime_dir) / "attempts" / f"{message.attempt.attempt_id}.run").mkdir(
+        parents=True)
+    rig.probe("cache_manager").send("executor", message)
+    ended = rig.probe("scraper").expect(protocol.AttemptEnded, timeout=60)
+    assert ended.outcome.status == "cancelled" and ended.outcome.error == "AttemptFilesUnwritable"
+    assert rig.probe("fetcher").expect(protocol.RunEnded).attempt_id == message.attempt.attempt_id
+    if marker.exists():  # it may have been killed before it got that far
+        pid = int(marker.read_text())
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+            f"/proc/{pid}/status").read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import metadata, protocol
+from runner import attempt_files, metadata, protocol
 from runner.archive import tree_digest
 
 from .roles_support import RoleRig, eventually
@@ -29,14 +29,15 @@ def placed(rig: RoleRig, request: dict, output: dict[str, str] | None) -> protoc
     attempt = rig.attempt(request)
     workdir = Path(attempt.workdir)
     (workdir / "output").mkdir(parents=True)
-    (workdir / "_metadata").mkdir()
+    metadata.metadata_folder(workdir).mkdir(parents=True)
     digests = {}
     for name, text in (output or {}).items():
         (workdir / "output" / name).write_text(text)
     if output is not None:
         digests["output"] = tree_digest(workdir / "output")
     metadata.write_downloaded_digests(workdir, digests)
-    (workdir / "_metadata" / metadata.output_name(attempt.attempt_id)).write_text("hi\n")
+    folder = metadata.metadata_folder(workdir)
+    (folder / metadata.output_name(attempt.attempt_id)).write_text("hi\n")
     return attempt
 
 
@@ -94,3 +95,48 @@ def test_the_running_record_is_written_when_the_attempt_opens(rig) -> None:
     assert eventually(lambda: url in rig.objects.urls())  # held RECORD_AFTER first
     record = json.loads(rig.objects.read(url))
     assert record["status"] == "running" and record["final"] is False
+
+
+def test_only_the_attempts_own_metadata_files_are_uploaded(rig) -> None:
+    """A file in the metadata folder under another name (a forged scrape document of
+    another attempt) is never uploaded; neither is the ``_metadata`` folder the run can
+    write inside its working directory."""
+    request = rig.request()
+    attempt = placed(rig, request, None)
+    folder = metadata.metadata_folder(attempt.workdir)
+    (folder / metadata.scrape_name("host-zzzzzz")).write_text('{"studioml": {}}')
+    inside = Path(attempt.workdir) / "_metadata"
+    inside.mkdir()
+    (inside / metadata.scrape_name(attempt.attempt_id)).write_text('{"forged": true}')
+    assert final(rig, attempt).upload_error == ""
+    prefix = metadata.metadata_prefix_url(request)
+    assert sorted(url for url in rig.objects.urls() if url.startswith(prefix + "/")) == [
+        f"{prefix}/{metadata.output_name(attempt.attempt_id)}"]
+
+
+def test_a_scrape_document_sent_in_memory_is_uploaded_in_place_of_the_file(rig) -> None:
+    request = rig.request()
+    attempt = placed(rig, request, None)
+    name = metadata.scrape_name(attempt.attempt_id)
+    (metadata.metadata_folder(attempt.workdir) / name).write_text('{"status": "running"}')
+    rig.probe("scraper").send("uploader", protocol.UploadRequest(
+        attempt=attempt, final=True, outcome=COMPLETED, scrape_document='{"status": "failed"}'))
+    done = rig.probe("fetcher").expect(protocol.AttemptDone)
+    assert done.upload_error == ""
+    url = f"{metadata.metadata_prefix_url(request)}/{name}"
+    assert rig.objects.read(url) == b'{"status": "failed"}'
+
+
+def test_a_released_attempt_uploads_its_own_metadata_files_only(rig) -> None:
+    """An attempt a dead runner left (marked released at start-up) never overwrites the
+    request's mutable artifacts: a newer attempt may have written them."""
+    request = rig.request()
+    attempt = placed(rig, request, None)
+    (Path(attempt.workdir) / "output" / "result.txt").write_text("from the old attempt\n")
+    attempt_files.write(rig.config.runtime_dir, attempt.attempt_id, "released", {})
+    done = final(rig, attempt)
+    assert done.upload_error == ""
+    output_url = request["experiment"]["artifacts"]["output"]["qualified"]
+    log_url = f"{metadata.metadata_prefix_url(request)}/{metadata.output_name(attempt.attempt_id)}"
+    assert output_url not in rig.objects.puts() and rig.objects.read(log_url) == b"hi\n"
+    assert metadata.record_url(request) not in rig.objects.urls()

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +175,44 @@ def test_registry_and_artifact_url(tmp_path: Path) -> None:
     assert split_url("S3://host/b/k") == ("s3", "host/b/k")
     with pytest.raises(StorageError):
         split_url("nothing")
+
+
+WRITER = """
+import sys, time
+from runner.storage.file import FileStore
+
+def fill(out):
+    out.write(b"x" * 100_000)
+    out.flush()
+    print("writing", flush=True)
+    time.sleep(600)  # SIGKILLed here, mid-upload
+
+FileStore().put_stream(sys.argv[1], fill)
+"""
+
+
+def test_a_killed_writers_partial_file_is_removed_by_a_later_put(store: FileStore,
+                                                                  tmp_path: Path) -> None:
+    """A writer SIGKILLed mid-``put`` leaves ``<name>.partial-<hex>``; the next ``put`` into
+    that folder removes it once nobody has written to it for STALE_PARTIAL_AFTER (its
+    mtime is set back that far here instead of waiting), and leaves a live writer's
+    partial file alone."""
+    target = tmp_path / "experiments" / "k" / "modeldir.tar"
+    url = f"file://{target}"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, url], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"writing\n"
+    finally:
+        writer.kill()
+        writer.wait()
+    [dead] = target.parent.glob("modeldir.tar.partial-*")
+    assert dead.stat().st_size == 100_000 and not target.exists()
+    stale = time.time() - file_mod.STALE_PARTIAL_AFTER - 60
+    os.utime(dead, (stale, stale))
+    live = target.with_name("modeldir.tar.partial-0123456789ab")
+    live.write_bytes(b"being written")  # another writer's, written to just now
+
+    store.put_bytes(url, b"the next upload")
+    assert target.read_bytes() == b"the next upload"
+    assert not dead.exists() and live.exists()
+    assert store.list(f"file://{target.parent}/") == [url]

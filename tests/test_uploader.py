@@ -24,8 +24,8 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     store_root = tmp_path / "store"
     store_root.mkdir()
     workdir = tmp_path / "work" / "host-1r31eq"
-    (workdir / "_metadata").mkdir(parents=True)
-    (workdir / "output").mkdir()
+    metadata.metadata_folder(workdir).mkdir(parents=True)
+    (workdir / "output").mkdir(parents=True)
     metadata.write_downloaded_digests(workdir, {})
 
     def artifact(label: str) -> dict:
@@ -37,7 +37,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
                               "artifacts": {"_metadata": artifact("_metadata"),
                                             "output": artifact("output")}},
                "config": {"env": {}}}
-    attempt = protocol.Attempt(attempt_id="host-1r31eq", queue="local_q", token="t", attempts=0,
+    attempt = protocol.Attempt(attempt_id="x", queue="local_q", token="t", attempts=0,
                        key="exp-1", project="proj", request=request, workdir=str(workdir),
                        resources={}, taken_at=time.time())
     config = load(["--working-dir", str(tmp_path / "work"), "--runtime-dir", str(tmp_path / "run"),
@@ -92,14 +92,14 @@ def write_old(path: Path, text: str) -> None:
 
 
 def test_attempt_open_writes_the_record_only(setup):
-    write_old(setup["workdir"] / "_metadata" / "runner-host-x.log", "request\n")
+    write_old(metadata.metadata_folder(setup["workdir"]) / "runner-host-x.log", "request\n")
     assert setup["send"](record_only=True) == (["record"], [])
     record = json.loads(Path(metadata.record_url(setup["request"])[len("file://"):]).read_text())
     assert record["status"] == "running" and record["final"] is False
 
 
 def test_unchanged_metadata_file_is_neither_hashed_nor_uploaded_again(setup):
-    folder = setup["workdir"] / "_metadata"
+    folder = metadata.metadata_folder(setup["workdir"])
     write_old(folder / "output-host-x.log", "line 1\n")
     write_old(folder / "runner-host-x.log", "request\n")
     puts, hashed = setup["send"]()
@@ -117,7 +117,7 @@ def test_unchanged_metadata_file_is_neither_hashed_nor_uploaded_again(setup):
 
 
 def test_rewritten_file_with_the_same_content_is_hashed_not_uploaded(setup):
-    scrape = setup["workdir"] / "_metadata" / "scrape-host-x.json"
+    scrape = metadata.metadata_folder(setup["workdir"]) / "scrape-host-x.json"
     write_old(scrape, '{"a": 1}')
     assert setup["send"]()[0] == ["record", "scrape-host-x.json"]
     temporary = scrape.with_suffix(".json.tmp")
@@ -127,14 +127,14 @@ def test_rewritten_file_with_the_same_content_is_hashed_not_uploaded(setup):
 
 
 def test_recently_modified_file_is_hashed_even_with_the_same_stat(setup):
-    log = setup["workdir"] / "_metadata" / "output-host-x.log"
+    log = metadata.metadata_folder(setup["workdir"]) / "output-host-x.log"
     log.write_text("fresh\n")  # modified just now: a same-size rewrite could hide in the tick
     setup["send"]()
     assert setup["send"]() == ([], ["output-host-x.log"])
 
 
 def test_final_request_uploads_every_file_without_hashing_and_no_running_record(setup):
-    folder = setup["workdir"] / "_metadata"
+    folder = metadata.metadata_folder(setup["workdir"])
     for name in ("output-host-x.log", "runner-host-x.log", "scrape-host-x.json"):
         (folder / name).write_text(name)
     (folder / "scrape-host-x.json.tmp").write_text("half")
@@ -148,7 +148,7 @@ def test_final_request_uploads_every_file_without_hashing_and_no_running_record(
 
 
 def test_final_request_uploads_what_changed_since_a_periodic_one(setup):
-    folder = setup["workdir"] / "_metadata"
+    folder = metadata.metadata_folder(setup["workdir"])
     write_old(folder / "runner-host-x.log", "request\n")
     write_old(folder / "output-host-x.log", "")
     setup["send"]()
@@ -193,7 +193,7 @@ def test_running_record_is_written_once_due(setup, monkeypatch):
 def test_a_periodic_request_uploads_only_the_labels_that_are_due(setup):
     """Per-artifact saveFrequency: the scraper names the due labels (``_metadata``: the
     metadata files); the others wait for their own period or the final upload."""
-    write_old(setup["workdir"] / "_metadata" / "runner-host-x.log", "request\n")
+    write_old(metadata.metadata_folder(setup["workdir"]) / "runner-host-x.log", "request\n")
     (setup["workdir"] / "output" / "output").write_text("hello\n")
     assert setup["send"](labels=("output",))[0] == ["output.tar", "record"]
     (setup["workdir"] / "output" / "output").write_text("hello again\n")

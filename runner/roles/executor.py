@@ -210,6 +210,18 @@ class Executor(Role):
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.AttemptPrepared):
             self.start(message)
+        elif isinstance(message, protocol.StopRuns) and message.cause in fates.FILES_FAULT_CAUSES:
+            for attempt_id in message.attempt_ids:
+                run = self.runs.get(attempt_id)
+                if run is not None:
+                    self.stop(run, fates.files_fault(
+                        message.reason, fates.FILES_FAULT_CAUSES[message.cause],
+                        disk_allocated(run.attempt.workdir),
+                        int(run.attempt.resources.get("hdd") or 0)))
+                else:  # not started yet: it had written nothing, the host is at fault
+                    self.stop_pending[attempt_id] = fates.AttemptFilesUnwritable(
+                        f"the attempt's files cannot be written: {message.reason}")
+                    self.bound_stop_pending()
         elif isinstance(message, protocol.StopRuns):
             reason = fates.stop_exception(message.cause, message.reason)
             if not message.attempt_ids:
@@ -217,11 +229,15 @@ class Executor(Role):
             for attempt_id in message.attempt_ids:
                 if attempt_id not in self.runs:  # still being prepared: stop it when it arrives
                     self.stop_pending[attempt_id] = reason
-                    while len(self.stop_pending) > 1000:
-                        self.stop_pending.pop(next(iter(self.stop_pending)))
+                    self.bound_stop_pending()
             for attempt_id, run in self.runs.items():
                 if not message.attempt_ids or attempt_id in message.attempt_ids:
                     self.stop(run, reason)
+
+    def bound_stop_pending(self) -> None:
+        """Forget the oldest stop requests past 1000 (attempts that never came)."""
+        while len(self.stop_pending) > 1000:
+            self.stop_pending.pop(next(iter(self.stop_pending)))
 
     def start(self, prepared: protocol.AttemptPrepared) -> None:
         """Start the run of ``prepared``; whatever fails ends the attempt with its fate."""
@@ -275,10 +291,18 @@ class Executor(Role):
         stop_at, limit = min(limits) if limits else (None, "")
         run = Run(attempt=attempt, process=process, started=now, stop_at=stop_at, limit=limit,
                   cgroup=cgroup)
-        attempt_files.write(self.config.runtime_dir, attempt.attempt_id, "run", {
-            "pid": process.pid, "ticks": proctree.start_ticks(process.pid),
-            "cgroup": [str(d) for d in cgroup.dirs.values()] if cgroup else [],
-            "attempt": protocol.to_map(attempt)})
+        try:
+            attempt_files.write(self.config.runtime_dir, attempt.attempt_id, "run", {
+                "pid": process.pid, "ticks": proctree.start_ticks(process.pid),
+                "cgroup": [str(d) for d in cgroup.dirs.values()] if cgroup else [],
+                "attempt": protocol.to_map(attempt)})
+        except OSError as exc:
+            # Without its .run file a runner that died could not find this run again: it
+            # does not go on.  Killed here; start() ends the attempt (the host's fault).
+            self.kill_unwatched(run)
+            raise fates.AttemptFilesUnwritable(
+                f"cannot write the run's attempt file in {self.config.runtime_dir}: {exc}"
+            ) from exc
         run.reader = threading.Thread(target=self.read_output, args=(run,), daemon=True,
                                       name=f"output-{attempt.attempt_id}")
         run.reader.start()
@@ -358,6 +382,22 @@ class Executor(Role):
             self.post("scraper", protocol.OutputChunk(attempt_id=run.attempt.attempt_id, data=data,
                                                       scrape=scrape, offset=run.output_sent))
             run.output_sent += len(data)
+
+    def kill_unwatched(self, run: Run) -> None:
+        """Kill a run that was started but is not watched (not in ``runs``), and wait
+        for it: its whole tree, its cgroup, its pipes closed."""
+        self._signal_group(run, signal.SIGKILL)
+        if run.cgroup is not None:
+            run.cgroup.kill_all()
+        try:
+            run.process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self.log.error("key=%s attempt=%s pid %d did not die", run.attempt.key,
+                           run.attempt.attempt_id, run.process.pid)
+        for pipe in (run.process.stdout, run.process.stderr):
+            pipe.close()
+        if run.cgroup is not None and not cgroups.wait_removed(run.cgroup, timeout=0.2):
+            self.leftover_cgroups.append(run.cgroup)
 
     def watch_disk(self) -> None:
         """Thread: every ``DISK_CHECK_EVERY`` seconds, measure the working directory of

@@ -26,6 +26,14 @@ save).  Output chunks carry their offset in the run's output, so output that wen
 with the old process shows as a gap: it is marked in the output log, counted in
 ``runner.output_lost``, and an attempt that lost output is never ``completed`` (it ends
 ``cancelled``, handed back uncounted).  An attempt already closed is not closed twice.
+
+The metadata files live in the runner's private folder beside the attempt's working
+directory (:func:`runner.metadata.metadata_folder`), never in the folder the run is given.
+A write to an attempt's files that fails (a full disk, an I/O error) is never retried in a
+loop: the scraper notes the error, stops writing that attempt's files, asks the executor to
+stop the run (``StopRuns``, cause ``disk_full`` or ``files_unwritable``) and, when the
+attempt ends, closes it as usual with the fate :func:`runner.fates.files_fault` gives; its
+final scrape document then travels in memory with the final ``UploadRequest``.
 """
 from __future__ import annotations
 
@@ -50,9 +58,9 @@ class AttemptState:
     attempt: protocol.Attempt
     document: dict
     masker: Masker
-    output_log: BinaryIO
+    output_log: BinaryIO | None  # None when it could not be opened (write_error says why)
     output_artifact: BinaryIO | None  # opened at the first output, after inputs are placed
-    runner_log: BinaryIO
+    runner_log: BinaryIO | None
     scrape_path: Path
     next_save: float  # monotonic time the artifacts without their own period are due
     history: BinaryIO | None = None  # metrics-host-<id>.jsonl, opened at the first JSON line
@@ -63,6 +71,10 @@ class AttemptState:
     last_metric: str = ""
     received: int = 0  # bytes of the run's output scraped so far (OutputChunk.offset)
     lost: int = 0  # bytes of the run's output that never reached this scraper
+    write_error: str = ""  # why the attempt's files could not be written; "" while they can
+    no_space: bool = False  # write_error was for want of space
+    ended_status: str = ""  # the status the runner log last said the attempt ended with
+    closing: bool = False  # its run has ended (AttemptEnded): nothing left to stop
 
 
 def disk_use(path: str) -> int:
@@ -201,23 +213,21 @@ class Scraper(Role):
     def open(self, attempt: protocol.Attempt) -> AttemptState:
         if attempt.attempt_id in self.attempts:
             return self.attempts[attempt.attempt_id]
-        folder = Path(attempt.workdir) / "_metadata"
+        folder = metadata.metadata_folder(attempt.workdir)
         runtime = self.config.runtime_dir
         saved = attempt_files.read(runtime, attempt.attempt_id, "scraped")
         scrape_path = folder / metadata.scrape_name(attempt.attempt_id)
         document = None
         if saved is not None or scrape_path.exists():
-            document = self.restore(attempt.attempt_id, folder, scrape_path, saved or {})
-        folder.mkdir(parents=True, exist_ok=True)
-        (Path(attempt.workdir) / "output").mkdir(parents=True, exist_ok=True)
+            document = self.restore(attempt, folder, scrape_path, saved or {})
         state = AttemptState(
             attempt=attempt,
             document=document or metadata.new_scrape_document(attempt, self.config.hostname),
             masker=Masker(secrets_of(attempt.request)),
-            output_log=open(folder / metadata.output_name(attempt.attempt_id), "ab"),
+            output_log=None,
             output_artifact=None,
             history=None,
-            runner_log=open(folder / metadata.runner_log_name(attempt.attempt_id), "ab"),
+            runner_log=None,
             scrape_path=scrape_path,
             next_save=time.monotonic() + attempt.save_frequency,
             next_saves={label: time.monotonic() + seconds
@@ -226,21 +236,39 @@ class Scraper(Role):
             lost=int(saved.get("lost") or 0) if saved else 0,
             output_bytes=int(saved.get("output_bytes") or 0) if saved else 0,
         )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (Path(attempt.workdir) / "output").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.files_failed(state, exc)
+        attempt_id = attempt.attempt_id
+        state.output_log = self.open_appending(state, folder / metadata.output_name(attempt_id))
+        state.runner_log = self.open_appending(state, folder / metadata.runner_log_name(attempt_id))
         if saved is not None and saved.get("artifact") is not None:
-            state.output_artifact = open(Path(attempt.workdir) / "output" / "output", "ab")
+            state.output_artifact = self.open_appending(
+                state, Path(attempt.workdir) / "output" / "output")
         if saved is not None and saved.get("history") is not None:
-            state.history = open(folder / metadata.metrics_name(attempt.attempt_id), "ab")
-            state.history_full = history.file_truncated(state.history)
+            state.history = self.open_appending(state,
+                                                folder / metadata.metrics_name(attempt.attempt_id))
+            if state.history is not None:
+                try:
+                    state.history_full = history.file_truncated(state.history)
+                except OSError as exc:
+                    self.files_failed(state, exc)
         self.attempts[attempt.attempt_id] = state
         self.wake(tick=True)  # from now on tick every TICK (periodic saves), not IDLE_TICK
         if document is not None:
             self.write_runner_log(state, "scraper restarted: attempt reopened from its "
                                            "last save")
             return state
-        attempt_files.write_attempt(runtime, attempt)
+        try:
+            attempt_files.write_attempt(runtime, attempt)
+        except OSError as exc:
+            self.log.error("key=%s attempt=%s not written to the attempt files: %s",
+                           attempt.key, attempt.attempt_id, exc)
         request_text = strict_json.dumps(redact_request(attempt.request), indent=1, sort_keys=True)
-        state.runner_log.write(b"request (credentials redacted):\n")
-        state.runner_log.write(state.masker.mask(request_text.encode()) + b"\n")
+        self.write(state, state.runner_log, b"request (credentials redacted):\n"
+                   + state.masker.mask(request_text.encode()) + b"\n")
         self.write_runner_log(state, f"attempt {attempt.attempt_id} ({attempt.attempts + 1}) on "
                                        f"{self.config.hostname} from queue {attempt.queue}")
         # The metadata files are first saved and uploaded one save period from now (or at
@@ -248,13 +276,14 @@ class Scraper(Role):
         self.post("uploader", protocol.UploadRequest(attempt=attempt, final=False, record_only=True))
         return state
 
-    def restore(self, attempt_id: str, folder: Path, scrape_path: Path, saved: dict
+    def restore(self, attempt: protocol.Attempt, folder: Path, scrape_path: Path, saved: dict
                 ) -> dict | None:
         """The scrape document of an attempt a previous scraper process held, with its
         files cut back to their sizes at that process's last save (``saved``)."""
+        attempt_id = attempt.attempt_id
         sizes = {folder / metadata.output_name(attempt_id): saved.get("output_log"),
                  folder / metadata.runner_log_name(attempt_id): saved.get("runner_log"),
-                 folder.parent / "output" / "output": saved.get("artifact"),
+                 Path(attempt.workdir) / "output" / "output": saved.get("artifact"),
                  folder / metadata.metrics_name(attempt_id): saved.get("history")}
         for path, size in sizes.items():
             if isinstance(size, int):
@@ -271,7 +300,58 @@ class Scraper(Role):
     def write_runner_log(self, state: AttemptState, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         line = f"{stamp}Z {text}\n".encode("utf-8", "replace")
-        state.runner_log.write(state.masker.mask(line))
+        self.write(state, state.runner_log, state.masker.mask(line))
+
+    def write(self, state: AttemptState, handle: BinaryIO | None, data: bytes) -> None:
+        """Append ``data`` to one of the attempt's files; after a failed write the
+        attempt's files are left as they are (:meth:`files_failed`)."""
+        if state.write_error or handle is None:
+            return
+        try:
+            handle.write(data)
+        except OSError as exc:
+            self.files_failed(state, exc)
+
+    def open_appending(self, state: AttemptState, path: Path) -> BinaryIO | None:
+        """``path`` opened to append, or None when it cannot be (:meth:`files_failed`)."""
+        if state.write_error:
+            return None
+        try:
+            return open(path, "ab")
+        except OSError as exc:
+            self.files_failed(state, exc)
+            return None
+
+    def files_failed(self, state: AttemptState, exc: OSError) -> None:
+        """The attempt's files can no longer be written: keep why (in the scrape document
+        too), write none of them any more, and have the executor stop the run; its fate is
+        :func:`runner.fates.files_fault` (:meth:`files_outcome` for a run that ended by
+        itself first)."""
+        if state.write_error:
+            return
+        state.write_error = str(exc)
+        state.no_space = exc.errno in fates.NO_SPACE
+        state.document["runner"]["files_error"] = state.write_error
+        attempt = state.attempt
+        self.log.error("key=%s attempt=%s cannot write the attempt's files: %s", attempt.key,
+                       attempt.attempt_id, exc)
+        if state.closing:
+            return
+        self.post("executor", protocol.StopRuns(
+            reason=state.write_error, attempt_ids=[attempt.attempt_id],
+            cause="disk_full" if state.no_space else "files_unwritable"))
+
+    def files_outcome(self, state: AttemptState, outcome: protocol.Outcome) -> protocol.Outcome:
+        """``outcome``, or, for an attempt whose files could not be written and whose run
+        ended by itself (completed, or failed by its own exit), the fate
+        :func:`runner.fates.files_fault` gives it: its output and metadata are incomplete."""
+        if (not state.write_error or outcome.kind not in (fates.NONE, fates.FAILURE)
+                or outcome.status not in (fates.COMPLETED, fates.FAILED)):
+            return outcome
+        fault = fates.files_fault(state.write_error, state.no_space,
+                                  disk_use(state.attempt.workdir),
+                                  int(state.attempt.resources.get("hdd") or 0))
+        return fates.outcome_for_exception(fault, outcome.exit_code)
 
     def scrape(self, state: AttemptState, data: bytes, scrape: bool = True,
                offset: int = protocol.RUNNER_NOTE) -> None:
@@ -292,12 +372,13 @@ class Scraper(Role):
             # When the scraper saw the run's first output (publish-to-start benchmarks).
             state.document["runner"]["first_output"] = metadata.iso_utc(time.time())
         data = state.masker.mask(data)
-        state.output_log.write(data)
+        self.write(state, state.output_log, data)
         if state.output_artifact is None:
             # Opened only now: the cache manager may have unpacked an earlier attempt's
             # ``output`` artifact into the folder, and this attempt's output goes after it.
-            state.output_artifact = open(Path(state.attempt.workdir) / "output" / "output", "ab")
-        state.output_artifact.write(data)
+            state.output_artifact = self.open_appending(
+                state, Path(state.attempt.workdir) / "output" / "output")
+        self.write(state, state.output_artifact, data)
         state.output_bytes += len(data)
         if not scrape:
             return
@@ -321,18 +402,20 @@ class Scraper(Role):
         if not objects:
             return
         if state.history is None:  # opened at the first line: no file without a line
-            state.history = open(state.scrape_path.parent
-                                   / metadata.metrics_name(state.attempt.attempt_id), "ab")
-            if state.history.tell() == 0:
-                state.history.write(history.history_header(state.attempt.attempt_id,
-                                                           state.attempt.attempts + 1))
+            state.history = self.open_appending(
+                state, state.scrape_path.parent / metadata.metrics_name(state.attempt.attempt_id))
+            if state.history is not None and state.history.tell() == 0:
+                self.write(state, state.history, history.history_header(
+                    state.attempt.attempt_id, state.attempt.attempts + 1))
+        if state.history is None or state.write_error:
+            return
         cap = self.config.max_history
         room = cap - state.history.tell()
         if state.history_full or room <= 0:
             return
         data, state.history_full = history.history_lines(objects, time=time.time(), room=room,
                                                          cap=cap)
-        state.history.write(data)
+        self.write(state, state.history, data)
         if state.history_full:
             self.write_runner_log(state, f"metric history reached its cap (--max-history "
                                   f"{cap} bytes): later JSON lines are only in the output "
@@ -345,28 +428,44 @@ class Scraper(Role):
         state.document["runner"]["output_lost"] = state.lost
         note = (f"[runner: {size} bytes of output were lost here: the scraper restarted]\n"
                 ).encode()
-        state.output_log.write(note)
+        self.write(state, state.output_log, note)
         self.write_runner_log(state, note.decode().strip())
 
     def save(self, state: AttemptState) -> None:
         """Flush the logs, add a ``_metrics`` line, rewrite the scrape document
         (atomically), and note in the attempt files how far this save got (for a restarted
-        scraper)."""
-        for handle in (state.output_log, state.output_artifact, state.history,
-                       state.runner_log):
-            if handle is not None:
-                handle.flush()
-        self.add_metrics_line(state)
+        scraper).  Nothing is written once the attempt's files failed (:meth:`files_failed`);
+        raises nothing."""
+        if state.write_error:
+            return
         temporary = state.scrape_path.with_suffix(".json.tmp")
-        temporary.write_text(strict_json.dumps(state.document, indent=1, sort_keys=True))
-        os.replace(temporary, state.scrape_path)
+        try:
+            for handle in (state.output_log, state.output_artifact, state.history,
+                           state.runner_log):
+                if handle is not None:
+                    handle.flush()
+            self.add_metrics_line(state)
+            temporary.write_text(strict_json.dumps(state.document, indent=1, sort_keys=True))
+            os.replace(temporary, state.scrape_path)
+        except OSError as exc:
+            try:
+                temporary.unlink()
+            except OSError:
+                pass
+            self.files_failed(state, exc)
+            return
         artifact = state.output_artifact
-        attempt_files.write(self.config.runtime_dir, state.attempt.attempt_id, "scraped", {
-            "offset": state.received, "lost": state.lost,
-            "output_bytes": state.output_bytes,
-            "output_log": state.output_log.tell(), "runner_log": state.runner_log.tell(),
-            "artifact": artifact.tell() if artifact is not None else None,
-            "history": state.history.tell() if state.history is not None else None})
+        try:
+            attempt_files.write(self.config.runtime_dir, state.attempt.attempt_id, "scraped", {
+                "offset": state.received, "lost": state.lost,
+                "output_bytes": state.output_bytes,
+                "output_log": state.output_log.tell() if state.output_log else None,
+                "runner_log": state.runner_log.tell() if state.runner_log else None,
+                "artifact": artifact.tell() if artifact is not None else None,
+                "history": state.history.tell() if state.history is not None else None})
+        except OSError as exc:
+            self.log.error("key=%s attempt=%s save not noted in the attempt files: %s",
+                           state.attempt.key, state.attempt.attempt_id, exc)
 
     def add_metrics_line(self, state: AttemptState) -> None:
         """Append one line in the reference worker's format to ``_metrics/_metrics``, once
@@ -393,7 +492,9 @@ class Scraper(Role):
         """Finish the attempt's metadata and ask for its final uploads.
 
         The final ``UploadRequest`` is always sent, also when writing the files fails (the
-        attempt must reach the fetcher to free its slot).  An attempt handed back for the
+        attempt must reach the fetcher to free its slot); an attempt whose files could not
+        be written gets its fate from :meth:`files_outcome` and sends its final scrape
+        document in memory.  An attempt handed back for the
         host's fault before its run started adds no metadata files to storage
         (``metadata=False``): retries of a request that cannot start leave no trail of
         empty attempts.  An attempt already closed (``<id>.ended`` in the attempt files) is not
@@ -419,6 +520,7 @@ class Scraper(Role):
                 self.post("uploader", protocol.UploadRequest(attempt=ended.attempt, final=True,
                                                              outcome=outcome, metadata=False))
                 return
+            state.closing = True
             sent = ended.facts.get("output_sent")
             if isinstance(sent, int) and sent > state.received:
                 self.output_lost(state, sent - state.received)
@@ -426,7 +528,6 @@ class Scraper(Role):
                 outcome = fates.outcome_for_exception(fates.RoleCrashed(
                     f"{state.lost} bytes of the run's output were lost when the scraper "
                     f"restarted; not called completed"), outcome.exit_code)
-            runner = state.document["runner"]
             facts = dict(ended.facts)
             if facts.get("build_log_tail"):
                 # The run never started: the installer's last lines are its output.
@@ -434,27 +535,30 @@ class Scraper(Role):
                 facts["build_log_tail"] = tail
                 self.scrape(state, b"environment build failed; the installer's last "
                             b"lines:\n" + tail.encode() + b"\n", scrape=False)
-            runner.update(facts)
-            runner.update({"stop": metadata.iso_utc(time.time()),
-                           "exit_code": outcome.exit_code,
-                           "error": outcome.error, "message": outcome.message,
-                           "output_bytes": state.output_bytes,
-                           "disk_use": disk_use(state.attempt.workdir)})
-            state.document["studioml"]["status"] = outcome.status
-            self.write_runner_log(state, f"attempt ended {outcome.status}"
-                                           + (f" ({outcome.error}: {outcome.message})"
-                                              if outcome.error else ""))
+            outcome = self.finish_document(state, outcome, facts)
             self.save(state)
+            if state.write_error:  # maybe only now: the fate and the document follow it
+                outcome = self.finish_document(state, outcome, facts)
         except Exception:  # noqa: BLE001 - the attempt still ends
             self.log.exception("key=%s attempt=%s metadata not finished", ended.attempt.key,
                                ended.attempt.attempt_id)
         if state is None and attempt_files.read(runtime, ended.attempt.attempt_id, "ended") is not None:
             return  # closed before, or reported without files just above
-        for handle in ((state.output_log, state.output_artifact, state.history,
-                        state.runner_log)
-                       if state is not None else ()):
-            if handle is not None:
-                handle.close()
+        document = ""
+        tail = ""
+        if state is not None:
+            for handle in (state.output_log, state.output_artifact, state.history,
+                           state.runner_log):
+                try:
+                    if handle is not None:
+                        handle.close()  # flushed by the save; its descriptor is closed anyway
+                except OSError as exc:
+                    self.log.error("key=%s attempt=%s: %s not closed cleanly: %s",
+                                   ended.attempt.key, ended.attempt.attempt_id, handle.name, exc)
+            if state.write_error:
+                document = strict_json.dumps(state.document, indent=1, sort_keys=True)
+            if state.output_log is not None:
+                tail = output_tail(state.output_log.name)
         self.attempts.pop(ended.attempt.attempt_id, None)
         try:
             attempt_files.write_ended(runtime, ended.attempt.attempt_id, outcome)
@@ -463,9 +567,29 @@ class Scraper(Role):
                            ended.attempt.key, ended.attempt.attempt_id, exc)
         self.post("uploader", protocol.UploadRequest(
             attempt=ended.attempt, final=True, outcome=outcome,
-            metadata=not fates.leaves_no_trail(outcome, started="pid" in ended.facts)))
-        self.phase(ended.attempt, protocol.PHASE_UPLOADING, status=outcome.status,
-                   tail=output_tail(state.output_log.name) if state else "")
+            metadata=not fates.leaves_no_trail(outcome, started="pid" in ended.facts),
+            scrape_document=document))
+        self.phase(ended.attempt, protocol.PHASE_UPLOADING, status=outcome.status, tail=tail)
+
+    def finish_document(self, state: AttemptState, outcome: protocol.Outcome,
+                        facts: dict) -> protocol.Outcome:
+        """Put the attempt's end into its scrape document (in memory): ``facts``, the stop
+        time, the outcome (:meth:`files_outcome` first, returned) and its final status."""
+        outcome = self.files_outcome(state, outcome)
+        runner = state.document["runner"]
+        runner.update(facts)
+        runner.update({"stop": metadata.iso_utc(time.time()),
+                       "exit_code": outcome.exit_code,
+                       "error": outcome.error, "message": outcome.message,
+                       "output_bytes": state.output_bytes,
+                       "disk_use": disk_use(state.attempt.workdir)})
+        state.document["studioml"]["status"] = outcome.status
+        if state.ended_status != outcome.status:  # said once, or again when it changed
+            state.ended_status = outcome.status
+            self.write_runner_log(state, f"attempt ended {outcome.status}"
+                                           + (f" ({outcome.error}: {outcome.message})"
+                                              if outcome.error else ""))
+        return outcome
 
     def stats(self) -> dict:
         return {"attempts": len(self.attempts),

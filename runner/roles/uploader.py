@@ -45,6 +45,19 @@ this, on the record updater's thread so that it never delays an upload or a ``At
 ``finished`` (or ``waiting`` when the request is requeued) after the final one.  A record
 the client marked ``stopped`` stops the run (``StopRuns`` to the executor, cause
 ``client_stopped``).
+
+The metadata files are read from the runner's private folder beside the attempt's working
+directory (:func:`runner.metadata.metadata_folder`), and only the attempt's own names
+(:func:`runner.metadata.attempt_file_names`) are uploaded: a run cannot add or replace a
+metadata file.  A final request that carries the scrape document in memory
+(``UploadRequest.scrape_document``: the scraper could not write it, a full disk) has that
+text uploaded in place of the file.
+
+An attempt that no longer holds its request (left by a runner that died, marked released
+in the attempt files: :func:`runner.attempt_files.is_released`) uploads its own metadata
+files only: its request went back to its queue when that runner died, and a newer attempt
+may already have written the mutable artifacts, the metadata-store record and the StudioML
+record, which this one must never overwrite.
 """
 from __future__ import annotations
 
@@ -57,7 +70,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import _fast, fates, metadata, protocol, studio_db
+from .. import _fast, attempt_files, fates, metadata, protocol, studio_db
 from ..archive import compression_for_key, pack_to_stream, tree_digest
 from ..errors import RunnerError, StorageError
 from ..requests import SINGLE_FILE_LABELS
@@ -186,6 +199,7 @@ class Uploader(Role):
         attempt = request.attempt
         log = lambda text: self.runner_log(attempt.attempt_id, text)  # noqa: E731
         error, error_kind = "", ""
+        released = self.released(attempt)
         try:
             with attempt_lock:
                 with self.lock:
@@ -194,15 +208,21 @@ class Uploader(Role):
                     if request.final:
                         self.finalized[attempt.attempt_id] = time.monotonic()
                 retry_for = self.config.storage_retry if request.final else 0.0
-                if attempt.attempt_id not in self.recorded and not request.final:
+                if attempt.attempt_id not in self.recorded and not request.final and not released:
                     with_retries(lambda: self.write_record(attempt), "metadata record", log, retry_for)
                     self.recorded.add(attempt.attempt_id)
                 if not request.record_only:
                     labels = None if request.final else request.labels
-                    self.upload_artifacts(attempt, log, retry_for, request.final, labels)
+                    if released:
+                        log("this attempt no longer holds its request (its runner died): "
+                            "only its own metadata files are uploaded, never the request's "
+                            "mutable artifacts")
+                    else:
+                        self.upload_artifacts(attempt, log, retry_for, request.final, labels)
                     if (labels is None or "_metadata" in labels) and request.metadata:
-                        self.upload_metadata_files(attempt, log, retry_for, request.final)
-                    if not request.final:
+                        self.upload_metadata_files(attempt, log, retry_for, request.final,
+                                                   request.scrape_document)
+                    if not request.final and not released:
                         self.records.submit(attempt.attempt_id, attempt.request, studio_db.checkpointed())
             if request.final:
                 self.log.info("key=%s attempt=%s final uploads done", attempt.key, attempt.attempt_id)
@@ -219,13 +239,21 @@ class Uploader(Role):
             outcome = request.outcome or protocol.Outcome(status=fates.FAILED)
             decision = fates.decide(outcome, attempt.attempts, self.config.max_attempts, error,
                                     error_kind)
-            self.records.submit(attempt.attempt_id, attempt.request, studio_db.ended(
-                decision.action in (fates.ACK, fates.DEAD, fates.DROP)))
+            if not released:
+                self.records.submit(attempt.attempt_id, attempt.request, studio_db.ended(
+                    decision.action in (fates.ACK, fates.DEAD, fates.DROP)))
             self.records.forget(attempt.attempt_id)
             self.post("fetcher", protocol.AttemptDone(attempt=attempt, outcome=request.outcome,
                                                   upload_error=error,
                                                   upload_error_kind=error_kind))
             self.forget(attempt)  # after the AttemptDone: the fetcher need not wait for the removal
+
+    def released(self, attempt: protocol.Attempt) -> bool:
+        """True when ``attempt`` no longer holds its request (module doc)."""
+        try:
+            return attempt_files.is_released(self.config.runtime_dir, attempt.attempt_id)
+        except (OSError, ValueError):
+            return False
 
     def write_record(self, attempt: protocol.Attempt) -> None:
         metadata.write_record(attempt.request, status="running", attempt_id=attempt.attempt_id,
@@ -280,19 +308,29 @@ class Uploader(Role):
             log(f"{label}: uploaded {sizes[-1]} bytes to {url}")
 
     def upload_metadata_files(self, attempt: protocol.Attempt, log, retry_for: float = 0.0,
-                              final: bool = False) -> None:
-        """Each file of ``_metadata`` that changed since its last upload (module doc)."""
+                              final: bool = False, scrape_document: str = "") -> None:
+        """Each of the attempt's own metadata files that changed since its last upload
+        (module doc); ``scrape_document``, when given, in place of the scrape file."""
         prefix = metadata.metadata_prefix_url(attempt.request)
-        folder = Path(attempt.workdir) / "_metadata"
+        folder = metadata.metadata_folder(attempt.workdir)
         if prefix is None:
             return
+        own = set(metadata.attempt_file_names(attempt.attempt_id))
+        scrape_name = metadata.scrape_name(attempt.attempt_id)
+        store = None
+        if scrape_document:
+            artifact = attempt.request["experiment"]["artifacts"]["_metadata"]
+            store = open_for_request(prefix, attempt.request, artifact)
+            url = f"{prefix}/{scrape_name}"
+            data = scrape_document.encode()
+            with_retries(lambda: store.put_bytes(url, data), f"upload of {scrape_name}", log,
+                         retry_for)
+            own.discard(scrape_name)
         try:
             with os.scandir(folder) as scan:
-                entries = sorted((e for e in scan if not e.name.endswith(".tmp")),
-                                 key=lambda e: e.name)
+                entries = sorted((e for e in scan if e.name in own), key=lambda e: e.name)
         except OSError:
             return
-        store = None
         for entry in entries:
             try:
                 if not entry.is_file(follow_symlinks=False):
@@ -333,6 +371,7 @@ class Uploader(Role):
                 del self.sent[key]
         if not self.config.debug:
             shutil.rmtree(attempt.workdir, ignore_errors=True)
+            shutil.rmtree(metadata.runner_folder(attempt.workdir), ignore_errors=True)
 
     def tick_interval(self) -> float:
         if not self.held_records:

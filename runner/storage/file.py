@@ -5,7 +5,11 @@ literally (no percent-decoding), must be absolute and must not contain ``..``
 components.  An object's ``etag`` is ``"<size>-<mtime_ns>"``; its cache identity is the
 content hash of the compiled hot path (xxh3-128), so two paths with the same bytes share
 one cache entry (the hash of a file is remembered while its size, mtime and inode stay).  Temporary files
-(``*.partial-<hex>``) written by an in-progress ``get``/``put`` are never listed.
+(``*.partial-<hex>``) written by an in-progress ``get``/``put`` are never listed.  A writer
+killed mid-write (SIGKILL, a power cut) leaves its partial file behind; every ``put`` first
+removes the partial files in its destination's folder that nobody has written to for
+:data:`STALE_PARTIAL_AFTER` seconds (a live writer streams into its partial file, so its
+mtime keeps moving), so such leftovers last until the next upload into that folder.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import os
 import re
 import stat as stat_mod
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -25,6 +30,8 @@ from .base import CHUNK_SIZE, ObjectInfo, ObjectMissing, Store, atomic_destinati
 log = logging.getLogger(__name__)
 
 _PARTIAL_RE = re.compile(r"\.partial-[0-9a-f]{12}$")
+#: A partial file not written to for this long (seconds) is a dead writer's leftover.
+STALE_PARTIAL_AFTER = 15 * 60.0
 
 # (path, size, mtime_ns, inode) -> content hash; bounded, shared by every FileStore.
 _HASHES: "OrderedDict[tuple, str]" = OrderedDict()
@@ -66,6 +73,31 @@ def path_to_file_url(path: Path | str) -> str:
 def _info(url: str, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(url=url, size=st.st_size, etag=f"{st.st_size}-{st.st_mtime_ns}",
                       mtime=st.st_mtime)
+
+
+def remove_stale_partials(folder: Path, older_than: float = STALE_PARTIAL_AFTER,
+                          now: float | None = None) -> int:
+    """Remove the ``*.partial-<hex>`` files directly in ``folder`` whose mtime is more
+    than ``older_than`` seconds before ``now`` (a dead writer's leftovers, see the module
+    doc); returns how many.  Never raises: a folder that cannot be read is left alone."""
+    cutoff = (time.time() if now is None else now) - older_than
+    removed = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not _PARTIAL_RE.search(entry.name):
+                    continue
+                try:
+                    if entry.is_file(follow_symlinks=False) and \
+                            entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+                        log.info("removed %s, left by a writer that died", entry.path)
+                except OSError:
+                    continue  # gone meanwhile, or not ours to remove
+    except OSError:
+        return removed
+    return removed
 
 
 def _copy_stream(src: BinaryIO, dst: BinaryIO) -> int:
@@ -179,6 +211,7 @@ class FileStore(Store):
         return self._write(url, path, lambda out: out.write(data))
 
     def _write(self, url: str, path: Path, fill) -> ObjectInfo:
+        remove_stale_partials(path.parent)
         try:
             with atomic_destination(path) as tmp:
                 with open(tmp, "wb") as out:
