@@ -273,6 +273,7 @@ class ClientRequests:
         self.workspace = root / "workspace"
         self.workspace.mkdir(parents=True, exist_ok=True)
         (self.workspace / "start.py").write_text(EXPERIMENT)
+        self.pythonenv: list[str] = []  # the last request's, as the client sent it
         (home / "submitter.py").write_text(SUBMITTER)
         self.process = LineProcess([str(self.python), str(home / "submitter.py"),
                                     str(self.config_path), str(self.workspace)],
@@ -286,7 +287,9 @@ class ClientRequests:
         command = {"queue": queue_name, "key": key, "script": "start.py", "args": [str(mark)]}
         if pythonenv is not None:
             command["pythonenv"] = pythonenv
-        return self.process.ask(command, timeout=300)["payload"].encode()
+        payload = self.process.ask(command, timeout=300)["payload"]
+        self.pythonenv = json.loads(payload)["experiment"]["pythonenv"]
+        return payload.encode()
 
     def close(self) -> None:
         self.process.close()

@@ -34,8 +34,10 @@ Run: bash scripts/bench.sh --peers   (or python3 -m pytest benchmarks/test_bench
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -43,7 +45,8 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -53,15 +56,15 @@ from tests.studio_client import client_config, interop_runner
 from tests.support import free_port, short_tempdir
 
 from . import peers
-from .figures import QUICK, REPO, record, results_path
+from .figures import QUICK, REPO, cpu_seconds, record, results_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.interop]
 
-ROUNDS = 3 if QUICK else 5
+ROUNDS = 3 if QUICK else 7
 BACK_TO_BACK = 20
-BACK_TO_BACK_ROUNDS = 1 if QUICK else 2
+BACK_TO_BACK_ROUNDS = 1 if QUICK else 3
 EXECUTORS = os.cpu_count() or 1
-STALL = 45.0            # seconds without a new start or finish: the peer is stalled
+STALL = 30.0            # seconds without a new start or finish: the peer is stalled
 BUILD_TIMEOUT = 900.0   # a whole environment from the index (the runner's first set)
 PROFILE = os.environ.get("BENCH_PROFILE", "").strip().lower() in ("1", "true", "yes", "on")
 PROFILE_RATE = 100      # py-spy samples per second
@@ -81,6 +84,7 @@ class Batch:
     published: list[float]  # unix seconds, one per experiment
     started: list[float]    # the marks
     done: float             # when the last one was seen done
+    keys: list[str] = field(default_factory=list)  # the experiments (studio peers)
 
     @property
     def first_start(self) -> float:
@@ -126,7 +130,7 @@ def session(moto):
         peers.pip_install(ref_python, sorted(set(freeze) - set(peers.pip_freeze(ref_python))))
 
         runner = interop_runner(root / "runner", broker, runner_stem, executors=EXECUTORS,
-                                prom_address=f"127.0.0.1:{free_port()}")
+                                prom_address=f"127.0.0.1:{free_port()}", log_format="json")
         runner.options.pop("min-save-interval")  # the defaults, as deployed
         runner.start()
         opened.append(runner)
@@ -146,7 +150,7 @@ def session(moto):
         # Warm-ups, not measured: the runner builds the client's set (the stored one), the
         # reference worker fetches its first request, Celery forks its pool.
         for peer in PEERS:
-            s.batch(peer, 1, timeout=BUILD_TIMEOUT if peer == "runner" else 300)
+            s.batch(peer, 1, timeout=BUILD_TIMEOUT, stall=BUILD_TIMEOUT)
         yield s
     finally:
         for thing in reversed(opened):
@@ -157,6 +161,7 @@ def session(moto):
         broker.delete(stem + "runner_q", ref_queue, celery_queue)
         if node is not None:
             node.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
@@ -179,10 +184,13 @@ class Session:
         folder.mkdir(exist_ok=True)
         return [folder / uuid.uuid4().hex for _ in range(n)]
 
+    batches: list[tuple[str, Batch]] = field(default_factory=list)
+
     def batch(self, peer: str, n: int, *, pythonenv: list[str] | None = None,
-              timeout: float = 300.0) -> Batch:
-        """Run ``n`` experiments on ``peer`` published at once; Stalled when it stops
-        making progress (then the peer is restarted with its queue purged)."""
+              timeout: float = 300.0, stall: float = STALL) -> Batch:
+        """Run ``n`` experiments on ``peer`` published at once; Stalled when no experiment
+        started or finished for ``stall`` seconds or all took over ``timeout`` (then the
+        peer is restarted with its queue purged)."""
         marks = self.marks(n)
         if peer == "celery":
             script = str(self.client.workspace / "start.py")
@@ -197,14 +205,16 @@ class Session:
                     for key, mark in zip(keys, marks)]
         published = [self.publisher.publish(self.queue(peer), body) for body in payloads]
         try:
-            started, done = self.wait(peer, keys, marks, timeout)
+            started, done = self.wait(peer, keys, marks, timeout, stall)
         except Stalled:
             self.recover(peer)
             raise
-        return Batch(published, started, done)
+        found = Batch(published, started, done, keys)
+        self.batches.append((peer, found))
+        return found
 
-    def wait(self, peer: str, keys: list[str], marks: list[Path],
-             timeout: float) -> tuple[list[float], float]:
+    def wait(self, peer: str, keys: list[str], marks: list[Path], timeout: float,
+             stall: float) -> tuple[list[float], float]:
         """Wait for every mark and every record ``finished``: (start times, last done)."""
         started: dict[int, float] = {}
         finished: set[int] = set()
@@ -227,7 +237,7 @@ class Session:
                 progress = now
             alive = self.reference.alive() if peer == "reference" else \
                 self.runner.process.poll() is None
-            if not alive or now - progress > STALL or now > deadline:
+            if not alive or now - progress > stall or now > deadline:
                 raise Stalled(len(started), f"{len(finished)} finished")
             time.sleep(0.05)
         return [started[i] for i in range(len(keys))], done
@@ -284,11 +294,77 @@ def record_ratios(measure: str, values: dict[str, list[float]], stalls: dict[str
                met=None if bar is None else ratio <= bar)
 
 
+# Hand-overs of one experiment in the runner, from its JSON log (ms resolution): the log
+# line that marks each, in order.  "start" is the experiment's own mark.
+HANDOVERS = [("taken", " taken from "), ("launched", " started pid "), ("start", None),
+             ("ended", " ended "), ("uploaded", " final uploads done"), ("settled", " ack: ")]
+
+
+def runner_timeline(runner, batches: list[Batch]) -> dict[str, float]:
+    """Median seconds between consecutive hand-overs (:data:`HANDOVERS`) of the runner's
+    experiments in ``batches``, from publish to the ack: ``{"publish → taken": s, ...}``."""
+    events: dict[str, dict[str, float]] = defaultdict(dict)
+    for line in runner.log().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        for name, marker in HANDOVERS:
+            if marker and entry.get("key") and marker in entry.get("message", ""):
+                at = datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).timestamp()
+                events[entry["key"]].setdefault(name, at)
+    spans: dict[str, list[float]] = defaultdict(list)
+    for batch in batches:
+        for key, published, started in zip(batch.keys, batch.published, batch.started):
+            times = dict(events.get(key, {}), publish=published, start=started)
+            order = ["publish"] + [name for name, _ in HANDOVERS]
+            for a, b in zip(order, order[1:]):
+                if a in times and b in times:
+                    spans[f"{a} → {b}"].append(times[b] - times[a])
+    return {span: median(values) for span, values in spans.items()}
+
+
+def phase_sums(runner) -> dict[str, tuple[float, float]]:
+    """``runner_phase_seconds`` from the supervisor's /metrics: phase → (sum, count)."""
+    address = runner.status()["supervisor"]["prom_address"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for line in text.splitlines():
+        match = re.match(r'runner_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)', line)
+        if match:
+            found[match[2]][0 if match[1] == "sum" else 1] = float(match[3])
+    return {phase: (s, c) for phase, (s, c) in found.items()}
+
+
+def phase_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean seconds per attempt of each phase observed between two :func:`phase_sums`
+    (``queue_wait`` left out: it counts from the client's ``time_added``, not the publish)."""
+    means = {}
+    for phase, (total, count) in after.items():
+        t0, c0 = before.get(phase, (0.0, 0.0))
+        if count > c0 and phase != "queue_wait":
+            means[phase] = (total - t0) / (count - c0)
+    return means
+
+
 @pytest.mark.timeout(900)
 def test_publish_to_start(session):
+    before, first = phase_sums(session.runner), len(session.batches)
     values, stalls = interleaved(ROUNDS, lambda peer: session.batch(peer, 1).first_start)
+    phases = phase_means(before, phase_sums(session.runner))
     record_ratios("publish → start", values, stalls, {"celery": 3.0},
                   f"medians of {ROUNDS}, environment ready")
+    spans = runner_timeline(session.runner, [b for peer, b in session.batches[first:]
+                                             if peer == "runner"])
+    taken = spans.get("publish → taken", float("nan"))
+    record("peers", "runner publish → start: publish → taken", taken, "s",
+           note="; ".join(f"{span} {seconds:.3f} s" for span, seconds in spans.items()
+                          if span not in ("publish → taken",))
+           + f" (medians); download {phases.get('download', 0.0):.3f} s, environment "
+             f"{phases.get('environment', 0.0):.3f} s (means)")
 
 
 @pytest.mark.timeout(1200)
@@ -311,9 +387,7 @@ def changed_set(freeze: list[str]) -> tuple[list[str], str]:
 
 @pytest.mark.timeout(2400)
 def test_changed_environment(session):
-    base = session.client  # the client's freeze, as its payloads carry it
-    payload_env = peers.pip_freeze(base.python)
-    changed, original = changed_set(payload_env)
+    changed, original = changed_set(session.client.pythonenv)
     firsts: dict[str, list[float]] = defaultdict(list)
     seconds: dict[str, list[float]] = defaultdict(list)
     stalls: dict[str, str] = {}
@@ -321,7 +395,8 @@ def test_changed_environment(session):
         for peer in ("runner", "reference"):
             try:
                 firsts[peer].append(session.batch(peer, 1, pythonenv=changed,
-                                                  timeout=BUILD_TIMEOUT).first_start)
+                                                  timeout=BUILD_TIMEOUT,
+                                                  stall=BUILD_TIMEOUT).first_start)
                 seconds[peer].append(session.batch(peer, 1, pythonenv=changed).first_start)
             except Stalled as exc:
                 stalls[peer] = f"stalled after {exc.started}"
@@ -353,11 +428,13 @@ def frame_name(frame: str) -> str:
     return f"{path}:{match['function']}"
 
 
-def summarize(raw: Path, top: int = 8) -> tuple[float, list[tuple[str, float]], list[tuple[str, float]]]:
-    """A py-spy raw (collapsed) profile: CPU seconds, and the top frames by self and by
-    inclusive share of the samples (``runner/`` frames only for inclusive)."""
+def summarize(raw: Path, top: int = 8):
+    """A py-spy raw (collapsed) profile: sampled seconds, and the top frames by self and
+    by inclusive share of the samples (``runner/`` frames only for inclusive), and the
+    self share by package (``runner``, ``botocore``, ``zmq``, stdlib module ...)."""
     own: Counter = Counter()
     inclusive: Counter = Counter()
+    packages: Counter = Counter()
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -369,25 +446,13 @@ def summarize(raw: Path, top: int = 8) -> tuple[float, list[tuple[str, float]], 
         frames = [f for f in frames if not f.startswith(("process ", "thread "))]
         if frames:
             own[frames[-1]] += n
+            packages[frames[-1].split("/", 1)[0].split(".py", 1)[0]] += n
         for name in set(frames):
             if name.startswith("runner/"):
                 inclusive[name] += n
     share = (lambda c: [(name, n / total) for name, n in c.most_common(top)]) if total else \
         (lambda c: [])
-    return total / PROFILE_RATE, share(own), share(inclusive)
-
-
-def phase_sums(runner) -> dict[str, tuple[float, float]]:
-    """``runner_phase_seconds`` from the supervisor's /metrics: phase → (sum, count)."""
-    address = runner.status()["supervisor"]["prom_address"]
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    found: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for line in text.splitlines():
-        match = re.match(r'runner_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)', line)
-        if match:
-            found[match[2]][0 if match[1] == "sum" else 1] = float(match[3])
-    return {phase: (s, c) for phase, (s, c) in found.items()}
+    return total / PROFILE_RATE, share(own), share(inclusive), share(packages)
 
 
 @pytest.mark.timeout(900)
@@ -404,35 +469,42 @@ def test_profile_back_to_back(session):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         for name, pid in pids.items()}
     time.sleep(2.0)  # py-spy attaches
-    before = phase_sums(runner)
+    before, cpu_before = phase_sums(runner), {n: cpu_seconds(p) for n, p in pids.items()}
     batch = session.batch("runner", BACK_TO_BACK)
-    after = phase_sums(runner)
-    for name, sampler in samplers.items():
+    after, cpu_after = phase_sums(runner), {n: cpu_seconds(p) for n, p in pids.items()}
+    for sampler in samplers.values():
         sampler.send_signal(signal.SIGINT)
-    for name, sampler in samplers.items():
+    for sampler in samplers.values():
         try:
             sampler.wait(30)
         except subprocess.TimeoutExpired:
             peers.stop_process(sampler)
-    lines = [f"# Profile: {BACK_TO_BACK} trivial experiments back to back on the runner",
-             "", f"span {batch.span:.2f} s (first publish → last record finished); "
-             f"py-spy {PROFILE_RATE} Hz, idle samples left out (CPU time, not wall time)", "",
-             "| phase | mean s per experiment |", "|---|---|"]
-    for phase, (total, count) in sorted(after.items()):
-        t0, c0 = before.get(phase, (0.0, 0.0))
-        if count > c0:
-            lines.append(f"| {phase} | {(total - t0) / (count - c0):.3f} |")
     starts = [s - p for s, p in zip(batch.started, batch.published)]
-    lines += ["", f"publish → start in this batch: first {starts[0]:.3f} s, "
-              f"median {median(starts):.3f} s", ""]
+    cpu = {name: cpu_after[name] - cpu_before[name] for name in pids}
+    lines = [f"# {BACK_TO_BACK} trivial experiments back to back on the runner, profiled", "",
+             f"span {batch.span:.2f} s (first publish → last record finished; py-spy slows "
+             f"it); publish → start: first {starts[0]:.3f} s, median {median(starts):.3f} s",
+             "", "| phase | mean s per experiment |", "|---|---|"]
+    lines += [f"| {phase} | {mean:.3f} |" for phase, mean in
+              sorted(phase_means(before, after).items())]
+    lines += ["", "| hand-over | median s |", "|---|---|"]
+    lines += [f"| {span} | {seconds:.3f} |" for span, seconds in
+              runner_timeline(runner, [batch]).items()]
+    lines += ["", f"CPU (user+system, /proc, children excluded) per experiment: "
+              + ", ".join(f"{name} {1000 * seconds / BACK_TO_BACK:.0f} ms"
+                          for name, seconds in cpu.items())
+              + f"; total {1000 * sum(cpu.values()) / BACK_TO_BACK:.0f} ms", "",
+              f"Shares below: py-spy at {PROFILE_RATE} Hz, samples of threads py-spy "
+              "does not take for idle (on the CPU or waiting for it).", ""]
     for name in pids:
         raw = out / f"{name}.txt"
         if not raw.exists():
             lines.append(f"## {name}: no profile ({samplers[name].stderr.read().decode()[-300:]})")
             continue
-        cpu, own, inclusive = summarize(raw)
-        lines += [f"## {name}: {cpu:.2f} CPU s ({1000 * cpu / BACK_TO_BACK:.0f} ms per "
-                  f"experiment)", "", "self:"]
+        _, own, inclusive, packages = summarize(raw)
+        lines += [f"## {name}: {1000 * cpu[name] / BACK_TO_BACK:.0f} ms CPU per experiment", "",
+                  "by package (self): " + ", ".join(f"{p} {share:.0%}" for p, share in packages),
+                  "", "self:"]
         lines += [f"- {share:.0%} {frame}" for frame, share in own]
         lines += ["", "inclusive (runner/ frames):"]
         lines += [f"- {share:.0%} {frame}" for frame, share in inclusive]
