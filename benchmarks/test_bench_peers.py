@@ -258,17 +258,19 @@ def median(values: list[float]) -> float:
 
 
 def interleaved(rounds: int, measure) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """``measure(peer)`` for each peer in turn, ``rounds`` times: values and stall notes."""
+    """``measure(peer)`` for each peer in turn, ``rounds`` times: values, and per peer
+    that stalled a note ("stalled after 9, 7 (of 3 rounds)")."""
     values: dict[str, list[float]] = defaultdict(list)
-    stalls: dict[str, str] = {}
+    stalled: dict[str, list[int]] = defaultdict(list)
     for _ in range(rounds):
         for peer in PEERS:
             try:
                 values[peer].append(measure(peer))
             except Stalled as exc:
-                stalls[peer] = f"stalled after {exc.started}"
+                stalled[peer].append(exc.started)
                 print(f"\n[peers] {peer}: {exc} ({exc.detail})")
-    return values, stalls
+    return values, {peer: f"stalled after {', '.join(map(str, counts))} (of {rounds} rounds)"
+                    for peer, counts in stalled.items()}
 
 
 def record_ratios(measure: str, values: dict[str, list[float]], stalls: dict[str, str],
@@ -287,7 +289,7 @@ def record_ratios(measure: str, values: dict[str, list[float]], stalls: dict[str
         ratio = runner / theirs
         note = f"{ours}, {peer} {theirs:.3g} s ({unit_note})"
         if peer in stalls:
-            note += f"; {peer} {stalls[peer]} in one round"
+            note += f"; {peer} {stalls[peer]}"
         bar = bars.get(peer)
         record("peers", f"{measure}: runner / {peer}", ratio, "×", note=note,
                bar=f"<= {bar}" if bar is not None else "",
@@ -369,10 +371,34 @@ def test_publish_to_start(session):
 
 @pytest.mark.timeout(1200)
 def test_back_to_back(session):
-    values, stalls = interleaved(BACK_TO_BACK_ROUNDS,
-                                 lambda peer: session.batch(peer, BACK_TO_BACK).span)
+    runner = session.runner
+    pids = {"supervisor": runner.process.pid, **runner.role_pids()}
+    cpu: dict[str, list[float]] = defaultdict(list)
+    first = len(session.batches)
+
+    def measure(peer: str) -> float:
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        span = session.batch(peer, BACK_TO_BACK).span
+        if peer == "runner":
+            for name, pid in pids.items():
+                cpu[name].append((cpu_seconds(pid) - before[name]) / BACK_TO_BACK)
+        return span
+
+    values, stalls = interleaved(BACK_TO_BACK_ROUNDS, measure)
     record_ratios(f"{BACK_TO_BACK} back to back", values, stalls, {"celery": 3.0},
                   f"first publish → last done, medians of {BACK_TO_BACK_ROUNDS}")
+    spans = runner_timeline(runner, [b for peer, b in session.batches[first:]
+                                     if peer == "runner"])
+    cycle = sum(seconds for span, seconds in spans.items()
+                if span in ("taken → launched", "launched → start", "start → ended"))
+    record("peers", f"runner {BACK_TO_BACK} back to back: slot cycle (taken → ended)", cycle,
+           "s", note="; ".join(f"{span} {seconds:.3f} s" for span, seconds in spans.items())
+           + f" (medians); {EXECUTORS} slots")
+    per_role = {name: 1000 * median(values) for name, values in cpu.items()}
+    record("peers", f"runner CPU per experiment ({BACK_TO_BACK} back to back)",
+           sum(per_role.values()), "ms",
+           note=", ".join(f"{name} {ms:.0f}" for name, ms in per_role.items())
+           + " (user+system, children excluded)")
 
 
 def changed_set(freeze: list[str]) -> tuple[list[str], str]:
