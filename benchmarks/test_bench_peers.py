@@ -23,7 +23,8 @@ of the runner's median to the peer's median in the same run:
   reference worker only: a bare Celery worker has no environments).
 
 A peer that makes no progress for ``STALL`` seconds is reported "stalled after N" (N of its
-experiments started) and restarted with its queue purged, never waited for.  Ratios are
+experiments started), never waited for: the studio peers' queue is purged and the reference
+worker restarted; Celery's driver gives up on its results after the batch's timeout.  Ratios are
 recorded with :func:`benchmarks.figures.record`; nothing asserts a time.
 
 ``BENCH_PROFILE=1`` adds a back-to-back run of the runner alone with ``py-spy`` sampling the
@@ -53,7 +54,7 @@ import pytest
 
 from tests.rabbitmq_support import SHARED_MGT, SHARED_URL, Broker, PrivateBroker, port_open, unique
 from tests.studio_client import client_config, interop_runner
-from tests.support import free_port, short_tempdir
+from tests.support import Runner, free_port, short_tempdir
 
 from . import peers
 from .figures import QUICK, REPO, cpu_seconds, record, results_path
@@ -145,8 +146,7 @@ def session(moto):
         opened.append(publisher)
         s = Session(root=root, client=client, runner=runner, reference=reference,
                     celery=celery, publisher=publisher,
-                    records=peers.Records(moto.client(), meta), freeze=freeze,
-                    ref_python=ref_python)
+                    records=peers.Records(moto.client(), meta), ref_python=ref_python)
         # Warm-ups, not measured: the runner builds the client's set (the stored one), the
         # reference worker fetches its first request, Celery forks its pool.
         for peer in PEERS:
@@ -166,14 +166,14 @@ def session(moto):
 
 @dataclass
 class Session:
+    """The peers of one session and the means to run experiments on each (:meth:`batch`)."""
     root: Path
     client: peers.ClientRequests
-    runner: object
+    runner: Runner
     reference: peers.ReferenceWorker
     celery: peers.CeleryPeer
     publisher: peers.Publisher
     records: peers.Records
-    freeze: list[str]
     ref_python: Path
 
     def queue(self, peer: str) -> str:
@@ -189,8 +189,8 @@ class Session:
     def batch(self, peer: str, n: int, *, pythonenv: list[str] | None = None,
               timeout: float = 300.0, stall: float = STALL) -> Batch:
         """Run ``n`` experiments on ``peer`` published at once; Stalled when no experiment
-        started or finished for ``stall`` seconds or all took over ``timeout`` (then the
-        peer is restarted with its queue purged)."""
+        started or finished for ``stall`` seconds or all took over ``timeout`` (then
+        :meth:`recover`; Celery: when its driver's wait for the results times out)."""
         marks = self.marks(n)
         if peer == "celery":
             script = str(self.client.workspace / "start.py")
