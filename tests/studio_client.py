@@ -275,7 +275,7 @@ class StudioClient:
                                    studio_config_file={str(self.config_path)!r}) as cs:
                 for number, args in enumerate(tasks):
                     found["submitted"].append(cs.submitTask({str(clientscript)!r}, args,
-                                                            attempt_id=number))
+                                                            job_id=number))
                 deadline = time.time() + {timeout!r}
                 while len(found["results"]) < len(tasks) and time.time() < deadline:
                     got = cs.getResultsWithTimeout(10)
