@@ -6,7 +6,7 @@ import sys
 
 from benchmarks.figures import results_path
 
-ORDER = ["scrape", "base62", "hashing", "bus", "environments", "dispatch", "footprint", "results"]
+ORDER = ["scrape", "base62", "hashing", "bus", "environments", "dispatch", "footprint", "results", "peers"]
 
 
 def main() -> int:
@@ -21,7 +21,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     missed = 0
     for f in figures:
-        value = f"{f['value']:.3g} {f['unit']}".strip()
+        number = f["value"]
+        value = "—" if number != number else f"{number:.3g} {f['unit']}".strip()  # NaN: none
         if f["note"]:
             value += f" ({f['note']})"
         met = "" if f["met"] is None else ("yes" if f["met"] else "**no**")

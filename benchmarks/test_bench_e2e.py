@@ -37,7 +37,7 @@ import pytest
 from runner import metadata
 from tests.support import Runner, short_tempdir
 
-from .figures import QUICK, percentile, record
+from .figures import QUICK, cpu_seconds, percentile, record
 
 ROUNDS = 12 if QUICK else 30
 THROUGHPUT_N = 60 if QUICK else 200
@@ -52,14 +52,6 @@ SCRIPT = """
             handle.write(repr(time.time()))
 """
 RESULTS: dict[str, float] = {}
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system time of ``pid`` itself (children excluded)."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
 
 
 def rss_bytes(pid: int) -> int:

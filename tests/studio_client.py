@@ -31,12 +31,14 @@ from pathlib import Path
 
 import pytest
 
-from .support import REPO
+from .support import REPO, Runner
 
 CLIENT_VERSION = "0.0.49"
 CLIENT_REQUIREMENTS = [f"studioml=={CLIENT_VERSION}", "urllib3<2", "requests-toolbelt<1"]
 DATA_DIR = Path(os.environ.get("RUNNER_TEST_DATA") or REPO / "tests" / ".data")
 INSTALL_TIMEOUT = 1800
+CREDENTIALS = {"aws": {"access_key": "testing", "secret_access_key": "testing",
+                       "region": "us-east-1"}}
 
 # What CompletionService's task does on a worker, standard library only: the artifacts
 # are folders beside the workspace (the runner's layout); ``clientscript`` and ``args``
@@ -108,41 +110,51 @@ studio.logs.get_logger = studio.util.logs.get_logger
 '''
 
 
-def _install(target: Path) -> str:
-    """Build the client virtualenv at ``target``; "" when done, else why it failed."""
+def _install(target: Path, requirements: list[str], check: str) -> str:
+    """Build a virtualenv at ``target`` holding ``requirements`` whose interpreter runs
+    ``check``; "" when done, else why it failed."""
     try:
         venv.EnvBuilder(with_pip=True, clear=True).create(target)
     except (OSError, subprocess.CalledProcessError) as exc:
         return f"cannot make a virtualenv with pip at {target}: {exc}"
     python = target / "bin" / "python"
+    wanted = " ".join(requirements) if len(requirements) < 8 else f"{len(requirements)} packages"
     try:
         proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet",
-                               "--disable-pip-version-check", *CLIENT_REQUIREMENTS],
+                               "--disable-pip-version-check", *requirements],
                               capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
     except subprocess.TimeoutExpired:
-        return f"pip install {' '.join(CLIENT_REQUIREMENTS)} took over {INSTALL_TIMEOUT}s"
+        return f"pip install {wanted} took over {INSTALL_TIMEOUT}s"
     if proc.returncode != 0:
-        return f"pip install {' '.join(CLIENT_REQUIREMENTS)} failed:\n{proc.stderr[-3000:]}"
-    check = subprocess.run([str(python), "-c", "import studio.runner, nacl, Crypto"],
-                           capture_output=True, text=True, timeout=300)
-    if check.returncode != 0:
-        return f"studioml {CLIENT_VERSION} does not import:\n{check.stderr[-3000:]}"
+        return f"pip install {wanted} failed:\n{proc.stderr[-3000:]}"
+    proc = subprocess.run([str(python), "-c", check], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        return f"{wanted} installed but `{check}` fails:\n{proc.stderr[-3000:]}"
     return ""
 
 
-def client_python() -> Path:
-    """The client virtualenv's interpreter, built once (under a file lock) and cached."""
+def cached_venv(name: str, requirements: list[str], check: str) -> Path:
+    """The interpreter of the virtualenv ``DATA_DIR/name`` holding ``requirements`` (from
+    the package index), built once (under a file lock) and kept; ``check`` is Python code
+    that must run in it.  A test that cannot have it is skipped with the reason."""
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    target = DATA_DIR / f"studioml-{CLIENT_VERSION}"
+    target = DATA_DIR / name
     ready = target / ".ready"
-    with open(DATA_DIR / f"studioml-{CLIENT_VERSION}.lock", "w") as lock:
+    with open(DATA_DIR / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not ready.exists():
-            why = _install(target)
+            why = _install(target, requirements, check)
             if why:
-                pytest.skip(f"the StudioML client package cannot be installed here: {why}")
-            ready.write_text(CLIENT_VERSION)
+                pytest.skip(f"the virtualenv {name} cannot be built here: {why}")
+            ready.write_text("\n".join(requirements) + "\n")
     return target / "bin" / "python"
+
+
+def client_python() -> Path:
+    """The client virtualenv's interpreter, built once and cached."""
+    return cached_venv(f"studioml-{CLIENT_VERSION}", CLIENT_REQUIREMENTS,
+                       "import studio.runner, nacl, Crypto")
 
 
 class StudioClient:
@@ -263,7 +275,7 @@ class StudioClient:
                                    studio_config_file={str(self.config_path)!r}) as cs:
                 for number, args in enumerate(tasks):
                     found["submitted"].append(cs.submitTask({str(clientscript)!r}, args,
-                                                            attempt_id=number))
+                                                            job_id=number))
                 deadline = time.time() + {timeout!r}
                 while len(found["results"]) < len(tasks) and time.time() < deadline:
                     got = cs.getResultsWithTimeout(10)
@@ -287,3 +299,33 @@ class StudioClient:
             print("RESULT" + json.dumps(builder.construct(experiment, config, [])))
         """)
         return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+def client_config(moto, broker, meta: str, artifacts: str, **extra) -> dict:
+    """The client's configuration: database in bucket ``meta`` and artifacts in bucket
+    ``artifacts`` on ``moto``, queues on ``broker``; ``extra`` replaces top-level keys."""
+    config = {
+        "database": {"type": "s3", "endpoint": moto.endpoint, "bucket": meta,
+                     "authentication": "none", "credentials": CREDENTIALS},
+        "storage": {"type": "s3", "endpoint": moto.endpoint, "bucket": artifacts,
+                    "credentials": CREDENTIALS},
+        "cloud": {"queue": {"rmq": broker.url}},
+        "saveWorkspaceFrequency": "2s", "experimentLifetime": "30m", "verbose": "debug",
+        "resources_needed": {"cpus": 1, "ram": "100m", "hdd": "1g", "gpus": 0},
+        "sleep_time": 1, "env": {},
+    }
+    config.update(extra)
+    return config
+
+
+def interop_runner(root: Path, broker, stem: str, **options) -> Runner:
+    """A runner serving the test's ``rmq_`` queues (not started)."""
+    root.mkdir(parents=True, exist_ok=True)
+    runner = Runner(root, queue=stem + "q", amqp_url=broker.url, amqp_mgt_url=broker.mgt_url,
+                    queue_match=f"^{stem}", **options)
+    # The experiment's pythonenv is the client's pip freeze: installed from the index,
+    # through a uv cache kept with the test data so that it is downloaded once.
+    for name in ("UV_OFFLINE", "PIP_NO_INDEX"):
+        runner.env.pop(name, None)
+    runner.env["UV_CACHE_DIR"] = str(DATA_DIR / "uv-cache")
+    return runner

@@ -19,13 +19,11 @@ from pathlib import Path
 import pytest
 
 from .rabbitmq_support import unique
-from .studio_client import DATA_DIR, StudioClient
+from .studio_client import StudioClient, client_config, interop_runner
 from .support import Runner, short_tempdir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.interop]
 
-CREDENTIALS = {"aws": {"access_key": "testing", "secret_access_key": "testing",
-                       "region": "us-east-1"}}
 ENVIRONMENT_TIMEOUT = 900.0  # the first build installs the client's whole pip freeze
 
 
@@ -36,21 +34,6 @@ def stem(broker):
     names = [q["name"] for q in broker.api("queues/%2F?columns=name") or []
              if q["name"].startswith(stem)]
     broker.delete(*names)
-
-
-def client_config(moto, broker, meta: str, artifacts: str, **extra) -> dict:
-    config = {
-        "database": {"type": "s3", "endpoint": moto.endpoint, "bucket": meta,
-                     "authentication": "none", "credentials": CREDENTIALS},
-        "storage": {"type": "s3", "endpoint": moto.endpoint, "bucket": artifacts,
-                    "credentials": CREDENTIALS},
-        "cloud": {"queue": {"rmq": broker.url}},
-        "saveWorkspaceFrequency": "2s", "experimentLifetime": "30m", "verbose": "debug",
-        "resources_needed": {"cpus": 1, "ram": "100m", "hdd": "1g", "gpus": 0},
-        "sleep_time": 1, "env": {},
-    }
-    config.update(extra)
-    return config
 
 
 @pytest.fixture()
@@ -64,19 +47,6 @@ def studio(moto, broker, stem, runners):
     runner = interop_runner(root / "runner", broker, stem)
     runners.append(runner)
     return client, runner
-
-
-def interop_runner(root: Path, broker, stem: str, **options) -> Runner:
-    """A runner serving the test's ``rmq_`` queues (not started)."""
-    root.mkdir(parents=True, exist_ok=True)
-    runner = Runner(root, queue=stem + "q", amqp_url=broker.url, amqp_mgt_url=broker.mgt_url,
-                    queue_match=f"^{stem}", **options)
-    # The experiment's pythonenv is the client's pip freeze: installed from the index,
-    # through a uv cache kept with the test data so that it is downloaded once.
-    for name in ("UV_OFFLINE", "PIP_NO_INDEX"):
-        runner.env.pop(name, None)
-    runner.env["UV_CACHE_DIR"] = str(DATA_DIR / "uv-cache")
-    return runner
 
 
 def wait_status(client: StudioClient, key: str, statuses: tuple, runner: Runner,
