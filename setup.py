@@ -84,6 +84,8 @@ XXHASH = "runner/_fast/vendor/xxhash"
 XXHASH_SOURCES = [f"{XXHASH}/xxhash.c"]
 if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
     XXHASH_SOURCES.append(f"{XXHASH}/xxh_x86dispatch.c")
+# Headers are listed as ``depends``: a changed header rebuilds its extension
+# (``setup.py build_ext --inplace``, as scripts/setup.sh runs it).
 
 def simdjson_sources() -> tuple[str, str]:
     """simdjson's single-file source and its directory, as the pysimdjson wheel ships them
@@ -104,12 +106,15 @@ extensions = [
     Extension("runner._fast._masking", ["runner/_fast/_masking.pyx"], optional=False),
     Extension("runner._fast._hashing", ["runner/_fast/_hashing.pyx", "runner/_fast/filehash.c",
                                           *XXHASH_SOURCES],
-              include_dirs=["runner/_fast"], optional=False),
+              include_dirs=["runner/_fast"], optional=False,
+              depends=["runner/_fast/filehash.h", "runner/_fast/xxh3_file.h",
+                       f"{XXHASH}/xxhash.h", f"{XXHASH}/xxh_x86dispatch.h"]),
     # C++: the newest-first merge walks simdjson's DOM (runner/_fast/sjmerge.h); simdjson's
     # source is added by StrictBuildExt.
     Extension("runner._fast._jsonlines", ["runner/_fast/_jsonlines.pyx"],
               include_dirs=["runner/_fast"], language="c++",
-              extra_compile_args=["-std=c++17"], optional=False),
+              extra_compile_args=["-std=c++17"], optional=False,
+              depends=["runner/_fast/sjmerge.h"]),
 ]
 
 setup(

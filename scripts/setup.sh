@@ -1,13 +1,86 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install studioml-runner into it in editable mode, which
-# compiles the Cython hot path in place.  Idempotent; prints the venv's path.
+# Make .venv current and print its path.
+#
+# * .venv is created when missing.
+# * studioml-runner is (re)installed in editable mode with its test extras only when
+#   the files that name its dependencies (setup.py, pyproject.toml, requirements*.txt), the
+#   interpreter or the checkout's path changed since the last install: their digest is kept
+#   in .venv/.studioml-runner-installed.  The install compiles the Cython hot path.
+# * Otherwise the hot path (runner/_fast) is recompiled in place only when one of its
+#   sources (.pyx, .pxd, .h, .c) changed since the last build, or a module is missing.
+#
+# On a current .venv this takes well under a second.  Every install and compile is announced
+# on stderr ("setup: ..."); FORCE=1 reinstalls anyway.  Concurrent calls wait for each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+VENV=.venv
+STAMP=$VENV/.studioml-runner-installed  # digest of what the install depended on
+BUILT=$VENV/.studioml-runner-compiled    # touched after each build of the hot path
+FAST=runner/_fast
+
+say() { echo "setup: $*" >&2; }
+
+mkdir -p "$VENV"
+exec 9>"$VENV/.setup.lock"
+if command -v flock >/dev/null 2>&1; then flock 9; fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip >&2
-.venv/bin/python -m pip install --quiet -e '.[test]' >&2
-.venv/bin/python -c 'import runner._fast as f; assert f.IMPLEMENTATION == "compiled", "the compiled hot path did not build"' >&2
-echo "$(pwd)/.venv"
+
+dependency_digest() {
+    shopt -s nullglob
+    local files=(setup.py pyproject.toml requirements*.txt)
+    shopt -u nullglob
+    { "$VENV/bin/python" -VV; pwd; for f in "${files[@]}"; do echo "== $f"; cat "$f"; done; } \
+        | sha256sum | cut -d' ' -f1
+}
+
+# Prints why the compiled modules must be built again, or nothing when they are current:
+# a module is missing, or a source of runner/_fast (not the .c/.cpp Cython writes) changed
+# since the last build (the time of $BUILT).
+stale_hot_path() {
+    local suffix pyx newer
+    suffix=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+    for pyx in "$FAST"/_*.pyx; do
+        if [ ! -f "${pyx%.pyx}$suffix" ]; then
+            echo "${pyx%.pyx}$suffix is not built"
+            return
+        fi
+    done
+    if [ ! -f "$BUILT" ]; then
+        echo "no build recorded in $BUILT"
+        return
+    fi
+    newer=$(find "$FAST" \( -name '*.pyx' -o -name '*.pxd' -o -name '*.h' -o -name '*.c' \) \
+                 ! -name '_*.c' -newer "$BUILT" -print -quit)
+    if [ -n "$newer" ]; then
+        echo "$newer changed since the last build"
+    fi
+}
+
+digest=$(dependency_digest)
+if [ "${FORCE:-0}" = 1 ] || [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$digest" ]; then
+    if [ -f "$STAMP" ]; then reason="dependencies changed"; else reason="not installed yet"; fi
+    [ "${FORCE:-0}" = 1 ] && reason="FORCE=1"
+    say "installing studioml-runner[test] into $VENV ($reason); this compiles $FAST (a minute or two)"
+    rm -f "$STAMP"
+    touch "$BUILT.next"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+    "$VENV/bin/python" -m pip install --quiet -e '.[test]' >&2
+else
+    why=$(stale_hot_path)
+    if [ -n "$why" ]; then
+        say "compiling $FAST ($why)"
+        touch "$BUILT.next"
+        "$VENV/bin/python" setup.py --quiet build_ext --inplace >&2
+    fi
+fi
+
+"$VENV/bin/python" -c 'import runner._fast as f; assert f.IMPLEMENTATION == "compiled", "the compiled hot path did not build"' >&2
+# The build's start time stands for it: a source saved during the build counts as changed.
+if [ -f "$BUILT.next" ]; then mv "$BUILT.next" "$BUILT"; fi
+[ -f "$STAMP" ] || echo "$digest" >"$STAMP"
+echo "$(pwd)/$VENV"

@@ -134,6 +134,7 @@ def test_build_installs_the_packaging_files_as_package_data(tmp):
     installed = tmp / "lib" / "runner" / "_packaging"
     for name in systemd.PACKAGING_FILES:
         assert (installed / name).read_text() == (REPO / "packaging" / name).read_text()
+    assert (tmp / "lib" / "runner" / "py.typed").is_file(), "the PEP 561 marker is shipped"
     printed = subprocess.run([sys.executable, "-m", "runner.systemd", "unit"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
     assert "Type=notify" in printed
