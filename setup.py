@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken buil
         "\nERROR: studioml-runner needs Cython>=3.0 to build its compiled hot path "
         "(runner/_fast/*.pyx); install Cython and a C compiler and retry.\n\n"
     )
-    raise SystemExit(f"Cython is required: {exc}")
+    raise SystemExit(f"Cython is required: {exc}") from exc
 
 import Cython  # noqa: E402
 
@@ -93,7 +93,7 @@ def simdjson_sources() -> tuple[str, str]:
     try:
         import simdjson
     except ImportError as exc:  # pragma: no cover - a broken build environment
-        raise SystemExit(f"pysimdjson is required to build runner/_fast/_jsonlines: {exc}")
+        raise SystemExit(f"pysimdjson is required to build runner/_fast/_jsonlines: {exc}") from exc
     folder = os.path.dirname(simdjson.__file__)
     source = os.path.join(folder, "simdjson.cpp")
     if not os.path.isfile(source) or not os.path.isfile(os.path.join(folder, "simdjson.h")):

@@ -25,8 +25,9 @@ import os
 import stat as stat_mod
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import zstandard
 
@@ -543,9 +544,8 @@ def pack(src_dir: Path, dest: Path, compression: str) -> int:
     :func:`pack_to_stream` for the contents and errors.
     """
     dest = Path(dest)
-    with atomic_destination(dest) as tmp:
-        with open(tmp, "wb") as out:
-            pack_to_stream(src_dir, out, compression)
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_destination(dest) as tmp, open(tmp, "wb") as out:
+        pack_to_stream(src_dir, out, compression)
+        out.flush()
+        os.fsync(out.fileno())
     return dest.stat().st_size

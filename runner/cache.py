@@ -42,9 +42,9 @@ import secrets
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from .errors import StorageError
 from .storage.base import ObjectInfo, ObjectMissing, Store
@@ -117,7 +117,7 @@ class ArtifactCache:
         self.tmp = self.root / "tmp"
         self.max_bytes = max(0, int(max_bytes))
         self._lock = threading.Lock()
-        self._entries: "OrderedDict[str, _Entry]" = OrderedDict()  # least recently used first
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._flights: dict[str, _Flight] = {}
         self._bytes = 0
         self.hits = self.misses = self.evictions = self.uncached = 0

@@ -84,7 +84,7 @@ class Keys:
         self._signing: dict[str, _Loaded] = {}
 
     @classmethod
-    def from_config(cls, config) -> "Keys":
+    def from_config(cls, config) -> Keys:
         return cls(getattr(config, "encrypt_key_dir", ""),
                    getattr(config, "encrypt_passphrase_dir", ""),
                    getattr(config, "signing_keys_dir", ""))

@@ -29,10 +29,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 from .errors import (BadRequest, ConfigError, EnvironmentBuildError, InterpreterNotFound,
                      RequirementsUnsatisfiable)

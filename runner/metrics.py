@@ -266,7 +266,7 @@ class MetricsServer:
         host, port = self.server.server_address[:2]
         return f"{host}:{port}"
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self.thread.start()
         return self
 

@@ -50,9 +50,9 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from .errors import RunnerError
 from .redact import is_secret_name

@@ -2,7 +2,7 @@
 # Make .venv current and print its path.
 #
 # * .venv is created when missing.
-# * studioml-runner is (re)installed in editable mode with its test extras only when
+# * studioml-runner is (re)installed in editable mode with its test and dev extras only when
 #   the files that name its dependencies (setup.py, pyproject.toml, requirements*.txt), the
 #   interpreter or the checkout's path changed since the last install: their digest is kept
 #   in .venv/.studioml-runner-installed.  The install compiles the Cython hot path.
@@ -65,11 +65,11 @@ digest=$(dependency_digest)
 if [ "${FORCE:-0}" = 1 ] || [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$digest" ]; then
     if [ -f "$STAMP" ]; then reason="dependencies changed"; else reason="not installed yet"; fi
     [ "${FORCE:-0}" = 1 ] && reason="FORCE=1"
-    say "installing studioml-runner[test] into $VENV ($reason); this compiles $FAST (a minute or two)"
+    say "installing studioml-runner[test,dev] into $VENV ($reason); this compiles $FAST (a minute or two)"
     rm -f "$STAMP"
     touch "$BUILT.next"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet -e '.[test]' >&2
+    "$VENV/bin/python" -m pip install --quiet -e '.[test,dev]' >&2
 else
     why=$(stale_hot_path)
     if [ -n "$why" ]; then

@@ -67,9 +67,7 @@ def matches(name: str,
     if m.search(name) is None:
         return False
     mm = _compile(mismatch_re)
-    if mm is not None and mm.search(name) is not None:
-        return False
-    return True
+    return mm is None or mm.search(name) is None
 
 
 class Queue(abc.ABC):
@@ -126,7 +124,7 @@ class Queue(abc.ABC):
         """Move ``d`` to the back end's dead-letter place, keeping ``reason`` beside it."""
 
     @classmethod
-    def from_config(cls, config: Any) -> "Queue | None":
+    def from_config(cls, config: Any) -> Queue | None:
         """The back end as ``config`` (a :class:`runner.config.Config`) asks for it, or
         ``None`` when this kind is not configured (e.g. no ``--amqp-url``)."""
         raise NotImplementedError(f"{cls.__name__} cannot be built from the runner's options")

@@ -92,7 +92,7 @@ class LocalQueue(Queue):
     kind: ClassVar[str] = "local"
 
     @classmethod
-    def from_config(cls, config) -> "LocalQueue":
+    def from_config(cls, config) -> LocalQueue:
         """The embedded default: always on, rooted at ``--queue-root``."""
         return cls(config.queue_root, owner=config.instance)
 

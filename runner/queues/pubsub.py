@@ -168,7 +168,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         self._rescan()
 
     @classmethod
-    def from_config(cls, config: Any) -> "PubSubQueue | None":
+    def from_config(cls, config: Any) -> PubSubQueue | None:
         certs = getattr(config, "google_certs", "")
         adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
         if not certs and not adc:

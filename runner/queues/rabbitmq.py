@@ -216,7 +216,7 @@ class RabbitMQQueue(Queue):
         self._closed = False
 
     @classmethod
-    def from_config(cls, config: Any) -> "RabbitMQQueue | None":
+    def from_config(cls, config: Any) -> RabbitMQQueue | None:
         if not getattr(config, "amqp_url", ""):
             return None
         return cls(config.amqp_url, config.amqp_mgt_url,

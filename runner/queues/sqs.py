@@ -222,7 +222,7 @@ class SQSQueue(BackgroundDiscovery, Queue):
                                                 _client(region, endpoint, None, self.long_poll))
 
     @classmethod
-    def from_config(cls, config: Any) -> "SQSQueue | None":
+    def from_config(cls, config: Any) -> SQSQueue | None:
         certs = getattr(config, "sqs_certs", "")
         region = getattr(config, "aws_region", "")
         endpoint = getattr(config, "sqs_endpoint", "")

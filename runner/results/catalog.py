@@ -27,9 +27,10 @@ import json
 import logging
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from .. import _fast, history, metadata
 from ..archive import unpack

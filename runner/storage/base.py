@@ -26,9 +26,10 @@ import os
 import secrets
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Callable, ClassVar, Iterator, TypeVar
+from typing import BinaryIO, Callable, ClassVar, TypeVar
 
 from ..errors import PermanentStorageError, StorageError  # noqa: F401 (re-exported)
 
@@ -168,7 +169,7 @@ class Store(abc.ABC):
 
     @classmethod
     def from_url(cls, url: str, *, credentials: dict | None = None,
-                 storage_config: dict | None = None, env: dict | None = None) -> "Store":
+                 storage_config: dict | None = None, env: dict | None = None) -> Store:
         """Build a store able to serve ``url`` (the registry calls this).
 
         ``credentials`` is an artifact's ``credentials`` map (``{"aws": {...}}`` /

@@ -95,7 +95,7 @@ def resolve_gcp_credentials(credentials: dict | None, env: dict | None,
     return chosen
 
 
-_CLIENTS: "OrderedDict[tuple, object]" = OrderedDict()
+_CLIENTS: OrderedDict[tuple, object] = OrderedDict()
 _CLIENTS_LOCK = threading.Lock()
 
 
@@ -199,7 +199,7 @@ class GcsStore(Store):
 
     @classmethod
     def from_url(cls, url: str, *, credentials: dict | None = None,
-                 storage_config: dict | None = None, env: dict | None = None) -> "GcsStore":
+                 storage_config: dict | None = None, env: dict | None = None) -> GcsStore:
         parse_gs_url(url)
         return cls(credentials, env)
 

@@ -185,7 +185,7 @@ def resolve_credentials(credentials: dict | None, storage_config: dict | None,
 
 # ------------------------------------------------------------------------- clients
 
-_CLIENTS: "OrderedDict[tuple, object]" = OrderedDict()
+_CLIENTS: OrderedDict[tuple, object] = OrderedDict()
 _CLIENTS_LOCK = threading.Lock()
 _CLIENTS_MAX = 32
 
@@ -457,7 +457,7 @@ class S3Store(Store):
 
     @classmethod
     def from_url(cls, url: str, *, credentials: dict | None = None,
-                 storage_config: dict | None = None, env: dict | None = None) -> "S3Store":
+                 storage_config: dict | None = None, env: dict | None = None) -> S3Store:
         parse_s3_url(url, storage_config)  # refuse a malformed URL now
         return cls(credentials, storage_config, env)
 
