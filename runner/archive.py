@@ -27,7 +27,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -143,7 +143,7 @@ def _decompressed(archive: Path) -> Iterator[BinaryIO]:
         raw.seek(0)
         kind = detect_compression(head)
         log.debug("unpacking %s (compression %s detected from bytes)", archive, kind)
-        stream: BinaryIO
+        stream: Any  # a readable binary stream: the file or a decompressor over it
         if kind == "gzip":
             stream = gzip.GzipFile(fileobj=raw, mode="rb")
         elif kind == "bzip2":

@@ -156,7 +156,7 @@ class ArtifactCache:
             complete = (match is not None and not path.is_symlink()
                         and (path.is_file() or path.is_dir())
                         and entry_size(path) == int(match.group(2)))
-            if not complete:
+            if match is None or not complete:
                 log.warning("%s: discarding %s (not a complete entry)", self.name, path.name)
                 with contextlib.suppress(OSError):
                     remove_entry(path)
@@ -229,7 +229,7 @@ class ArtifactCache:
                     return key, True, info
                 flight = self._flights.get(key)
                 leader = flight is None
-                if leader:
+                if flight is None:
                     flight = self._flights[key] = _Flight()
             if not leader:
                 flight.done.wait()

@@ -218,6 +218,7 @@ def _apply_one(doc: Any, op: dict, i: int) -> Any:
             if not _json_equal(_get(doc, path), op["value"]):
                 raise PatchRejected(f"test failed at {path!r}")
             return doc
+        assert isinstance(frm, str)  # copy or move: checked above
         if name == "copy":
             return _add(doc, path, copy.deepcopy(_get(doc, frm)))
         # move

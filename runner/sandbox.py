@@ -229,7 +229,7 @@ def detect(config, environ: Mapping[str, str] | None = None
                           capture_output=True).returncode != 0:
             reset_term = ()  # old coreutils: runs get no SIGTERM grace inside the sandbox
         why = _works(bwrap, reset_term)
-    if why:
+    if why or bwrap is None:
         if mode == "bwrap":
             raise SandboxError(f"--sandbox bwrap: {why}")
         return None, f"no sandbox: {why} (--sandbox auto)"

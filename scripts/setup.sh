@@ -3,9 +3,10 @@
 #
 # * .venv is created when missing.
 # * studioml-runner is (re)installed in editable mode with its test and dev extras only when
-#   the files that name its dependencies (setup.py, pyproject.toml, requirements*.txt), the
-#   interpreter or the checkout's path changed since the last install: their digest is kept
-#   in .venv/.studioml-runner-installed.  The install compiles the Cython hot path.
+#   the files that name its dependencies (setup.py, pyproject.toml's install tables,
+#   requirements*.txt), the interpreter or the checkout's path changed since the last install:
+#   their digest is kept in .venv/.studioml-runner-installed.  The install compiles the Cython
+#   hot path.
 # * Otherwise the hot path (runner/_fast) is recompiled in place only when one of its
 #   sources (.pyx, .pxd, .h, .c) changed since the last build, or a module is missing.
 #
@@ -30,12 +31,29 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
+# What the install depends on: the interpreter, the checkout's path, setup.py, requirements*.txt
+# and the tables of pyproject.toml that the install reads (build-system, project,
+# tool.setuptools; linters' settings are left out). Without tomllib (Python < 3.11): all of it.
 dependency_digest() {
-    shopt -s nullglob
-    local files=(setup.py pyproject.toml requirements*.txt)
-    shopt -u nullglob
-    { "$VENV/bin/python" -VV; pwd; for f in "${files[@]}"; do echo "== $f"; cat "$f"; done; } \
-        | sha256sum | cut -d' ' -f1
+    "$VENV/bin/python" - <<'PY'
+import glob, hashlib, json, os, sys
+digest = hashlib.sha256(f"{sys.version}\n{os.getcwd()}\n".encode())
+for name in ["setup.py", *sorted(glob.glob("requirements*.txt"))]:
+    with open(name, "rb") as f:
+        digest.update(name.encode() + b"\0" + f.read())
+with open("pyproject.toml", "rb") as f:
+    text = f.read()
+try:
+    import tomllib
+except ImportError:
+    digest.update(text)
+else:
+    data = tomllib.loads(text.decode())
+    used = {"build-system": data.get("build-system"), "project": data.get("project"),
+            "setuptools": data.get("tool", {}).get("setuptools")}
+    digest.update(json.dumps(used, sort_keys=True).encode())
+print(digest.hexdigest())
+PY
 }
 
 # Prints why the compiled modules must be built again, or nothing when they are current:

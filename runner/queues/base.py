@@ -11,9 +11,10 @@ import abc
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 logger = logging.getLogger(__name__)
+_Q = TypeVar("_Q", bound="Queue")
 
 DEFAULT_QUEUE_MATCH = r"^(rmq|sqs|local)_.*$"
 """The default of ``--queue-match`` (SPEC section 3)."""
@@ -185,7 +186,7 @@ class Queue(abc.ABC):
     def close(self) -> None:
         """Release connections and locks; the instance is unusable afterwards."""
 
-    def __enter__(self) -> Queue:
+    def __enter__(self: _Q) -> _Q:
         return self
 
     def __exit__(self, *exc: object) -> None:

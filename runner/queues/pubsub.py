@@ -338,7 +338,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         key = f"{project.name}/{queue}/{message.message_id}"
         entry = self.book.get(key)
         policy = getattr(sub, "dead_letter_policy", None)
-        if policy is not None and getattr(policy, "dead_letter_topic", "") and \
+        if policy is not None and getattr(policy, "dead_letter_topic", None) and \
                 received.delivery_attempt:
             attempts = max(0, int(received.delivery_attempt) - 1 - int(entry.get("u", 0)))
         else:
@@ -390,7 +390,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         with self._lock:
             sub = (self._names.get(held.queue) or (None, None))[1]
         policy = getattr(sub, "dead_letter_policy", None)
-        if policy is not None and getattr(policy, "dead_letter_topic", ""):
+        if policy is not None and getattr(policy, "dead_letter_topic", None):
             return policy.dead_letter_topic
         name = held.queue + DEAD_SUFFIX
         topic = project.topic_path(name)

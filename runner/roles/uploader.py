@@ -244,7 +244,7 @@ class Uploader(Role):
                 self.records.submit(attempt.attempt_id, attempt.request, studio_db.ended(
                     decision.action in (fates.ACK, fates.DEAD, fates.DROP)))
             self.records.forget(attempt.attempt_id)
-            self.post("fetcher", protocol.AttemptDone(attempt=attempt, outcome=request.outcome,
+            self.post("fetcher", protocol.AttemptDone(attempt=attempt, outcome=outcome,
                                                   upload_error=error,
                                                   upload_error_kind=error_kind))
             self.forget(attempt)  # after the AttemptDone: the fetcher need not wait for the removal
@@ -297,7 +297,7 @@ class Uploader(Role):
                 continue
             store = open_for_request(url, attempt.request, artifact)
             compression = compression_for_key(artifact.get("key") or url)
-            sizes = []
+            sizes: list[int] = []
 
             def upload(store=store, url=url, folder=folder, compression=compression,
                        single_file=label in SINGLE_FILE_LABELS, sizes=sizes) -> None:

@@ -20,6 +20,7 @@ Sizes are ``int`` bytes, times are ``float`` unix seconds.
 from __future__ import annotations
 
 import abc
+import builtins
 import contextlib
 import logging
 import os
@@ -261,7 +262,7 @@ class Store(abc.ABC):
         An empty or absent prefix gives ``[]``.  Raises :class:`StorageError` on failure.
         """
 
-    def list_info(self, prefix_url: str) -> list[ObjectInfo]:
+    def list_info(self, prefix_url: str) -> builtins.list[ObjectInfo]:
         """:meth:`list` with each object's :class:`ObjectInfo`, sorted by URL.
 
         The default stats each listed object (cheap for files); back ends whose listing

@@ -13,6 +13,7 @@ mtime keeps moving), so such leftovers last until the next upload into that fold
 """
 from __future__ import annotations
 
+import builtins
 import errno
 import logging
 import os
@@ -245,7 +246,7 @@ class FileStore(Store):
                           if p.startswith(prefix)))
 
     @staticmethod
-    def _walk(root: str, prefix_url: str) -> list[str]:
+    def _walk(root: str, prefix_url: str) -> builtins.list[str]:
         out: list[str] = []
         try:
             st = os.stat(root)
