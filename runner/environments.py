@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import (BadRequest, ConfigError, EnvironmentBuildError, InterpreterNotFound,
+from .errors import (ConfigError, EnvironmentBuildError, InterpreterNotFound,
                      RequirementsUnsatisfiable)
 from .redact import safe_url
 from .units import describe_size

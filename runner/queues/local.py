@@ -97,7 +97,7 @@ class LocalQueue(Queue):
         return cls(config.queue_root, owner=config.instance)
 
     @classmethod
-    def publisher(cls, options) -> "LocalQueue":
+    def publisher(cls, options) -> LocalQueue:
         return cls(options.queue_root, owner=f"submit-{os.getpid()}-{secrets.token_hex(3)}")
 
     @classmethod

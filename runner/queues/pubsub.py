@@ -185,7 +185,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         return len(parts) == 4 and parts[0] == "projects" and parts[2] == "topics"
 
     @classmethod
-    def publisher(cls, options) -> "PubSubQueue":
+    def publisher(cls, options) -> PubSubQueue:
         adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
         if not (options.google_certs or adc):
             raise QueueError(f"topic {options.queue!r}: Pub/Sub needs --google-certs or "

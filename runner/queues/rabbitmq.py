@@ -224,7 +224,7 @@ class RabbitMQQueue(Queue):
                    hostname=config.hostname)
 
     @classmethod
-    def publisher(cls, options) -> "RabbitMQQueue":
+    def publisher(cls, options) -> RabbitMQQueue:
         """See :meth:`Queue.publisher`; ``options.durable`` makes :meth:`publish` declare a
         missing queue durable and send persistent messages."""
         from ..config import expand_vars

@@ -233,7 +233,7 @@ class SQSQueue(BackgroundDiscovery, Queue):
                    hostname=config.hostname)
 
     @classmethod
-    def publisher(cls, options) -> "SQSQueue":
+    def publisher(cls, options) -> SQSQueue:
         if not (options.sqs_certs or options.aws_region or options.sqs_endpoint):
             raise QueueError(f"queue {options.queue!r}: sqs_* queues need --sqs-certs, "
                              "--aws-region or --sqs-endpoint")
