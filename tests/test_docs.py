@@ -1,6 +1,7 @@
 """The documents say what the code does: the README's option table against ``config.OPTIONS``,
 ``docs/architecture.md``'s interval table against the constants it names, its message table
-against ``protocol.MESSAGE_TYPES``, and every ``RUNNER_*`` variable the documents name."""
+against ``protocol.MESSAGE_TYPES``, the README's layout against ``runner/queues/``, and
+every ``RUNNER_*`` variable the documents name."""
 from __future__ import annotations
 
 import importlib
@@ -69,6 +70,18 @@ def test_the_readme_table_parser_reads_escaped_pipes():
     assert rows == [["`^(rmq|sqs)_`", "2"]]
     with pytest.raises(AssertionError):
         table_after("no table here", "| a | b |")
+
+
+# -- the README's layout --------------------------------------------------------------------
+
+def test_the_readme_layout_names_every_queue_back_end_module():
+    text = README.read_text()
+    layout = text[text.index("runner/queues/ "):]
+    layout = layout[:layout.index("\nrunner/storage/")]
+    modules = {p.name for p in (REPO / "runner" / "queues").glob("*.py")} - {"__init__.py",
+                                                                            "base.py"}
+    missing = sorted(name for name in modules if name not in layout)
+    assert not missing, f"runner/queues modules the README's layout does not name: {missing}"
 
 
 # -- RUNNER_* variables named anywhere in the documents ------------------------------------
