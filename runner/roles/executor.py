@@ -397,7 +397,8 @@ class Executor(Role):
             self.log.error("key=%s attempt=%s pid %d did not die", run.attempt.key,
                            run.attempt.attempt_id, run.process.pid)
         for pipe in (run.process.stdout, run.process.stderr):
-            pipe.close()
+            if pipe is not None:  # started with a pipe each
+                pipe.close()
         if run.cgroup is not None and not cgroups.wait_removed(run.cgroup, timeout=0.2):
             self.leftover_cgroups.append(run.cgroup)
 
