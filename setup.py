@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken buil
         "\nERROR: studioml-runner needs Cython>=3.0 to build its compiled hot path "
         "(runner/_fast/*.pyx); install Cython and a C compiler and retry.\n\n"
     )
-    raise SystemExit(f"Cython is required: {exc}")
+    raise SystemExit(f"Cython is required: {exc}") from exc
 
 import Cython  # noqa: E402
 
@@ -84,6 +84,8 @@ XXHASH = "runner/_fast/vendor/xxhash"
 XXHASH_SOURCES = [f"{XXHASH}/xxhash.c"]
 if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
     XXHASH_SOURCES.append(f"{XXHASH}/xxh_x86dispatch.c")
+# Headers are listed as ``depends``: a changed header rebuilds its extension
+# (``setup.py build_ext --inplace``, as scripts/setup.sh runs it).
 
 def simdjson_sources() -> tuple[str, str]:
     """simdjson's single-file source and its directory, as the pysimdjson wheel ships them
@@ -91,7 +93,7 @@ def simdjson_sources() -> tuple[str, str]:
     try:
         import simdjson
     except ImportError as exc:  # pragma: no cover - a broken build environment
-        raise SystemExit(f"pysimdjson is required to build runner/_fast/_jsonlines: {exc}")
+        raise SystemExit(f"pysimdjson is required to build runner/_fast/_jsonlines: {exc}") from exc
     folder = os.path.dirname(simdjson.__file__)
     source = os.path.join(folder, "simdjson.cpp")
     if not os.path.isfile(source) or not os.path.isfile(os.path.join(folder, "simdjson.h")):
@@ -104,12 +106,15 @@ extensions = [
     Extension("runner._fast._masking", ["runner/_fast/_masking.pyx"], optional=False),
     Extension("runner._fast._hashing", ["runner/_fast/_hashing.pyx", "runner/_fast/filehash.c",
                                           *XXHASH_SOURCES],
-              include_dirs=["runner/_fast"], optional=False),
+              include_dirs=["runner/_fast"], optional=False,
+              depends=["runner/_fast/filehash.h", "runner/_fast/xxh3_file.h",
+                       f"{XXHASH}/xxhash.h", f"{XXHASH}/xxh_x86dispatch.h"]),
     # C++: the newest-first merge walks simdjson's DOM (runner/_fast/sjmerge.h); simdjson's
     # source is added by StrictBuildExt.
     Extension("runner._fast._jsonlines", ["runner/_fast/_jsonlines.pyx"],
               include_dirs=["runner/_fast"], language="c++",
-              extra_compile_args=["-std=c++17"], optional=False),
+              extra_compile_args=["-std=c++17"], optional=False,
+              depends=["runner/_fast/sjmerge.h"]),
 ]
 
 setup(

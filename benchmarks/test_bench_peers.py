@@ -198,7 +198,7 @@ class Session:
                 reply = self.celery.run([[str(self.celery.python), script, str(m)]
                                          for m in marks], timeout=timeout)
             except peers.PeerError as exc:
-                raise Stalled(sum(peers.read_mark(m) is not None for m in marks), str(exc))
+                raise Stalled(sum(peers.read_mark(m) is not None for m in marks), str(exc)) from exc
             return Batch(reply["sent"], [peers.read_mark(m) for m in marks], reply["done"])
         keys = [f"peers-{peer[:3]}-{uuid.uuid4().hex[:10]}" for _ in range(n)]
         payloads = [self.client.make(self.queue(peer), key, mark, pythonenv)
@@ -516,7 +516,7 @@ def test_profile_back_to_back(session):
     lines += ["", "| hand-over | median s |", "|---|---|"]
     lines += [f"| {span} | {seconds:.3f} |" for span, seconds in
               runner_timeline(runner, [batch]).items()]
-    lines += ["", f"CPU (user+system, /proc, children excluded) per experiment: "
+    lines += ["", "CPU (user+system, /proc, children excluded) per experiment: "
               + ", ".join(f"{name} {1000 * seconds / BACK_TO_BACK:.0f} ms"
                           for name, seconds in cpu.items())
               + f"; total {1000 * sum(cpu.values()) / BACK_TO_BACK:.0f} ms", "",

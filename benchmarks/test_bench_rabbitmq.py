@@ -14,7 +14,6 @@ Run: python3 -m pytest benchmarks/test_bench_rabbitmq.py -q \
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 

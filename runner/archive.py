@@ -25,8 +25,9 @@ import os
 import stat as stat_mod
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -142,7 +143,7 @@ def _decompressed(archive: Path) -> Iterator[BinaryIO]:
         raw.seek(0)
         kind = detect_compression(head)
         log.debug("unpacking %s (compression %s detected from bytes)", archive, kind)
-        stream: BinaryIO
+        stream: Any  # a readable binary stream: the file or a decompressor over it
         if kind == "gzip":
             stream = gzip.GzipFile(fileobj=raw, mode="rb")
         elif kind == "bzip2":
@@ -543,9 +544,8 @@ def pack(src_dir: Path, dest: Path, compression: str) -> int:
     :func:`pack_to_stream` for the contents and errors.
     """
     dest = Path(dest)
-    with atomic_destination(dest) as tmp:
-        with open(tmp, "wb") as out:
-            pack_to_stream(src_dir, out, compression)
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_destination(dest) as tmp, open(tmp, "wb") as out:
+        pack_to_stream(src_dir, out, compression)
+        out.flush()
+        os.fsync(out.fileno())
     return dest.stat().st_size

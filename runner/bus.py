@@ -227,7 +227,7 @@ class Bus(BatchingBus):
         socket = self._outboxes.get(destination) or self._outbox(destination)
         try:
             # Copying a small frame is cheaper than pinning it for zero-copy.
-            socket.send(frame, copy=len(frame) < ZERO_COPY_FROM)
+            socket.send(frame, 0, copy=len(frame) < ZERO_COPY_FROM)
             return True
         except zmq.Again:
             log.error("%s: could not send %d message(s) to %s within %d ms", self.name,

@@ -42,9 +42,9 @@ import secrets
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from .errors import StorageError
 from .storage.base import ObjectInfo, ObjectMissing, Store
@@ -117,7 +117,7 @@ class ArtifactCache:
         self.tmp = self.root / "tmp"
         self.max_bytes = max(0, int(max_bytes))
         self._lock = threading.Lock()
-        self._entries: "OrderedDict[str, _Entry]" = OrderedDict()  # least recently used first
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._flights: dict[str, _Flight] = {}
         self._bytes = 0
         self.hits = self.misses = self.evictions = self.uncached = 0
@@ -156,7 +156,7 @@ class ArtifactCache:
             complete = (match is not None and not path.is_symlink()
                         and (path.is_file() or path.is_dir())
                         and entry_size(path) == int(match.group(2)))
-            if not complete:
+            if match is None or not complete:
                 log.warning("%s: discarding %s (not a complete entry)", self.name, path.name)
                 with contextlib.suppress(OSError):
                     remove_entry(path)
@@ -229,7 +229,7 @@ class ArtifactCache:
                     return key, True, info
                 flight = self._flights.get(key)
                 leader = flight is None
-                if leader:
+                if flight is None:
                     flight = self._flights[key] = _Flight()
             if not leader:
                 flight.done.wait()

@@ -289,7 +289,7 @@ def _own_paths(proc_cgroup: str) -> dict:
 
 def _mounts(mountinfo: str) -> dict:
     """``/proc/self/mountinfo`` as controller (v1) or "" (v2) -> (mount point, mount root)."""
-    found = {}
+    found: dict[str, tuple[str, str]] = {}
     for line in mountinfo.splitlines():
         left, _, right = line.partition(" - ")
         fields, tail = left.split(), right.split()

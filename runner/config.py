@@ -28,10 +28,11 @@ import json
 import os
 import re
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Callable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, NoReturn
 
 from .errors import ConfigError
 from .redact import safe_url
@@ -507,21 +508,21 @@ class Config:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Config":
+    def from_json(cls, text: str) -> Config:
         data = json.loads(text)
         for name in ("python_dirs", "pass_env", "scrub_env", "referenced_env"):
             if name in data:
                 data[name] = tuple(data[name])
         return cls(**data)
 
-    def with_instance(self, instance: str) -> "Config":
+    def with_instance(self, instance: str) -> Config:
         return dataclasses.replace(self, instance=instance)
 
     def reloadable(self) -> dict:
         """The options a running supervisor may change (see :data:`RELOADABLE`)."""
         return {name: getattr(self, name) for name in RELOADABLE}
 
-    def with_reloaded(self, values: Mapping[str, Any]) -> "Config":
+    def with_reloaded(self, values: Mapping[str, Any]) -> Config:
         """This config with the reloadable options in ``values`` replaced (others ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in values.items() if k in RELOADABLE})
 
@@ -711,7 +712,7 @@ class Resolved:
     start-up log (the go runner's variables read or ignored).
     """
 
-    config: "Config"
+    config: Config
     sources: dict
     notes: tuple
 

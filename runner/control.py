@@ -11,7 +11,8 @@ supervisor methods as signals and limits do.  The client is :mod:`runner.ctl`.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping
+from collections.abc import Mapping
+from typing import Callable
 
 import zmq
 

@@ -76,7 +76,7 @@ class Settings:
     limit_idle_duration: float = 0.0
 
     @classmethod
-    def of(cls, config) -> "Settings":
+    def of(cls, config) -> Settings:
         """The settings of a :class:`runner.config.Config`."""
         return cls(drain_timeout=config.drain_timeout, shutdown_timeout=config.shutdown_timeout,
                    limit_tasks=config.limit_tasks or 0,

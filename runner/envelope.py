@@ -67,7 +67,7 @@ def _signature(path: Path) -> tuple | None:
 
 @dataclass(frozen=True)
 class _Loaded:
-    signature: tuple
+    signature: tuple | None  # None: the file was gone when it was looked at
     value: object
 
 
@@ -84,7 +84,7 @@ class Keys:
         self._signing: dict[str, _Loaded] = {}
 
     @classmethod
-    def from_config(cls, config) -> "Keys":
+    def from_config(cls, config) -> Keys:
         return cls(getattr(config, "encrypt_key_dir", ""),
                    getattr(config, "encrypt_passphrase_dir", ""),
                    getattr(config, "signing_keys_dir", ""))
@@ -137,6 +137,7 @@ def _load_private_key(key_path: Path, phrase_path: Path) -> rsa.RSAPrivateKey:
         phrase = phrase_path.read_bytes().strip() if phrase_path.exists() else None
     except OSError as exc:
         raise BadRequest(f"decryption key {key_path} cannot be read: {exc}") from exc
+    key: object
     try:
         if b"OPENSSH PRIVATE KEY" in data:
             key = serialization.load_ssh_private_key(data, password=phrase or None)

@@ -15,6 +15,7 @@ The experiment's command line is :mod:`runner.argv`'s.
 """
 from __future__ import annotations
 
+import builtins
 import collections
 import fcntl
 import glob
@@ -29,12 +30,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
-from .errors import (BadRequest, ConfigError, EnvironmentBuildError, InterpreterNotFound,
+from .errors import (ConfigError, EnvironmentBuildError, InterpreterNotFound,
                      RequirementsUnsatisfiable)
 from .redact import safe_url
 from .units import describe_size
@@ -926,7 +928,7 @@ class EnvironmentStore:
                                      measured=time.time())
         return self.last_usage
 
-    def _scan(self) -> tuple[dict[tuple[int, int], int], dict[str, list[tuple[int, int]]],
+    def _scan(self) -> tuple[dict[tuple[int, int], int], dict[str, builtins.list[tuple[int, int]]],
                              dict[tuple[int, int], int]]:
         """(per inode of the store its disk use, each inode once; per environment key the
         inodes in it and in its spare copy; per inode the number of environments it is in)."""
@@ -949,7 +951,7 @@ class EnvironmentStore:
         return sizes, per_key, owners
 
     def evict(self, cap_bytes: int | None = None,
-              log: Callable[[str], None] | None = None) -> list[str]:
+              log: Callable[[str], None] | None = None) -> builtins.list[str]:
         """Remove least-recently-used environments until the store takes at most ``cap_bytes``
         (default: the store's cap; 0: no cap); return the keys removed, oldest use first.
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 log = logging.getLogger("runner.gpus")
 
@@ -44,7 +45,7 @@ class Device:
         return asdict(self)
 
     @classmethod
-    def from_map(cls, data: Mapping[str, Any]) -> "Device":
+    def from_map(cls, data: Mapping[str, Any]) -> Device:
         return cls(index=int(data["index"]), uuid=str(data["uuid"]), name=str(data["name"]),
                    memory_total=int(data["memory_total"]),
                    memory_free=int(data.get("memory_free", data["memory_total"])),

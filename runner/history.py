@@ -35,7 +35,8 @@ keys keep theirs, and the runner's own ``runner``/``studioml``/``asset`` are not
 from __future__ import annotations
 
 import math
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import orjson
 import simdjson

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, List, Optional
+from typing import Any
 
 import orjson
 
@@ -34,13 +34,13 @@ _OWNED_ADD_ONLY = "studioml"
 class PatchRejected(ValueError):
     """A JSON patch was refused; ``reason`` says why and ``op_index`` which op (or None)."""
 
-    def __init__(self, reason: str, op_index: Optional[int] = None) -> None:
+    def __init__(self, reason: str, op_index: int | None = None) -> None:
         super().__init__(reason if op_index is None else f"op {op_index}: {reason}")
         self.reason = reason
         self.op_index = op_index
 
 
-def parse_patch(line: bytes) -> Optional[List[dict]]:
+def parse_patch(line: bytes) -> list[dict] | None:
     """Return the ops when ``line`` is a JSON array of objects each with string ``op`` and ``path``.
 
     Uses the same strict parse rule as the JSON-line merge; returns None for anything else
@@ -64,7 +64,7 @@ def parse_patch(line: bytes) -> Optional[List[dict]]:
     return ops
 
 
-def _split(pointer: Any) -> List[str]:
+def _split(pointer: Any) -> list[str]:
     if not isinstance(pointer, str):
         raise PatchRejected(f"pointer must be a string, got {type(pointer).__name__}")
     if pointer == "":
@@ -88,7 +88,7 @@ def _index(container: list, token: str, pointer: str, *, allow_end: bool) -> int
     return i
 
 
-def _parent(doc: Any, tokens: List[str], pointer: str) -> Any:
+def _parent(doc: Any, tokens: list[str], pointer: str) -> Any:
     node = doc
     for t in tokens[:-1]:
         if isinstance(node, dict):
@@ -155,7 +155,7 @@ def _remove(doc: Any, pointer: str) -> Any:
     raise PatchRejected(f"path {pointer!r} goes through a scalar")
 
 
-def _check_ownership(doc: Any, op: str, path: str, frm: Optional[str]) -> None:
+def _check_ownership(doc: Any, op: str, path: str, frm: str | None) -> None:
     for pointer in (path, frm):
         if pointer is None:
             continue
@@ -218,6 +218,7 @@ def _apply_one(doc: Any, op: dict, i: int) -> Any:
             if not _json_equal(_get(doc, path), op["value"]):
                 raise PatchRejected(f"test failed at {path!r}")
             return doc
+        assert isinstance(frm, str)  # copy or move: checked above
         if name == "copy":
             return _add(doc, path, copy.deepcopy(_get(doc, frm)))
         # move

@@ -116,7 +116,7 @@ def cache_counts(stats: dict) -> dict[str, dict[str, float]]:
 
 def free_resources(free: dict) -> list[tuple[str, dict, float]]:
     """``(metric name, extra labels, value)`` for the fetcher's ``free`` stats."""
-    result = []
+    result: list[tuple[str, dict, float]] = []
     for key, value in (free or {}).items():
         name = RESOURCE_NAMES.get(key, f"runner_resource_{key}_free")
         number = _number(value)
@@ -264,9 +264,11 @@ class MetricsServer:
     @property
     def address(self) -> str:
         host, port = self.server.server_address[:2]
+        if isinstance(host, bytes):  # typeshed allows it; a TCP server's host is a str
+            host = host.decode()
         return f"{host}:{port}"
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self.thread.start()
         return self
 

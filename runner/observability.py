@@ -16,13 +16,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import __version__, fates, metadata, protocol, slack as slack_module
 from .drain import Drain
 from .registry import Registry, Tracked
 from .role_processes import RoleProcesses
 from .systemd import Notifier
+
+if TYPE_CHECKING:
+    from .metrics import Metrics, MetricsServer
 
 log = logging.getLogger("runner.supervisor")
 
@@ -34,8 +37,8 @@ class Observability:
 
     def __init__(self) -> None:
         self.notifier = Notifier()
-        self.metrics = None
-        self.metrics_server = None
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
         self.slack: slack_module.Slack | None = None
         self.health: tuple[bool, str] = (False, "starting")
         self.ready_sent = False
@@ -47,11 +50,10 @@ class Observability:
         start the Slack poster, when configured."""
         if config.prom_address:
             from .metrics import Metrics, MetricsServer  # prometheus-client only when asked
-            self.metrics = Metrics(config.hostname, role_stats, queues)
-            self.metrics_server = MetricsServer(config.prom_address, self.metrics,
-                                                lambda: self.health).start()
-            log.info("metrics on http://%s/metrics, health on /healthz",
-                     self.metrics_server.address)
+            metrics = Metrics(config.hostname, role_stats, queues)
+            server = MetricsServer(config.prom_address, metrics, lambda: self.health).start()
+            self.metrics, self.metrics_server = metrics, server
+            log.info("metrics on http://%s/metrics, health on /healthz", server.address)
         self.configure_slack(config)
 
     def configure_slack(self, config) -> None:
@@ -95,7 +97,7 @@ class Observability:
         """Slack: final failures and expiries (with the output tail), completions if asked."""
         if self.slack is None:
             return
-        fate, status = phase.detail.get("fate"), phase.detail.get("status")
+        fate, status = phase.detail.get("fate"), phase.detail.get("status", "")
         final = fate in (fates.ACK, fates.DEAD)
         if fate == fates.DEAD:
             status = "dead-lettered"

@@ -427,6 +427,7 @@ class _Layout:
         names = [name for name, _ in fields]
         self.cls = cls
         self.count = len(names)
+        self.get: typing.Callable[[Any], tuple]
         if not names:
             self.get = lambda value: ()
         elif len(names) == 1:
@@ -449,7 +450,7 @@ def _layout(cls: type) -> _Layout:
 
 def _to_list(value: Any) -> list:
     layout = _layout(type(value))
-    values = list(layout.get(value))
+    values: list = list(layout.get(value))
     for index, _nested in layout.nested:
         if values[index] is not None:
             values[index] = _to_list(values[index])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import copy
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from . import _fast
 

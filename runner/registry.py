@@ -17,8 +17,9 @@ the clock: times come in with the messages.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from . import fates, protocol
 from .protocol import (PHASE_ENDING, PHASE_FINISHED, PHASE_PREPARING, PHASE_RUNNING,
@@ -156,7 +157,7 @@ class Registry:
         if entry is None:
             entry = AttemptEntry(attempt=phase.attempt)
         entry.detail.update(phase.detail)
-        fate, status = phase.detail.get("fate"), phase.detail.get("status")
+        fate, status = phase.detail.get("fate", ""), phase.detail.get("status")
         key = status if fate == fates.ACK else FATE_COUNTS.get(fate)
         if key in self.finished:
             self.finished[key] += 1

@@ -290,6 +290,7 @@ def _parse_request(body: bytes | str, min_save_interval: float) -> tuple[dict, R
                                      or any(c in project for c in "\0\n")):
         raise BadRequest(f"experiment.project {_show(project)} is not usable in storage paths")
     _check_filename(filename)
+    assert isinstance(filename, str)  # _check_filename raised otherwise
     split_args(_strings(experiment.get("args"), "experiment.args"))  # quotes must balance
     if filename == "-m" and not any(split_args(experiment.get("args") or [])):
         raise BadRequest("filename '-m' needs the module name as the first argument")

@@ -34,8 +34,9 @@ system's free space, once as their reservation): conservative on purpose.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 from .gpus import Device
 from .units import describe_size

@@ -20,9 +20,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from . import _fast, proctree
 from .bus import ROLES
@@ -134,18 +135,20 @@ class RoleProcesses:
         is counted.  Raises :class:`CrashLoop` for a role that keeps crashing."""
         found = []
         for role in self:
-            code = role.process.poll()
+            process = role.process
+            if process is None:  # not started
+                continue
+            code = process.poll()
             stale = role.ready and time.monotonic() - role.last_heartbeat > HEARTBEAT_TIMEOUT
             if code is None and not stale:
                 continue
             if stale:
                 log.error("role %s sent no heartbeat for %.0fs; killing it", role.name,
                           HEARTBEAT_TIMEOUT)
-                role.process.kill()
-                role.process.wait()
+                process.kill()
+                process.wait()
             else:
-                log.error("role %s (pid %d) exited with status %s", role.name, role.process.pid,
-                          code)
+                log.error("role %s (pid %d) exited with status %s", role.name, process.pid, code)
             now = time.monotonic()
             role.crashes = [t for t in role.crashes if now - t < CRASH_WINDOW] + [now]
             if len(role.crashes) > CRASH_LIMIT:
@@ -156,19 +159,19 @@ class RoleProcesses:
 
     def stop(self, ask: Callable[[str], None]) -> None:
         """``ask(name)`` every running role to stop, wait, then kill what is left."""
-        started = [r for r in self if r.alive]
+        started = [(r, r.process) for r in self if r.process is not None and r.alive]
         if not started:
             return
-        for role in started:
+        for role, _ in started:
             ask(role.name)
         deadline = time.monotonic() + STOP_WAIT
-        for role in started:
+        for role, process in started:
             try:
-                role.process.wait(max(0.1, deadline - time.monotonic()))
+                process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("role %s did not stop; killing it", role.name)
-                role.process.kill()
-                role.process.wait()
+                process.kill()
+                process.wait()
         log.info("stopped")
 
     def health(self) -> tuple[bool, str, dict[str, bool]]:
@@ -198,7 +201,7 @@ class RoleProcesses:
         if not kinds:
             return _fast.IMPLEMENTATION
         if len(kinds) == 1:
-            return kinds.pop()
+            return str(kinds.pop())
         return "mixed: " + ", ".join(f"{n}={k}" for n, k in sorted(found.items()))
 
     def document(self) -> dict:

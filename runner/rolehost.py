@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Self
+from typing import TypeVar
 
 from . import proctree, storage
 from .bus import BatchingBus, Bus, Endpoints
@@ -47,6 +47,7 @@ ROLE_CLASSES = {
 EXIT_BOOT_FAILED = 3
 EXIT_ORPHANED = 6
 SUPERVISOR_PID_VARIABLE = "RUNNER_SUPERVISOR_PID"
+_Host = TypeVar("_Host", bound="ThreadHost")  # typing.Self needs Python 3.11
 
 
 def role_class(name: str):
@@ -155,7 +156,7 @@ class ThreadHost:
             error, self.error = self.error, None
             raise error
 
-    def __enter__(self) -> Self:
+    def __enter__(self: _Host) -> _Host:
         return self
 
     def __exit__(self, *exc: object) -> None:

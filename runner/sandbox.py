@@ -50,9 +50,9 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from .errors import RunnerError
 from .redact import is_secret_name
@@ -229,7 +229,7 @@ def detect(config, environ: Mapping[str, str] | None = None
                           capture_output=True).returncode != 0:
             reset_term = ()  # old coreutils: runs get no SIGTERM grace inside the sandbox
         why = _works(bwrap, reset_term)
-    if why:
+    if why or bwrap is None:
         if mode == "bwrap":
             raise SandboxError(f"--sandbox bwrap: {why}")
         return None, f"no sandbox: {why} (--sandbox auto)"

@@ -303,6 +303,8 @@ def wait_for(request: dict, timeout: float, follow: bool = False) -> int:
     ``timeout`` seconds passed first.
     """
     url = metadata.record_url(request)
+    if url is None:
+        raise RunnerError("the request names no storage for its metadata record: nothing to wait on")
     store = _store_for(request, url)
     deadline = time.monotonic() + timeout
     shown = None
@@ -345,7 +347,9 @@ def show_result(request: dict, record: dict, tmp: Path, follower: Follower | Non
         if store.stat(url) is not None:
             store.get(url, tmp / "scrape.json")
             document = json.loads((tmp / "scrape.json").read_text())
-    runner = document.get("runner") if isinstance(document.get("runner"), dict) else {}
+    runner = document.get("runner")
+    if not isinstance(runner, dict):
+        runner = {}
     # How many attempts ran (runner-results list's "attempts"): the newest one's number.
     number = runner.get("attempt_number") or record.get("attempts") or 0
     print(f"status: {status} (attempt {number}: {record.get('attempt') or '-'})")

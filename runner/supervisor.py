@@ -118,7 +118,7 @@ class Supervisor:
         while not all(r.ready for r in self.roles):
             self.stop_if_told_while_booting()
             for role in self.roles:
-                code = role.process.poll()
+                code = role.process.poll() if role.process is not None else None  # spawned above
                 if code is None:
                     continue
                 if code < 0:

@@ -65,7 +65,7 @@ class PubSubEmulator:
         self.dir = Path(tempfile.mkdtemp(prefix="pubsub", dir="/tmp"))
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "PubSubEmulator":
+    def start(self) -> PubSubEmulator:
         try:
             from google.cloud import pubsub_v1  # noqa: F401
         except ImportError:

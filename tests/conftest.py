@@ -1,5 +1,9 @@
-"""Shared fixtures: a real runner-supervisor harness and real storage servers (tests/support.py)."""
+"""Shared fixtures: a real runner-supervisor harness and real storage servers (tests/support.py),
+and the ``e2e`` marker (what ``scripts/test.sh --quick`` leaves out)."""
 from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +71,39 @@ def broker():
     from .rabbitmq_support import shared_broker
 
     return shared_broker()
+
+
+# -- the e2e marker ------------------------------------------------------------------------
+# A test is end to end (marked ``e2e``; ``scripts/test.sh --quick`` runs ``-m "not e2e"``) when
+# it uses one of E2E_FIXTURES (a real supervisor, broker, S3 or GCS server), carries one of
+# E2E_MARKERS, or lies in one of E2E_FILES (files whose tests start such things on their own:
+# module fixtures, a registry, a browser).  Everything else is a unit test and must stay fast.
+E2E_FIXTURES = frozenset({"runner", "runners", "moto", "gcs", "gcs_env", "broker"})
+E2E_MARKERS = ("integration", "interop")
+E2E_FILES = (
+    "test_e2e*.py",
+    "test_chaos.py",            # SIGKILLs a whole runner
+    "test_containers.py",       # a registry, skopeo, umoci and a supervisor
+    "test_fuzz_admission.py",   # seeded requests through a supervisor
+    "test_interop_studioml.py",
+    "test_operations.py",
+    "test_results.py",          # a sweep run by a supervisor (module fixture)
+    "test_results_web.py",      # headless Chromium
+    "test_run_lifetimes.py",
+)
+
+
+def is_e2e(item: pytest.Item) -> bool:
+    """True when ``item`` is an end-to-end test by the rules above."""
+    if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    if any(item.get_closest_marker(name) for name in E2E_MARKERS):
+        return True
+    name = Path(str(item.fspath)).name
+    return any(fnmatch.fnmatch(name, pattern) for pattern in E2E_FILES)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if is_e2e(item):
+            item.add_marker(pytest.mark.e2e)

@@ -65,7 +65,7 @@ class Broker:
         self.url, self.mgt_url = url, mgt_url
 
     # -- AMQP as a StudioML client does it ---------------------------------------------
-    def connection(self) -> "pika.BlockingConnection":
+    def connection(self) -> pika.BlockingConnection:
         return pika.BlockingConnection(pika.URLParameters(self.url))
 
     def declare(self, queue: str, durable: bool = False) -> None:
@@ -207,7 +207,7 @@ class PrivateBroker(Broker):
         self.epmd: subprocess.Popen | None = None
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> "PrivateBroker":
+    def start(self, timeout: float = 90.0) -> PrivateBroker:
         server = RABBITMQ_BIN / "rabbitmq-server"
         if not server.exists() or shutil.which("epmd") is None:
             unavailable(f"{server} or epmd not installed")

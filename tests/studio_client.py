@@ -24,7 +24,6 @@ import fcntl
 import json
 import os
 import subprocess
-import sys
 import textwrap
 import venv
 from pathlib import Path

@@ -185,7 +185,7 @@ class _Server:
     def ready_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
 
-    def start(self, timeout: float = 30.0) -> "_Server":
+    def start(self, timeout: float = 30.0) -> _Server:
         with open(self.log_path, "ab") as log:
             try:
                 self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
@@ -207,7 +207,7 @@ class _Server:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
-    def restart(self) -> "_Server":
+    def restart(self) -> _Server:
         self.stop()
         return self.start()
 
@@ -372,7 +372,7 @@ class Runner:
 
     # -- the process ------------------------------------------------------------------
     def start(self, wait: bool = True, *, cwd: Path | None = None, new_session: bool = False,
-              console_script: bool = False) -> "Runner":
+              console_script: bool = False) -> Runner:
         """Start the supervisor (``python -m runner.supervisor`` in the repository, or the
         installed ``runner-supervisor`` script); ``new_session`` puts it in a session and
         process group of its own (for tests that signal that group)."""
@@ -670,7 +670,7 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
-def running_attempt(runner: "Runner", timeout: float = 90.0) -> dict:
+def running_attempt(runner: Runner, timeout: float = 90.0) -> dict:
     """The first attempt ``runner-ctl status`` shows in the ``running`` phase."""
     def find():
         attempts = [j for j in runner.status()["attempts"] if j["phase"] == "running" and j["pid"]]

@@ -90,9 +90,8 @@ def test_a_failed_download_fails_its_waiters_and_caches_nothing(tmp_path):
 
 def test_missing_object_is_object_missing(tmp_path):
     cache = ArtifactCache(tmp_path / "cache", 10**9)
-    with pytest.raises(ObjectMissing):
-        with cache.lease(FileStore(), (tmp_path / "nothing").as_uri()):
-            pass
+    with pytest.raises(ObjectMissing), cache.lease(FileStore(), (tmp_path / "nothing").as_uri()):
+        pass
 
 
 def test_lru_eviction_by_bytes(tmp_path):

@@ -71,7 +71,7 @@ def fake_proc(tmp_path: Path, mountinfo: str, cgroup: str) -> Path:
 
 def test_v1_paths_follow_own_cgroup_and_mount_root(tmp_path: Path) -> None:
     root = tmp_path / "cg"
-    for folder, probe in (("cpu,cpuacct", ["cpu.cfs_quota_us", "cpuacct.usage"]),
+    for folder, _probe in (("cpu,cpuacct", ["cpu.cfs_quota_us", "cpuacct.usage"]),
                           ("memory/inner", ["memory.limit_in_bytes"]),
                           ("pids/user.slice", ["pids.max"])):
         (root / folder).mkdir(parents=True)

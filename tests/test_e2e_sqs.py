@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+from runner.errors import QueueError
 from runner.queues.sqs import SQSQueue
 
 from .cloud_support import account_dir
@@ -91,7 +92,7 @@ def test_discovery_per_account_directory_and_hot_add_remove(moto, certs):
         assert held is not None
         shutil.rmtree(certs / "alice")              # removed: no new work from it ...
         assert wait_until(lambda: backend.discover() == ["sqs_bob"])
-        with pytest.raises(Exception):
+        with pytest.raises(QueueError, match="not served"):
             backend.take("sqs_alice")
         assert backend.queue_deleted(held) is False  # ... which is no user's abort
         backend.keep_alive(held)                    # ... and running work finishes

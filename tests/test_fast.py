@@ -346,13 +346,13 @@ def _raw_object(rng, depth, keys):
         if depth < 3 and r < 0.4:
             value = _raw_object(rng, depth + 1, keys)
         elif r < 0.5:
-            value = "[%s]" % ",".join(_raw_object(rng, 3, keys) if rng.random() < 0.3 else "1"
-                                      for _ in range(rng.randint(0, 2)))
+            value = "[{}]".format(",".join(_raw_object(rng, 3, keys) if rng.random() < 0.3 else "1"
+                                      for _ in range(rng.randint(0, 2))))
         elif r < 0.6:
             value = rng.choice(["null", "true", "false", '"s"', '"\\u00e9"', "-0", "1.5e3"])
         else:
             value = str(rng.randint(-5, 5))
-        fields.append('"%s":%s' % (rng.choice(keys), value))
+        fields.append(f'"{rng.choice(keys)}":{value}')
     return "{" + ",".join(fields) + "}"
 
 

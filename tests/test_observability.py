@@ -16,6 +16,7 @@ import pytest
 from runner import config, metrics, slack, systemd
 from runner.logs import JsonFormatter
 from runner.protocol import Attempt
+from runner.queues import sqs
 from runner.roles.scraper import last_json_line, output_tail
 
 from .support import REPO, SilentServer, SlackServer, short_tempdir
@@ -134,6 +135,7 @@ def test_build_installs_the_packaging_files_as_package_data(tmp):
     installed = tmp / "lib" / "runner" / "_packaging"
     for name in systemd.PACKAGING_FILES:
         assert (installed / name).read_text() == (REPO / "packaging" / name).read_text()
+    assert (tmp / "lib" / "runner" / "py.typed").is_file(), "the PEP 561 marker is shipped"
     printed = subprocess.run([sys.executable, "-m", "runner.systemd", "unit"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
     assert "Type=notify" in printed
@@ -342,18 +344,44 @@ def test_dockerfile_runs_runner_supervisor_with_options_from_the_environment():
     assert "/healthz" in text and "STOPSIGNAL SIGTERM" in text
 
 
-def test_kubernetes_examples_use_real_option_names():
+def test_kubernetes_examples_use_real_option_names(tmp_path):
     yaml = pytest.importorskip("yaml")
     folder = REPO / "examples" / "kubernetes"
-    documents = {p.name: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
-    assert {d["kind"] for d in documents.values()} == {"ConfigMap", "Secret", "Deployment"}
+    files = {p.name: list(yaml.safe_load_all(p.read_text())) for p in folder.glob("*.yaml")}
+    documents = {name: docs[0] for name, docs in files.items()}
+    assert {d["kind"] for docs in files.values() for d in docs} == {"ConfigMap", "Secret",
+                                                                    "Deployment"}
     names = {o.env for o in config.OPTIONS}
     data = documents["configmap.yaml"]["data"]
     assert set(data) <= names, set(data) - names
-    config.from_values({}, data)  # the example options are valid
     pod = documents["deployment.yaml"]["spec"]["template"]["spec"]
-    grace = pod["terminationGracePeriodSeconds"]
-    assert grace > config.from_values({}, data).drain_timeout + 60
     [container] = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    # RUNNER_AMQP_URL's ${RMQ_PASSWORD} comes from the Secret through the pod's environment
+    assert "${RMQ_PASSWORD}" in data["RUNNER_AMQP_URL"]
+    assert env["RMQ_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "RMQ_PASSWORD"
+    options = config.from_values({}, {**data, "RMQ_PASSWORD": "pw"})  # the example is valid
+    assert options.amqp_url == "amqp://runner:pw@rabbitmq:5672/%2F"
+    assert pod["terminationGracePeriodSeconds"] > options.drain_timeout + 60
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert any(m["mountPath"].startswith("/var/run/secrets") for m in container["volumeMounts"])
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    # --sqs-certs: each account a sub-directory of its own, with a credentials and a config file
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "credentials"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "credentials"]
+    paths = {f"{mount['mountPath']}/{item['path']}" for source in volume["projected"]["sources"]
+             for item in source["secret"]["items"]}
+    certs = env["RUNNER_SQS_CERTS"]["value"]
+    accounts = {p[len(certs) + 1:].split("/")[0] for p in paths if p.startswith(certs + "/")}
+    assert accounts and all(p.count("/") == certs.count("/") + 2
+                            for p in paths if p.startswith(certs + "/"))
+    for account in accounts:
+        assert {f"{certs}/{account}/credentials", f"{certs}/{account}/config"} <= paths
+    secrets = {d["metadata"]["name"]: d for d in files["secret.yaml"]}
+    for source in volume["projected"]["sources"]:  # lay the volume out as the kubelet does
+        stored = secrets[source["secret"]["name"]]["stringData"]
+        for item in source["secret"]["items"]:
+            path = tmp_path / item["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(stored[item["key"]])
+    for account in accounts:  # each account directory reads as the SQS back end reads it
+        assert sqs.read_account_dir(str(tmp_path / certs[len(mount["mountPath"]) + 1:] / account))

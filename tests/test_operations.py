@@ -449,11 +449,11 @@ def test_runner_ctl_views_and_status_json_during_a_run(runner):
     runner.start()
     script = """
         import json, os, time
-        print(json.dumps({"experiment": {"loss": 0.25, "step": 7}}), flush=True)
-        gate = %r
+        print(json.dumps({{"experiment": {{"loss": 0.25, "step": 7}}}}), flush=True)
+        gate = {!r}
         while not os.path.exists(gate):
             time.sleep(0.05)
-    """ % str(runner.root / "gate")
+    """.format(str(runner.root / "gate"))
     request = runner.request(runner.workspace({"job.py": script}), "job.py", key="ctl-json")
     runner.publish(request)
     runner.wait_for(lambda: any(j["last_metric"] for j in runner.status()["attempts"]),

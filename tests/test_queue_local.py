@@ -402,7 +402,7 @@ def test_publish_is_atomic(root: Path) -> None:
 
 
 def test_take_is_cheap_with_many_messages(q: LocalQueue) -> None:
-    for i in range(2000):
+    for _i in range(2000):
         q.publish(Q, b"x")
     t0 = time.perf_counter()
     for _ in range(20):

@@ -283,6 +283,7 @@ def _readable(store: S3Store, server: MotoServer, bucket: str, tmp: Path) -> boo
         return False
 
 
+@pytest.mark.integration
 def test_credential_precedence_against_an_endpoint_that_checks_them(iam_moto, tmp_path,
                                                                      monkeypatch):
     server, users = iam_moto

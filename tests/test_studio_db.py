@@ -33,7 +33,8 @@ def request_for(database: dict, key: str = "exp-1") -> dict:
             "config": {"database": database}}
 
 
-@pytest.fixture(params=["s3", "gs", "local"])
+@pytest.fixture(params=[pytest.param("s3", marks=pytest.mark.integration),
+                        pytest.param("gs", marks=pytest.mark.integration), "local"])
 def database(request, tmp_path, monkeypatch):
     """(database config, write(key, record), read(key)) for each database type."""
     kind = request.param

@@ -21,7 +21,6 @@ import importlib
 import logging
 import os
 from types import SimpleNamespace
-from typing import Dict, Optional
 
 from runner._fast import base62_py as _base62_py
 from runner._fast import hashing_py as _hashing_py
@@ -61,8 +60,8 @@ def _namespace(base62, hashing, jsonlines, masking, kind: str) -> SimpleNamespac
 
 _PURE = _namespace(_base62_py, _hashing_py, _jsonlines_py, _masking_py, "pure")
 
-_COMPILED: Optional[SimpleNamespace]
-_COMPILED_ERROR: Optional[ImportError]
+_COMPILED: SimpleNamespace | None
+_COMPILED_ERROR: ImportError | None
 try:
     _base62 = importlib.import_module("runner._fast._base62")
     _hashing = importlib.import_module("runner._fast._hashing")
@@ -102,7 +101,7 @@ merge_lines = _active.merge_lines
 mask_hits = _active.mask_hits
 
 
-def implementations() -> Dict[str, Optional[SimpleNamespace]]:
+def implementations() -> dict[str, SimpleNamespace | None]:
     """Both implementations for tests: ``{"pure": ns, "compiled": ns or None}`` (None when not built).
 
     Each namespace has the seven functions and ``IMPLEMENTATION``.
@@ -110,6 +109,6 @@ def implementations() -> Dict[str, Optional[SimpleNamespace]]:
     return {"pure": _PURE, "compiled": _COMPILED}
 
 
-def compiled_import_error() -> Optional[ImportError]:
+def compiled_import_error() -> ImportError | None:
     """Why the compiled modules did not import (None when they did)."""
     return _COMPILED_ERROR

@@ -8,7 +8,7 @@ import xxhash
 CHUNK = 1 << 20  # 1 MiB
 
 
-def content_hash(path: "str | os.PathLike[str]") -> str:
+def content_hash(path: str | os.PathLike[str]) -> str:
     """xxh3_128 hex digest (32 chars) of the file's bytes, streamed in 1 MiB chunks into one buffer."""
     h = xxhash.xxh3_128()
     buf = bytearray(CHUNK)

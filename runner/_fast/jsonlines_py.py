@@ -81,7 +81,7 @@ def merge_object(doc: dict, obj: dict) -> None:
         doc[k] = v
 
 
-def merge_lines(doc: dict, chunk: bytes) -> "list[bytes]":
+def merge_lines(doc: dict, chunk: bytes) -> list[bytes]:
     """Merge every JSON-object line of ``chunk`` into ``doc``; return the ``[...]`` lines."""
     if not isinstance(doc, dict):
         raise TypeError("merge_lines needs a dict")

@@ -27,7 +27,7 @@ def _positions(haystack: bytes, needle: bytes, step: int) -> list[int]:
     return found
 
 
-def mask_hits(data: bytes, literals: tuple = ()) -> "list[tuple[int, int]]":
+def mask_hits(data: bytes, literals: tuple = ()) -> list[tuple[int, int]]:
     """Every place masking must look at (see the module docstring), sorted."""
     if not isinstance(data, bytes):
         data = bytes(data)

@@ -13,6 +13,8 @@ of them is installed.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .apptainer import ApptainerRuntime, SingularityRuntime
 from .base import (ATTEMPT_MOUNT, CONTAINER_PYTHON, ContainerRuntime, ContainerUnavailable,
                    ImageRef, Launch, image_of)
@@ -45,7 +47,7 @@ def runtimes_for(option: str) -> tuple[list[ContainerRuntime], list[str]]:
 
 
 def choose(runtimes: list[ContainerRuntime], image: ImageRef,
-           problems: list[str] = ()) -> ContainerRuntime:
+           problems: Sequence[str] = ()) -> ContainerRuntime:
     """The first runtime that runs ``image``; :class:`ContainerUnavailable` if none does."""
     for runtime in runtimes:
         if runtime.accepts(image):

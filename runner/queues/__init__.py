@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from .base import DEFAULT_QUEUE_MATCH, Delivery, Queue, is_reserved, matches
 
@@ -82,7 +83,7 @@ def publishing_class(queue_name: str) -> type[Queue]:
     kind = kind_of(queue_name)
     if kind in _MODULES and kind != "pubsub":
         return QUEUE_KINDS[kind]
-    pubsub = QUEUE_KINDS["pubsub"]
+    pubsub: Any = QUEUE_KINDS["pubsub"]  # PubSubQueue, imported on first use
     if pubsub.is_topic(queue_name):
         return pubsub
     raise QueueError(f"queue {queue_name!r}: runner-submit publishes to local_*, rmq_* and "

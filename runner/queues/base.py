@@ -11,9 +11,10 @@ import abc
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 logger = logging.getLogger(__name__)
+_Q = TypeVar("_Q", bound="Queue")
 
 DEFAULT_QUEUE_MATCH = r"^(rmq|sqs|local)_.*$"
 """The default of ``--queue-match`` (SPEC section 3)."""
@@ -67,9 +68,7 @@ def matches(name: str,
     if m.search(name) is None:
         return False
     mm = _compile(mismatch_re)
-    if mm is not None and mm.search(name) is not None:
-        return False
-    return True
+    return mm is None or mm.search(name) is None
 
 
 class Queue(abc.ABC):
@@ -126,7 +125,7 @@ class Queue(abc.ABC):
         """Move ``d`` to the back end's dead-letter place, keeping ``reason`` beside it."""
 
     @classmethod
-    def from_config(cls, config: Any) -> "Queue | None":
+    def from_config(cls, config: Any) -> Queue | None:
         """The back end as ``config`` (a :class:`runner.config.Config`) asks for it, or
         ``None`` when this kind is not configured (e.g. no ``--amqp-url``)."""
         raise NotImplementedError(f"{cls.__name__} cannot be built from the runner's options")
@@ -187,7 +186,7 @@ class Queue(abc.ABC):
     def close(self) -> None:
         """Release connections and locks; the instance is unusable afterwards."""
 
-    def __enter__(self) -> Queue:
+    def __enter__(self: _Q) -> _Q:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -92,12 +92,12 @@ class LocalQueue(Queue):
     kind: ClassVar[str] = "local"
 
     @classmethod
-    def from_config(cls, config) -> "LocalQueue":
+    def from_config(cls, config) -> LocalQueue:
         """The embedded default: always on, rooted at ``--queue-root``."""
         return cls(config.queue_root, owner=config.instance)
 
     @classmethod
-    def publisher(cls, options) -> "LocalQueue":
+    def publisher(cls, options) -> LocalQueue:
         return cls(options.queue_root, owner=f"submit-{os.getpid()}-{secrets.token_hex(3)}")
 
     @classmethod

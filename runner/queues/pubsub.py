@@ -168,7 +168,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         self._rescan()
 
     @classmethod
-    def from_config(cls, config: Any) -> "PubSubQueue | None":
+    def from_config(cls, config: Any) -> PubSubQueue | None:
         certs = getattr(config, "google_certs", "")
         adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
         if not certs and not adc:
@@ -185,7 +185,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         return len(parts) == 4 and parts[0] == "projects" and parts[2] == "topics"
 
     @classmethod
-    def publisher(cls, options) -> "PubSubQueue":
+    def publisher(cls, options) -> PubSubQueue:
         adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
         if not (options.google_certs or adc):
             raise QueueError(f"topic {options.queue!r}: Pub/Sub needs --google-certs or "
@@ -338,7 +338,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         key = f"{project.name}/{queue}/{message.message_id}"
         entry = self.book.get(key)
         policy = getattr(sub, "dead_letter_policy", None)
-        if policy is not None and getattr(policy, "dead_letter_topic", "") and \
+        if policy is not None and getattr(policy, "dead_letter_topic", None) and \
                 received.delivery_attempt:
             attempts = max(0, int(received.delivery_attempt) - 1 - int(entry.get("u", 0)))
         else:
@@ -390,7 +390,7 @@ class PubSubQueue(BackgroundDiscovery, Queue):
         with self._lock:
             sub = (self._names.get(held.queue) or (None, None))[1]
         policy = getattr(sub, "dead_letter_policy", None)
-        if policy is not None and getattr(policy, "dead_letter_topic", ""):
+        if policy is not None and getattr(policy, "dead_letter_topic", None):
             return policy.dead_letter_topic
         name = held.queue + DEAD_SUFFIX
         topic = project.topic_path(name)

@@ -216,7 +216,7 @@ class RabbitMQQueue(Queue):
         self._closed = False
 
     @classmethod
-    def from_config(cls, config: Any) -> "RabbitMQQueue | None":
+    def from_config(cls, config: Any) -> RabbitMQQueue | None:
         if not getattr(config, "amqp_url", ""):
             return None
         return cls(config.amqp_url, config.amqp_mgt_url,
@@ -224,7 +224,7 @@ class RabbitMQQueue(Queue):
                    hostname=config.hostname)
 
     @classmethod
-    def publisher(cls, options) -> "RabbitMQQueue":
+    def publisher(cls, options) -> RabbitMQQueue:
         """See :meth:`Queue.publisher`; ``options.durable`` makes :meth:`publish` declare a
         missing queue durable and send persistent messages."""
         from ..config import expand_vars

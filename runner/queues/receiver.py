@@ -165,6 +165,8 @@ class BackgroundDiscovery:
     discovery_name = "queue"
     #: How the service shows a delivery this process does not hold (for DeliveryLost).
     lost_hint = "the service redelivers it"
+    _poll: Callable[[], None]  # provided by the back end (class doc)
+    _rescan: Callable[[], None]
 
     def _start_background(self, discover_every: float) -> None:
         self._discover_every = discover_every

@@ -222,7 +222,7 @@ class SQSQueue(BackgroundDiscovery, Queue):
                                                 _client(region, endpoint, None, self.long_poll))
 
     @classmethod
-    def from_config(cls, config: Any) -> "SQSQueue | None":
+    def from_config(cls, config: Any) -> SQSQueue | None:
         certs = getattr(config, "sqs_certs", "")
         region = getattr(config, "aws_region", "")
         endpoint = getattr(config, "sqs_endpoint", "")
@@ -233,7 +233,7 @@ class SQSQueue(BackgroundDiscovery, Queue):
                    hostname=config.hostname)
 
     @classmethod
-    def publisher(cls, options) -> "SQSQueue":
+    def publisher(cls, options) -> SQSQueue:
         if not (options.sqs_certs or options.aws_region or options.sqs_endpoint):
             raise QueueError(f"queue {options.queue!r}: sqs_* queues need --sqs-certs, "
                              "--aws-region or --sqs-endpoint")

@@ -27,9 +27,10 @@ import json
 import logging
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from .. import _fast, history, metadata
 from ..archive import unpack
@@ -279,7 +280,9 @@ class Catalog:
 
     def artifacts(self, record: dict) -> list[tuple[str, str, ObjectInfo | None]]:
         """``(label, url, info or None when absent)`` of every artifact with a URL."""
-        request = record.get("request") if isinstance(record.get("request"), dict) else {}
+        request = record.get("request")
+        if not isinstance(request, dict):
+            request = {}
         found = []
         for label, artifact in sorted(((request.get("experiment") or {}).get("artifacts") or {}).items()):
             url = artifact_url(artifact) if isinstance(artifact, dict) else None

@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -222,7 +223,7 @@ def command_show(args: argparse.Namespace, catalog: Catalog) -> int:
     info = catalog.find(args.key, args.project)
     experiment = catalog.experiment(info)
     tail = catalog.output_tail(experiment.record, args.lines)
-    artifacts = [{"label": label, "url": url, "stored": found is not None,
+    artifacts: list[dict[str, Any]] = [{"label": label, "url": url, "stored": found is not None,
                   "size": found.size if found else None}
                  for label, url, found in catalog.artifacts(experiment.record)]
     if args.json:
@@ -259,7 +260,8 @@ def command_fetch(args: argparse.Namespace, catalog: Catalog) -> int:
               and (not args.label or item[0] in args.label)]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[size]}"),
                   console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task("fetching", total=sum(item[2].size for item in stored), size="")
+        task = bar.add_task("fetching", size="",
+                            total=sum(info.size for _, _, info in stored if info is not None))
         fetched = catalog.fetch(record, dest, args.label or None, progress=lambda label, size:
                                 bar.update(task, advance=size, size=f"{label} {format_size(size)}"))
     for label, folder in fetched:

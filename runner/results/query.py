@@ -27,10 +27,16 @@ def rows_of(connection: duckdb.DuckDBPyConnection, where: str = "", params: list
         row["metrics"] = {}
     for project, key, name, value in connection.execute(
             "SELECT project, key, name, value FROM metrics").fetchall():
-        row = by_name.get((project, key))
-        if row is not None:
-            row["metrics"][name] = value
+        entry = by_name.get((project, key))
+        if entry is not None:
+            entry["metrics"][name] = value
     return rows
+
+
+def _count(connection: duckdb.DuckDBPyConnection, table: str) -> int:
+    """Rows in ``table``."""
+    row = connection.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(row[0]) if row else 0
 
 
 def select(connection: duckdb.DuckDBPyConnection, *, project: str | None = None,
@@ -45,7 +51,8 @@ def select(connection: duckdb.DuckDBPyConnection, *, project: str | None = None,
     descending; empty values sort last.  Default order: start, then project and key.
     Raises :class:`RunnerError` for a sort column that is neither.
     """
-    clauses, params = [], []
+    clauses: list[str] = []
+    params: list = []
     if project:
         clauses.append("project = ?")
         params.append(project)
@@ -113,7 +120,7 @@ def export(connection: duckdb.DuckDBPyConnection, out: str, fmt: str | None = No
         else:
             query = f"SELECT {names} FROM experiments e ORDER BY e.project, e.key"
         connection.execute(f"COPY ({query}) TO '{_quoted(out)}' ({options})")
-        count = connection.execute("SELECT count(*) FROM experiments").fetchone()[0]
+        count = _count(connection, "experiments")
         history_count = 0
         if history_out:
             history_options = EXPORT_FORMATS[format_of(history_out, fmt if not any(
@@ -122,7 +129,7 @@ def export(connection: duckdb.DuckDBPyConnection, out: str, fmt: str | None = No
                 "COPY (SELECT project, key, point, attempt, attempt_number, time, name, value "
                 f"FROM history ORDER BY project, key, point, name) TO '{_quoted(history_out)}' "
                 f"({history_options})")
-            history_count = connection.execute("SELECT count(*) FROM history").fetchone()[0]
+            history_count = _count(connection, "history")
     except duckdb.Error as exc:
         raise RunnerError(f"export to {out}: {exc}") from exc
     return count, history_count

@@ -246,14 +246,16 @@ def _refresh(catalog: Catalog, info, name: tuple[str, str], old: tuple | None,
     scrape JSON texts, or None for an experiment not synced before.  Reads only through
     ``catalog`` (called from several threads).
     """
-    record_changed = stored is None or (old[1], old[2]) != (info.etag, info.size)
-    record = catalog.read_json(info.url) if record_changed else json.loads(stored[0])
+    if stored is not None and old is not None and (old[1], old[2]) == (info.etag, info.size):
+        record_changed, record = False, json.loads(stored[0])
+    else:
+        record_changed, record = True, catalog.read_json(info.url)
     experiment = Experiment(project=name[0], key=name[1], record_url=info.url, record=record)
     scrape_info = catalog.newest_scrape_info(record)
     scrape_changed = scrape_info is not None and (
-        stored is None or (old[3], old[4], old[5]) != (scrape_info.url, scrape_info.etag,
-                                                        scrape_info.size))
-    if scrape_changed:
+        stored is None or old is None
+        or (old[3], old[4], old[5]) != (scrape_info.url, scrape_info.etag, scrape_info.size))
+    if scrape_info is not None and scrape_changed:
         catalog.attach_scrape(experiment, scrape_info.url, catalog.read_json(scrape_info.url))
     elif scrape_info is not None and stored is not None and stored[1]:
         catalog.attach_scrape(experiment, scrape_info.url, json.loads(stored[1]))

@@ -71,7 +71,7 @@ class Role:
         self._tick_now = False
         self._active = True  # handled or posted something since the last heartbeat
         self._idle_beat = False  # the last heartbeat followed an idle period
-        self._watched: dict[int, object] = {}  # extra descriptors -> callback
+        self._watched: dict[int, Callable[[], object]] = {}  # extra descriptors -> callback
         self._parent: int | None = None  # the pid this role dies with (die_with)
         self._orphaned: Callable[[], None] | None = None
 

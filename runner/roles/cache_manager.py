@@ -130,7 +130,7 @@ class CacheManager(Role):
             runtime = (containers.choose(self.runtimes, image, self.runtime_problems)
                        if image is not None else None)
             self.download_artifacts(attempt, log)
-            if image is not None:
+            if image is not None and runtime is not None:  # runtime: chosen for the image
                 self.phase(attempt, protocol.PHASE_PREPARING, step=protocol.STEP_IMAGE)
                 self.check_cancelled(attempt)
                 prepared = self.hold_image(attempt, runtime, image, log)

@@ -349,7 +349,9 @@ class Executor(Role):
     def read_output(self, run: Run) -> None:
         """Reader thread: whole segments of stdout and stderr (separate pipes, see
         :mod:`runner.output`) to the scraper, in the order they were read."""
-        streams = {pipe.fileno(): Segments() for pipe in (run.process.stdout, run.process.stderr)}
+        stdout, stderr = run.process.stdout, run.process.stderr
+        assert stdout is not None and stderr is not None  # started with a pipe each
+        streams = {pipe.fileno(): Segments() for pipe in (stdout, stderr)}
         poller = select.poll()
         for fd in streams:
             poller.register(fd, select.POLLIN)
@@ -367,8 +369,8 @@ class Executor(Role):
         finally:
             self.post_output(run, [piece for segments in streams.values()
                                    for piece in segments.close()])
-            run.process.stdout.close()
-            run.process.stderr.close()
+            stdout.close()
+            stderr.close()
             try:  # the output ends as the run exits: let the loop see both at once
                 run.process.wait(self.EXIT_WAIT)
             except subprocess.TimeoutExpired:
@@ -395,7 +397,8 @@ class Executor(Role):
             self.log.error("key=%s attempt=%s pid %d did not die", run.attempt.key,
                            run.attempt.attempt_id, run.process.pid)
         for pipe in (run.process.stdout, run.process.stderr):
-            pipe.close()
+            if pipe is not None:  # started with a pipe each
+                pipe.close()
         if run.cgroup is not None and not cgroups.wait_removed(run.cgroup, timeout=0.2):
             self.leftover_cgroups.append(run.cgroup)
 
@@ -510,7 +513,7 @@ class Executor(Role):
                                    pids_limit=limits.pids)
             if not cgroups.wait_removed(run.cgroup, timeout=0.2):
                 self.leftover_cgroups.append(run.cgroup)
-        if oom_kills and exit_code != 0 and run.stop_reason is None:
+        if oom_kills and run.cgroup is not None and exit_code != 0 and run.stop_reason is None:
             reason = f"out of memory: limit {describe_size(run.cgroup.limits.ram)}"
             self.post("scraper", protocol.OutputChunk(
                 attempt_id=run.attempt.attempt_id, offset=protocol.RUNNER_NOTE,

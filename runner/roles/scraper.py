@@ -549,9 +549,10 @@ class Scraper(Role):
         if state is not None:
             for handle in (state.output_log, state.output_artifact, state.history,
                            state.runner_log):
+                if handle is None:
+                    continue
                 try:
-                    if handle is not None:
-                        handle.close()  # flushed by the save; its descriptor is closed anyway
+                    handle.close()  # flushed by the save; its descriptor is closed anyway
                 except OSError as exc:
                     self.log.error("key=%s attempt=%s: %s not closed cleanly: %s",
                                    ended.attempt.key, ended.attempt.attempt_id, handle.name, exc)

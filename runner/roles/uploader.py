@@ -61,6 +61,7 @@ record, which this one must never overwrite.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -243,7 +244,7 @@ class Uploader(Role):
                 self.records.submit(attempt.attempt_id, attempt.request, studio_db.ended(
                     decision.action in (fates.ACK, fates.DEAD, fates.DROP)))
             self.records.forget(attempt.attempt_id)
-            self.post("fetcher", protocol.AttemptDone(attempt=attempt, outcome=request.outcome,
+            self.post("fetcher", protocol.AttemptDone(attempt=attempt, outcome=outcome,
                                                   upload_error=error,
                                                   upload_error_kind=error_kind))
             self.forget(attempt)  # after the AttemptDone: the fetcher need not wait for the removal
@@ -296,11 +297,12 @@ class Uploader(Role):
                 continue
             store = open_for_request(url, attempt.request, artifact)
             compression = compression_for_key(artifact.get("key") or url)
-            sizes = []
+            sizes: list[int] = []
 
-            def upload() -> None:
+            def upload(store=store, url=url, folder=folder, compression=compression,
+                       single_file=label in SINGLE_FILE_LABELS, sizes=sizes) -> None:
                 info = store.put_stream(url, lambda out: pack_to_stream(
-                    folder, out, compression, single_file=label in SINGLE_FILE_LABELS))
+                    folder, out, compression, single_file=single_file))
                 sizes.append(info.size)
             with_retries(upload, f"upload of {label}", log, retry_for)
             with self.lock:  # forget() may be iterating over it for another attempt
@@ -356,7 +358,8 @@ class Uploader(Role):
                 artifact = attempt.request["experiment"]["artifacts"]["_metadata"]
                 store = open_for_request(prefix, attempt.request, artifact)
             url = f"{prefix}/{entry.name}"
-            with_retries(lambda: store.put(url, path), f"upload of {entry.name}", log, retry_for)
+            with_retries(functools.partial(store.put, url, path), f"upload of {entry.name}", log,
+                         retry_for)
             with self.lock:
                 self.sent[key] = Sent(signature, looked, digest)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
 
 from ..errors import BadRequest
 from .base import (ObjectInfo, ObjectMissing, PermanentStorageError, Store,
@@ -55,12 +56,12 @@ def request_env(request: dict, base: dict | None = None) -> dict:
     """The request's ``config.env`` with ``%NAME%`` replaced by ``base[NAME]`` (default: the
     runner's environment) where ``base`` has NAME; any other ``%…%`` text (``%Y%m%d``,
     ``50%off%sale``) is kept as written."""
-    base = os.environ if base is None else base
+    names: Mapping[str, str] = os.environ if base is None else base
     config = request.get("config") if isinstance(request, dict) else None
     env = (config or {}).get("env") if isinstance(config, dict) else None
     if not isinstance(env, dict):
         return {}
-    return {str(name): _PERCENT_VAR.sub(lambda m: base.get(m.group(1), m.group(0)), str(value))
+    return {str(name): _PERCENT_VAR.sub(lambda m: names.get(m.group(1), m.group(0)), str(value))
             for name, value in env.items()}
 
 

@@ -20,15 +20,17 @@ Sizes are ``int`` bytes, times are ``float`` unix seconds.
 from __future__ import annotations
 
 import abc
+import builtins
 import contextlib
 import logging
 import os
 import secrets
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Callable, ClassVar, Iterator, TypeVar
+from typing import BinaryIO, Callable, ClassVar, TypeVar
 
 from ..errors import PermanentStorageError, StorageError  # noqa: F401 (re-exported)
 
@@ -168,7 +170,7 @@ class Store(abc.ABC):
 
     @classmethod
     def from_url(cls, url: str, *, credentials: dict | None = None,
-                 storage_config: dict | None = None, env: dict | None = None) -> "Store":
+                 storage_config: dict | None = None, env: dict | None = None) -> Store:
         """Build a store able to serve ``url`` (the registry calls this).
 
         ``credentials`` is an artifact's ``credentials`` map (``{"aws": {...}}`` /
@@ -260,7 +262,7 @@ class Store(abc.ABC):
         An empty or absent prefix gives ``[]``.  Raises :class:`StorageError` on failure.
         """
 
-    def list_info(self, prefix_url: str) -> list[ObjectInfo]:
+    def list_info(self, prefix_url: str) -> builtins.list[ObjectInfo]:
         """:meth:`list` with each object's :class:`ObjectInfo`, sorted by URL.
 
         The default stats each listed object (cheap for files); back ends whose listing

@@ -13,6 +13,7 @@ mtime keeps moving), so such leftovers last until the next upload into that fold
 """
 from __future__ import annotations
 
+import builtins
 import errno
 import logging
 import os
@@ -34,7 +35,7 @@ _PARTIAL_RE = re.compile(r"\.partial-[0-9a-f]{12}$")
 STALE_PARTIAL_AFTER = 15 * 60.0
 
 # (path, size, mtime_ns, inode) -> content hash; bounded, shared by every FileStore.
-_HASHES: "OrderedDict[tuple, str]" = OrderedDict()
+_HASHES: OrderedDict[tuple, str] = OrderedDict()
 _HASHES_LOCK = threading.Lock()
 _HASHES_MAX = 4096
 
@@ -146,11 +147,10 @@ class FileStore(Store):
                 st = os.fstat(src.fileno())
                 if not stat_mod.S_ISREG(st.st_mode):
                     raise ObjectMissing(url, f"not a regular file: {url}")
-                with atomic_destination(dest) as tmp:
-                    with open(tmp, "wb") as out:
-                        copied = _copy_stream(src, out)
-                        out.flush()
-                        os.fsync(out.fileno())
+                with atomic_destination(dest) as tmp, open(tmp, "wb") as out:
+                    copied = _copy_stream(src, out)
+                    out.flush()
+                    os.fsync(out.fileno())
             except StorageError:
                 raise
             except OSError as exc:
@@ -213,11 +213,10 @@ class FileStore(Store):
     def _write(self, url: str, path: Path, fill) -> ObjectInfo:
         remove_stale_partials(path.parent)
         try:
-            with atomic_destination(path) as tmp:
-                with open(tmp, "wb") as out:
-                    fill(out)
-                    out.flush()
-                    os.fsync(out.fileno())
+            with atomic_destination(path) as tmp, open(tmp, "wb") as out:
+                fill(out)
+                out.flush()
+                os.fsync(out.fileno())
             st = path.stat()
         except StorageError:
             raise
@@ -247,7 +246,7 @@ class FileStore(Store):
                           if p.startswith(prefix)))
 
     @staticmethod
-    def _walk(root: str, prefix_url: str) -> list[str]:
+    def _walk(root: str, prefix_url: str) -> builtins.list[str]:
         out: list[str] = []
         try:
             st = os.stat(root)

@@ -16,12 +16,14 @@ resumable upload in ``part_size`` chunks, so an archive is never held whole.
 """
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -64,7 +66,7 @@ class GcpCredentials:
 def resolve_gcp_credentials(credentials: dict | None, env: dict | None,
                             environ: dict | None = None) -> GcpCredentials:
     """Which credentials a GCS client should use (precedence in the module doc)."""
-    environ = os.environ if environ is None else environ
+    variables: Mapping[str, str] = os.environ if environ is None else environ
     document = credentials.get("gcp") if isinstance(credentials, dict) else None
     if isinstance(document, str):
         try:
@@ -77,7 +79,7 @@ def resolve_gcp_credentials(credentials: dict | None, env: dict | None,
                                 project=str(document.get("project_id") or ""))
     else:
         path = ""
-        for mapping in (env if isinstance(env, dict) else {}, environ):
+        for mapping in (env if isinstance(env, dict) else {}, variables):
             candidate = mapping.get("GOOGLE_APPLICATION_CREDENTIALS")
             if isinstance(candidate, str) and candidate and os.path.isfile(candidate):
                 path = candidate
@@ -95,7 +97,7 @@ def resolve_gcp_credentials(credentials: dict | None, env: dict | None,
     return chosen
 
 
-_CLIENTS: "OrderedDict[tuple, object]" = OrderedDict()
+_CLIENTS: OrderedDict[tuple, object] = OrderedDict()
 _CLIENTS_LOCK = threading.Lock()
 
 
@@ -152,7 +154,7 @@ def _translate(exc: BaseException, url: str, what: str, *, reading: bool) -> Sto
     try:
         from google.auth.exceptions import DefaultCredentialsError, RefreshError
     except ImportError:  # pragma: no cover
-        DefaultCredentialsError = RefreshError = ()  # type: ignore[assignment]
+        DefaultCredentialsError = RefreshError = ()  # type: ignore[assignment, misc]
     if isinstance(exc, (DefaultCredentialsError, RefreshError)):
         return PermanentStorageError(f"cannot {what} {url}: no usable Google credentials: {exc}")
     if isinstance(exc, Exception):
@@ -199,7 +201,7 @@ class GcsStore(Store):
 
     @classmethod
     def from_url(cls, url: str, *, credentials: dict | None = None,
-                 storage_config: dict | None = None, env: dict | None = None) -> "GcsStore":
+                 storage_config: dict | None = None, env: dict | None = None) -> GcsStore:
         parse_gs_url(url)
         return cls(credentials, env)
 
@@ -272,7 +274,7 @@ class GcsStore(Store):
     def list(self, prefix_url: str) -> list[str]:
         return [info.url for info in self.list_info(prefix_url)]
 
-    def list_info(self, prefix_url: str) -> list[ObjectInfo]:
+    def list_info(self, prefix_url: str) -> builtins.list[ObjectInfo]:
         bucket, key = parse_gs_url(prefix_url)
 
         def listing(client):

@@ -31,6 +31,7 @@ for it.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
@@ -41,7 +42,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from ..errors import StorageError
 from . import base
@@ -185,7 +186,7 @@ def resolve_credentials(credentials: dict | None, storage_config: dict | None,
 
 # ------------------------------------------------------------------------- clients
 
-_CLIENTS: "OrderedDict[tuple, object]" = OrderedDict()
+_CLIENTS: OrderedDict[tuple, object] = OrderedDict()
 _CLIENTS_LOCK = threading.Lock()
 _CLIENTS_MAX = 32
 
@@ -342,7 +343,7 @@ class _MultipartWriter:
         self.upload_id: str | None = None
         self.parts: list[dict] = []
         self.pending: list = []  # futures of parts being sent, oldest first
-        self.pool = None
+        self.pool: Any = None  # a ThreadPoolExecutor once the multipart upload has begun
         self.number = 0  # of the last part handed to the pool
         self.size = 0
         self.etag = ""
@@ -457,7 +458,7 @@ class S3Store(Store):
 
     @classmethod
     def from_url(cls, url: str, *, credentials: dict | None = None,
-                 storage_config: dict | None = None, env: dict | None = None) -> "S3Store":
+                 storage_config: dict | None = None, env: dict | None = None) -> S3Store:
         parse_s3_url(url, storage_config)  # refuse a malformed URL now
         return cls(credentials, storage_config, env)
 
@@ -569,7 +570,7 @@ class S3Store(Store):
     def list(self, prefix_url: str) -> list[str]:
         return [info.url for info in self.list_info(prefix_url)]
 
-    def list_info(self, prefix_url: str) -> list[ObjectInfo]:
+    def list_info(self, prefix_url: str) -> builtins.list[ObjectInfo]:
         def listing(client, target):
             found = []
             paginator = client.get_paginator("list_objects_v2")
