@@ -195,6 +195,8 @@ class Catalog:
             value = json.loads(self.read_bytes(url))
         except ValueError as exc:
             raise StorageError(f"{url}: not JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise StorageError(f"{url}: JSON nested too deeply to read") from exc
         if not isinstance(value, dict):
             raise StorageError(f"{url}: not a JSON object")
         return value

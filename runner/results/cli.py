@@ -164,9 +164,16 @@ def load(catalog: Catalog, db: str, with_history: bool = False):
     connection = connect(db or ":memory:")
     with progress_bar("reading experiments") as bar:
         task = bar.add_task("read", total=None)
-        sync(catalog, connection, with_history=with_history,
-             progress=lambda done, total: bar.update(task, completed=done, total=total))
+        report = sync(catalog, connection, with_history=with_history,
+                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+    say_problems(report)
     return connection
+
+
+def say_problems(report) -> None:
+    """One stderr line per experiment a sync could not read (left out, or as last read)."""
+    for project, key, reason in report.problems:
+        print(f"runner-results: skipped {project}/{key}: {reason}", file=sys.stderr)
 
 
 def format_cell(column: str, value) -> str:
@@ -285,6 +292,7 @@ def command_sync(args: argparse.Namespace, catalog: Catalog) -> int:
         report = sync(catalog, connection, with_history=not args.no_history,
                       progress=lambda done, total: bar.update(task, completed=done, total=total))
     connection.close()
+    say_problems(report)
     if args.json:
         print(json.dumps(report.__dict__))
     else:
