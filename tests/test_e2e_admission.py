@@ -297,3 +297,21 @@ def test_a_request_that_does_not_fit_now_lets_smaller_ones_pass_then_runs(runner
     seconds = _fast.b62decode(record["attempt"].rsplit("-", 1)[1])
     assert seconds <= time.time() + 5
     assert queue_files(runner) == []
+
+
+def test_a_run_the_kernel_refuses_to_start_ends_after_one_attempt(runner):
+    """E2BIG: the request's environment passes admission (under 1 MiB) but, with the
+    variables the runner passes on, is too large to start a process with; no retry can
+    change that, so the request ends failed after one attempt."""
+    runner.env.update({f"RUNNER_TEST_PAD_{i}": "p" * 100_000 for i in range(12)})
+    runner.start()
+    workspace = runner.workspace({"ok.py": "print('fine')"})
+    request = runner.request(workspace, "ok.py",
+                             env={f"REQUEST_PAD_{i}": "r" * 100_000 for i in range(9)})
+    runner.publish(request)
+    record = runner.wait_final(request, timeout=120)
+    assert (record["status"], record["attempts"]) == ("failed", 1), record
+    documents = [d["runner"] for d in runner.scrape_documents(request)]
+    assert [d["error"] for d in documents] == ["StartRefused"], documents
+    assert "Argument list too long" in documents[0]["message"]
+    assert "failed, not retried (StartRefused" in runner.log()
