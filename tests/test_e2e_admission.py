@@ -315,3 +315,28 @@ def test_a_run_the_kernel_refuses_to_start_ends_after_one_attempt(runner):
     assert [d["error"] for d in documents] == ["StartRefused"], documents
     assert "Argument list too long" in documents[0]["message"]
     assert "failed, not retried (StartRefused" in runner.log()
+
+
+def test_runner_submit_refuses_what_the_runner_would_dead_letter(runner):
+    """A key or project that is no single folder name, or a requirements file with an
+    installer option (a common ``--extra-index-url`` line), is said by runner-submit before
+    anything is published."""
+    workspace = runner.workspace({"ok.py": "print('fine')"})
+    with_index = runner.workspace({"ok.py": "print('fine')", "requirements.txt":
+                                   "--extra-index-url https://example.invalid/simple\nsix\n"})
+    base = [sys.executable, "-m", "runner.submit", "--queue", runner.queue, "--queue-root",
+            str(runner.options["queue-root"]), "--storage", runner.store_root]
+    for extra, directory, expected in (
+            (["--key", "../x"], workspace, "experiment.key '../x' holds a path separator"),
+            (["--key", "."], workspace, "experiment.key '.' is a relative folder name"),
+            (["--project", "a/b"], workspace,
+             "experiment.project 'a/b' holds a path separator"),
+            ([], with_index, "experiment.pythonenv: '--extra-index-url "
+                             "https://example.invalid/simple' is an installer option"),
+            (["--pip", "-i http://127.0.0.1:1/simple"], workspace, "config.pip: '-i http")):
+        done = subprocess.run([*base, *extra, str(directory), "ok.py"], capture_output=True,
+                              text=True, env=runner.env, timeout=60)
+        assert done.returncode == 2, (extra, done.stdout, done.stderr)
+        assert expected in done.stderr, (expected, done.stderr)
+    folder = runner.root / "q" / runner.queue
+    assert not folder.is_dir() or queue_files(runner) == []  # nothing was published
