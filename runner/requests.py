@@ -251,15 +251,17 @@ def check_requirement_line(line: str, where: str) -> None:
     packages come from or run the installer differently; the runner's operator chooses
     that.  What ``pip freeze`` writes is accepted: ``name==1.0``, ``name @ URL``,
     ``-e``/``--editable`` lines (``-e git+https://…#egg=name``, ``-e /path``), comments,
-    and ``--hash=…`` after a requirement.
+    and ``--hash=…`` after a requirement or on a line of its own (``pip-compile``).
     """
     text = re.sub(r"(^|\s)#.*$", "", line).strip()
     if not text:
         return
-    tokens = text.split()
+    tokens = [t for t in text.split() if t != "\\"]  # pip-compile's line continuations
     first = 0
     if _EDITABLE.match(text):
         first = 2 if tokens[0] in ("-e", "--editable") else 1
+    elif all(_HASH_OPTION.match(t) for t in tokens):
+        return  # a continuation line of hashes (``    --hash=sha256:… \``)
     elif tokens[0].startswith("-"):
         raise BadRequest(f"{where}: {_show(text)} is an installer option, not a requirement "
                          "(the runner's operator chooses package indexes and files)")

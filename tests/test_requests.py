@@ -568,7 +568,8 @@ def test_what_pip_freeze_writes_is_accepted() -> None:
         "# Editable install with no version control (r==0.1)",
         "## !! Could not determine repository location", "",
         "six==1.16.0 --hash=sha256:8abb2f1d86890a2dfb989f9a77cfcfd3e47c2a354b01111771326f8aa26e0254",
-        "requests[socks]==2.31 ; python_version >= \"3.8\"  # a comment -x"]
+        "requests[socks]==2.31 ; python_version >= \"3.8\"  # a comment -x",
+        "idna==3.6 \\", "--hash=sha256:9ecdbbd0 \\", "    --hash=sha256:c05567e9"]
     parse_request(body(request))
 
 
