@@ -403,7 +403,13 @@ def _parse_request(body: bytes | str, min_save_interval: float) -> tuple[dict, R
     _check_pythonver(experiment.get("pythonver"))
     artifacts = experiment.get("artifacts") or {}
     _check_artifacts(artifacts)
-    if image_of(request) is None and "workspace" not in artifacts:
+    image = image_of(request)
+    if image is not None and (image.storage_url or "").lower().startswith("file://"):
+        try:
+            check_file_url(image.storage_url)
+        except StorageError as exc:
+            raise BadRequest(f"artifact '_singularity': {exc}") from exc
+    if image is None and "workspace" not in artifacts:
         raise BadRequest("no workspace artifact and no image (_singularity, config.image): "
                          "unknown mode")
     resources = parse_resources(experiment.get("resources_needed") or config.get("resources_needed"))

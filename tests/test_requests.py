@@ -636,6 +636,15 @@ def test_file_artifacts_outside_the_roots_are_refused(file_roots, tmp_path) -> N
                                     root=file_roots)))
 
 
+def test_an_image_file_outside_the_roots_is_refused(file_roots) -> None:
+    request = with_url("workspace", f"file://{file_roots}/blobstore/ws.tar")
+    request["experiment"]["artifacts"]["_singularity"] = {"qualified": "file:///etc/img.sif"}
+    bad(request, "artifact '_singularity': file:// path /etc/img.sif is outside")
+    request["experiment"]["artifacts"]["_singularity"]["qualified"] = \
+        f"file://{file_roots}/images/img.sif"
+    parse_request(body(request))
+
+
 def test_the_file_store_refuses_paths_that_escape_later(file_roots, tmp_path) -> None:
     """A symlink made after admission still cannot lead a read or write out of the roots."""
     from runner.errors import PermanentStorageError
