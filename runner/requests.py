@@ -52,8 +52,6 @@ MAX_NESTING = 64
 MAX_COUNT = 2**53
 """The largest resource count or size accepted (sizes in bytes: 8 PiB)."""
 _INT_MIN, _INT_MAX = -2**63, 2**64 - 1  # what msgpack carries
-MAX_NAME_BYTES = 255
-"""The longest ``key`` or ``project`` (UTF-8 bytes): one file name on common file systems."""
 MAX_ARG_STRING = 128 * 1024
 """The longest single argument or ``NAME=value`` the kernel passes to a new process
 (Linux's ``MAX_ARG_STRLEN``, NUL included)."""
@@ -222,9 +220,10 @@ def check_name(value, where: str) -> None:
     """BadRequest unless ``value`` (a key or project) is usable as one path component.
 
     Refused: empty text, ``.`` and ``..``, text holding ``/``, a NUL or another control
-    character (newline, tab …), and more than :data:`MAX_NAME_BYTES` UTF-8 bytes.
-    Everything else StudioML clients make is accepted (``1701234567_<uuid>``, ``<name>__opt__<random>__<time>``, ``lr-0.01``,
-    ``résumé``, ``a b``).
+    character (newline, tab …).  Everything else StudioML clients make is accepted
+    (``1701234567_<uuid>``, ``<name>__opt__<random>__<time>``, ``lr-0.01``, ``résumé``,
+    ``a b``); names too long for their store are refused by
+    :func:`runner.metadata.check_object_names`, which knows the store's limits.
     """
     if not isinstance(value, str) or not value.strip():
         raise BadRequest(f"missing {where}")
@@ -235,8 +234,6 @@ def check_name(value, where: str) -> None:
         reason = "holds a path separator"
     elif any(ord(c) < 32 or ord(c) == 127 for c in value):
         reason = "holds a control character"
-    elif len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        reason = f"is longer than {MAX_NAME_BYTES} bytes"
     if reason:
         raise BadRequest(f"{where} {_show(value)} {reason}: it names a folder in storage, "
                          "so it must be one path component")
