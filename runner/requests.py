@@ -379,6 +379,7 @@ def _parse_request(body: bytes | str, min_save_interval: float) -> tuple[dict, R
     key = experiment.get("key")
     filename = experiment.get("filename")
     check_name(key, "experiment.key")
+    assert isinstance(key, str)  # check_name raised otherwise
     project = experiment.get("project")
     if project is not None and (isinstance(project, bool)
                                 or not isinstance(project, (str, int))):
