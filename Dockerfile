@@ -36,6 +36,7 @@ WORKDIR /var/lib/studioml-runner
 ENV RUNNER_QUEUE_ROOT=/var/lib/studioml-runner/queues \
     RUNNER_WORKING_DIR=/var/lib/studioml-runner/work \
     RUNNER_CACHE_DIR=/var/lib/studioml-runner/cache \
+    RUNNER_FILE_STORE_ROOTS=/var/lib/studioml-runner/storage \
     RUNNER_RUNTIME_DIR=/tmp/studioml-runner \
     RUNNER_PROM_ADDRESS=0.0.0.0:9090 \
     RUNNER_DRAIN_TIMEOUT=10m \

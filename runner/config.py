@@ -336,6 +336,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("s3-ca", _optional_file, "", "CA bundle (PEM) to verify non-AWS S3 hosts; turns on https"),
     Option("s3-cert", _optional_file, "", "client certificate (PEM) for non-AWS S3 hosts; turns on https"),
     Option("s3-key", _optional_file, "", "private key (PEM) of --s3-cert"),
+    Option("file-store-roots", _path_list, None,
+           "folders (os.pathsep list) that requests' file:// artifacts must lie under, "
+           "judged on real paths; any other file:// URL is a bad request (default: "
+           "DATA_ROOT/storage, where runner-submit stores by default)"),
     Option("storage-retry", _duration, "5m",
            "how long an upload keeps retrying transient storage errors before the attempt "
            "is handed back"),
@@ -476,6 +480,17 @@ class Config:
     scrub_env: tuple = _name_patterns(DEFAULT_SCRUB_ENV)
     referenced_env: tuple = ()  # variables named by ${VAR} in the EXPANDED options
     max_history: int = 64 * 1024 * 1024
+    file_store_roots: tuple = ()
+
+    def file_roots(self) -> tuple:
+        """The real folders ``file://`` objects may lie under: ``--file-store-roots`` and the
+        folder of a ``file://`` ``--metadata-store`` (the operator's own choice)."""
+        from .storage.file import file_url_to_path, real_roots
+
+        roots = list(self.file_store_roots)
+        if self.metadata_store.startswith("file://"):
+            roots.append(file_url_to_path(self.metadata_store))
+        return real_roots(roots)
 
     @property
     def env_dir(self) -> str:
@@ -510,7 +525,8 @@ class Config:
     @classmethod
     def from_json(cls, text: str) -> Config:
         data = json.loads(text)
-        for name in ("python_dirs", "pass_env", "scrub_env", "referenced_env"):
+        for name in ("python_dirs", "pass_env", "scrub_env", "referenced_env",
+                     "file_store_roots"):
             if name in data:
                 data[name] = tuple(data[name])
         return cls(**data)
@@ -798,6 +814,8 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Resolved:
     values["queue_root"] = values.get("queue_root") or str(root / "queues")
     values["working_dir"] = values.get("working_dir") or str(root / "work")
     values["cache_dir"] = values.get("cache_dir") or str(root / "cache")
+    if values.get("file_store_roots") is None:
+        values["file_store_roots"] = (str(root / "storage"),)
     values["runtime_dir"] = values.get("runtime_dir") or str(default_runtime_dir())
     values["executors"] = values.get("executors") or max(1, os.cpu_count() or 1)
     values["hostname"] = values.get("hostname") or socket.gethostname()

@@ -312,6 +312,8 @@ def normalize_requirements(lines: list[str]) -> list[str]:
     ``git+…``, ``file://…`` and ``name @ url`` lines are kept as written. Requirements are
     deduplicated and sorted.  Lines in :data:`DROPPED_REQUIREMENTS` are left out;
     ``pip``, ``setuptools`` and ``wheel`` lines (:data:`INSTALLER_TOOLS`) become the bare name.
+    (A request never brings option lines: admission refuses them,
+    :func:`runner.requests.check_requirement_line`.)
     """
     options: list[str] = []
     reqs: set[str] = set()

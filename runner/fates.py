@@ -51,7 +51,9 @@ class OutOfMemory(ExperimentFailed):
 class DiskLimitExceeded(ExperimentFailed):
     """The run's working directory grew past the request's ``hdd`` while it ran.
 
-    Counted like any failure of the experiment's own code.
+    Counted once and not retried: the same code with the same ``hdd`` outgrows it again,
+    and a retry would start by downloading the outputs this attempt uploaded, which
+    already exceed the budget (:class:`~runner.errors.DiskBudgetExceeded`).
     """
 
 
@@ -94,6 +96,11 @@ def files_fault(detail: str, no_space: bool, used: int, budget: int) -> errors.R
         f"{what}: {detail}; the run's working directory holds {describe_size(used)}, "
         f"within its hdd of {describe_size(budget)}: the host's fault" if budget > 0 else
         f"{what}: {detail}: the host's fault")
+
+
+class StartRefused(ExperimentFailed):
+    """The kernel refused to start the run for a reason the request brings every time
+    (``E2BIG``: its arguments and environment are too large): counted once, not retried."""
 
 
 class QueueDeleted(errors.RunnerError):
@@ -152,7 +159,10 @@ _KIND_BY_ERROR: dict[type, str] = {
     errors.StorageError: STORAGE,
     errors.ResourcesUnavailable: RESOURCES,
     errors.RequirementsUnsatisfiable: NOT_RETRIED,
+    errors.ArchiveError: NOT_RETRIED,  # hostile or broken archives, inputs over hdd
     ScriptMissing: NOT_RETRIED,
+    DiskLimitExceeded: NOT_RETRIED,
+    StartRefused: NOT_RETRIED,
     LimitReached: LIMIT,
     ShutdownRequested: SHUTDOWN,
     RoleCrashed: ROLE_CRASHED,
@@ -257,7 +267,8 @@ def decide(outcome: Outcome, attempts_before: int, max_attempts: int,
     * completed and expired attempts are acked, but only once their uploads succeeded;
     * failures count; they are requeued until ``max_attempts``, then acked as failed;
       a failure no retry can fix (requirements that cannot be met, a script missing from
-      the workspace) is acked as failed at once.
+      the workspace, a hostile or broken archive, inputs or a run larger than its
+      ``hdd``, a run the kernel refuses to start) is acked as failed at once.
     """
     if cancelled or outcome.kind == CANCEL:
         if outcome.status in (COMPLETED, EXPIRED) and not upload_error:

@@ -105,23 +105,36 @@ def history_lines(lines: list[bytes], *, time: float, room: int,
     return b"".join(parts), False
 
 
+_INT64 = 2**63
+
+
 def numeric_leaves(document: dict, *, strip_experiment: bool = True) -> Iterator[tuple[str, float]]:
     """``(name, value)`` for every finite numeric leaf of ``document`` (booleans excluded),
-    named by dotted path as the module docstring says."""
-    def walk(prefix: str, value) -> Iterator[tuple[str, float]]:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                yield from walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isfinite(value):
-                yield prefix, value
-    for key, value in document.items():
+    named by dotted path as the module docstring says.
+
+    Any JSON an experiment printed is taken: an integer outside 64 bits is given as a float
+    (left out beyond a float's range), and nesting of any depth is walked without recursion.
+    """
+    stack: list[tuple[str, object]] = []
+    for key, value in reversed(list(document.items())):
         if key in _RUNNER_KEYS:
             continue
-        if key == "experiment" and strip_experiment:
-            yield from walk("", value)
-        else:
-            yield from walk(str(key), value)
+        stack.append(("" if key == "experiment" and strip_experiment else str(key), value))
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{prefix}.{key}" if prefix else str(key), inner)
+                         for key, inner in reversed(list(value.items())))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if -_INT64 <= value < _INT64:
+                yield prefix, value
+            else:
+                try:
+                    yield prefix, float(value)
+                except OverflowError:
+                    continue
+        elif isinstance(value, float) and math.isfinite(value):
+            yield prefix, value
 
 
 def parse_history(data: bytes) -> list[dict]:

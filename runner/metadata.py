@@ -33,6 +33,7 @@ from . import _fast, strict_json
 from .errors import BadRequest, StorageError
 from .redact import redact_request
 from .storage import artifact_url, open_for_request, split_url
+from .storage.file import check_file_url
 from .storage.s3 import parse_s3_url
 
 # Longest object names the stores take: S3 and GCS keys are at most 1024 bytes of UTF-8;
@@ -287,8 +288,10 @@ def _name_problem(url: str) -> str | None:
 def check_object_names(request: dict, hostname: str, override: str = "") -> None:
     """Refuse a request whose metadata-store record or ``_metadata`` files would have
     object names too long for their store (SPEC section 12: a key the store refuses is the
-    request's fault).  Checked at admission, so that such a request is dead-lettered with
-    the reason instead of running and ending without its record.
+    request's fault), or would lie outside the runner's ``--file-store-roots`` on
+    ``file://`` (an artifact ``key`` that strips the URL above the store's folder).
+    Checked at admission, so that such a request is dead-lettered with the reason instead
+    of running and ending without its record.
 
     Raises :class:`~runner.errors.BadRequest` naming the object and the limit.
     """
@@ -303,6 +306,11 @@ def check_object_names(request: dict, hostname: str, override: str = "") -> None
                      scrape_name(longest_id)):
             names.append(("metadata file", f"{prefix}/{name}"))
     for what, url in names:
+        if url.startswith("file://"):
+            try:
+                check_file_url(url)
+            except StorageError as exc:
+                raise BadRequest(f"the {what}: {exc}") from exc
         problem = _name_problem(url)
         if problem:
             shown = url if len(url) <= 160 else f"{url[:120]}...{url[-30:]}"

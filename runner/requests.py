@@ -11,7 +11,14 @@ that is valid Unicode) and the body at most :data:`MAX_BODY_BYTES` long.
 Fields the runner acts on are checked for what they will be used for: ``filename`` is a
 path inside the workspace (or ``-m``), artifact labels are single folder names,
 ``args``, ``pythonenv``, ``config.pip`` are lists of strings and ``config.env`` an object
-of scalars, none of them holding a NUL character.
+of scalars, none of them holding a NUL character.  The experiment's ``key`` and
+``project`` name storage paths (``experiments/<key>/…``, ``metadata/<project>/<key>.json``),
+so each must be one path component (:func:`check_name`).  ``pythonver`` must be a version
+(``3.11``, ``3.11.7``).  Requirement lines may not be installer options (``--index-url``,
+``-f``, ``-r`` …): a request must not choose where packages come from
+(:func:`check_requirement_line`).  ``file://`` artifacts must lie under the runner's
+``--file-store-roots`` (:mod:`runner.storage.file`).  ``config.env`` and ``args`` must fit
+what the kernel lets a process start with (:data:`MAX_ARG_STRING`, :data:`MAX_EXEC_BYTES`).
 """
 from __future__ import annotations
 
@@ -25,8 +32,9 @@ import msgpack
 
 from .containers.base import image_of
 from .argv import split_args
-from .errors import BadRequest
+from .errors import BadRequest, StorageError
 from .storage import STORES, artifact_url
+from .storage.file import check_file_url
 from .units import UnitError, parse_duration, parse_size
 
 DEFAULT_SAVE_FREQUENCY = 60.0
@@ -44,6 +52,15 @@ MAX_NESTING = 64
 MAX_COUNT = 2**53
 """The largest resource count or size accepted (sizes in bytes: 8 PiB)."""
 _INT_MIN, _INT_MAX = -2**63, 2**64 - 1  # what msgpack carries
+MAX_ARG_STRING = 128 * 1024
+"""The longest single argument or ``NAME=value`` the kernel passes to a new process
+(Linux's ``MAX_ARG_STRLEN``, NUL included)."""
+MAX_EXEC_BYTES = 1024 * 1024
+"""The most bytes ``args`` and ``config.env`` together may take; the kernel's limit for a
+whole command line and environment is about 2 MiB, and the runner adds its own variables."""
+_PYTHONVER = re.compile(r"^(?:python)?\d+(?:\.\d+){0,2}(?:(?:a|b|rc)\d+)?\+?$")
+_EDITABLE = re.compile(r"^(?:-e|--editable)(?:\s+|=)\S")
+_HASH_OPTION = re.compile(r"^--hash(?:=\S+)?$")
 
 
 @dataclass(frozen=True)
@@ -199,6 +216,84 @@ def _strings(value, where: str) -> list:
     return value
 
 
+def check_name(value, where: str) -> None:
+    """BadRequest unless ``value`` (a key or project) is usable as one path component.
+
+    Refused: empty text, ``.`` and ``..``, text holding ``/``, a NUL or another control
+    character (newline, tab …).  Everything else StudioML clients make is accepted
+    (``1701234567_<uuid>``, ``<name>__opt__<random>__<time>``, ``lr-0.01``, ``résumé``,
+    ``a b``); names too long for their store are refused by
+    :func:`runner.metadata.check_object_names`, which knows the store's limits.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(f"missing {where}")
+    reason = ""
+    if value in (".", ".."):
+        reason = "is a relative folder name"
+    elif "/" in value:
+        reason = "holds a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        reason = "holds a control character"
+    if reason:
+        raise BadRequest(f"{where} {_show(value)} {reason}: it names a folder in storage, "
+                         "so it must be one path component")
+
+
+def check_requirement_line(line: str, where: str) -> None:
+    """BadRequest when a requirement line is an installer option.
+
+    Lines like ``--index-url URL``, ``--extra-index-url``, ``-i``, ``-f``/``--find-links``,
+    ``-c``/``-r`` (other files), ``--trusted-host``, ``--no-index`` and per-requirement
+    options (``--config-settings``, ``--install-option``) would let a request choose where
+    packages come from or run the installer differently; the runner's operator chooses
+    that.  What ``pip freeze`` writes is accepted: ``name==1.0``, ``name @ URL``,
+    ``-e``/``--editable`` lines (``-e git+https://…#egg=name``, ``-e /path``), comments,
+    and ``--hash=…`` after a requirement or on a line of its own (``pip-compile``).
+    """
+    text = re.sub(r"(^|\s)#.*$", "", line).strip()
+    if not text:
+        return
+    tokens = [t for t in text.split() if t != "\\"]  # pip-compile's line continuations
+    first = 0
+    if _EDITABLE.match(text):
+        first = 2 if tokens[0] in ("-e", "--editable") else 1
+    elif all(_HASH_OPTION.match(t) for t in tokens):
+        return  # a continuation line of hashes (``    --hash=sha256:… \``)
+    elif tokens[0].startswith("-"):
+        raise BadRequest(f"{where}: {_show(text)} is an installer option, not a requirement "
+                         "(the runner's operator chooses package indexes and files)")
+    for token in tokens[first:]:
+        if token.startswith("-") and not _HASH_OPTION.match(token):
+            raise BadRequest(f"{where}: {_show(text)} carries the installer option "
+                             f"{_show(token, 30)} (only --hash is accepted after a requirement)")
+
+
+def _check_pythonver(pythonver) -> None:
+    """``experiment.pythonver``: absent, a number (``3.11``) or version text (``"3.11.7"``)."""
+    if pythonver is None or pythonver == "":
+        return
+    if isinstance(pythonver, bool) or not isinstance(pythonver, (str, int, float)):
+        raise BadRequest("experiment.pythonver must be text like \"3.11\"")
+    if not _PYTHONVER.match(str(pythonver).strip()):
+        raise BadRequest(f"experiment.pythonver {_show(pythonver)} is not a version like "
+                         "\"3.11\" or \"3.11.7\"")
+
+
+def _check_exec_size(args: list, env) -> None:
+    """BadRequest when ``args`` and ``config.env`` could not be given to a new process."""
+    strings = [a.encode("utf-8", "surrogatepass") for a in args]
+    strings += [f"{name}={'' if value is None else value}".encode("utf-8", "surrogatepass")
+                for name, value in (env or {}).items()]
+    longest = max((len(s) + 1 for s in strings), default=0)
+    if longest > MAX_ARG_STRING:
+        raise BadRequest(f"experiment.args or config.env holds a value of {longest} bytes; a "
+                         f"process can be started with at most {MAX_ARG_STRING} per value")
+    total = sum(len(s) + 1 for s in strings)
+    if total > MAX_EXEC_BYTES:
+        raise BadRequest(f"experiment.args and config.env take {total} bytes; at most "
+                         f"{MAX_EXEC_BYTES} fit a process's start")
+
+
 def _check_filename(filename) -> None:
     """``filename`` is ``-m`` or a relative path that stays inside the workspace."""
     if not isinstance(filename, str) or not filename.strip():
@@ -251,6 +346,11 @@ def _check_artifacts(artifacts) -> None:
             scheme = url.split("://", 1)[0].lower() if "://" in url else ""
             if scheme not in STORES:
                 raise BadRequest(f"artifact {label!r}: unsupported storage URL {_show(url)}")
+            if scheme == "file":
+                try:
+                    check_file_url(url)
+                except StorageError as exc:
+                    raise BadRequest(f"artifact {label!r}: {exc}") from exc
 
 
 def _parse_request(body: bytes | str, min_save_interval: float) -> tuple[dict, RequestFacts]:
@@ -278,32 +378,36 @@ def _parse_request(body: bytes | str, min_save_interval: float) -> tuple[dict, R
     _check_carriable(request)
     key = experiment.get("key")
     filename = experiment.get("filename")
-    if not isinstance(key, str) or not key.strip():
-        raise BadRequest("missing experiment.key")
-    if key.startswith("/") or ".." in key.split("/") or any(c in key for c in "\0\n"):
-        raise BadRequest(f"experiment.key {_show(key)} is not usable in storage paths")
+    check_name(key, "experiment.key")
+    assert isinstance(key, str)  # check_name raised otherwise
     project = experiment.get("project")
     if project is not None and (isinstance(project, bool)
                                 or not isinstance(project, (str, int))):
         raise BadRequest("experiment.project must be text")
-    if isinstance(project, str) and (project.startswith("/") or ".." in project.split("/")
-                                     or any(c in project for c in "\0\n")):
-        raise BadRequest(f"experiment.project {_show(project)} is not usable in storage paths")
+    if project not in (None, ""):
+        check_name(str(project), "experiment.project")
     _check_filename(filename)
     assert isinstance(filename, str)  # _check_filename raised otherwise
-    split_args(_strings(experiment.get("args"), "experiment.args"))  # quotes must balance
+    args = _strings(experiment.get("args"), "experiment.args")
+    split_args(args)  # quotes must balance
     if filename == "-m" and not any(split_args(experiment.get("args") or [])):
         raise BadRequest("filename '-m' needs the module name as the first argument")
-    _strings(experiment.get("pythonenv"), "experiment.pythonenv")
-    _strings(config.get("pip"), "config.pip")
+    for where, lines in (("experiment.pythonenv", experiment.get("pythonenv")),
+                         ("config.pip", config.get("pip"))):
+        for line in _strings(lines, where):
+            check_requirement_line(line, where)
     _check_env(config.get("env"))
-    pythonver = experiment.get("pythonver")
-    if pythonver is not None and (isinstance(pythonver, bool)
-                                  or not isinstance(pythonver, (str, int, float))):
-        raise BadRequest("experiment.pythonver must be text like \"3.11\"")
+    _check_exec_size(args, config.get("env"))
+    _check_pythonver(experiment.get("pythonver"))
     artifacts = experiment.get("artifacts") or {}
     _check_artifacts(artifacts)
-    if image_of(request) is None and "workspace" not in artifacts:
+    image = image_of(request)
+    if image is not None and (image.storage_url or "").lower().startswith("file://"):
+        try:
+            check_file_url(image.storage_url)
+        except StorageError as exc:
+            raise BadRequest(f"artifact '_singularity': {exc}") from exc
+    if image is None and "workspace" not in artifacts:
         raise BadRequest("no workspace artifact and no image (_singularity, config.image): "
                          "unknown mode")
     resources = parse_resources(experiment.get("resources_needed") or config.get("resources_needed"))

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = Config.from_json(os.environ["RUNNER_ROLE_CONFIG"])
     setup_logging(config, role=name)
-    storage.configure(s3_ca=config.s3_ca, s3_cert=config.s3_cert, s3_key=config.s3_key)
+    storage.configure(s3_ca=config.s3_ca, s3_cert=config.s3_cert, s3_key=config.s3_key,
+                      file_roots=config.file_roots())
     log = logging.getLogger(f"runner.{name}")
     try:
         bus = Bus(Endpoints(config.runtime_dir), name)

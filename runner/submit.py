@@ -8,6 +8,11 @@ a queue.  The storage is a ``file://`` folder, an S3 bucket (``s3://host:port/bu
 bucket (``gs://bucket``, ``--gcp-credentials`` or Google's default chain).  Credentials
 given as options travel in the request's artifacts, as the StudioML client puts them.  With ``--wait`` it follows the experiment through the metadata store until its
 fate is final and prints its status and scrape document.
+
+StudioML's layout (``experiments/<key>/``) names no project, so an experiment of the same
+key in another project would share, and overwrite, the same files: a ``--key`` that the
+metadata store already holds in another project is refused (:func:`key_in_other_projects`)
+unless ``--force`` is given.  The request keeps the StudioML client's format.
 """
 from __future__ import annotations
 
@@ -95,7 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --wait (implied): stream the experiment's output while it "
                              "runs (in steps of its save period)")
     parser.add_argument("--wait-timeout", default="1h", help="give up waiting after this long")
+    parser.add_argument("--force", action="store_true",
+                        help="submit a --key that another project already has (their artifacts "
+                             "share experiments/KEY/ and the last run overwrites them)")
     return parser
+
+
+def key_in_other_projects(storage_root: str, key: str, project: str,
+                          credentials: dict | None, storage: dict | None) -> list[str]:
+    """The projects other than ``project`` whose record of ``key`` is in the metadata store
+    under ``storage_root`` (one listing of ``metadata/``).  Raises
+    :class:`~runner.errors.StorageError` when it cannot be listed."""
+    from .results.catalog import Catalog
+
+    catalog = Catalog(storage_root, credentials=credentials, storage_config=storage)
+    try:
+        names = [catalog.name_of(info.url) for info in catalog.record_infos()]
+    finally:
+        catalog.close()
+    return sorted({found for found, found_key in names if found_key == key and found != project})
 
 
 def add_storage_options(parser: argparse.ArgumentParser) -> None:
@@ -412,6 +435,14 @@ def main(argv: list[str] | None = None) -> int:
         storage_module.configure(s3_ca=args.s3_ca, s3_cert=args.s3_cert, s3_key=args.s3_key)
         credentials, storage = storage_access(args)
         check_request(build_request(args, key, project, args.storage, "blobstore/unsent.tar"))
+        if args.key and not args.force:
+            others = key_in_other_projects(args.storage, key, project, credentials, storage)
+            if others:
+                raise RunnerError(
+                    f"--key {key!r} is already used by project(s) {', '.join(others)}; "
+                    f"experiments/{key}/ in the storage would be shared and overwritten. "
+                    "Use another key (keys are best unique across projects, e.g. prefixed "
+                    "with the project), or --force to share it anyway")
         workspace_key = upload_workspace(directory, args.storage, credentials, storage)
         request = build_request(args, key, project, args.storage, workspace_key)
         name = publish(args, json.dumps(request).encode())

@@ -11,6 +11,7 @@ mkdir -p "$DEMO"
 export RUNNER_QUEUE_ROOT="$DEMO/queues" RUNNER_WORKING_DIR="$DEMO/work" RUNNER_CACHE_DIR="$DEMO/cache"
 export RUNNER_RUNTIME_DIR="/tmp/studioml-runner-demo-$(id -u)"
 STORAGE="file://$DEMO/storage"
+export RUNNER_FILE_STORE_ROOTS="$DEMO/storage"  # the runner serves file:// only under these
 
 runner-supervisor >"$DEMO/supervisor.log" 2>&1 &
 SUPERVISOR=$!

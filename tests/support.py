@@ -309,7 +309,8 @@ class Runner:
 
     ``store_root`` (default a ``file://`` folder under ``root``) is where requests put
     their artifacts; ``storage`` is the request's ``config.storage``; ``credentials`` the
-    artifacts' credentials map.
+    artifacts' credentials map.  ``file://`` storage is confined to ``root`` (the
+    runner's ``--file-store-roots``) unless a test passes its own ``file_store_roots``.
     """
 
     def __init__(self, root: Path, queue: str = "local_test", *, store_root: str | None = None,
@@ -328,7 +329,8 @@ class Runner:
                         # Tests coordinate with experiments through files in the test's
                         # root, which the sandbox hides by design; tests/test_sandbox.py
                         # runs the runner with it on.
-                        "sandbox": "off"}
+                        "sandbox": "off",
+                        "file-store-roots": root}
         self.options.update({k.replace("_", "-"): v for k, v in options.items()})
         self.process: subprocess.Popen | None = None
         self.log_path = root / "supervisor.log"

@@ -371,3 +371,24 @@ def test_experiments_never_see_option_variables_or_secrets() -> None:
     with pytest.raises(ConfigError) as exc:
         load(["--scrub-env", "GOOD,bad name"], environ={})
     assert "--scrub-env" in str(exc.value)
+
+
+def test_file_store_roots_default_to_where_runner_submit_stores(tmp_path: Path) -> None:
+    """``runner-submit``'s default ``--storage`` lies under the runner's default roots, so
+    the README's examples run as written; the roots are real paths, and a ``file://``
+    metadata store is the operator's own choice, so it is allowed too."""
+    from runner.submit import build_parser
+
+    config = load([], environ={})
+    root = tmp_path / "data" / "studioml-runner"
+    assert config.file_store_roots == (str(root / "storage"),)
+    submit_default = build_parser().parse_args(["ws", "main.py"]).storage
+    assert submit_default == (root / "storage").as_uri()
+    assert config.file_roots() == (os.path.realpath(root / "storage"),)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    config = load(["--file-store-roots", os.pathsep.join([str(tmp_path / "alias"), "/srv/s"]),
+                   "--metadata-store", f"file://{tmp_path}/meta"], environ={})
+    assert config.file_roots() == (str((tmp_path / "real").resolve()), "/srv/s",
+                                   str((tmp_path / "meta").resolve()))
+    assert load([], environ={"RUNNER_FILE_STORE_ROOTS": ""}).file_roots() == ()

@@ -61,6 +61,14 @@ def hostile(runner, good: dict) -> list[tuple[str, bytes]]:
         ("NUL arg", lambda r: r["experiment"].update(args=["a\0b"])),
         ("absolute filename", lambda r: r["experiment"].update(filename="/bin/true")),
         ("escaping filename", lambda r: r["experiment"].update(filename="../../x.py")),
+        ("key .", lambda r: r["experiment"].update(key=".")),
+        ("key into another's metadata", lambda r: r["experiment"].update(key="a/_metadata")),
+        ("project ..", lambda r: r["experiment"].update(project="..")),
+        ("pythonver injection", lambda r: r["experiment"].update(pythonver="3.11; rm -rf /")),
+        ("index redirect", lambda r: r["experiment"].update(
+            pythonenv=["--index-url http://127.0.0.1:1/simple", "tinypkg==1.0"])),
+        ("find-links", lambda r: r["config"].update(pip=["-f /tmp", "tinypkg"])),
+        ("env too large to exec", lambda r: r["config"].update(env={"BIG": "x" * 200_000})),
     ]
     for name, change in cases:
         if name == "nested":  # json.dumps itself cannot write 1,100 levels: splice it in
@@ -89,12 +97,101 @@ def test_hostile_bodies_are_dead_lettered_and_no_role_crashes(runner):
                     what="every hostile body dead-lettered")
     reasons = dead_reasons(runner)
     for expected in ("nested deeper", "cpus", "64 bits", "config.env", "NUL",
-                     "inside the workspace"):
+                     "inside the workspace", "experiment.key '.' is a relative folder",
+                     "experiment.key 'a/_metadata' holds a path separator",
+                     "experiment.project '..'", "pythonver '3.11; rm -rf /' is not a version",
+                     "'--index-url http://127.0.0.1:1/simple' is an installer option",
+                     "'-f /tmp' is an installer option", "per value"):
         assert any(expected in r for r in reasons), (expected, reasons)
     assert queue_files(runner) == []
     assert runner.role_pids() == before
     assert set(restarts(runner).values()) == {0}
     assert runner.process.poll() is None
+
+
+def test_file_artifacts_outside_the_file_store_roots_are_never_read_or_written(runner):
+    """A request naming host files (an input secret, a mutable output to clobber) is
+    dead-lettered at admission: nothing is read from or written to them, also through a
+    symlink inside the store or a root given with ``..``."""
+    import tempfile
+    from pathlib import Path
+
+    runner.start()
+    victim = Path(tempfile.mkdtemp(prefix="victim-"))
+    try:
+        (victim / "secret.txt").write_text("TOPSECRET-host-file")
+        (victim / "modeldir.tar").write_bytes(b"precious")
+        store = runner.store_path(runner.store_root)
+        (store / "experiments").mkdir(parents=True, exist_ok=True)
+        (store / "experiments" / "escape").symlink_to(victim)
+        workspace = runner.workspace({"peek.py": """
+            import os
+            data = os.path.join("..", "data")
+            for name in (os.listdir(data) if os.path.isdir(data) else []):
+                print(open(os.path.join(data, name)).read())
+        """})
+        requests = []
+        for name, url, mutable in (
+                ("data", (victim / "secret.txt").as_uri(), False),
+                ("modeldir", (victim / "modeldir.tar").as_uri(), True),
+                ("data", f"{runner.store_root}/experiments/escape/secret.txt", False),
+                ("modeldir", f"{runner.store_root}/experiments/escape/modeldir.tar", True)):
+            request = runner.request(workspace, "peek.py")
+            request["experiment"]["artifacts"][name] = {"qualified": url, "mutable": mutable,
+                                                        "unpack": False}
+            requests.append(request)
+            runner.publish(request)
+        good = runner.request(workspace, "peek.py")
+        runner.publish(good)
+        assert runner.wait_final(good, timeout=120)["status"] == "completed"
+        runner.wait_for(lambda: len(dead_reasons(runner)) == len(requests), timeout=60,
+                        what="every escaping request dead-lettered")
+        reasons = dead_reasons(runner)
+        assert all("outside the runner's file stores" in r for r in reasons), reasons
+        assert sum("really" in r for r in reasons) == 2, reasons  # the symlinked ones
+        assert (victim / "modeldir.tar").read_bytes() == b"precious"
+        assert sorted(os.listdir(victim)) == ["modeldir.tar", "secret.txt"]
+        assert "TOPSECRET" not in runner.log()
+        for request in requests:
+            assert not runner.experiment_dir(request).exists()
+        assert queue_files(runner) == []
+    finally:
+        import shutil
+        shutil.rmtree(victim, ignore_errors=True)
+
+
+def test_a_hostile_archive_ends_the_request_after_one_attempt(runner):
+    """An archive the runner refuses to unpack is the same on every retry: acked failed
+    after one counted attempt, whatever --max-attempts says (SPEC section 12)."""
+    import io
+    import tarfile
+
+    runner.start()
+    workspace = runner.workspace({"ok.py": "print('fine')"})
+    blob = runner.store_path(f"{runner.store_root}/blobstore/hostile.tar")
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(blob, "w") as tar:
+        for name in ("ok.py", "../escaped.py"):
+            info = tarfile.TarInfo(name)
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"pass\n"))
+    garbage = runner.store_path(f"{runner.store_root}/blobstore/garbage.tar")
+    garbage.write_bytes(b"\x1f\x8b" + os.urandom(3000))  # gzip magic, then noise
+    hostile_request = runner.request(workspace, "ok.py", blob="blobstore/hostile.tar")
+    garbage_request = runner.request(workspace, "ok.py", blob="blobstore/garbage.tar")
+    for request in (hostile_request, garbage_request):
+        runner.publish(request)
+    for request, why in ((hostile_request, "'../escaped.py' has a '..' component"),
+                         (garbage_request, "corrupt or unreadable archive")):
+        record = runner.wait_final(request, timeout=120)
+        assert (record["status"], record["attempts"]) == ("failed", 1), record
+        documents = [d["runner"] for d in runner.scrape_documents(request)]
+        assert len(documents) == 1, documents  # one attempt only
+        assert documents[0]["error"] == "ArchiveError" and why in documents[0]["message"]
+    log = runner.log()
+    assert log.count("failed, not retried (ArchiveError") == 2, log[-3000:]
+    assert "attempt 1 of 3 failed" not in log
+    assert queue_files(runner) == []
 
 
 def test_a_request_that_never_fits_does_not_block_the_ones_behind_it(runner):
@@ -200,3 +297,46 @@ def test_a_request_that_does_not_fit_now_lets_smaller_ones_pass_then_runs(runner
     seconds = _fast.b62decode(record["attempt"].rsplit("-", 1)[1])
     assert seconds <= time.time() + 5
     assert queue_files(runner) == []
+
+
+def test_a_run_the_kernel_refuses_to_start_ends_after_one_attempt(runner):
+    """E2BIG: the request's environment passes admission (under 1 MiB) but, with the
+    variables the runner passes on, is too large to start a process with; no retry can
+    change that, so the request ends failed after one attempt."""
+    runner.env.update({f"RUNNER_TEST_PAD_{i}": "p" * 100_000 for i in range(12)})
+    runner.start()
+    workspace = runner.workspace({"ok.py": "print('fine')"})
+    request = runner.request(workspace, "ok.py",
+                             env={f"REQUEST_PAD_{i}": "r" * 100_000 for i in range(9)})
+    runner.publish(request)
+    record = runner.wait_final(request, timeout=120)
+    assert (record["status"], record["attempts"]) == ("failed", 1), record
+    documents = [d["runner"] for d in runner.scrape_documents(request)]
+    assert [d["error"] for d in documents] == ["StartRefused"], documents
+    assert "Argument list too long" in documents[0]["message"]
+    assert "failed, not retried (StartRefused" in runner.log()
+
+
+def test_runner_submit_refuses_what_the_runner_would_dead_letter(runner):
+    """A key or project that is no single folder name, or a requirements file with an
+    installer option (a common ``--extra-index-url`` line), is said by runner-submit before
+    anything is published."""
+    workspace = runner.workspace({"ok.py": "print('fine')"})
+    with_index = runner.workspace({"ok.py": "print('fine')", "requirements.txt":
+                                   "--extra-index-url https://example.invalid/simple\nsix\n"})
+    base = [sys.executable, "-m", "runner.submit", "--queue", runner.queue, "--queue-root",
+            str(runner.options["queue-root"]), "--storage", runner.store_root]
+    for extra, directory, expected in (
+            (["--key", "../x"], workspace, "experiment.key '../x' holds a path separator"),
+            (["--key", "."], workspace, "experiment.key '.' is a relative folder name"),
+            (["--project", "a/b"], workspace,
+             "experiment.project 'a/b' holds a path separator"),
+            ([], with_index, "experiment.pythonenv: '--extra-index-url "
+                             "https://example.invalid/simple' is an installer option"),
+            (["--pip", "-i http://127.0.0.1:1/simple"], workspace, "config.pip: '-i http")):
+        done = subprocess.run([*base, *extra, str(directory), "ok.py"], capture_output=True,
+                              text=True, env=runner.env, timeout=60)
+        assert done.returncode == 2, (extra, done.stdout, done.stderr)
+        assert expected in done.stderr, (expected, done.stderr)
+    folder = runner.root / "q" / runner.queue
+    assert not folder.is_dir() or queue_files(runner) == []  # nothing was published

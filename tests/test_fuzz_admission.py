@@ -23,9 +23,10 @@ import re
 import socket
 import time
 
-from runner import envelope, metadata
+from runner import envelope, metadata, storage
 from runner.errors import BadRequest
 from runner.requests import parse_request
+from runner.storage.file import real_roots
 
 SEED = int(os.environ.get("FUZZ_SEED", "13"))
 HUGE = 50 * 1024 * 1024
@@ -168,14 +169,19 @@ def test_fuzzed_bodies_never_crash_a_role_and_each_reaches_a_fate(runner) -> Non
                            time_added=time.time() - 3600)
     bodies = fuzz_bodies(stale, fresh)
     accepted = []
-    for _what, body in bodies:  # the fetcher's admission, in the same order
-        try:
-            opened = envelope.open_body(body, runner.queue, envelope.Keys())  # no keys here
-            request = parse_request(opened)[0]
-            metadata.check_object_names(request, socket.gethostname())
-        except BadRequest:
-            continue
-        accepted.append(request)
+    saved = storage.base.SETTINGS  # the runner's file:// confinement (bit flips leave it)
+    storage.configure(file_roots=real_roots([runner.options["file-store-roots"]]))
+    try:
+        for _what, body in bodies:  # the fetcher's admission, in the same order
+            try:
+                opened = envelope.open_body(body, runner.queue, envelope.Keys())  # no keys
+                request = parse_request(opened)[0]
+                metadata.check_object_names(request, socket.gethostname())
+            except BadRequest:
+                continue
+            accepted.append(request)
+    finally:
+        storage.base.SETTINGS = saved
     for _what, body in bodies:
         runner.publish(body)
 

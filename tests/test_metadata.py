@@ -329,3 +329,27 @@ def test_override_store_is_the_one_checked(tmp_path: Path) -> None:
     metadata.check_object_names(request, "host")
     with pytest.raises(BadRequest, match="metadata record"):
         metadata.check_object_names(request, "host", override=f"file://{tmp_path}/store")
+
+
+def test_metadata_files_outside_the_file_store_roots_are_refused(tmp_path: Path) -> None:
+    """An artifact ``key`` that strips its URL above the store's folder would put the
+    record outside ``--file-store-roots`` (``file:///tmp/metadata/…``): refused at
+    admission; the operator's own ``--metadata-store`` override is allowed."""
+    from runner import storage
+    from runner.storage.file import real_roots
+
+    store = tmp_path / "store"
+    request = make_request(f"file://{store}/bkt")
+    saved = storage.base.SETTINGS
+    storage.configure(file_roots=real_roots([store, tmp_path / "meta"]))
+    try:
+        metadata.check_object_names(request, "host")  # inside: fine
+        for artifact in request["experiment"]["artifacts"].values():
+            artifact["key"] = "store/bkt/" + artifact["key"]  # the root is now tmp_path
+        with pytest.raises(BadRequest, match="metadata record: file:// path .*/metadata/proj/"
+                                             "exp-1.json is outside the runner's file stores"):
+            metadata.check_object_names(request, "host")
+        request = make_request(f"file://{store}/bkt")
+        metadata.check_object_names(request, "host", override=f"file://{tmp_path}/meta")
+    finally:
+        storage.base.SETTINGS = saved

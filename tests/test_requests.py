@@ -489,3 +489,177 @@ def test_parse_request_raises_only_bad_request_for_random_bytes() -> None:
             parse_request(bytes(data))
         except BadRequest:
             pass
+
+
+# -- keys and projects name folders in storage --------------------------------------------
+
+@pytest.mark.parametrize("key", [".", "..", "a/_metadata", "../x", "a/b", "a\nb", "a\tb",
+                                 "a\x7fb"])
+def test_a_key_that_is_not_one_path_component_is_refused(key) -> None:
+    request = minimal()
+    request["experiment"]["key"] = key
+    bad(request, "experiment.key .* one path component")
+
+
+@pytest.mark.parametrize("key", ["1701234567_0b5a1f2e-8d4c-4b8e-9e2f-3c1d2b3a4f5e",
+                                 "hyperparam_abc__opt__Zq3xY8__1701234567",
+                                 "1701234567_abc_rerun0b5a1f2e", "lr-0.01", "résumé", "a b",
+                                 "x.y", "...", "k" * 500, "a:b@c+d=e"])
+def test_keys_studioml_clients_make_are_accepted(key) -> None:
+    request = minimal()
+    request["experiment"]["key"] = key
+    assert parse_request(body(request))[1].key == key
+
+
+@pytest.mark.parametrize("project", [".", "..", "a/b", "p\0", "p\n"])
+def test_a_project_that_is_not_one_path_component_is_refused(project) -> None:
+    request = minimal()
+    request["experiment"]["project"] = project
+    bad(request, "experiment.project")
+
+
+@pytest.mark.parametrize("project", ["sweep", "hyperparam_0b5a1f2e", "my project", 42])
+def test_projects_clients_make_are_accepted(project) -> None:
+    request = minimal()
+    request["experiment"]["project"] = project
+    assert parse_request(body(request))[1].project == str(project)
+
+
+# -- pythonver and requirement lines ------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["3.11; rm -rf /", "3.11 && true", "latest", "3.x",
+                                     "../../bin/sh", "$(id)"])
+def test_a_pythonver_that_is_no_version_is_refused(version) -> None:
+    request = minimal()
+    request["experiment"]["pythonver"] = version
+    bad(request, "pythonver .* is not a version")
+
+
+@pytest.mark.parametrize("version", ["3.11", "3.11.7", "python3.11", "3", 3.6, 3, "",
+                                     "3.13.0rc1"])
+def test_pythonver_forms_clients_send_are_accepted(version) -> None:
+    request = minimal()
+    request["experiment"]["pythonver"] = version
+    parse_request(body(request))
+
+
+@pytest.mark.parametrize("where", ["pythonenv", "pip"])
+@pytest.mark.parametrize("line", [
+    "--index-url http://127.0.0.1:1/simple", "-i http://127.0.0.1:1/simple",
+    "--extra-index-url=http://evil/simple", "-f http://evil/links", "--find-links /tmp",
+    "-r /etc/other.txt", "-c constraints.txt", "--requirement x.txt", "--trusted-host evil",
+    "--no-index", "  --index-url http://x", "numpy==1.0 --install-option=--prefix=/",
+    "numpy==1.0 --config-settings=x=y", "-e git+https://h/r.git#egg=x --index-url http://x"])
+def test_installer_option_lines_are_refused(where, line) -> None:
+    request = minimal()
+    if where == "pip":
+        request["config"]["pip"] = ["numpy==1.26.0", line]
+    else:
+        request["experiment"]["pythonenv"] = ["numpy==1.26.0", line]
+    bad(request, "installer option")
+
+
+def test_what_pip_freeze_writes_is_accepted() -> None:
+    request = minimal()
+    request["experiment"]["pythonenv"] = [
+        "numpy==1.26.0", "Pillow>=9", "studioml==0.0.49", "pkg-resources==0.0.0",
+        "tinypkg @ file:///home/me/tinypkg", "-e git+https://github.com/o/r.git@abc#egg=r",
+        "--editable=git+https://github.com/o/r.git@abc#egg=r", "-e /home/me/checkout",
+        "# Editable install with no version control (r==0.1)",
+        "## !! Could not determine repository location", "",
+        "six==1.16.0 --hash=sha256:8abb2f1d86890a2dfb989f9a77cfcfd3e47c2a354b01111771326f8aa26e0254",
+        "requests[socks]==2.31 ; python_version >= \"3.8\"  # a comment -x",
+        "idna==3.6 \\", "--hash=sha256:9ecdbbd0 \\", "    --hash=sha256:c05567e9"]
+    parse_request(body(request))
+
+
+# -- what a process can be started with ---------------------------------------------------
+
+def test_an_environment_too_large_to_start_a_process_with_is_refused() -> None:
+    request = minimal()
+    request["config"]["env"] = {"BIG": "x" * (200 * 1024)}
+    bad(request, "at most 131072 per value")
+    request["config"]["env"] = {f"V{i}": "x" * (100 * 1024) for i in range(12)}
+    bad(request, "fit a process's start")
+    request["config"]["env"] = {}
+    request["experiment"]["args"] = ["y" * (200 * 1024)]
+    bad(request, "per value")
+
+
+# -- file:// artifacts stay inside the configured roots -----------------------------------
+
+@pytest.fixture()
+def file_roots(tmp_path):
+    """Storage confined to ``tmp_path/store`` (as the runner's roles are), then unconfined."""
+    from runner import storage
+    from runner.storage.file import real_roots
+
+    store = tmp_path / "store"
+    (store / "experiments").mkdir(parents=True)
+    saved = storage.base.SETTINGS
+    storage.configure(file_roots=real_roots([store]))
+    yield store
+    storage.base.SETTINGS = saved
+
+
+def with_url(label: str, url: str, mutable: bool = False, root=None) -> dict:
+    """A request whose workspace lies in the store at ``root`` and whose ``label`` is at
+    ``url``."""
+    request = minimal()
+    artifacts = request["experiment"]["artifacts"]
+    if root is not None:
+        artifacts["workspace"]["qualified"] = f"file://{root}/blobstore/ws.tar"
+    artifacts[label] = {"qualified": url, "mutable": mutable, "unpack": False}
+    return request
+
+
+def test_file_artifacts_outside_the_roots_are_refused(file_roots, tmp_path) -> None:
+    secret = tmp_path / "victim" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("TOPSECRET")
+    outside = "artifact '{}': file:// path .* is outside the runner's file stores"
+    bad(with_url("data", secret.as_uri(), root=file_roots), outside.format("data"))
+    bad(with_url("modeldir", (tmp_path / "victim" / "modeldir.tar").as_uri(), True,
+                 root=file_roots), outside.format("modeldir"))
+    bad(with_url("data", "file:///etc/passwd", root=file_roots), outside.format("data"))
+    bad(with_url("data", f"file://{file_roots}/../victim/secret.txt", root=file_roots),
+        "artifact 'data': .*'..'")
+    bad(with_url("data", f"file://{file_roots}-sibling/x.tar", root=file_roots),  # no prefix
+        outside.format("data"))
+    (file_roots / "link").symlink_to(tmp_path / "victim")
+    bad(with_url("data", f"file://{file_roots}/link/secret.txt", root=file_roots),
+        "artifact 'data': .*really .*victim")
+    bad(with_url("data", f"file://{file_roots}/x.tar"), "artifact 'workspace'")
+    parse_request(body(with_url("data", f"file://{file_roots}/experiments/x/data.tar",
+                                    root=file_roots)))
+    parse_request(body(with_url("modeldir", f"file://{file_roots}/new/modeldir.tar", True,
+                                    root=file_roots)))
+
+
+def test_an_image_file_outside_the_roots_is_refused(file_roots) -> None:
+    request = with_url("workspace", f"file://{file_roots}/blobstore/ws.tar")
+    request["experiment"]["artifacts"]["_singularity"] = {"qualified": "file:///etc/img.sif"}
+    bad(request, "artifact '_singularity': file:// path /etc/img.sif is outside")
+    request["experiment"]["artifacts"]["_singularity"]["qualified"] = \
+        f"file://{file_roots}/images/img.sif"
+    parse_request(body(request))
+
+
+def test_the_file_store_refuses_paths_that_escape_later(file_roots, tmp_path) -> None:
+    """A symlink made after admission still cannot lead a read or write out of the roots."""
+    from runner.errors import PermanentStorageError
+    from runner.storage.file import FileStore
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("TOPSECRET")
+    (file_roots / "experiments" / "k").symlink_to(outside)
+    store = FileStore()
+    with pytest.raises(PermanentStorageError, match="outside"):
+        store.get(f"file://{file_roots}/experiments/k/secret.txt", tmp_path / "got")
+    with pytest.raises(PermanentStorageError, match="outside"):
+        store.put_bytes(f"file://{file_roots}/experiments/k/modeldir.tar", b"clobber")
+    assert not (tmp_path / "got").exists()
+    assert not (outside / "modeldir.tar").exists()
+    store.put_bytes(f"file://{file_roots}/experiments/ok/modeldir.tar", b"fine")
+    assert store.stat(f"file://{file_roots}/experiments/ok/modeldir.tar").size == 4

@@ -235,7 +235,7 @@ def test_sync_is_incremental(sweep, tmp_path):
     assert first["reads"] >= 8 * 3  # record, scrape document, history of each
     second = sweep.results_json("sync", "--into", str(database), "--json")
     assert second == {"listed": 8, "skipped": 8, "refreshed": 0, "deleted": 0, "reads": 0,
-                      "failed": 0}
+                      "failed": 0, "problems": []}
     connection = duckdb.connect(str(database), read_only=True)
     assert connection.execute("SELECT count(*) FROM experiments WHERE final").fetchone()[0] == 8
     assert connection.execute("SELECT count(*) FROM history").fetchone()[0] == 8 * EPOCHS * 3

@@ -195,6 +195,8 @@ class Catalog:
             value = json.loads(self.read_bytes(url))
         except ValueError as exc:
             raise StorageError(f"{url}: not JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise StorageError(f"{url}: JSON nested too deeply to read") from exc
         if not isinstance(value, dict):
             raise StorageError(f"{url}: not a JSON object")
         return value
@@ -250,8 +252,38 @@ class Catalog:
                       key=lambda info: (stamp_of(info.url), info.url))
 
     def newest_scrape_info(self, record: dict) -> ObjectInfo | None:
-        """The newest attempt's scrape document, by stamp."""
-        return newest(self.metadata_files(record, "scrape"))
+        """The scrape document of the attempt the record names (its ``attempt``), else the
+        newest by stamp (the record's attempt has not saved one yet).
+
+        Preferring the record's attempt keeps an experiment's own document when its folder
+        holds others' too (the same key in two projects, see :meth:`sharing_projects`)."""
+        found = self.metadata_files(record, "scrape")
+        attempt = record.get("attempt")
+        if isinstance(attempt, str) and attempt:
+            own = [info for info in found
+                   if info.url.rsplit("/", 1)[-1] == metadata.scrape_name(attempt)]
+            if own:
+                return own[-1]
+        return newest(found)
+
+    def sharing_projects(self, info: ObjectInfo, record: dict) -> list[str]:
+        """Other projects with an experiment of the same key whose files lie in the same
+        folder as this one's (``experiments/<key>/``: StudioML's layout names no project),
+        so that artifacts and metadata files there may be theirs."""
+        project, key = self.name_of(info.url)
+        prefix = self.metadata_prefix(record)
+        found = []
+        for other in self.record_infos():
+            other_project, other_key = self.name_of(other.url)
+            if other_key != key or other_project == project:
+                continue
+            try:
+                other_record = self.read_json(other.url)
+            except (StorageError, ObjectMissing):
+                continue
+            if self.metadata_prefix(other_record) == prefix:
+                found.append(other_project)
+        return sorted(found)
 
     def experiment(self, info: ObjectInfo, *, scrape: bool = True) -> Experiment:
         """Read one record (and, with ``scrape``, its newest scrape document)."""

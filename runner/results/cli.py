@@ -5,7 +5,14 @@ files of one storage root (``--storage``, the same option and credentials as
 ``runner-submit``) through the runner's :class:`~runner.storage.Store` back ends.
 
 Exit statuses: 0 done, 1 nothing matched (``show``/``fetch``/``compare`` of an unknown
-key), 2 bad options or unreachable storage.
+key, or ``fetch`` of artifacts another project's experiment of the same key shares), 2 bad
+options or unreachable storage.
+
+StudioML's layout puts an experiment's files under ``experiments/<key>/`` whatever its
+project, so the same key in two projects shares one folder.  ``show --project P`` shows P's
+record and P's own scrape document (the one of the attempt P's record names) and says which
+projects share the folder; ``fetch`` refuses such artifacts (they may be the other
+project's) unless ``--shared`` is given.
 """
 from __future__ import annotations
 
@@ -91,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--project", default=None)
     fetch.add_argument("--label", action="append", default=[],
                        help="only this artifact (repeatable; default: every stored one)")
+    fetch.add_argument("--shared", action="store_true",
+                       help="fetch even when an experiment of the same key in another project "
+                            "shares the artifacts' folder (they may be that one's)")
 
     export_parser = commands.add_parser("export", help="one row per experiment (and per "
                                                        "history point) to a file")
@@ -164,9 +174,16 @@ def load(catalog: Catalog, db: str, with_history: bool = False):
     connection = connect(db or ":memory:")
     with progress_bar("reading experiments") as bar:
         task = bar.add_task("read", total=None)
-        sync(catalog, connection, with_history=with_history,
-             progress=lambda done, total: bar.update(task, completed=done, total=total))
+        report = sync(catalog, connection, with_history=with_history,
+                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+    say_problems(report)
     return connection
+
+
+def say_problems(report) -> None:
+    """One stderr line per experiment a sync could not read (left out, or as last read)."""
+    for project, key, reason in report.problems:
+        print(f"runner-results: skipped {project}/{key}: {reason}", file=sys.stderr)
 
 
 def format_cell(column: str, value) -> str:
@@ -219,9 +236,24 @@ def command_list(args: argparse.Namespace, catalog: Catalog, keys: list[str] | N
     return 0
 
 
+def shared_note(catalog: Catalog, info, record: dict) -> str:
+    """A sentence naming the other projects whose experiment of this key shares its
+    folder (``""`` when none)."""
+    others = catalog.sharing_projects(info, record)
+    if not others:
+        return ""
+    project, key = catalog.name_of(info.url)
+    return (f"experiment {key!r} of project {project!r} shares its storage folder with the "
+            f"same key in project(s) {', '.join(others)}: artifacts and output there are "
+            "whichever ran last")
+
+
 def command_show(args: argparse.Namespace, catalog: Catalog) -> int:
     info = catalog.find(args.key, args.project)
     experiment = catalog.experiment(info)
+    note = shared_note(catalog, info, experiment.record)
+    if note:
+        print(f"runner-results: warning: {note}", file=sys.stderr)
     tail = catalog.output_tail(experiment.record, args.lines)
     artifacts: list[dict[str, Any]] = [{"label": label, "url": url, "stored": found is not None,
                   "size": found.size if found else None}
@@ -254,6 +286,11 @@ def command_show(args: argparse.Namespace, catalog: Catalog) -> int:
 def command_fetch(args: argparse.Namespace, catalog: Catalog) -> int:
     info = catalog.find(args.key, args.project)
     record = catalog.experiment(info, scrape=False).record
+    note = shared_note(catalog, info, record)
+    if note and not args.shared:
+        print(f"runner-results: {note}; not fetched (--shared fetches them anyway)",
+              file=sys.stderr)
+        return 1
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     stored = [item for item in catalog.artifacts(record) if item[2] is not None
@@ -285,6 +322,7 @@ def command_sync(args: argparse.Namespace, catalog: Catalog) -> int:
         report = sync(catalog, connection, with_history=not args.no_history,
                       progress=lambda done, total: bar.update(task, completed=done, total=total))
     connection.close()
+    say_problems(report)
     if args.json:
         print(json.dumps(report.__dict__))
     else:

@@ -30,6 +30,13 @@ Objects are read by :data:`READERS` threads at once (reads are I/O-bound, above 
 
 Everything one sync changes is written in one transaction: a sync that fails leaves the
 file as the previous sync left it.
+
+Experiments print what they like, so no experiment's files can stop a sync: whatever goes
+wrong with one experiment (a document that is not JSON or nests too deeply, a value no
+table column takes) is logged, reported in :attr:`SyncReport.problems` and that experiment
+keeps its previous rows; every other experiment is synced.  Its rows are encoded while it
+is read, so a bad value is met there, not in the shared insert.  Integers beyond 64 bits
+become floats (:func:`runner.history.numeric_leaves`).
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ import logging
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import duckdb
@@ -83,7 +90,9 @@ _COLUMNS = {
 @dataclass
 class SyncReport:
     """What one sync did: experiments listed, skipped as final, refreshed (rows
-    rewritten), deleted; objects read (downloads, listing excluded)."""
+    rewritten), deleted; objects read (downloads, listing excluded); ``failed``
+    experiments that could not be synced, each in ``problems`` as
+    ``[project, key, reason]``."""
 
     listed: int = 0
     skipped: int = 0
@@ -91,6 +100,7 @@ class SyncReport:
     deleted: int = 0
     reads: int = 0
     failed: int = 0
+    problems: list = field(default_factory=list)
 
 
 def connect(path: str = ":memory:") -> duckdb.DuckDBPyConnection:
@@ -100,16 +110,22 @@ def connect(path: str = ":memory:") -> duckdb.DuckDBPyConnection:
     return connection
 
 
-def _bulk_insert(connection: duckdb.DuckDBPyConnection, table: str, rows: list[dict],
+def _encoded(rows: list[dict]) -> list[bytes]:
+    """``rows`` as JSON lines for :func:`_bulk_insert`; raises ``TypeError`` for a value no
+    column takes."""
+    return [orjson.dumps(row) + b"\n" for row in rows]
+
+
+def _bulk_insert(connection: duckdb.DuckDBPyConnection, table: str, lines: list[bytes],
                  folder: str) -> None:
-    """Insert ``rows`` (dicts keyed by column) into ``table`` through a JSON-lines file
-    (DuckDB reads it in one statement; row-by-row inserts are far slower)."""
-    if not rows:
+    """Insert ``lines`` (rows as :func:`_encoded` JSON lines) into ``table`` through a
+    JSON-lines file (DuckDB reads it in one statement; row-by-row inserts are far
+    slower)."""
+    if not lines:
         return
     path = os.path.join(folder, f"{table}.jsonl")
     with open(path, "wb") as out:
-        for row in rows:
-            out.write(orjson.dumps(row) + b"\n")
+        out.writelines(lines)
     columns = _COLUMNS[table]
     spec = "{" + ", ".join(f"'{name}': '{kind}'" for name, kind in columns.items()) + "}"
     names = ", ".join(f'"{name}"' for name in columns)
@@ -127,6 +143,17 @@ def _delete(connection: duckdb.DuckDBPyConnection, names: list[tuple[str, str]],
         connection.execute(f"DELETE FROM {table} WHERE (project, key) IN "
                            "(SELECT (project, key) FROM gone)")
     connection.execute("DROP TABLE gone")
+
+
+def strict_json_text(document: dict) -> str:
+    """``document`` as strict JSON text (keys sorted): ``NaN``/``Infinity`` (which Python's
+    reader accepts in stored files) become ``null``, so every reader of the text can parse
+    it.  Raises ``RecursionError`` for nesting too deep to write."""
+    try:
+        return json.dumps(document, sort_keys=True, allow_nan=False)
+    except ValueError:
+        loose = json.loads(json.dumps(document), parse_constant=lambda _constant: None)
+        return json.dumps(loose, sort_keys=True, allow_nan=False)
 
 
 def history_rows(project: str, key: str, lines: list[dict]) -> list[dict]:
@@ -173,11 +200,19 @@ def sync(catalog: Catalog, connection: duckdb.DuckDBPyConnection, *, with_histor
     def refresh(item):
         info, name = item
         try:
-            return name, _refresh(catalog, info, name, known.get(name), stored.get(name),
-                                  with_history)
-        except (StorageError, ValueError) as exc:
-            log.warning("cannot sync %s/%s: %s", name[0], name[1], exc)
-            return name, exc
+            rows = _refresh(catalog, info, name, known.get(name), stored.get(name),
+                            with_history)
+            if rows is None:
+                return name, None
+            experiment_row, metrics, history_lines = rows
+            return name, (_encoded([experiment_row]), _encoded(metrics),
+                          None if history_lines is None else
+                          _encoded(history_rows(name[0], name[1], history_lines)))
+        except Exception as exc:  # one experiment's files never stop the others' sync
+            reason = exc if isinstance(exc, StorageError) else f"{type(exc).__name__}: {exc}"
+            log.warning("cannot sync %s/%s (skipped, its previous rows kept): %s",
+                        name[0], name[1], reason)
+            return name, StorageError(str(reason))
 
     changed: list[tuple[str, str]] = []
     experiment_rows, metric_rows, history_out = [], [], []
@@ -193,16 +228,17 @@ def sync(catalog: Catalog, connection: duckdb.DuckDBPyConnection, *, with_histor
                 progress(done, len(infos))
             if isinstance(rows, Exception):
                 report.failed += 1
+                report.problems.append([name[0], name[1], str(rows)])
                 continue
             if rows is None:
                 continue
             experiment_row, metrics, history_lines = rows
             changed.append(name)
-            experiment_rows.append(experiment_row)
+            experiment_rows.extend(experiment_row)
             metric_rows.extend(metrics)
             if history_lines is not None:
                 history_replaced.append(name)
-                history_out.extend(history_rows(name[0], name[1], history_lines))
+                history_out.extend(history_lines)
     gone = [name for name in known if name not in seen]
     report.refreshed, report.deleted = len(changed), len(gone)
     with tempfile.TemporaryDirectory(prefix="runner-sync-") as folder:
@@ -270,8 +306,8 @@ def _refresh(catalog: Catalog, info, name: tuple[str, str], old: tuple | None,
     if not (record_changed or scrape_changed or history_lines is not None):
         return None
     row = experiment.row()
-    row.update({"record": json.dumps(record, sort_keys=True),
-                "scrape": json.dumps(experiment.scrape, sort_keys=True) if experiment.scrape else None,
+    row.update({"record": strict_json_text(record),
+                "scrape": strict_json_text(experiment.scrape) if experiment.scrape else None,
                 "record_url": info.url, "record_etag": info.etag, "record_size": info.size,
                 "scrape_url": scrape_info.url if scrape_info else None,
                 "scrape_etag": scrape_info.etag if scrape_info else None,

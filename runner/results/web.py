@@ -9,7 +9,10 @@ uPlot; nothing is loaded from outside the server):
   series of its metric history, the output tail, links to its artifacts; redrawn every
   ``refresh`` seconds until its status is final.
 
-JSON behind them: ``/api/experiments`` (rows as ``runner-results list --json``),
+JSON behind them: ``/api/experiments`` (rows as ``runner-results list --json``, with
+``sync_error`` and ``unreadable``: ``[project, key, reason]`` of experiments whose files
+could not be read, left out or shown as last read; 503 with the reason until a first sync
+succeeded, never an empty 200),
 ``/api/experiments/<project>/<key>`` (row, scrape document, ``history``: name →
 ``[[times…], [values…]]``, output tail, artifacts).  Artifacts download from
 ``/artifacts/<project>/<key>/<label>`` (the stored tar; ``_metadata`` files by name
@@ -62,14 +65,28 @@ class Results:
         self.stopped = threading.Event()
         self.synced = threading.Event()
         self.thread: threading.Thread | None = None
+        self.ever_synced = False
+        self.sync_error = ""    # why the last sync failed as a whole ("" when it did not)
+        self.problems: list = []  # [project, key, reason] of experiments it could not read
 
     def sync_once(self) -> None:
+        """One sync; never raises (the loop must go on), it records what went wrong."""
         try:
             with self.lock:
-                sync(self.catalog, self.connection)
+                report = sync(self.catalog, self.connection)
+            self.ever_synced, self.sync_error, self.problems = True, "", report.problems
         except (StorageError, RunnerError) as exc:
             log.warning("cannot read the store: %s", exc)
+            self.sync_error = f"cannot read the store: {exc}"
+        except Exception as exc:  # a fault of this program: said, and tried again
+            log.exception("sync failed")
+            self.sync_error = f"sync failed: {type(exc).__name__}: {exc}"
         self.synced.set()
+
+    def state(self) -> dict:
+        """What the last sync could not do, for the JSON replies (``sync_error``,
+        ``unreadable``: ``[project, key, reason]`` of experiments left out or stale)."""
+        return {"sync_error": self.sync_error or None, "unreadable": list(self.problems)}
 
     def start(self) -> None:
         def loop() -> None:
@@ -123,10 +140,13 @@ def build_app(results: Results) -> Starlette:
 
     async def experiments(request: Request):
         await wait_synced()
+        if not results.ever_synced:  # no data yet: say so, never an empty 200
+            return JSONResponse({"error": results.sync_error or "not synced yet",
+                                 **results.state()}, status_code=503)
         rows = await asyncio.to_thread(results.rows)
         rows.sort(key=lambda row: (row["start"] is None, -(row["start"] or 0.0), row["key"]))
         return JSONResponse({"experiments": rows, "refresh": results.refresh,
-                             "final_statuses": FINAL_STATUSES})
+                             "final_statuses": FINAL_STATUSES, **results.state()})
 
     async def experiment(request: Request):
         await wait_synced()

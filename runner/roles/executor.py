@@ -21,6 +21,7 @@ cgroup.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -281,7 +282,8 @@ class Executor(Role):
         except OSError as exc:
             if cgroup is not None:
                 cgroups.wait_removed(cgroup)
-            self.end(attempt, fates.outcome_for_exception(fates.ExperimentFailed(
+            refused = fates.StartRefused if exc.errno == errno.E2BIG else fates.ExperimentFailed
+            self.end(attempt, fates.outcome_for_exception(refused(
                 f"cannot start {command[0]}: {exc}")), {})
             return
         now = time.time()

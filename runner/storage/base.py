@@ -52,6 +52,9 @@ class StorageSettings:
     ``parts_in_flight``: S3 parts uploaded at once by one upload (memory: about
     ``part_size * (parts_in_flight + 1)`` per upload).
     ``tries``: attempts of one storage operation inside a back end before it gives up.
+    ``file_roots``: the real (symlink-free) absolute folders ``file://`` objects may lie
+    under (``--file-store-roots``); ``None``: anywhere (the user's own tools,
+    ``runner-submit`` and ``runner-results``, not the runner).
     """
 
     s3_ca: str = ""
@@ -61,6 +64,7 @@ class StorageSettings:
     parts_in_flight: int = 1
     tries: int = 4
     backoff: float = 0.5
+    file_roots: tuple | None = None
 
 
 #: The settings in force in this process; change them with :func:`configure`.

@@ -10,6 +10,13 @@ killed mid-write (SIGKILL, a power cut) leaves its partial file behind; every ``
 removes the partial files in its destination's folder that nobody has written to for
 :data:`STALE_PARTIAL_AFTER` seconds (a live writer streams into its partial file, so its
 mtime keeps moving), so such leftovers last until the next upload into that folder.
+
+Confinement: in the runner, every ``file://`` path must lie under one of the folders of
+``--file-store-roots`` (:attr:`~runner.storage.base.StorageSettings.file_roots`), judged on
+its real path (symlinks and ``..`` resolved), so that a request cannot read or write the
+runner host's files.  A request naming another path is refused at admission
+(:func:`check_file_url`, a bad request); a path that escapes later (a symlink made since)
+fails the operation with :class:`PermanentStorageError`.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from ..errors import StorageError, storage_error_for
+from ..errors import PermanentStorageError, StorageError, storage_error_for
+from . import base
 from .base import CHUNK_SIZE, ObjectInfo, ObjectMissing, Store, atomic_destination, split_url
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,37 @@ def file_url_to_path(url: str) -> Path:
     if ".." in path.split("/"):
         raise StorageError(f"file URL must not contain '..' components: {url!r}")
     return Path(path)
+
+
+def real_roots(paths) -> tuple:
+    """``paths`` as real absolute folder paths (symlinks resolved), for ``file_roots``."""
+    return tuple(os.path.realpath(os.path.abspath(os.fspath(p))) for p in paths)
+
+
+def outside_roots(path: Path | str, roots: tuple | None = None) -> str:
+    """Why ``path`` may not be used (its real path lies under none of ``roots``, default
+    :attr:`~runner.storage.base.StorageSettings.file_roots`), or "" when it may.  No
+    roots configured (``None``): every path may."""
+    roots = base.SETTINGS.file_roots if roots is None else roots
+    if roots is None:
+        return ""
+    real = os.path.realpath(os.fspath(path))
+    for root in roots:
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            return ""
+    shown = os.fspath(path) + (f" (really {real})" if real != os.fspath(path) else "")
+    return (f"file:// path {shown} is outside the runner's file stores "
+            f"(--file-store-roots: {os.pathsep.join(roots) or 'none'})")
+
+
+def check_file_url(url: str, roots: tuple | None = None) -> Path:
+    """The path of ``url`` once it is a well-formed ``file://`` URL inside ``roots`` (default:
+    the configured ones).  Raises :class:`PermanentStorageError` otherwise."""
+    path = file_url_to_path(url)
+    why = outside_roots(path, roots)
+    if why:
+        raise PermanentStorageError(why)
+    return path
 
 
 def path_to_file_url(path: Path | str) -> str:
@@ -118,7 +157,7 @@ class FileStore(Store):
     scheme = "file"
 
     def stat(self, url: str) -> ObjectInfo | None:
-        path = file_url_to_path(url)
+        path = check_file_url(url)
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -132,7 +171,7 @@ class FileStore(Store):
         return _info(url, st)
 
     def get(self, url: str, dest: Path) -> ObjectInfo:
-        path = file_url_to_path(url)
+        path = check_file_url(url)
         dest = Path(dest)
         try:
             if not stat_mod.S_ISREG(os.stat(path).st_mode):  # never open a FIFO or device
@@ -166,7 +205,7 @@ class FileStore(Store):
         """``xxh3:<content hash>:<size>`` of the file (content-addressed, see module doc)."""
         from .. import _fast
 
-        path = file_url_to_path(info.url)
+        path = check_file_url(info.url)
         try:
             st = path.stat()
         except OSError as exc:
@@ -188,13 +227,13 @@ class FileStore(Store):
         return f"xxh3:{digest}:{st.st_size}"
 
     def put_stream(self, url: str, fill: Callable[[BinaryIO], object]) -> ObjectInfo:
-        path = file_url_to_path(url)
+        path = check_file_url(url)
         if path.name == "":
             raise StorageError(f"file URL names a directory, not an object: {url!r}")
         return self._write(url, path, fill)
 
     def put(self, url: str, src: Path) -> ObjectInfo:
-        path = file_url_to_path(url)
+        path = check_file_url(url)
         if path.name == "":
             raise StorageError(f"file URL names a directory, not an object: {url!r}")
         try:
@@ -205,7 +244,7 @@ class FileStore(Store):
             return self._write(url, path, lambda out: _copy_stream(fsrc, out))
 
     def put_bytes(self, url: str, data: bytes) -> ObjectInfo:
-        path = file_url_to_path(url)
+        path = check_file_url(url)
         if path.name == "":
             raise StorageError(f"file URL names a directory, not an object: {url!r}")
         return self._write(url, path, lambda out: out.write(data))
@@ -225,7 +264,7 @@ class FileStore(Store):
         return _info(url, st)
 
     def list(self, prefix_url: str) -> list[str]:
-        prefix = os.fspath(file_url_to_path(prefix_url))
+        prefix = os.fspath(check_file_url(prefix_url))
         if prefix_url.endswith("/") and not prefix.endswith("/"):
             prefix += "/"  # Path() drops the trailing slash; "dir/" must not match "dir2"
         if prefix.endswith("/"):

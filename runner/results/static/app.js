@@ -97,7 +97,11 @@ var Results = (function () {
         fillSelect(project, Array.from(new Set(data.map(function (r) { return r.project; }))).sort());
         fillSelect(status, Array.from(new Set(data.map(function (r) { return r.status; }))).sort());
         render();
-        document.getElementById("updated").textContent = "updated " + fmtTime(Date.now() / 1000);
+        var notes = [];
+        if (reply.sync_error) notes.push(reply.sync_error);
+        (reply.unreadable || []).forEach(function (p) { notes.push(p[0] + "/" + p[1] + " unreadable: " + p[2]); });
+        document.getElementById("updated").textContent = "updated " + fmtTime(Date.now() / 1000) +
+          (notes.length ? " — " + notes.join("; ") : "");
         document.body.dataset.loaded = "1";
         setTimeout(load, reply.refresh * 1000);
       }).catch(function (e) {
