@@ -62,7 +62,8 @@ class DiskFull(ExperimentFailed):
     write the attempt's files) while the run's working directory held more than the
     request's ``hdd``, or the request declared none: the experiment filled it.
 
-    Counted like any failure of the experiment's own code (see :func:`files_fault`).
+    Counted once and not retried, like :class:`DiskLimitExceeded`: the same code would fill
+    the disk again (see :func:`files_fault`).
     """
 
 
@@ -162,6 +163,7 @@ _KIND_BY_ERROR: dict[type, str] = {
     errors.ArchiveError: NOT_RETRIED,  # hostile or broken archives, inputs over hdd
     ScriptMissing: NOT_RETRIED,
     DiskLimitExceeded: NOT_RETRIED,
+    DiskFull: NOT_RETRIED,
     StartRefused: NOT_RETRIED,
     LimitReached: LIMIT,
     ShutdownRequested: SHUTDOWN,

@@ -114,6 +114,7 @@ class FlakyStorage(errors.StorageError):
     (errors.InterpreterNotFound("python3.7"), FAILED, fates.FAILURE),
     (ExperimentFailed("exit 2"), FAILED, fates.FAILURE),
     (fates.OutOfMemory("ram"), FAILED, fates.FAILURE),
+    (fates.DiskFull("disk full"), FAILED, fates.NOT_RETRIED),
     (LimitReached("max_duration"), EXPIRED, fates.LIMIT),
     (errors.StorageError("503"), CANCELLED, fates.STORAGE),
     (FlakyStorage("flaky"), CANCELLED, fates.STORAGE),
