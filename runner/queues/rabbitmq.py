@@ -464,10 +464,7 @@ class RabbitMQQueue(Queue):
     def _take_pushed(self, queue: str) -> Delivery | None:
         slot = self._pushed_for(queue)
         if slot is None:
-            self._pump()
-            slot = self._pushed_for(queue)
-            if slot is None:
-                return None
+            return None  # a push comes through wait_fd/changes (or service), never by asking
         self._slots.remove(slot)
         pushed = slot.pushed
         token = f"{self._generation}.{next(self._seq)}"
