@@ -319,3 +319,38 @@ def test_offering_a_missing_queue_leaves_it_out_and_serves_the_others(broker, ba
     backend.ack(delivery)
     with pytest.raises(QueueError):
         backend.offer([queue], -1)
+
+
+def declare_quorum(broker, queue: str) -> None:
+    with broker.connection() as conn:
+        ch = conn.channel()
+        ch.exchange_declare("StudioML.topic", exchange_type="topic", durable=True,
+                            auto_delete=True)
+        ch.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(queue, "StudioML.topic", routing_key=f"StudioML.{queue}")
+
+
+def test_a_quorum_queue_is_served_by_basic_get(broker, backend, stem):
+    queue = stem + "quorum"
+    declare_quorum(broker, queue)
+    broker.publish(queue, b"quorum request", declare=False)
+    backend.wait_fd()
+    assert queue in backend.discover()  # discovery learns each queue's type
+    backend.offer([queue], 1)  # no channel-wide prefetch on quorum queues: never consumed
+    assert backend.poll_every == 0.15, "a queue that must be asked brings the poll back"
+    delivery = backend.take(queue)
+    assert delivery is not None and delivery.body == b"quorum request"
+    backend.ack(delivery)
+    assert broker.ready(queue) == 0
+
+
+def test_a_quorum_queue_not_yet_discovered_falls_back_after_one_refusal(broker, backend, stem):
+    queue = stem + "quorum_new"
+    declare_quorum(broker, queue)
+    broker.publish(queue, b"quorum request", declare=False)
+    backend.offer([queue], 1)  # the broker closes the connection (540: no global qos here)
+    backend.service()          # reconnects
+    backend.offer([queue], 1)
+    delivery = backend.take(queue)
+    assert delivery is not None and delivery.body == b"quorum request"
+    backend.ack(delivery)

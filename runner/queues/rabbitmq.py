@@ -153,6 +153,7 @@ class _Discovery:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     names: list[str] | None = None
+    types: dict[str, str] = field(default_factory=dict)  # queue -> "classic", "quorum", …
     error: str = ""
     at: float = 0.0
 
@@ -250,6 +251,7 @@ class RabbitMQQueue(Queue):
         self._consuming = False
         self._slots: list[_Slot] = []
         self._get_only: set[str] = set()
+        self._consume_refused = False  # the broker refuses channel-wide prefetch: basic.get
         self._avoid: dict[str, float] = {}    # queue -> monotonic time it may be consumed
         self._rotation = 0
         self._epoll: Any = None
@@ -412,7 +414,18 @@ class RabbitMQQueue(Queue):
         try:
             names = [n for n in self.mgt.bound_queues() if not is_reserved(n)]
             with self._discovery.lock:
+                known = dict(self._discovery.types)
+            types = {}
+            for name in names:  # a queue's type is asked once, when it first shows
+                if name not in known:
+                    info = self.mgt.queue_info(name)
+                    if info is None:
+                        continue  # deleted meanwhile
+                    known[name] = str(info.get("type") or "classic")
+                types[name] = known[name]
+            with self._discovery.lock:
                 self._discovery.names, self._discovery.error = names, ""
+                self._discovery.types = types
                 self._discovery.at = time.monotonic()
         except QueueError as exc:
             with self._discovery.lock:
@@ -444,7 +457,7 @@ class RabbitMQQueue(Queue):
         self._check_open()
         if self._ensure() is None:
             return None
-        if self._consuming and queue not in self._get_only:
+        if self._consuming and not self._consume_refused and queue not in self._get_only:
             return self._take_pushed(queue)
         ch = self._channel("_poll_ch")
         try:
@@ -500,7 +513,14 @@ class RabbitMQQueue(Queue):
         if slots < 0:
             raise QueueError(f"slots must be >= 0, got {slots}")
         self._consuming = True
+        if self._consume_refused:
+            return
         now = time.monotonic()
+        with self._discovery.lock:
+            types = self._discovery.types
+        for queue in queues:
+            if types.get(queue, "classic") != "classic" and queue not in self._get_only:
+                self._serve_by_get(queue, f"a {types[queue]} queue")
         wanted = tuple(q for q in queues if q not in self._get_only
                        and self._avoid.get(q, 0.0) <= now)
         if not slots and not self._slots and not self._quiet_pending():
@@ -526,6 +546,8 @@ class RabbitMQQueue(Queue):
         except _CONNECTION_ERRORS as exc:
             self._lost(exc)
             return
+        except pika.exceptions.AMQPChannelError as exc:  # that slot channel is gone; next offer
+            logger.warning("RabbitMQ channel trouble while offering slots: %r", exc)
         self._pump()
 
     def _quiet_pending(self) -> bool:
@@ -535,7 +557,17 @@ class RabbitMQQueue(Queue):
         """Open one slot channel consuming ``queues``; False when it could not be opened
         (a queue refused, see :meth:`offer`: the next offer tries again without it)."""
         ch = conn.channel()
-        ch.basic_qos(prefetch_count=1, global_qos=True)
+        try:
+            ch.basic_qos(prefetch_count=1, global_qos=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._consume_refused = True
+            self.poll_every = GET_POLL_EVERY
+            logger.warning("RabbitMQ %s refuses a channel-wide prefetch (%s); every queue is "
+                           "served by basic.get every %.2fs", self.safe_url, exc,
+                           GET_POLL_EVERY)
+            for slot in list(self._slots):
+                self._drop(slot)
+            return False
         slot = _Slot(channel=ch, queues=queues)
         self._slots.append(slot)
         start = self._rotation % len(queues)
@@ -549,15 +581,22 @@ class RabbitMQQueue(Queue):
                 if exc.reply_code == 404:
                     self._avoid[queue] = time.monotonic() + CONSUME_ERROR_BACKOFF
                     logger.info("cannot consume %s (gone?): %s", queue, exc)
-                else:  # e.g. a quorum queue: no channel-wide prefetch there
-                    self._get_only.add(queue)
-                    self.poll_every = GET_POLL_EVERY
-                    logger.warning("queue %s refuses a consumer with a channel-wide prefetch "
-                                   "(%s); it is served by basic.get every %.2fs", queue, exc,
-                                   GET_POLL_EVERY)
+                else:
+                    self._serve_by_get(queue, str(exc))
                 return False
+            except pika.exceptions.ConnectionClosedByBroker as exc:
+                if exc.reply_code == 540:  # a quorum queue discovery had not typed yet
+                    self._serve_by_get(queue, str(exc))
+                raise
             slot.tags[tag] = queue
         return True
+
+    def _serve_by_get(self, queue: str, why: str) -> None:
+        """``queue`` cannot be consumed with a channel-wide prefetch: ``basic.get`` it."""
+        self._get_only.add(queue)
+        self.poll_every = GET_POLL_EVERY
+        logger.warning("queue %s cannot be consumed with a channel-wide prefetch (%s); it is "
+                       "served by basic.get every %.2fs", queue, why, GET_POLL_EVERY)
 
     def _on_push(self, slot: _Slot, ch: Any, method: Any, properties: Any, body: bytes) -> None:
         """pika's consumer callback (in the fetcher's thread, inside :meth:`_pump`)."""
