@@ -6,7 +6,8 @@ The client publishes to the topic exchange ``StudioML.topic`` with routing key
 
 * **discovers** queues from the management API's bindings whose source is
   ``StudioML.topic`` (``GET /api/exchanges/<vhost>/StudioML.topic/bindings/source``), on a
-  small thread that only speaks HTTP and hands its latest list over under a lock;
+  small thread that only speaks HTTP and hands its latest list over under a lock (with each
+  queue's type, asked once per new queue: only ``classic`` queues are consumed);
 * **takes** by ``basic.consume`` while the fetcher has a free slot (:meth:`offer`): one
   *slot channel* per free slot, each with a channel-wide prefetch of 1 (``basic.qos
   prefetch_count=1 global=true``) and one consumer on every served queue, so that the
