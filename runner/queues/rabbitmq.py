@@ -257,6 +257,7 @@ class RabbitMQQueue(Queue):
         self._rotation = 0
         self._epoll: Any = None
         self._sock_fd: int | None = None
+        self._socket_watched = False  # wait_fd announces pushes (epoll, pika's socket found)
         self._wake_r = self._wake_w = -1
         self._signalled = False
         self.poll_every: float | None = GET_POLL_EVERY
@@ -514,14 +515,17 @@ class RabbitMQQueue(Queue):
         if slots < 0:
             raise QueueError(f"slots must be >= 0, got {slots}")
         self._consuming = True
-        if self._consume_refused:
-            return
         now = time.monotonic()
         with self._discovery.lock:
             types = self._discovery.types
         for queue in queues:
             if types.get(queue, "classic") != "classic" and queue not in self._get_only:
                 self._serve_by_get(queue, f"a {types[queue]} queue")
+        asked = self._consume_refused or not self._socket_watched or \
+            any(q in self._get_only for q in queues)
+        self.poll_every = GET_POLL_EVERY if asked else None
+        if self._consume_refused:
+            return
         wanted = tuple(q for q in queues if q not in self._get_only
                        and self._avoid.get(q, 0.0) <= now)
         if not slots and not self._slots and not self._quiet_pending():
@@ -653,9 +657,10 @@ class RabbitMQQueue(Queue):
             self._epoll = select.epoll()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._epoll.register(self._wake_r, select.EPOLLIN)
+            self._socket_watched = True
             if self._conn is not None and self._conn.is_open:
                 self._watch_socket(self._conn)
-            if not self._get_only:
+            if not self._get_only and self._socket_watched:
                 self.poll_every = None
         return self._epoll.fileno() if self._epoll is not None else None
 
@@ -692,6 +697,7 @@ class RabbitMQQueue(Queue):
         except (AttributeError, OSError, ValueError) as exc:  # pika's internals changed
             logger.warning("cannot watch the AMQP socket (%r); polling every %.2fs", exc,
                            GET_POLL_EVERY)
+            self._socket_watched = False
             self.poll_every = GET_POLL_EVERY
             return
         self._sock_fd = fd
