@@ -478,7 +478,7 @@ class RabbitMQQueue(Queue):
 
     def _take_pushed(self, queue: str) -> Delivery | None:
         slot = self._pushed_for(queue)
-        if slot is None:
+        if slot is None or slot.pushed is None:
             return None  # a push comes through wait_fd/changes (or service), never by asking
         self._slots.remove(slot)
         pushed = slot.pushed
@@ -690,7 +690,8 @@ class RabbitMQQueue(Queue):
         self._unwatch_socket()
         if self._epoll is None:
             return
-        sock = getattr(getattr(getattr(conn, "_impl", None), "_transport", None), "_sock", None)
+        sock: Any = getattr(getattr(getattr(conn, "_impl", None), "_transport", None), "_sock",
+                            None)
         try:
             fd = sock.fileno()
             self._epoll.register(fd, select.EPOLLIN)
