@@ -6,7 +6,8 @@ import sys
 
 from benchmarks.figures import results_path
 
-ORDER = ["scrape", "base62", "hashing", "bus", "environments", "dispatch", "footprint", "results", "peers"]
+ORDER = ["scrape", "base62", "hashing", "bus", "environments", "dispatch", "footprint", "start-up",
+         "results", "peers"]
 
 
 def main() -> int:

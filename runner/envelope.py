@@ -35,15 +35,14 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import nacl.exceptions
-import nacl.secret
-import nacl.signing
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from typing import TYPE_CHECKING
 
 from .errors import BadRequest
 from .requests import MAX_BODY_BYTES
+
+if TYPE_CHECKING:  # the crypto libraries load on first use: most runners never see an envelope
+    import nacl.signing
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +131,8 @@ class Keys:
 
 
 def _load_private_key(key_path: Path, phrase_path: Path) -> rsa.RSAPrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
     try:
         data = key_path.read_bytes()
         phrase = phrase_path.read_bytes().strip() if phrase_path.exists() else None
@@ -152,6 +153,9 @@ def _load_private_key(key_path: Path, phrase_path: Path) -> rsa.RSAPrivateKey:
 
 
 def _load_verify_key(path: Path) -> nacl.signing.VerifyKey:
+    import nacl.signing
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
     try:
         line = path.read_text().strip().splitlines()[0]
         public = serialization.load_ssh_public_key(line.encode())
@@ -175,6 +179,11 @@ def open_envelope(envelope: dict, queue: str, keys: Keys) -> bytes:
 
     Raises :class:`BadRequest` with the reason when it cannot be opened (module doc).
     """
+    import nacl.exceptions
+    import nacl.secret
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
     message = envelope.get("message")
     if not isinstance(message, dict):
         raise BadRequest("envelope: message is not an object")

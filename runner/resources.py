@@ -147,6 +147,11 @@ class Ledger:
                 "disk": self._disk_free(), "gpus": whole, "gpu_mem": memory,
                 "devices": devices}
 
+    def free_slots(self) -> int:
+        """How many more runs may start now (see :meth:`has_slot`); 0 when none."""
+        running = len(self.held) - len(self.settling)
+        return max(0, min(self.slots - running, 2 * self.slots - len(self.held)))
+
     def has_slot(self) -> bool:
         """A run may start: fewer than ``slots`` run, and fewer than twice ``slots`` attempts
         are held in all (running or settling)."""

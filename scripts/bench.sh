@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the benchmark suites and print the table of figures (README's "make bench").
-#   bash scripts/bench.sh            full sizes (200 MB scrape, 1 GiB hash, 200 experiments, 30 s idle)
+#   bash scripts/bench.sh            full sizes (200 MB scrape, 1 GiB hash, 200 experiments, 60 s idle)
 #   bash scripts/bench.sh --quick    smaller sizes, under three minutes on a 2-core VM (no peers)
 #   bash scripts/bench.sh --peers    only the peer suite: the runner beside the StudioML 0.0.49
 #                                    reference worker and a bare Celery worker (~7 min; with
@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
 SUITES="benchmarks/test_bench_fast.py benchmarks/test_bench_scrape.py benchmarks/test_bench_bus.py
     benchmarks/test_bench_env.py benchmarks/test_bench_e2e.py benchmarks/test_bench_results.py
-    benchmarks/test_bench_launcher.py"
+    benchmarks/test_bench_launcher.py benchmarks/test_bench_startup.py"
 PEERS=benchmarks/test_bench_peers.py
 peers_only=""
 while [ $# -gt 0 ]; do

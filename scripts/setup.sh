@@ -12,6 +12,7 @@
 #
 # On a current .venv this takes well under a second.  Every install and compile is announced
 # on stderr ("setup: ..."); FORCE=1 reinstalls anyway.  Concurrent calls wait for each other.
+# The package's bytecode is compiled too (see the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -102,4 +103,9 @@ fi
 # The build's start time stands for it: a source saved during the build counts as changed.
 if [ -f "$BUILT.next" ]; then mv "$BUILT.next" "$BUILT"; fi
 [ -f "$STAMP" ] || echo "$digest" >"$STAMP"
+# An editable install compiles no bytecode, and with PYTHONDONTWRITEBYTECODE set none is ever
+# written: every process of the runner (supervisor, five roles) would compile the package from
+# source at each start (~0.4 s of CPU in all).  Compile it here, as a wheel install does
+# (quick when current: only changed modules are compiled).
+"$VENV/bin/python" -m compileall -q runner >&2
 echo "$(pwd)/$VENV"

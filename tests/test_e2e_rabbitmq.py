@@ -95,6 +95,36 @@ def test_studioml_request_runs_and_is_acked_only_after_its_uploads(broker, stem,
     assert runner.stop() == 0
 
 
+def consumers_on(broker, queue: str) -> int:
+    """Consumers on ``queue`` now (a passive declare: no statistics lag)."""
+    with broker.connection() as conn:
+        return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+
+
+def test_the_runner_is_pushed_no_more_than_its_free_slots(broker, stem, runners):
+    runner = make_runner(broker, stem, executors=2)
+    runners.append(runner)
+    runner.start()
+    broker.declare(runner.queue)
+    runner.wait_for(lambda: consumers_on(broker, runner.queue) == 2,
+                    what="one consumer per free slot")
+    flag = runner.root / "flag"
+    requests = [blocking_request(runner, flag) for _ in range(5)]
+    for request in requests:
+        broker.publish(runner.queue, request)
+    runner.wait_for(lambda: len(running_attempts(runner)) == 2, what="two runs")
+    broker.wait_counts(runner.queue, ready=3, unacked=2)  # prefetch = free slots, never more
+    assert consumers_on(broker, runner.queue) == 0, "full: no consumer is left"
+    time.sleep(1.0)
+    assert broker.counts(runner.queue) == (3, 2)
+    flag.write_text("go")
+    for request in requests:
+        assert runner.wait_final(request)["status"] == "completed"
+    broker.wait_counts(runner.queue, ready=0, unacked=0)
+    runner.wait_for(lambda: consumers_on(broker, runner.queue) == 2, what="consuming again")
+    assert runner.stop() == 0
+
+
 def test_only_matching_queues_are_served_and_new_queues_are_picked_up(broker, stem, runners):
     runner = make_runner(broker, stem, queue_mismatch="skip")
     runners.append(runner)

@@ -5,6 +5,7 @@ Queue names are unique per test (``rmq_<hex>_…``) so that these tests share th
 """
 from __future__ import annotations
 
+import select
 import time
 
 import pytest
@@ -183,13 +184,20 @@ def test_deleted_queue_is_reported_for_a_held_delivery(broker, backend, stem):
 
 
 @pytest.mark.slow
-def test_connection_loss_loses_held_deliveries_then_reconnects_and_gets_them_back():
+@pytest.mark.parametrize("consumed", [False, True], ids=["basic_get", "consumed"])
+def test_connection_loss_loses_held_deliveries_then_reconnects_and_gets_them_back(consumed):
     node = PrivateBroker().start()
     try:
         queue = "rmq_fault_q"
         node.publish(queue, b"durable request", durable=True)
         backend = RabbitMQQueue(node.url, node.mgt_url)
-        delivery = backend.take(queue)
+        if consumed:
+            backend.wait_fd()
+            backend.offer([queue], 1)
+            delivery = take_pushed(backend, queue)
+            backend.offer([queue], 1)  # a second slot channel waits (an empty queue)
+        else:
+            delivery = backend.take(queue)
         assert delivery is not None and backend.connected
         node.restart()
         backend.service()
@@ -199,6 +207,9 @@ def test_connection_loss_loses_held_deliveries_then_reconnects_and_gets_them_bac
         again = None
         while again is None and time.monotonic() < deadline:
             backend.service()
+            if consumed:
+                backend.offer([queue], 1)
+                backend.changes()
             try:
                 again = backend.take(queue)
             except QueueError:
@@ -210,3 +221,136 @@ def test_connection_loss_loses_held_deliveries_then_reconnects_and_gets_them_bac
         backend.close()
     finally:
         node.stop()
+
+
+# -- consumed dispatch (offer): prefetch = free slots ---------------------------------------
+
+def consumers(broker, queue: str) -> int:
+    """Consumers on ``queue`` right now (a passive declare, no statistics lag)."""
+    with broker.connection() as conn:
+        return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+
+
+def take_pushed(backend, queue: str, timeout: float = 10.0):
+    """Take ``queue``'s pushed message, reading the connection until one came."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        delivery = backend.take(queue)
+        if delivery is not None:
+            return delivery
+        backend.changes()
+        time.sleep(0.02)
+    raise AssertionError(f"nothing pushed from {queue} within {timeout}s")
+
+
+def test_prefetch_never_exceeds_the_free_slots_and_stops_when_full(broker, backend, stem):
+    queue = stem + "prefetch"
+    for n in range(5):
+        broker.publish(queue, f"request-{n}".encode())
+    backend.offer([queue], 1)
+    broker.wait_counts(queue, ready=4, unacked=1)  # management API: one pushed, four wait
+    first = take_pushed(backend, queue)
+    assert first.body == b"request-0"
+    backend.offer([queue], 0)  # the slot is used: no consumer is left
+    assert consumers(broker, queue) == 0
+    backend.ack(first)         # and acking pushes nothing more
+    broker.wait_counts(queue, ready=4, unacked=0)
+    assert backend.take(queue) is None
+
+    backend.offer([queue], 2)
+    broker.wait_counts(queue, ready=2, unacked=2)
+    assert consumers(broker, queue) == 2  # one slot channel per free slot
+    backend.offer([queue], 1)  # a slot went elsewhere: the extra push goes back
+    broker.wait_counts(queue, ready=3, unacked=1)
+    held = take_pushed(backend, queue)
+    backend.requeue(held, attempts=held.attempts)
+    backend.offer([queue], 0)
+    broker.wait_counts(queue, ready=4, unacked=0)
+    assert consumers(broker, queue) == 0
+
+
+def test_prefetch_is_shared_by_all_queues_and_queues_take_turns(broker, backend, stem):
+    queues = [stem + name for name in ("a", "b", "c")]
+    for queue in queues:
+        for n in range(2):
+            broker.publish(queue, f"{queue}-{n}".encode())
+    seen = []
+    for _ in range(3):
+        backend.offer(queues, 1)
+        deadline = time.monotonic() + 10
+        delivery = None
+        while delivery is None and time.monotonic() < deadline:
+            backend.changes()
+            delivery = next(filter(None, (backend.take(q) for q in queues)), None)
+        assert delivery is not None
+        unacked = sum(broker.counts(q)[1] for q in queues)
+        assert unacked <= 1, "one free slot: at most one message pushed across all queues"
+        seen.append(delivery.queue)
+        backend.offer(queues, 0)
+        backend.ack(delivery)
+    assert sorted(seen) == sorted(queues), f"each queue in turn, got {seen}"
+    assert sum(broker.ready(q) for q in queues) == 3
+
+
+def test_a_message_published_while_idle_wakes_the_descriptor_at_once(broker, backend, stem):
+    queue = stem + "wake"
+    broker.declare(queue)
+    fd = backend.wait_fd()
+    assert fd is not None and backend.poll_every is None, "pushed, never polled on a timer"
+    backend.offer([queue], 1)
+    backend.changes()
+    assert select.select([fd], [], [], 0.2)[0] == [], "nothing to read while idle"
+    broker.publish(queue, b"wake up")
+    assert select.select([fd], [], [], 10)[0] == [fd], "the push makes the descriptor readable"
+    backend.changes()
+    delivery = backend.take(queue)
+    assert delivery is not None and delivery.body == b"wake up"
+    backend.ack(delivery)
+    backend.offer([queue], 0)
+
+
+def test_offering_a_missing_queue_leaves_it_out_and_serves_the_others(broker, backend, stem):
+    queue, missing = stem + "here", stem + "missing"
+    broker.publish(queue, b"still served")
+    backend.offer([missing, queue], 1)  # consuming the missing one fails: left out a while
+    backend.offer([missing, queue], 1)
+    delivery = take_pushed(backend, queue)
+    assert delivery.body == b"still served"
+    backend.ack(delivery)
+    with pytest.raises(QueueError):
+        backend.offer([queue], -1)
+
+
+def declare_quorum(broker, queue: str) -> None:
+    with broker.connection() as conn:
+        ch = conn.channel()
+        ch.exchange_declare("StudioML.topic", exchange_type="topic", durable=True,
+                            auto_delete=True)
+        ch.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(queue, "StudioML.topic", routing_key=f"StudioML.{queue}")
+
+
+def test_a_quorum_queue_is_served_by_basic_get(broker, backend, stem):
+    queue = stem + "quorum"
+    declare_quorum(broker, queue)
+    broker.publish(queue, b"quorum request", declare=False)
+    backend.wait_fd()
+    assert queue in backend.discover()  # discovery learns each queue's type
+    backend.offer([queue], 1)  # no channel-wide prefetch on quorum queues: never consumed
+    assert backend.poll_every == 0.15, "a queue that must be asked brings the poll back"
+    delivery = backend.take(queue)
+    assert delivery is not None and delivery.body == b"quorum request"
+    backend.ack(delivery)
+    assert broker.ready(queue) == 0
+
+
+def test_a_quorum_queue_not_yet_discovered_falls_back_after_one_refusal(broker, backend, stem):
+    queue = stem + "quorum_new"
+    declare_quorum(broker, queue)
+    broker.publish(queue, b"quorum request", declare=False)
+    backend.offer([queue], 1)  # the broker closes the connection (540: no global qos here)
+    backend.service()          # reconnects
+    backend.offer([queue], 1)
+    delivery = backend.take(queue)
+    assert delivery is not None and delivery.body == b"quorum request"
+    backend.ack(delivery)

@@ -140,9 +140,21 @@ def test_attempts_held_in_all_are_bounded_by_twice_the_slots() -> None:
         assert ledger.try_reserve(name, req(1)) and ledger.run_over(name)
     assert len(ledger.held) == 4 and ledger.free()["slots"] == 2
     assert not ledger.has_slot()  # four settle: slow uploads hold back new work
+    assert ledger.free_slots() == 0
     assert ledger.try_reserve("e", req(1)) is None
     ledger.release("a")
-    assert ledger.has_slot() and ledger.try_reserve("e", req(1))
+    assert ledger.has_slot() and ledger.free_slots() == 1 and ledger.try_reserve("e", req(1))
+
+
+def test_free_slots_is_how_many_more_may_start_now() -> None:
+    ledger = Ledger(slots=3, cpus=64, ram=0)
+    assert ledger.free_slots() == 3
+    assert ledger.try_reserve("a", req(1)) and ledger.try_reserve("b", req(1))
+    assert ledger.free_slots() == 1 and ledger.has_slot()
+    assert ledger.run_over("a")            # settling: its slot is free again
+    assert ledger.free_slots() == 2
+    assert ledger.try_reserve("c", req(1)) and ledger.try_reserve("d", req(1))
+    assert ledger.free_slots() == 0 and not ledger.has_slot()
 
 
 def test_run_over_after_release_changes_nothing() -> None:

@@ -112,6 +112,14 @@ class Queue(abc.ABC):
     def take(self, queue: str) -> Delivery | None:
         """Claim the oldest waiting message of ``queue`` without blocking; ``None`` if none."""
 
+    def offer(self, queues: list[str], slots: int) -> None:
+        """The fetcher has room for ``slots`` more requests from ``queues`` (0: none now).
+
+        Called on every fetcher tick and whenever taking stops.  A back end the broker
+        pushes to (RabbitMQ's ``basic.consume``) may hold at most ``slots`` pushed messages
+        for :meth:`take` and must announce them through :meth:`wait_fd`; back ends that
+        are asked (the default) ignore it."""
+
     @abc.abstractmethod
     def ack(self, d: Delivery) -> None:
         """Settle ``d`` as done: the message is gone for good."""

@@ -6,10 +6,16 @@ The client publishes to the topic exchange ``StudioML.topic`` with routing key
 
 * **discovers** queues from the management API's bindings whose source is
   ``StudioML.topic`` (``GET /api/exchanges/<vhost>/StudioML.topic/bindings/source``), on a
-  small thread that only speaks HTTP and hands its latest list over under a lock;
-* **takes** one message at a time with ``basic.get`` (no auto-ack), called by the fetcher
-  only while the resource ledger has room, so nothing is ever prefetched that the runner
-  has no room to start (``docs/rabbitmq.md`` explains the choice over ``basic.consume``);
+  small thread that only speaks HTTP and hands its latest list over under a lock (with each
+  queue's type, asked once per new queue: only ``classic`` queues are consumed);
+* **takes** by ``basic.consume`` while the fetcher has a free slot (:meth:`offer`): one
+  *slot channel* per free slot, each with a channel-wide prefetch of 1 (``basic.qos
+  prefetch_count=1 global=true``) and one consumer on every served queue, so that the
+  broker never pushes more messages than there are free slots, whatever the number of
+  queues.  A slot channel that got its message stops consuming and holds it; slot channels
+  beyond the free slots are closed (what the broker had pushed on them goes back at once).
+  Queues that refuse such a consumer (quorum queues: no channel-wide prefetch) and users of
+  :meth:`take` that never call :meth:`offer` get ``basic.get`` instead;
 * **holds** each taken message on a channel of its own until its fate is known: a channel
   closed by the broker (the delivery-acknowledgement timeout, ``consumer_timeout``) then
   loses only that one delivery;
@@ -20,10 +26,16 @@ The client publishes to the topic exchange ``StudioML.topic`` with routing key
 * **survives** the broker going away: every call on the connection catches connection
   errors, marks every held delivery lost (the broker requeues them by itself) and
   reconnects with exponential backoff from :meth:`service`, which the fetcher calls on
-  every tick (50 ms) and which also keeps the AMQP heartbeats flowing.
+  every tick and which also keeps the AMQP heartbeats flowing.
 
 pika's ``BlockingConnection`` is not thread-safe: it is only ever used from the thread
-that calls the :class:`~runner.queues.base.Queue` methods (the fetcher's loop).
+that calls the :class:`~runner.queues.base.Queue` methods (the fetcher's loop); there is no
+consumer thread.  Instead :meth:`wait_fd` gives the fetcher an epoll descriptor that is
+readable when the connection's socket is (a push, a heartbeat) or when a pushed message
+waits to be taken; the fetcher then calls :meth:`changes`, which runs
+``process_data_events(time_limit=0)`` and so hands the pushed messages to the consumer
+callbacks in the fetcher's own thread.  Nothing is polled on a timer between a publish and
+the fetcher seeing it (``docs/rabbitmq.md``).
 """
 from __future__ import annotations
 
@@ -33,6 +45,7 @@ import json
 import logging
 import os
 import random
+import select
 import socket
 import threading
 import time
@@ -61,6 +74,8 @@ DEAD_AT_HEADER = "x-studioml-dead-at"
 DEAD_HOST_HEADER = "x-studioml-dead-host"
 DEAD_SUFFIX = "_dead"
 
+GET_POLL_EVERY = 0.15  # the fetcher's tick while some queue is served by ``basic.get``
+CONSUME_ERROR_BACKOFF = 1.0  # a queue that refused a consumer (gone) is left out this long
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 DISCOVER_EVERY = 1.0
@@ -109,6 +124,28 @@ class _Held:
     body: bytes
     generation: int
     lost: str = ""
+    consumers: list[str] = field(default_factory=list)  # its slot channel's tags to cancel
+
+
+@dataclass
+class _Pushed:
+    """A message the broker pushed to a slot channel, not taken by the fetcher yet."""
+
+    queue: str
+    delivery_tag: int
+    properties: Any
+    body: bytes
+
+
+@dataclass
+class _Slot:
+    """One slot channel: channel-wide prefetch 1, a consumer per served queue (``tags``:
+    consumer tag -> queue); ``pushed`` once the broker handed it its one message."""
+
+    channel: Any
+    queues: tuple[str, ...]
+    tags: dict[str, str] = field(default_factory=dict)
+    pushed: _Pushed | None = None
 
 
 @dataclass
@@ -117,6 +154,7 @@ class _Discovery:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     names: list[str] | None = None
+    types: dict[str, str] = field(default_factory=dict)  # queue -> "classic", "quorum", …
     error: str = ""
     at: float = 0.0
 
@@ -172,10 +210,6 @@ class RabbitMQQueue(Queue):
     backoff after any connection loss.
     """
 
-    poll_every = 0.15
-    """``basic.get`` must be asked: every 150 ms (an idle runner costs ~0.5% of a core;
-    publish-to-start grows by ~75 ms at worst).  A freed slot takes at once regardless."""
-
     kind: ClassVar[str] = "rmq"
 
     def __init__(self, amqp_url: str, mgt_url: str = "", *, name: str = "studioml-runner",
@@ -214,6 +248,21 @@ class RabbitMQQueue(Queue):
         self._discover_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
+        # consuming (offer): slot channels, queues that only basic.get serves, the wake-up
+        self._consuming = False
+        self._slots: list[_Slot] = []
+        self._get_only: set[str] = set()
+        self._consume_refused = False  # the broker refuses channel-wide prefetch: basic.get
+        self._avoid: dict[str, float] = {}    # queue -> monotonic time it may be consumed
+        self._rotation = 0
+        self._epoll: Any = None
+        self._sock_fd: int | None = None
+        self._socket_watched = False  # wait_fd announces pushes (epoll, pika's socket found)
+        self._wake_r = self._wake_w = -1
+        self._signalled = False
+        self.poll_every: float | None = GET_POLL_EVERY
+        """150 ms while something is only found by asking (no epoll, a ``basic.get``
+        queue); ``None`` once :meth:`wait_fd` announces pushes."""
 
     @classmethod
     def from_config(cls, config: Any) -> RabbitMQQueue | None:
@@ -254,6 +303,7 @@ class RabbitMQQueue(Queue):
         conn = pika.BlockingConnection(self.params)
         self._conn = conn
         self._generation += 1
+        self._watch_socket(conn)
         self._backoff = BACKOFF_FIRST
         if self._down_since is not None:
             logger.warning("reconnected to RabbitMQ %s after %.1fs", self.safe_url,
@@ -297,6 +347,8 @@ class RabbitMQQueue(Queue):
         """The connection is gone: every held delivery is lost (the broker requeues them)."""
         conn, self._conn = self._conn, None
         self._poll_ch = self._info_ch = self._pub_ch = None
+        self._slots = []  # their pushed messages go back to their queues with the connection
+        self._unwatch_socket()
         for held in self._held.values():
             if not held.lost:
                 held.lost = f"connection lost: {why!r}"
@@ -364,7 +416,18 @@ class RabbitMQQueue(Queue):
         try:
             names = [n for n in self.mgt.bound_queues() if not is_reserved(n)]
             with self._discovery.lock:
+                known = dict(self._discovery.types)
+            types = {}
+            for name in names:  # a queue's type is asked once, when it first shows
+                if name not in known:
+                    info = self.mgt.queue_info(name)
+                    if info is None:
+                        continue  # deleted meanwhile
+                    known[name] = str(info.get("type") or "classic")
+                types[name] = known[name]
+            with self._discovery.lock:
                 self._discovery.names, self._discovery.error = names, ""
+                self._discovery.types = types
                 self._discovery.at = time.monotonic()
         except QueueError as exc:
             with self._discovery.lock:
@@ -390,10 +453,14 @@ class RabbitMQQueue(Queue):
     # ------------------------------------------------------------------ taking
 
     def take(self, queue: str) -> Delivery | None:
-        """``basic.get`` one message without auto-ack; it stays held on its own channel."""
+        """The message the broker pushed for ``queue`` (after :meth:`offer`), else (never
+        offered, or a queue that refuses consumers) ``basic.get`` one without auto-ack; it
+        stays held on its own channel until settled."""
         self._check_open()
         if self._ensure() is None:
             return None
+        if self._consuming and not self._consume_refused and queue not in self._get_only:
+            return self._take_pushed(queue)
         ch = self._channel("_poll_ch")
         try:
             method, properties, body = self._call(ch.basic_get, queue, auto_ack=False)
@@ -408,6 +475,243 @@ class RabbitMQQueue(Queue):
                                   properties=properties, body=body,
                                   generation=self._generation)
         return Delivery(queue=queue, token=token, body=body, attempts=attempts_of(properties))
+
+    def _take_pushed(self, queue: str) -> Delivery | None:
+        slot = self._pushed_for(queue)
+        if slot is None or slot.pushed is None:
+            return None  # a push comes through wait_fd/changes (or service), never by asking
+        self._slots.remove(slot)
+        pushed = slot.pushed
+        token = f"{self._generation}.{next(self._seq)}"
+        self._held[token] = _Held(queue=queue, channel=slot.channel,
+                                  delivery_tag=pushed.delivery_tag,
+                                  properties=pushed.properties, body=pushed.body,
+                                  generation=self._generation, consumers=list(slot.tags))
+        return Delivery(queue=queue, token=token, body=pushed.body,
+                        attempts=attempts_of(pushed.properties))
+
+    def _pushed_for(self, queue: str) -> _Slot | None:
+        for slot in self._slots:
+            if slot.pushed is not None and slot.pushed.queue == queue:
+                return slot
+        return None
+
+    # ------------------------------------------------------------------ consuming
+
+    def offer(self, queues: list[str], slots: int) -> None:
+        """Have the broker push up to ``slots`` messages from ``queues``, no more.
+
+        Keeps exactly ``slots`` slot channels (waiting, or holding a pushed message not
+        taken yet) consuming ``queues`` (in a rotating order, for fairness); ``slots`` 0
+        stops consuming.  Pushed messages are taken with :meth:`take`.  Extra slot channels
+        are closed, newest first (a message the broker had pushed on one goes back to its
+        queue); one that got a message of a queue no longer offered is closed too.  A
+        queue that refuses a consumer is left out for a second when it is gone, and
+        served by ``basic.get`` (:attr:`poll_every` 150 ms) when it cannot have a
+        channel-wide prefetch (quorum queues).  Never raises for the broker's troubles
+        (logged; :meth:`service` reconnects); raises QueueError on a negative ``slots``.
+        """
+        self._check_open()
+        if slots < 0:
+            raise QueueError(f"slots must be >= 0, got {slots}")
+        self._consuming = True
+        now = time.monotonic()
+        with self._discovery.lock:
+            types = self._discovery.types
+        for queue in queues:
+            if types.get(queue, "classic") != "classic" and queue not in self._get_only:
+                self._serve_by_get(queue, f"a {types[queue]} queue")
+        asked = self._consume_refused or not self._socket_watched or \
+            any(q in self._get_only for q in queues)
+        self.poll_every = GET_POLL_EVERY if asked else None
+        if self._consume_refused:
+            return
+        wanted = tuple(q for q in queues if q not in self._get_only
+                       and self._avoid.get(q, 0.0) <= now)
+        if not slots and not self._slots and not self._quiet_pending():
+            return  # nothing to consume and nothing to stop: no broker needed
+        conn = self._ensure()
+        if conn is None:
+            return
+        try:
+            for slot in list(self._slots):
+                stale = slot.queues != wanted if slot.pushed is None \
+                    else slot.pushed.queue not in wanted
+                if stale or not slot.channel.is_open:
+                    self._drop(slot)
+            while len(self._slots) > slots:
+                waiting = [s for s in self._slots if s.pushed is None]
+                self._drop((waiting or self._slots)[-1])
+            while len(self._slots) < slots and wanted and self._conn is conn:
+                if not self._open_slot(conn, wanted):
+                    break
+            for held in self._held.values():
+                if held.consumers:
+                    self._quiet(held)
+        except _CONNECTION_ERRORS as exc:
+            self._lost(exc)
+            return
+        except pika.exceptions.AMQPChannelError as exc:  # that slot channel is gone; next offer
+            logger.warning("RabbitMQ channel trouble while offering slots: %r", exc)
+        self._pump()
+
+    def _quiet_pending(self) -> bool:
+        return any(held.consumers for held in self._held.values())
+
+    def _open_slot(self, conn: Any, queues: tuple[str, ...]) -> bool:
+        """Open one slot channel consuming ``queues``; False when it could not be opened
+        (a queue refused, see :meth:`offer`: the next offer tries again without it)."""
+        ch = conn.channel()
+        try:
+            ch.basic_qos(prefetch_count=1, global_qos=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._consume_refused = True
+            self.poll_every = GET_POLL_EVERY
+            logger.warning("RabbitMQ %s refuses a channel-wide prefetch (%s); every queue is "
+                           "served by basic.get every %.2fs", self.safe_url, exc,
+                           GET_POLL_EVERY)
+            for slot in list(self._slots):
+                self._drop(slot)
+            return False
+        slot = _Slot(channel=ch, queues=queues)
+        self._slots.append(slot)
+        start = self._rotation % len(queues)
+        self._rotation += 1
+        for queue in queues[start:] + queues[:start]:
+            try:
+                tag = ch.basic_consume(queue, lambda c, m, p, b, slot=slot:
+                                       self._on_push(slot, c, m, p, b))
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                self._slots.remove(slot)
+                if exc.reply_code == 404:
+                    self._avoid[queue] = time.monotonic() + CONSUME_ERROR_BACKOFF
+                    logger.info("cannot consume %s (gone?): %s", queue, exc)
+                else:
+                    self._serve_by_get(queue, str(exc))
+                return False
+            except pika.exceptions.ConnectionClosedByBroker as exc:
+                if exc.reply_code == 540:  # a quorum queue discovery had not typed yet
+                    self._serve_by_get(queue, str(exc))
+                raise
+            slot.tags[tag] = queue
+        return True
+
+    def _serve_by_get(self, queue: str, why: str) -> None:
+        """``queue`` cannot be consumed with a channel-wide prefetch: ``basic.get`` it."""
+        self._get_only.add(queue)
+        self.poll_every = GET_POLL_EVERY
+        logger.warning("queue %s cannot be consumed with a channel-wide prefetch (%s); it is "
+                       "served by basic.get every %.2fs", queue, why, GET_POLL_EVERY)
+
+    def _on_push(self, slot: _Slot, ch: Any, method: Any, properties: Any, body: bytes) -> None:
+        """pika's consumer callback (in the fetcher's thread, inside :meth:`_pump`)."""
+        queue = slot.tags.get(method.consumer_tag)
+        if slot.pushed is not None or queue is None or slot not in self._slots:
+            # cannot happen with a channel-wide prefetch of 1; never keep what has no slot
+            logger.warning("unexpected push on a slot channel; put back")
+            ch.basic_reject(method.delivery_tag, requeue=True)
+            return
+        slot.pushed = _Pushed(queue=queue, delivery_tag=method.delivery_tag,
+                              properties=properties, body=bytes(body))
+        self._signal()
+
+    def _quiet(self, held: _Held) -> None:
+        """Cancel the consumers left on ``held``'s slot channel (before it is settled: an
+        ack would otherwise let the broker push it another message)."""
+        tags, held.consumers = held.consumers, []
+        if not held.channel.is_open:
+            return
+        live = set(held.channel.consumer_tags)
+        for tag in tags:
+            if tag in live:
+                held.channel.basic_cancel(tag)
+
+    def _drop(self, slot: _Slot) -> None:
+        """Close a slot channel: its consumers end, a message pushed on it goes back."""
+        self._slots.remove(slot)
+        try:
+            if slot.channel.is_open:
+                slot.channel.close()
+        except pika.exceptions.AMQPChannelError:
+            pass
+
+    def _pump(self) -> None:
+        """Read what the broker sent and run pika's callbacks (pushes) now, never waiting."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            return
+        try:
+            conn.process_data_events(time_limit=0)
+        except _CONNECTION_ERRORS as exc:
+            self._lost(exc)
+        except pika.exceptions.AMQPChannelError as exc:
+            logger.debug("channel event while serving the connection: %r", exc)
+
+    # -- the fetcher's wake-up: epoll over the socket and a self-pipe -------------------
+
+    def wait_fd(self) -> int | None:
+        """An epoll descriptor, readable when the broker sent something or a pushed message
+        waits; the connection's socket is (re)registered on every connect.  ``None`` (and
+        :attr:`poll_every` stays 150 ms) where epoll is missing."""
+        if self._epoll is None and hasattr(select, "epoll"):
+            self._epoll = select.epoll()
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._epoll.register(self._wake_r, select.EPOLLIN)
+            self._socket_watched = True
+            if self._conn is not None and self._conn.is_open:
+                self._watch_socket(self._conn)
+            if not self._get_only and self._socket_watched:
+                self.poll_every = None
+        return self._epoll.fileno() if self._epoll is not None else None
+
+    def changes(self) -> bool:
+        """Take in what the broker sent (pushes land in slot channels); always False:
+        discovery is the management API's."""
+        if self._signalled:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+            self._signalled = False
+        if not self._closed:
+            self._pump()
+        return False
+
+    def _signal(self) -> None:
+        if self._wake_w >= 0 and not self._signalled:
+            self._signalled = True
+            try:
+                os.write(self._wake_w, b"p")
+            except OSError:
+                pass
+
+    def _watch_socket(self, conn: Any) -> None:
+        self._unwatch_socket()
+        if self._epoll is None:
+            return
+        sock: Any = getattr(getattr(getattr(conn, "_impl", None), "_transport", None), "_sock",
+                            None)
+        try:
+            fd = sock.fileno()
+            self._epoll.register(fd, select.EPOLLIN)
+        except (AttributeError, OSError, ValueError) as exc:  # pika's internals changed
+            logger.warning("cannot watch the AMQP socket (%r); polling every %.2fs", exc,
+                           GET_POLL_EVERY)
+            self._socket_watched = False
+            self.poll_every = GET_POLL_EVERY
+            return
+        self._sock_fd = fd
+
+    def _unwatch_socket(self) -> None:
+        fd, self._sock_fd = self._sock_fd, None
+        if fd is not None and self._epoll is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # closed already (epoll forgot it by itself)
+
+    # ------------------------------------------------------------------ settling
 
     def _held_of(self, d: Delivery) -> _Held:
         self._check_open()
@@ -438,6 +742,8 @@ class RabbitMQQueue(Queue):
     def _settle(self, d: Delivery, what: str, fn) -> None:
         held = self._held_of(d)
         try:
+            if held.consumers:
+                self._quiet(held)
             fn(held)
         except (pika.exceptions.ChannelClosedByBroker,
                 pika.exceptions.ChannelWrongStateError) as exc:
@@ -620,8 +926,15 @@ class RabbitMQQueue(Queue):
         self._stop.set()
         conn, self._conn = self._conn, None
         self._held.clear()
+        self._slots = []
+        self._unwatch_socket()
         if conn is not None:
             try:
                 conn.close()
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
+        if self._epoll is not None:
+            self._epoll.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1

@@ -12,13 +12,18 @@ dead-letters every delivery the book holds for the attempt (or holds a hand-back
 its back-off), then releases the reservation.
 
 The fetcher ticks at the fastest ``Queue.poll_every`` of its back ends (50 ms for those that
-must be asked: RabbitMQ, SQS, Pub/Sub, local queues without inotify).  A back end with a
-``wait_fd()`` (local queues on Linux: inotify on the root and each queue folder) wakes the
-loop when a message arrives, so with only such back ends the fetcher ticks every
-``SAFETY_TICK`` when idle.  Every back end's ``service()`` runs on every tick (heartbeats,
-reconnects) from this loop's thread only (pika is not thread-safe).  Held deliveries are
-kept alive on each back end's own cadence (``Queue.keep_alive_every``).  A queue's back end
-is the one whose discovery listed it (Pub/Sub names carry no kind prefix).
+must be asked: SQS, Pub/Sub, local queues without inotify).  A back end with a
+``wait_fd()`` (local queues on Linux: inotify on the root and each queue folder; RabbitMQ:
+the consumer connection's socket) wakes the loop when a message arrives, so with only such
+back ends the fetcher ticks every ``SAFETY_TICK`` when idle and takes work the moment it is
+published.  After taking, each tick tells every back end how many requests it may push
+(``Queue.offer``: the free slots, 0 while not taking), which is RabbitMQ's prefetch.
+
+Every back end's ``service()`` runs on every tick (heartbeats, reconnects): back ends
+that are not thread-safe (pika) are only ever touched from this loop's thread.  Held
+deliveries are kept alive on each back end's own cadence (``Queue.keep_alive_every``: SQS
+visibility and Pub/Sub ack deadlines need it well inside their timeouts).  A queue's back
+end is the one whose discovery listed it (Pub/Sub names carry no kind prefix).
 """
 from __future__ import annotations
 
@@ -115,6 +120,7 @@ class Fetcher(Role):
         elif isinstance(message, protocol.StopTaking):
             self.log.info("taking no new requests")
             self.taking = False
+            self.offer_slots()  # consumers stop now, not at the next tick
             self.admission.put_all_back("the runner takes no new requests")
             self.send_stats()
         elif isinstance(message, protocol.StartTaking):
@@ -173,6 +179,7 @@ class Fetcher(Role):
             self.admission.serve_held_aside(self.taking)
         if self.taking:
             self.take_while_room()
+        self.offer_slots()
         for kind, backend in self.backends.items():
             if now >= self._next_keep_alive.get(kind, 0.0):
                 every = getattr(backend, "keep_alive_every", KEEP_ALIVE_EVERY) or \
@@ -281,6 +288,21 @@ class Fetcher(Role):
                 continue
             idle_rounds = 0
             self.admission.accept(backend, delivery)
+
+    def offer_slots(self) -> None:
+        """Tell each back end how many requests it may push now (``Queue.offer``): the free
+        slots while taking (within ``--limit-tasks``), else 0; backed-off queues are left out."""
+        slots = self.ledger.free_slots() if self.taking else 0
+        if self.config.limit_tasks:
+            slots = min(slots, max(0, self.config.limit_tasks - self.admission.taken))
+        now = time.monotonic()
+        for kind, backend in self.backends.items():
+            queues = [q for q in self.queues
+                      if self.owner.get(q) == kind and self.backoff.get(q, 0.0) <= now]
+            try:
+                backend.offer(queues, slots)
+            except (QueueError, OSError) as exc:
+                self.log.warning("%s queue back end: %s", backend.kind, exc)
 
     # -- effects (what admission asks of the fetcher, runner.admission.Effects) ---------
     def settle_delivery(self, settle: Settle) -> bool:
