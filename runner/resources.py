@@ -271,6 +271,21 @@ class Ledger:
         """NVML's latest view (free memory, ECC state); reservations are kept."""
         self.devices = sorted(devices, key=lambda d: d.index)
 
+    def refresh_devices(self, found: Iterable[Device], why_none: str, log) -> None:
+        """Take a new NVML discovery (``found``; ``why_none`` says why it is empty): an empty
+        one keeps the last view; a device that turned unhealthy (uncorrected ECC errors) is
+        logged once and no longer given out."""
+        found = list(found)
+        if not found:
+            log.warning("GPU refresh found none (%s); keeping the last view", why_none)
+            return
+        before = {d.uuid: d.healthy for d in self.devices}
+        for device in found:
+            if before.get(device.uuid, True) and not device.healthy:
+                log.error("GPU %d %s has %d uncorrected ECC errors; no longer given out",
+                          device.index, device.uuid, device.ecc_errors)
+        self.update_devices(found)
+
 
 def _count(n: int, unit: str) -> str:
     return f"{n} {unit}" + ("" if n == 1 else "s")

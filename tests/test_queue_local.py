@@ -458,3 +458,11 @@ def test_a_message_that_cannot_be_read_is_dead_lettered_and_the_next_is_taken(
     assert delivery.body == b"readable"
     reason = (root / Q / DEAD / (first + ".reason.txt")).read_text()
     assert "cannot be read" in reason
+
+
+def test_a_queue_listed_by_two_back_ends_is_served_by_the_first(caplog) -> None:
+    from runner.queues import owners
+
+    found = owners({"local": ["local_a", "shared"], "pubsub": ["shared", "topic-b"]})
+    assert found == {"local_a": "local", "shared": "local", "topic-b": "pubsub"}
+    assert any("listed by both local and pubsub" in r.getMessage() for r in caplog.records)

@@ -175,3 +175,24 @@ def test_a_provisional_reservation_is_renamed_without_a_release() -> None:
     assert book.try_reserve("other", {"cpus": 1}) is None
     assert book.release("host-1") and book.releases == 1
     assert not book.release("pending-x")
+
+
+def test_a_gpu_refresh_keeps_the_last_view_when_empty_and_drops_a_card_gone_bad(caplog):
+    import logging
+
+    from runner.gpus import Device
+
+    good = [Device(0, "GPU-a", "A100", 80 * GB, 80 * GB), Device(1, "GPU-b", "A100", 80 * GB,
+                                                                  80 * GB)]
+    ledger = Ledger(slots=2, cpus=4, ram=8 * GB, devices=good)
+    log = logging.getLogger("test.refresh")
+    with caplog.at_level(logging.WARNING, logger="test.refresh"):
+        ledger.refresh_devices([], "NVML gone", log)
+        assert [d.uuid for d in ledger.devices] == ["GPU-a", "GPU-b"]
+        bad = [good[0], Device(1, "GPU-b", "A100", 80 * GB, 80 * GB, ecc_errors=3)]
+        ledger.refresh_devices(reversed(bad), "", log)
+        ledger.refresh_devices(bad, "", log)  # already known bad: not logged again
+    assert [(d.index, d.healthy) for d in ledger.devices] == [(0, True), (1, False)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("keeping the last view" in m for m in messages)
+    assert sum("uncorrected ECC" in m for m in messages) == 1

@@ -73,6 +73,21 @@ def kind_of(queue_name: str) -> str:
     return head if sep else ""
 
 
+def owners(discovered: dict[str, list[str]], log: logging.Logger = logger) -> dict[str, str]:
+    """Queue name → the kind of the back end that serves it, from each kind's listing
+    (``discovered``: kind → names, in :data:`QUEUE_KINDS` order): the first kind to list a
+    name serves it; a name listed by two kinds is logged and served by the first."""
+    owner: dict[str, str] = {}
+    for kind, names in discovered.items():
+        for name in names:
+            if name in owner and owner[name] != kind:
+                log.warning("queue %s is listed by both %s and %s; serving it from %s",
+                            name, owner[name], kind, owner[name])
+                continue
+            owner[name] = kind
+    return owner
+
+
 def publishing_class(queue_name: str) -> type[Queue]:
     """The back end ``runner-submit`` publishes ``queue_name`` with: by its prefix, or
     Pub/Sub for a topic named in full (``projects/P/topics/T``).
@@ -92,4 +107,4 @@ def publishing_class(queue_name: str) -> type[Queue]:
 
 __all__ = ["DEFAULT_QUEUE_MATCH", "Delivery", "LocalQueue", "MemoryQueue", "PubSubQueue", "QUEUE_KINDS",
            "Queue", "RabbitMQQueue", "SQSQueue", "build_backends", "is_reserved", "kind_of", "matches",
-           "publishing_class"]
+           "owners", "publishing_class"]

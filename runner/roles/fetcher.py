@@ -36,7 +36,7 @@ from ..admission import Admission
 from ..deliveries import DeliveryBook, Held, Settle
 from ..errors import DeliveryLost, QueueError, RunnerError
 from ..held_aside import HeldAside
-from ..queues import Queue, build_backends, kind_of, matches
+from ..queues import Queue, build_backends, kind_of, matches, owners
 from ..resources import Ledger
 from ..units import describe_size
 from .base import Role
@@ -188,25 +188,12 @@ class Fetcher(Role):
                 self.keep_alive(backend)
         if self.discovery.devices and now >= self._next_gpu_refresh:
             self._next_gpu_refresh = now + self.config.gpu_refresh
-            self.refresh_gpus()
+            found = gpus.discover(os.environ)  # free memory and ECC state change
+            self.ledger.refresh_devices(found.devices, found.reason, self.log)
         if now >= self._next_stats and (self._stats_dirty or self.book.held
                                         or now >= self._next_stats - STATS_EVERY
                                         + IDLE_STATS_EVERY):
             self.send_stats()
-
-    def refresh_gpus(self) -> None:
-        """Ask NVML again: free memory and ECC state change; reservations stay."""
-        discovery = gpus.discover(os.environ)
-        if not discovery.devices:
-            self.log.warning("GPU refresh found none (%s); keeping the last view",
-                             discovery.reason)
-            return
-        before = {d.uuid: d.healthy for d in self.ledger.devices}
-        for device in discovery.devices:
-            if before.get(device.uuid, True) and not device.healthy:
-                self.log.error("GPU %d %s has %d uncorrected ECC errors; no longer given out",
-                               device.index, device.uuid, device.ecc_errors)
-        self.ledger.update_devices(discovery.devices)
 
     def discover(self) -> None:
         """Refresh the served queues; a back end that cannot list keeps its last list.
@@ -229,16 +216,8 @@ class Fetcher(Role):
                 else:
                     self.ignored[name] = self.ignored.get(name, 0) + 1
             self.discovered[kind] = served
-        owner: dict[str, str] = {}
-        for kind, names in self.discovered.items():
-            for name in names:
-                if name in owner and owner[name] != kind:
-                    self.log.warning("queue %s is listed by both %s and %s; serving it "
-                                     "from %s", name, owner[name], kind, owner[name])
-                    continue
-                owner[name] = kind
-        self.owner = owner
-        found = sorted(owner)
+        self.owner = owners(self.discovered, self.log)
+        found = sorted(self.owner)
         if found != self.queues:
             self.log.info("serving queues: %s", ", ".join(found) or "(none)")
         self.queues = found
