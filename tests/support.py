@@ -23,6 +23,7 @@ import textwrap
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -330,7 +331,7 @@ class Runner:
                         # root, which the sandbox hides by design; tests/test_sandbox.py
                         # runs the runner with it on.
                         "sandbox": "off",
-                        "file-store-roots": root}
+                        "file-store-roots": self.default_file_store_roots()}
         self.options.update({k.replace("_", "-"): v for k, v in options.items()})
         self.process: subprocess.Popen | None = None
         self.log_path = root / "supervisor.log"
@@ -341,6 +342,14 @@ class Runner:
             self.env.update(TEST_AWS)
         elif self.store_root.startswith("gs://") and "STORAGE_EMULATOR_HOST" not in self.env:
             raise ValueError("a gs:// store needs STORAGE_EMULATOR_HOST in Runner.env")
+
+    def default_file_store_roots(self) -> str:
+        """``root``, and the folder of a ``file://`` ``store_root`` given (another runner's
+        store, say), as one ``--file-store-roots`` path list."""
+        roots = [str(self.root)]
+        if self.store_root.startswith("file://"):
+            roots.append(urllib.parse.unquote(urllib.parse.urlsplit(self.store_root).path))
+        return os.pathsep.join(roots)
 
     # -- storage --------------------------------------------------------------------------
     def store(self, url: str):

@@ -239,7 +239,7 @@ def test_deleting_the_queue_during_a_run_stops_the_run(broker, stem, runners):
 def test_runner_killed_during_a_run_its_request_is_redelivered_to_a_second_runner(
         broker, stem, runners):
     first = make_runner(broker, stem)
-    second = make_runner(broker, stem)
+    second = make_runner(broker, stem, file_store_roots=first.root)  # first's requests
     runners += [first, second]
     first.start()
     flag = first.root / "flag"
