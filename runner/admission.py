@@ -332,10 +332,12 @@ def waiting_summary(body: bytes) -> dict:
 
 
 def describe_needs(resources: dict) -> str:
-    """``resources`` for a log line: "2 CPUs, 100 MB RAM, 1 GPUs"."""
+    """``resources`` for a log line: "2 CPUs, 100 MB RAM, 1 GPUs, 10 GB disk"."""
     parts = [f"{resources.get('cpus', 0)} CPUs"]
     if resources.get("ram"):
         parts.append(f"{describe_size(resources['ram'])} RAM")
     if resources.get("gpus"):
         parts.append(f"{resources['gpus']} GPUs")
+    if resources.get("hdd"):
+        parts.append(f"{describe_size(resources['hdd'])} disk")
     return ", ".join(parts)

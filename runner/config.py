@@ -352,9 +352,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("hostname", str, None, "host name in attempt ids and metadata (default: this host's)"),
     Option("min-save-interval", _duration, "10s",
            "lower clamp of an experiment's saveWorkspaceFrequency"),
-    Option("max-history", _positive_size, "64MiB",
+    Option("max-history", _size, "64MiB",
            "most bytes of one attempt's metric history (_metadata/metrics-host-*.jsonl); "
-           "JSON lines past it are left out and a truncated line says so"),
+           "JSON lines past it are left out and a truncated line says so; 0: no limit"),
     Option("kill-grace", _duration, "10s", "time between SIGTERM and SIGKILL when stopping a run"),
     Option("shutdown-timeout", _duration, "60s",
            "on SIGTERM, how long to wait for running work to be handed back"),

@@ -32,6 +32,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -217,6 +218,15 @@ class Supervisor:
                 self.watch.notifier.stopping("stopping")
             self.roles.stop(self.ask_to_stop)
             self.watch.stop()
+            self.remove_control_socket()
+
+    def remove_control_socket(self) -> None:
+        """A supervisor that ends leaves no control socket behind (``runner-ctl`` then says
+        that none runs, not that one was killed)."""
+        if hasattr(self, "control"):
+            self.control.close(linger=0)
+            with contextlib.suppress(OSError):
+                self.endpoints.control_path.unlink()
 
     def ask_to_stop(self, name: str) -> None:
         if hasattr(self, "bus"):  # the roles were started

@@ -231,6 +231,8 @@ def test_waiting_summaries_never_raise_and_needs_read_as_words():
     assert waiting_summary(body("k", project="p")) == {"key": "k", "project": "p"}
     assert waiting_summary(b"\xff") == {"key": "?", "project": ""}
     assert describe_needs({"cpus": 2, "ram": 10**8, "gpus": 1}) == "2 CPUs, 100 MB RAM, 1 GPUs"
+    assert describe_needs({"cpus": 1, "ram": 10**9, "hdd": 10**10}) == \
+        "1 CPUs, 1 GB RAM, 10 GB disk"  # a request held back for disk says so
 
 
 def test_dead_letter_log_lines_name_the_key_when_the_body_gives_one(admission, monkeypatch,

@@ -392,3 +392,10 @@ def test_file_store_roots_default_to_where_runner_submit_stores(tmp_path: Path) 
     assert config.file_roots() == (str((tmp_path / "real").resolve()), "/srv/s",
                                    str((tmp_path / "meta").resolve()))
     assert load([], environ={"RUNNER_FILE_STORE_ROOTS": ""}).file_roots() == ()
+
+
+def test_max_history_zero_means_no_limit_like_the_other_caps() -> None:
+    assert load(["--max-history", "0"], environ={}).max_history == 0
+    assert load(["--env-cache-size", "0"], environ={}).env_cache_size == 0
+    with pytest.raises(ConfigError):
+        load(["--max-history", "-1"], environ={})

@@ -170,6 +170,9 @@ def test_limit_tasks_exits_after_n_experiments_and_leaves_the_rest_queued(runner
     assert sum(1 for r in records if r and r["status"] == "completed") == 1
     assert len(waiting_files(runner)) == 2, "only one was taken"
     assert "--limit-tasks 1 reached" in runner.log()
+    status = runner.ctl("status")  # an ended supervisor is not reported as a killed one
+    assert status.returncode != 0 and "killed" not in status.stderr, status.stderr
+    assert "no control socket" in status.stderr, status.stderr
 
 
 @pytest.mark.runner_options(limit_idle_duration="2s")

@@ -105,6 +105,7 @@ def last_json_line(data: bytes, look_back: int = 64, width: int = 200) -> str:
 
 
 TAIL_BYTES = 4096
+NO_HISTORY_CAP = 1 << 62  # --max-history 0: the history is never cut
 
 
 def host_metrics_line(now: float | None = None) -> str:
@@ -409,7 +410,7 @@ class Scraper(Role):
                     state.attempt.attempt_id, state.attempt.attempts + 1))
         if state.history is None or state.write_error:
             return
-        cap = self.config.max_history
+        cap = self.config.max_history or NO_HISTORY_CAP  # 0: no limit
         room = cap - state.history.tell()
         if state.history_full or room <= 0:
             return
