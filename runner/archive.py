@@ -454,7 +454,10 @@ def pack_to_stream(src_dir: Path, fileobj: BinaryIO, compression: str, *,
     """Write a tar of ``src_dir``'s contents to ``fileobj``; bytes written to ``fileobj``.
 
     Members are named relative to ``src_dir`` (no ``./``), in sorted order, owner set to
-    0/0 with no names; directories, regular files and symlinks (not followed) are kept;
+    0/0 with no names; directories, regular files and symlinks (not followed) are kept,
+    except symlinks :func:`unpack` would refuse (:func:`symlink_problem`: absolute, or
+    pointing outside ``src_dir``), which are left out with a warning so that the archive
+    can be unpacked again (a run's ``ln -s / modeldir/root`` cannot spoil its retries);
     sockets, FIFOs and devices are skipped; files that vanish meanwhile are skipped.
     With ``single_file`` and a folder that holds exactly one regular file, that file is
     the archive's only member, named ``./<name>``: the StudioML client reads such a tar
@@ -476,8 +479,9 @@ def pack_to_stream(src_dir: Path, fileobj: BinaryIO, compression: str, *,
             if only is not None:
                 _add(tar, src_dir, only, arcname=f"./{only}")
             else:
+                root = os.path.realpath(src_dir)
                 for rel in _entries(src_dir):
-                    _add(tar, src_dir, rel)
+                    _add(tar, src_dir, rel, root=root)
     except OSError as exc:
         raise StorageError(f"cannot pack {src_dir}: {exc}") from exc
     finally:
@@ -488,13 +492,20 @@ def pack_to_stream(src_dir: Path, fileobj: BinaryIO, compression: str, *,
     return counter.count
 
 
-def _add(tar: tarfile.TarFile, src_dir: Path, rel: str, arcname: str | None = None) -> None:
+def _add(tar: tarfile.TarFile, src_dir: Path, rel: str, arcname: str | None = None,
+         root: str | None = None) -> None:
     full = os.path.join(src_dir, rel)
     try:
         info = tar.gettarinfo(full, arcname=arcname or rel)
     except FileNotFoundError:
         log.debug("skipping %s: vanished while packing", full)
         return
+    if info is not None and info.issym() and root is not None:
+        problem = symlink_problem(info.linkname, os.path.realpath(os.path.dirname(full)), root)
+        if problem is not None:
+            log.warning("leaving %s out of the archive: it is %s, which no unpack would "
+                        "accept", full, problem)
+            return
     if info is None or not (info.isreg() or info.isdir() or info.issym()):
         if info is not None and info.islnk():
             pass  # a second link to a file already added: keep it as a hard link

@@ -358,3 +358,23 @@ def test_single_file_packing_names_the_file_dot_slash(tmp_path: Path, compressio
     pack_to_stream(folder, out, "none", single_file=True)
     with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
         assert tar.getnames() == ["more", "retval"]
+
+
+def test_pack_leaves_out_links_no_unpack_would_accept(tmp_path: Path) -> None:
+    """A run that leaves ``modeldir/root -> /`` must not spoil its retries: the output is
+    packed without that link (and the others unpack refuses), so it unpacks again."""
+    src = tmp_path / "modeldir"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "weights.bin").write_bytes(b"w" * 100)
+    os.symlink("/", src / "root")
+    os.symlink("/etc/passwd", src / "sub" / "passwd")
+    os.symlink("../../outside", src / "sub" / "up")
+    os.symlink("sub/weights.bin", src / "latest")  # inside: kept
+    archive = tmp_path / "modeldir.tar"
+    pack(src, archive, "none")
+    with tarfile.open(archive) as tar:
+        names = sorted(tar.getnames())
+    assert names == ["latest", "sub", "sub/weights.bin"], names
+    dest = tmp_path / "again"
+    unpack(archive, dest)  # the next attempt's download
+    assert (dest / "latest").read_bytes() == b"w" * 100
