@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
 SUITES="benchmarks/test_bench_fast.py benchmarks/test_bench_scrape.py benchmarks/test_bench_bus.py
     benchmarks/test_bench_env.py benchmarks/test_bench_e2e.py benchmarks/test_bench_results.py
-    benchmarks/test_bench_launcher.py benchmarks/test_bench_startup.py"
+    benchmarks/test_bench_launcher.py benchmarks/test_bench_startup.py benchmarks/test_bench_submit.py"
 PEERS=benchmarks/test_bench_peers.py
 peers_only=""
 while [ $# -gt 0 ]; do
