@@ -170,7 +170,8 @@ def test_fuzzed_bodies_never_crash_a_role_and_each_reaches_a_fate(runner) -> Non
     bodies = fuzz_bodies(stale, fresh)
     accepted = []
     saved = storage.base.SETTINGS  # the runner's file:// confinement (bit flips leave it)
-    storage.configure(file_roots=real_roots([runner.options["file-store-roots"]]))
+    roots = str(runner.options["file-store-roots"]).split(os.pathsep)  # a path list
+    storage.configure(file_roots=real_roots(roots))
     try:
         for _what, body in bodies:  # the fetcher's admission, in the same order
             try:
