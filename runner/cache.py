@@ -1,11 +1,17 @@
 """The artifact cache, owned by the cache manager (SPEC section 4, "Cache").
 
-Every artifact download goes through :meth:`ArtifactCache.lease`: the object is stat'ed,
-its *content identity* comes from the store (:meth:`runner.storage.base.Store.identity`:
-URL + ETag + size for S3, URL + generation + size for GCS, the compiled hot path's
-content hash for ``file://``), and the bytes are served from
-``<cache-dir>/artifacts/objects/<sha256(identity)>.<size>``, downloaded first when
-absent.
+Every artifact download goes through :meth:`ArtifactCache.lease`.  The object's *content
+identity* comes from the store (:meth:`runner.storage.base.Store.identity`: URL + ETag + size
+for S3, URL + generation + size for GCS, the compiled hot path's content hash for
+``file://``), and the bytes are served from
+``<cache-dir>/artifacts/objects/<sha256(identity)>.<size>``, downloaded first when absent.
+
+* **One request for a new URL.**  A URL this cache has never stored (every experiment's own
+  workspace) is downloaded at once, one ``GET``, its identity taken from the download, where
+  the store's stat is a request (:attr:`~runner.storage.base.Store.stat_is_remote`).  A URL
+  it has stored is stat'ed first (a ``HEAD``), and served from the cache when its identity
+  is unchanged.  Which URLs were stored, and as which entry, is kept in
+  ``<root>/urls/<sha256(url)>`` (the entry's key), removed with the entry.
 
 * **One download per object.**  Concurrent leases of one identity share a single
   download (single-flight): the first caller downloads, the others wait for it and are
@@ -42,7 +48,8 @@ import secrets
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +59,18 @@ from .storage.base import ObjectInfo, ObjectMissing, Store
 log = logging.getLogger(__name__)
 
 _ENTRY_NAME = re.compile(r"^([0-9a-f]{64})\.([0-9]+)$")
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+DOWNLOADS_AT_ONCE = 8  # lease_all: an attempt's artifacts downloaded side by side
+
+
+def _run_now(function, *args) -> Future:
+    """``function(*args)`` run in this thread, as a finished future."""
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except BaseException as exc:  # noqa: BLE001 - handed to the future's reader
+        future.set_exception(exc)
+    return future
 
 
 @dataclass
@@ -59,6 +78,7 @@ class _Entry:
     path: Path
     size: int
     refs: int = 0
+    urls: set[str] = field(default_factory=set)  # url keys (urls/ files) naming this entry
 
 
 @dataclass
@@ -115,15 +135,19 @@ class ArtifactCache:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self.urls = self.root / "urls"
         self.max_bytes = max(0, int(max_bytes))
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._flights: dict[str, _Flight] = {}
+        self._url_keys: dict[str, str] = {}  # sha256(url) -> entry key, for stored URLs
+        self._pool: ThreadPoolExecutor | None = None  # lease_all's downloads, made on first use
         self._bytes = 0
         self.hits = self.misses = self.evictions = self.uncached = 0
         self.bytes_downloaded = 0
         self.objects.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.urls.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.root / "lock", "a+")
         try:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,11 +194,21 @@ class ArtifactCache:
                 continue
             self._entries[key] = _Entry(path, size)
             self._bytes += size
+        for path in self.urls.iterdir():
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                key = path.read_text("ascii") if _KEY.match(path.name) else ""
+                if key in self._entries:
+                    self._url_keys[path.name] = key
+                    self._entries[key].urls.add(path.name)
+                else:
+                    path.unlink()
         log.info("%s %s: %d entries, %d bytes (limit %d); %d partial or broken "
                  "files discarded", self.name, self.root, len(self._entries), self._bytes, self.max_bytes,
                  discarded)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(OSError, ValueError):
             self._lock_file.close()
 
@@ -186,13 +220,31 @@ class ArtifactCache:
         Raises :class:`ObjectMissing` when there is no object, :class:`StorageError`
         when it cannot be read.  The entry cannot be evicted until the ``with`` ends.
         """
+        url_key = cache_key(url)
+        while store.stat_is_remote and not self._knows(url_key):
+            first = self._single_flight(f"url {url_key}", lambda: url_key in self._url_keys,
+                                        lambda: self._download_new(store, url, url_key))
+            if first is None:
+                continue  # another caller stored it meanwhile: served below
+            key, lease = first
+            try:
+                yield lease
+            finally:
+                if key is None:
+                    remove_entry(lease.path)
+                else:
+                    self._release(key)
+            return
         info = store.stat(url)
         if info is None:
             raise ObjectMissing(url)
         identity = store.identity(info)
         if not identity:  # the store cannot name the content: download privately
-            with self._private_download(store, url) as lease:
+            key, lease = self._download_new(store, url, url_key)
+            try:
                 yield lease
+            finally:
+                remove_entry(lease.path)
             return
         key, hit, got = self._acquire(cache_key(identity), store, url, info)
         try:
@@ -203,17 +255,77 @@ class ArtifactCache:
             self._release(key)
 
     @contextlib.contextmanager
-    def _private_download(self, store: Store, url: str) -> Iterator[Lease]:
-        target = self.tmp / f"private-{secrets.token_hex(8)}"
+    def lease_all(self, wanted: Sequence[tuple[Store, str]]) -> Iterator[list[Lease | StorageError]]:
+        """:meth:`lease` of every ``(store, url)`` in ``wanted``, downloaded side by side
+        (:data:`DOWNLOADS_AT_ONCE` at a time), all held until the ``with`` ends.
+
+        Yields one item per ``wanted``, in order: its :class:`Lease`, or the
+        :class:`StorageError` (:class:`ObjectMissing` included) its lease raised.  Any other
+        exception is raised once every lease taken is released.
+        """
+        submit = self._downloads().submit if len(wanted) > 1 else _run_now
+
+        def enter(store: Store, url: str):
+            manager = self.lease(store, url)
+            return manager, manager.__enter__()
+
+        with contextlib.ExitStack() as held:
+            futures = [submit(enter, store, url) for store, url in wanted]
+            results: list[Lease | StorageError] = []
+            crash: BaseException | None = None
+            for future in futures:
+                try:
+                    manager, lease = future.result()
+                except StorageError as exc:
+                    results.append(exc)
+                    continue
+                except BaseException as exc:
+                    crash = crash or exc
+                    continue
+                held.push(manager.__exit__)
+                results.append(lease)
+            if crash is not None:
+                raise crash
+            yield results
+
+    def _downloads(self) -> ThreadPoolExecutor:
         with self._lock:
-            self.uncached += 1
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(DOWNLOADS_AT_ONCE, thread_name_prefix="download")
+            return self._pool
+
+    def _knows(self, url_key: str) -> bool:
+        with self._lock:
+            return url_key in self._url_keys
+
+    def _single_flight(self, name: str, settled, work):
+        """``work()``, run by one caller at a time per ``name``; None (nothing run) when
+        ``settled()`` (called under the lock) or once another caller's run ended.
+
+        Raises what ``work`` raised, in the caller that ran it and in those that waited.
+        """
+        with self._lock:
+            if settled():
+                return None
+            flight = self._flights.get(name)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[name] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return None
         try:
-            got = store.get(url, target)
-            with self._lock:
-                self.bytes_downloaded += entry_size(target)
-            yield Lease(path=target, info=got, hit=False)
+            result = work()
+        except BaseException as exc:
+            flight.error = exc
+            raise
         finally:
-            remove_entry(target)
+            with self._lock:
+                self._flights.pop(name, None)
+            flight.done.set()
+        return result
 
     def _acquire(self, key: str, store: Store, url: str, info: ObjectInfo
                  ) -> tuple[str, bool, ObjectInfo]:
@@ -227,37 +339,53 @@ class ArtifactCache:
                     with contextlib.suppress(OSError):
                         os.utime(entry.path)
                     return key, True, info
-                flight = self._flights.get(key)
-                leader = flight is None
-                if flight is None:
-                    flight = self._flights[key] = _Flight()
-            if not leader:
-                flight.done.wait()
-                if flight.error is not None:
-                    raise flight.error
-                continue  # the entry is there now (or was evicted meanwhile: try again)
-            try:
-                final_key, got = self._download(key, store, url, info)
-            except BaseException as exc:
-                with self._lock:
-                    self._flights.pop(key, None)
-                flight.error = exc
-                flight.done.set()
-                raise
-            with self._lock:
-                self._flights.pop(key, None)
-            flight.done.set()
-            self._evict()
-            return final_key, False, got
+            done = self._single_flight(key, lambda: key in self._entries,
+                                       lambda: self._download(key, store, url, info))
+            if done is not None:
+                self._evict()
+                return done[0], False, done[1]
+            # the entry is there now (or was evicted meanwhile): try again
 
     def _download(self, key: str, store: Store, url: str, info: ObjectInfo) -> tuple[str, ObjectInfo]:
+        """Download ``url`` (stat'ed as ``info``) into the entry ``key``, held once."""
         target = self.tmp / f"{key}.{secrets.token_hex(6)}"
         try:
             got = store.get(url, target)
-            size = entry_size(target)
             if got.etag and info.etag and got.etag != info.etag:
                 log.info("%s changed between stat and download; caching what was read", url)
                 key = cache_key(store.identity(got))
+        except BaseException:
+            remove_entry(target)
+            raise
+        return self._install(key, target, url, got), got
+
+    def _download_new(self, store: Store, url: str, url_key: str
+                      ) -> tuple[str | None, Lease]:
+        """Download ``url`` without a stat: (entry key, lease) with the entry held once, or
+        (None, lease of a private file the caller removes) when the store gives no identity."""
+        target = self.tmp / f"new-{secrets.token_hex(8)}"
+        try:
+            got = store.get(url, target)
+            identity = store.identity(got)
+        except BaseException:
+            remove_entry(target)
+            raise
+        if not identity:
+            with self._lock:
+                self.uncached += 1
+                self.bytes_downloaded += entry_size(target)
+            return None, Lease(path=target, info=got, hit=False)
+        key = self._install(cache_key(identity), target, url, got)
+        self._evict()
+        with self._lock:
+            path = self._entries[key].path
+        return key, Lease(path=path, info=got, hit=False)
+
+    def _install(self, key: str, target: Path, url: str, got: ObjectInfo) -> str:
+        """Move the download ``target`` into the entry ``key``, held once, and remember
+        that ``url`` is stored as it.  Raises :class:`StorageError` when it cannot be stored."""
+        try:
+            size = entry_size(target)
             final = self.objects / f"{key}.{size}"
             os.replace(target, final)
             self._fsync_dir(self.objects)
@@ -271,12 +399,33 @@ class ArtifactCache:
                 self._bytes -= existing.size
             if existing is None or existing.path != final:
                 self._bytes += size
-            refs = existing.refs if existing is not None else 0
-            self._entries[key] = _Entry(final, size, refs=refs + 1)
+            entry = self._entries[key] = _Entry(
+                final, size, refs=(existing.refs if existing else 0) + 1,
+                urls=existing.urls if existing else set())
             self._entries.move_to_end(key)
             self.misses += 1
             self.bytes_downloaded += size
-        return key, got
+            self._remember_url(cache_key(url), key, entry)
+        return key
+
+    def _remember_url(self, url_key: str, key: str, entry: _Entry) -> None:
+        """Under the lock: ``urls/<url_key>`` names the entry ``key`` (best effort: without
+        the file the URL is only downloaded again, never served wrong)."""
+        previous = self._url_keys.get(url_key)
+        if previous == key:
+            return
+        if previous is not None and previous in self._entries:
+            self._entries[previous].urls.discard(url_key)
+        self._url_keys[url_key] = key
+        entry.urls.add(url_key)
+        note = self.urls / f".{url_key}.{secrets.token_hex(4)}"
+        try:
+            note.write_text(key, "ascii")
+            os.replace(note, self.urls / url_key)
+        except OSError as exc:
+            log.debug("%s: cannot note %s: %s", self.name, url_key, exc)
+            with contextlib.suppress(OSError):
+                note.unlink()
 
     @staticmethod
     def _fsync_dir(directory: Path) -> None:
@@ -307,6 +456,11 @@ class ArtifactCache:
                     continue
                 remove_entry(entry.path)
                 del self._entries[key]
+                for url_key in entry.urls:
+                    if self._url_keys.get(url_key) == key:
+                        del self._url_keys[url_key]
+                        with contextlib.suppress(OSError):
+                            (self.urls / url_key).unlink()
                 self._bytes -= entry.size
                 self.evictions += 1
                 log.debug(self.name + ": evicted %s (%d bytes)", entry.path.name, entry.size)

@@ -10,7 +10,9 @@ import pytest
 
 from runner.cache import ArtifactCache
 from runner.errors import StorageError
-from runner.storage import FileStore, ObjectMissing
+from runner.storage import FileStore, ObjectMissing, S3Store
+
+from .support import TEST_AWS
 
 
 class CountingStore(FileStore):
@@ -227,3 +229,158 @@ def test_folder_entries_are_cached_sized_evicted_and_rebuilt(tmp_path):
     cache.close()
     cache = ArtifactCache(tmp_path / "cache", 5_000, name="image cache")
     assert cache.stats()["cache_entries"] == 0 and not kept.exists()
+
+
+# ------------------------------------------- remote stores: one request for a new URL
+
+class CountingS3(S3Store):
+    """The real S3 store (on moto), counting its stat and get requests."""
+
+    def __init__(self):
+        super().__init__()
+        self.stats = self.gets = self.in_flight = self.most_in_flight = 0
+        self.counter = threading.Lock()
+
+    def stat(self, url):
+        with self.counter:
+            self.stats += 1
+        return super().stat(url)
+
+    def get(self, url, dest):
+        with self.counter:
+            self.gets += 1
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(0.05)  # long enough for concurrent leases to meet
+            return super().get(url, dest)
+        finally:
+            with self.counter:
+                self.in_flight -= 1
+
+
+@pytest.fixture()
+def s3(moto, monkeypatch):
+    for name, value in TEST_AWS.items():
+        monkeypatch.setenv(name, value)
+    bucket = moto.create_bucket()
+    store = CountingS3()
+    yield store, moto.root_url(bucket)
+    store.close()
+
+
+def test_a_new_url_is_one_get_and_a_stored_one_a_stat_and_a_hit(s3, tmp_path):
+    store, root = s3
+    url = f"{root}/experiments/e1/workspace.tar"
+    store.put_bytes(url, b"w" * 5000)
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    with cache.lease(store, url) as got:
+        assert not got.hit and got.path.read_bytes() == b"w" * 5000 and got.info.size == 5000
+    assert (store.stats, store.gets) == (0, 1), "a URL never stored: no HEAD before the GET"
+    with cache.lease(store, url) as got:
+        assert got.hit and got.path.read_bytes() == b"w" * 5000
+    assert (store.stats, store.gets) == (1, 1), "a stored URL: a HEAD, served from the cache"
+    cache.close()
+    again = ArtifactCache(tmp_path / "cache", 10**9)  # the URL's note survives a restart
+    with again.lease(store, url) as got:
+        assert got.hit
+    assert (store.stats, store.gets) == (2, 1)
+    store.put_bytes(url, b"changed")  # a stored URL whose object changed is downloaded anew
+    with again.lease(store, url) as got:
+        assert not got.hit and got.path.read_bytes() == b"changed"
+    assert (store.stats, store.gets) == (3, 2)
+    with again.lease(store, url) as got:
+        assert got.hit and got.path.read_bytes() == b"changed"
+
+
+def test_a_missing_new_url_is_object_missing_and_leaves_nothing(s3, tmp_path):
+    store, root = s3
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    with pytest.raises(ObjectMissing), cache.lease(store, f"{root}/experiments/e1/output.tar"):
+        pass
+    assert (store.stats, store.gets) == (0, 1)
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+    assert list((tmp_path / "cache" / "urls").iterdir()) == []
+    assert cache.stats()["cache_entries"] == 0
+
+
+def test_concurrent_leases_of_a_new_url_download_it_once(s3, tmp_path):
+    store, root = s3
+    url = f"{root}/datasets/shared.bin"
+    store.put_bytes(url, b"d" * 100_000)
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    seen, errors = [], []
+
+    def lease():
+        try:
+            with cache.lease(store, url) as got:
+                seen.append((got.hit, got.path.read_bytes() == b"d" * 100_000))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lease) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(seen) == 6 and all(ok for _, ok in seen)
+    assert store.gets == 1 and sorted(hit for hit, _ in seen) == [False] + [True] * 5
+
+
+def test_an_evicted_entry_forgets_its_urls_and_broken_notes_are_dropped(s3, tmp_path):
+    store, root = s3
+    first, second = f"{root}/a.bin", f"{root}/b.bin"
+    store.put_bytes(first, b"a" * 600)
+    store.put_bytes(second, b"b" * 600)
+    cache = ArtifactCache(tmp_path / "cache", 1000)
+    with cache.lease(store, first):
+        pass
+    notes = tmp_path / "cache" / "urls"
+    assert len(list(notes.iterdir())) == 1
+    with cache.lease(store, second):
+        pass  # the first entry is evicted to make room, and its note with it
+    assert len(list(notes.iterdir())) == 1
+    with cache.lease(store, first) as got:
+        assert not got.hit
+    assert (store.stats, store.gets) == (0, 3), "an evicted URL is new again: no HEAD"
+    cache.close()
+    (notes / ("0" * 64)).write_text("not a key")
+    (notes / "stray").write_text("x")
+    ArtifactCache(tmp_path / "cache", 1000).close()
+    assert len(list(notes.iterdir())) == 1
+
+
+def test_lease_all_downloads_side_by_side_and_reports_each_outcome(s3, tmp_path):
+    store, root = s3
+    urls = [f"{root}/experiments/e1/{name}" for name in ("workspace", "modeldir", "output", "tb")]
+    store.put_bytes(urls[0], b"ws")
+    store.put_bytes(urls[2], b"out")
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    with cache.lease_all([(store, url) for url in urls]) as leases:
+        assert [type(lease).__name__ for lease in leases] == [
+            "Lease", "ObjectMissing", "Lease", "ObjectMissing"]
+        assert leases[0].path.read_bytes() == b"ws" and leases[2].path.read_bytes() == b"out"
+        assert cache.stats()["cache_in_use"] == 2
+    assert cache.stats()["cache_in_use"] == 0, "every lease is released with the with"
+    assert store.gets == 4 and store.most_in_flight > 1, "the requests overlap"
+
+
+def test_lease_all_releases_what_it_took_when_one_lease_crashes(s3, tmp_path):
+    store, root = s3
+    good, bad = f"{root}/good", f"{root}/bad"
+    store.put_bytes(good, b"g")
+    store.put_bytes(bad, b"b")
+
+    class Crashing(CountingS3):
+        def get(self, url, dest):
+            if url == bad:
+                raise RuntimeError("a bug, not a storage fault")
+            return super().get(url, dest)
+
+    crashing = Crashing()
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    with pytest.raises(RuntimeError, match="a bug"), cache.lease_all([(crashing, good), (crashing, bad)]):
+        pass
+    assert cache.stats()["cache_in_use"] == 0 and cache.stats()["cache_entries"] == 1
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+    crashing.close()

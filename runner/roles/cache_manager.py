@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .. import attempt_files, containers, fates, metadata, protocol
 from ..archive import tree_digest, unpack
-from ..cache import ArtifactCache
+from ..cache import ArtifactCache, Lease
 from ..environments import EnvironmentStore, find_interpreter
 from ..errors import ArchiveError, DiskBudgetExceeded, EnvironmentBuildError, RunnerError, StorageError
 from ..storage import ObjectMissing, artifact_url, open_for_request
@@ -216,46 +216,53 @@ class CacheManager(Role):
         budget = int(attempt.resources.get("hdd") or 0) or None
         artifacts = attempt.request.get("experiment", {}).get("artifacts") or {}
         digests: dict[str, str] = {}
+        wanted = []  # (label, artifact, url, store) of what has a source
         for label, artifact in artifacts.items():
-            folder = workdir / label
-            folder.mkdir(parents=True, exist_ok=True)
+            (workdir / label).mkdir(parents=True, exist_ok=True)
             url = artifact_url(artifact)
             if url is None or label in ("_metadata", "_singularity"):  # images: hold_image
                 continue
-            store = open_for_request(url, attempt.request, artifact)
-            try:
-                with self.cache.lease(store, url) as lease:
-                    source = "cache" if lease.hit else "storage"
-                    if artifact.get("unpack"):
-                        try:
-                            written = unpack(lease.path, folder, budget=budget)
-                        except ArchiveError as exc:  # name the artifact, not the cache file
-                            raise type(exc)(f"artifact {label!r} ({url}): {exc}") from exc
-                        budget = None if budget is None else budget - written
-                        log(f"{label}: unpacked {lease.info.size} bytes from {url} "
-                            f"({written} written, from the {source})")
-                    else:
-                        name = Path(artifact.get("key") or url).name or label
-                        if budget is not None and lease.info.size > budget:
-                            raise DiskBudgetExceeded(
-                                f"{label}: {lease.info.size} bytes from {url} exceed what is "
-                                f"left of the hdd budget ({describe_size(max(0, budget))})")
-                        shutil.copyfile(lease.path, folder / name)
-                        budget = None if budget is None else budget - lease.info.size
-                        log(f"{label}: downloaded {lease.info.size} bytes from {url} "
-                            f"(from the {source})")
-            except ObjectMissing:
-                if artifact.get("mutable"):
+            wanted.append((label, artifact, url, open_for_request(url, attempt.request, artifact)))
+        with self.cache.lease_all([(store, url) for _, _, url, store in wanted]) as leases:
+            for (label, artifact, url, _), lease in zip(wanted, leases):
+                if isinstance(lease, ObjectMissing) and artifact.get("mutable"):
                     log(f"{label}: no object yet at {url} (normal for a mutable artifact)")
                     continue
-                raise
-            except OSError as exc:
-                raise StorageError(f"{label}: cannot place {url} in {folder}: {exc}") from exc
-            if artifact.get("mutable"):
-                digests[label] = tree_digest(folder)
+                if isinstance(lease, StorageError):
+                    raise lease
+                budget = self.place(label, artifact, url, lease, workdir / label, budget, log)
+                if artifact.get("mutable"):
+                    digests[label] = tree_digest(workdir / label)
         # Written last, also when empty: its presence tells the uploader that the inputs
         # are in place, so mutable folders may be uploaded from now on.
         metadata.write_downloaded_digests(workdir, digests)
+
+    @staticmethod
+    def place(label: str, artifact: dict, url: str, lease: Lease, folder: Path,
+              budget: int | None, log) -> int | None:
+        """Unpack or copy the downloaded ``lease`` into ``folder``; returns what is left of
+        the hdd ``budget`` (None: no limit).  Raises :class:`ArchiveError`,
+        :class:`DiskBudgetExceeded` and :class:`StorageError` (cannot write)."""
+        source = "cache" if lease.hit else "storage"
+        try:
+            if artifact.get("unpack"):
+                try:
+                    written = unpack(lease.path, folder, budget=budget)
+                except ArchiveError as exc:  # name the artifact, not the cache file
+                    raise type(exc)(f"artifact {label!r} ({url}): {exc}") from exc
+                log(f"{label}: unpacked {lease.info.size} bytes from {url} "
+                    f"({written} written, from the {source})")
+                return None if budget is None else budget - written
+            name = Path(artifact.get("key") or url).name or label
+            if budget is not None and lease.info.size > budget:
+                raise DiskBudgetExceeded(
+                    f"{label}: {lease.info.size} bytes from {url} exceed what is "
+                    f"left of the hdd budget ({describe_size(max(0, budget))})")
+            shutil.copyfile(lease.path, folder / name)
+            log(f"{label}: downloaded {lease.info.size} bytes from {url} (from the {source})")
+            return None if budget is None else budget - lease.info.size
+        except OSError as exc:
+            raise StorageError(f"{label}: cannot place {url} in {folder}: {exc}") from exc
 
     def stats(self) -> dict:
         with self.lock:

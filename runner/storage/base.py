@@ -171,6 +171,10 @@ class Store(abc.ABC):
     """
 
     scheme: ClassVar[str]
+    #: Whether :meth:`stat` is a request to a server (S3, GCS, HTTP): then the artifact cache
+    #: downloads a URL it never stored without a stat first.  False for ``file://``, whose
+    #: stat and content identity are local (two paths with the same bytes share one entry).
+    stat_is_remote: ClassVar[bool] = True
 
     @classmethod
     def from_url(cls, url: str, *, credentials: dict | None = None,

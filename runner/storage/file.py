@@ -155,6 +155,7 @@ class FileStore(Store):
     """Objects as files; ``put`` is atomic (temp file in the same directory + ``os.replace``)."""
 
     scheme = "file"
+    stat_is_remote = False
 
     def stat(self, url: str) -> ObjectInfo | None:
         path = check_file_url(url)
