@@ -65,3 +65,12 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU time of the whole machine, all cores (user, nice, system, irq, softirq,
+    steal), in seconds, from the first line of ``/proc/stat`` (proc(5))."""
+    with open("/proc/stat") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK

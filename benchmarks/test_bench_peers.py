@@ -57,7 +57,7 @@ from tests.studio_client import client_config, interop_runner
 from tests.support import Runner, free_port, short_tempdir
 
 from . import peers
-from .figures import QUICK, REPO, cpu_seconds, record, results_path
+from .figures import QUICK, REPO, cpu_seconds, machine_cpu_seconds, record, results_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.interop]
 
@@ -146,7 +146,8 @@ def session(moto):
         opened.append(publisher)
         s = Session(root=root, client=client, runner=runner, reference=reference,
                     celery=celery, publisher=publisher,
-                    records=peers.Records(moto.client(), meta), ref_python=ref_python)
+                    records=peers.Records(moto.client(), meta), ref_python=ref_python,
+                    moto_pid=moto.process.pid)
         # Warm-ups, not measured: the runner builds the client's set (the stored one), the
         # reference worker fetches its first request, Celery forks its pool.
         for peer in PEERS:
@@ -175,6 +176,7 @@ class Session:
     publisher: peers.Publisher
     records: peers.Records
     ref_python: Path
+    moto_pid: int
 
     def queue(self, peer: str) -> str:
         return self.runner.queue if peer == "runner" else self.reference.queue_name
@@ -376,9 +378,14 @@ def test_back_to_back(session):
     cpu: dict[str, list[float]] = defaultdict(list)
     first = len(session.batches)
 
+    machine: dict[str, list[tuple[float, float]]] = defaultdict(list)  # (all, moto) per experiment
+
     def measure(peer: str) -> float:
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        whole, moto = machine_cpu_seconds(), cpu_seconds(session.moto_pid)
         span = session.batch(peer, BACK_TO_BACK).span
+        machine[peer].append(((machine_cpu_seconds() - whole) / BACK_TO_BACK,
+                              (cpu_seconds(session.moto_pid) - moto) / BACK_TO_BACK))
         if peer == "runner":
             for name, pid in pids.items():
                 cpu[name].append((cpu_seconds(pid) - before[name]) / BACK_TO_BACK)
@@ -394,6 +401,15 @@ def test_back_to_back(session):
     record("peers", f"runner {BACK_TO_BACK} back to back: slot cycle (taken → ended)", cycle,
            "s", note="; ".join(f"{span} {seconds:.3f} s" for span, seconds in spans.items())
            + f" (medians); {EXECUTORS} slots")
+    # The floor on this machine: the CPU the whole machine spends per experiment (the peer,
+    # its runs, moto, the broker, the benchmark's own client), spread over every core.
+    for peer, samples in machine.items():
+        whole = median([all_cpu for all_cpu, _ in samples])
+        record("peers", f"{peer}: machine CPU per experiment ({BACK_TO_BACK} back to back)",
+               1000 * whole, "ms",
+               note=f"S3 endpoint (moto_server) {1000 * median([m for _, m in samples]):.0f} ms of it; "
+                    f"{BACK_TO_BACK} of them on {os.cpu_count()} cores need at least "
+                    f"{whole * BACK_TO_BACK / (os.cpu_count() or 1):.2f} s (/proc/stat)")
     per_role = {name: 1000 * median(values) for name, values in cpu.items()}
     record("peers", f"runner CPU per experiment ({BACK_TO_BACK} back to back)",
            sum(per_role.values()), "ms",
