@@ -38,24 +38,30 @@ def put(tmp_path: Path, name: str, data: bytes) -> str:
     return path.as_uri()
 
 
-def test_concurrent_leases_of_one_object_download_it_once(tmp_path):
-    cache = ArtifactCache(tmp_path / "cache", 10**9)
-    url = put(tmp_path, "ws.tar", b"w" * 100_000)
-    store = CountingStore(delay=0.5)
+def lease_side_by_side(cache, store, url, expected: bytes, leases: int = 6) -> list:
+    """(hit, bytes as expected) of ``leases`` concurrent leases of ``url``; none may fail."""
     results, errors = [], []
 
     def lease():
         try:
             with cache.lease(store, url) as got:
-                results.append((got.hit, got.path.read_bytes() == b"w" * 100_000))
-        except Exception as exc:  # pragma: no cover - reported below
+                results.append((got.hit, got.path.read_bytes() == expected))
+        except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
-    threads = [threading.Thread(target=lease) for _ in range(6)]
+    threads = [threading.Thread(target=lease) for _ in range(leases)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == []
+    assert errors == [] and len(results) == leases
+    return results
+
+
+def test_concurrent_leases_of_one_object_download_it_once(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    url = put(tmp_path, "ws.tar", b"w" * 100_000)
+    store = CountingStore(delay=0.5)
+    results = lease_side_by_side(cache, store, url, b"w" * 100_000)
     assert store.gets == 1
     assert sorted(results) == [(False, True)] + [(True, True)] * 5
     stats = cache.stats()
@@ -309,22 +315,8 @@ def test_concurrent_leases_of_a_new_url_download_it_once(s3, tmp_path):
     url = f"{root}/datasets/shared.bin"
     store.put_bytes(url, b"d" * 100_000)
     cache = ArtifactCache(tmp_path / "cache", 10**9)
-    seen, errors = [], []
-
-    def lease():
-        try:
-            with cache.lease(store, url) as got:
-                seen.append((got.hit, got.path.read_bytes() == b"d" * 100_000))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=lease) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors and len(seen) == 6 and all(ok for _, ok in seen)
-    assert store.gets == 1 and sorted(hit for hit, _ in seen) == [False] + [True] * 5
+    seen = lease_side_by_side(cache, store, url, b"d" * 100_000)
+    assert store.gets == 1 and sorted(seen) == [(False, True)] + [(True, True)] * 5
 
 
 def test_an_evicted_entry_forgets_its_urls_and_broken_notes_are_dropped(s3, tmp_path):
