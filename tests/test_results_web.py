@@ -134,6 +134,16 @@ def test_the_table_lists_the_sweep_with_status_colours_and_filters(sweep, server
         shot(browser, "results-list.png")
         from selenium.webdriver.support.ui import Select
 
+        # A refresh leaves the filter lists alone while their choices are the same (an open
+        # list would close under the user's pointer, its options stale).
+        browser.execute_script("document.querySelector('#status option[value=running]')"
+                               ".dataset.kept = 'yes'; window.refreshes = 0;"
+                               "new MutationObserver(() => window.refreshes++).observe("
+                               "document.getElementById('updated'), {childList: true});")
+        wait_until(browser, lambda d: d.execute_script("return window.refreshes >= 2"),
+                   what="two refreshes of the list")
+        assert browser.execute_script(
+            "return document.querySelector('#status option[value=running]').dataset.kept") == "yes"
         Select(browser.find_element("id", "status")).select_by_value("running")
         assert rows(browser) == {"live": "running"}
         Select(browser.find_element("id", "status")).select_by_value("")

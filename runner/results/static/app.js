@@ -25,6 +25,10 @@ var Results = (function () {
     });
   }
   function fillSelect(select, values) {
+    // Left alone when its choices are the same: rebuilding an open list closes it under
+    // the user's pointer (and stales the option a test is about to pick).
+    var shown = Array.from(select.options).slice(1).map(function (o) { return o.value; });
+    if (shown.join("\n") === values.join("\n")) return;
     var current = select.value;
     while (select.options.length > 1) select.remove(1);
     values.forEach(function (v) { var o = el("option", v); o.value = v; select.appendChild(o); });
