@@ -116,6 +116,21 @@ class RunCgroup:
         return ["/bin/sh", "-c", ENTER_CODE, "runner-enter-cgroup", *self.enter_files(), "--",
                 *command]
 
+    @staticmethod
+    def shell_environment(env: dict, cwd: str) -> dict:
+        """``env`` as the command of :meth:`wrap` started in ``cwd`` gets it: the shell
+        exports ``PWD``, kept from ``env`` when it is absolute and names ``cwd``, else the
+        physical path (what a process moved in with :meth:`enter` must be given instead)."""
+        pwd = env.get("PWD", "")
+        if pwd.startswith("/"):
+            try:
+                given, actual = os.stat(pwd), os.stat(cwd)
+                if (given.st_dev, given.st_ino) == (actual.st_dev, actual.st_ino):
+                    return dict(env)
+            except OSError:
+                pass
+        return dict(env, PWD=os.path.realpath(cwd))
+
     def _dir(self, controller: str) -> Path | None:
         return self.dirs.get("unified" if self.version == 2 else controller)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import protocol, proctree
+from runner import cgroups, protocol, proctree
 
 from .roles_support import RoleRig, eventually
 from .support import processes_with
@@ -67,10 +67,16 @@ def test_a_run_starts_through_the_spare_and_a_new_one_is_made(rig) -> None:
     assert executor.stats()["running"] == 0  # a spare is no run
 
 
-def test_a_run_gets_the_environment_and_directory_the_direct_start_gives() -> None:
+@pytest.mark.parametrize("options", [("--sandbox", "off"), ("--sandbox", "off", "--cgroups", "off"),
+                                     ("--sandbox", "auto")])
+def test_a_run_gets_the_environment_and_directory_the_direct_start_gives(options, monkeypatch,
+                                                                         tmp_path) -> None:
+    """The same variables either way, ``PWD`` too (the direct start's shell, with cgroups,
+    sets it; the runner's own is passed on without)."""
+    monkeypatch.setenv("PWD", str(tmp_path))  # a runner started elsewhere
     reports = []
     for option in ("on", "off"):
-        rig = rig_with("--spare-launcher", option)
+        rig = rig_with("--spare-launcher", option, *options)
         try:
             if option == "on":
                 spare = ready_spare(rig)
@@ -204,3 +210,21 @@ def test_a_runner_with_the_spare_off_starts_none() -> None:
         assert not spares_of(os.getpid())
     finally:
         rig.close()
+
+
+def test_a_spare_that_cannot_enter_the_cgroup_is_killed_and_spares_stop(rig) -> None:
+    """Where the spare cannot be moved into the run's cgroup, the run takes the direct
+    way (here its shell cannot enter either: exit 125) and no spare is kept any more."""
+    executor = executor_of(rig)
+    spare = ready_spare(rig)
+    message = prepared(rig, REPORT)
+    base = Path(rig.root) / "fake-cgroups"
+    (base / message.attempt.attempt_id / "cgroup.procs").mkdir(parents=True)  # unwritable
+    executor.cgroups = cgroups.Cgroups(1, {"pids": base})
+    rig.probe("cache_manager").send("executor", message)
+    ended = rig.probe("scraper").expect(protocol.AttemptEnded, timeout=60)
+    assert ended.facts["pid"] != spare and ended.outcome.exit_code == 125
+    assert not Path(f"/proc/{spare}").exists()  # killed and reaped
+    assert executor.spare is None and not executor.spare_on
+    time.sleep(0.5)  # ticks go by: no new spare
+    assert executor.spare is None and not spares_of(os.getpid())

@@ -277,6 +277,8 @@ class Executor(Role):
         spare = self.spare
         if spare is None or spare.stdin is None:
             return None
+        if cgroup is not None:  # the direct start's shell sets PWD: so does this one
+            environment = cgroup.shell_environment(environment, str(cwd))
         try:
             spec = launcher.encode_spec(command, str(cwd), environment)
         except (ValueError, TypeError):
