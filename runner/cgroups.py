@@ -20,7 +20,9 @@ A run enters its cgroup before it executes anything: the executor starts it thro
 ``exec``\\ s the experiment's command, so every process the run starts is inside.  (A shell,
 not ``python -I -S``: it starts in about a millisecond where an interpreter took ~6 ms of
 CPU for every run.)  It exits 125 when it cannot enter the cgroup, and the shell's 126/127
-when the command cannot be executed or found.
+when the command cannot be executed or found.  A run started through the executor's
+spare launcher (already running, see :mod:`runner.launcher`) is moved in by the executor
+instead (:meth:`RunCgroup.enter`, the same files), before the launcher is told what to start.
 
 Limits: ``cpus`` → a CFS quota of ``cpus`` × the period; ``ram`` → the memory limit (and the
 memory+swap limit on v1, so swap does not stretch it; ``memory.swap.max = 0`` on v2);
@@ -101,10 +103,33 @@ class RunCgroup:
         """The ``cgroup.procs`` files a process writes its pid into to join the run."""
         return sorted({str(d / "cgroup.procs") for d in self.dirs.values()})
 
+    def enter(self, pid: int) -> None:
+        """Move the process ``pid`` into this cgroup (a spare launcher, before it starts
+        anything); OSError when it cannot be moved."""
+        for procs in self.enter_files():
+            _write(Path(procs), str(pid))
+
     def wrap(self, command: list[str]) -> list[str]:
-        """``command`` started so that it runs inside this cgroup from its first instruction."""
+        """``command`` started so that it runs inside this cgroup from its first instruction
+        (:data:`ENTER_CODE` writes the shell's pid to :meth:`enter_files`, as :meth:`enter`
+        writes a process's)."""
         return ["/bin/sh", "-c", ENTER_CODE, "runner-enter-cgroup", *self.enter_files(), "--",
                 *command]
+
+    @staticmethod
+    def shell_environment(env: dict, cwd: str) -> dict:
+        """``env`` as the command of :meth:`wrap` started in ``cwd`` gets it: the shell
+        exports ``PWD``, kept from ``env`` when it is absolute and names ``cwd``, else the
+        physical path (what a process moved in with :meth:`enter` must be given instead)."""
+        pwd = env.get("PWD", "")
+        if pwd.startswith("/"):
+            try:
+                given, actual = os.stat(pwd), os.stat(cwd)
+                if (given.st_dev, given.st_ino) == (actual.st_dev, actual.st_ino):
+                    return dict(env)
+            except OSError:
+                pass
+        return dict(env, PWD=os.path.realpath(cwd))
 
     def _dir(self, controller: str) -> Path | None:
         return self.dirs.get("unified" if self.version == 2 else controller)

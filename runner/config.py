@@ -402,6 +402,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("cgroups", _choice("auto", "off"), "auto",
            "enforce cpus/ram/process limits with a cgroup per run where writable; off: account only"),
     Option("run-pids", _positive_int, "4096", "most processes and threads one run may have (cgroup)"),
+    Option("spare-launcher", _choice("on", "off"), "on",
+           "keep one run launcher started ahead of need, so that a run starts without an "
+           "interpreter start; off: each run starts its own launcher"),
     Option("sandbox", _choice("auto", "bwrap", "off"), "auto",
            "python-mode runs in a bubblewrap sandbox (read-only host, private /tmp and PIDs, "
            "runner folders hidden); auto: when bwrap is installed and works"),
@@ -475,6 +478,7 @@ class Config:
     sandbox: str = "auto"
     sandbox_network: str = "on"
     container_runtime: str = "auto"
+    spare_launcher: str = "on"
     env_cache_size: int = 20 * 2**30
     pass_env: tuple = ("*",)
     scrub_env: tuple = _name_patterns(DEFAULT_SCRUB_ENV)

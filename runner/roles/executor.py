@@ -18,6 +18,16 @@ the bubblewrap sandbox where ``--sandbox`` gives one (:mod:`runner.sandbox`); a
 container-mode run starts through its runtime's command line (:mod:`runner.containers`).
 Either is one command started, watched and stopped like any other run, inside the run's
 cgroup.
+
+Spare launcher (``--spare-launcher on``, the default): the executor keeps one run launcher
+(:mod:`runner.launcher`, spare mode) started ahead of need, blocked on its standard input.
+A run then starts by moving that process into the run's cgroup (:meth:`RunCgroup.enter
+<runner.cgroups.RunCgroup.enter>`) and writing it the command, working directory and
+environment, with no ``/bin/sh`` and no interpreter start on the way; from then on the spare
+is the run's process like a launcher started for it.  A new spare is started at the next
+tick.  Without a usable spare (none yet, it died, a spec over :data:`SPARE_SPEC_LIMIT`, a
+cgroup it could not be moved into) the run is started the direct way, as before.  The spare
+is no run: not in ``runs``, not in the attempt files, killed at shutdown.
 """
 from __future__ import annotations
 
@@ -44,6 +54,8 @@ from .base import Role
 
 READ_SIZE = 64 * 1024
 DISK_CHECK_EVERY = 1.0  # seconds between two measures of the runs' working directories
+SPARE_SPEC_LIMIT = 64 * 1024  # bytes: a larger spec (argv, env) takes the direct way
+SPARE_RETRY = 5.0  # seconds before another spare after one failed to start or died unused
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 _RUNNER_PRIVATE_VARIABLES = ("RUNNER_ROLE_CONFIG", "RUNNER_SUPERVISOR_PID")
@@ -126,6 +138,11 @@ def launched(command: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", launcher.__file__, str(os.getpid()), "--", *command]
 
 
+def spare_command() -> list[str]:
+    """A spare run launcher of this process: it waits for its command on standard input."""
+    return [sys.executable, "-I", "-S", launcher.__file__, str(os.getpid()), "--spare"]
+
+
 @dataclass
 class Run:
     """One running attempt."""
@@ -183,17 +200,21 @@ class Executor(Role):
         if self.own_process and not self.subreaper:
             self.log.warning("cannot become the child subreaper of runs: processes that "
                              "leave a run killed with SIGKILL may outlive it")
+        # A launcher started ahead of need (started and replaced in tick(), by the loop's
+        # thread: a launcher dies with the thread that started it).
+        self.spare: subprocess.Popen | None = None
+        self.spare_on = self.config.spare_launcher == "on"
+        self._spare_not_before = 0.0
 
     def limits_of(self, attempt: protocol.Attempt) -> cgroups.Limits:
         return cgroups.Limits(cpus=float(attempt.resources.get("cpus") or 0),
                               ram=int(attempt.resources.get("ram") or 0),
                               pids=self.config.run_pids)
 
-    def enforce(self, attempt: protocol.Attempt, command: list[str]
-                ) -> tuple[list[str], cgroups.RunCgroup | None]:
-        """``command`` wrapped to start inside a new cgroup with the attempt's limits."""
+    def enforce(self, attempt: protocol.Attempt) -> cgroups.RunCgroup | None:
+        """A new cgroup with the attempt's limits (None: limits accounted, not enforced)."""
         if self.cgroups is None:
-            return command, None
+            return None
         limits = self.limits_of(attempt)
         try:
             cgroup = self.cgroups.create(attempt.attempt_id, limits)
@@ -201,12 +222,93 @@ class Executor(Role):
             self.log.warning("key=%s attempt=%s %s; limits not enforced for it", attempt.key,
                              attempt.attempt_id, exc)
             self.runner_log(attempt.attempt_id, f"{exc}; limits accounted, not enforced")
-            return command, None
+            return None
         self.runner_log(attempt.attempt_id, "cgroup v%d: %s CPUs, memory %s, at most %d processes"
                         % (cgroup.version, f"{limits.cpus:g}" if limits.cpus else "unlimited",
                            describe_size(limits.ram) if limits.ram else "unlimited",
                            limits.pids))
-        return cgroup.wrap(command), cgroup
+        return cgroup
+
+    # -- the spare launcher ------------------------------------------------------------
+    def keep_spare(self) -> None:
+        """Loop's thread: have a spare launcher ready (started here, off any run's start)."""
+        if not self.spare_on or self.stopping:
+            return
+        if self.spare is not None:
+            if self.spare.poll() is None:
+                return
+            self.log.debug("the spare launcher (pid %d) ended unused: %s", self.spare.pid,
+                           self.spare.returncode)
+            self.retire_spare()
+            self._spare_not_before = time.monotonic() + SPARE_RETRY
+        if time.monotonic() < self._spare_not_before:
+            return
+        cwd = self.config.runtime_dir if os.path.isdir(self.config.runtime_dir) else "/"
+        try:
+            self.spare = subprocess.Popen(
+                spare_command(), cwd=cwd, env={}, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                close_fds=True)
+        except OSError as exc:
+            self.log.warning("cannot start a spare launcher (runs start without one): %s", exc)
+            self._spare_not_before = time.monotonic() + SPARE_RETRY
+
+    def retire_spare(self) -> None:
+        """Stop the spare launcher (unused: it has started nothing) and reap it."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        for pipe in (spare.stdin, spare.stdout, spare.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        try:
+            spare.kill()
+            spare.wait(5.0)
+        except (OSError, subprocess.TimeoutExpired):
+            self.log.error("the spare launcher (pid %d) did not die", spare.pid)
+
+    def start_with_spare(self, command: list[str], environment: dict, cwd: Path,
+                         cgroup: cgroups.RunCgroup | None) -> subprocess.Popen | None:
+        """The run started by the spare launcher, or None when it must be started the
+        direct way (no spare ready, a spec too large, a cgroup the spare cannot enter)."""
+        spare = self.spare
+        if spare is None or spare.stdin is None:
+            return None
+        if cgroup is not None:  # the direct start's shell sets PWD: so does this one
+            environment = cgroup.shell_environment(environment, str(cwd))
+        try:
+            spec = launcher.encode_spec(command, str(cwd), environment)
+        except (ValueError, TypeError):
+            return None  # the direct way raises what it always raised
+        if len(spec) > SPARE_SPEC_LIMIT:
+            return None  # kept for the next run
+        if spare.poll() is not None:
+            self.retire_spare()
+            return None
+        self.spare = None  # from here on, used or gone
+        if cgroup is not None:
+            try:
+                cgroup.enter(spare.pid)
+            except OSError as exc:
+                alive = spare.poll() is None
+                self.spare = spare
+                self.retire_spare()
+                if alive:  # it would fail the same way for every run: said once
+                    self.spare_on = False
+                    self.log.warning("cannot move the spare launcher into a run's cgroup "
+                                     "(%s): runs start without a spare launcher", exc)
+                return None
+        try:
+            spare.stdin.write(spec)
+            spare.stdin.close()
+        except OSError:  # it died in between: not started, nothing of it runs
+            self.spare = spare
+            self.retire_spare()
+            return None
+        return spare
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.AttemptPrepared):
@@ -273,12 +375,16 @@ class Executor(Role):
         self.runner_log(attempt.attempt_id, f"starting {command} in {cwd} with devices "
                                     f"{attempt.resources.get('devices') or '-1'}")
         command, environment = self.isolate(prepared, command, cwd)  # start() ends it on error
-        started_command, cgroup = self.enforce(attempt, launched(command))
+        cgroup = self.enforce(attempt)
+        process = self.start_with_spare(command, environment, cwd, cgroup)
         try:
-            process = subprocess.Popen(
-                started_command, cwd=cwd, env=environment,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True)
+            if process is None:
+                started_command = launched(command)
+                process = subprocess.Popen(
+                    cgroup.wrap(started_command) if cgroup is not None else started_command,
+                    cwd=cwd, env=environment,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True, close_fds=True)
         except OSError as exc:
             if cgroup is not None:
                 cgroups.wait_removed(cgroup)
@@ -454,6 +560,8 @@ class Executor(Role):
         """Kill and reap processes re-parented to the executor (the subreaper): they were
         left by a run whose launcher was killed, so their run is over."""
         launchers = {run.process.pid for run in self.runs.values()}
+        if self.spare is not None:
+            launchers.add(self.spare.pid)
         for pid in proctree.children(os.getpid()):
             if pid in launchers:
                 continue
@@ -469,6 +577,7 @@ class Executor(Role):
 
     def tick(self) -> None:
         self.leftover_cgroups = [c for c in self.leftover_cgroups if not c.remove()]
+        self.keep_spare()
         if self.subreaper:
             self.reap_orphans()
         if self.disk_over:
@@ -546,6 +655,7 @@ class Executor(Role):
                 "enforcement": f"cgroups v{self.cgroups.version}" if self.cgroups else "accounting"}
 
     def shutdown(self) -> None:
+        self.retire_spare()
         for run in self.runs.values():
             self._signal_group(run, signal.SIGKILL)
             if run.cgroup is not None:
