@@ -290,6 +290,9 @@ def test_mutable_artifacts_are_uploaded_periodically_while_running(runner):
                     timeout=30, what="a periodic modeldir upload")
     assert tar_members(modeldir)["checkpoint.txt"] == b"step 1"
     scrape = runner.experiment_dir(request) / "_metadata"
+    # The same save uploads the artifacts first, then the _metadata files.
+    runner.wait_for(lambda: list(scrape.glob("scrape-host-*.json")), timeout=30,
+                    what="the scrape document of that save")
     [document] = [json.loads(p.read_text()) for p in scrape.glob("scrape-host-*.json")]
     assert document["studioml"]["status"] == "running"
     assert runner.record(request)["final"] is False
