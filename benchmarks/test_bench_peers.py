@@ -86,6 +86,10 @@ class Batch:
     started: list[float]    # the marks
     done: float             # when the last one was seen done
     keys: list[str] = field(default_factory=list)  # the experiments (studio peers)
+    # Busy CPU seconds of the whole machine and of the S3 endpoint from just before the
+    # first publish until the last was seen done (requests are made before it).
+    machine_cpu: float = 0.0
+    moto_cpu: float = 0.0
 
     @property
     def first_start(self) -> float:
@@ -196,24 +200,34 @@ class Session:
         marks = self.marks(n)
         if peer == "celery":
             script = str(self.client.workspace / "start.py")
+            cpu = self.cpu_now()
             try:
                 reply = self.celery.run([[str(self.celery.python), script, str(m)]
                                          for m in marks], timeout=timeout)
             except peers.PeerError as exc:
                 raise Stalled(sum(peers.read_mark(m) is not None for m in marks), str(exc)) from exc
-            return Batch(reply["sent"], [peers.read_mark(m) for m in marks], reply["done"])
+            return Batch(reply["sent"], [peers.read_mark(m) for m in marks], reply["done"],
+                         **self.cpu_since(cpu))
         keys = [f"peers-{peer[:3]}-{uuid.uuid4().hex[:10]}" for _ in range(n)]
         payloads = [self.client.make(self.queue(peer), key, mark, pythonenv)
                     for key, mark in zip(keys, marks)]
+        cpu = self.cpu_now()
         published = [self.publisher.publish(self.queue(peer), body) for body in payloads]
         try:
             started, done = self.wait(peer, keys, marks, timeout, stall)
         except Stalled:
             self.recover(peer)
             raise
-        found = Batch(published, started, done, keys)
+        found = Batch(published, started, done, keys, **self.cpu_since(cpu))
         self.batches.append((peer, found))
         return found
+
+    def cpu_now(self) -> tuple[float, float]:
+        return machine_cpu_seconds(), cpu_seconds(self.moto_pid)
+
+    def cpu_since(self, then: tuple[float, float]) -> dict[str, float]:
+        machine, moto = self.cpu_now()
+        return {"machine_cpu": machine - then[0], "moto_cpu": moto - then[1]}
 
     def wait(self, peer: str, keys: list[str], marks: list[Path], timeout: float,
              stall: float) -> tuple[list[float], float]:
@@ -382,14 +396,12 @@ def test_back_to_back(session):
 
     def measure(peer: str) -> float:
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        whole, moto = machine_cpu_seconds(), cpu_seconds(session.moto_pid)
-        span = session.batch(peer, BACK_TO_BACK).span
-        machine[peer].append(((machine_cpu_seconds() - whole) / BACK_TO_BACK,
-                              (cpu_seconds(session.moto_pid) - moto) / BACK_TO_BACK))
+        batch = session.batch(peer, BACK_TO_BACK)
+        machine[peer].append((batch.machine_cpu / BACK_TO_BACK, batch.moto_cpu / BACK_TO_BACK))
         if peer == "runner":
             for name, pid in pids.items():
                 cpu[name].append((cpu_seconds(pid) - before[name]) / BACK_TO_BACK)
-        return span
+        return batch.span
 
     values, stalls = interleaved(BACK_TO_BACK_ROUNDS, measure)
     record_ratios(f"{BACK_TO_BACK} back to back", values, stalls, {"celery": 3.0},
@@ -401,8 +413,9 @@ def test_back_to_back(session):
     record("peers", f"runner {BACK_TO_BACK} back to back: slot cycle (taken → ended)", cycle,
            "s", note="; ".join(f"{span} {seconds:.3f} s" for span, seconds in spans.items())
            + f" (medians); {EXECUTORS} slots")
-    # The floor on this machine: the CPU the whole machine spends per experiment (the peer,
-    # its runs, moto, the broker, the benchmark's own client), spread over every core.
+    # The floor on this machine: the CPU the whole machine spends per experiment from the
+    # first publish to the last done (the peer, its runs, moto, the broker, the suite's own
+    # polling of the records), spread over every core.
     for peer, samples in machine.items():
         whole = median([all_cpu for all_cpu, _ in samples])
         record("peers", f"{peer}: machine CPU per experiment ({BACK_TO_BACK} back to back)",
