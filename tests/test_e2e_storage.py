@@ -108,6 +108,34 @@ def test_s3_experiment_reads_its_workspace_and_writes_outputs_back(moto, harness
     assert runner.stop() == 0
 
 
+def test_s3_mutable_artifacts_an_earlier_attempt_left_are_placed_and_absent_ones_skipped(
+        moto, harnesses):
+    """One listing of the experiment's folder tells which mutable artifacts exist: the
+    checkpoint in ``modeldir`` reaches the run, the absent ones are noted as absent."""
+    bucket = moto.create_bucket()
+    runner = harnesses(store_root=f"s3://s3.eu-west-1.amazonaws.com/{bucket}",
+                       storage={"endpoint": moto.endpoint})
+    runner.start()
+    script = """
+        import os
+        print("resumed from", open(os.path.join("..", "modeldir", "ckpt.txt")).read())
+        print("tb holds", os.listdir(os.path.join("..", "tb")))
+    """
+    request = runner.request(runner.workspace({"train.py": script}), "train.py")
+    runner.upload_folder(runner.workspace({"ckpt.txt": "epoch 7"}),
+                         runner.experiment_url(request, "modeldir.tar"))
+    runner.publish(request)
+    record = runner.wait_final(request, timeout=120)
+    assert record["status"] == "completed", runner.log()
+    output = runner.read(runner.experiment_url(
+        request, f"_metadata/{metadata.output_name(record['attempt'])}")).decode()
+    assert "resumed from epoch 7" in output and "tb holds []" in output
+    log = runner.read(runner.experiment_url(
+        request, f"_metadata/{metadata.runner_log_name(record['attempt'])}")).decode()
+    assert "modeldir: unpacked" in log and "tb: no object yet" in log, log
+    assert runner.stop() == 0
+
+
 def test_gcs_experiment_reads_its_workspace_and_writes_outputs_back(gcs, harnesses, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint)
     bucket = gcs.create_bucket()

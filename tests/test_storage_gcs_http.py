@@ -91,6 +91,9 @@ def test_gcs_round_trip_against_the_emulator(gcs_env, tmp_path, monkeypatch):
     store.put_bytes(f"gs://{bucket}/experiments/xy.tar", b"b")
     assert store.list(f"gs://{bucket}/experiments/x/") == [
         f"gs://{bucket}/experiments/x/_metadata/a.log", url]
+    folder = [url, f"gs://{bucket}/experiments/x/tb.tar", f"gs://{bucket}/experiments/x/_metadata"]
+    assert store.existing(folder) == {url}  # one listing of the folder, its subfolders left out
+    assert store.existing([url, f"gs://{bucket}/experiments/xy.tar"]) is None  # two folders
     source = tmp_path / "src"
     source.write_bytes(b"from a file")
     store.put(f"gs://{bucket}/file.bin", source)

@@ -253,12 +253,13 @@ def test_bucket_refusing_signed_requests_is_read_by_the_anonymous_retry(tmp_path
 @pytest.fixture(scope="module")
 def iam_moto():
     """A moto server that checks signatures and IAM policies, with three users, each
-    allowed into its own bucket only."""
+    allowed into its own bucket only, and a fourth that may only read its bucket's objects
+    (no listing)."""
     server = MotoServer(short_tempdir("motoiam")).start()
     iam = __import__("boto3").client("iam", endpoint_url=server.endpoint, region_name="us-east-1",
                                      aws_access_key_id="x", aws_secret_access_key="y")
     users = {}
-    for name in ("artifact", "envcfg", "runner"):
+    for name in ("artifact", "envcfg", "runner", "reader"):
         bucket = f"{name}-{uuid.uuid4().hex[:6]}"
         server.create_bucket(bucket)
         iam.create_user(UserName=name)
@@ -266,6 +267,8 @@ def iam_moto():
         policy = {"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow", "Action": "s3:*",
             "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}
+        if name == "reader":
+            policy["Statement"][0].update(Action="s3:GetObject", Resource=f"arn:aws:s3:::{bucket}/*")
         iam.put_user_policy(UserName=name, PolicyName="own", PolicyDocument=json.dumps(policy))
         server.client().put_object(Bucket=bucket, Key="obj", Body=name.encode())
         users[name] = (bucket, key["AccessKeyId"], key["SecretAccessKey"])
@@ -319,3 +322,37 @@ def test_credential_precedence_against_an_endpoint_that_checks_them(iam_moto, tm
     with pytest.raises(PermanentStorageError):
         open_store(f"{server.root_url(art_bucket)}/new", env={}).put_bytes(
             f"{server.root_url(art_bucket)}/new", b"x")
+
+
+# ------------------------------------------------------------------------ which objects exist
+
+def test_existing_tells_which_objects_of_one_folder_exist_in_one_listing(moto, bucket):
+    root = moto.root_url(bucket)
+    store = open_store(f"{root}/x")
+    store.put_bytes(f"{root}/experiments/k/modeldir.tar", b"m")
+    store.put_bytes(f"{root}/experiments/k/_metadata/output-host-a.log", b"o")
+    store.put_bytes(f"{root}/experiments/k2/output.tar", b"a sibling folder's")
+    urls = [f"{root}/experiments/k/{name}" for name in ("modeldir.tar", "output.tar", "_metadata")]
+    assert store.existing(urls) == {urls[0]}
+    assert store.existing([urls[0], f"{root}/experiments/k2/output.tar"]) is None, "two folders"
+    assert store.existing([]) == set()
+    from runner.roles.cache_manager import absent_of
+
+    assert absent_of([(url, store) for url in urls]) == set(urls[1:])
+
+
+@pytest.mark.integration
+def test_a_refused_listing_tells_nothing_absent(iam_moto, monkeypatch, tmp_path):
+    """Credentials that may read objects but not list them: every artifact is asked for."""
+    from runner.roles.cache_manager import absent_of
+
+    server, users = iam_moto
+    monkeypatch.setattr(storage_base, "SETTINGS", storage_base.StorageSettings(tries=1))
+    bucket, key_id, secret = users["reader"]
+    credentials = {"aws": {"access_key": key_id, "secret_access_key": secret}}
+    urls = [f"{server.root_url(bucket)}/obj", f"{server.root_url(bucket)}/missing"]
+    store = open_store(urls[0], credentials=credentials, env={})
+    with pytest.raises(StorageError):
+        store.existing(urls)
+    assert absent_of([(url, store) for url in urls]) == set()
+    assert _readable(store, server, bucket, tmp_path)

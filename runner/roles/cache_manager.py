@@ -32,6 +32,7 @@ not upload a folder that is still what was downloaded.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -42,9 +43,28 @@ from ..archive import tree_digest, unpack
 from ..cache import ArtifactCache, Lease
 from ..environments import EnvironmentStore, find_interpreter
 from ..errors import ArchiveError, DiskBudgetExceeded, EnvironmentBuildError, RunnerError, StorageError
-from ..storage import ObjectMissing, artifact_url, open_for_request
+from ..storage import ObjectMissing, Store, artifact_url, open_for_request
 from ..units import describe_size
 from .base import Role
+
+logger = logging.getLogger("runner.cache_manager")
+
+
+def absent_of(mutable: list[tuple[str, Store]]) -> set[str]:
+    """The URLs of ``mutable`` ((url, store) of mutable artifacts, usually not written yet)
+    that one listing of their folder shows absent, so that they cost no request each;
+    none when their store cannot tell (:meth:`~runner.storage.base.Store.existing`: its
+    stat is local, they lie in several folders, listing is refused or failed)."""
+    store = mutable[0][1]
+    if not store.stat_is_remote or any(type(other) is not type(store) for _, other in mutable):
+        return set()
+    urls = [url for url, _ in mutable]
+    try:
+        found = store.existing(urls)
+    except StorageError as exc:
+        logger.info("cannot list the folder of %s (%s): each artifact is asked for", urls[0], exc)
+        return set()
+    return set() if found is None else set(urls) - found
 
 
 class CacheManager(Role):
@@ -72,6 +92,7 @@ class CacheManager(Role):
         self.stop_all: Exception | None = None
         self.lock = threading.Lock()
         self.pool.submit(self.tidy_environments, True)
+        self.listings = ThreadPoolExecutor(max_workers=2, thread_name_prefix="listing")
 
     def tidy_environments(self, prune: bool = False, built: str | None = None) -> None:
         """Pool thread: (at start, ``prune``) drop the holds of attempts a runner that died
@@ -223,8 +244,16 @@ class CacheManager(Role):
             if url is None or label in ("_metadata", "_singularity"):  # images: hold_image
                 continue
             wanted.append((label, artifact, url, open_for_request(url, attempt.request, artifact)))
-        with self.cache.lease_all([(store, url) for _, _, url, store in wanted]) as leases:
-            for (label, artifact, url, _), lease in zip(wanted, leases):
+        mutable = [(url, store) for _, artifact, url, store in wanted if artifact.get("mutable")]
+        telling = self.listings.submit(absent_of, mutable) if len(mutable) > 1 else None
+        with contextlib.ExitStack() as held:
+            fixed = [(store, url) for _, artifact, url, store in wanted if not artifact.get("mutable")]
+            got = dict(zip((url for _, url in fixed), held.enter_context(self.cache.lease_all(fixed))))
+            absent = telling.result() if telling is not None else set()
+            rest = [(store, url) for url, store in mutable if url not in absent]
+            got.update(zip((url for _, url in rest), held.enter_context(self.cache.lease_all(rest))))
+            for label, artifact, url, _ in wanted:
+                lease = got.get(url) or ObjectMissing(url)
                 if isinstance(lease, ObjectMissing) and artifact.get("mutable"):
                     log(f"{label}: no object yet at {url} (normal for a mutable artifact)")
                     continue
@@ -278,6 +307,7 @@ class CacheManager(Role):
         with self.lock:
             self.stop_all = fates.ShutdownRequested("the runner is stopping")
         self.pool.shutdown(wait=True, cancel_futures=False)
+        self.listings.shutdown(wait=False, cancel_futures=True)
         for attempt_id in list(self.held_images):
             self.release_image(attempt_id)
         self.cache.close()

@@ -270,6 +270,12 @@ class Store(abc.ABC):
         An empty or absent prefix gives ``[]``.  Raises :class:`StorageError` on failure.
         """
 
+    def existing(self, urls: builtins.list[str]) -> set[str] | None:
+        """Which of ``urls`` (objects of this store) exist, told by one request, or None
+        when this store cannot tell them that cheaply (then ask each).  Raises
+        :class:`StorageError` when the request fails; the default tells nothing."""
+        return None
+
     def list_info(self, prefix_url: str) -> builtins.list[ObjectInfo]:
         """:meth:`list` with each object's :class:`ObjectInfo`, sorted by URL.
 

@@ -274,6 +274,23 @@ class GcsStore(Store):
     def list(self, prefix_url: str) -> list[str]:
         return [info.url for info in self.list_info(prefix_url)]
 
+    def existing(self, urls: builtins.list[str]) -> set[str] | None:
+        """One listing of the folder (``delimiter=/``) when every URL is an object of one
+        folder of one bucket; else None."""
+        if not urls:
+            return set()
+        names = {url: parse_gs_url(url) for url in urls}
+        folders = {(bucket, key.rpartition("/")[0]) for bucket, key in names.values()}
+        if len(folders) != 1:
+            return None
+        bucket, folder = folders.pop()
+
+        def listing(client):
+            blobs = client.list_blobs(bucket, prefix=f"{folder}/" if folder else "", delimiter="/")
+            return {blob.name for blob in blobs}
+        found = self._call(urls[0], "list", listing, reading=True)
+        return {url for url, (_, key) in names.items() if key in found}
+
     def list_info(self, prefix_url: str) -> builtins.list[ObjectInfo]:
         bucket, key = parse_gs_url(prefix_url)
 

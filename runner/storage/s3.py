@@ -567,6 +567,28 @@ class S3Store(Store):
     def put_bytes(self, url: str, data: bytes) -> ObjectInfo:
         return self.put_stream(url, lambda out: out.write(data))
 
+    def existing(self, urls: builtins.list[str]) -> set[str] | None:
+        """One ``ListObjectsV2`` of the folder (``Delimiter=/``) when every URL is an object
+        of one folder of one bucket; else None."""
+        if not urls:
+            return set()
+        targets = {url: self.target(url) for url in urls}
+        folders = {(t.endpoint_url, t.bucket, t.key.rpartition("/")[0]) for t in targets.values()}
+        if len(folders) != 1:
+            return None
+        folder = folders.pop()[2]
+        prefix = f"{folder}/" if folder else ""
+
+        def listing(client, target):
+            keys: set[str] = set()
+            paginator = client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=target.bucket, Prefix=prefix, Delimiter="/"):
+                keys.update(item["Key"] for item in page.get("Contents") or [])
+            return keys
+
+        keys = self._read(urls[0], "list", listing)
+        return {url for url, target in targets.items() if target.key in keys}
+
     def list(self, prefix_url: str) -> list[str]:
         return [info.url for info in self.list_info(prefix_url)]
 
