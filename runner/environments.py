@@ -445,13 +445,15 @@ class EnvironmentStore:
 
     # -- keys ---------------------------------------------------------------------------------
 
-    def key_for(self, interpreter: Path, requirements: list[str]) -> str:
+    def key_for(self, interpreter: Path, requirements: list[str], *, normalized: bool = False) -> str:
         """Return the 32-hex-digit key of (interpreter real path, its full version, normalised
-        requirements). Raises :class:`InterpreterNotFound` if the interpreter cannot run."""
+        requirements; ``normalized``: they already are). Raises :class:`InterpreterNotFound`
+        if the interpreter cannot run."""
         material = json.dumps({
             "interpreter": os.path.realpath(interpreter),
             "version": interpreter_version(Path(interpreter)),
-            "requirements": normalize_requirements(list(requirements)),
+            "requirements": (list(requirements) if normalized
+                             else normalize_requirements(list(requirements))),
         }, sort_keys=True)
         return hashlib.sha256(material.encode()).hexdigest()[:32]
 
@@ -561,7 +563,7 @@ class EnvironmentStore:
                 log(f"left out {line!r} (a placeholder pip freeze writes on Debian/Ubuntu; "
                     "no index has it)")
         reqs = normalize_requirements(list(requirements))
-        key = self.key_for(interpreter, reqs)
+        key = self.key_for(interpreter, reqs, normalized=True)
         hit = self._hit(key, holder)
         if hit is not None:
             return hit
