@@ -222,8 +222,11 @@ class ArtifactCache:
         """
         url_key = cache_key(url)
         while store.stat_is_remote and not self._knows(url_key):
+            # Callers may read one URL with different credentials: one refused is no
+            # answer for another, so a waiter whose leader failed downloads itself.
             first = self._single_flight(f"url {url_key}", lambda: url_key in self._url_keys,
-                                        lambda: self._download_new(store, url, url_key))
+                                        lambda: self._download_new(store, url, url_key),
+                                        share_errors=False)
             if first is None:
                 continue  # another caller stored it meanwhile: served below
             key, lease = first
@@ -298,11 +301,12 @@ class ArtifactCache:
         with self._lock:
             return url_key in self._url_keys
 
-    def _single_flight(self, name: str, settled, work):
+    def _single_flight(self, name: str, settled, work, *, share_errors: bool = True):
         """``work()``, run by one caller at a time per ``name``; None (nothing run) when
         ``settled()`` (called under the lock) or once another caller's run ended.
 
-        Raises what ``work`` raised, in the caller that ran it and in those that waited.
+        Raises what ``work`` raised, in the caller that ran it and, with ``share_errors``,
+        in those that waited (without it they get None, to try for themselves).
         """
         with self._lock:
             if settled():
@@ -313,7 +317,7 @@ class ArtifactCache:
                 flight = self._flights[name] = _Flight()
         if not leader:
             flight.done.wait()
-            if flight.error is not None:
+            if flight.error is not None and share_errors:
                 raise flight.error
             return None
         try:

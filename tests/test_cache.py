@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runner.cache import ArtifactCache
-from runner.errors import StorageError
+from runner.errors import PermanentStorageError, StorageError
 from runner.storage import FileStore, ObjectMissing, S3Store
 
 from .support import TEST_AWS
@@ -376,3 +376,37 @@ def test_lease_all_releases_what_it_took_when_one_lease_crashes(s3, tmp_path):
     assert cache.stats()["cache_in_use"] == 0 and cache.stats()["cache_entries"] == 1
     assert list((tmp_path / "cache" / "tmp").iterdir()) == []
     crashing.close()
+
+
+def test_a_caller_refused_a_new_url_does_not_fail_another_that_may_read_it(s3, tmp_path):
+    """Two experiments lease one new URL with different credentials: the one refused
+    fails alone, the other downloads for itself (the old HEAD-first path never shared)."""
+    store, root = s3
+    url = f"{root}/datasets/shared.bin"
+    store.put_bytes(url, b"d" * 1000)
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+
+    class Refused(CountingS3):
+        def get(self, url, dest):
+            time.sleep(0.4)  # in flight while the other caller comes
+            raise PermanentStorageError(f"cannot download {url}: AccessDenied")
+
+    refused, outcome = Refused(), {}
+
+    def lease(name, which):
+        try:
+            with cache.lease(which, url) as got:
+                outcome[name] = got.path.read_bytes() == b"d" * 1000
+        except Exception as exc:  # noqa: BLE001 - compared below
+            outcome[name] = exc
+
+    first = threading.Thread(target=lease, args=("refused", refused))
+    first.start()
+    time.sleep(0.1)
+    second = threading.Thread(target=lease, args=("allowed", store))
+    second.start()
+    first.join()
+    second.join()
+    assert isinstance(outcome["refused"], PermanentStorageError)
+    assert outcome["allowed"] is True, outcome["allowed"]
+    refused.close()

@@ -94,6 +94,10 @@ def test_gcs_round_trip_against_the_emulator(gcs_env, tmp_path, monkeypatch):
     folder = [url, f"gs://{bucket}/experiments/x/tb.tar", f"gs://{bucket}/experiments/x/_metadata"]
     assert store.existing(folder) == {url}  # one listing of the folder, its subfolders left out
     assert store.existing([url, f"gs://{bucket}/experiments/xy.tar"]) is None  # two folders
+    for folder in ("", "e//"):  # keys at the bucket's root, a doubled slash
+        first, second = f"gs://{bucket}/{folder}a.tar", f"gs://{bucket}/{folder}b.tar"
+        store.put_bytes(first, b"a")
+        assert store.existing([first, second]) == {first}, folder
     source = tmp_path / "src"
     source.write_bytes(b"from a file")
     store.put(f"gs://{bucket}/file.bin", source)

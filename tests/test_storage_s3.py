@@ -336,6 +336,10 @@ def test_existing_tells_which_objects_of_one_folder_exist_in_one_listing(moto, b
     assert store.existing(urls) == {urls[0]}
     assert store.existing([urls[0], f"{root}/experiments/k2/output.tar"]) is None, "two folders"
     assert store.existing([]) == set()
+    for folder in ("/", "", "e//"):  # "s3://b//a.tar", keys at the root, a doubled slash
+        first, second = f"{root}/{folder}a.tar", f"{root}/{folder}b.tar"
+        store.put_bytes(first, b"a")
+        assert store.existing([first, second]) == {first}, folder
     from runner.roles.cache_manager import absent_of
 
     assert absent_of([(url, store) for url in urls]) == set(urls[1:])

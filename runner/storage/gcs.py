@@ -280,13 +280,14 @@ class GcsStore(Store):
         if not urls:
             return set()
         names = {url: parse_gs_url(url) for url in urls}
-        folders = {(bucket, key.rpartition("/")[0]) for bucket, key in names.values()}
+        # The folder is the key up to and with its last "/" (see S3Store.existing).
+        folders = {(bucket, key[:key.rfind("/") + 1]) for bucket, key in names.values()}
         if len(folders) != 1:
             return None
-        bucket, folder = folders.pop()
+        bucket, prefix = folders.pop()
 
         def listing(client):
-            blobs = client.list_blobs(bucket, prefix=f"{folder}/" if folder else "", delimiter="/")
+            blobs = client.list_blobs(bucket, prefix=prefix, delimiter="/")
             return {blob.name for blob in blobs}
         found = self._call(urls[0], "list", listing, reading=True)
         return {url for url, (_, key) in names.items() if key in found}

@@ -573,11 +573,13 @@ class S3Store(Store):
         if not urls:
             return set()
         targets = {url: self.target(url) for url in urls}
-        folders = {(t.endpoint_url, t.bucket, t.key.rpartition("/")[0]) for t in targets.values()}
+        # The folder is the key up to and with its last "/" ("" at the bucket's root; "/"
+        # for "/name", whose listing with Delimiter=/ must start there to show it).
+        folders = {(t.endpoint_url, t.bucket, t.key[:t.key.rfind("/") + 1])
+                   for t in targets.values()}
         if len(folders) != 1:
             return None
-        folder = folders.pop()[2]
-        prefix = f"{folder}/" if folder else ""
+        prefix = folders.pop()[2]
 
         def listing(client, target):
             keys: set[str] = set()
