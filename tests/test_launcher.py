@@ -84,10 +84,16 @@ def test_the_run_dies_with_the_process_that_started_it():
     parent_code = ("import subprocess, sys, time; from runner.roles.executor import launched; "
                    f"subprocess.Popen(launched([sys.executable, '-c', {code!r}, {mark!r}])); "
                    "time.sleep(300)")
-    parent = subprocess.Popen([sys.executable, "-c", parent_code])
-    try:  # the parent, the launcher, the experiment and its helper
-        wait_until(lambda: len(processes_with(mark)) >= 4, what="the run and its helper")
-        parent.kill()  # SIGKILL: the launcher's parent-death signal is all that is left
+    # the parent, the launcher, the experiment and its helper
+    run_dies_with_its_parent(subprocess.Popen([sys.executable, "-c", parent_code]), mark, 4)
+
+
+def run_dies_with_its_parent(parent: subprocess.Popen, mark: str, processes: int) -> None:
+    """Once ``processes`` processes carry ``mark``, SIGKILL ``parent`` (a launcher's
+    parent-death signal is all that is left) and see every one of them end."""
+    try:
+        wait_until(lambda: len(processes_with(mark)) >= processes, what="the run and its helper")
+        parent.kill()
         parent.wait()
         wait_until(lambda: not processes_with(mark), what="the run to die with its parent")
     finally:

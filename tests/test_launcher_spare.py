@@ -16,7 +16,7 @@ from runner import launcher, proctree
 from runner.roles.executor import spare_command
 
 from .support import processes_with
-from .test_launcher import helper, wait_until
+from .test_launcher import helper, run_dies_with_its_parent, wait_until
 
 
 def start_spare(command: list[str] | None = None) -> subprocess.Popen:
@@ -134,17 +134,8 @@ def test_the_run_dies_with_the_process_that_started_the_spare():
         "'/', dict(os.environ)))\n"
         "spare.stdin.close()\n"
         "time.sleep(300)\n")
-    parent = subprocess.Popen([sys.executable, "-c", parent_code, mark])
-    try:  # the parent, the experiment and its helper (the spare's command line has no mark)
-        wait_until(lambda: len(processes_with(mark)) >= 3, what="the run and its helper")
-        parent.kill()
-        parent.wait()
-        wait_until(lambda: not processes_with(mark), what="the run to die with its parent")
-    finally:
-        parent.kill()
-        parent.wait()
-        for pid in processes_with(mark):  # only when the test failed
-            os.kill(pid, signal.SIGKILL)
+    # the parent, the experiment and its helper (the spare's command line has no mark)
+    run_dies_with_its_parent(subprocess.Popen([sys.executable, "-c", parent_code, mark]), mark, 3)
 
 
 def test_a_spare_whose_parent_is_already_gone_starts_nothing(tmp_path):
