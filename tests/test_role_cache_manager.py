@@ -4,6 +4,7 @@ the environment for this interpreter with no requirements."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,29 @@ def test_the_environment_is_held_for_the_attempt_until_its_run_ends(rig) -> None
     assert (store / f"{key}.holds" / attempt.attempt_id).is_file()
     rig.probe("executor").send("cache_manager", protocol.RunEnded(attempt_id=attempt.attempt_id))
     assert eventually(lambda: not (store / f"{key}.holds" / attempt.attempt_id).exists())
+
+
+def test_the_environment_is_looked_up_while_the_artifacts_download(rig, monkeypatch) -> None:
+    """The workspace's download waits until the attempt holds its environment: it can
+    only end when the lookup runs beside it (the old order, download then lookup, would
+    hold the download the whole wait and see no hold)."""
+    request = rig.request(workspace={"train.py": "print('hi')\n"})
+    attempt = rig.attempt(request)
+    holds = Path(rig.config.env_dir).glob
+    read, seen = rig.objects.read, []
+    workspace = request["experiment"]["artifacts"]["workspace"]["qualified"]
+
+    def slow_read(url):
+        if url == workspace:
+            deadline = time.monotonic() + 60
+            while not list(holds(f"*.holds/{attempt.attempt_id}")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen.append(bool(list(holds(f"*.holds/{attempt.attempt_id}"))))
+        return read(url)
+
+    monkeypatch.setattr(rig.objects, "read", slow_read)
+    rig.probe("fetcher").send("cache_manager", protocol.AttemptAssigned(attempt=attempt))
+    prepared = rig.probe("executor").expect(protocol.AttemptPrepared, timeout=300)
+    assert prepared.attempt.attempt_id == attempt.attempt_id
+    assert seen == [True], "the environment was held before the workspace had downloaded"
+    assert (Path(attempt.workdir) / "workspace" / "train.py").read_text() == "print('hi')\n"

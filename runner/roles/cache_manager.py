@@ -35,13 +35,13 @@ import contextlib
 import logging
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .. import attempt_files, containers, fates, metadata, protocol
 from ..archive import tree_digest, unpack
 from ..cache import ArtifactCache, Lease
-from ..environments import EnvironmentStore, find_interpreter
+from ..environments import Environment, EnvironmentStore, find_interpreter
 from ..errors import ArchiveError, DiskBudgetExceeded, EnvironmentBuildError, RunnerError, StorageError
 from ..storage import ObjectMissing, Store, artifact_url, open_for_request
 from ..units import describe_size
@@ -93,6 +93,10 @@ class CacheManager(Role):
         self.lock = threading.Lock()
         self.pool.submit(self.tidy_environments, True)
         self.listings = ThreadPoolExecutor(max_workers=2, thread_name_prefix="listing")
+        # Environment lookups beside the downloads: their own pool, as each preparation
+        # waits for its lookup (in the preparation pool it could wait behind itself).
+        self.lookups = ThreadPoolExecutor(max_workers=max(2, self.config.executors * 2),
+                                          thread_name_prefix="environment")
 
     def tidy_environments(self, prune: bool = False, built: str | None = None) -> None:
         """Pool thread: (at start, ``prune``) drop the holds of attempts a runner that died
@@ -143,13 +147,17 @@ class CacheManager(Role):
             return self.stop_all or self.stopped.get(attempt_id)
 
     def prepare(self, attempt: protocol.Attempt) -> None:
-        """Worker thread: working directory, artifacts, environment → executor."""
+        """Worker thread: working directory, artifacts, environment → executor.  The
+        environment is looked up (or built) while the artifacts download."""
         log = lambda text: self.runner_log(attempt.attempt_id, text)  # noqa: E731
+        environment: Future | None = None
         try:
             self.check_cancelled(attempt)
             image = containers.image_of(attempt.request)
             runtime = (containers.choose(self.runtimes, image, self.runtime_problems)
                        if image is not None else None)
+            if image is None or runtime is None:
+                environment = self.lookups.submit(self.environment_of, attempt, log)
             self.download_artifacts(attempt, log)
             if image is not None and runtime is not None:  # runtime: chosen for the image
                 self.phase(attempt, protocol.PHASE_PREPARING, step=protocol.STEP_IMAGE)
@@ -160,16 +168,10 @@ class CacheManager(Role):
                                                            container=runtime.name,
                                                            image=prepared))
                 return
+            assert environment is not None
             self.phase(attempt, protocol.PHASE_PREPARING, step=protocol.STEP_ENVIRONMENT)
             self.check_cancelled(attempt)
-            experiment = attempt.request.get("experiment", {})
-            interpreter = find_interpreter(experiment.get("pythonver"),
-                                           list(self.config.python_dirs))
-            log(f"interpreter {interpreter} for pythonver {experiment.get('pythonver')!r}")
-            requirements = list(experiment.get("pythonenv") or [])
-            requirements += list(attempt.request.get("config", {}).get("pip") or [])
-            env = self.environments.ensure(interpreter, requirements, log=log,
-                                           holder=attempt.attempt_id)
+            env = environment.result()
             log(f"environment {env.key} {'built' if env.built else 'reused from the store'}")
             self.check_cancelled(attempt)
             self.post("executor", protocol.AttemptPrepared(attempt=attempt, python=str(env.python),
@@ -182,6 +184,8 @@ class CacheManager(Role):
             outcome = fates.outcome_for_exception(exc)
             log(f"preparation ended: {outcome.error}: {outcome.message}")
             self.release_image(attempt.attempt_id)
+            if environment is not None:  # a lookup still going holds it when it ends: let go then
+                environment.add_done_callback(lambda _: self.environments.release(attempt.attempt_id))
             self.environments.release(attempt.attempt_id)
             facts = ({"build_log_tail": exc.log_tail}
                      if isinstance(exc, EnvironmentBuildError) and exc.log_tail else {})
@@ -191,6 +195,17 @@ class CacheManager(Role):
             with self.lock:
                 self.preparing.pop(attempt.attempt_id, None)
                 self.stopped.pop(attempt.attempt_id, None)
+
+    def environment_of(self, attempt: protocol.Attempt, log) -> Environment:
+        """The attempt's environment from the store (built when missing), held for it.
+        Raises InterpreterNotFound and EnvironmentBuildError."""
+        experiment = attempt.request.get("experiment", {})
+        interpreter = find_interpreter(experiment.get("pythonver"), list(self.config.python_dirs))
+        log(f"interpreter {interpreter} for pythonver {experiment.get('pythonver')!r}")
+        requirements = list(experiment.get("pythonenv") or [])
+        requirements += list(attempt.request.get("config", {}).get("pip") or [])
+        return self.environments.ensure(interpreter, requirements, log=log,
+                                        holder=attempt.attempt_id)
 
     def hold_image(self, attempt: protocol.Attempt, runtime: containers.ContainerRuntime,
                    image: containers.ImageRef, log) -> str:
@@ -307,6 +322,7 @@ class CacheManager(Role):
         with self.lock:
             self.stop_all = fates.ShutdownRequested("the runner is stopping")
         self.pool.shutdown(wait=True, cancel_futures=False)
+        self.lookups.shutdown(wait=True, cancel_futures=False)
         self.listings.shutdown(wait=False, cancel_futures=True)
         for attempt_id in list(self.held_images):
             self.release_image(attempt_id)
