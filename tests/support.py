@@ -652,15 +652,29 @@ class SilentServer:
             connection.close()
 
 
-def take_soon(backend, queue: str, timeout: float = 10.0):
-    """A delivery taken from ``queue`` within ``timeout`` seconds, or None."""
+def take_soon(backend, queue: str, timeout: float = 10.0, *, read_pushes: bool = False):
+    """A delivery taken from ``queue`` within ``timeout`` seconds, or None; with
+    ``read_pushes``, the back end's connection is read between tries (``changes()``:
+    a consumed RabbitMQ queue's pushes arrive that way)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         delivery = backend.take(queue)
         if delivery is not None:
             return delivery
-        time.sleep(0.05)
+        if read_pushes:
+            backend.changes()
+        time.sleep(0.02 if read_pushes else 0.05)
     return None
+
+
+def stop_process(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM ``process``; SIGKILL it when it has not exited after ``grace`` seconds."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def processes_with(marker: str) -> list[int]:

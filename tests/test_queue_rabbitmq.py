@@ -17,6 +17,7 @@ from runner.queues.rabbitmq import (ATTEMPTS_HEADER, DEAD_REASON_HEADER, RabbitM
                                     attempts_of, default_mgt_url)
 
 from .rabbitmq_support import PrivateBroker, pika, unique
+from .support import take_soon
 
 pytestmark = pytest.mark.integration
 
@@ -233,14 +234,10 @@ def consumers(broker, queue: str) -> int:
 
 def take_pushed(backend, queue: str, timeout: float = 10.0):
     """Take ``queue``'s pushed message, reading the connection until one came."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        delivery = backend.take(queue)
-        if delivery is not None:
-            return delivery
-        backend.changes()
-        time.sleep(0.02)
-    raise AssertionError(f"nothing pushed from {queue} within {timeout}s")
+    delivery = take_soon(backend, queue, timeout, read_pushes=True)
+    if delivery is None:
+        raise AssertionError(f"nothing pushed from {queue} within {timeout}s")
+    return delivery
 
 
 def test_prefetch_never_exceeds_the_free_slots_and_stops_when_full(broker, backend, stem):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .results_support import EPOCHS, finished_sweep
-from .support import REPO, server_unavailable
+from .support import REPO, server_unavailable, stop_process
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts"))
 
@@ -56,12 +55,7 @@ def server(sweep):
         process.kill()
         raise AssertionError(f"serve did not start: {first}{process.stdout.read()}")
     yield first.split()[-1].rstrip("/")
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_process(process)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -17,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from .support import REPO, Runner, short_tempdir
+from .support import REPO, Runner, short_tempdir, stop_process
 
 BIG = 123456789012345678901234567890
 PRINTS = {
@@ -100,12 +99,7 @@ def test_serve_lists_the_readable_ones_and_says_which_it_could_not_read(wild):
         with urllib.request.urlopen(base + "/api/experiments/wild/big", timeout=60) as response:
             assert json.loads(response.read())["experiment"]["metrics"]["big"] == float(BIG)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def test_serve_answers_503_with_the_reason_when_the_store_cannot_be_read():
@@ -125,9 +119,4 @@ def test_serve_answers_503_with_the_reason_when_the_store_cannot_be_read():
         assert refused.value.code == 503
         assert "cannot read the store" in json.loads(refused.value.read())["error"]
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
