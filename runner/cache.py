@@ -221,41 +221,39 @@ class ArtifactCache:
         when it cannot be read.  The entry cannot be evicted until the ``with`` ends.
         """
         url_key = cache_key(url)
-        while store.stat_is_remote and not self._knows(url_key):
+        new = None  # (entry key, or None for a private file; lease) of a download unstat'ed
+        while new is None and store.stat_is_remote and not self._knows(url_key):
             # Callers may read one URL with different credentials: one refused is no
-            # answer for another, so a waiter whose leader failed downloads itself.
-            first = self._single_flight(f"url {url_key}", lambda: url_key in self._url_keys,
-                                        lambda: self._download_new(store, url, url_key),
-                                        share_errors=False)
-            if first is None:
-                continue  # another caller stored it meanwhile: served below
-            key, lease = first
-            try:
-                yield lease
-            finally:
-                if key is None:
-                    remove_entry(lease.path)
-                else:
-                    self._release(key)
-            return
-        info = store.stat(url)
-        if info is None:
-            raise ObjectMissing(url)
-        identity = store.identity(info)
-        if not identity:  # the store cannot name the content: download privately
-            key, lease = self._download_new(store, url, url_key)
-            try:
-                yield lease
-            finally:
-                remove_entry(lease.path)
-            return
-        key, hit, got = self._acquire(cache_key(identity), store, url, info)
+            # answer for another, so a waiter whose leader failed downloads itself.  None:
+            # another caller stored it meanwhile (served below).
+            new = self._single_flight(f"url {url_key}", lambda: url_key in self._url_keys,
+                                      lambda: self._download_new(store, url, url_key),
+                                      share_errors=False)
+        if new is None:
+            info = store.stat(url)
+            if info is None:
+                raise ObjectMissing(url)
+            identity = store.identity(info)
+            if identity:
+                held, hit, got = self._acquire(cache_key(identity), store, url, info)
+                try:
+                    with self._lock:
+                        path = self._entries[held].path
+                    yield Lease(path=path, info=got, hit=hit)
+                finally:
+                    self._release(held)
+                return
+            # The stat cannot name the content: downloaded privately (or cached, when the
+            # download's own answer names it).
+            new = self._download_new(store, url, url_key)
+        key, lease = new
         try:
-            with self._lock:
-                path = self._entries[key].path
-            yield Lease(path=path, info=got, hit=hit)
+            yield lease
         finally:
-            self._release(key)
+            if key is None:
+                remove_entry(lease.path)
+            else:
+                self._release(key)
 
     @contextlib.contextmanager
     def lease_all(self, wanted: Sequence[tuple[Store, str]]) -> Iterator[list[Lease | StorageError]]:

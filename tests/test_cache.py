@@ -10,7 +10,7 @@ import pytest
 
 from runner.cache import ArtifactCache
 from runner.errors import PermanentStorageError, StorageError
-from runner.storage import FileStore, ObjectMissing, S3Store
+from runner.storage import FileStore, ObjectInfo, ObjectMissing, S3Store
 
 from .support import TEST_AWS
 
@@ -410,3 +410,30 @@ def test_a_caller_refused_a_new_url_does_not_fail_another_that_may_read_it(s3, t
     assert isinstance(outcome["refused"], PermanentStorageError)
     assert outcome["allowed"] is True, outcome["allowed"]
     refused.close()
+
+
+def test_a_stat_that_cannot_name_the_content_and_a_download_that_can(s3, tmp_path):
+    """A stored URL whose stat has no validator (a server that sends an ETag only with the
+    body) is downloaded again; the entry that download names is held and let go, never
+    deleted under the index."""
+    store, root = s3
+    url = f"{root}/datasets/x.bin"
+
+    class ValidatorOnGet(CountingS3):
+        def stat(self, url):
+            info = super().stat(url)
+            return info and ObjectInfo(url=info.url, size=info.size, etag="", mtime=info.mtime)
+
+        def identity(self, info):
+            return super().identity(info) if info.etag else ""
+
+    odd = ValidatorOnGet()
+    odd.put_bytes(url, b"x" * 100)
+    cache = ArtifactCache(tmp_path / "cache", 10**9)
+    for _ in range(3):
+        with cache.lease(odd, url) as got:
+            assert got.path.read_bytes() == b"x" * 100
+    stats = cache.stats()
+    assert stats["cache_in_use"] == 0 and stats["cache_entries"] == 1
+    assert [p.stat().st_size for p in (tmp_path / "cache" / "objects").iterdir()] == [100]
+    odd.close()
