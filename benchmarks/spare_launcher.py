@@ -1,9 +1,11 @@
 """Start of a run through the executor's two ways: Popen → the experiment's first line.
 
-* direct: ``subprocess.Popen`` of ``/bin/sh`` (entering the run's cgroup, when this host
-  lets this process make cgroups) → ``python -I -S runner/launcher.py`` → the experiment;
-* spare: a launcher started ahead of need (``launcher.py PID --spare``, settled and blocked
-  on its input before the clock starts) is moved into the run's cgroup and handed the spec.
+* direct: the run's cgroup made (when this host lets this process make cgroups), then
+  ``subprocess.Popen`` of ``/bin/sh`` (joining it) → ``python -I -S runner/launcher.py`` →
+  the experiment;
+* spare: a launcher started ahead of need inside a cgroup of its own (``launcher.py PID
+  --spare``, settled and blocked on its input before the clock starts) gets the run's limits
+  written into that cgroup, the run's name, and the spec.
 
 The experiment is ``python -c "print('started', flush=True)"`` with the environment the
 script runs in; the clock stops when that line is read.  Rounds alternate between the two
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runner import cgroups, launcher  # noqa: E402
-from runner.roles.executor import launched, spare_command  # noqa: E402
+from runner.roles.executor import joined, launched, spare_command  # noqa: E402
 
 COMMAND = [sys.executable, "-c", "print('started', flush=True)"]
 
@@ -39,36 +41,52 @@ def first_line(process: subprocess.Popen, started: float) -> float:
     return elapsed
 
 
-def direct(cgroup: cgroups.RunCgroup | None, cwd: str, env: dict) -> float:
+LIMITS = cgroups.Limits(cpus=1, ram=2**30)
+
+
+def direct(driver: cgroups.Cgroups | None, name: str, cwd: str, env: dict) -> float:
     started = time.perf_counter()
+    cgroup = driver.create(name, LIMITS) if driver else None
     command = launched(COMMAND)
     process = subprocess.Popen(cgroup.wrap(command) if cgroup else command, cwd=cwd, env=env,
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
-    return first_line(process, started)
+    try:
+        return first_line(process, started)
+    finally:
+        if cgroup is not None:
+            cgroups.wait_removed(cgroup)
 
 
-def ready_spare() -> subprocess.Popen:
-    spare = subprocess.Popen(spare_command(), cwd="/", env={}, stdin=subprocess.PIPE,
+def ready_spare(cgroup: cgroups.RunCgroup | None) -> subprocess.Popen:
+    command = cgroup.wrap(spare_command()) if cgroup else spare_command()
+    spare = subprocess.Popen(command, cwd="/", env={}, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True, close_fds=True)
     deadline = time.monotonic() + 30
-    while "read" not in Path(f"/proc/{spare.pid}/wchan").read_text():
+    while not joined(spare.pid) or "read" not in Path(f"/proc/{spare.pid}/wchan").read_text():
         assert time.monotonic() < deadline, "the spare never blocked on its input"
         time.sleep(0.01)
     return spare
 
 
-def through_spare(cgroup: cgroups.RunCgroup | None, cwd: str, env: dict) -> float:
-    spare = ready_spare()  # off the clock, as the executor starts it at the previous tick
+def through_spare(driver: cgroups.Cgroups | None, name: str, cwd: str, env: dict) -> float:
+    # off the clock, as the executor makes it at the previous tick
+    cgroup = driver.create(f"spare-{name}", cgroups.Limits()) if driver else None
+    spare = ready_spare(cgroup)
     started = time.perf_counter()
-    if cgroup is not None:
-        cgroup.enter(spare.pid)
+    if driver is not None and cgroup is not None:
+        driver.apply(cgroup, LIMITS)
+        cgroup.rename(name)
     assert spare.stdin is not None
     spare.stdin.write(launcher.encode_spec(COMMAND, cwd, env))
     spare.stdin.close()
     spare.stdin = None
-    return first_line(spare, started)
+    try:
+        return first_line(spare, started)
+    finally:
+        if cgroup is not None:
+            cgroups.wait_removed(cgroup)
 
 
 def main(argv: list[str]) -> int:
@@ -83,12 +101,7 @@ def main(argv: list[str]) -> int:
     try:
         for index in range(rounds):
             for way, start in (("direct", direct), ("spare", through_spare))[::1 - 2 * (index % 2)]:
-                cgroup = driver.create(f"{way}-{index}", cgroups.Limits()) if driver else None
-                try:
-                    times[way].append(start(cgroup, cwd, env))
-                finally:
-                    if cgroup is not None:
-                        cgroups.wait_removed(cgroup)
+                times[way].append(start(driver, f"{way}-{index}", cwd, env))
     finally:
         if driver is not None:
             driver.cleanup()

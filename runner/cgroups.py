@@ -19,10 +19,15 @@ A run enters its cgroup before it executes anything: the executor starts it thro
 :data:`ENTER_CODE` (``/bin/sh -c``), which writes its own pid into the cgroup and then
 ``exec``\\ s the experiment's command, so every process the run starts is inside.  (A shell,
 not ``python -I -S``: it starts in about a millisecond where an interpreter took ~6 ms of
-CPU for every run.)  It exits 125 when it cannot enter the cgroup, and the shell's 126/127
-when the command cannot be executed or found.  A run started through the executor's
-spare launcher (already running, see :mod:`runner.launcher`) is moved in by the executor
-instead (:meth:`RunCgroup.enter`, the same files), before the launcher is told what to start.
+CPU for every run.)  It exits :data:`CANNOT_ENTER` (125) when it cannot enter the cgroup,
+and the shell's 126/127 when the command cannot be executed or found.
+
+Joining a cgroup is slow: the kernel waits for an RCU grace period on each move (5–25 ms
+measured on a v1 host here, ``cgroup.procs`` written from Python), and removing one costs as
+much.  So the executor's spare launcher is started ahead of need in a cgroup of its own
+(``spare-<executor pid>-<n>``); a run that takes it gets its limits written into that cgroup
+(:meth:`Cgroups.apply`) and the cgroup renamed after the attempt (:meth:`RunCgroup.rename`;
+cgroup v1 only: v2 keeps the spare's name, the attempt's ``.run`` file lists the folders).
 
 Limits: ``cpus`` → a CFS quota of ``cpus`` × the period; ``ram`` → the memory limit (and the
 memory+swap limit on v1, so swap does not stretch it; ``memory.swap.max = 0`` on v2);
@@ -45,9 +50,10 @@ log = logging.getLogger("runner.cgroups")
 
 CONTROLLERS = ("cpu", "memory", "pids")
 CPU_PERIOD_US = 100_000
+CANNOT_ENTER = 125  # exit status of ENTER_CODE when the cgroup cannot be entered
 ENTER_CODE = (
     'while [ "$1" != -- ]; do\n'
-    '    echo $$ > "$1" || { echo "runner: cannot enter cgroup $1" >&2; exit 125; }\n'
+    f'    echo $$ > "$1" || {{ echo "runner: cannot enter cgroup $1" >&2; exit {CANNOT_ENTER}; }}\n'
     '    shift\n'
     'done\n'
     'shift\n'
@@ -103,16 +109,21 @@ class RunCgroup:
         """The ``cgroup.procs`` files a process writes its pid into to join the run."""
         return sorted({str(d / "cgroup.procs") for d in self.dirs.values()})
 
-    def enter(self, pid: int) -> None:
-        """Move the process ``pid`` into this cgroup (a spare launcher, before it starts
-        anything); OSError when it cannot be moved."""
-        for procs in self.enter_files():
-            _write(Path(procs), str(pid))
+    def rename(self, name: str) -> None:
+        """Give the cgroup's folders the name ``name`` where the kernel allows it (cgroup
+        v1; v2 has no rename: those folders keep their name)."""
+        for folder in dict.fromkeys(self.dirs.values()):  # one folder may serve two controllers
+            target = folder.with_name(name)
+            try:
+                os.rename(folder, target)
+            except OSError as exc:
+                log.debug("cgroup %s keeps its name (%s)", folder, exc.strerror or exc)
+                continue
+            self.dirs = {key: target if path == folder else path for key, path in self.dirs.items()}
 
     def wrap(self, command: list[str]) -> list[str]:
         """``command`` started so that it runs inside this cgroup from its first instruction
-        (:data:`ENTER_CODE` writes the shell's pid to :meth:`enter_files`, as :meth:`enter`
-        writes a process's)."""
+        (:data:`ENTER_CODE` writes the shell's pid to :meth:`enter_files`)."""
         return ["/bin/sh", "-c", ENTER_CODE, "runner-enter-cgroup", *self.enter_files(), "--",
                 *command]
 
@@ -120,7 +131,8 @@ class RunCgroup:
     def shell_environment(env: dict, cwd: str) -> dict:
         """``env`` as the command of :meth:`wrap` started in ``cwd`` gets it: the shell
         exports ``PWD``, kept from ``env`` when it is absolute and names ``cwd``, else the
-        physical path (what a process moved in with :meth:`enter` must be given instead)."""
+        physical path (what the command a spare launcher started in the cgroup is handed
+        must be given instead)."""
         pwd = env.get("PWD", "")
         if pwd.startswith("/"):
             try:
@@ -243,7 +255,7 @@ class Cgroups:
                 folder.mkdir(exist_ok=True)
                 dirs[controller] = folder
             run = RunCgroup(self.version, dirs, limits)
-            self._apply(run, limits)
+            self.apply(run, limits)
         except OSError as exc:
             for folder in dirs.values():
                 try:
@@ -253,7 +265,11 @@ class Cgroups:
             raise CgroupError(f"cannot set up cgroup {name}: {exc}") from exc
         return run
 
-    def _apply(self, run: RunCgroup, limits: Limits) -> None:
+    def apply(self, run: RunCgroup, limits: Limits) -> None:
+        """Write ``limits`` into ``run`` (0: that kind stays as it is, unlimited in a new
+        cgroup; pids: ``--run-pids``); OSError when the kernel refuses one (a memory limit
+        below what the cgroup already uses, for one)."""
+        run.limits = limits
         pids = limits.pids or self.pids_limit
         if self.version == 2:
             folder = run.dirs["unified"]
@@ -281,6 +297,16 @@ class Cgroups:
                     pass
         if pids and "pids" in run.dirs:
             _write(run.dirs["pids"] / "pids.max", str(pids))
+
+    def remove_left(self, prefix: str) -> None:
+        """Remove the empty cgroups named ``prefix…`` under the bases (spare launchers'
+        cgroups an executor that was killed left behind; a busy one stays)."""
+        for base in self.bases.values():
+            for child in base.glob(f"{prefix}*"):
+                try:
+                    os.rmdir(child)
+                except OSError:
+                    pass
 
     def cleanup(self) -> None:
         """Remove the base folders (at executor shutdown, once the runs are gone)."""

@@ -269,3 +269,69 @@ def test_a_run_that_cannot_enter_its_cgroup_does_not_start(tmp_path: Path) -> No
                             capture_output=True, text=True)
     assert result.returncode == 125 and "ran" not in result.stdout
     assert "cannot enter cgroup" in result.stderr
+
+
+def test_a_cgroup_joined_ahead_takes_limits_and_a_name_later(driver) -> None:
+    """What the executor does with its spare launcher: a process started in a cgroup made
+    with no limits, which then gets the run's limits and (v1) the attempt's name; the
+    process stays inside under the new name."""
+    run = driver.create("spare-1-1", Limits())
+    process = subprocess.Popen(run.wrap([sys.executable, "-c", "import sys; sys.stdin.read()\n"
+                                         "print(open('/proc/self/cgroup').read())"]),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdin is not None
+        deadline = time.monotonic() + 30
+        while process.pid not in run.pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.pid in run.pids()
+        driver.apply(run, Limits(cpus=0.5, ram=300 * 2**20))
+        run.rename("a-run")
+        assert run.limits == Limits(cpus=0.5, ram=300 * 2**20)
+        if run.version == 1:
+            assert {folder.name for folder in run.dirs.values()} == {"a-run"}
+            memory = run.dirs.get("memory")
+            if memory is not None:
+                assert int((memory / "memory.limit_in_bytes").read_text()) == 300 * 2**20
+            cpu = run.dirs.get("cpu")
+            if cpu is not None:
+                assert int((cpu / "cpu.cfs_quota_us").read_text()) == 50_000
+        assert process.pid in run.pids()
+        out, _ = process.communicate("", timeout=30)
+        names = {folder.name for folder in run.dirs.values()}
+        assert any(line.rsplit("/", 1)[-1] in names for line in out.splitlines() if line), out
+    finally:
+        process.kill()
+        process.wait()
+        assert cgroups.wait_removed(run)
+
+
+def test_a_memory_limit_below_what_the_cgroup_uses_is_refused(driver) -> None:
+    run = driver.create("spare-1-2", Limits())
+    process = subprocess.Popen(run.wrap([sys.executable, "-c", "import sys\n"
+                                         "held = bytearray(40 * 10**6)\nsys.stdin.read()"]),
+                               stdin=subprocess.PIPE)
+    try:
+        if "memory" not in run.dirs and "unified" not in run.dirs:
+            pytest.skip("no memory controller here")
+        deadline = time.monotonic() + 30
+        memory = run.dirs.get("memory") or run.dirs["unified"]
+        usage_file = "memory.usage_in_bytes" if run.version == 1 else "memory.current"
+        while int((memory / usage_file).read_text()) < 20 * MB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(OSError):
+            driver.apply(run, Limits(ram=1 * MB))
+        assert process.poll() is None  # refused, not killed
+    finally:
+        process.kill()
+        process.wait()
+        assert cgroups.wait_removed(run)
+
+
+def test_empty_cgroups_left_by_spares_are_removed(tmp_path: Path) -> None:
+    base = tmp_path / "runs"
+    for name in ("spare-10-1", "spare-10-2", "a1"):
+        (base / name).mkdir(parents=True)
+    (base / "spare-10-2" / "busy").mkdir()  # rmdir refuses a cgroup with processes
+    cgroups.Cgroups(1, {"pids": base}).remove_left("spare-")
+    assert sorted(p.name for p in base.iterdir()) == ["a1", "spare-10-2"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from runner import cgroups, protocol, proctree
 
 from .roles_support import RoleRig, eventually
-from .support import processes_with
+from .support import processes_with, short_tempdir
 from .test_role_executor import ended_with_output, prepared
 
 REPORT = ("import json, os, sys\n"
@@ -96,35 +97,78 @@ def test_a_run_gets_the_environment_and_directory_the_direct_start_gives(options
     assert reports[0] == reports[1]
 
 
+def with_resources(message: protocol.AttemptPrepared, **resources) -> protocol.AttemptPrepared:
+    attempt = protocol.Attempt(**{**protocol.to_map(message.attempt),
+                                  "resources": dict(message.attempt.resources, **resources)})
+    return protocol.AttemptPrepared(attempt=attempt, python=message.python,
+                                    env_path=message.env_path)
+
+
 @pytest.mark.parametrize("sandbox", ["auto", "off"])
 def test_a_run_started_through_the_spare_is_in_its_cgroup(sandbox) -> None:
+    """The spare waits inside a cgroup of its own (joined before any run: joining costs
+    the kernel milliseconds); the run that takes it gets that cgroup with its own limits
+    and (v1) its name."""
     rig = rig_with("--sandbox", sandbox)
     try:
         executor = executor_of(rig)
         if executor.cgroups is None:
             pytest.skip("cgroups are not writable on this host")
         spare = ready_spare(rig)
-        message = prepared(rig, "import sys, time\nprint(open('/proc/self/cgroup').read(), "
-                                "flush=True)\ntime.sleep(600)\n")
+        spare_cgroup = executor.spare_cgroup
+        assert spare_cgroup is not None
+        assert eventually(lambda: spare in spare_cgroup.pids())  # before any run came
+        assert f"/spare-{os.getpid()}-" in Path(f"/proc/{spare}/cgroup").read_text()
+        message = with_resources(prepared(rig, "import sys, time\nprint(open('/proc/self/cgroup')"
+                                               ".read(), flush=True)\ntime.sleep(600)\n"),
+                                 cpus=1, ram=512 * 2**20)
         attempt_id = message.attempt.attempt_id
         rig.probe("cache_manager").send("executor", message)
         seen = rig.probe("scraper").expect(protocol.OutputChunk,
                                            lambda m: m.attempt_id == attempt_id, timeout=60)
         run = executor.runs[attempt_id]
-        assert run.process.pid == spare and run.cgroup is not None
+        assert run.process.pid == spare and run.cgroup is spare_cgroup
+        assert run.cgroup.limits == cgroups.Limits(cpus=1, ram=512 * 2**20,
+                                                   pids=executor.config.run_pids)
         members = run.cgroup.pids()
         assert spare in members and len(members) >= 2, members  # the launcher and the run
         assert all(proctree.is_running(p, None) for p in proctree.descendants(spare))
         assert set(proctree.descendants(spare)) <= set(members)
+        names = {folder.name for folder in run.cgroup.dirs.values()}
+        if run.cgroup.version == 1:  # (v2 cannot rename a cgroup: it keeps the spare's name)
+            assert names == {attempt_id}
+            memory = run.cgroup.dirs.get("memory")
+            if memory is not None:
+                assert int((memory / "memory.limit_in_bytes").read_text()) == 512 * 2**20
         if executor.sandbox is None:  # (a sandbox has a cgroup namespace of its own)
-            assert any(line.endswith(f"/{attempt_id}")
+            assert any(line.rsplit("/", 1)[-1] in names
                        for line in seen.data.decode().splitlines()), seen.data
         rig.probe("fetcher").send("executor", protocol.StopRuns(
             reason="test over", attempt_ids=[attempt_id], cause="cancelled"))
         ended = rig.probe("scraper").expect(protocol.AttemptEnded, timeout=60)
         assert ended.facts["pid"] == spare and "cgroup" in ended.facts
+        assert ended.facts["cgroup"]["memory_limit"] == 512 * 2**20
+        assert eventually(lambda: not any(d.exists() for d in run.cgroup.dirs.values()))
     finally:
         rig.close()
+
+
+def test_limits_the_spares_cgroup_refuses_take_the_direct_way(rig) -> None:
+    """A memory limit below what the waiting spare already uses cannot be written into its
+    cgroup: the spare is retired and the run starts the direct way, in a new cgroup."""
+    executor = executor_of(rig)
+    if executor.cgroups is None or not ({"memory", "unified"} & set(executor.cgroups.bases)):
+        pytest.skip("no memory cgroup on this host")
+    spare = ready_spare(rig)
+    spare_cgroup = executor.spare_cgroup
+    message = with_resources(prepared(rig, REPORT), ram=2**20)  # 1 MiB: the spare uses more
+    rig.probe("cache_manager").send("executor", message)
+    ended = rig.probe("scraper").expect(protocol.AttemptEnded, timeout=60)
+    assert ended.facts["pid"] != spare
+    assert ended.facts["cgroup"]["memory_limit"] == 2**20  # its limit held, in a cgroup of its own
+    assert not Path(f"/proc/{spare}").exists()  # killed and reaped
+    assert eventually(lambda: not any(d.exists() for d in spare_cgroup.dirs.values()))
+    assert eventually(lambda: executor.spare is not None and executor.spare.pid != spare)
 
 
 def test_a_dead_spare_is_replaced_or_passed_over(rig) -> None:
@@ -212,19 +256,23 @@ def test_a_runner_with_the_spare_off_starts_none() -> None:
         rig.close()
 
 
-def test_a_spare_that_cannot_enter_the_cgroup_is_killed_and_spares_stop(rig) -> None:
-    """Where the spare cannot be moved into the run's cgroup, the run takes the direct
-    way (here its shell cannot enter either: exit 125) and no spare is kept any more."""
-    executor = executor_of(rig)
-    spare = ready_spare(rig)
-    message = prepared(rig, REPORT)
-    base = Path(rig.root) / "fake-cgroups"
-    (base / message.attempt.attempt_id / "cgroup.procs").mkdir(parents=True)  # unwritable
-    executor.cgroups = cgroups.Cgroups(1, {"pids": base})
-    rig.probe("cache_manager").send("executor", message)
-    ended = rig.probe("scraper").expect(protocol.AttemptEnded, timeout=60)
-    assert ended.facts["pid"] != spare and ended.outcome.exit_code == 125
-    assert not Path(f"/proc/{spare}").exists()  # killed and reaped
-    assert executor.spare is None and not executor.spare_on
-    time.sleep(0.5)  # ticks go by: no new spare
-    assert executor.spare is None and not spares_of(os.getpid())
+def test_a_spare_that_cannot_enter_its_cgroup_turns_spares_off(monkeypatch) -> None:
+    """Where the spare's shell cannot join the cgroup made for it (exit 125), no spare is
+    kept any more and runs take the direct way."""
+    base = Path(short_tempdir("fake-cgroups"))
+    (base / f"spare-{os.getpid()}-1" / "cgroup.procs").mkdir(parents=True)  # unwritable
+    monkeypatch.setattr(cgroups, "detect", lambda *_: (cgroups.Cgroups(1, {"pids": base}), ""))
+    rig = rig_with()
+    try:
+        executor = executor_of(rig)
+        assert eventually(lambda: not executor.spare_on), "spares stayed on"
+        assert executor.spare is None and executor.spare_cgroup is None
+        time.sleep(0.5)  # ticks go by: no new spare
+        assert executor.spare is None and not spares_of(os.getpid())
+        message = prepared(rig, REPORT)
+        ended, _ = run_report(rig, message)  # the direct way: its shell joined its cgroup
+        joined = (base / message.attempt.attempt_id / "cgroup.procs").read_text().split()
+        assert joined == [str(ended.facts["pid"])]
+    finally:
+        rig.close()
+        shutil.rmtree(base, ignore_errors=True)

@@ -20,25 +20,30 @@ Either is one command started, watched and stopped like any other run, inside th
 cgroup.
 
 Spare launcher (``--spare-launcher on``, the default): the executor keeps one run launcher
-(:mod:`runner.launcher`, spare mode) started ahead of need, blocked on its standard input.
-A run then starts by moving that process into the run's cgroup (:meth:`RunCgroup.enter
-<runner.cgroups.RunCgroup.enter>`) and writing it the command, working directory and
-environment, with no ``/bin/sh`` and no interpreter start on the way; from then on the spare
-is the run's process like a launcher started for it.  A new spare is started at the next
-tick.  Without a usable spare (none yet, it died, a spec over :data:`SPARE_SPEC_LIMIT`, a
-cgroup it could not be moved into) the run is started the direct way, as before.  The spare
-is no run: not in ``runs``, not in the attempt files, killed at shutdown.
+(:mod:`runner.launcher`, spare mode) started ahead of need, blocked on its standard input,
+where cgroups are enforced already inside a cgroup of its own (joining a cgroup costs the
+kernel 5–25 ms, see :mod:`runner.cgroups`).  A run then starts by writing its limits into
+that cgroup, naming it after the attempt, and writing the launcher the command, working
+directory and environment, with no ``/bin/sh``, no interpreter start and no cgroup move on
+the way; from then on the spare is the run's process like a launcher started for it.  A new
+spare is started at the next tick.  Without a usable spare (none yet, it died, a spec over
+:data:`SPARE_SPEC_LIMIT`, limits its cgroup refused) the run is started the direct way, as
+before; a spare that cannot enter its cgroup turns spares off.  The spare is no run: not in
+``runs``, not in the attempt files, killed at shutdown.  A finished run's cgroup is removed
+off the loop's thread, after its end is posted (the kernel takes as long as for a move).
 """
 from __future__ import annotations
 
 import errno
 import os
+import queue
 import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +61,7 @@ READ_SIZE = 64 * 1024
 DISK_CHECK_EVERY = 1.0  # seconds between two measures of the runs' working directories
 SPARE_SPEC_LIMIT = 64 * 1024  # bytes: a larger spec (argv, env) takes the direct way
 SPARE_RETRY = 5.0  # seconds before another spare after one failed to start or died unused
+SPARE_CGROUP = "spare-"  # the name of a spare launcher's cgroup: SPARE_CGROUP<pid>-<n>
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 _RUNNER_PRIVATE_VARIABLES = ("RUNNER_ROLE_CONFIG", "RUNNER_SUPERVISOR_PID")
@@ -138,6 +144,15 @@ def launched(command: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", launcher.__file__, str(os.getpid()), "--", *command]
 
 
+def joined(pid: int) -> bool:
+    """Whether the process ``pid``, started by :meth:`RunCgroup.wrap
+    <runner.cgroups.RunCgroup.wrap>`, is past its shell: in every folder of its cgroup."""
+    try:
+        return not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"/bin/sh\0")
+    except OSError:
+        return False
+
+
 def spare_command() -> list[str]:
     """A spare run launcher of this process: it waits for its command on standard input."""
     return [sys.executable, "-I", "-S", launcher.__file__, str(os.getpid()), "--spare"]
@@ -185,6 +200,12 @@ class Executor(Role):
         else:
             self.log.warning("%s", why)  # said once, at start-up
         self.leftover_cgroups: list[cgroups.RunCgroup] = []
+        # Finished runs' cgroups are removed on a thread of their own (removal_done: those
+        # still busy after it tried, for the loop to retry at its ticks).
+        self.removals = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgroup-removal")
+        self.removal_done: queue.SimpleQueue[cgroups.RunCgroup] = queue.SimpleQueue()
+        if self.cgroups is not None:
+            self.cgroups.remove_left(SPARE_CGROUP)
         # SandboxError (--sandbox bwrap where it cannot be had) stops the runner at start.
         self.sandbox, why = sandbox.detect(self.config)
         self.log.info("%s", self.sandbox.describe() if self.sandbox else why)
@@ -203,8 +224,10 @@ class Executor(Role):
         # A launcher started ahead of need (started and replaced in tick(), by the loop's
         # thread: a launcher dies with the thread that started it).
         self.spare: subprocess.Popen | None = None
+        self.spare_cgroup: cgroups.RunCgroup | None = None  # the spare's, where enforced
         self.spare_on = self.config.spare_launcher == "on"
         self._spare_not_before = 0.0
+        self._spares_made = 0
 
     def limits_of(self, attempt: protocol.Attempt) -> cgroups.Limits:
         return cgroups.Limits(cpus=float(attempt.resources.get("cpus") or 0),
@@ -215,100 +238,139 @@ class Executor(Role):
         """A new cgroup with the attempt's limits (None: limits accounted, not enforced)."""
         if self.cgroups is None:
             return None
-        limits = self.limits_of(attempt)
         try:
-            cgroup = self.cgroups.create(attempt.attempt_id, limits)
+            return self.cgroups.create(attempt.attempt_id, self.limits_of(attempt))
         except cgroups.CgroupError as exc:
             self.log.warning("key=%s attempt=%s %s; limits not enforced for it", attempt.key,
                              attempt.attempt_id, exc)
             self.runner_log(attempt.attempt_id, f"{exc}; limits accounted, not enforced")
             return None
+
+    def say_limits(self, attempt: protocol.Attempt, cgroup: cgroups.RunCgroup) -> None:
+        limits = cgroup.limits
         self.runner_log(attempt.attempt_id, "cgroup v%d: %s CPUs, memory %s, at most %d processes"
                         % (cgroup.version, f"{limits.cpus:g}" if limits.cpus else "unlimited",
                            describe_size(limits.ram) if limits.ram else "unlimited",
                            limits.pids))
-        return cgroup
+
+    def remove_cgroup(self, cgroup: cgroups.RunCgroup) -> None:
+        """Kill what is left in ``cgroup`` and remove it, on the removal thread; one still
+        busy goes to ``leftover_cgroups`` (retried at each tick)."""
+        def remove() -> None:
+            if not cgroups.wait_removed(cgroup, timeout=0.2):
+                self.removal_done.put(cgroup)
+                self.wake(tick=True)
+        try:
+            self.removals.submit(remove)
+        except RuntimeError:  # shutting down: the loop's thread does it
+            if not cgroups.wait_removed(cgroup, timeout=0.2):
+                self.leftover_cgroups.append(cgroup)
 
     # -- the spare launcher ------------------------------------------------------------
     def keep_spare(self) -> None:
-        """Loop's thread: have a spare launcher ready (started here, off any run's start)."""
+        """Loop's thread: have a spare launcher ready (started here, off any run's start),
+        inside a cgroup of its own where cgroups are enforced."""
         if not self.spare_on or self.stopping:
             return
         if self.spare is not None:
             if self.spare.poll() is None:
                 return
-            self.log.debug("the spare launcher (pid %d) ended unused: %s", self.spare.pid,
-                           self.spare.returncode)
+            ended = self.spare.returncode
+            self.log.debug("the spare launcher (pid %d) ended unused: %s", self.spare.pid, ended)
+            in_cgroup = self.spare_cgroup is not None
             self.retire_spare()
+            if in_cgroup and ended == cgroups.CANNOT_ENTER:  # it would fail the same way again
+                self.spare_on = False
+                self.log.warning("a spare launcher cannot enter its cgroup: runs start "
+                                 "without a spare launcher")
+                return
             self._spare_not_before = time.monotonic() + SPARE_RETRY
         if time.monotonic() < self._spare_not_before:
             return
+        command, cgroup = spare_command(), None
+        if self.cgroups is not None:
+            self._spares_made += 1
+            try:
+                cgroup = self.cgroups.create(f"{SPARE_CGROUP}{os.getpid()}-{self._spares_made}",
+                                             cgroups.Limits())
+            except cgroups.CgroupError as exc:
+                self.log.warning("no spare launcher for now (runs start without one): %s", exc)
+                self._spare_not_before = time.monotonic() + SPARE_RETRY
+                return
+            command = cgroup.wrap(command)
         cwd = self.config.runtime_dir if os.path.isdir(self.config.runtime_dir) else "/"
         try:
             self.spare = subprocess.Popen(
-                spare_command(), cwd=cwd, env={}, stdin=subprocess.PIPE,
+                command, cwd=cwd, env={}, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                 close_fds=True)
+            self.spare_cgroup = cgroup
         except OSError as exc:
             self.log.warning("cannot start a spare launcher (runs start without one): %s", exc)
             self._spare_not_before = time.monotonic() + SPARE_RETRY
+            if cgroup is not None:
+                self.remove_cgroup(cgroup)
 
     def retire_spare(self) -> None:
-        """Stop the spare launcher (unused: it has started nothing) and reap it."""
+        """Stop the spare launcher (unused: it has started nothing), reap it and remove
+        its cgroup."""
         spare, self.spare = self.spare, None
-        if spare is None:
-            return
-        for pipe in (spare.stdin, spare.stdout, spare.stderr):
-            if pipe is not None:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
-        try:
-            spare.kill()
-            spare.wait(5.0)
-        except (OSError, subprocess.TimeoutExpired):
-            self.log.error("the spare launcher (pid %d) did not die", spare.pid)
+        cgroup, self.spare_cgroup = self.spare_cgroup, None
+        if spare is not None:
+            for pipe in (spare.stdin, spare.stdout, spare.stderr):
+                if pipe is not None:
+                    try:
+                        pipe.close()
+                    except OSError:
+                        pass
+            try:
+                spare.kill()
+                spare.wait(5.0)
+            except (OSError, subprocess.TimeoutExpired):
+                self.log.error("the spare launcher (pid %d) did not die", spare.pid)
+        if cgroup is not None:
+            self.remove_cgroup(cgroup)
 
-    def start_with_spare(self, command: list[str], environment: dict, cwd: Path,
-                         cgroup: cgroups.RunCgroup | None) -> subprocess.Popen | None:
-        """The run started by the spare launcher, or None when it must be started the
-        direct way (no spare ready, a spec too large, a cgroup the spare cannot enter)."""
-        spare = self.spare
+    def start_with_spare(self, attempt: protocol.Attempt, command: list[str], environment: dict,
+                         cwd: Path) -> tuple[subprocess.Popen | None, cgroups.RunCgroup | None]:
+        """The run started by the spare launcher, and its cgroup (the spare's, with the
+        attempt's limits and name); (None, None) when it must be started the direct way
+        (no spare ready, a spec too large, limits the spare's cgroup refused)."""
+        spare, cgroup = self.spare, self.spare_cgroup
         if spare is None or spare.stdin is None:
-            return None
+            return None, None
         if cgroup is not None:  # the direct start's shell sets PWD: so does this one
             environment = cgroup.shell_environment(environment, str(cwd))
         try:
             spec = launcher.encode_spec(command, str(cwd), environment)
         except (ValueError, TypeError):
-            return None  # the direct way raises what it always raised
+            return None, None  # the direct way raises what it always raised
         if len(spec) > SPARE_SPEC_LIMIT:
-            return None  # kept for the next run
+            return None, None  # kept for the next run
         if spare.poll() is not None:
             self.retire_spare()
-            return None
-        self.spare = None  # from here on, used or gone
-        if cgroup is not None:
+            return None, None
+        if cgroup is not None and not joined(spare.pid):
+            return None, None  # its shell is still joining the cgroup: kept for the next run
+        if cgroup is not None and self.cgroups is not None:
             try:
-                cgroup.enter(spare.pid)
-            except OSError as exc:
-                alive = spare.poll() is None
-                self.spare = spare
+                self.cgroups.apply(cgroup, self.limits_of(attempt))
+            except OSError as exc:  # e.g. a memory limit below what the launcher uses
+                self.log.info("key=%s attempt=%s the spare launcher's cgroup refused the "
+                              "limits (%s): started the direct way", attempt.key,
+                              attempt.attempt_id, exc)
                 self.retire_spare()
-                if alive:  # it would fail the same way for every run: said once
-                    self.spare_on = False
-                    self.log.warning("cannot move the spare launcher into a run's cgroup "
-                                     "(%s): runs start without a spare launcher", exc)
-                return None
+                return None, None
+            cgroup.rename(attempt.attempt_id)
+        self.spare, self.spare_cgroup = None, None  # from here on, used or gone
         try:
             spare.stdin.write(spec)
             spare.stdin.close()
         except OSError:  # it died in between: not started, nothing of it runs
-            self.spare = spare
+            self.spare, self.spare_cgroup = spare, cgroup
             self.retire_spare()
-            return None
-        return spare
+            return None, None
+        return spare, cgroup
 
     def handle(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.AttemptPrepared):
@@ -375,8 +437,11 @@ class Executor(Role):
         self.runner_log(attempt.attempt_id, f"starting {command} in {cwd} with devices "
                                     f"{attempt.resources.get('devices') or '-1'}")
         command, environment = self.isolate(prepared, command, cwd)  # start() ends it on error
-        cgroup = self.enforce(attempt)
-        process = self.start_with_spare(command, environment, cwd, cgroup)
+        process, cgroup = self.start_with_spare(attempt, command, environment, cwd)
+        if process is None:
+            cgroup = self.enforce(attempt)
+        if cgroup is not None:
+            self.say_limits(attempt, cgroup)
         try:
             if process is None:
                 started_command = launched(command)
@@ -507,8 +572,8 @@ class Executor(Role):
         for pipe in (run.process.stdout, run.process.stderr):
             if pipe is not None:  # started with a pipe each
                 pipe.close()
-        if run.cgroup is not None and not cgroups.wait_removed(run.cgroup, timeout=0.2):
-            self.leftover_cgroups.append(run.cgroup)
+        if run.cgroup is not None:
+            self.remove_cgroup(run.cgroup)
 
     def watch_disk(self) -> None:
         """Thread: every ``DISK_CHECK_EVERY`` seconds, measure the working directory of
@@ -576,6 +641,8 @@ class Executor(Role):
                 pass
 
     def tick(self) -> None:
+        while not self.removal_done.empty():
+            self.leftover_cgroups.append(self.removal_done.get())
         self.leftover_cgroups = [c for c in self.leftover_cgroups if not c.remove()]
         self.keep_spare()
         if self.subreaper:
@@ -622,8 +689,6 @@ class Executor(Role):
             limits = run.cgroup.limits
             facts["cgroup"] = dict(usage, cpu_limit=limits.cpus, memory_limit=limits.ram,
                                    pids_limit=limits.pids)
-            if not cgroups.wait_removed(run.cgroup, timeout=0.2):
-                self.leftover_cgroups.append(run.cgroup)
         if oom_kills and run.cgroup is not None and exit_code != 0 and run.stop_reason is None:
             reason = f"out of memory: limit {describe_size(run.cgroup.limits.ram)}"
             self.post("scraper", protocol.OutputChunk(
@@ -641,6 +706,8 @@ class Executor(Role):
         self.log.info("key=%s attempt=%s ended %s (exit %s) after %.1fs", run.attempt.key,
                       run.attempt.attempt_id, outcome.status, exit_code, duration)
         self.end(run.attempt, outcome, facts)
+        if run.cgroup is not None:
+            self.remove_cgroup(run.cgroup)
 
     def end(self, attempt: protocol.Attempt, outcome: protocol.Outcome, facts: dict) -> None:
         """No process of ``attempt`` runs any more: the scraper closes the attempt, the fetcher
@@ -656,6 +723,9 @@ class Executor(Role):
 
     def shutdown(self) -> None:
         self.retire_spare()
+        self.removals.shutdown(wait=True)
+        while not self.removal_done.empty():
+            self.leftover_cgroups.append(self.removal_done.get())
         for run in self.runs.values():
             self._signal_group(run, signal.SIGKILL)
             if run.cgroup is not None:
