@@ -243,9 +243,11 @@ class Session:
             for i, mark in enumerate(marks):
                 if i not in started and (at := peers.read_mark(mark)) is not None:
                     started[i] = at
-            # The records of experiments that started and are not yet finished, oldest
-            # first, a few at a time (each is a GET from moto, which shares the CPUs).
-            for i in [i for i in sorted(started, key=started.get) if i not in finished][:4]:
+            # The records, once every experiment has started (the last to finish cannot
+            # have finished before that; each GET costs moto CPU the measure counts), of
+            # those not yet finished, oldest first, a few at a time.
+            waiting = [i for i in sorted(started, key=started.get) if i not in finished]
+            for i in waiting[:4] if len(started) == len(keys) else []:
                 if self.records.status(keys[i]) == "finished":
                     finished.add(i)
                     done = time.time()
