@@ -276,3 +276,33 @@ def test_a_spare_that_cannot_enter_its_cgroup_turns_spares_off(monkeypatch) -> N
     finally:
         rig.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+class BrokenPipe:
+    """A spare's standard input whose launcher died after the executor last looked."""
+
+    def write(self, data: bytes) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_spare_that_died_before_its_spec_leaves_the_run_its_own_cgroup(rig) -> None:
+    """The spare's cgroup (already named after the attempt) is given back its spare name
+    before it is removed, so the direct start's cgroup of that name is the run's alone."""
+    executor = executor_of(rig)
+    if executor.cgroups is None:
+        pytest.skip("cgroups are not writable on this host")
+    spare = ready_spare(rig)
+    spare_cgroup = executor.spare_cgroup
+    assert eventually(lambda: spare in spare_cgroup.pids())
+    real_stdin, executor.spare.stdin = executor.spare.stdin, BrokenPipe()
+    real_stdin.close()
+    message = prepared(rig, "import time\ntime.sleep(1)\nprint(open('/proc/self/cgroup').read())\n")
+    rig.probe("cache_manager").send("executor", message)
+    ended, output = ended_with_output(rig, message.attempt.attempt_id)
+    assert ended.outcome.status == "completed", (ended.outcome, output)
+    assert ended.facts["pid"] != spare
+    assert not any("/spare-" in line for line in output.decode().splitlines())
+    assert eventually(lambda: not any(d.exists() for d in spare_cgroup.dirs.values()))

@@ -291,8 +291,7 @@ class Executor(Role):
         if self.cgroups is not None:
             self._spares_made += 1
             try:
-                cgroup = self.cgroups.create(f"{SPARE_CGROUP}{os.getpid()}-{self._spares_made}",
-                                             cgroups.Limits())
+                cgroup = self.cgroups.create(self.spare_cgroup_name(), cgroups.Limits())
             except cgroups.CgroupError as exc:
                 self.log.warning("no spare launcher for now (runs start without one): %s", exc)
                 self._spare_not_before = time.monotonic() + SPARE_RETRY
@@ -310,6 +309,10 @@ class Executor(Role):
             self._spare_not_before = time.monotonic() + SPARE_RETRY
             if cgroup is not None:
                 self.remove_cgroup(cgroup)
+
+    def spare_cgroup_name(self) -> str:
+        """The name of the latest spare launcher's cgroup."""
+        return f"{SPARE_CGROUP}{os.getpid()}-{self._spares_made}"
 
     def retire_spare(self) -> None:
         """Stop the spare launcher (unused: it has started nothing), reap it and remove
@@ -367,6 +370,8 @@ class Executor(Role):
             spare.stdin.write(spec)
             spare.stdin.close()
         except OSError:  # it died in between: not started, nothing of it runs
+            if cgroup is not None:  # the direct start makes the attempt's own cgroup
+                cgroup.rename(self.spare_cgroup_name())
             self.spare, self.spare_cgroup = spare, cgroup
             self.retire_spare()
             return None, None
