@@ -146,6 +146,14 @@ class RunCgroup:
     def _dir(self, controller: str) -> Path | None:
         return self.dirs.get("unified" if self.version == 2 else controller)
 
+    def holds(self, pid: int) -> bool:
+        """Whether process ``pid`` is in every folder of the cgroup (one started by
+        :meth:`wrap` is once its shell has joined them all: only then may the folders be
+        renamed under it)."""
+        wanted = str(pid)
+        return all(wanted in _read(folder / "cgroup.procs").split()
+                   for folder in dict.fromkeys(self.dirs.values()))
+
     def pids(self) -> list[int]:
         found: set[int] = set()
         for folder in self.dirs.values():
@@ -449,6 +457,19 @@ def delegate_v2(proc: str = "/proc/self") -> str:
     except OSError as exc:
         return f"could not move into {leaf}: {exc}"
     return f"moved the supervisor into {leaf} so that runs can get cgroups of their own"
+
+
+def wait_emptied(run: RunCgroup, timeout: float = 1.0) -> bool:
+    """Kill what is left in ``run`` until no process of it remains (a SIGKILLed process
+    stays a member while it exits: freeing a large memory takes milliseconds); False
+    when some still remain after ``timeout`` seconds (one stuck in the kernel, state D)."""
+    deadline = time.monotonic() + timeout
+    while run.pids():
+        if time.monotonic() > deadline:
+            return False
+        run.kill_all()
+        time.sleep(0.005)
+    return True
 
 
 def wait_removed(run: RunCgroup, timeout: float = 2.0) -> bool:

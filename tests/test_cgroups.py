@@ -271,6 +271,45 @@ def test_a_run_that_cannot_enter_its_cgroup_does_not_start(tmp_path: Path) -> No
     assert "cannot enter cgroup" in result.stderr
 
 
+def test_a_process_is_held_only_once_it_is_in_every_folder_of_the_cgroup(driver) -> None:
+    """The executor renames a spare's cgroup only once the spare is held: a process still
+    outside (as one is between fork and its shell's writes, whatever its command line
+    says) or in some of the folders only is not."""
+    run = driver.create("spare-1-3", Limits())
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                               stdin=subprocess.PIPE)
+    try:
+        assert not run.holds(process.pid)
+        folders = list(dict.fromkeys(run.dirs.values()))
+        for folder in folders[:-1]:
+            (folder / "cgroup.procs").write_text(str(process.pid))
+        assert not run.holds(process.pid)
+        (folders[-1] / "cgroup.procs").write_text(str(process.pid))
+        assert run.holds(process.pid)
+    finally:
+        process.kill()
+        process.wait()
+        assert cgroups.wait_removed(run)
+
+
+def test_a_killed_process_is_waited_for_until_it_has_left_the_cgroup(driver) -> None:
+    """A SIGKILLed process stays a member while the kernel frees its memory (the executor
+    posts a run's end only once none is left: the next run gets that memory)."""
+    run = driver.create("exiting-1", Limits())
+    process = subprocess.Popen(run.wrap([sys.executable, "-c", "import time\n"
+                                         "held = b'x' * (1500 * 10**6)\nprint(flush=True)\n"
+                                         "time.sleep(600)"]), stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"\n"
+        run.kill_all()
+        assert cgroups.wait_emptied(run, timeout=30)
+        assert run.pids() == []
+    finally:
+        process.kill()
+        process.wait()
+        assert cgroups.wait_removed(run)
+
+
 def test_a_cgroup_joined_ahead_takes_limits_and_a_name_later(driver) -> None:
     """What the executor does with its spare launcher: a process started in a cgroup made
     with no limits, which then gets the run's limits and (v1) the attempt's name; the

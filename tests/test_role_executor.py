@@ -3,6 +3,7 @@ Python script (this interpreter) and reports its output and end to the other rol
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,41 @@ def test_a_run_whose_attempt_file_cannot_be_written_is_killed(rig) -> None:
         pid = int(marker.read_text())
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
             f"/proc/{pid}/status").read_text()
+
+
+def test_no_process_of_the_run_is_left_when_its_end_is_posted() -> None:
+    """The end gives the run's slot, CPUs and memory to the next request: a run killed at
+    the end of its grace, with a process that left its group (setsid) holding a large
+    memory, is over only once that process is dead, not while it is still exiting."""
+    rig = RoleRig("--kill-grace", "0.5s")
+    rig.host("executor")
+    try:
+        if rig.hosts[0].role.cgroups is None:
+            pytest.skip("cgroups are not writable on this host")
+        message = prepared(rig, textwrap.dedent("""\
+            import signal, subprocess, sys, time
+            holder = "import time\\nheld = b'x' * (1500 * 10**6)\\nprint(flush=True)\\n" \\
+                     "time.sleep(600)"
+            child = subprocess.Popen([sys.executable, "-c", holder], start_new_session=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL)
+            child.stdout.readline()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            print(child.pid, flush=True)
+            time.sleep(600)
+            """))
+        rig.probe("cache_manager").send("executor", message)
+        started = rig.probe("scraper").expect(protocol.OutputChunk, timeout=60)
+        left = int(started.data.split()[-1])
+        rig.probe("fetcher").send("executor", protocol.StopRuns(
+            reason="cancelled by runner-ctl cancel", attempt_ids=[message.attempt.attempt_id],
+            cause="cancelled"))
+        ended = rig.probe("scraper").expect(protocol.AttemptEnded, timeout=60)
+        try:
+            state = Path(f"/proc/{left}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        assert state in ("gone", "Z"), f"pid {left} is still {state} when the run's end is posted"
+        assert ended.outcome.error == "Cancelled"
+    finally:
+        rig.close()

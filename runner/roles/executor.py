@@ -144,15 +144,6 @@ def launched(command: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", launcher.__file__, str(os.getpid()), "--", *command]
 
 
-def joined(pid: int) -> bool:
-    """Whether the process ``pid``, started by :meth:`RunCgroup.wrap
-    <runner.cgroups.RunCgroup.wrap>`, is past its shell: in every folder of its cgroup."""
-    try:
-        return not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"/bin/sh\0")
-    except OSError:
-        return False
-
-
 def spare_command() -> list[str]:
     """A spare run launcher of this process: it waits for its command on standard input."""
     return [sys.executable, "-I", "-S", launcher.__file__, str(os.getpid()), "--spare"]
@@ -353,7 +344,7 @@ class Executor(Role):
         if spare.poll() is not None:
             self.retire_spare()
             return None, None
-        if cgroup is not None and not joined(spare.pid):
+        if cgroup is not None and not cgroup.holds(spare.pid):
             return None, None  # its shell is still joining the cgroup: kept for the next run
         if cgroup is not None and self.cgroups is not None:
             try:
@@ -689,6 +680,10 @@ class Executor(Role):
                  "output_sent": run.output_sent}
         oom_kills = 0
         if run.cgroup is not None:
+            # The end frees the run's slot, CPUs and memory: no process of it may be left.
+            if not cgroups.wait_emptied(run.cgroup):
+                self.log.error("key=%s attempt=%s processes %s of the run survive SIGKILL",
+                               run.attempt.key, run.attempt.attempt_id, run.cgroup.pids())
             usage = run.cgroup.usage()
             oom_kills = usage.get("oom_kills", 0)
             limits = run.cgroup.limits
