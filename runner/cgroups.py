@@ -42,6 +42,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from .errors import RunnerError
@@ -49,6 +50,7 @@ from .errors import RunnerError
 log = logging.getLogger("runner.cgroups")
 
 CONTROLLERS = ("cpu", "memory", "pids")
+BASE_NAME = "studioml-runs"  # a runner's base folder: BASE_NAME-<instance>
 CPU_PERIOD_US = 100_000
 CANNOT_ENTER = 125  # exit status of ENTER_CODE when the cgroup cannot be entered
 ENTER_CODE = (
@@ -275,8 +277,9 @@ class Cgroups:
 
     def apply(self, run: RunCgroup, limits: Limits) -> None:
         """Write ``limits`` into ``run`` (0: that kind stays as it is, unlimited in a new
-        cgroup; pids: ``--run-pids``); OSError when the kernel refuses one (a memory limit
-        below what the cgroup already uses, for one)."""
+        cgroup; pids: ``--run-pids``); OSError when the kernel refuses one, or when a memory
+        limit is below what the cgroup already uses (v1 refuses it with EBUSY; v2 would
+        OOM-kill its processes: refused here with EBUSY before it is written)."""
         run.limits = limits
         pids = limits.pids or self.pids_limit
         if self.version == 2:
@@ -284,6 +287,11 @@ class Cgroups:
             if limits.cpus:
                 _write(folder / "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}")
             if limits.ram:
+                # v2 does not refuse a limit below the usage: it reclaims, then OOM-kills
+                used = _read(folder / "memory.current").strip()
+                if used.isdigit() and int(used) > limits.ram:
+                    raise OSError(errno.EBUSY, f"memory limit {limits.ram} below the "
+                                               f"{used} bytes the cgroup uses")
                 _write(folder / "memory.max", str(limits.ram))
                 if (folder / "memory.swap.max").exists():
                     _write(folder / "memory.swap.max", "0")
@@ -298,37 +306,40 @@ class Cgroups:
         if limits.ram and "memory" in run.dirs:
             _write(run.dirs["memory"] / "memory.limit_in_bytes", str(limits.ram))
             swap = run.dirs["memory"] / "memory.memsw.limit_in_bytes"
-            if swap.exists():
+            if swap.exists():  # (absent: swap accounting is off, nothing to limit)
                 try:
                     _write(swap, str(limits.ram))
-                except OSError:  # swap accounting switched off: nothing to limit
-                    pass
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOENT, errno.EOPNOTSUPP):
+                        raise  # e.g. EBUSY: memory and swap in use above the limit
         if pids and "pids" in run.dirs:
             _write(run.dirs["pids"] / "pids.max", str(pids))
 
-    def remove_left(self, prefix: str) -> None:
-        """Remove the empty cgroups named ``prefix…`` under the bases (spare launchers'
-        cgroups an executor that was killed left behind; a busy one stays)."""
+    def remove_left(self, prefix: str, gone: Callable[[str], bool]) -> None:
+        """Remove the empty cgroups named ``prefix…`` under the bases whose name ``gone``
+        says is of a process that has stopped (spare launchers' cgroups an executor that
+        was killed left behind; another live executor's are kept, a busy one stays)."""
         for base in self.bases.values():
             for child in base.glob(f"{prefix}*"):
-                try:
-                    os.rmdir(child)
-                except OSError:
-                    pass
+                if gone(child.name):
+                    _remove_tree(child)
+
+    def remove_stopped_bases(self, gone: Callable[[str], bool]) -> None:
+        """Remove the base folders (``BASE_NAME-<instance>``, siblings of this runner's) of
+        the instances ``gone`` says have stopped, with the empty cgroups in them (what a
+        runner that was killed left: its runs' processes are killed at recovery, its
+        spare launchers die with it); one with a process in it stays."""
+        own = {base.name for base in self.bases.values()}
+        for base in self.bases.values():
+            for sibling in base.parent.glob(f"{BASE_NAME}-*"):
+                instance = sibling.name[len(BASE_NAME) + 1:]
+                if sibling.name not in own and sibling.is_dir() and gone(instance):
+                    _remove_tree(sibling)
 
     def cleanup(self) -> None:
         """Remove the base folders (at executor shutdown, once the runs are gone)."""
         for base in self.bases.values():
-            for child in sorted(base.glob("*"), reverse=True):
-                if child.is_dir():
-                    try:
-                        os.rmdir(child)
-                    except OSError:
-                        pass
-            try:
-                os.rmdir(base)
-            except OSError:
-                pass
+            _remove_tree(base)
 
 
 # -- finding the hierarchy -----------------------------------------------------------------
@@ -370,7 +381,7 @@ def _join(point: str, root: str, path: str) -> Path:
 
 
 def detect(mode: str, instance: str, proc: str = "/proc/self",
-           base_name: str = "studioml-runs") -> tuple[Cgroups | None, str]:
+           base_name: str = BASE_NAME) -> tuple[Cgroups | None, str]:
     """The cgroup driver for this host, or None and why the runner only accounts.
 
     ``mode`` is the ``--cgroups`` option (``auto`` or ``off``); ``instance`` names the
@@ -457,6 +468,23 @@ def delegate_v2(proc: str = "/proc/self") -> str:
     except OSError as exc:
         return f"could not move into {leaf}: {exc}"
     return f"moved the supervisor into {leaf} so that runs can get cgroups of their own"
+
+
+def _remove_tree(folder: Path) -> bool:
+    """Remove the cgroup ``folder`` and the cgroups under it, deepest first, where empty;
+    True when it is gone."""
+    for child in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        try:
+            os.rmdir(child)
+        except OSError:
+            pass
+    try:
+        os.rmdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def wait_emptied(run: RunCgroup, timeout: float = 1.0) -> bool:

@@ -34,6 +34,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+from . import _fast, proctree
 from .errors import ConfigError
 from .redact import safe_url
 from .resources import machine_memory
@@ -538,6 +539,11 @@ class Config:
     def with_instance(self, instance: str) -> Config:
         return dataclasses.replace(self, instance=instance)
 
+    def supervisor_instance(self, pid: int, started: float) -> Config:
+        """This config for the supervisor ``pid`` started at ``started`` (epoch seconds):
+        its instance is ``<hostname>-<pid>-<base62 start>`` (see :func:`instance_gone`)."""
+        return self.with_instance(f"{self.hostname}-{pid}-{_fast.b62encode(int(started))}")
+
     def reloadable(self) -> dict:
         """The options a running supervisor may change (see :data:`RELOADABLE`)."""
         return {name: getattr(self, name) for name in RELOADABLE}
@@ -844,3 +850,23 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Resolved:
 def options_table() -> list[tuple[str, str, str, str]]:
     """(flag, env, default, help) rows, for the README and ``--help``; env lists every name."""
     return [(f"--{o.name}", ", ".join(o.env_names), o.default or "", o.help) for o in OPTIONS]
+
+
+def instance_gone(instance: str, hostname: str) -> bool:
+    """Whether the supervisor that named ``instance`` (:meth:`Config.supervisor_instance`)
+    on the host ``hostname`` has stopped: its pid is gone, or is a process started after
+    the instance was.  False for another host's instance and for names of another form
+    (not ours to judge)."""
+    parts = instance.rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != hostname or not parts[1].isdigit():
+        return False
+    try:
+        started = _fast.b62decode(parts[2])
+    except (ValueError, KeyError, TypeError):
+        return False
+    pid = int(parts[1])
+    if not proctree.is_running(pid, None):
+        return True
+    began = proctree.started_at(pid)
+    return began is not None and began > started + 2  # (ticks and btime round: a margin)
+

@@ -56,6 +56,20 @@ def start_ticks(pid: int) -> int | None:
     return int(fields[19]) if fields and len(fields) > 19 else None
 
 
+def started_at(pid: int) -> float | None:
+    """When ``pid`` started, in seconds since the epoch (boot time from ``/proc/stat`` plus
+    its start ticks), or None when it does not exist."""
+    ticks = start_ticks(pid)
+    if ticks is None:
+        return None
+    try:
+        with open("/proc/stat", "rb") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith(b"btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def is_running(pid: int, ticks: int | None) -> bool:
     """True when the process ``pid`` that started at ``ticks`` still exists (not a zombie)."""
     fields = _stat_fields(pid)

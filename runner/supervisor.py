@@ -76,8 +76,7 @@ class Supervisor:
     def __init__(self, config: config_module.Config, flags: dict | None = None):
         self.started = time.time()
         self.flags = dict(flags or {})  # the command line's values, for reloads
-        self.config = config.with_instance(
-            f"{config.hostname}-{os.getpid()}-{_fast.b62encode(int(self.started))}")
+        self.config = config.supervisor_instance(os.getpid(), self.started)
         self.endpoints = Endpoints(self.config.runtime_dir)
         self.roles = RoleProcesses(self.config.runtime_dir)
         self.registry = Registry()

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from runner import attempt_files
+from runner import attempt_files, cgroups
 from runner.role_processes import RoleProcesses
 
 from .support import processes_with, running_attempt
@@ -128,6 +128,32 @@ def test_sigkilled_supervisor_leaves_no_process_and_the_restart_finishes_its_doc
     assert old["runner"]["recovered"] is True
     assert old["experiment"] == {"attempt_flag": False}  # its scraped lines were kept
     runner.wait_for(lambda: not attempt_files.attempt_ids(runtime), what="no attempt files left")
+
+
+def test_a_sigkilled_supervisors_cgroups_are_removed_by_the_next_one(runner):
+    """A runner killed with SIGKILL leaves its base folder (``studioml-runs-<instance>``)
+    with its spare launchers' cgroups in it; the next runner's executors remove them."""
+    probe, _ = cgroups.detect("auto", f"probe-{uuid.uuid4().hex[:8]}")
+    if probe is None:
+        pytest.skip("cgroups are not writable on this host")
+    parents = {base.parent for base in probe.bases.values()}
+    probe.cleanup()
+
+    def bases_of(pid: int) -> list:
+        return [base for parent in parents
+                for base in parent.glob(f"{cgroups.BASE_NAME}-*-{pid}-*")]
+
+    start_two_attempt_run(runner)
+    supervisor = runner.process.pid
+    runner.wait_for(lambda: any(base.glob("spare-*") for base in bases_of(supervisor)),
+                    what="the spare launcher's cgroup")
+    runner.kill()
+    left = bases_of(supervisor)
+    assert left
+    runner.start()
+    runner.wait_for(lambda: not any(base.exists() for base in left), timeout=30,
+                    what=f"the killed runner's cgroups {left} to be removed")
+    assert bases_of(runner.process.pid)  # the new runner's own are kept
 
 
 def test_a_run_whose_launcher_could_not_act_is_killed_from_the_attempt_files(runner):

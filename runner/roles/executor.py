@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import attempt_files, cgroups, containers, fates, launcher, proctree, protocol, sandbox
-from ..config import Config
+from ..config import Config, instance_gone
 from ..argv import script_command
 from ..errors import BadRequest, RunnerError
 from ..output import Segments, join_pieces
@@ -144,6 +144,13 @@ def launched(command: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", launcher.__file__, str(os.getpid()), "--", *command]
 
 
+def spare_gone(name: str) -> bool:
+    """Whether the executor that named the spare launcher's cgroup ``name``
+    (``SPARE_CGROUP<pid>-<n>``) has stopped (another live executor's is not)."""
+    pid = name[len(SPARE_CGROUP):].split("-", 1)[0]
+    return pid.isdigit() and int(pid) != os.getpid() and not proctree.is_running(int(pid), None)
+
+
 def spare_command() -> list[str]:
     """A spare run launcher of this process: it waits for its command on standard input."""
     return [sys.executable, "-I", "-S", launcher.__file__, str(os.getpid()), "--spare"]
@@ -195,8 +202,10 @@ class Executor(Role):
         # still busy after it tried, for the loop to retry at its ticks).
         self.removals = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgroup-removal")
         self.removal_done: queue.SimpleQueue[cgroups.RunCgroup] = queue.SimpleQueue()
-        if self.cgroups is not None:
-            self.cgroups.remove_left(SPARE_CGROUP)
+        if self.cgroups is not None:  # what executors and runners that were killed left
+            self.cgroups.remove_left(SPARE_CGROUP, spare_gone)
+            self.cgroups.remove_stopped_bases(
+                lambda instance: instance_gone(instance, self.config.hostname))
         # SandboxError (--sandbox bwrap where it cannot be had) stops the runner at start.
         self.sandbox, why = sandbox.detect(self.config)
         self.log.info("%s", self.sandbox.describe() if self.sandbox else why)
@@ -342,8 +351,7 @@ class Executor(Role):
         if len(spec) > SPARE_SPEC_LIMIT:
             return None, None  # kept for the next run
         if spare.poll() is not None:
-            self.retire_spare()
-            return None, None
+            return None, None  # keep_spare retires it at the next tick (back-off, status 125)
         if cgroup is not None and not cgroup.holds(spare.pid):
             return None, None  # its shell is still joining the cgroup: kept for the next run
         if cgroup is not None and self.cgroups is not None:
