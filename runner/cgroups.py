@@ -42,8 +42,8 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from .errors import RunnerError
 

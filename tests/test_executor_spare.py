@@ -43,9 +43,14 @@ def executor_of(rig: RoleRig):
 
 
 def ready_spare(rig: RoleRig) -> int:
-    """The pid of the executor's spare launcher, once it has one."""
+    """The pid of the executor's spare launcher, once it has one that a run can take (in
+    its cgroup, where cgroups are enforced)."""
     executor = executor_of(rig)
-    assert eventually(lambda: executor.spare is not None), "no spare launcher was started"
+
+    def ready() -> bool:
+        spare, cgroup = executor.spare, executor.spare_cgroup
+        return spare is not None and (cgroup is None or cgroup.holds(spare.pid))
+    assert eventually(ready), "no spare launcher was made ready"
     return executor.spare.pid
 
 

@@ -567,7 +567,7 @@ class Executor(Role):
         for it: its whole tree, its cgroup, its pipes closed."""
         self._signal_group(run, signal.SIGKILL)
         if run.cgroup is not None:
-            run.cgroup.kill_all()
+            cgroups.wait_emptied(run.cgroup)
         try:
             run.process.wait(5.0)
         except subprocess.TimeoutExpired:
