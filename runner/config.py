@@ -854,9 +854,10 @@ def options_table() -> list[tuple[str, str, str, str]]:
 
 def instance_gone(instance: str, hostname: str) -> bool:
     """Whether the supervisor that named ``instance`` (:meth:`Config.supervisor_instance`)
-    on the host ``hostname`` has stopped: its pid is gone, or is a process started after
-    the instance was.  False for another host's instance and for names of another form
-    (not ours to judge)."""
+    on the host ``hostname`` has stopped: its pid is gone, or is another process (started
+    after the instance was, and no runner by its command line: a wall clock stepped forward
+    since the start makes a live supervisor look younger than its instance).  False for
+    another host's instance and for names of another form (not ours to judge)."""
     parts = instance.rsplit("-", 2)
     if len(parts) != 3 or parts[0] != hostname or not parts[1].isdigit():
         return False
@@ -868,5 +869,7 @@ def instance_gone(instance: str, hostname: str) -> bool:
     if not proctree.is_running(pid, None):
         return True
     began = proctree.started_at(pid)
-    return began is not None and began > started + 2  # (ticks and btime round: a margin)
+    if began is None or began <= started + 2:  # (ticks and btime round: a margin)
+        return False
+    return b"runner" not in proctree.command_line(pid)
 

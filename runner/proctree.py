@@ -70,6 +70,15 @@ def started_at(pid: int) -> float | None:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
+def command_line(pid: int) -> bytes:
+    """``/proc/<pid>/cmdline`` (arguments NUL-separated); empty when unreadable or gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
 def is_running(pid: int, ticks: int | None) -> bool:
     """True when the process ``pid`` that started at ``ticks`` still exists (not a zombie)."""
     fields = _stat_fields(pid)

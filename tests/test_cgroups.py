@@ -428,8 +428,19 @@ def test_an_instance_is_gone_once_its_supervisor_has_stopped() -> None:
     stopped.wait()
     now = _fast.b62encode(int(time.time()))
     assert instance_gone(f"{hostname}-{stopped.pid}-{now}", hostname)
-    # this process's pid named by an instance made before this process started: reused
-    assert instance_gone(f"{hostname}-{os.getpid()}-{_fast.b62encode(1000)}", hostname)
+    # a pid named by an instance made before its process started: reused, unless that
+    # process is a runner (the wall clock may have been stepped forward since it started)
+    long_ago = _fast.b62encode(1000)
+    other = subprocess.Popen(["sleep", "60"])
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               "runner-supervisor"])
+    try:
+        assert instance_gone(f"{hostname}-{other.pid}-{long_ago}", hostname)
+        assert not instance_gone(f"{hostname}-{runner.pid}-{long_ago}", hostname)
+    finally:
+        for process in (other, runner):
+            process.kill()
+            process.wait()
     assert not instance_gone(f"elsewhere-{stopped.pid}-{now}", hostname)  # not ours to judge
     for odd in ("t-1a2b3c4d", "test-x", f"{hostname}-notapid-{now}", ""):
         assert not instance_gone(odd, hostname)
