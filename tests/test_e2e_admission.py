@@ -255,11 +255,12 @@ def test_host_faults_back_off_are_bounded_and_leave_no_metadata_files(runner):
 
     record = runner.wait_final(missing, timeout=180)
     assert record["status"] == "failed"
+    assert "handed back 2 times (--max-requeues 2)" in record["reason"]
     assert "--max-requeues 2" in runner.log() and "handed back 2 times" in runner.log()
     assert runner.scrape_documents(missing) == []  # retries that never ran leave no files
     assert not (runner.experiment_dir(missing) / "_metadata").exists()
     permanent = runner.wait_final(too_long, timeout=60)
-    assert permanent["status"] == "failed"
+    assert permanent["status"] == "failed" and "File name too long" in permanent["reason"]
     assert "retrying cannot fix it" in runner.log() and "File name too long" in runner.log()
     assert runner.wait_final(good)["status"] == "completed"
     assert queue_files(runner) == []

@@ -378,8 +378,6 @@ class Fetcher(Role):
                 self.log.warning("key=%s attempt=%s held no reservation at settle", attempt.key,
                                  attempt.attempt_id)
             self.heartbeat(force=True)  # free resources changed: status shows them at once
-        self.log.info("key=%s attempt=%s %s: %s", attempt.key, attempt.attempt_id, decision.action,
-                      decision.reason)
         self.phase(attempt, protocol.PHASE_FINISHED, fate=decision.action,
                    status=decision.final_status, reason=decision.reason)
 
@@ -394,8 +392,12 @@ class Fetcher(Role):
                                 max_requeues=self.config.max_requeues, cancelled=held.cancelled)
         requeues = self.book.counted(held.identity, decision)
         final = decision.action in (fates.ACK, fates.DEAD, fates.DROP)
+        # Logged before the record shows it: whoever sees the fate can read why in the log.
+        self.log.info("key=%s attempt=%s %s: %s", held.attempt.key, held.attempt.attempt_id,
+                      decision.action, decision.reason)
         self.record(held.attempt.request, decision.final_status, held.attempt.attempt_id,
-                    decision.attempts, final)
+                    decision.attempts, final,
+                    reason="" if decision.reason == decision.final_status else decision.reason)
         if (decision.backoff and self.taking and not held.redeliveries
                 and self.admission.back_off(held, decision, requeues)):
             return decision
