@@ -472,12 +472,14 @@ def delegate_v2(proc: str = "/proc/self") -> str:
 
 def _remove_tree(folder: Path) -> bool:
     """Remove the cgroup ``folder`` and the cgroups under it, deepest first, where empty;
-    True when it is gone."""
-    for child in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        try:
-            os.rmdir(child)
-        except OSError:
-            pass
+    True when it is gone.  Folders that vanish while it walks (another runner removing the
+    same stopped runner's tree) are skipped, never an error."""
+    for parent, folders, _files in os.walk(folder, topdown=False, onerror=lambda _exc: None):
+        for name in folders:
+            try:
+                os.rmdir(os.path.join(parent, name))
+            except OSError:
+                pass
     try:
         os.rmdir(folder)
     except FileNotFoundError:
@@ -489,7 +491,7 @@ def _remove_tree(folder: Path) -> bool:
 
 def wait_emptied(run: RunCgroup, timeout: float = 1.0) -> bool:
     """Kill what is left in ``run`` until no process of it remains (a SIGKILLed process
-    stays a member while it exits: freeing a large memory takes milliseconds); False
+    stays a member while it exits: freeing a large memory takes up to ~100 ms); False
     when some still remain after ``timeout`` seconds (one stuck in the kernel, state D)."""
     deadline = time.monotonic() + timeout
     while run.pids():

@@ -866,7 +866,7 @@ def instance_gone(instance: str, hostname: str) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     pid = int(parts[1])
-    if not proctree.is_running(pid, None):
+    if proctree.has_stopped(pid):
         return True
     began = proctree.started_at(pid)
     if began is None or began <= started + 2:  # (ticks and btime round: a margin)

@@ -87,6 +87,22 @@ def is_running(pid: int, ticks: int | None) -> bool:
     return fields[0] not in ("Z", "X") and (ticks is None or int(fields[19]) == ticks)
 
 
+def has_stopped(pid: int) -> bool:
+    """True only when ``pid`` is surely no live process: no such pid (``ESRCH``) or a
+    zombie.  A process this one may not see (``/proc`` mounted ``hidepid``, another
+    user's: ``EPERM``) counts as live: what it owns must not be taken from it."""
+    fields = _stat_fields(pid)
+    if fields:
+        return fields[0] in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (every thread's), from ``/proc/<pid>/task/*/children``,
     or by scanning ``/proc`` where the kernel lacks those files."""

@@ -9,6 +9,7 @@ with its own wall time, with a generous margin.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import resource
 import socket
@@ -21,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import _fast, cgroups
+from runner import _fast, cgroups, proctree
 from runner.cgroups import Limits, detect
 from runner.config import instance_gone, load
-from runner.roles.executor import spare_gone
+from runner.roles.executor import SPARE_CGROUP, Executor, spare_gone
 
 MB = 10**6
 
@@ -444,6 +445,91 @@ def test_an_instance_is_gone_once_its_supervisor_has_stopped() -> None:
     assert not instance_gone(f"elsewhere-{stopped.pid}-{now}", hostname)  # not ours to judge
     for odd in ("t-1a2b3c4d", "test-x", f"{hostname}-notapid-{now}", ""):
         assert not instance_gone(odd, hostname)
+
+
+def test_only_a_process_surely_gone_has_stopped(monkeypatch) -> None:
+    """A pid taken for stopped gives its cgroups away: a zombie or no such pid is stopped;
+    a live one is not, nor one ``/proc`` hides (``hidepid``, emulated here by hiding the
+    stat file of pid 1, which this user may not signal: EPERM)."""
+    assert not proctree.has_stopped(os.getpid())
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    assert proctree.has_stopped(exited.pid)
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 30
+        while not proctree.has_stopped(zombie.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # not reaped yet: a zombie once it has exited
+        assert proctree.has_stopped(zombie.pid)
+    finally:
+        zombie.wait()
+    if os.geteuid() != 0:
+        real = proctree._stat_fields
+        monkeypatch.setattr(proctree, "_stat_fields", lambda pid: None if pid == 1 else real(pid))
+        assert not proctree.has_stopped(1)
+        assert not spare_gone(f"{SPARE_CGROUP}1-1")
+
+
+def test_a_tree_that_vanishes_while_it_is_removed_is_no_error(tmp_path: Path, monkeypatch) -> None:
+    """Two runners may tidy the same stopped runner's base at once: folders the other one
+    removed mid-walk are skipped (plain folders stand in for cgroups here)."""
+    base = tmp_path / "studioml-runs-gone"
+    for name in ("a/x", "a/y", "b", "c/z"):
+        (base / name).mkdir(parents=True)
+    real_scandir = os.scandir
+    fired: list[str] = []
+
+    def rival_first(path, *args, **kwargs):  # the other runner removes the rest meanwhile
+        if not fired and os.path.dirname(os.fspath(path)) == str(base):
+            fired.append(os.fspath(path))
+            for other in (base / name for name in ("a", "b", "c")):
+                if str(other) != fired[0]:
+                    for child in (other / name for name in ("x", "y", "z")):
+                        if child.exists():
+                            child.rmdir()
+                    other.rmdir()
+        return real_scandir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", rival_first)
+    assert cgroups._remove_tree(base)
+    monkeypatch.undo()
+    assert fired and not base.exists()
+    assert cgroups._remove_tree(tmp_path / "never-there")
+
+
+class StuckCgroup:
+    """A stand-in for a run's cgroup whose last process is stuck in the kernel (state D,
+    SIGKILL pending): no process can be held so on this machine."""
+
+    limits = Limits()
+
+    def pids(self) -> list[int]:
+        return [4242]
+
+    def kill_all(self) -> int:
+        return 0
+
+
+def test_after_one_run_outlives_its_wait_the_next_are_waited_for_briefly(monkeypatch) -> None:
+    """Many runs ending together with processes stuck in the kernel must not keep the
+    executor's loop (and heartbeats) away for a second each."""
+    executor = Executor.__new__(Executor)  # only what empty_cgroup uses
+    executor.stuck_until, executor.log = 0.0, logging.getLogger("test-executor")
+    waits: list[float] = []
+    real_wait = cgroups.wait_emptied
+    monkeypatch.setattr(cgroups, "wait_emptied",
+                        lambda run, timeout: waits.append(timeout) or real_wait(run, timeout))
+
+    def run_in(cgroup):
+        return type("Run", (), {"cgroup": cgroup, "attempt": type("A", (), {
+            "key": "k", "attempt_id": "a"})})()
+
+    assert [executor.empty_cgroup(run_in(StuckCgroup())) for _ in range(3)] == [False] * 3
+    assert waits == [Executor.STUCK_WAIT, Executor.STUCK_WAIT_AGAIN, Executor.STUCK_WAIT_AGAIN]
+    executor.stuck_until = 0.0  # long after: a full wait again
+    assert not executor.empty_cgroup(run_in(StuckCgroup()))
+    assert waits[-1] == Executor.STUCK_WAIT
+    assert executor.empty_cgroup(run_in(None))
 
 
 def test_a_v2_memory_limit_below_the_usage_is_refused_not_written(tmp_path: Path) -> None:

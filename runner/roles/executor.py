@@ -148,7 +148,7 @@ def spare_gone(name: str) -> bool:
     """Whether the executor that named the spare launcher's cgroup ``name``
     (``SPARE_CGROUP<pid>-<n>``) has stopped (another live executor's is not)."""
     pid = name[len(SPARE_CGROUP):].split("-", 1)[0]
-    return pid.isdigit() and int(pid) != os.getpid() and not proctree.is_running(int(pid), None)
+    return pid.isdigit() and int(pid) != os.getpid() and proctree.has_stopped(int(pid))
 
 
 def spare_command() -> list[str]:
@@ -203,9 +203,13 @@ class Executor(Role):
         self.removals = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgroup-removal")
         self.removal_done: queue.SimpleQueue[cgroups.RunCgroup] = queue.SimpleQueue()
         if self.cgroups is not None:  # what executors and runners that were killed left
-            self.cgroups.remove_left(SPARE_CGROUP, spare_gone)
-            self.cgroups.remove_stopped_bases(
-                lambda instance: instance_gone(instance, self.config.hostname))
+            try:
+                self.cgroups.remove_left(SPARE_CGROUP, spare_gone)
+                self.cgroups.remove_stopped_bases(
+                    lambda instance: instance_gone(instance, self.config.hostname))
+            except OSError as exc:  # a tidy-up: it never stops a start
+                self.log.warning("cgroups left by stopped runners not removed: %s", exc)
+        self.stuck_until = 0.0  # until then, runs' processes stuck in the kernel: wait briefly
         # SandboxError (--sandbox bwrap where it cannot be had) stops the runner at start.
         self.sandbox, why = sandbox.detect(self.config)
         self.log.info("%s", self.sandbox.describe() if self.sandbox else why)
@@ -566,8 +570,7 @@ class Executor(Role):
         """Kill a run that was started but is not watched (not in ``runs``), and wait
         for it: its whole tree, its cgroup, its pipes closed."""
         self._signal_group(run, signal.SIGKILL)
-        if run.cgroup is not None:
-            cgroups.wait_emptied(run.cgroup)
+        self.empty_cgroup(run)
         try:
             run.process.wait(5.0)
         except subprocess.TimeoutExpired:
@@ -681,6 +684,27 @@ class Executor(Role):
                     self.end(run.attempt, fates.outcome_for_exception(fates.ExperimentFailed(
                         f"exit {exit_code}; closing the run failed: {exc}"), exit_code), {})
 
+    STUCK_WAIT = 1.0         # s: how long a run's cgroup is waited for to empty ...
+    STUCK_WAIT_AGAIN = 0.05  # s: ... and, after one did not, for STUCK_MEMORY seconds
+    STUCK_MEMORY = 30.0
+
+    def empty_cgroup(self, run: Run) -> bool:
+        """Kill what is left in ``run``'s cgroup and wait until none of it remains
+        (:func:`cgroups.wait_emptied`); False, logged, when some survive.  Once one run's
+        processes outlived the wait (stuck in the kernel, state D: a hung driver or
+        mount), the next runs are waited for only briefly: many runs ending together
+        must not keep the loop, and its heartbeats, away for their sum."""
+        if run.cgroup is None:
+            return True
+        stuck_lately = time.monotonic() < self.stuck_until
+        if cgroups.wait_emptied(run.cgroup, self.STUCK_WAIT_AGAIN if stuck_lately
+                                else self.STUCK_WAIT):
+            return True
+        self.stuck_until = time.monotonic() + self.STUCK_MEMORY
+        self.log.error("key=%s attempt=%s processes %s of the run survive SIGKILL",
+                       run.attempt.key, run.attempt.attempt_id, run.cgroup.pids())
+        return False
+
     def finish(self, run: Run, exit_code: int) -> None:
         duration = time.time() - run.started
         facts = {"exit_code": exit_code, "pid": run.process.pid, "duration": round(duration, 3),
@@ -689,9 +713,7 @@ class Executor(Role):
         oom_kills = 0
         if run.cgroup is not None:
             # The end frees the run's slot, CPUs and memory: no process of it may be left.
-            if not cgroups.wait_emptied(run.cgroup):
-                self.log.error("key=%s attempt=%s processes %s of the run survive SIGKILL",
-                               run.attempt.key, run.attempt.attempt_id, run.cgroup.pids())
+            self.empty_cgroup(run)
             usage = run.cgroup.usage()
             oom_kills = usage.get("oom_kills", 0)
             limits = run.cgroup.limits
