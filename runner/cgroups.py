@@ -7,7 +7,8 @@
   rule "no processes in a cgroup that delegates controllers" means the runner's own cgroup
   must be free of processes: :func:`delegate_v2` (called by the supervisor before it starts
   its roles) moves the supervisor into a ``<own>/runner`` leaf when it is the only process
-  there, as under systemd with ``Delegate=yes``.
+  there, as under systemd with ``Delegate=yes``; the roles are then in that leaf, and
+  :func:`detect` puts the runs beside it, under the emptied ``<own>``.
 * **cgroup v1** (one hierarchy per controller, as on many older hosts): runs go under
   ``<mount>/<own path>/studioml-runs-<instance>/<attempt>`` in each of the ``cpu``,
   ``memory`` and ``pids`` hierarchies that are mounted and writable.
@@ -399,6 +400,10 @@ def detect(mode: str, instance: str, proc: str = "/proc/self",
     if "" in mounts and "" in own:
         point, root = mounts[""]
         parent = _join(point, root, own[""])
+        if parent.name == DELEGATE_LEAF and not _read(parent.parent / "cgroup.procs").split():
+            # delegate_v2 moved the supervisor into <own>/runner, whose processes forbid
+            # it to delegate controllers: runs go beside it, under the emptied <own>.
+            parent = parent.parent
         available = _read(parent / "cgroup.controllers").split()
         if all(c in available for c in CONTROLLERS):
             try:
@@ -439,6 +444,9 @@ def detect(mode: str, instance: str, proc: str = "/proc/self",
     return None, f"cgroups not usable ({why}): resources are accounted, not enforced"
 
 
+DELEGATE_LEAF = "runner"  # the leaf delegate_v2 moves the supervisor (and so its roles) into
+
+
 def delegate_v2(proc: str = "/proc/self") -> str:
     """Prepare a cgroup v2 host for :func:`detect`: move this process into ``<own>/runner``.
 
@@ -461,7 +469,7 @@ def delegate_v2(proc: str = "/proc/self") -> str:
     members = _read(parent / "cgroup.procs").split()
     if members != [str(os.getpid())]:
         return ""
-    leaf = parent / "runner"
+    leaf = parent / DELEGATE_LEAF
     try:
         leaf.mkdir(exist_ok=True)
         _write(leaf / "cgroup.procs", str(os.getpid()))

@@ -160,6 +160,31 @@ def test_delegate_v2_moves_only_a_lone_process(tmp_path: Path) -> None:
     assert (parent / "runner" / "cgroup.procs").read_text() == str(os.getpid())
 
 
+def test_after_delegation_runs_go_beside_the_supervisors_leaf(tmp_path: Path) -> None:
+    """Under systemd with Delegate=yes: the supervisor moves into <unit>/runner, its roles
+    start there, and their runs get cgroups under <unit> (the leaf holds processes: v2
+    forbids it to delegate controllers, EBUSY)."""
+    root, parent, proc = make_v2(tmp_path)
+    (parent / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    assert "moved the supervisor" in cgroups.delegate_v2(proc=str(proc))
+    (parent / "cgroup.procs").write_text("")  # what the kernel shows once it moved
+    leaf = parent / cgroups.DELEGATE_LEAF
+    (leaf / "cgroup.controllers").write_text("")  # <unit> delegates nothing to it yet
+    (tmp_path / "role").mkdir()
+    role = fake_proc(tmp_path / "role", f"30 25 0:27 / {root} rw - cgroup2 cgroup2 rw\n",
+                     "0::/system.slice/runner.service/runner\n")
+    found, why = detect("auto", "i9", proc=str(role))
+    assert found is not None and found.version == 2, why
+    assert found.bases == {"unified": parent / "studioml-runs-i9"}
+    assert (parent / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    # a leaf named so whose parent still holds processes is nobody's delegation: left alone
+    (parent / "cgroup.procs").write_text("12345\n")
+    (leaf / "cgroup.controllers").write_text("cpu memory pids\n")
+    (leaf / "cgroup.subtree_control").write_text("")
+    found, why = detect("auto", "i10", proc=str(role))
+    assert found is not None and found.bases == {"unified": leaf / "studioml-runs-i10"}, why
+
+
 def test_off_means_accounting_only() -> None:
     found, why = detect("off", "x")
     assert found is None and why.startswith("cgroups off (--cgroups off)")

@@ -104,7 +104,8 @@ def test_unit_file_has_what_operations_need():
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "User=studioml-runner",
                  "StateDirectory=", "CacheDirectory=", "RuntimeDirectory=",
                  "EnvironmentFile=-/etc/studioml-runner/runner.env", "ExecReload=",
-                 "TimeoutStopSec=", "--options-file /etc/studioml-runner/runner.env"):
+                 "TimeoutStopSec=", "--options-file /etc/studioml-runner/runner.env",
+                 "Delegate=yes"):  # runs get cgroups of their own on v2 hosts
         assert line in unit, line
     options = config.read_options_file(str(REPO / "packaging" / "runner.env"))
     names = {o.env for o in config.OPTIONS}
