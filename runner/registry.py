@@ -9,7 +9,12 @@
   for ``runner_phase_seconds``).
 
 Phases come from several roles over separate sockets, so the executor's ``ending`` may
-arrive after the scraper's ``uploading``: a phase never goes back.  When a role dies,
+arrive after the scraper's ``uploading``: a phase never goes back; and a role's phase
+may arrive after the fetcher's ``finished`` (the uploader's ``uploading`` behind the
+fetcher's ``finished``, or a dead executor's last report): the ids of finished attempts
+are remembered (the last :data:`FINISHED_MEMORY`) and their late phases ignored, so that
+no attempt is ever in flight again once finished (a drain would wait on it until
+``--shutdown-timeout``).  When a role dies,
 :meth:`Registry.hand_over` says what becomes of each attempt it held (see
 ``docs/architecture.md``, recovery when a role dies) and moves their phases on; carrying
 that out (messages, killing runs) is the supervisor's.  Nothing here sends, sleeps or reads
@@ -17,6 +22,7 @@ the clock: times come in with the messages.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
@@ -54,6 +60,9 @@ SETTLE = "settle"  # AttemptDone (RoleCrashed) to the fetcher: nothing else can 
 FATE_COUNTS = {fates.REQUEUE: "requeued", fates.DEAD: "dead", fates.DROP: "cancelled"}
 FINISHED_COUNTS = (fates.COMPLETED, fates.FAILED, fates.EXPIRED, fates.CANCELLED,
                    "requeued", "dead")
+#: How many finished attempt ids are remembered to ignore their late phases (an attempt's
+#: reports all arrive within moments of its end; ids are never reused).
+FINISHED_MEMORY = 4096
 
 
 @dataclass
@@ -107,6 +116,7 @@ class Registry:
         self.entries: dict[str, AttemptEntry] = {}
         self.taken = 0  # attempts taken since the supervisor started
         self.finished = {name: 0 for name in FINISHED_COUNTS}
+        self.finished_ids: OrderedDict[str, None] = OrderedDict()  # the last FINISHED_MEMORY
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -133,10 +143,13 @@ class Registry:
         """Record one phase report; a ``finished`` one removes the entry and counts it.
 
         A phase never goes back (a later-ranked phase already recorded stays); the detail
-        is merged whatever the rank."""
+        is merged whatever the rank.  A phase of an attempt that has finished changes
+        nothing (module doc)."""
         attempt_id = phase.attempt.attempt_id
         if phase.phase == PHASE_FINISHED:
             return self._finish(phase)
+        if attempt_id in self.finished_ids:
+            return Tracked(entry=AttemptEntry(attempt=phase.attempt, phase=PHASE_FINISHED))
         entry = self.entries.get(attempt_id)
         new = entry is None
         if entry is None:
@@ -152,6 +165,10 @@ class Registry:
         return Tracked(entry=entry, taken=taken, spans=spans)
 
     def _finish(self, phase: protocol.AttemptPhase) -> Tracked:
+        self.finished_ids[phase.attempt.attempt_id] = None
+        self.finished_ids.move_to_end(phase.attempt.attempt_id)
+        while len(self.finished_ids) > FINISHED_MEMORY:
+            self.finished_ids.popitem(last=False)
         entry = self.entries.pop(phase.attempt.attempt_id, None)
         started = entry is not None
         if entry is None:

@@ -427,6 +427,9 @@ class Runner:
         self.process.send_signal(signum)
         try:
             return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the supervisor did not stop within {timeout:.0f}s of "
+                                 f"{signal.Signals(signum).name}:\n{self.log()[-8000:]}") from None
         finally:
             self._log.close()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from runner import fates, protocol
+from runner import registry as registry_module
 from runner.protocol import (PHASE_ENDING, PHASE_FINISHED, PHASE_PREPARING, PHASE_RUNNING,
                              PHASE_SETTLING, PHASE_TAKEN, PHASE_UPLOADING, STEP_DOWNLOAD,
                              STEP_ENVIRONMENT, STEP_IMAGE)
@@ -54,6 +55,27 @@ def test_a_phase_never_goes_back():
     entry = registry.get(attempt.attempt_id)
     assert (entry.phase, entry.since) == (PHASE_UPLOADING, 3.0)
     assert entry.detail["seen"] == "ending"  # facts are merged whatever the order
+
+
+def test_a_phase_that_arrives_after_finished_puts_nothing_in_flight_again(monkeypatch):
+    """The uploader's ``uploading`` (or a dead executor's last report) can arrive behind the
+    fetcher's ``finished``: it must not make the attempt in flight again (a drain then
+    waited for it until --shutdown-timeout)."""
+    registry, attempt = Registry(), make_attempt()
+    report(registry, attempt, PHASE_TAKEN, 1.0)
+    report(registry, attempt, PHASE_RUNNING, 2.0)
+    report(registry, attempt, PHASE_FINISHED, 4.0, fate=fates.ACK, status="completed")
+    for late in (PHASE_UPLOADING, PHASE_ENDING, PHASE_RUNNING):
+        tracked = report(registry, attempt, late, 3.0)
+        assert not (tracked.taken or tracked.finished or tracked.spans)
+    assert len(registry) == 0 and registry.ids() == []
+    assert registry.taken == 1 and registry.finished["completed"] == 1
+    # the memory is bounded: the oldest finished ids are forgotten first
+    monkeypatch.setattr(registry_module, "FINISHED_MEMORY", 3)
+    for n in range(5):
+        report(registry, make_attempt(f"host-{n + 2}"), PHASE_FINISHED, 5.0, fate=fates.ACK,
+               status="completed")
+    assert list(registry.finished_ids) == ["host-4", "host-5", "host-6"]
 
 
 def test_only_a_newly_taken_attempt_counts_as_taken():
