@@ -33,6 +33,7 @@ from . import _fast, strict_json
 from .errors import BadRequest, StorageError
 from .redact import redact_request
 from .storage import artifact_url, open_for_request, split_url
+from .storage.base import PARTIAL_SUFFIX_BYTES
 from .storage.file import check_file_url
 from .storage.s3 import parse_s3_url
 
@@ -267,13 +268,15 @@ def _name_problem(url: str) -> str | None:
         elif scheme == "gs":
             name = rest.partition("/")[2]
         elif scheme == "file":
-            path = rest.encode("utf-8", "surrogatepass")
+            # the file store writes <name>.partial-<hex> beside it first: that must fit too
+            path = rest.encode("utf-8", "surrogatepass") + b"x" * PARTIAL_SUFFIX_BYTES
             long_part = max(path.split(b"/"), key=len)
             if len(path) > MAX_PATH_BYTES:
-                return f"a path of {len(path)} bytes (file systems take {MAX_PATH_BYTES})"
+                return (f"a path of {len(path)} bytes with its temporary suffix (file "
+                        f"systems take {MAX_PATH_BYTES})")
             if len(long_part) > MAX_NAME_BYTES:
-                return (f"a name of {len(long_part)} bytes in the path (file systems take "
-                        f"{MAX_NAME_BYTES})")
+                return (f"a name of {len(long_part)} bytes in the path with its temporary "
+                        f"suffix (file systems take {MAX_NAME_BYTES})")
             return None
         else:
             return None
@@ -305,6 +308,12 @@ def check_object_names(request: dict, hostname: str, override: str = "") -> None
         for name in (output_name(longest_id), runner_log_name(longest_id),
                      scrape_name(longest_id)):
             names.append(("metadata file", f"{prefix}/{name}"))
+    artifacts = (request.get("experiment") or {}).get("artifacts") or {}
+    for label, artifact in sorted(artifacts.items()) if isinstance(artifacts, dict) else ():
+        url = artifact_url(artifact) if isinstance(artifact, dict) and artifact.get(
+            "mutable") else None
+        if url:  # uploaded at the end: a name the store refuses would lose the outputs
+            names.append((f"mutable artifact {label!r}", url))
     for what, url in names:
         if url.startswith("file://"):
             try:

@@ -317,3 +317,34 @@ def test_an_output_bucket_that_does_not_exist_ends_the_request_failed_at_once(mo
     assert "retrying cannot fix it" in runner.log() and "NoSuchBucket" in runner.log()
     lines = [line for line in runner.log().splitlines() if f"key={key} " in line]
     assert lines and not any(" requeue: " in line for line in lines)
+
+
+def test_an_artifact_that_cannot_be_uploaded_keeps_nothing_else_from_storage(runner):
+    """The run makes one mutable artifact's place in the store unusable (a file where its
+    folder should be: no retry fixes it): the others and the run's own metadata
+    files still go up, and the request ends failed with the reason."""
+    runner.start()
+    request = runner.request(runner.workspace({"train.py": """
+        import os, sys
+        open(sys.argv[1], "w").write("a file where a folder should be")
+        os.makedirs("../modeldir", exist_ok=True)
+        open("../modeldir/model.txt", "w").write("weights")
+        print("done")
+        """}), "train.py")
+    key = request["experiment"]["key"]
+    blocker = runner.experiment_dir(request) / "blocked"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    request["experiment"]["args"] = [str(blocker)]
+    modeldir = request["experiment"]["artifacts"]["modeldir"]
+    modeldir["key"] = f"experiments/{key}/blocked/modeldir.tar"
+    modeldir["qualified"] = f"{runner.store_root}/{modeldir['key']}"
+    runner.publish(request)
+    record = runner.wait_final(request, timeout=120)
+    assert record["status"] == "failed" and "retrying cannot fix it" in record["reason"], record
+    attempt = record["attempt"]
+    folder = runner.experiment_dir(request)
+    assert (folder / "output.tar").exists()  # sorted after the one that failed
+    assert b"done" in (folder / "_metadata" / f"output-host-{attempt}.log").read_bytes()
+    assert "a file, not a folder" in record["reason"]
+    [document] = runner.scrape_documents(request)
+    assert document["runner"]["attempt"] == attempt

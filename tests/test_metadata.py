@@ -303,13 +303,37 @@ def test_keys_too_long_for_an_object_store_are_refused(root: str) -> None:
 
 def test_keys_too_long_for_a_file_system_are_refused(tmp_path: Path) -> None:
     request = make_request(f"file://{tmp_path}/bkt")
-    request["experiment"]["key"] = "k" * 251  # k…k.json: 256 bytes, one over NAME_MAX
-    with pytest.raises(BadRequest, match="name of 256 bytes"):
+    # k…k.json.partial-<12 hex>, the file the store writes first: 256 bytes, one over NAME_MAX
+    request["experiment"]["key"] = "k" * 230
+    with pytest.raises(BadRequest, match="name of 256 bytes .* temporary suffix"):
         metadata.check_object_names(request, "host")
-    request["experiment"]["key"] = "k" * 250
+    request["experiment"]["key"] = "k" * 229
     metadata.check_object_names(request, "host")
+    record = tmp_path / "bkt" / "metadata" / "proj" / ("k" * 229 + ".json")
+    write_record(request, status="running", attempt_id="host-1r31eq", attempts=0, final=False,
+                 hostname="host")
+    assert json.loads(record.read_text())["status"] == "running"  # the longest that fits
     request["experiment"]["key"] = "/".join(["k" * 200] * 21)
     with pytest.raises(BadRequest, match="path of"):
+        metadata.check_object_names(request, "host")
+
+
+def test_mutable_artifacts_named_too_long_for_their_store_are_refused(tmp_path: Path) -> None:
+    """A mutable artifact is uploaded once the run ends: a name its store refuses would
+    lose the run's outputs after it ran, so it is refused at admission."""
+    request = make_request(f"file://{tmp_path}/bkt")
+    output = {"mutable": True, "qualified": f"file://{tmp_path}/bkt/experiments/exp-1/"
+                                            + "o" * 240 + ".tar"}
+    request["experiment"]["artifacts"]["output"] = output
+    with pytest.raises(BadRequest, match="mutable artifact 'output'"):
+        metadata.check_object_names(request, "host")
+    output["qualified"] = f"file://{tmp_path}/bkt/experiments/exp-1/output.tar"
+    metadata.check_object_names(request, "host")
+    output["mutable"] = False  # only read: its name is the store's already
+    output["qualified"] = f"s3://minio:9000/bkt/{'o' * 1100}.tar"
+    metadata.check_object_names(request, "host")
+    output["mutable"] = True
+    with pytest.raises(BadRequest, match="mutable artifact 'output'.* 11[0-9][0-9] bytes"):
         metadata.check_object_names(request, "host")
 
 

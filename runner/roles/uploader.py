@@ -214,15 +214,21 @@ class Uploader(Role):
                     self.recorded.add(attempt.attempt_id)
                 if not request.record_only:
                     labels = None if request.final else request.labels
+                    artifacts_failed: Exception | None = None
                     if released:
                         log("this attempt no longer holds its request (its runner died): "
                             "only its own metadata files are uploaded, never the request's "
                             "mutable artifacts")
                     else:
-                        self.upload_artifacts(attempt, log, retry_for, request.final, labels)
+                        try:
+                            self.upload_artifacts(attempt, log, retry_for, request.final, labels)
+                        except (RunnerError, OSError) as exc:  # the logs still go up, then
+                            artifacts_failed = exc
                     if (labels is None or "_metadata" in labels) and request.metadata:
                         self.upload_metadata_files(attempt, log, retry_for, request.final,
                                                    request.scrape_document)
+                    if artifacts_failed is not None:
+                        raise artifacts_failed
                     if not request.final and not released:
                         self.records.submit(attempt.attempt_id, attempt.request, studio_db.checkpointed())
             if request.final:
@@ -277,7 +283,10 @@ class Uploader(Role):
 
     def upload_artifacts(self, attempt: protocol.Attempt, log, retry_for: float = 0.0,
                          final: bool = False, labels=None) -> None:
-        """Each mutable artifact that changed (of ``labels`` only, when given)."""
+        """Each mutable artifact that changed (of ``labels`` only, when given).  One that
+        cannot be uploaded does not keep the others from their store: the first failure
+        is raised once every one was tried."""
+        failed: Exception | None = None
         artifacts = attempt.request.get("experiment", {}).get("artifacts") or {}
         if not self.seed_digests(attempt):
             if final:
@@ -304,10 +313,17 @@ class Uploader(Role):
                 info = store.put_stream(url, lambda out: pack_to_stream(
                     folder, out, compression, single_file=single_file))
                 sizes.append(info.size)
-            with_retries(upload, f"upload of {label}", log, retry_for)
+            try:
+                with_retries(upload, f"upload of {label}", log, retry_for)
+            except (RunnerError, OSError) as exc:
+                log(f"{label}: upload failed: {type(exc).__name__}: {exc}")
+                failed = failed or exc
+                continue
             with self.lock:  # forget() may be iterating over it for another attempt
                 self.uploaded[(attempt.attempt_id, label)] = digest
             log(f"{label}: uploaded {sizes[-1]} bytes to {url}")
+        if failed is not None:
+            raise failed
 
     def upload_metadata_files(self, attempt: protocol.Attempt, log, retry_for: float = 0.0,
                               final: bool = False, scrape_document: str = "") -> None:

@@ -137,8 +137,12 @@ def split_url(url: str) -> tuple[str, str]:
     return scheme.lower(), rest
 
 
+PARTIAL_SUFFIX_BYTES = len(".partial-") + 12  # what partial_path adds to a name
+
+
 def partial_path(dest: Path) -> Path:
-    """A fresh hidden-by-name temporary path beside ``dest`` for an atomic write."""
+    """A fresh hidden-by-name temporary path beside ``dest`` for an atomic write: its
+    name is ``PARTIAL_SUFFIX_BYTES`` longer than ``dest``'s."""
     return dest.with_name(f"{dest.name}.partial-{secrets.token_hex(6)}")
 
 

@@ -251,6 +251,13 @@ class FileStore(Store):
         return self._write(url, path, lambda out: out.write(data))
 
     def _write(self, url: str, path: Path, fill) -> ObjectInfo:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a file where a folder of the URL should be
+            raise PermanentStorageError(f"cannot write {url}: {path.parent} or a folder above "
+                                        f"it is a file, not a folder") from exc
+        except OSError as exc:
+            raise storage_error_for(exc, f"cannot write {url}: {exc}") from exc
         remove_stale_partials(path.parent)
         try:
             with atomic_destination(path) as tmp, open(tmp, "wb") as out:
